@@ -1,0 +1,537 @@
+//! The build step that turns `kernels-gpu` into PTX (the role of rust-cuda's `cuda_builder`).
+//!
+//! [`build`] compiles the kernel crate with rustc's own `nvptx64-nvidia-cuda` backend
+//! (`-Zbuild-std=core --emit=asm`, `RUSTC_BOOTSTRAP=1`) in its own target directory, so the
+//! outer cargo is not blocked; checks that no kernel kept a panic path; assembles the PTX with
+//! `ptxas` when one is found (failing on any spill or stack frame); and writes a Rust file that
+//! embeds the PTX and names every kernel entry. `host/build.rs` calls it.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The GPU architecture every kernel is built and checked for.
+pub const TARGET_CPU: &str = "sm_90";
+const TARGET: &str = "nvptx64-nvidia-cuda";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodegenError {
+    #[error(
+        "the Rust standard library sources are missing from {sysroot}: \
+         building the kernels for nvptx64 needs them; run `rustup component add rust-src`"
+    )]
+    MissingRustSrc { sysroot: String },
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed with {status}:\n{output}")]
+    CommandFailed {
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error("no PTX found in {0} after building the kernels")]
+    PtxMissing(PathBuf),
+    #[error("the PTX has no kernel entry points")]
+    NoKernels,
+    #[error(
+        "the PTX calls functions it does not define ({0}); a kernel kept a panic path \
+         (an unchecked division, index or unwrap). Make the device code panic-free"
+    )]
+    UnresolvedCalls(String),
+    #[error("ptxas reports local memory in kernels (a spill or stack frame is a bug to explain):\n{0}")]
+    LocalMemory(String),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What ptxas reported for one kernel entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub stack_frame_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
+
+impl KernelResources {
+    pub fn uses_local_memory(&self) -> bool {
+        self.stack_frame_bytes > 0 || self.spill_store_bytes > 0 || self.spill_load_bytes > 0
+    }
+}
+
+impl fmt::Display for KernelResources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} registers, {} B stack, {} B spill stores, {} B spill loads",
+            self.name,
+            self.registers,
+            self.stack_frame_bytes,
+            self.spill_store_bytes,
+            self.spill_load_bytes
+        )
+    }
+}
+
+/// Where to build from and to.
+#[derive(Clone, Debug)]
+pub struct BuildConfig {
+    /// The kernel crate (`kernels-gpu`).
+    pub kernel_crate: PathBuf,
+    /// Target directory of the nested cargo (kept apart from the outer build's lock).
+    pub target_dir: PathBuf,
+    /// Where the PTX, the cubin and the generated Rust file go (`OUT_DIR`).
+    pub out_dir: PathBuf,
+    /// `cargo` to run (`CARGO` in a build script).
+    pub cargo: PathBuf,
+    /// `rustc` whose sysroot must hold `rust-src` (`RUSTC` in a build script).
+    pub rustc: PathBuf,
+    /// `ptxas` to check with, if any.
+    pub ptxas: Option<PathBuf>,
+}
+
+/// What a build produced.
+#[derive(Clone, Debug)]
+pub struct BuildOutput {
+    pub ptx: PathBuf,
+    pub bindings: PathBuf,
+    pub kernels: Vec<String>,
+    /// Per-kernel resources when ptxas ran.
+    pub resources: Option<Vec<KernelResources>>,
+}
+
+/// Builds the kernels to PTX, checks them and writes the bindings file `kernels.rs`.
+pub fn build(config: &BuildConfig) -> Result<BuildOutput, CodegenError> {
+    check_rust_src(&config.rustc)?;
+    let ptx_source = compile_ptx(config)?;
+    let ptx = std::fs::read_to_string(&ptx_source).map_err(|source| CodegenError::Io {
+        path: ptx_source.clone(),
+        source,
+    })?;
+    check_no_unresolved_calls(&ptx)?;
+    let kernels = kernel_entries(&ptx);
+    if kernels.is_empty() {
+        return Err(CodegenError::NoKernels);
+    }
+    let ptx_path = config.out_dir.join("kernels.ptx");
+    write(&ptx_path, &ptx)?;
+    let resources = match &config.ptxas {
+        Some(ptxas) => Some(check_with_ptxas(
+            ptxas,
+            &ptx_path,
+            &config.out_dir.join("kernels.cubin"),
+        )?),
+        None => None,
+    };
+    let bindings = config.out_dir.join("kernels.rs");
+    write(&bindings, &generate_bindings(&kernels, &ptx_path))?;
+    Ok(BuildOutput {
+        ptx: ptx_path,
+        bindings,
+        kernels,
+        resources,
+    })
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), CodegenError> {
+    std::fs::write(path, contents).map_err(|source| CodegenError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn run(command: &mut Command) -> Result<std::process::Output, CodegenError> {
+    let shown = format!("{command:?}");
+    let output = command.output().map_err(|source| CodegenError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(CodegenError::CommandFailed {
+            command: shown,
+            status: output.status.to_string(),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        });
+    }
+    Ok(output)
+}
+
+/// Fails with the `rustup component add rust-src` hint when the sysroot lacks `core`'s source.
+pub fn check_rust_src(rustc: &Path) -> Result<(), CodegenError> {
+    let output = run(Command::new(rustc).args(["--print", "sysroot"]))?;
+    let sysroot = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let core = Path::new(&sysroot).join("lib/rustlib/src/rust/library/core/Cargo.toml");
+    if core.is_file() {
+        Ok(())
+    } else {
+        Err(CodegenError::MissingRustSrc { sysroot })
+    }
+}
+
+/// Variables a build script inherits from the outer cargo that would redirect or wrap the
+/// nested build (target, flags, clippy's wrapper, the outer package's metadata).
+fn is_outer_build_variable(name: &str) -> bool {
+    const KEEP: [&str; 3] = ["CARGO_HOME", "CARGO_MAKEFLAGS", "CARGO_NET_OFFLINE"];
+    if KEEP.contains(&name) {
+        return false;
+    }
+    name.starts_with("CARGO_")
+        || name.starts_with("RUSTC_")
+        || name.starts_with("DEP_")
+        || matches!(
+            name,
+            "RUSTFLAGS" | "RUSTDOCFLAGS" | "TARGET" | "HOST" | "OUT_DIR" | "OPT_LEVEL" | "PROFILE"
+                | "DEBUG" | "NUM_JOBS"
+        )
+}
+
+fn compile_ptx(config: &BuildConfig) -> Result<PathBuf, CodegenError> {
+    let mut command = Command::new(&config.cargo);
+    for (name, _) in std::env::vars_os() {
+        if is_outer_build_variable(&name.to_string_lossy()) {
+            command.env_remove(&name);
+        }
+    }
+    command
+        .current_dir(&config.kernel_crate)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("RUSTC", &config.rustc)
+        .arg("rustc")
+        .arg("--release")
+        .args(["--target", TARGET])
+        .arg("-Zbuild-std=core")
+        .arg("--manifest-path")
+        .arg(config.kernel_crate.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&config.target_dir)
+        .args(["--config", "profile.release.panic=\"abort\""])
+        .args(["--config", "profile.release.codegen-units=1"])
+        .args(["--config", "profile.release.debug=false"])
+        .arg("--")
+        .arg("--emit=asm")
+        .arg(OsString::from(format!("-Ctarget-cpu={TARGET_CPU}")))
+        // Register arrays must be indexed by constants: unroll the kernels' small fixed loops
+        // (head groups, vector lanes) fully, or they fall back to local memory.
+        .arg("-Cllvm-args=-unroll-threshold=2000");
+    run(&mut command)?;
+    newest_ptx(&config.target_dir.join(TARGET).join("release").join("deps"))
+}
+
+fn newest_ptx(deps: &Path) -> Result<PathBuf, CodegenError> {
+    let entries = std::fs::read_dir(deps).map_err(|source| CodegenError::Io {
+        path: deps.to_owned(),
+        source,
+    })?;
+    entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.starts_with("shadowkv_kernels-") && name.ends_with(".s")
+        })
+        .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
+        .max()
+        .map(|(_, path)| path)
+        .ok_or_else(|| CodegenError::PtxMissing(deps.to_owned()))
+}
+
+/// Names of every `.entry` (kernel) in a PTX module, in order.
+pub fn kernel_entries(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter_map(|line| {
+            let rest = line.trim_start();
+            let rest = rest.strip_prefix(".visible ").unwrap_or(rest);
+            let rest = rest.strip_prefix(".entry ")?;
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '$')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect()
+}
+
+/// Fails when the PTX declares functions it does not define: rustc leaves panic paths as
+/// `.extern .func` calls into `core`, which is not linked into the module.
+pub fn check_no_unresolved_calls(ptx: &str) -> Result<(), CodegenError> {
+    let unresolved: Vec<&str> = ptx
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix(".extern .func "))
+        .map(|rest| rest.split(['(', ' ']).next().unwrap_or(rest))
+        .filter(|name| ptx.contains(&format!("call.uni {name}")) || ptx.contains(&format!("{name},")))
+        .collect();
+    if unresolved.is_empty() {
+        Ok(())
+    } else {
+        Err(CodegenError::UnresolvedCalls(unresolved.join(", ")))
+    }
+}
+
+/// Finds `ptxas`: the `PTXAS` variable, then `PATH`.
+pub fn find_ptxas() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PTXAS").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("ptxas"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Assembles the PTX for [`TARGET_CPU`] and fails on any kernel that uses local memory.
+pub fn check_with_ptxas(
+    ptxas: &Path,
+    ptx: &Path,
+    cubin: &Path,
+) -> Result<Vec<KernelResources>, CodegenError> {
+    let output = run(Command::new(ptxas)
+        .arg(format!("-arch={TARGET_CPU}"))
+        .arg("-v")
+        .arg(ptx)
+        .arg("-o")
+        .arg(cubin))?;
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let resources = parse_ptxas_report(&report);
+    check_local_memory(&resources)?;
+    Ok(resources)
+}
+
+/// Fails when any kernel spills or has a stack frame, naming each one.
+pub fn check_local_memory(resources: &[KernelResources]) -> Result<(), CodegenError> {
+    let offenders: Vec<String> = resources
+        .iter()
+        .filter(|kernel| kernel.uses_local_memory())
+        .map(|kernel| format!("  {kernel}"))
+        .collect();
+    if offenders.is_empty() {
+        Ok(())
+    } else {
+        Err(CodegenError::LocalMemory(offenders.join("\n")))
+    }
+}
+
+/// Parses `ptxas -v` output into per-entry resources.
+pub fn parse_ptxas_report(report: &str) -> Vec<KernelResources> {
+    let mut kernels: Vec<KernelResources> = Vec::new();
+    for line in report.lines() {
+        let line = line.trim();
+        if let Some(rest) = line
+            .strip_prefix("ptxas info")
+            .and_then(|r| r.split_once("Compiling entry function '"))
+        {
+            let name = rest.1.split('\'').next().unwrap_or_default();
+            kernels.push(KernelResources {
+                name: name.to_owned(),
+                ..KernelResources::default()
+            });
+            continue;
+        }
+        let Some(current) = kernels.last_mut() else {
+            continue;
+        };
+        if line.contains("bytes stack frame") {
+            current.stack_frame_bytes = number_before(line, "bytes stack frame");
+            current.spill_store_bytes = number_before(line, "bytes spill stores");
+            current.spill_load_bytes = number_before(line, "bytes spill loads");
+        } else if let Some(rest) = line.split_once("Used ") {
+            current.registers = rest
+                .1
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    kernels
+}
+
+fn number_before(line: &str, label: &str) -> u32 {
+    line.split_once(label)
+        .and_then(|(before, _)| before.split([',', ' ']).rev().find(|w| !w.is_empty()))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The Rust source that embeds the PTX and names each kernel; included by the host inside
+/// the module that defines `KernelName`.
+pub fn generate_bindings(kernels: &[String], ptx: &Path) -> String {
+    let mut source = String::from("// Generated by shadowkv-codegen from kernels-gpu. Do not edit.\n\n");
+    source.push_str(&format!(
+        "/// PTX of every kernel, built for {TARGET_CPU} by rustc's nvptx64 backend.\n\
+         pub const PTX: &str = include_str!({:?});\n\n",
+        ptx.display().to_string()
+    ));
+    for kernel in kernels {
+        source.push_str(&format!(
+            "pub const {}: KernelName = KernelName({kernel:?});\n",
+            kernel.to_uppercase()
+        ));
+    }
+    source.push_str("\n/// Every kernel entry in [`PTX`].\npub const ALL: &[KernelName] = &[\n");
+    for kernel in kernels {
+        source.push_str(&format!("    {},\n", kernel.to_uppercase()));
+    }
+    source.push_str("];\n");
+    source
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PTX: &str = "\
+.version 7.8
+.target sm_90
+.address_size 64
+.visible .func _ZN4core9panicking5panic(
+.visible .entry decode_attention_g1_d64(
+\t.param .align 8 .b8 decode_attention_g1_d64_param_0[72]
+)
+{
+}
+.entry plain_entry(
+)
+{
+}
+";
+
+    #[test]
+    fn finds_every_kernel_entry_and_no_functions() {
+        assert_eq!(kernel_entries(PTX), ["decode_attention_g1_d64", "plain_entry"]);
+    }
+
+    #[test]
+    fn bindings_name_every_kernel() {
+        let source = generate_bindings(&kernel_entries(PTX), Path::new("/x/kernels.ptx"));
+        assert!(source.contains(
+            "pub const DECODE_ATTENTION_G1_D64: KernelName = KernelName(\"decode_attention_g1_d64\");"
+        ));
+        assert!(source.contains("pub const PLAIN_ENTRY: KernelName"));
+        assert!(source.contains("include_str!(\"/x/kernels.ptx\")"));
+    }
+
+    #[test]
+    fn panic_paths_are_rejected() {
+        let with_call = "\
+.extern .func _RNvNtNtCs_4core9panicking11panic_const23panic_const_div_by_zero
+(
+);
+.visible .entry k()
+{
+\tcall.uni _RNvNtNtCs_4core9panicking11panic_const23panic_const_div_by_zero, ();
+}
+";
+        let error = check_no_unresolved_calls(with_call).unwrap_err();
+        assert!(error.to_string().contains("panic_const_div_by_zero"), "{error}");
+        assert!(check_no_unresolved_calls(PTX).is_ok());
+    }
+
+    const REPORT: &str = "\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'clean' for 'sm_90'
+ptxas info    : Function properties for clean
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers
+ptxas info    : Compiling entry function 'spills' for 'sm_90'
+ptxas info    : Function properties for spills
+    48 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers, 48 bytes cumulative stack size
+";
+
+    #[test]
+    fn parses_registers_stack_and_spills() {
+        let resources = parse_ptxas_report(REPORT);
+        assert_eq!(
+            resources,
+            [
+                KernelResources {
+                    name: "clean".into(),
+                    registers: 64,
+                    ..Default::default()
+                },
+                KernelResources {
+                    name: "spills".into(),
+                    registers: 255,
+                    stack_frame_bytes: 48,
+                    spill_store_bytes: 40,
+                    spill_load_bytes: 36,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn spills_fail_the_check_and_name_the_kernel() {
+        let error = check_local_memory(&parse_ptxas_report(REPORT)).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("spills: 255 registers, 48 B stack"), "{message}");
+        assert!(!message.contains("clean"), "{message}");
+    }
+
+    /// A crafted PTX kernel whose array lives in local memory, run through the real ptxas
+    /// when one is installed.
+    #[test]
+    fn real_ptxas_detects_a_stack_frame() {
+        let Some(ptxas) = find_ptxas() else {
+            eprintln!("skipped: no ptxas on PATH or in PTXAS");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("shadowkv-codegen-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ptx = dir.join("local.ptx");
+        std::fs::write(
+            &ptx,
+            "\
+.version 7.8
+.target sm_90
+.address_size 64
+.visible .entry uses_local(.param .u64 out, .param .u32 index)
+{
+\t.local .align 4 .b8 scratch[64];
+\t.reg .b32 %r<4>;
+\t.reg .b64 %rd<6>;
+\tld.param.u64 %rd1, [out];
+\tld.param.u32 %r1, [index];
+\tmov.u64 %rd2, scratch;
+\tmul.wide.u32 %rd3, %r1, 4;
+\tadd.s64 %rd4, %rd2, %rd3;
+\tst.local.u32 [%rd4], %r1;
+\tld.local.u32 %r2, [scratch+4];
+\tcvta.to.global.u64 %rd5, %rd1;
+\tst.global.u32 [%rd5], %r2;
+\tret;
+}
+",
+        )
+        .unwrap();
+        let error = check_with_ptxas(&ptxas, &ptx, &dir.join("local.cubin")).unwrap_err();
+        assert!(matches!(error, CodegenError::LocalMemory(_)), "{error}");
+        assert!(error.to_string().contains("uses_local"), "{error}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn outer_cargo_variables_are_dropped_but_the_jobserver_kept() {
+        assert!(is_outer_build_variable("CARGO_TARGET_DIR"));
+        assert!(is_outer_build_variable("RUSTC_WORKSPACE_WRAPPER"));
+        assert!(is_outer_build_variable("RUSTFLAGS"));
+        assert!(is_outer_build_variable("CARGO_ENCODED_RUSTFLAGS"));
+        assert!(!is_outer_build_variable("CARGO_MAKEFLAGS"));
+        assert!(!is_outer_build_variable("CARGO_HOME"));
+        assert!(!is_outer_build_variable("PATH"));
+    }
+}

@@ -1,0 +1,263 @@
+//! Sparse GQA decode attention: planning (CPU, validated) separated from execution (GPU).
+//!
+//! ```text
+//! let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)?;
+//! let mut attention = DecodeAttention::new(&gpu, plan)?;   // uploads layouts, workspace
+//! attention.run(&gpu, gpu.stream(), &q, &k, &v, &mut out)?;
+//! ```
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use half::bf16;
+use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams};
+pub use shadowkv_kernels::attention::SequenceLayout;
+
+use crate::error::{check_len, check_range, invalid, Result};
+use crate::gpu::Gpu;
+use crate::kernels::KernelName;
+
+/// Heads and dimensions of one decode-attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeAttentionShape {
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl DecodeAttentionShape {
+    /// Query heads per KV head (`G`).
+    pub fn group(&self) -> usize {
+        self.q_heads / self.kv_heads.max(1)
+    }
+
+    /// Elements of `q` and of the output: `[batch, q_heads, head_dim]`.
+    pub fn q_elements(&self) -> usize {
+        self.batch * self.q_heads * self.head_dim
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        check_range("batch", self.batch, 1..=65_535)?;
+        check_range("kv_heads", self.kv_heads, 1..=65_535)?;
+        if self.q_heads == 0 || self.q_heads % self.kv_heads != 0 {
+            return Err(invalid(
+                "q_heads",
+                format!("is {} with {} KV heads", self.q_heads, self.kv_heads),
+                "a positive multiple of kv_heads",
+            ));
+        }
+        check_range("group (q_heads / kv_heads)", self.group(), 1..=layout::MAX_GROUP as usize)?;
+        if !layout::HEAD_DIMS.contains(&(self.head_dim as u32)) {
+            return Err(invalid("head_dim", format!("is {}", self.head_dim), format!("one of {:?}", layout::HEAD_DIMS)));
+        }
+        Ok(())
+    }
+}
+
+/// A validated launch: split size, kernels and the layouts it was checked against.
+#[derive(Clone, Debug)]
+pub struct DecodeAttentionPlan {
+    shape: DecodeAttentionShape,
+    layouts: Vec<SequenceLayout>,
+    split_len: u32,
+    max_splits: u32,
+    kv_elements: usize,
+    scale: f32,
+    kernel: KernelName,
+    combine: KernelName,
+}
+
+/// Blocks of the split kernel that one multiprocessor holds at once (registers allow four).
+const BLOCKS_PER_MULTIPROCESSOR: usize = 4;
+/// Shortest split: below this the partial-output traffic outweighs the extra parallelism.
+const MIN_SPLIT_LEN: u32 = 128;
+
+impl DecodeAttentionPlan {
+    /// Validates the shape and layouts and splits the work so that about
+    /// `multiprocessors * 4` blocks run (flash-decoding: one long sequence fills the GPU).
+    pub fn new(shape: DecodeAttentionShape, layouts: &[SequenceLayout], multiprocessors: u32) -> Result<Self> {
+        shape.validate()?;
+        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let kv_elements = validate_layouts(&shape, layouts)?;
+        let token_heads: usize = layouts.iter().map(|l| l.len as usize * shape.kv_heads).sum();
+        let target_blocks = (multiprocessors.max(1) as usize * BLOCKS_PER_MULTIPROCESSOR).max(1);
+        let step = layout::tokens_per_iteration(group, head_dim);
+        let split_len = (token_heads.div_ceil(target_blocks) as u32).max(MIN_SPLIT_LEN).next_multiple_of(step);
+        Self::with_split_len(shape, layouts, split_len).map(|plan| Self { kv_elements, ..plan })
+    }
+
+    /// As [`new`](Self::new) with a chosen split length (a positive multiple of the kernel's
+    /// tokens per iteration); tests use it to force many splits.
+    pub fn with_split_len(shape: DecodeAttentionShape, layouts: &[SequenceLayout], split_len: u32) -> Result<Self> {
+        shape.validate()?;
+        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let kv_elements = validate_layouts(&shape, layouts)?;
+        let step = layout::tokens_per_iteration(group, head_dim);
+        let Some(split) = std::num::NonZeroU32::new(split_len).filter(|_| split_len % step == 0) else {
+            return Err(invalid("split_len", format!("is {split_len}"), format!("a positive multiple of {step}")));
+        };
+        let max_splits = layouts.iter().map(|l| layout::num_splits(l.len, split)).max().unwrap_or(1);
+        Ok(DecodeAttentionPlan {
+            shape,
+            layouts: layouts.to_vec(),
+            split_len,
+            max_splits,
+            kv_elements,
+            scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            kernel: KernelName::lookup(&layout::kernel_name(group, head_dim))?,
+            combine: KernelName::lookup(&layout::combine_kernel_name(head_dim))?,
+        })
+    }
+
+    /// Replaces the softmax scale (default `1/sqrt(head_dim)`).
+    pub fn with_scale(mut self, scale: f32) -> Result<Self> {
+        if !scale.is_finite() || scale <= 0.0 {
+            return Err(invalid("scale", format!("is {scale}"), "a finite positive number"));
+        }
+        self.scale = scale;
+        Ok(self)
+    }
+
+    pub fn shape(&self) -> DecodeAttentionShape {
+        self.shape
+    }
+    pub fn layouts(&self) -> &[SequenceLayout] {
+        &self.layouts
+    }
+    pub fn split_len(&self) -> u32 {
+        self.split_len
+    }
+    pub fn max_splits(&self) -> u32 {
+        self.max_splits
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    /// Elements the K and V buffers must hold at least.
+    pub fn kv_elements(&self) -> usize {
+        self.kv_elements
+    }
+    /// Bytes of K and V the kernel reads (the memory-bound floor of the step).
+    pub fn kv_bytes_read(&self) -> usize {
+        let tokens: usize = self.layouts.iter().map(|l| l.len as usize).sum();
+        2 * tokens * self.shape.kv_heads * self.shape.head_dim * std::mem::size_of::<bf16>()
+    }
+}
+
+/// Checks every layout against the shape; returns the elements the K/V buffers must hold.
+fn validate_layouts(shape: &DecodeAttentionShape, layouts: &[SequenceLayout]) -> Result<usize> {
+    if layouts.len() != shape.batch {
+        return Err(invalid("layouts", format!("has {} entries", layouts.len()), format!("one per sequence ({})", shape.batch)));
+    }
+    let mut kv_elements = 0usize;
+    for (sequence, l) in layouts.iter().enumerate() {
+        if l.len == 0 || l.len > l.capacity {
+            return Err(invalid(
+                "layouts",
+                format!("sequence {sequence} has len {} and capacity {}", l.len, l.capacity),
+                "1 <= len <= capacity",
+            ));
+        }
+        if l.offset % u64::from(layout::VECTOR) != 0 {
+            return Err(invalid(
+                "layouts",
+                format!("sequence {sequence} starts at element {}", l.offset),
+                format!("an offset that is a multiple of {} (16-byte rows)", layout::VECTOR),
+            ));
+        }
+        let end = (l.offset as u128) + (shape.kv_heads as u128) * (l.capacity as u128) * (shape.head_dim as u128);
+        let end = usize::try_from(end).map_err(|_| invalid("layouts", format!("sequence {sequence} ends past the address space"), "a block that fits in memory"))?;
+        kv_elements = kv_elements.max(end);
+    }
+    Ok(kv_elements)
+}
+
+/// A plan bound to a GPU: the device copy of its layouts and the split workspace.
+pub struct DecodeAttention {
+    plan: DecodeAttentionPlan,
+    layouts: CudaSlice<u64>,
+    partial_out: CudaSlice<f32>,
+    partial_lse: CudaSlice<f32>,
+}
+
+impl DecodeAttention {
+    pub fn new(gpu: &Gpu, plan: DecodeAttentionPlan) -> Result<Self> {
+        let stream = gpu.stream();
+        let layouts = stream.clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(&plan.layouts))?;
+        let splits = if plan.max_splits > 1 { plan.max_splits as usize } else { 0 };
+        let partials = plan.shape.batch * splits * plan.shape.q_heads;
+        // SAFETY: the workspace is written by the split kernel before the combine reads it.
+        let partial_out = unsafe { stream.alloc::<f32>((partials * plan.shape.head_dim).max(1))? };
+        // SAFETY: as above.
+        let partial_lse = unsafe { stream.alloc::<f32>(partials.max(1))? };
+        Ok(DecodeAttention { plan, layouts, partial_out, partial_lse })
+    }
+
+    pub fn plan(&self) -> &DecodeAttentionPlan {
+        &self.plan
+    }
+
+    /// `out[b, h] = softmax(q[b, h] · Kᵀ · scale) · V` over each sequence's valid tokens, with
+    /// `q` and `out` `[batch, q_heads, head_dim]` and K/V laid out as the plan's layouts say.
+    pub fn run(
+        &mut self,
+        gpu: &Gpu,
+        stream: &CudaStream,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        v: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        let plan = &self.plan;
+        let shape = plan.shape;
+        let dims = format!("[{}, {}, {}]", shape.batch, shape.q_heads, shape.head_dim);
+        check_len("q", q.len(), shape.q_elements(), &dims)?;
+        check_len("out", out.len(), shape.q_elements(), &dims)?;
+        for (argument, buffer) in [("k", k.len()), ("v", v.len())] {
+            if buffer < plan.kv_elements {
+                return Err(invalid(argument, format!("has {buffer} elements"), format!("at least {} for the plan's layouts", plan.kv_elements)));
+            }
+        }
+        let (q_address, _q_guard) = q.device_ptr(stream);
+        let (k_address, _k_guard) = k.device_ptr(stream);
+        let (v_address, _v_guard) = v.device_ptr(stream);
+        let (layouts_address, _layouts_guard) = self.layouts.device_ptr(stream);
+        let (partial_out_address, _partial_out_guard) = self.partial_out.device_ptr_mut(stream);
+        let (partial_lse_address, _partial_lse_guard) = self.partial_lse.device_ptr_mut(stream);
+        let (out_address, _out_guard) = out.device_ptr_mut(stream);
+        let params = DecodeAttentionParams {
+            q: q_address,
+            k: k_address,
+            v: v_address,
+            layouts: layouts_address,
+            out: out_address,
+            partial_out: partial_out_address,
+            partial_lse: partial_lse_address,
+            batch: shape.batch as u32,
+            kv_heads: shape.kv_heads as u32,
+            split_len: plan.split_len,
+            max_splits: plan.max_splits,
+            scale_log2: plan.scale * std::f32::consts::LOG2_E,
+            q_heads: shape.q_heads as u32,
+        };
+        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let split_config = LaunchConfig {
+            grid_dim: (plan.max_splits, shape.kv_heads as u32, shape.batch as u32),
+            block_dim: (layout::THREADS, 1, 1),
+            shared_mem_bytes: layout::shared_bytes(group, head_dim),
+        };
+        // SAFETY: q/out lengths equal the shape, K/V hold every layout's block (checked
+        // above and in the plan), the workspace holds batch * max_splits * q_heads partials,
+        // and the kernel is the one compiled for this group and head_dim.
+        unsafe { gpu.launch(stream, plan.kernel, split_config, params)? };
+        if plan.max_splits > 1 {
+            let combine_config = LaunchConfig {
+                grid_dim: (shape.q_heads as u32, shape.batch as u32, 1),
+                block_dim: (head_dim, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: same parameters; reads the partials the split kernel wrote before it
+            // on this stream.
+            unsafe { gpu.launch(stream, plan.combine, combine_config, params)? };
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,159 @@
+//! The device handle: context, the kernel module, streams, events and the one launch edge.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+use crate::kernels::{KernelName, PTX};
+
+/// Why no GPU can be used here, or `Ok(device count)`. Never panics: the driver library is
+/// looked for before cudarc would load it.
+pub fn probe() -> Result<usize> {
+    // SAFETY: dlopen of the driver library by name; nothing is called yet.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::NoGpu("the CUDA driver library (libcuda.so) was not found".into()));
+    }
+    cudarc::driver::result::init()?;
+    let count = CudaContext::device_count()?;
+    if count < 1 {
+        return Err(Error::NoGpu("the CUDA driver reports no device".into()));
+    }
+    Ok(count as usize)
+}
+
+/// Whether a CUDA device can be used on this machine.
+pub fn gpu_available() -> bool {
+    probe().is_ok()
+}
+
+/// What the launchers need to know of the device.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: u32,
+    pub total_memory: usize,
+    /// Largest dynamic shared memory one block may opt into.
+    pub max_shared_per_block: u32,
+}
+
+/// One CUDA device with the ShadowKV kernels loaded.
+pub struct Gpu {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<KernelName, CudaFunction>>,
+    info: DeviceInfo,
+}
+
+/// A kernel's parameter struct, passed by value as the kernel's single `.param` aggregate.
+#[repr(transparent)]
+struct ByValue<P>(P);
+
+// SAFETY: P is a `#[repr(C)]` plain-old-data struct (Pod) shared with the kernel crate, so
+// its bytes are exactly the kernel's `.param` aggregate.
+unsafe impl<P: bytemuck::Pod> DeviceRepr for ByValue<P> {}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads the kernel module (the driver JIT-compiles the PTX
+    /// once, about 0.1 s).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let count = probe()?;
+        if ordinal >= count {
+            return Err(crate::error::invalid("ordinal", format!("is {ordinal}"), format!("below the device count {count}")));
+        }
+        let context = CudaContext::new(ordinal)?;
+        let stream = context.default_stream();
+        let module = context.load_module(Ptx::from_src(PTX))?;
+        let attribute = |a| context.attribute(a).map(|v| v as u32);
+        let info = DeviceInfo {
+            name: context.name()?,
+            compute_capability: context.compute_capability()?,
+            multiprocessors: attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            total_memory: context.total_mem()?,
+            max_shared_per_block: attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )?,
+        };
+        Ok(Gpu { context, stream, module, functions: Mutex::new(HashMap::new()), info })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.context
+    }
+
+    /// The compute stream that launchers use unless given another.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A new non-default stream (the copy stream of a decode step, say).
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        Ok(self.context.new_stream()?)
+    }
+
+    /// An event that records time (for benchmarks) or only ordering.
+    pub fn new_event(&self, timing: bool) -> Result<CudaEvent> {
+        let flags = if timing { sys::CUevent_flags::CU_EVENT_DEFAULT } else { sys::CUevent_flags::CU_EVENT_DISABLE_TIMING };
+        Ok(self.context.new_event(Some(flags))?)
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The loaded function of a kernel, cached.
+    pub fn function(&self, kernel: KernelName) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(function) = functions.get(&kernel) {
+            return Ok(function.clone());
+        }
+        let function = self.module.load_function(kernel.as_str())?;
+        functions.insert(kernel, function.clone());
+        Ok(function)
+    }
+
+    /// Times `work` on `stream` with CUDA events: milliseconds per call over `iterations`.
+    pub fn time_ms(&self, stream: &CudaStream, iterations: u32, mut work: impl FnMut() -> Result<()>) -> Result<f32> {
+        let start = self.new_event(true)?;
+        let end = self.new_event(true)?;
+        start.record(stream)?;
+        for _ in 0..iterations {
+            work()?;
+        }
+        end.record(stream)?;
+        end.synchronize()?;
+        Ok(start.elapsed_ms(&end)? / iterations.max(1) as f32)
+    }
+
+    /// The one launch edge: every kernel takes one `#[repr(C)]` parameter struct by value.
+    ///
+    /// # Safety
+    /// `params` must hold device addresses and sizes that the kernel `kernel` may use for
+    /// the grid in `config`: each family's launcher validates them against its buffers.
+    pub(crate) unsafe fn launch<P: bytemuck::Pod>(
+        &self,
+        stream: &CudaStream,
+        kernel: KernelName,
+        config: LaunchConfig,
+        params: P,
+    ) -> Result<()> {
+        let function = self.function(kernel)?;
+        if config.shared_mem_bytes > 48 * 1024 {
+            function.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                config.shared_mem_bytes as i32,
+            )?;
+        }
+        let params = ByValue(params);
+        let mut builder = stream.launch_builder(&function);
+        builder.arg(&params);
+        builder.launch(config)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! ShadowKV long-context decode kernels for Rust LLM engines.
+//!
+//! The kernels are written in Rust (`kernels-gpu`), compiled to PTX by rustc's nvptx64
+//! backend at build time and loaded through `cudarc`, so building needs no CUDA toolkit.
+//! Every kernel family has a typed launcher here (plan, then run) and a CPU reference in
+//! [`reference`].
+pub mod attention;
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod pinned;
+pub mod reference;
+
+pub use attention::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout};
+pub use error::{Error, Result};
+pub use gpu::{gpu_available, probe, DeviceInfo, Gpu};
+pub use pinned::PinnedBuffer;
+
+/// Re-exported so users name the same types the launchers take.
+pub use cudarc;
+pub use half;

@@ -1,0 +1,20 @@
+//! CPU references, one module per kernel family (same names as the launchers), in f64.
+pub mod attention;
+
+/// `‖out − reference‖ / ‖reference‖`; NaN or a length mismatch gives infinity.
+pub fn relative_error(out: &[f64], reference: &[f64]) -> f64 {
+    if out.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (o, r) in out.iter().zip(reference) {
+        diff += (o - r) * (o - r);
+        norm += r * r;
+    }
+    let error = diff.sqrt() / norm.sqrt().max(f64::MIN_POSITIVE);
+    if error.is_nan() {
+        f64::INFINITY
+    } else {
+        error
+    }
+}

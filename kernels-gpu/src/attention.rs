@@ -1,0 +1,383 @@
+//! Sparse GQA decode attention (flash-decoding over a ragged batch).
+//!
+//! One query token per sequence attends over its KV heads' GPU buffers. Each sequence `b` owns
+//! a block `[kv_heads, capacity_b, head_dim]` of the K and V buffers, starting at
+//! `offset_b` elements, of which the first `len_b` tokens per head are valid. In ShadowKV that
+//! buffer is local window + outliers + sparse slots + generated tokens; when it holds the whole
+//! context, the same kernel is the full-attention baseline.
+//!
+//! Work split: blocks `(split, kv_head, sequence)`; a split covers `split_len` tokens of one
+//! KV head for all `G` query heads of its group, so each K/V row is read once. A sequence
+//! with one split writes its bf16 output directly; longer ones write per-split partial
+//! outputs and log-sum-exps that `decode_attention_combine` merges.
+//!
+//! Scores are kept in the log2 domain: `q` is pre-scaled by `scale * log2(e)` so the softmax
+//! uses `exp2`; partial log-sum-exps are base 2 as well.
+
+use core::num::NonZeroU32;
+
+/// Threads per block of the split kernel: four warps.
+pub const WARPS: u32 = 4;
+pub const THREADS: u32 = WARPS * 32;
+/// bf16 values per 16-byte vector: the unit every thread loads.
+pub const VECTOR: u32 = 8;
+/// Largest GQA group (query heads per KV head) with a compiled kernel.
+pub const MAX_GROUP: u32 = 8;
+/// Head dimensions with a compiled kernel.
+pub const HEAD_DIMS: [u32; 2] = [64, 128];
+/// Running max before any token is seen: finite, so `exp2(m_old - m_new)` never forms inf - inf.
+pub const NO_SCORE: f32 = -1.0e30;
+
+/// Placement of one sequence's K/V block in the K and V buffers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SequenceLayout {
+    /// First element of the sequence's block; a multiple of [`VECTOR`].
+    pub offset: u64,
+    /// Tokens per KV head in the block (the head stride, in rows).
+    pub capacity: u32,
+    /// Valid tokens per KV head, `1..=capacity`.
+    pub len: u32,
+}
+
+/// The one parameter struct of this family, passed by value to both kernels.
+/// Pointers are device addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DecodeAttentionParams {
+    /// `[batch, q_heads, head_dim]` bf16, post-RoPE.
+    pub q: u64,
+    /// bf16 keys, laid out per [`SequenceLayout`].
+    pub k: u64,
+    /// bf16 values, laid out like `k`.
+    pub v: u64,
+    /// `[batch]` [`SequenceLayout`].
+    pub layouts: u64,
+    /// `[batch, q_heads, head_dim]` bf16.
+    pub out: u64,
+    /// `[batch, max_splits, q_heads, head_dim]` f32, normalised per split.
+    pub partial_out: u64,
+    /// `[batch, max_splits, q_heads]` f32, base-2 log-sum-exp of each split.
+    pub partial_lse: u64,
+    pub batch: u32,
+    pub kv_heads: u32,
+    /// Tokens per split; a multiple of [`tokens_per_iteration`].
+    pub split_len: u32,
+    /// Splits of the longest sequence (grid x and the partial buffers' split stride).
+    pub max_splits: u32,
+    /// `softmax_scale * log2(e)`.
+    pub scale_log2: f32,
+    /// `kv_heads * group`.
+    pub q_heads: u32,
+}
+
+/// 16-byte vectors per K/V row: the lanes that cooperate on one token.
+pub const fn lanes_per_token(head_dim: u32) -> u32 {
+    head_dim / VECTOR
+}
+
+/// Tokens each lane group loads before it updates the softmax: more bytes in flight per
+/// thread, bounded by registers (the group's `q` and accumulators grow with `group`).
+pub const fn unroll(group: u32) -> u32 {
+    if group > 4 {
+        2
+    } else {
+        4
+    }
+}
+
+/// Tokens one block covers per loop iteration.
+pub const fn tokens_per_iteration(group: u32, head_dim: u32) -> u32 {
+    WARPS * (32 / lanes_per_token(head_dim)) * unroll(group)
+}
+
+/// Dynamic shared memory of the split kernel: per warp and head, `head_dim` accumulators plus
+/// the running max and sum.
+pub const fn shared_bytes(group: u32, head_dim: u32) -> u32 {
+    WARPS * group * (head_dim + 2) * 4
+}
+
+/// Splits of a sequence of `len` tokens. (`NonZeroU32` division cannot panic, so the device
+/// code carries no panic path.)
+#[inline(always)]
+pub fn num_splits(len: u32, split_len: NonZeroU32) -> u32 {
+    len / split_len + (len % split_len != 0) as u32
+}
+
+/// Index of `(sequence, split, q_head)` in `partial_lse`; times `head_dim` in `partial_out`.
+pub const fn partial_index(
+    sequence: u32,
+    split: u32,
+    q_head: u32,
+    max_splits: u32,
+    q_heads: u32,
+) -> usize {
+    ((sequence as usize * max_splits as usize) + split as usize) * q_heads as usize
+        + q_head as usize
+}
+
+/// Entry-point name of the split kernel for a group size and head dimension.
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn kernel_name(group: u32, head_dim: u32) -> String {
+    format!("decode_attention_g{group}_d{head_dim}")
+}
+
+/// Entry-point name of the combine kernel for a head dimension.
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn combine_kernel_name(head_dim: u32) -> String {
+    format!("decode_attention_combine_d{head_dim}")
+}
+
+#[cfg(target_arch = "nvptx64")]
+mod kernel {
+    use super::*;
+    use crate::device::*;
+
+    /// # Safety
+    /// The host launcher validated every pointer and layout against the buffers' lengths,
+    /// `group == G`, `head_dim == D`, and launched `(max_splits, kv_heads, batch)` blocks of
+    /// [`THREADS`] threads with [`shared_bytes`] of dynamic shared memory.
+    #[inline(always)]
+    pub unsafe fn decode_attention<const G: usize, const D: usize>(p: &DecodeAttentionParams) {
+        let lanes = lanes_per_token(D as u32);
+        let tokens_per_warp = 32 / lanes;
+        let unroll_tokens = unroll(G as u32) as usize;
+        let row_tokens = WARPS * tokens_per_warp;
+
+        let split = block_idx_x();
+        let kv_head = block_idx_y();
+        let sequence = block_idx_z();
+        let layout = *(p.layouts as *const SequenceLayout).add(sequence as usize);
+        let Some(split_len) = NonZeroU32::new(p.split_len) else { return };
+        let splits = num_splits(layout.len, split_len);
+        if split >= splits {
+            return;
+        }
+        let start = split * p.split_len;
+        let end = if start + p.split_len < layout.len { start + p.split_len } else { layout.len };
+
+        let warp = warp_id();
+        let lane = lane_id();
+        let lane_in_token = lane % lanes;
+        let token_in_row = warp * tokens_per_warp + lane / lanes;
+        let q_heads = p.q_heads;
+
+        // This lane's eight dimensions of each query head of the group, pre-scaled.
+        let mut q = [[0.0f32; 8]; G];
+        for (g, q_g) in q.iter_mut().enumerate() {
+            let q_head = kv_head * G as u32 + g as u32;
+            let row = (p.q as *const u16).add((sequence * q_heads + q_head) as usize * D);
+            let values = bf16x8_to_f32(load_16(row.add((lane_in_token * VECTOR) as usize) as *const Vec16));
+            for j in 0..8 {
+                q_g[j] = values[j] * p.scale_log2;
+            }
+        }
+
+        let head_base = layout.offset as usize + kv_head as usize * layout.capacity as usize * D;
+        let lane_column = (lane_in_token * VECTOR) as usize;
+        let k_head = (p.k as *const u16).add(head_base + lane_column);
+        let v_head = (p.v as *const u16).add(head_base + lane_column);
+
+        let mut running_max = [NO_SCORE; G];
+        let mut running_sum = [0.0f32; G];
+        let mut acc = [[0.0f32; 8]; G];
+
+        let mut base = start;
+        while base < end {
+            // Issue every load of the iteration before the first use.
+            let mut keys = [[0u32; 4]; 4];
+            let mut values = [[0u32; 4]; 4];
+            let mut valid = [false; 4];
+            for u in 0..unroll_tokens {
+                let token = base + u as u32 * row_tokens + token_in_row;
+                valid[u] = token < end;
+                if valid[u] {
+                    let row = token as usize * D;
+                    keys[u] = load_stream_16(k_head.add(row) as *const Vec16);
+                    values[u] = load_stream_16(v_head.add(row) as *const Vec16);
+                }
+            }
+            let mut scores = [[0.0f32; 4]; G];
+            for u in 0..unroll_tokens {
+                let k = bf16x8_to_f32(keys[u]);
+                for g in 0..G {
+                    let mut dot = 0.0f32;
+                    for j in 0..8 {
+                        dot += q[g][j] * k[j];
+                    }
+                    scores[g][u] = dot;
+                }
+            }
+            // Sum the partial dots over the lanes of each token.
+            let mut mask = 1;
+            while mask < lanes {
+                for scores_g in scores.iter_mut() {
+                    for score in scores_g.iter_mut().take(unroll_tokens) {
+                        *score += shuffle_xor_f32(*score, mask);
+                    }
+                }
+                mask <<= 1;
+            }
+            let mut v = [[0.0f32; 8]; 4];
+            for u in 0..unroll_tokens {
+                v[u] = bf16x8_to_f32(values[u]);
+            }
+            for g in 0..G {
+                let mut new_max = running_max[g];
+                for u in 0..unroll_tokens {
+                    if !valid[u] {
+                        scores[g][u] = f32::NEG_INFINITY;
+                    }
+                    new_max = max_f32(new_max, scores[g][u]);
+                }
+                let correction = exp2(running_max[g] - new_max);
+                running_max[g] = new_max;
+                running_sum[g] *= correction;
+                for j in 0..8 {
+                    acc[g][j] *= correction;
+                }
+                for u in 0..unroll_tokens {
+                    let weight = exp2(scores[g][u] - new_max);
+                    running_sum[g] += weight;
+                    for j in 0..8 {
+                        acc[g][j] += weight * v[u][j];
+                    }
+                }
+            }
+            base += row_tokens * unroll_tokens as u32;
+        }
+
+        // Merge the token groups of the warp (lanes that hold the same dimensions).
+        let mut mask = lanes;
+        while mask < 32 {
+            for g in 0..G {
+                let other_max = shuffle_xor_f32(running_max[g], mask);
+                let other_sum = shuffle_xor_f32(running_sum[g], mask);
+                let new_max = max_f32(running_max[g], other_max);
+                let mine = exp2(running_max[g] - new_max);
+                let theirs = exp2(other_max - new_max);
+                running_max[g] = new_max;
+                running_sum[g] = running_sum[g] * mine + other_sum * theirs;
+                for j in 0..8 {
+                    let other = shuffle_xor_f32(acc[g][j], mask);
+                    acc[g][j] = acc[g][j] * mine + other * theirs;
+                }
+            }
+            mask <<= 1;
+        }
+
+        // Merge the warps through shared memory: [warp][g][head_dim + 2].
+        let stride = D + 2;
+        let shared = dynamic_shared::<f32>();
+        if lane < lanes {
+            for g in 0..G {
+                let row = shared.add((warp as usize * G + g) * stride);
+                for j in 0..8 {
+                    *row.add(lane_column + j) = acc[g][j];
+                }
+                if lane == 0 {
+                    *row.add(D) = running_max[g];
+                    *row.add(D + 1) = running_sum[g];
+                }
+            }
+        }
+        sync_threads();
+
+        let mut index = thread_idx_x() as usize;
+        while index < G * D {
+            let g = index / D;
+            let column = index % D;
+            let mut block_max = NO_SCORE;
+            for w in 0..WARPS as usize {
+                block_max = max_f32(block_max, *shared.add((w * G + g) * stride + D));
+            }
+            let mut sum = 0.0f32;
+            let mut value = 0.0f32;
+            for w in 0..WARPS as usize {
+                let row = shared.add((w * G + g) * stride);
+                let weight = exp2(*row.add(D) - block_max);
+                sum += *row.add(D + 1) * weight;
+                value += *row.add(column) * weight;
+            }
+            let q_head = kv_head * G as u32 + g as u32;
+            let normalised = value * reciprocal(sum);
+            if splits == 1 {
+                let out = (p.out as *mut u16).add((sequence * q_heads + q_head) as usize * D + column);
+                *out = f32_to_bf16(normalised);
+            } else {
+                let at = partial_index(sequence, split, q_head, p.max_splits, q_heads);
+                *(p.partial_out as *mut f32).add(at * D + column) = normalised;
+                if column == 0 {
+                    *(p.partial_lse as *mut f32).add(at) = block_max + log2(sum);
+                }
+            }
+            index += THREADS as usize;
+        }
+    }
+
+    /// Merges the splits of each `(sequence, q_head)`: blocks `(q_heads, batch)` of `D` threads.
+    ///
+    /// # Safety
+    /// As [`decode_attention`], launched after it on the same stream.
+    #[inline(always)]
+    pub unsafe fn decode_attention_combine<const D: usize>(p: &DecodeAttentionParams) {
+        let q_head = block_idx_x();
+        let sequence = block_idx_y();
+        let column = thread_idx_x() as usize;
+        let layout = *(p.layouts as *const SequenceLayout).add(sequence as usize);
+        let Some(split_len) = NonZeroU32::new(p.split_len) else { return };
+        let splits = num_splits(layout.len, split_len);
+        if splits <= 1 {
+            return;
+        }
+        let q_heads = p.q_heads;
+        let lse = p.partial_lse as *const f32;
+        let mut max_lse = NO_SCORE;
+        for split in 0..splits {
+            max_lse = max_f32(max_lse, *lse.add(partial_index(sequence, split, q_head, p.max_splits, q_heads)));
+        }
+        let mut sum = 0.0f32;
+        let mut value = 0.0f32;
+        for split in 0..splits {
+            let at = partial_index(sequence, split, q_head, p.max_splits, q_heads);
+            let weight = exp2(*lse.add(at) - max_lse);
+            sum += weight;
+            value += weight * *(p.partial_out as *const f32).add(at * D + column);
+        }
+        let out = (p.out as *mut u16).add((sequence * q_heads + q_head) as usize * D + column);
+        *out = f32_to_bf16(value * reciprocal(sum));
+    }
+
+    /// One `extern "ptx-kernel"` entry per (group, head_dim) so the group's heads live in
+    /// registers indexed by constants.
+    macro_rules! entries {
+        ($($name:ident = <$g:literal, $d:literal>),* $(,)?) => {$(
+            #[no_mangle]
+            pub unsafe extern "ptx-kernel" fn $name(params: DecodeAttentionParams) {
+                decode_attention::<$g, $d>(&params)
+            }
+        )*};
+    }
+    entries! {
+        decode_attention_g1_d64 = <1, 64>, decode_attention_g2_d64 = <2, 64>,
+        decode_attention_g3_d64 = <3, 64>, decode_attention_g4_d64 = <4, 64>,
+        decode_attention_g5_d64 = <5, 64>, decode_attention_g6_d64 = <6, 64>,
+        decode_attention_g7_d64 = <7, 64>, decode_attention_g8_d64 = <8, 64>,
+        decode_attention_g1_d128 = <1, 128>, decode_attention_g2_d128 = <2, 128>,
+        decode_attention_g3_d128 = <3, 128>, decode_attention_g4_d128 = <4, 128>,
+        decode_attention_g5_d128 = <5, 128>, decode_attention_g6_d128 = <6, 128>,
+        decode_attention_g7_d128 = <7, 128>, decode_attention_g8_d128 = <8, 128>,
+    }
+
+    #[no_mangle]
+    pub unsafe extern "ptx-kernel" fn decode_attention_combine_d64(params: DecodeAttentionParams) {
+        decode_attention_combine::<64>(&params)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "ptx-kernel" fn decode_attention_combine_d128(params: DecodeAttentionParams) {
+        decode_attention_combine::<128>(&params)
+    }
+}

@@ -1,0 +1,400 @@
+//! Device primitives: the only place that writes PTX by hand. Kernels call these and never
+//! use `asm!` themselves. Each function names the PTX it emits.
+//!
+//! All functions are `#[inline(always)]`: they are a vocabulary, not calls.
+#![allow(clippy::missing_safety_doc)]
+
+use core::arch::asm;
+use core::arch::nvptx;
+
+// ---------------------------------------------------------------------------------------
+// Ids and barriers
+// ---------------------------------------------------------------------------------------
+
+/// `mov.u32 %r, %tid.x`
+#[inline(always)]
+pub fn thread_idx_x() -> u32 {
+    // SAFETY: reads a special register; no memory is touched.
+    unsafe { nvptx::_thread_idx_x() as u32 }
+}
+
+/// `mov.u32 %r, %ntid.x`
+#[inline(always)]
+pub fn block_dim_x() -> u32 {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_dim_x() as u32 }
+}
+
+/// `mov.u32 %r, %ctaid.x`
+#[inline(always)]
+pub fn block_idx_x() -> u32 {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_idx_x() as u32 }
+}
+
+/// `mov.u32 %r, %ctaid.y`
+#[inline(always)]
+pub fn block_idx_y() -> u32 {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_idx_y() as u32 }
+}
+
+/// `mov.u32 %r, %ctaid.z`
+#[inline(always)]
+pub fn block_idx_z() -> u32 {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_idx_z() as u32 }
+}
+
+/// Lane within the warp (`%tid.x & 31`).
+#[inline(always)]
+pub fn lane_id() -> u32 {
+    thread_idx_x() & 31
+}
+
+/// Warp within the block (`%tid.x >> 5`).
+#[inline(always)]
+pub fn warp_id() -> u32 {
+    thread_idx_x() >> 5
+}
+
+/// `bar.sync 0`: every thread of the block; orders shared-memory accesses.
+#[inline(always)]
+pub fn sync_threads() {
+    // SAFETY: a block-wide barrier; all kernels call it from uniform control flow.
+    unsafe { nvptx::_syncthreads() }
+}
+
+/// `trap`: used by the panic handler.
+#[inline(always)]
+pub fn trap() -> ! {
+    // SAFETY: aborts the kernel.
+    unsafe { nvptx::trap() }
+}
+
+// ---------------------------------------------------------------------------------------
+// Warp shuffles
+// ---------------------------------------------------------------------------------------
+
+/// `shfl.sync.bfly.b32 d, v, lane_mask, 0x1f, 0xffffffff`: the value of lane `lane ^ lane_mask`.
+/// All 32 lanes must call it.
+#[inline(always)]
+pub fn shuffle_xor_f32(value: f32, lane_mask: u32) -> f32 {
+    let out: f32;
+    // SAFETY: register-only warp exchange with a full member mask.
+    unsafe {
+        asm!(
+            "shfl.sync.bfly.b32 {out}, {value}, {mask}, 0x1f, 0xffffffff;",
+            out = out(reg32) out, value = in(reg32) value, mask = in(reg32) lane_mask,
+        );
+    }
+    out
+}
+
+/// `shfl.sync.idx.b32 d, v, src_lane, 0x1f, 0xffffffff`: the value of lane `src_lane`.
+#[inline(always)]
+pub fn shuffle_idx_u32(value: u32, src_lane: u32) -> u32 {
+    let out: u32;
+    // SAFETY: register-only warp exchange with a full member mask.
+    unsafe {
+        asm!(
+            "shfl.sync.idx.b32 {out}, {value}, {src}, 0x1f, 0xffffffff;",
+            out = out(reg32) out, value = in(reg32) value, src = in(reg32) src_lane,
+        );
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared memory
+// ---------------------------------------------------------------------------------------
+
+core::arch::global_asm!(".extern .shared .align 16 .b8 SHADOWKV_DYNAMIC_SHARED[];");
+
+/// Generic pointer to the block's dynamic shared memory (`cvta.shared.u64 p, SYMBOL`).
+/// Its size is the launch's `shared_mem_bytes`, which each family computes in its shared
+/// layout module.
+#[inline(always)]
+pub fn dynamic_shared<T>() -> *mut T {
+    let pointer: u64;
+    // SAFETY: takes the address of a shared-memory symbol; no access.
+    unsafe {
+        asm!("cvta.shared.u64 {p}, SHADOWKV_DYNAMIC_SHARED;", p = out(reg64) pointer);
+    }
+    pointer as *mut T
+}
+
+/// Declares a static shared-memory array of `bytes` bytes and a function returning its
+/// generic address (`.shared .align 16 .b8 NAME_SHARED[bytes]` and `cvta.shared.u64`).
+///
+/// `static_shared!(pub fn scratch() -> *mut f32; bytes = 1024);`
+#[macro_export]
+macro_rules! static_shared {
+    ($vis:vis fn $name:ident() -> *mut $ty:ty; bytes = $bytes:literal) => {
+        core::arch::global_asm!(concat!(
+            ".shared .align 16 .b8 ", stringify!($name), "_SHARED[", $bytes, "];"
+        ));
+        #[inline(always)]
+        $vis fn $name() -> *mut $ty {
+            let pointer: u64;
+            // SAFETY: takes the address of a shared-memory symbol; no access.
+            unsafe {
+                core::arch::asm!(
+                    concat!("cvta.shared.u64 {p}, ", stringify!($name), "_SHARED;"),
+                    p = out(reg64) pointer,
+                );
+            }
+            pointer as *mut $ty
+        }
+    };
+}
+
+/// The 32-bit shared-window address of a generic pointer into shared memory
+/// (`cvta.to.shared.u64` then truncation), as `ldmatrix` and `cp.async` take it.
+#[inline(always)]
+pub fn shared_address<T>(pointer: *const T) -> u32 {
+    let address: u64;
+    // SAFETY: address arithmetic only.
+    unsafe {
+        asm!("cvta.to.shared.u64 {a}, {p};", a = out(reg64) address, p = in(reg64) pointer as u64);
+    }
+    address as u32
+}
+
+// ---------------------------------------------------------------------------------------
+// Global and host-mapped memory
+// ---------------------------------------------------------------------------------------
+
+/// Sixteen bytes: eight bf16 values, or four f32.
+pub type Vec16 = [u32; 4];
+
+/// `ld.global.nc.L1::no_allocate.v4.u32`: a 16-byte read-only load that streams past L1
+/// (K/V rows are read once per step).
+#[inline(always)]
+pub unsafe fn load_stream_16(pointer: *const Vec16) -> Vec16 {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ld.global.nc.L1::no_allocate.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+        p = in(reg64) pointer as u64,
+        options(readonly, nostack),
+    );
+    [a, b, c, d]
+}
+
+/// `ld.global.nc.v4.u32`: a 16-byte read-only load that may be reused from L1.
+#[inline(always)]
+pub unsafe fn load_16(pointer: *const Vec16) -> Vec16 {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+        p = in(reg64) pointer as u64,
+        options(readonly, nostack),
+    );
+    [a, b, c, d]
+}
+
+/// `ld.global.cs.v4.u32`: a 16-byte load from pinned, device-mapped host memory, read once
+/// over PCIe (cache-streaming, evict first).
+#[inline(always)]
+pub unsafe fn load_host_mapped_16(pointer: *const Vec16) -> Vec16 {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ld.global.cs.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+        p = in(reg64) pointer as u64,
+        options(readonly, nostack),
+    );
+    [a, b, c, d]
+}
+
+/// `st.global.v4.u32`: a 16-byte store.
+#[inline(always)]
+pub unsafe fn store_16(pointer: *mut Vec16, value: Vec16) {
+    asm!(
+        "st.global.v4.u32 [{p}], {{{a}, {b}, {c}, {d}}};",
+        p = in(reg64) pointer as u64,
+        a = in(reg32) value[0], b = in(reg32) value[1], c = in(reg32) value[2], d = in(reg32) value[3],
+        options(nostack),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Asynchronous copies (global -> shared)
+// ---------------------------------------------------------------------------------------
+
+/// `cp.async.cg.shared.global [s], [g], 16`: start a 16-byte copy that bypasses registers.
+#[inline(always)]
+pub unsafe fn copy_async_16(shared: u32, global: *const Vec16) {
+    asm!(
+        "cp.async.cg.shared.global [{s}], [{g}], 16;",
+        s = in(reg32) shared, g = in(reg64) global as u64,
+        options(nostack),
+    );
+}
+
+/// `cp.async.commit_group`: close the group of copies started since the last commit.
+#[inline(always)]
+pub fn copy_async_commit() {
+    // SAFETY: bookkeeping of the thread's own async copies.
+    unsafe { asm!("cp.async.commit_group;", options(nostack)) }
+}
+
+/// `cp.async.wait_group N`: wait until at most `PENDING` committed groups are in flight.
+#[inline(always)]
+pub fn copy_async_wait<const PENDING: u32>() {
+    // SAFETY: waits on the thread's own async copies.
+    unsafe { asm!("cp.async.wait_group {n};", n = const PENDING, options(nostack)) }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor cores
+// ---------------------------------------------------------------------------------------
+
+/// `ldmatrix.sync.aligned.m8n8.x4.shared.b16`: four 8x8 b16 tiles from shared memory, lane
+/// `i` giving the row address for tile `i / 8`; each lane receives one 32-bit fragment per tile.
+#[inline(always)]
+pub unsafe fn load_matrix_x4(shared_row: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{s}];",
+        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+        s = in(reg32) shared_row,
+        options(readonly, nostack),
+    );
+    [a, b, c, d]
+}
+
+/// `ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16`: two transposed 8x8 b16 tiles (lanes 0-15
+/// give the row addresses), the B operand of `mma` from a row-major `[k, n]` tile.
+#[inline(always)]
+pub unsafe fn load_matrix_x2_transposed(shared_row: u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!(
+        "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {{{a}, {b}}}, [{s}];",
+        a = out(reg32) a, b = out(reg32) b,
+        s = in(reg32) shared_row,
+        options(readonly, nostack),
+    );
+    [a, b]
+}
+
+/// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: `D = A·B + C` for a 16x16 bf16 A
+/// (four registers), a 16x8 bf16 B (two registers) and a 16x8 f32 accumulator (four).
+#[inline(always)]
+pub fn mma_bf16_m16n8k16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+    let [mut d0, mut d1, mut d2, mut d3] = c;
+    // SAFETY: register-only warp-wide matrix op; all lanes call it.
+    unsafe {
+        asm!(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};",
+            d0 = inout(reg32) d0, d1 = inout(reg32) d1, d2 = inout(reg32) d2, d3 = inout(reg32) d3,
+            a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+            b0 = in(reg32) b[0], b1 = in(reg32) b[1],
+            options(pure, nomem, nostack),
+        );
+    }
+    [d0, d1, d2, d3]
+}
+
+// ---------------------------------------------------------------------------------------
+// Conversions and fast math
+// ---------------------------------------------------------------------------------------
+
+/// The two bf16 halves of a 32-bit word as f32 (low half first). A bf16 is the top half of
+/// an f32, so this is two integer ops and no instruction of its own.
+#[inline(always)]
+pub fn bf16x2_to_f32(word: u32) -> [f32; 2] {
+    [f32::from_bits(word << 16), f32::from_bits(word & 0xffff_0000)]
+}
+
+/// Eight bf16 values in a 16-byte vector as f32.
+#[inline(always)]
+pub fn bf16x8_to_f32(vector: Vec16) -> [f32; 8] {
+    let mut out = [0.0f32; 8];
+    let mut i = 0;
+    while i < 4 {
+        let [lo, hi] = bf16x2_to_f32(vector[i]);
+        out[2 * i] = lo;
+        out[2 * i + 1] = hi;
+        i += 1;
+    }
+    out
+}
+
+/// `cvt.rn.bf16x2.f32 d, hi, lo`: two f32 rounded to nearest-even bf16, `lo` in the low half.
+#[inline(always)]
+pub fn f32x2_to_bf16x2(lo: f32, hi: f32) -> u32 {
+    let out: u32;
+    // SAFETY: register-only conversion.
+    unsafe {
+        asm!(
+            "cvt.rn.bf16x2.f32 {d}, {hi}, {lo};",
+            d = out(reg32) out, hi = in(reg32) hi, lo = in(reg32) lo,
+            options(pure, nomem, nostack),
+        );
+    }
+    out
+}
+
+/// `cvt.rn.bf16.f32`: one f32 rounded to nearest-even bf16 (returned as its bits).
+#[inline(always)]
+pub fn f32_to_bf16(value: f32) -> u16 {
+    let out: u16;
+    // SAFETY: register-only conversion.
+    unsafe {
+        asm!(
+            "cvt.rn.bf16.f32 {d}, {v};",
+            d = out(reg16) out, v = in(reg32) value,
+            options(pure, nomem, nostack),
+        );
+    }
+    out
+}
+
+/// `ex2.approx.ftz.f32`: 2^x (2 ulp; -inf gives +0).
+#[inline(always)]
+pub fn exp2(x: f32) -> f32 {
+    let out: f32;
+    // SAFETY: register-only special function.
+    unsafe {
+        asm!("ex2.approx.ftz.f32 {d}, {x};", d = out(reg32) out, x = in(reg32) x,
+             options(pure, nomem, nostack));
+    }
+    out
+}
+
+/// `lg2.approx.ftz.f32`: log2(x).
+#[inline(always)]
+pub fn log2(x: f32) -> f32 {
+    let out: f32;
+    // SAFETY: register-only special function.
+    unsafe {
+        asm!("lg2.approx.ftz.f32 {d}, {x};", d = out(reg32) out, x = in(reg32) x,
+             options(pure, nomem, nostack));
+    }
+    out
+}
+
+/// `rcp.approx.ftz.f32`: 1/x.
+#[inline(always)]
+pub fn reciprocal(x: f32) -> f32 {
+    let out: f32;
+    // SAFETY: register-only special function.
+    unsafe {
+        asm!("rcp.approx.ftz.f32 {d}, {x};", d = out(reg32) out, x = in(reg32) x,
+             options(pure, nomem, nostack));
+    }
+    out
+}
+
+/// `max.f32`
+#[inline(always)]
+pub fn max_f32(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
