@@ -9,6 +9,8 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfi
 use half::bf16;
 use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams};
 pub use shadowkv_kernels::attention::SequenceLayout;
+/// The layout math the kernels use (tokens per iteration, shared memory, split counts).
+pub use shadowkv_kernels::attention as kernel_layout;
 
 use crate::error::{check_len, check_range, invalid, Result};
 use crate::gpu::Gpu;
@@ -62,7 +64,6 @@ pub struct DecodeAttentionPlan {
     kv_elements: usize,
     scale: f32,
     kernel: KernelName,
-    combine: KernelName,
 }
 
 /// Blocks of the split kernel that one multiprocessor holds at once (registers allow four).
@@ -103,7 +104,6 @@ impl DecodeAttentionPlan {
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
             kernel: KernelName::lookup(&layout::kernel_name(group, head_dim))?,
-            combine: KernelName::lookup(&layout::combine_kernel_name(head_dim))?,
         })
     }
 
@@ -176,6 +176,7 @@ pub struct DecodeAttention {
     layouts: CudaSlice<u64>,
     partial_out: CudaSlice<f32>,
     partial_lse: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
 }
 
 impl DecodeAttention {
@@ -188,7 +189,9 @@ impl DecodeAttention {
         let partial_out = unsafe { stream.alloc::<f32>((partials * plan.shape.head_dim).max(1))? };
         // SAFETY: as above.
         let partial_lse = unsafe { stream.alloc::<f32>(partials.max(1))? };
-        Ok(DecodeAttention { plan, layouts, partial_out, partial_lse })
+        // Zeroed once; the merging block of each (sequence, kv_head) resets its counter.
+        let counters = stream.alloc_zeros::<u32>(plan.shape.batch * plan.shape.kv_heads)?;
+        Ok(DecodeAttention { plan, layouts, partial_out, partial_lse, counters })
     }
 
     pub fn plan(&self) -> &DecodeAttentionPlan {
@@ -222,6 +225,7 @@ impl DecodeAttention {
         let (layouts_address, _layouts_guard) = self.layouts.device_ptr(stream);
         let (partial_out_address, _partial_out_guard) = self.partial_out.device_ptr_mut(stream);
         let (partial_lse_address, _partial_lse_guard) = self.partial_lse.device_ptr_mut(stream);
+        let (counters_address, _counters_guard) = self.counters.device_ptr_mut(stream);
         let (out_address, _out_guard) = out.device_ptr_mut(stream);
         let params = DecodeAttentionParams {
             q: q_address,
@@ -231,6 +235,7 @@ impl DecodeAttention {
             out: out_address,
             partial_out: partial_out_address,
             partial_lse: partial_lse_address,
+            counters: counters_address,
             batch: shape.batch as u32,
             kv_heads: shape.kv_heads as u32,
             split_len: plan.split_len,
@@ -239,25 +244,15 @@ impl DecodeAttention {
             q_heads: shape.q_heads as u32,
         };
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
-        let split_config = LaunchConfig {
+        let config = LaunchConfig {
             grid_dim: (plan.max_splits, shape.kv_heads as u32, shape.batch as u32),
             block_dim: (layout::THREADS, 1, 1),
             shared_mem_bytes: layout::shared_bytes(group, head_dim),
         };
         // SAFETY: q/out lengths equal the shape, K/V hold every layout's block (checked
-        // above and in the plan), the workspace holds batch * max_splits * q_heads partials,
-        // and the kernel is the one compiled for this group and head_dim.
-        unsafe { gpu.launch(stream, plan.kernel, split_config, params)? };
-        if plan.max_splits > 1 {
-            let combine_config = LaunchConfig {
-                grid_dim: (shape.q_heads as u32, shape.batch as u32, 1),
-                block_dim: (head_dim, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: same parameters; reads the partials the split kernel wrote before it
-            // on this stream.
-            unsafe { gpu.launch(stream, plan.combine, combine_config, params)? };
-        }
-        Ok(())
+        // above and in the plan), the workspace holds batch * max_splits * q_heads partials and
+        // batch * kv_heads zeroed counters, and the kernel is the one compiled for this group
+        // and head_dim.
+        unsafe { gpu.launch(stream, plan.kernel, config, params) }
     }
 }

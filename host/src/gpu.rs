@@ -68,7 +68,8 @@ impl Gpu {
             return Err(crate::error::invalid("ordinal", format!("is {ordinal}"), format!("below the device count {count}")));
         }
         let context = CudaContext::new(ordinal)?;
-        let stream = context.default_stream();
+        // A stream of our own, not the legacy NULL stream that would serialise with every other.
+        let stream = context.new_stream()?;
         let module = context.load_module(Ptx::from_src(PTX))?;
         let attribute = |a| context.attribute(a).map(|v| v as u32);
         let info = DeviceInfo {

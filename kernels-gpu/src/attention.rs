@@ -9,7 +9,8 @@
 //! Work split: blocks `(split, kv_head, sequence)`; a split covers `split_len` tokens of one
 //! KV head for all `G` query heads of its group, so each K/V row is read once. A sequence
 //! with one split writes its bf16 output directly; longer ones write per-split partial
-//! outputs and log-sum-exps that `decode_attention_combine` merges.
+//! outputs and log-sum-exps, and the last block of each `(sequence, kv_head)` to finish
+//! (counted with an atomic) merges them, so there is no second launch.
 //!
 //! Scores are kept in the log2 domain: `q` is pre-scaled by `scale * log2(e)` so the softmax
 //! uses `exp2`; partial log-sum-exps are base 2 as well.
@@ -61,6 +62,9 @@ pub struct DecodeAttentionParams {
     pub partial_out: u64,
     /// `[batch, max_splits, q_heads]` f32, base-2 log-sum-exp of each split.
     pub partial_lse: u64,
+    /// `[batch, kv_heads]` u32 finished-split counters; zero between launches (the merging
+    /// block resets its counter).
+    pub counters: u64,
     pub batch: u32,
     pub kv_heads: u32,
     /// Tokens per split; a multiple of [`tokens_per_iteration`].
@@ -94,9 +98,9 @@ pub const fn tokens_per_iteration(group: u32, head_dim: u32) -> u32 {
 }
 
 /// Dynamic shared memory of the split kernel: per warp and head, `head_dim` accumulators plus
-/// the running max and sum.
+/// the running max and sum; then one word telling the block whether it merges.
 pub const fn shared_bytes(group: u32, head_dim: u32) -> u32 {
-    WARPS * group * (head_dim + 2) * 4
+    WARPS * group * (head_dim + 2) * 4 + 16
 }
 
 /// Splits of a sequence of `len` tokens. (`NonZeroU32` division cannot panic, so the device
@@ -124,11 +128,6 @@ pub fn kernel_name(group: u32, head_dim: u32) -> String {
     format!("decode_attention_g{group}_d{head_dim}")
 }
 
-/// Entry-point name of the combine kernel for a head dimension.
-#[cfg(not(target_arch = "nvptx64"))]
-pub fn combine_kernel_name(head_dim: u32) -> String {
-    format!("decode_attention_combine_d{head_dim}")
-}
 
 #[cfg(target_arch = "nvptx64")]
 mod kernel {
@@ -149,31 +148,36 @@ mod kernel {
         let split = block_idx_x();
         let kv_head = block_idx_y();
         let sequence = block_idx_z();
-        let layout = *(p.layouts as *const SequenceLayout).add(sequence as usize);
-        let Some(split_len) = NonZeroU32::new(p.split_len) else { return };
-        let splits = num_splits(layout.len, split_len);
-        if split >= splits {
-            return;
-        }
-        let start = split * p.split_len;
-        let end = if start + p.split_len < layout.len { start + p.split_len } else { layout.len };
-
         let warp = warp_id();
         let lane = lane_id();
         let lane_in_token = lane % lanes;
         let token_in_row = warp * tokens_per_warp + lane / lanes;
         let q_heads = p.q_heads;
 
-        // This lane's eight dimensions of each query head of the group, pre-scaled.
-        let mut q = [[0.0f32; 8]; G];
-        for (g, q_g) in q.iter_mut().enumerate() {
+        // This lane's eight dimensions of each query head of the group, loaded before the
+        // layout is known so the two loads overlap.
+        let mut q_raw = [[0u32; 4]; G];
+        for (g, raw) in q_raw.iter_mut().enumerate() {
             let q_head = kv_head * G as u32 + g as u32;
             let row = (p.q as *const u16).add((sequence * q_heads + q_head) as usize * D);
-            let values = bf16x8_to_f32(load_16(row.add((lane_in_token * VECTOR) as usize) as *const Vec16));
+            *raw = load_16(row.add((lane_in_token * VECTOR) as usize) as *const Vec16);
+        }
+        let layout = *(p.layouts as *const SequenceLayout).add(sequence as usize);
+        let Some(split_len) = NonZeroU32::new(p.split_len) else { return };
+        let splits = num_splits(layout.len, split_len);
+        if split >= splits {
+            return;
+        }
+        let mut q = [[0.0f32; 8]; G];
+        for g in 0..G {
+            let values = bf16x8_to_f32(q_raw[g]);
             for j in 0..8 {
-                q_g[j] = values[j] * p.scale_log2;
+                q[g][j] = values[j] * p.scale_log2;
             }
         }
+        let start = split * p.split_len;
+        let end = if start + p.split_len < layout.len { start + p.split_len } else { layout.len };
+
 
         let head_base = layout.offset as usize + kv_head as usize * layout.capacity as usize * D;
         let lane_column = (lane_in_token * VECTOR) as usize;
@@ -315,39 +319,50 @@ mod kernel {
             }
             index += THREADS as usize;
         }
-    }
-
-    /// Merges the splits of each `(sequence, q_head)`: blocks `(q_heads, batch)` of `D` threads.
-    ///
-    /// # Safety
-    /// As [`decode_attention`], launched after it on the same stream.
-    #[inline(always)]
-    pub unsafe fn decode_attention_combine<const D: usize>(p: &DecodeAttentionParams) {
-        let q_head = block_idx_x();
-        let sequence = block_idx_y();
-        let column = thread_idx_x() as usize;
-        let layout = *(p.layouts as *const SequenceLayout).add(sequence as usize);
-        let Some(split_len) = NonZeroU32::new(p.split_len) else { return };
-        let splits = num_splits(layout.len, split_len);
-        if splits <= 1 {
+        if splits == 1 {
             return;
         }
-        let q_heads = p.q_heads;
-        let lse = p.partial_lse as *const f32;
-        let mut max_lse = NO_SCORE;
-        for split in 0..splits {
-            max_lse = max_f32(max_lse, *lse.add(partial_index(sequence, split, q_head, p.max_splits, q_heads)));
+
+        // The last block of this (sequence, kv_head) to finish merges every split.
+        fence_gpu();
+        sync_threads();
+        let merges = shared.add(WARPS as usize * G * stride) as *mut u32;
+        if thread_idx_x() == 0 {
+            let counter = (p.counters as *mut u32).add((sequence * p.kv_heads + kv_head) as usize);
+            let finished = atomic_add_u32(counter, 1) + 1;
+            let last = finished == splits;
+            if last {
+                // Every split has arrived: reset for the next launch.
+                *counter = 0;
+            }
+            *merges = last as u32;
         }
-        let mut sum = 0.0f32;
-        let mut value = 0.0f32;
-        for split in 0..splits {
-            let at = partial_index(sequence, split, q_head, p.max_splits, q_heads);
-            let weight = exp2(*lse.add(at) - max_lse);
-            sum += weight;
-            value += weight * *(p.partial_out as *const f32).add(at * D + column);
+        sync_threads();
+        if *merges == 0 {
+            return;
         }
-        let out = (p.out as *mut u16).add((sequence * q_heads + q_head) as usize * D + column);
-        *out = f32_to_bf16(value * reciprocal(sum));
+        fence_gpu();
+        let mut index = thread_idx_x() as usize;
+        while index < G * D {
+            let q_head = kv_head * G as u32 + (index / D) as u32;
+            let column = index % D;
+            let lse = p.partial_lse as *const f32;
+            let mut max_lse = NO_SCORE;
+            for split in 0..splits {
+                max_lse = max_f32(max_lse, load_l2_f32(lse.add(partial_index(sequence, split, q_head, p.max_splits, q_heads))));
+            }
+            let mut sum = 0.0f32;
+            let mut value = 0.0f32;
+            for split in 0..splits {
+                let at = partial_index(sequence, split, q_head, p.max_splits, q_heads);
+                let weight = exp2(load_l2_f32(lse.add(at)) - max_lse);
+                sum += weight;
+                value += weight * load_l2_f32((p.partial_out as *const f32).add(at * D + column));
+            }
+            let out = (p.out as *mut u16).add((sequence * q_heads + q_head) as usize * D + column);
+            *out = f32_to_bf16(value * reciprocal(sum));
+            index += THREADS as usize;
+        }
     }
 
     /// One `extern "ptx-kernel"` entry per (group, head_dim) so the group's heads live in
@@ -371,13 +386,4 @@ mod kernel {
         decode_attention_g7_d128 = <7, 128>, decode_attention_g8_d128 = <8, 128>,
     }
 
-    #[no_mangle]
-    pub unsafe extern "ptx-kernel" fn decode_attention_combine_d64(params: DecodeAttentionParams) {
-        decode_attention_combine::<64>(&params)
-    }
-
-    #[no_mangle]
-    pub unsafe extern "ptx-kernel" fn decode_attention_combine_d128(params: DecodeAttentionParams) {
-        decode_attention_combine::<128>(&params)
-    }
 }

@@ -220,6 +220,40 @@ pub unsafe fn store_16(pointer: *mut Vec16, value: Vec16) {
     );
 }
 
+/// `ld.global.cg.f32`: a load cached in L2 only, for data other blocks wrote during this
+/// launch (L1 is not coherent across multiprocessors).
+#[inline(always)]
+pub unsafe fn load_l2_f32(pointer: *const f32) -> f32 {
+    let value: f32;
+    asm!(
+        "ld.global.cg.f32 {v}, [{p}];",
+        v = out(reg32) value, p = in(reg64) pointer as u64,
+        options(readonly, nostack),
+    );
+    value
+}
+
+/// `atom.global.acq_rel.gpu.add.u32`: adds `value` and returns the old value, ordered with
+/// the surrounding loads and stores at GPU scope.
+#[inline(always)]
+pub unsafe fn atomic_add_u32(pointer: *mut u32, value: u32) -> u32 {
+    let old: u32;
+    asm!(
+        "atom.global.acq_rel.gpu.add.u32 {old}, [{p}], {v};",
+        old = out(reg32) old, p = in(reg64) pointer as u64, v = in(reg32) value,
+        options(nostack),
+    );
+    old
+}
+
+/// `fence.acq_rel.gpu`: makes this thread's earlier writes visible GPU-wide before its later
+/// ones (`__threadfence()`).
+#[inline(always)]
+pub fn fence_gpu() {
+    // SAFETY: a memory fence.
+    unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
+}
+
 // ---------------------------------------------------------------------------------------
 // Asynchronous copies (global -> shared)
 // ---------------------------------------------------------------------------------------
