@@ -72,7 +72,7 @@ fn planner_fills_the_gpu_with_whole_iterations() {
         assert_eq!(plan.max_splits(), len.div_ceil(plan.split_len()));
         let blocks = plan.max_splits() as usize * 8 * batch;
         if len >= 2048 {
-            assert!(blocks >= 132 * 2, "{batch}x{len}: only {blocks} blocks");
+            assert!(blocks >= 132 * 3 / 2, "{batch}x{len}: only {blocks} blocks");
         }
         assert_eq!(plan.kv_elements(), batch * 8 * len as usize * 128);
         assert_eq!(plan.kv_bytes_read(), 2 * batch * len as usize * 8 * 128 * 2);

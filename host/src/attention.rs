@@ -66,14 +66,17 @@ pub struct DecodeAttentionPlan {
     kernel: KernelName,
 }
 
-/// Blocks of the split kernel that one multiprocessor holds at once (registers allow four).
-const BLOCKS_PER_MULTIPROCESSOR: usize = 4;
+/// Blocks per multiprocessor the planner aims for. The double-buffered kernel keeps two
+/// tiles of loads in flight per warp, so about two blocks per SM already saturate memory;
+/// more, shorter splits only add per-block cost (measured on the H100: b16 x 2K best at
+/// 256 blocks, b1 x 128K at 256 blocks; see benches/attention.rs's split sweep).
+const BLOCKS_PER_MULTIPROCESSOR: usize = 2;
 /// Shortest split: below this the partial-output traffic outweighs the extra parallelism.
 const MIN_SPLIT_LEN: u32 = 128;
 
 impl DecodeAttentionPlan {
     /// Validates the shape and layouts and splits the work so that about
-    /// `multiprocessors * 4` blocks run (flash-decoding: one long sequence fills the GPU).
+    /// `multiprocessors * 2` blocks run (flash-decoding: one long sequence fills the GPU).
     pub fn new(shape: DecodeAttentionShape, layouts: &[SequenceLayout], multiprocessors: u32) -> Result<Self> {
         shape.validate()?;
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);

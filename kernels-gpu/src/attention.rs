@@ -188,9 +188,8 @@ mod kernel {
         let mut running_sum = [0.0f32; G];
         let mut acc = [[0.0f32; 8]; G];
 
-        let mut base = start;
-        while base < end {
-            // Issue every load of the iteration before the first use.
+        // One tile: this lane's 16-byte slice of `unroll` tokens' keys and values.
+        let load_tile = |base: u32| {
             let mut keys = [[0u32; 4]; 4];
             let mut values = [[0u32; 4]; 4];
             let mut valid = [false; 4];
@@ -202,6 +201,17 @@ mod kernel {
                     keys[u] = load_stream_16(k_head.add(row) as *const Vec16);
                     values[u] = load_stream_16(v_head.add(row) as *const Vec16);
                 }
+            }
+            (keys, values, valid)
+        };
+        let tile_tokens = row_tokens * unroll_tokens as u32;
+        let mut next = load_tile(start);
+        let mut base = start;
+        while base < end {
+            // Double-buffered: the next tile's loads are in flight while this one is used.
+            let (keys, values, valid) = next;
+            if base + tile_tokens < end {
+                next = load_tile(base + tile_tokens);
             }
             let mut scores = [[0.0f32; 4]; G];
             for u in 0..unroll_tokens {
@@ -250,7 +260,7 @@ mod kernel {
                     }
                 }
             }
-            base += row_tokens * unroll_tokens as u32;
+            base += tile_tokens;
         }
 
         // Merge the token groups of the warp (lanes that hold the same dimensions).
