@@ -14,7 +14,12 @@ use shadowkv_suite::{random_bf16, shared_gpu};
 
 const BATCHES: [usize; 3] = [1, 4, 16];
 const LENS: [u32; 4] = [2048, 8192, 32_768, 131_072];
-const SHAPE: DecodeAttentionShape = DecodeAttentionShape { batch: 1, q_heads: 32, kv_heads: 8, head_dim: 128 };
+const SHAPE: DecodeAttentionShape = DecodeAttentionShape {
+    batch: 1,
+    q_heads: 32,
+    kv_heads: 8,
+    head_dim: 128,
+};
 /// Each timed run reads a different set of buffers until this many bytes have passed, so
 /// small problems are not served from the 50 MB L2.
 const ROTATION_BYTES: usize = 256 << 20;
@@ -50,7 +55,9 @@ fn copy_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
     let mut target = unsafe { gpu.stream().alloc::<bf16>(bytes / 2)? };
     let mut times = Vec::new();
     for _ in 0..20 {
-        times.push(gpu.time_ms(gpu.stream(), 1, || Ok(gpu.stream().memcpy_dtod(&source, &mut target)?))?);
+        times.push(gpu.time_ms(gpu.stream(), 1, || {
+            Ok(gpu.stream().memcpy_dtod(&source, &mut target)?)
+        })?);
     }
     Ok(2.0 * bytes as f64 / (median(&mut times) as f64 * 1e-3))
 }
@@ -58,7 +65,11 @@ fn copy_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
 /// Device time of one call in steady state: the median over 15 samples of 20 back-to-back
 /// calls each, so the host's enqueue of the next call overlaps the GPU's work on this one
 /// (as in a decode loop) instead of being counted.
-fn steady_ms(gpu: &Gpu, stream: &shadowkv::cudarc::driver::CudaStream, mut work: impl FnMut() -> shadowkv::Result<()>) -> shadowkv::Result<f64> {
+fn steady_ms(
+    gpu: &Gpu,
+    stream: &shadowkv::cudarc::driver::CudaStream,
+    mut work: impl FnMut() -> shadowkv::Result<()>,
+) -> shadowkv::Result<f64> {
     let mut times = Vec::new();
     for _ in 0..15 {
         times.push(gpu.time_ms(stream, 20, &mut work)?);
@@ -73,15 +84,27 @@ fn median(times: &mut [f32]) -> f32 {
 
 /// Plans for `sets` disjoint copies of a `batch x len` problem inside the shared buffers,
 /// split by the planner or at `split_len`.
-fn plans(gpu: &Gpu, batch: usize, len: u32, capacity_elements: usize, split_len: Option<u32>) -> shadowkv::Result<Vec<DecodeAttention>> {
+fn plans(
+    gpu: &Gpu,
+    batch: usize,
+    len: u32,
+    capacity_elements: usize,
+    split_len: Option<u32>,
+) -> shadowkv::Result<Vec<DecodeAttention>> {
     let shape = DecodeAttentionShape { batch, ..SHAPE };
     let per_sequence = SHAPE.kv_heads * len as usize * SHAPE.head_dim;
     let problem_bytes = 2 * 2 * batch * per_sequence;
-    let sets = ROTATION_BYTES.div_ceil(problem_bytes).clamp(1, capacity_elements / (batch * per_sequence));
+    let sets = ROTATION_BYTES
+        .div_ceil(problem_bytes)
+        .clamp(1, capacity_elements / (batch * per_sequence));
     (0..sets)
         .map(|set| {
             let layouts: Vec<_> = (0..batch)
-                .map(|b| SequenceLayout { offset: ((set * batch + b) * per_sequence) as u64, capacity: len, len })
+                .map(|b| SequenceLayout {
+                    offset: ((set * batch + b) * per_sequence) as u64,
+                    capacity: len,
+                    len,
+                })
                 .collect();
             let plan = match split_len {
                 Some(split_len) => DecodeAttentionPlan::with_split_len(shape, &layouts, split_len)?,
@@ -108,15 +131,31 @@ fn main() {
 
 fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     let copy = copy_bandwidth(gpu)?;
-    println!("device: {} ({} SMs); device-to-device copy: {:.0} GB/s (read + write)", gpu.info().name, gpu.info().multiprocessors, copy / 1e9);
+    println!(
+        "device: {} ({} SMs); device-to-device copy: {:.0} GB/s (read + write)",
+        gpu.info().name,
+        gpu.info().multiprocessors,
+        copy / 1e9
+    );
 
-    let capacity = BATCHES.iter().max().unwrap() * *LENS.iter().max().unwrap() as usize * SHAPE.kv_heads * SHAPE.head_dim;
+    let capacity = BATCHES.iter().max().unwrap()
+        * *LENS.iter().max().unwrap() as usize
+        * SHAPE.kv_heads
+        * SHAPE.head_dim;
     let capacity = capacity.max(ROTATION_BYTES / 2);
     let mut setup = Setup {
         k: filled(gpu, capacity, 2)?,
         v: filled(gpu, capacity, 3)?,
-        q: filled(gpu, BATCHES.iter().max().unwrap() * SHAPE.q_heads * SHAPE.head_dim, 4)?,
-        out: filled(gpu, BATCHES.iter().max().unwrap() * SHAPE.q_heads * SHAPE.head_dim, 5)?,
+        q: filled(
+            gpu,
+            BATCHES.iter().max().unwrap() * SHAPE.q_heads * SHAPE.head_dim,
+            4,
+        )?,
+        out: filled(
+            gpu,
+            BATCHES.iter().max().unwrap() * SHAPE.q_heads * SHAPE.head_dim,
+            5,
+        )?,
     };
     let stream = gpu.stream().clone();
     let mut criterion = Criterion::default()
@@ -139,15 +178,26 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             };
             let mut group = criterion.benchmark_group("decode_attention");
             group.throughput(Throughput::Bytes(bytes as u64));
-            group.bench_function(BenchmarkId::new(format!("b{batch}"), format!("len{len}")), |bencher| {
-                bencher.iter_custom(|iterations| {
-                    let ms = gpu.time_ms(&stream, iterations as u32, || step(gpu)).expect("timed run");
-                    Duration::from_secs_f64(ms as f64 * 1e-3 * iterations as f64)
-                })
-            });
+            group.bench_function(
+                BenchmarkId::new(format!("b{batch}"), format!("len{len}")),
+                |bencher| {
+                    bencher.iter_custom(|iterations| {
+                        let ms = gpu
+                            .time_ms(&stream, iterations as u32, || step(gpu))
+                            .expect("timed run");
+                        Duration::from_secs_f64(ms as f64 * 1e-3 * iterations as f64)
+                    })
+                },
+            );
             group.finish();
             let ms = steady_ms(gpu, &stream, || step(gpu))?;
-            rows.push((batch, len, ms, bytes as f64 / (ms * 1e-3), attention[0].plan().max_splits()));
+            rows.push((
+                batch,
+                len,
+                ms,
+                bytes as f64 / (ms * 1e-3),
+                attention[0].plan().max_splits(),
+            ));
         }
     }
     // How the split length moves the two target points (informs the planner).
@@ -166,20 +216,45 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                 next = (next + 1) % attention.len();
                 attention[next].run(gpu, &stream, &q, &setup.k, &setup.v, &mut out)
             })?;
-            sweep.push((batch, len, split_len, ms, attention[0].plan().kv_bytes_read() as f64 / (ms * 1e-3)));
+            sweep.push((
+                batch,
+                len,
+                split_len,
+                ms,
+                attention[0].plan().kv_bytes_read() as f64 / (ms * 1e-3),
+            ));
         }
     }
     println!("\nsplit-length sweep");
-    println!("{:>5} {:>8} {:>9} {:>10} {:>9} {:>8}", "batch", "tokens", "split_len", "time us", "GB/s", "of copy");
+    println!(
+        "{:>5} {:>8} {:>9} {:>10} {:>9} {:>8}",
+        "batch", "tokens", "split_len", "time us", "GB/s", "of copy"
+    );
     for (batch, len, split_len, ms, rate) in sweep {
-        println!("{batch:>5} {len:>8} {split_len:>9} {:>10.1} {:>9.0} {:>7.1}%", ms * 1e3, rate / 1e9, 100.0 * rate / copy);
+        println!(
+            "{batch:>5} {len:>8} {split_len:>9} {:>10.1} {:>9.0} {:>7.1}%",
+            ms * 1e3,
+            rate / 1e9,
+            100.0 * rate / copy
+        );
     }
 
     println!("\nsparse GQA decode attention = full attention over the buffer (32/8 heads, d 128), CUDA-event medians of 20 back-to-back steps");
-    println!("copy ceiling {:.0} GB/s; target >= 80% at (b1, 128K) and (b16, 2K)", copy / 1e9);
-    println!("{:>5} {:>8} {:>7} {:>10} {:>9} {:>8}", "batch", "tokens", "splits", "time us", "GB/s", "of copy");
+    println!(
+        "copy ceiling {:.0} GB/s; target >= 80% at (b1, 128K) and (b16, 2K)",
+        copy / 1e9
+    );
+    println!(
+        "{:>5} {:>8} {:>7} {:>10} {:>9} {:>8}",
+        "batch", "tokens", "splits", "time us", "GB/s", "of copy"
+    );
     for (batch, len, ms, rate, splits) in rows {
-        println!("{batch:>5} {len:>8} {splits:>7} {:>10.1} {:>9.0} {:>7.1}%", ms * 1e3, rate / 1e9, 100.0 * rate / copy);
+        println!(
+            "{batch:>5} {len:>8} {splits:>7} {:>10.1} {:>9.0} {:>7.1}%",
+            ms * 1e3,
+            rate / 1e9,
+            100.0 * rate / copy
+        );
     }
     Ok(())
 }

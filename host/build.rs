@@ -2,12 +2,23 @@
 use std::path::PathBuf;
 
 fn main() {
-    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernel_crate = manifest_dir.join("../kernels-gpu");
-    println!("cargo:rerun-if-changed={}", kernel_crate.join("src").display());
-    println!("cargo:rerun-if-changed={}", kernel_crate.join("Cargo.toml").display());
-    println!("cargo:rerun-if-changed={}", manifest_dir.join("../codegen/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        kernel_crate.join("src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        kernel_crate.join("Cargo.toml").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../codegen/src").display()
+    );
     println!("cargo:rerun-if-env-changed=PTXAS");
     println!("cargo:rerun-if-env-changed=PATH");
 
@@ -21,8 +32,12 @@ fn main() {
         kernel_crate,
         target_dir,
         out_dir,
-        cargo: std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| "cargo".into()),
-        rustc: std::env::var_os("RUSTC").map(PathBuf::from).unwrap_or_else(|| "rustc".into()),
+        cargo: std::env::var_os("CARGO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "cargo".into()),
+        rustc: std::env::var_os("RUSTC")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "rustc".into()),
         ptxas: shadowkv_codegen::find_ptxas(),
     };
     match shadowkv_codegen::build(&config) {

@@ -13,7 +13,9 @@ pub const POISON: bf16 = bf16::from_bits(0x7fc1);
 
 /// `n` values uniform in `[-scale, scale)`, rounded to bf16.
 pub fn random_bf16(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<bf16> {
-    (0..n).map(|_| bf16::from_f32(rng.gen_range(-scale..scale))).collect()
+    (0..n)
+        .map(|_| bf16::from_f32(rng.gen_range(-scale..scale)))
+        .collect()
 }
 
 /// A device buffer of `n` poisoned values.
@@ -43,7 +45,11 @@ pub fn run_gpu_tests(tests: &[(&'static str, GpuTest)]) -> ! {
     let arguments = libtest_mimic::Arguments::from_args();
     let gpu = shared_gpu();
     match &gpu {
-        Ok(gpu) => eprintln!("GPU tests on {} ({} multiprocessors)", gpu.info().name, gpu.info().multiprocessors),
+        Ok(gpu) => eprintln!(
+            "GPU tests on {} ({} multiprocessors)",
+            gpu.info().name,
+            gpu.info().multiprocessors
+        ),
         Err(reason) => eprintln!("GPU tests SKIPPED (reported as ignored): {reason}"),
     }
     let trials = tests

@@ -4,9 +4,11 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::reference::{self, relative_error};
-use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout};
 use shadowkv::attention::kernel_layout::tokens_per_iteration;
+use shadowkv::reference::{self, relative_error};
+use shadowkv::{
+    DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout,
+};
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64, POISON};
 
 /// bf16 inputs and output: the kernel must land well inside this.
@@ -14,10 +16,22 @@ const TOLERANCE: f64 = 1e-2;
 
 fn main() {
     run_gpu_tests(&[
-        ("attention_matches_reference_on_random_ragged_batches", random_ragged_batches),
-        ("attention_matches_reference_at_llama3_8b_long_context", llama3_long_context),
-        ("attention_never_reads_past_a_sequence", never_reads_past_len),
-        ("attention_rejects_mismatched_buffers", rejects_mismatched_buffers),
+        (
+            "attention_matches_reference_on_random_ragged_batches",
+            random_ragged_batches,
+        ),
+        (
+            "attention_matches_reference_at_llama3_8b_long_context",
+            llama3_long_context,
+        ),
+        (
+            "attention_never_reads_past_a_sequence",
+            never_reads_past_len,
+        ),
+        (
+            "attention_rejects_mismatched_buffers",
+            rejects_mismatched_buffers,
+        ),
     ])
 }
 
@@ -35,10 +49,20 @@ struct Case {
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     let len = prop_oneof![3 => 1u32..64, 3 => 64u32..2048, 2 => 2048u32..=20_000];
-    (1usize..=8, 1usize..=4, prop::sample::select(vec![1usize, 2, 3, 4, 5, 6, 7, 8]), prop::sample::select(vec![64usize, 128]))
+    (
+        1usize..=8,
+        1usize..=4,
+        prop::sample::select(vec![1usize, 2, 3, 4, 5, 6, 7, 8]),
+        prop::sample::select(vec![64usize, 128]),
+    )
         .prop_flat_map(move |(batch, kv_heads, group, head_dim)| {
             (
-                Just(DecodeAttentionShape { batch, q_heads: kv_heads * group, kv_heads, head_dim }),
+                Just(DecodeAttentionShape {
+                    batch,
+                    q_heads: kv_heads * group,
+                    kv_heads,
+                    head_dim,
+                }),
                 prop::collection::vec(len.clone(), batch),
                 prop::collection::vec(0u32..17, batch),
                 prop::option::of(1u32..6),
@@ -46,25 +70,35 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 any::<u64>(),
             )
         })
-        .prop_map(|(shape, lens, spare, split_multiple, query_scale, seed)| Case {
-            shape,
-            lens,
-            spare,
-            split_multiple,
-            query_scale,
-            seed,
-        })
+        .prop_map(
+            |(shape, lens, spare, split_multiple, query_scale, seed)| Case {
+                shape,
+                lens,
+                spare,
+                split_multiple,
+                query_scale,
+                seed,
+            },
+        )
 }
 
 /// Sequences packed one after another, each `[kv_heads, len + spare, head_dim]`, offsets
 /// rounded to 16-byte rows.
-fn packed_layouts(shape: &DecodeAttentionShape, lens: &[u32], spare: &[u32]) -> (Vec<SequenceLayout>, usize) {
+fn packed_layouts(
+    shape: &DecodeAttentionShape,
+    lens: &[u32],
+    spare: &[u32],
+) -> (Vec<SequenceLayout>, usize) {
     let mut offset = 0u64;
     let layouts = lens
         .iter()
         .zip(spare)
         .map(|(&len, &extra)| {
-            let layout = SequenceLayout { offset, capacity: len + extra, len };
+            let layout = SequenceLayout {
+                offset,
+                capacity: len + extra,
+                len,
+            };
             offset += (shape.kv_heads * (len + extra) as usize * shape.head_dim) as u64;
             offset = offset.next_multiple_of(8) + 8;
             layout
@@ -103,15 +137,28 @@ fn run_case(gpu: &Gpu, case: &Case) -> Result<f64, String> {
     let expected = reference::attention::decode_attention(&shape, &layouts, &q, &k, &v, scale);
     let actual = run_gpu(gpu, plan, &q, &k, &v).map_err(|e| e.to_string())?;
     if let Some(index) = actual.iter().position(|x| !x.is_finite()) {
-        return Err(format!("output element {index} is {} (unwritten or read poison)", actual[index]));
+        return Err(format!(
+            "output element {index} is {} (unwritten or read poison)",
+            actual[index]
+        ));
     }
     Ok(relative_error(&actual, &expected))
 }
 
-fn run_gpu(gpu: &Gpu, plan: DecodeAttentionPlan, q: &[bf16], k: &[bf16], v: &[bf16]) -> shadowkv::Result<Vec<f64>> {
+fn run_gpu(
+    gpu: &Gpu,
+    plan: DecodeAttentionPlan,
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+) -> shadowkv::Result<Vec<f64>> {
     let stream = gpu.stream();
     let elements = plan.shape().q_elements();
-    let (q, k, v) = (stream.clone_htod(q)?, stream.clone_htod(k)?, stream.clone_htod(v)?);
+    let (q, k, v) = (
+        stream.clone_htod(q)?,
+        stream.clone_htod(k)?,
+        stream.clone_htod(v)?,
+    );
     let mut out = poisoned(gpu, elements)?;
     let mut attention = DecodeAttention::new(gpu, plan)?;
     attention.run(gpu, stream, &q, &k, &v, &mut out)?;
@@ -119,8 +166,15 @@ fn run_gpu(gpu: &Gpu, plan: DecodeAttentionPlan, q: &[bf16], k: &[bf16], v: &[bf
 }
 
 fn random_ragged_batches(gpu: &Gpu) -> Result<(), String> {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(40);
-    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(40);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
     let worst = std::cell::Cell::new(0.0f64);
     runner
         .run(&case_strategy(), |case| {
@@ -130,7 +184,10 @@ fn random_ragged_batches(gpu: &Gpu) -> Result<(), String> {
             Ok(())
         })
         .map_err(|failure| failure.to_string())?;
-    eprintln!("{cases} random ragged batches: worst relative error {:.3e}", worst.get());
+    eprintln!(
+        "{cases} random ragged batches: worst relative error {:.3e}",
+        worst.get()
+    );
     Ok(())
 }
 
@@ -138,7 +195,12 @@ fn llama3_long_context(gpu: &Gpu) -> Result<(), String> {
     // Llama-3-8B: 32 query heads over 8 KV heads, d = 128, one sequence of 122K tokens and a
     // second, shorter one that ends mid-tile.
     let case = Case {
-        shape: DecodeAttentionShape { batch: 2, q_heads: 32, kv_heads: 8, head_dim: 128 },
+        shape: DecodeAttentionShape {
+            batch: 2,
+            q_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+        },
         lens: vec![122_880, 3_001],
         spare: vec![8, 5],
         split_multiple: None,
@@ -159,7 +221,12 @@ fn never_reads_past_len(gpu: &Gpu) -> Result<(), String> {
     for len in [1u32, 31, 33, 127, 129, 255, 257, 1023, 1025] {
         for split_multiple in [None, Some(1)] {
             let case = Case {
-                shape: DecodeAttentionShape { batch: 3, q_heads: 8, kv_heads: 2, head_dim: 128 },
+                shape: DecodeAttentionShape {
+                    batch: 3,
+                    q_heads: 8,
+                    kv_heads: 2,
+                    head_dim: 128,
+                },
                 lens: vec![len, len + 1, len.saturating_sub(1).max(1)],
                 spare: vec![16, 9, 1],
                 split_multiple,
@@ -176,22 +243,42 @@ fn never_reads_past_len(gpu: &Gpu) -> Result<(), String> {
 }
 
 fn rejects_mismatched_buffers(gpu: &Gpu) -> Result<(), String> {
-    let shape = DecodeAttentionShape { batch: 2, q_heads: 8, kv_heads: 2, head_dim: 64 };
+    let shape = DecodeAttentionShape {
+        batch: 2,
+        q_heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+    };
     let (layouts, kv_elements) = packed_layouts(&shape, &[100, 50], &[0, 0]);
-    let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors).map_err(|e| e.to_string())?;
+    let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)
+        .map_err(|e| e.to_string())?;
     let mut attention = DecodeAttention::new(gpu, plan).map_err(|e| e.to_string())?;
     let stream = gpu.stream();
     let buffer = |n: usize| poisoned(gpu, n).map_err(|e| e.to_string());
-    let (q, k, v, mut out) = (buffer(shape.q_elements())?, buffer(kv_elements)?, buffer(kv_elements)?, buffer(shape.q_elements())?);
+    let (q, k, v, mut out) = (
+        buffer(shape.q_elements())?,
+        buffer(kv_elements)?,
+        buffer(kv_elements)?,
+        buffer(shape.q_elements())?,
+    );
     let (short_q, short_k) = (buffer(shape.q_elements() - 1)?, buffer(kv_elements - 9)?);
     let mut short_out = buffer(shape.q_elements() + 1)?;
     let expect_invalid = |result: shadowkv::Result<()>, argument: &str| match result {
-        Err(Error::InvalidArgument { argument: named, .. }) if named == argument => Ok(()),
-        other => Err(format!("expected an error naming `{argument}`, got {other:?}")),
+        Err(Error::InvalidArgument {
+            argument: named, ..
+        }) if named == argument => Ok(()),
+        other => Err(format!(
+            "expected an error naming `{argument}`, got {other:?}"
+        )),
     };
     expect_invalid(attention.run(gpu, stream, &short_q, &k, &v, &mut out), "q")?;
     expect_invalid(attention.run(gpu, stream, &q, &short_k, &v, &mut out), "k")?;
     expect_invalid(attention.run(gpu, stream, &q, &k, &short_k, &mut out), "v")?;
-    expect_invalid(attention.run(gpu, stream, &q, &k, &v, &mut short_out), "out")?;
-    attention.run(gpu, stream, &q, &k, &v, &mut out).map_err(|e| e.to_string())
+    expect_invalid(
+        attention.run(gpu, stream, &q, &k, &v, &mut short_out),
+        "out",
+    )?;
+    attention
+        .run(gpu, stream, &q, &k, &v, &mut out)
+        .map_err(|e| e.to_string())
 }

@@ -7,10 +7,10 @@
 //! ```
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
-use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams};
-pub use shadowkv_kernels::attention::SequenceLayout;
 /// The layout math the kernels use (tokens per iteration, shared memory, split counts).
 pub use shadowkv_kernels::attention as kernel_layout;
+pub use shadowkv_kernels::attention::SequenceLayout;
+use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams};
 
 use crate::error::{check_len, check_range, invalid, Result};
 use crate::gpu::Gpu;
@@ -39,16 +39,24 @@ impl DecodeAttentionShape {
     pub fn validate(&self) -> Result<()> {
         check_range("batch", self.batch, 1..=65_535)?;
         check_range("kv_heads", self.kv_heads, 1..=65_535)?;
-        if self.q_heads == 0 || self.q_heads % self.kv_heads != 0 {
+        if self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
             return Err(invalid(
                 "q_heads",
                 format!("is {} with {} KV heads", self.q_heads, self.kv_heads),
                 "a positive multiple of kv_heads",
             ));
         }
-        check_range("group (q_heads / kv_heads)", self.group(), 1..=layout::MAX_GROUP as usize)?;
+        check_range(
+            "group (q_heads / kv_heads)",
+            self.group(),
+            1..=layout::MAX_GROUP as usize,
+        )?;
         if !layout::HEAD_DIMS.contains(&(self.head_dim as u32)) {
-            return Err(invalid("head_dim", format!("is {}", self.head_dim), format!("one of {:?}", layout::HEAD_DIMS)));
+            return Err(invalid(
+                "head_dim",
+                format!("is {}", self.head_dim),
+                format!("one of {:?}", layout::HEAD_DIMS),
+            ));
         }
         Ok(())
     }
@@ -77,28 +85,53 @@ const MIN_SPLIT_LEN: u32 = 128;
 impl DecodeAttentionPlan {
     /// Validates the shape and layouts and splits the work so that about
     /// `multiprocessors * 2` blocks run (flash-decoding: one long sequence fills the GPU).
-    pub fn new(shape: DecodeAttentionShape, layouts: &[SequenceLayout], multiprocessors: u32) -> Result<Self> {
+    pub fn new(
+        shape: DecodeAttentionShape,
+        layouts: &[SequenceLayout],
+        multiprocessors: u32,
+    ) -> Result<Self> {
         shape.validate()?;
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
         let kv_elements = validate_layouts(&shape, layouts)?;
-        let token_heads: usize = layouts.iter().map(|l| l.len as usize * shape.kv_heads).sum();
+        let token_heads: usize = layouts
+            .iter()
+            .map(|l| l.len as usize * shape.kv_heads)
+            .sum();
         let target_blocks = (multiprocessors.max(1) as usize * BLOCKS_PER_MULTIPROCESSOR).max(1);
         let step = layout::tokens_per_iteration(group, head_dim);
-        let split_len = (token_heads.div_ceil(target_blocks) as u32).max(MIN_SPLIT_LEN).next_multiple_of(step);
-        Self::with_split_len(shape, layouts, split_len).map(|plan| Self { kv_elements, ..plan })
+        let split_len = (token_heads.div_ceil(target_blocks) as u32)
+            .max(MIN_SPLIT_LEN)
+            .next_multiple_of(step);
+        Self::with_split_len(shape, layouts, split_len).map(|plan| Self {
+            kv_elements,
+            ..plan
+        })
     }
 
     /// As [`new`](Self::new) with a chosen split length (a positive multiple of the kernel's
     /// tokens per iteration); tests use it to force many splits.
-    pub fn with_split_len(shape: DecodeAttentionShape, layouts: &[SequenceLayout], split_len: u32) -> Result<Self> {
+    pub fn with_split_len(
+        shape: DecodeAttentionShape,
+        layouts: &[SequenceLayout],
+        split_len: u32,
+    ) -> Result<Self> {
         shape.validate()?;
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
         let kv_elements = validate_layouts(&shape, layouts)?;
         let step = layout::tokens_per_iteration(group, head_dim);
-        let Some(split) = std::num::NonZeroU32::new(split_len).filter(|_| split_len % step == 0) else {
-            return Err(invalid("split_len", format!("is {split_len}"), format!("a positive multiple of {step}")));
+        let Some(split) = std::num::NonZeroU32::new(split_len).filter(|_| split_len.is_multiple_of(step))
+        else {
+            return Err(invalid(
+                "split_len",
+                format!("is {split_len}"),
+                format!("a positive multiple of {step}"),
+            ));
         };
-        let max_splits = layouts.iter().map(|l| layout::num_splits(l.len, split)).max().unwrap_or(1);
+        let max_splits = layouts
+            .iter()
+            .map(|l| layout::num_splits(l.len, split))
+            .max()
+            .unwrap_or(1);
         Ok(DecodeAttentionPlan {
             shape,
             layouts: layouts.to_vec(),
@@ -113,7 +146,11 @@ impl DecodeAttentionPlan {
     /// Replaces the softmax scale (default `1/sqrt(head_dim)`).
     pub fn with_scale(mut self, scale: f32) -> Result<Self> {
         if !scale.is_finite() || scale <= 0.0 {
-            return Err(invalid("scale", format!("is {scale}"), "a finite positive number"));
+            return Err(invalid(
+                "scale",
+                format!("is {scale}"),
+                "a finite positive number",
+            ));
         }
         self.scale = scale;
         Ok(self)
@@ -148,14 +185,21 @@ impl DecodeAttentionPlan {
 /// Checks every layout against the shape; returns the elements the K/V buffers must hold.
 fn validate_layouts(shape: &DecodeAttentionShape, layouts: &[SequenceLayout]) -> Result<usize> {
     if layouts.len() != shape.batch {
-        return Err(invalid("layouts", format!("has {} entries", layouts.len()), format!("one per sequence ({})", shape.batch)));
+        return Err(invalid(
+            "layouts",
+            format!("has {} entries", layouts.len()),
+            format!("one per sequence ({})", shape.batch),
+        ));
     }
     let mut kv_elements = 0usize;
     for (sequence, l) in layouts.iter().enumerate() {
         if l.len == 0 || l.len > l.capacity {
             return Err(invalid(
                 "layouts",
-                format!("sequence {sequence} has len {} and capacity {}", l.len, l.capacity),
+                format!(
+                    "sequence {sequence} has len {} and capacity {}",
+                    l.len, l.capacity
+                ),
                 "1 <= len <= capacity",
             ));
         }
@@ -163,11 +207,21 @@ fn validate_layouts(shape: &DecodeAttentionShape, layouts: &[SequenceLayout]) ->
             return Err(invalid(
                 "layouts",
                 format!("sequence {sequence} starts at element {}", l.offset),
-                format!("an offset that is a multiple of {} (16-byte rows)", layout::VECTOR),
+                format!(
+                    "an offset that is a multiple of {} (16-byte rows)",
+                    layout::VECTOR
+                ),
             ));
         }
-        let end = (l.offset as u128) + (shape.kv_heads as u128) * (l.capacity as u128) * (shape.head_dim as u128);
-        let end = usize::try_from(end).map_err(|_| invalid("layouts", format!("sequence {sequence} ends past the address space"), "a block that fits in memory"))?;
+        let end = (l.offset as u128)
+            + (shape.kv_heads as u128) * (l.capacity as u128) * (shape.head_dim as u128);
+        let end = usize::try_from(end).map_err(|_| {
+            invalid(
+                "layouts",
+                format!("sequence {sequence} ends past the address space"),
+                "a block that fits in memory",
+            )
+        })?;
         kv_elements = kv_elements.max(end);
     }
     Ok(kv_elements)
@@ -185,8 +239,13 @@ pub struct DecodeAttention {
 impl DecodeAttention {
     pub fn new(gpu: &Gpu, plan: DecodeAttentionPlan) -> Result<Self> {
         let stream = gpu.stream();
-        let layouts = stream.clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(&plan.layouts))?;
-        let splits = if plan.max_splits > 1 { plan.max_splits as usize } else { 0 };
+        let layouts =
+            stream.clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(&plan.layouts))?;
+        let splits = if plan.max_splits > 1 {
+            plan.max_splits as usize
+        } else {
+            0
+        };
         let partials = plan.shape.batch * splits * plan.shape.q_heads;
         // SAFETY: the workspace is written by the split kernel before the combine reads it.
         let partial_out = unsafe { stream.alloc::<f32>((partials * plan.shape.head_dim).max(1))? };
@@ -194,7 +253,13 @@ impl DecodeAttention {
         let partial_lse = unsafe { stream.alloc::<f32>(partials.max(1))? };
         // Zeroed once; the merging block of each (sequence, kv_head) resets its counter.
         let counters = stream.alloc_zeros::<u32>(plan.shape.batch * plan.shape.kv_heads)?;
-        Ok(DecodeAttention { plan, layouts, partial_out, partial_lse, counters })
+        Ok(DecodeAttention {
+            plan,
+            layouts,
+            partial_out,
+            partial_lse,
+            counters,
+        })
     }
 
     pub fn plan(&self) -> &DecodeAttentionPlan {
@@ -219,7 +284,11 @@ impl DecodeAttention {
         check_len("out", out.len(), shape.q_elements(), &dims)?;
         for (argument, buffer) in [("k", k.len()), ("v", v.len())] {
             if buffer < plan.kv_elements {
-                return Err(invalid(argument, format!("has {buffer} elements"), format!("at least {} for the plan's layouts", plan.kv_elements)));
+                return Err(invalid(
+                    argument,
+                    format!("has {buffer} elements"),
+                    format!("at least {} for the plan's layouts", plan.kv_elements),
+                ));
             }
         }
         let (q_address, _q_guard) = q.device_ptr(stream);

@@ -21,7 +21,11 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Builds an [`Error::InvalidArgument`].
-pub fn invalid(argument: &'static str, problem: impl fmt::Display, expected: impl fmt::Display) -> Error {
+pub fn invalid(
+    argument: &'static str,
+    problem: impl fmt::Display,
+    expected: impl fmt::Display,
+) -> Error {
     Error::InvalidArgument {
         argument,
         problem: problem.to_string(),
@@ -30,11 +34,20 @@ pub fn invalid(argument: &'static str, problem: impl fmt::Display, expected: imp
 }
 
 /// Checks that a buffer holds exactly `expected` elements.
-pub fn check_len(argument: &'static str, actual: usize, expected: usize, shape: impl fmt::Display) -> Result<()> {
+pub fn check_len(
+    argument: &'static str,
+    actual: usize,
+    expected: usize,
+    shape: impl fmt::Display,
+) -> Result<()> {
     if actual == expected {
         Ok(())
     } else {
-        Err(invalid(argument, format!("has {actual} elements"), format!("{expected} ({shape})")))
+        Err(invalid(
+            argument,
+            format!("has {actual} elements"),
+            format!("{expected} ({shape})"),
+        ))
     }
 }
 

@@ -16,7 +16,9 @@ use crate::kernels::{KernelName, PTX};
 pub fn probe() -> Result<usize> {
     // SAFETY: dlopen of the driver library by name; nothing is called yet.
     if !unsafe { sys::is_culib_present() } {
-        return Err(Error::NoGpu("the CUDA driver library (libcuda.so) was not found".into()));
+        return Err(Error::NoGpu(
+            "the CUDA driver library (libcuda.so) was not found".into(),
+        ));
     }
     cudarc::driver::result::init()?;
     let count = CudaContext::device_count()?;
@@ -65,7 +67,11 @@ impl Gpu {
     pub fn new(ordinal: usize) -> Result<Self> {
         let count = probe()?;
         if ordinal >= count {
-            return Err(crate::error::invalid("ordinal", format!("is {ordinal}"), format!("below the device count {count}")));
+            return Err(crate::error::invalid(
+                "ordinal",
+                format!("is {ordinal}"),
+                format!("below the device count {count}"),
+            ));
         }
         let context = CudaContext::new(ordinal)?;
         // A stream of our own, not the legacy NULL stream that would serialise with every other.
@@ -75,13 +81,21 @@ impl Gpu {
         let info = DeviceInfo {
             name: context.name()?,
             compute_capability: context.compute_capability()?,
-            multiprocessors: attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            multiprocessors: attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )?,
             total_memory: context.total_mem()?,
             max_shared_per_block: attribute(
                 sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )?,
         };
-        Ok(Gpu { context, stream, module, functions: Mutex::new(HashMap::new()), info })
+        Ok(Gpu {
+            context,
+            stream,
+            module,
+            functions: Mutex::new(HashMap::new()),
+            info,
+        })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -100,7 +114,11 @@ impl Gpu {
 
     /// An event that records time (for benchmarks) or only ordering.
     pub fn new_event(&self, timing: bool) -> Result<CudaEvent> {
-        let flags = if timing { sys::CUevent_flags::CU_EVENT_DEFAULT } else { sys::CUevent_flags::CU_EVENT_DISABLE_TIMING };
+        let flags = if timing {
+            sys::CUevent_flags::CU_EVENT_DEFAULT
+        } else {
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
+        };
         Ok(self.context.new_event(Some(flags))?)
     }
 
@@ -110,7 +128,10 @@ impl Gpu {
 
     /// The loaded function of a kernel, cached.
     pub fn function(&self, kernel: KernelName) -> Result<CudaFunction> {
-        let mut functions = self.functions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut functions = self
+            .functions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(function) = functions.get(&kernel) {
             return Ok(function.clone());
         }
@@ -120,7 +141,12 @@ impl Gpu {
     }
 
     /// Times `work` on `stream` with CUDA events: milliseconds per call over `iterations`.
-    pub fn time_ms(&self, stream: &CudaStream, iterations: u32, mut work: impl FnMut() -> Result<()>) -> Result<f32> {
+    pub fn time_ms(
+        &self,
+        stream: &CudaStream,
+        iterations: u32,
+        mut work: impl FnMut() -> Result<()>,
+    ) -> Result<f32> {
         let start = self.new_event(true)?;
         let end = self.new_event(true)?;
         start.record(stream)?;

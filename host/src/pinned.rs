@@ -22,8 +22,12 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> PinnedBuffer<T> {
         unsafe { std::ptr::write_bytes(host, 0, len) };
         let mut device_address: sys::CUdeviceptr = 0;
         // SAFETY: FFI; `host` is a live mapped allocation of this context.
-        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device_address, host.cast(), 0) }.result()?;
-        Ok(PinnedBuffer { slice, device_address })
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device_address, host.cast(), 0) }
+            .result()?;
+        Ok(PinnedBuffer {
+            slice,
+            device_address,
+        })
     }
 
     pub fn len(&self) -> usize {

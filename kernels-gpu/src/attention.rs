@@ -128,8 +128,10 @@ pub fn kernel_name(group: u32, head_dim: u32) -> String {
     format!("decode_attention_g{group}_d{head_dim}")
 }
 
-
+// Register arrays are indexed by loop counters that unroll to constants; the index form keeps
+// the per-lane math readable and is what the verified PTX was built from.
 #[cfg(target_arch = "nvptx64")]
+#[allow(clippy::needless_range_loop)]
 mod kernel {
     use super::*;
     use crate::device::*;
@@ -163,7 +165,9 @@ mod kernel {
             *raw = load_16(row.add((lane_in_token * VECTOR) as usize) as *const Vec16);
         }
         let layout = *(p.layouts as *const SequenceLayout).add(sequence as usize);
-        let Some(split_len) = NonZeroU32::new(p.split_len) else { return };
+        let Some(split_len) = NonZeroU32::new(p.split_len) else {
+            return;
+        };
         let splits = num_splits(layout.len, split_len);
         if split >= splits {
             return;
@@ -176,8 +180,11 @@ mod kernel {
             }
         }
         let start = split * p.split_len;
-        let end = if start + p.split_len < layout.len { start + p.split_len } else { layout.len };
-
+        let end = if start + p.split_len < layout.len {
+            start + p.split_len
+        } else {
+            layout.len
+        };
 
         let head_base = layout.offset as usize + kv_head as usize * layout.capacity as usize * D;
         let lane_column = (lane_in_token * VECTOR) as usize;
@@ -318,7 +325,8 @@ mod kernel {
             let q_head = kv_head * G as u32 + g as u32;
             let normalised = value * reciprocal(sum);
             if splits == 1 {
-                let out = (p.out as *mut u16).add((sequence * q_heads + q_head) as usize * D + column);
+                let out =
+                    (p.out as *mut u16).add((sequence * q_heads + q_head) as usize * D + column);
                 *out = f32_to_bf16(normalised);
             } else {
                 let at = partial_index(sequence, split, q_head, p.max_splits, q_heads);
@@ -359,7 +367,16 @@ mod kernel {
             let lse = p.partial_lse as *const f32;
             let mut max_lse = NO_SCORE;
             for split in 0..splits {
-                max_lse = max_f32(max_lse, load_l2_f32(lse.add(partial_index(sequence, split, q_head, p.max_splits, q_heads))));
+                max_lse = max_f32(
+                    max_lse,
+                    load_l2_f32(lse.add(partial_index(
+                        sequence,
+                        split,
+                        q_head,
+                        p.max_splits,
+                        q_heads,
+                    ))),
+                );
             }
             let mut sum = 0.0f32;
             let mut value = 0.0f32;
@@ -395,5 +412,4 @@ mod kernel {
         decode_attention_g5_d128 = <5, 128>, decode_attention_g6_d128 = <6, 128>,
         decode_attention_g7_d128 = <7, 128>, decode_attention_g8_d128 = <8, 128>,
     }
-
 }

@@ -340,7 +340,10 @@ pub fn mma_bf16_m16n8k16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
 /// an f32, so this is two integer ops and no instruction of its own.
 #[inline(always)]
 pub fn bf16x2_to_f32(word: u32) -> [f32; 2] {
-    [f32::from_bits(word << 16), f32::from_bits(word & 0xffff_0000)]
+    [
+        f32::from_bits(word << 16),
+        f32::from_bits(word & 0xffff_0000),
+    ]
 }
 
 /// Eight bf16 values in a 16-byte vector as f32.

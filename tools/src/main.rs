@@ -8,7 +8,11 @@ use shadowkv::reference::{self, relative_error};
 use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, SequenceLayout};
 
 #[derive(Parser)]
-#[command(name = "shadowkv", version, about = "ShadowKV long-context decode kernels: demos and tools")]
+#[command(
+    name = "shadowkv",
+    version,
+    about = "ShadowKV long-context decode kernels: demos and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,9 +48,23 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { tokens, batch, q_heads, kv_heads, head_dim, seed } => {
-            demo(DecodeAttentionShape { batch, q_heads, kv_heads, head_dim }, tokens, seed)
-        }
+        Command::Demo {
+            tokens,
+            batch,
+            q_heads,
+            kv_heads,
+            head_dim,
+            seed,
+        } => demo(
+            DecodeAttentionShape {
+                batch,
+                q_heads,
+                kv_heads,
+                head_dim,
+            },
+            tokens,
+            seed,
+        ),
     };
     if let Err(error) = result {
         eprintln!("error: {error}");
@@ -61,22 +79,37 @@ fn demo(shape: DecodeAttentionShape, tokens: u32, seed: u64) -> shadowkv::Result
     let layouts: Vec<SequenceLayout> = (0..shape.batch)
         .map(|b| {
             let len = (tokens >> b).max(1) - (b as u32 % 3);
-            let layout = SequenceLayout { offset, capacity: len, len: len.max(1) };
+            let layout = SequenceLayout {
+                offset,
+                capacity: len,
+                len: len.max(1),
+            };
             offset += (shape.kv_heads * len as usize * shape.head_dim).next_multiple_of(8) as u64;
             layout
         })
         .collect();
-    let random = |rng: &mut StdRng, n: usize| -> Vec<bf16> { (0..n).map(|_| bf16::from_f32(rng.gen_range(-1.0..1.0))).collect() };
+    let random = |rng: &mut StdRng, n: usize| -> Vec<bf16> {
+        (0..n)
+            .map(|_| bf16::from_f32(rng.gen_range(-1.0..1.0)))
+            .collect()
+    };
     let q = random(&mut rng, shape.q_elements());
     let k = random(&mut rng, offset as usize);
     let v = random(&mut rng, offset as usize);
     let lens: Vec<u32> = layouts.iter().map(|l| l.len).collect();
-    println!("decode attention: batch {} (tokens {lens:?}), {} query heads over {} KV heads, d {}", shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim);
+    println!(
+        "decode attention: batch {} (tokens {lens:?}), {} query heads over {} KV heads, d {}",
+        shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim
+    );
 
     let plan = DecodeAttentionPlan::new(shape, &layouts, 132)?;
     let started = Instant::now();
-    let expected = reference::attention::decode_attention(&shape, &layouts, &q, &k, &v, plan.scale() as f64);
-    println!("CPU reference (f64): {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    let expected =
+        reference::attention::decode_attention(&shape, &layouts, &q, &k, &v, plan.scale() as f64);
+    println!(
+        "CPU reference (f64): {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
 
     let gpu = match Gpu::new(0) {
         Ok(gpu) => gpu,
@@ -88,12 +121,22 @@ fn demo(shape: DecodeAttentionShape, tokens: u32, seed: u64) -> shadowkv::Result
     };
     let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)?;
     let stream = gpu.stream();
-    let (dq, dk, dv) = (stream.clone_htod(&q)?, stream.clone_htod(&k)?, stream.clone_htod(&v)?);
+    let (dq, dk, dv) = (
+        stream.clone_htod(&q)?,
+        stream.clone_htod(&k)?,
+        stream.clone_htod(&v)?,
+    );
     let mut out = stream.clone_htod(&vec![bf16::NAN; shape.q_elements()])?;
     let mut attention = DecodeAttention::new(&gpu, plan)?;
     attention.run(&gpu, stream, &dq, &dk, &dv, &mut out)?;
-    let ms = gpu.time_ms(stream, 20, || attention.run(&gpu, stream, &dq, &dk, &dv, &mut out))?;
-    let actual: Vec<f64> = stream.clone_dtoh(&out)?.iter().map(|x| x.to_f64()).collect();
+    let ms = gpu.time_ms(stream, 20, || {
+        attention.run(&gpu, stream, &dq, &dk, &dv, &mut out)
+    })?;
+    let actual: Vec<f64> = stream
+        .clone_dtoh(&out)?
+        .iter()
+        .map(|x| x.to_f64())
+        .collect();
     let bytes = attention.plan().kv_bytes_read() as f64;
     println!(
         "GPU {}: {:.1} us per step ({} splits of {} tokens), {:.0} GB/s; relative error vs reference {:.2e}",

@@ -25,7 +25,11 @@ pub fn decode_attention(
             scores.clear();
             for t in 0..l.len as usize {
                 let key = &k[base + t * d..][..d];
-                let dot: f64 = query.iter().zip(key).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                let dot: f64 = query
+                    .iter()
+                    .zip(key)
+                    .map(|(a, b)| a.to_f64() * b.to_f64())
+                    .sum();
                 scores.push(dot * scale);
             }
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
