@@ -119,7 +119,8 @@ impl DecodeAttentionPlan {
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
         let kv_elements = validate_layouts(&shape, layouts)?;
         let step = layout::tokens_per_iteration(group, head_dim);
-        let Some(split) = std::num::NonZeroU32::new(split_len).filter(|_| split_len.is_multiple_of(step))
+        let Some(split) =
+            std::num::NonZeroU32::new(split_len).filter(|_| split_len.is_multiple_of(step))
         else {
             return Err(invalid(
                 "split_len",
