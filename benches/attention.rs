@@ -77,6 +77,25 @@ fn steady_ms(
     Ok(median(&mut times) as f64)
 }
 
+/// Rows of (batch, tokens, split length or splits, ms, bytes/s) next to the copy ceiling.
+fn print_table(title: &str, third: &str, rows: &[(usize, u32, u32, f64, f64)], copy: f64) {
+    if !title.is_empty() {
+        println!("\n{title}");
+    }
+    println!(
+        "{:>5} {:>8} {third:>9} {:>10} {:>9} {:>8}",
+        "batch", "tokens", "time us", "GB/s", "of copy"
+    );
+    for &(batch, len, third, ms, rate) in rows {
+        println!(
+            "{batch:>5} {len:>8} {third:>9} {:>10.1} {:>9.0} {:>7.1}%",
+            ms * 1e3,
+            rate / 1e9,
+            100.0 * rate / copy
+        );
+    }
+}
+
 fn median(times: &mut [f32]) -> f32 {
     times.sort_by(f32::total_cmp);
     times[times.len() / 2]
@@ -194,9 +213,9 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             rows.push((
                 batch,
                 len,
+                attention[0].plan().max_splits(),
                 ms,
                 bytes as f64 / (ms * 1e-3),
-                attention[0].plan().max_splits(),
             ));
         }
     }
@@ -225,36 +244,12 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             ));
         }
     }
-    println!("\nsplit-length sweep");
+    print_table("split-length sweep", "split_len", &sweep, copy);
+    println!("\nsparse GQA decode attention = full attention over the buffer (32/8 heads, d 128)");
     println!(
-        "{:>5} {:>8} {:>9} {:>10} {:>9} {:>8}",
-        "batch", "tokens", "split_len", "time us", "GB/s", "of copy"
-    );
-    for (batch, len, split_len, ms, rate) in sweep {
-        println!(
-            "{batch:>5} {len:>8} {split_len:>9} {:>10.1} {:>9.0} {:>7.1}%",
-            ms * 1e3,
-            rate / 1e9,
-            100.0 * rate / copy
-        );
-    }
-
-    println!("\nsparse GQA decode attention = full attention over the buffer (32/8 heads, d 128), CUDA-event medians of 20 back-to-back steps");
-    println!(
-        "copy ceiling {:.0} GB/s; target >= 80% at (b1, 128K) and (b16, 2K)",
+        "CUDA-event medians of 20 back-to-back steps; copy ceiling {:.0} GB/s; target >= 80% at (b1, 128K) and (b16, 2K)",
         copy / 1e9
     );
-    println!(
-        "{:>5} {:>8} {:>7} {:>10} {:>9} {:>8}",
-        "batch", "tokens", "splits", "time us", "GB/s", "of copy"
-    );
-    for (batch, len, ms, rate, splits) in rows {
-        println!(
-            "{batch:>5} {len:>8} {splits:>7} {:>10.1} {:>9.0} {:>7.1}%",
-            ms * 1e3,
-            rate / 1e9,
-            100.0 * rate / copy
-        );
-    }
+    print_table("", "splits", &rows, copy);
     Ok(())
 }

@@ -90,9 +90,9 @@ impl DecodeAttentionPlan {
         layouts: &[SequenceLayout],
         multiprocessors: u32,
     ) -> Result<Self> {
+        // The shape first: the split step below depends on a valid group and head_dim.
         shape.validate()?;
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
-        let kv_elements = validate_layouts(&shape, layouts)?;
         let token_heads: usize = layouts
             .iter()
             .map(|l| l.len as usize * shape.kv_heads)
@@ -102,10 +102,7 @@ impl DecodeAttentionPlan {
         let split_len = (token_heads.div_ceil(target_blocks) as u32)
             .max(MIN_SPLIT_LEN)
             .next_multiple_of(step);
-        Self::with_split_len(shape, layouts, split_len).map(|plan| Self {
-            kv_elements,
-            ..plan
-        })
+        Self::with_split_len(shape, layouts, split_len)
     }
 
     /// As [`new`](Self::new) with a chosen split length (a positive multiple of the kernel's
