@@ -78,7 +78,12 @@ fn demo(shape: DecodeAttentionShape, tokens: u32, seed: u64) -> shadowkv::Result
     let mut offset = 0u64;
     let layouts: Vec<SequenceLayout> = (0..shape.batch)
         .map(|b| {
-            let len = (tokens >> b).max(1) - (b as u32 % 3);
+            // Halve per sequence, a little off the tile sizes; never below one token.
+            let len = tokens
+                .checked_shr(b as u32)
+                .unwrap_or(0)
+                .saturating_sub(b as u32 % 3)
+                .max(1);
             let layout = SequenceLayout {
                 offset,
                 capacity: len,
