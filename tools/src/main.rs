@@ -87,7 +87,7 @@ fn demo(shape: DecodeAttentionShape, tokens: u32, seed: u64) -> shadowkv::Result
             let layout = SequenceLayout {
                 offset,
                 capacity: len,
-                len: len.max(1),
+                len,
             };
             offset += (shape.kv_heads * len as usize * shape.head_dim).next_multiple_of(8) as u64;
             layout
@@ -107,7 +107,10 @@ fn demo(shape: DecodeAttentionShape, tokens: u32, seed: u64) -> shadowkv::Result
         shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim
     );
 
-    let plan = DecodeAttentionPlan::new(shape, &layouts, 132)?;
+    // One plan, sized for the GPU when there is one (the CPU path only needs its scale).
+    let gpu = Gpu::new(0);
+    let multiprocessors = gpu.as_ref().map_or(1, |gpu| gpu.info().multiprocessors);
+    let plan = DecodeAttentionPlan::new(shape, &layouts, multiprocessors)?;
     let started = Instant::now();
     let expected =
         reference::attention::decode_attention(&shape, &layouts, &q, &k, &v, plan.scale() as f64);
@@ -116,7 +119,7 @@ fn demo(shape: DecodeAttentionShape, tokens: u32, seed: u64) -> shadowkv::Result
         started.elapsed().as_secs_f64() * 1e3
     );
 
-    let gpu = match Gpu::new(0) {
+    let gpu = match gpu {
         Ok(gpu) => gpu,
         Err(reason) => {
             println!("no GPU ({reason}): ran the CPU reference path only");
@@ -124,7 +127,6 @@ fn demo(shape: DecodeAttentionShape, tokens: u32, seed: u64) -> shadowkv::Result
             return Ok(());
         }
     };
-    let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)?;
     let stream = gpu.stream();
     let (dq, dk, dv) = (
         stream.clone_htod(&q)?,
