@@ -5,6 +5,8 @@
 //! let mut attention = DecodeAttention::new(&gpu, plan)?;   // uploads layouts, workspace
 //! attention.run(&gpu, gpu.stream(), &q, &k, &v, &mut out)?;
 //! ```
+use std::sync::Arc;
+
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 /// The layout math the kernels use (tokens per iteration, shared memory, split counts).
@@ -228,6 +230,8 @@ fn validate_layouts(shape: &DecodeAttentionShape, layouts: &[SequenceLayout]) ->
 /// A plan bound to a GPU: the device copy of its layouts and the split workspace.
 pub struct DecodeAttention {
     plan: DecodeAttentionPlan,
+    /// Splits per sequence the workspace holds (the first plan's `max_splits`).
+    workspace_splits: u32,
     layouts: CudaSlice<u64>,
     partial_out: CudaSlice<f32>,
     partial_lse: CudaSlice<f32>,
@@ -252,6 +256,7 @@ impl DecodeAttention {
         // Zeroed once; the merging block of each (sequence, kv_head) resets its counter.
         let counters = stream.alloc_zeros::<u32>(plan.shape.batch * plan.shape.kv_heads)?;
         Ok(DecodeAttention {
+            workspace_splits: plan.max_splits,
             plan,
             layouts,
             partial_out,
@@ -262,6 +267,31 @@ impl DecodeAttention {
 
     pub fn plan(&self) -> &DecodeAttentionPlan {
         &self.plan
+    }
+
+    /// Replaces the layouts (same batch size; lengths grow as tokens are generated), keeping
+    /// the split length and scale. Uploads them on `stream` only if they changed. Plan the
+    /// first call with the largest lengths (each layout's capacity, say) so the split
+    /// workspace holds every later split count.
+    pub fn update_layouts(&mut self, stream: &Arc<CudaStream>, layouts: &[SequenceLayout]) -> Result<()> {
+        if layouts == self.plan.layouts.as_slice() {
+            return Ok(());
+        }
+        let plan = DecodeAttentionPlan::with_split_len(self.plan.shape, layouts, self.plan.split_len)?
+            .with_scale(self.plan.scale)?;
+        if plan.max_splits > 1 && plan.max_splits > self.workspace_splits {
+            return Err(invalid(
+                "layouts",
+                format!("need {} splits of {} tokens", plan.max_splits, plan.split_len),
+                format!(
+                    "at most {} (the workspace of the first plan; make a new DecodeAttention)",
+                    self.workspace_splits.max(1)
+                ),
+            ));
+        }
+        stream.memcpy_htod(bytemuck::cast_slice::<SequenceLayout, u64>(layouts), &mut self.layouts)?;
+        self.plan = plan;
+        Ok(())
     }
 
     /// `out[b, h] = softmax(q[b, h] · Kᵀ · scale) · V` over each sequence's valid tokens, with

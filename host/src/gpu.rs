@@ -3,7 +3,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig,
     PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
@@ -31,6 +32,12 @@ pub fn probe() -> Result<usize> {
 /// Whether a CUDA device can be used on this machine.
 pub fn gpu_available() -> bool {
     probe().is_ok()
+}
+
+/// The device address of a buffer, for a kernel's parameter struct. The context runs without
+/// cudarc's per-buffer event tracking (see [`Gpu::new`]), so the guard has nothing to record.
+pub(crate) fn address<T>(buffer: &impl DevicePtr<T>, stream: &CudaStream) -> u64 {
+    buffer.device_ptr(stream).0
 }
 
 /// What the launchers need to know of the device.
@@ -74,6 +81,11 @@ impl Gpu {
             ));
         }
         let context = CudaContext::new(ordinal)?;
+        // SAFETY: called before this context allocates anything. Streams are ordered
+        // explicitly instead: every launcher runs on the stream it is given, and the decode
+        // step orders its compute and copy streams with its own events (cudarc's tracking
+        // would record and wait on an event per buffer per launch, host time on every step).
+        unsafe { context.disable_event_tracking() };
         // A stream of our own, not the legacy NULL stream that would serialise with every other.
         let stream = context.new_stream()?;
         let module = context.load_module(Ptx::from_src(PTX))?;

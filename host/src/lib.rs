@@ -5,14 +5,25 @@
 //! Every kernel family has a typed launcher here (plan, then run) and a CPU reference in
 //! [`reference`].
 pub mod attention;
+pub mod decode_step;
 pub mod error;
+pub mod fetch;
 pub mod gpu;
 pub mod kernels;
 pub mod pinned;
+pub mod plan;
+pub mod rebuild;
 pub mod reference;
+pub mod scoring;
+pub mod shadow;
+pub mod topk;
 
 pub use attention::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout};
+pub use decode_step::{
+    DecodeStep, LayerValues, Llama3Scaling, RopeConfig, ShadowLayer, StepScratch, StepStats,
+};
 pub use error::{Error, Result};
+pub use shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, ValueSource, EMPTY_SLOT};
 pub use gpu::{gpu_available, probe, DeviceInfo, Gpu};
 pub use pinned::PinnedBuffer;
 

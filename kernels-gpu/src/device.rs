@@ -105,6 +105,50 @@ pub fn shuffle_idx_u32(value: u32, src_lane: u32) -> u32 {
     out
 }
 
+/// `shfl.sync.up.b32 d, v, delta, 0, 0xffffffff`: the value of lane `lane - delta` (a lane
+/// below `delta` gets its own value).
+#[inline(always)]
+pub fn shuffle_up_u32(value: u32, delta: u32) -> u32 {
+    let out: u32;
+    // SAFETY: register-only warp exchange with a full member mask.
+    unsafe {
+        asm!(
+            "shfl.sync.up.b32 {out}, {value}, {delta}, 0, 0xffffffff;",
+            out = out(reg32) out, value = in(reg32) value, delta = in(reg32) delta,
+        );
+    }
+    out
+}
+
+/// `vote.sync.ballot.b32 d, p, 0xffffffff`: bit `i` set where lane `i` passed `true`.
+/// All 32 lanes must call it.
+#[inline(always)]
+pub fn ballot(predicate: bool) -> u32 {
+    let out: u32;
+    // SAFETY: register-only warp vote with a full member mask.
+    unsafe {
+        asm!(
+            "{{ .reg .pred p; setp.ne.u32 p, {v}, 0; vote.sync.ballot.b32 {out}, p, 0xffffffff; }}",
+            out = out(reg32) out, v = in(reg32) predicate as u32,
+        );
+    }
+    out
+}
+
+/// `popc.b32`: set bits of a word.
+#[inline(always)]
+pub fn popcount(word: u32) -> u32 {
+    word.count_ones()
+}
+
+/// `bar.warp.sync 0xffffffff`: orders the warp's shared-memory accesses (and waits for its
+/// lanes), as after a warp's own `cp.async` copies land.
+#[inline(always)]
+pub fn sync_warp() {
+    // SAFETY: a warp barrier; callers reach it from warp-uniform control flow.
+    unsafe { asm!("bar.warp.sync 0xffffffff;", options(nostack)) }
+}
+
 // ---------------------------------------------------------------------------------------
 // Shared memory
 // ---------------------------------------------------------------------------------------
@@ -159,6 +203,28 @@ pub fn shared_address<T>(pointer: *const T) -> u32 {
         asm!("cvta.to.shared.u64 {a}, {p};", a = out(reg64) address, p = in(reg64) pointer as u64);
     }
     address as u32
+}
+
+/// `atom.shared.add.u32`: adds to a shared-memory word, returns the old value.
+#[inline(always)]
+pub unsafe fn atomic_add_shared_u32(pointer: *mut u32, value: u32) -> u32 {
+    let old: u32;
+    asm!(
+        "atom.shared.add.u32 {old}, [{a}], {v};",
+        old = out(reg32) old, a = in(reg32) shared_address(pointer), v = in(reg32) value,
+        options(nostack),
+    );
+    old
+}
+
+/// `atom.shared.or.b32`: sets bits of a shared-memory word.
+#[inline(always)]
+pub unsafe fn atomic_or_shared_u32(pointer: *mut u32, bits: u32) {
+    asm!(
+        "red.shared.or.b32 [{a}], {v};",
+        a = in(reg32) shared_address(pointer), v = in(reg32) bits,
+        options(nostack),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -314,6 +380,20 @@ pub unsafe fn load_matrix_x2_transposed(shared_row: u32) -> [u32; 2] {
     [a, b]
 }
 
+/// `ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16`: four transposed 8x8 b16 tiles (lane `i`
+/// gives the row address for tile `i / 8`): the B operands of two `mma` n-tiles at once.
+#[inline(always)]
+pub unsafe fn load_matrix_x4_transposed(shared_row: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{a}, {b}, {c}, {d}}}, [{s}];",
+        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+        s = in(reg32) shared_row,
+        options(readonly, nostack),
+    );
+    [a, b, c, d]
+}
+
 /// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: `D = A·B + C` for a 16x16 bf16 A
 /// (four registers), a 16x8 bf16 B (two registers) and a 16x8 f32 accumulator (four).
 #[inline(always)]
@@ -430,6 +510,44 @@ pub fn reciprocal(x: f32) -> f32 {
 #[inline(always)]
 pub fn max_f32(a: f32, b: f32) -> f32 {
     if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// `sin.approx.ftz.f32` and `cos.approx.ftz.f32`: absolute error about 2^-21 on [-pi, pi]
+/// (callers reduce the angle first).
+#[inline(always)]
+pub fn sin_cos(x: f32) -> (f32, f32) {
+    let (sin, cos): (f32, f32);
+    // SAFETY: register-only special functions.
+    unsafe {
+        asm!(
+            "sin.approx.ftz.f32 {s}, {x}; cos.approx.ftz.f32 {c}, {x};",
+            s = out(reg32) sin, c = out(reg32) cos, x = in(reg32) x,
+            options(pure, nomem, nostack),
+        );
+    }
+    (sin, cos)
+}
+
+/// `cvt.rni.f64.f64`: the nearest integer (ties to even) as an f64.
+#[inline(always)]
+pub fn round_f64(x: f64) -> f64 {
+    let out: f64;
+    // SAFETY: register-only conversion.
+    unsafe {
+        asm!("cvt.rni.f64.f64 {d}, {x};", d = out(reg64) out, x = in(reg64) x,
+             options(pure, nomem, nostack));
+    }
+    out
+}
+
+/// `min.u32`
+#[inline(always)]
+pub fn min_u32(a: u32, b: u32) -> u32 {
+    if a < b {
         a
     } else {
         b

@@ -17,6 +17,15 @@
 pub mod device;
 
 pub mod attention;
+#[cfg(target_arch = "nvptx64")]
+pub mod block;
+pub mod fetch;
+pub mod plan;
+pub mod rebuild;
+pub mod rope;
+pub mod scoring;
+pub mod shadow;
+pub mod topk;
 
 #[cfg(target_arch = "nvptx64")]
 #[panic_handler]

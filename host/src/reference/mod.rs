@@ -1,5 +1,11 @@
 //! CPU references, one module per kernel family (same names as the launchers), in f64.
 pub mod attention;
+pub mod decode_step;
+pub mod fetch;
+pub mod plan;
+pub mod rebuild;
+pub mod scoring;
+pub mod topk;
 
 /// `‖out − reference‖ / ‖reference‖`; NaN or a length mismatch gives infinity.
 pub fn relative_error(out: &[f64], reference: &[f64]) -> f64 {

@@ -1,0 +1,358 @@
+//! One ShadowKV decode step for one layer: scoring -> top-k -> plan -> value fetch on the copy
+//! stream, overlapped with the key rebuild on the compute stream -> sparse GQA attention.
+//!
+//! ```text
+//! compute: scoring, topk, plan, [plan_done], rebuild, wait(fetch_done), attention
+//! copy:                         wait(plan_done), fetch, [fetch_done]
+//! ```
+//! Nothing in the step waits on the host: grids do not depend on the miss counts (kernels read
+//! them on the device) and the statistics reach mapped host memory from the plan kernel, read
+//! only by [`DecodeStep::stats`].
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+pub use shadowkv_kernels::rope::{inverse_frequencies, Llama3Scaling, RopeConfig};
+
+use crate::attention::{
+    DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout,
+};
+use crate::error::{check_len, invalid, Result};
+use crate::gpu::Gpu;
+use crate::pinned::PinnedBuffer;
+use crate::shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, ValueSource, EMPTY_SLOT};
+use crate::{fetch, plan, rebuild, scoring, topk};
+
+/// Where a layer keeps its values.
+pub enum LayerValues {
+    /// Pinned, device-mapped host memory: ShadowKV's offload (fetched over PCIe).
+    Host(PinnedBuffer<bf16>),
+    /// Device memory, when the values fit on the GPU (no PCIe traffic).
+    Device(CudaSlice<bf16>),
+}
+
+impl LayerValues {
+    pub fn source(&self) -> ValueSource<'_> {
+        match self {
+            LayerValues::Host(buffer) => ValueSource::Host(buffer),
+            LayerValues::Device(slice) => ValueSource::Device(slice),
+        }
+    }
+}
+
+/// The ShadowKV state of one layer for a batch (layouts in `shadowkv_kernels::shadow`).
+pub struct ShadowLayer {
+    pub batch: ShadowBatch,
+    /// bf16 landmarks (mean post-RoPE key of each non-outlier, non-local chunk).
+    pub landmarks: CudaSlice<bf16>,
+    /// The chunk id of each landmark.
+    pub chunk_ids: CudaSlice<u32>,
+    /// bf16 `A` (`[prompt_len, r]` per sequence) and `Bm` (`[r, Hkv*d]` per sequence).
+    pub a: CudaSlice<bf16>,
+    pub bm: CudaSlice<bf16>,
+    /// The GPU K/V blocks: local window, outliers, sparse slots, generated tokens.
+    pub k: CudaSlice<bf16>,
+    pub v: CudaSlice<bf16>,
+    pub values: LayerValues,
+    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`] if none).
+    pub resident: CudaSlice<u32>,
+}
+
+impl ShadowLayer {
+    /// Marks every slot empty (the next step misses on every selected chunk).
+    pub fn clear_resident(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        let empty = vec![EMPTY_SLOT; self.batch.slot_entries()];
+        stream.memcpy_htod(&empty, &mut self.resident)?;
+        Ok(())
+    }
+}
+
+/// What one step did, for all (sequence, KV head) pairs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// `[batch, Hkv]` chunks fetched and rebuilt.
+    pub misses_per_head: Vec<u32>,
+    pub misses: u64,
+    /// Chunks selected in all: `batch * Hkv * budget_chunks`.
+    pub selected: u64,
+}
+
+impl StepStats {
+    /// Share of the selected chunks that were already resident.
+    pub fn hit_rate(&self) -> f64 {
+        1.0 - self.misses as f64 / self.selected.max(1) as f64
+    }
+}
+
+/// Scratch of a step, sized for the largest batch seen so far.
+struct Workspace {
+    logits: CudaSlice<f32>,
+    tile_stats: CudaSlice<f32>,
+    scores: CudaSlice<f32>,
+    selection: CudaSlice<u32>,
+    misses: CudaSlice<Miss>,
+    miss_counts: CudaSlice<u32>,
+    /// Mapped host copy of the miss counts (written by the plan kernel).
+    host_miss_counts: PinnedBuffer<u32>,
+}
+
+impl Workspace {
+    fn new(gpu: &Gpu, stream: &Arc<CudaStream>, batch: &ShadowBatch) -> Result<Self> {
+        let heads = batch.batch() * batch.config().kv_heads;
+        // SAFETY (all four): scratch that each kernel writes before the next one reads it.
+        unsafe {
+            Ok(Workspace {
+                logits: stream.alloc(scoring::logits_len(batch).max(1))?,
+                tile_stats: stream.alloc(scoring::tile_stats_len(batch).max(1))?,
+                scores: stream.alloc(batch.extents().landmark_rows.max(1))?,
+                selection: stream.alloc(batch.slot_entries())?,
+                misses: stream.alloc_zeros(batch.slot_entries())?,
+                miss_counts: stream.alloc_zeros(heads)?,
+                host_miss_counts: PinnedBuffer::new(gpu, heads)?,
+            })
+        }
+    }
+
+    fn fits(&self, batch: &ShadowBatch) -> bool {
+        self.logits.len() >= scoring::logits_len(batch)
+            && self.tile_stats.len() >= scoring::tile_stats_len(batch)
+            && self.scores.len() >= batch.extents().landmark_rows
+            && self.selection.len() >= batch.slot_entries()
+            && self.miss_counts.len() >= batch.batch() * batch.config().kv_heads
+    }
+}
+
+/// Runs decode steps for layers of one [`ShadowConfig`]: owns the copy stream, the events,
+/// the scratch and the attention plan, reused across layers and steps.
+pub struct DecodeStep {
+    config: ShadowConfig,
+    copy_stream: Arc<CudaStream>,
+    plan_done: CudaEvent,
+    fetch_done: CudaEvent,
+    stats_ready: CudaEvent,
+    inverse_frequencies: CudaSlice<f64>,
+    workspace: Workspace,
+    attention: DecodeAttention,
+    scale: f32,
+    overlap: bool,
+}
+
+impl DecodeStep {
+    /// A step for batches shaped like `layer_batch` (sizes grow on demand; a different batch
+    /// size re-plans attention). `rope` must be the model's (keys are rebuilt before RoPE).
+    pub fn new(gpu: &Gpu, rope: RopeConfig, layer_batch: &ShadowBatch) -> Result<Self> {
+        let config = *layer_batch.config();
+        if !(rope.theta.is_finite() && rope.theta > 1.0) {
+            return Err(invalid(
+                "rope.theta",
+                format!("is {}", rope.theta),
+                "a finite base above 1",
+            ));
+        }
+        let stream = gpu.stream();
+        let inverse_frequencies =
+            stream.clone_htod(&inverse_frequencies(&rope, config.head_dim as u32))?;
+        Ok(DecodeStep {
+            config,
+            copy_stream: gpu.new_stream()?,
+            plan_done: gpu.new_event(false)?,
+            fetch_done: gpu.new_event(false)?,
+            stats_ready: gpu.new_event(false)?,
+            inverse_frequencies,
+            workspace: Workspace::new(gpu, stream, layer_batch)?,
+            attention: Self::attention_for(gpu, layer_batch)?,
+            scale: 1.0 / (config.head_dim as f32).sqrt(),
+            overlap: true,
+        })
+    }
+
+    /// Attention planned for every sequence at its capacity, so later (shorter) lengths fit
+    /// its split workspace.
+    fn attention_for(gpu: &Gpu, batch: &ShadowBatch) -> Result<DecodeAttention> {
+        let config = batch.config();
+        let shape = DecodeAttentionShape {
+            batch: batch.batch(),
+            q_heads: config.q_heads,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+        };
+        let full: Vec<SequenceLayout> = batch
+            .sequences()
+            .iter()
+            .map(|s| SequenceLayout {
+                len: s.kv.capacity,
+                ..s.kv
+            })
+            .collect();
+        let plan = DecodeAttentionPlan::new(shape, &full, gpu.info().multiprocessors)?;
+        DecodeAttention::new(gpu, plan)
+    }
+
+    /// With `false`, the value fetch runs on the compute stream after the rebuild instead of
+    /// beside it (to measure what the overlap buys).
+    pub fn set_overlap(&mut self, overlap: bool) {
+        self.overlap = overlap;
+    }
+
+    pub fn config(&self) -> &ShadowConfig {
+        &self.config
+    }
+
+    /// The copy stream the value fetch runs on.
+    pub fn copy_stream(&self) -> &Arc<CudaStream> {
+        &self.copy_stream
+    }
+
+    /// One decode step of `layer` for `q` (`[batch, q_heads, head_dim]`, post-RoPE; the new
+    /// token's key and value already appended to the generated part of each K/V block, as
+    /// the layouts' `len` says). Writes `out` (`[batch, q_heads, head_dim]`) on the GPU's
+    /// compute stream; returns without waiting for the GPU.
+    pub fn run(
+        &mut self,
+        gpu: &Gpu,
+        layer: &mut ShadowLayer,
+        q: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        let batch = &layer.batch;
+        if *batch.config() != self.config {
+            return Err(invalid(
+                "layer",
+                format!("has config {:?}", batch.config()),
+                format!("the step's {:?}", self.config),
+            ));
+        }
+        let elements = batch.batch() * self.config.q_heads * self.config.head_dim;
+        check_len("q", q.len(), elements, "[batch, q_heads, head_dim]")?;
+        check_len("out", out.len(), elements, "[batch, q_heads, head_dim]")?;
+        let stream = gpu.stream().clone();
+        if !self.workspace.fits(batch) {
+            self.workspace = Workspace::new(gpu, &stream, batch)?;
+        }
+        let layouts: Vec<SequenceLayout> = batch.sequences().iter().map(|s| s.kv).collect();
+        if self.attention.plan().shape().batch != batch.batch() {
+            self.attention = Self::attention_for(gpu, batch)?;
+        }
+        if let Err(error) = self.attention.update_layouts(&stream, &layouts) {
+            // Longer than the workspace allows: plan again for the new capacities.
+            self.attention = Self::attention_for(gpu, batch).map_err(|_| error)?;
+            self.attention.update_layouts(&stream, &layouts)?;
+        }
+        let w = &mut self.workspace;
+        scoring::run(
+            gpu,
+            &stream,
+            batch,
+            q,
+            &layer.landmarks,
+            &mut w.logits,
+            &mut w.tile_stats,
+            self.scale,
+        )?;
+        topk::run(
+            gpu,
+            &stream,
+            batch,
+            &w.logits,
+            &w.tile_stats,
+            &layer.chunk_ids,
+            &mut w.scores,
+            &mut w.selection,
+        )?;
+        plan::run(
+            gpu,
+            &stream,
+            batch,
+            &w.selection,
+            &mut layer.resident,
+            &mut w.misses,
+            &mut w.miss_counts,
+            w.host_miss_counts.device_address(),
+        )?;
+        self.stats_ready.record(&stream)?;
+        let values = layer.values.source();
+        if self.overlap {
+            self.plan_done.record(&stream)?;
+            self.copy_stream.wait(&self.plan_done)?;
+            fetch::run(
+                gpu,
+                &self.copy_stream,
+                batch,
+                &w.misses,
+                &w.miss_counts,
+                &values,
+                &mut layer.v,
+            )?;
+            self.fetch_done.record(&self.copy_stream)?;
+        }
+        rebuild::run(
+            gpu,
+            &stream,
+            batch,
+            &w.misses,
+            &w.miss_counts,
+            &layer.a,
+            &layer.bm,
+            &self.inverse_frequencies,
+            &mut layer.k,
+        )?;
+        if self.overlap {
+            stream.wait(&self.fetch_done)?;
+        } else {
+            fetch::run(
+                gpu,
+                &stream,
+                batch,
+                &w.misses,
+                &w.miss_counts,
+                &values,
+                &mut layer.v,
+            )?;
+        }
+        self.attention
+            .run(gpu, &stream, q, &layer.k, &layer.v, out)
+    }
+
+    /// The statistics of the latest step: waits until its plan has run.
+    pub fn stats(&self, batch: &ShadowBatch) -> Result<StepStats> {
+        self.stats_ready.synchronize()?;
+        let heads = batch.batch() * self.config.kv_heads;
+        let counts = &self.workspace.host_miss_counts.as_slice()?[..heads];
+        Ok(StepStats {
+            misses_per_head: counts.to_vec(),
+            misses: counts.iter().map(|&c| c as u64).sum(),
+            selected: (heads * self.config.budget_chunks) as u64,
+        })
+    }
+
+    /// The scratch of the latest step, for tests and diagnostics: scores, selection, miss
+    /// list and counts (device buffers; read them after the step's stream has finished).
+    pub fn scratch(&self) -> StepScratch<'_> {
+        StepScratch {
+            scores: &self.workspace.scores,
+            selection: &self.workspace.selection,
+            misses: &self.workspace.misses,
+            miss_counts: &self.workspace.miss_counts,
+        }
+    }
+}
+
+/// Read-only views of a step's intermediate results.
+pub struct StepScratch<'a> {
+    pub scores: &'a CudaSlice<f32>,
+    pub selection: &'a CudaSlice<u32>,
+    pub misses: &'a CudaSlice<Miss>,
+    pub miss_counts: &'a CudaSlice<u32>,
+}
+
+/// The K/V layout of a sequence for a step: `ShadowSequence::kv` with `len` generated tokens
+/// after the sparse slots.
+pub fn with_generated(sequence: &ShadowSequence, budget_tokens: u32, generated: u32) -> ShadowSequence {
+    ShadowSequence {
+        kv: SequenceLayout {
+            len: sequence.sparse_start + budget_tokens + generated,
+            ..sequence.kv
+        },
+        ..*sequence
+    }
+}

@@ -1,0 +1,80 @@
+//! Cache-aware plan (see `shadowkv_kernels::plan`): hits keep their slots, misses take the
+//! freed ones; writes the miss list and counts and updates the resident ids.
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use shadowkv_kernels::plan::{self as layout, PlanParams};
+
+use crate::error::{invalid, Result};
+use crate::gpu::{address, Gpu};
+use crate::kernels::KernelName;
+use crate::shadow::{check_reach, Miss, ShadowBatch};
+
+/// Most chunk ids a sequence may have: both bitmaps and the freed list fit the shared memory
+/// one block may use.
+pub fn check_fits(gpu: &Gpu, batch: &ShadowBatch) -> Result<u32> {
+    let words = layout::bitmap_words(batch.extents().max_chunks);
+    let bytes = layout::shared_bytes(words, batch.config().budget_chunks as u32);
+    if bytes > gpu.info().max_shared_per_block {
+        return Err(invalid(
+            "sequences",
+            format!(
+                "a sequence has {} chunks and the budget is {} chunks: the plan needs {bytes} bytes of shared memory",
+                batch.extents().max_chunks,
+                batch.config().budget_chunks
+            ),
+            format!("at most {} bytes (fewer chunks)", gpu.info().max_shared_per_block),
+        ));
+    }
+    Ok(words)
+}
+
+/// Runs the plan. `host_miss_counts`, if not 0, is the device address of `[batch, Hkv]` u32 in
+/// mapped host memory that also receives the counts (the step's statistics, read without a
+/// device-to-host copy).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    selection: &impl DevicePtr<u32>,
+    resident: &mut impl DevicePtrMut<u32>,
+    misses: &mut impl DevicePtrMut<Miss>,
+    miss_counts: &mut impl DevicePtrMut<u32>,
+    host_miss_counts: u64,
+) -> Result<()> {
+    let config = batch.config();
+    let entries = batch.slot_entries();
+    check_reach("selection", selection.len(), entries)?;
+    check_reach("resident", resident.len(), entries)?;
+    check_reach("misses", misses.len(), entries)?;
+    check_reach(
+        "miss_counts",
+        miss_counts.len(),
+        batch.batch() * config.kv_heads,
+    )?;
+    let bitmap_words = check_fits(gpu, batch)?;
+    let params = PlanParams {
+        shape: batch.shape(stream),
+        selection: address(selection, stream),
+        resident: resident.device_ptr_mut(stream).0,
+        misses: misses.device_ptr_mut(stream).0,
+        miss_counts: miss_counts.device_ptr_mut(stream).0,
+        host_miss_counts,
+        bitmap_words,
+        _reserved: 0,
+    };
+    let launch = LaunchConfig {
+        grid_dim: (config.kv_heads as u32, batch.batch() as u32, 1),
+        block_dim: (layout::THREADS, 1, 1),
+        shared_mem_bytes: layout::shared_bytes(bitmap_words, config.budget_chunks as u32),
+    };
+    // SAFETY: the slot buffers hold `[batch, Hkv, budget_chunks]` entries and the counts
+    // `[batch, Hkv]` (checked above); the bitmaps cover every sequence's chunks.
+    unsafe {
+        gpu.launch(
+            stream,
+            KernelName::lookup(layout::KERNEL_NAME)?,
+            launch,
+            params,
+        )
+    }
+}

@@ -1,0 +1,76 @@
+//! Low-rank key rebuild with fused RoPE (see `shadowkv_kernels::rebuild`), for the misses.
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use half::bf16;
+use shadowkv_kernels::rebuild::{self as layout, RebuildParams};
+
+use crate::error::{check_len, Result};
+use crate::gpu::{address, Gpu};
+use crate::kernels::KernelName;
+use crate::shadow::{check_reach, Miss, ShadowBatch};
+
+/// Blocks the rebuild aims for: about two per multiprocessor.
+const BLOCKS_PER_MULTIPROCESSOR: u32 = 2;
+
+/// Splits per (sequence, KV head): enough blocks to fill the GPU, no more than the tiles of
+/// a full miss list.
+pub fn splits(gpu: &Gpu, batch: &ShadowBatch) -> u32 {
+    let config = batch.config();
+    let rows = (batch.batch() * config.kv_heads) as u32;
+    let target = gpu.info().multiprocessors * BLOCKS_PER_MULTIPROCESSOR;
+    let tiles = ((config.budget_chunks * config.chunk_size) as u32).div_ceil(layout::TILE_ROWS);
+    target
+        .div_ceil(rows)
+        .clamp(1, tiles.div_ceil(layout::WARPS).max(1))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    misses: &impl DevicePtr<Miss>,
+    miss_counts: &impl DevicePtr<u32>,
+    a: &impl DevicePtr<bf16>,
+    bm: &impl DevicePtr<bf16>,
+    inverse_frequencies: &impl DevicePtr<f64>,
+    k: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    let config = batch.config();
+    check_reach("misses", misses.len(), batch.slot_entries())?;
+    check_reach(
+        "miss_counts",
+        miss_counts.len(),
+        batch.batch() * config.kv_heads,
+    )?;
+    check_reach("a", a.len(), batch.extents().a)?;
+    check_reach("bm", bm.len(), batch.extents().bm)?;
+    check_len(
+        "inverse_frequencies",
+        inverse_frequencies.len(),
+        config.head_dim / 2,
+        "head_dim / 2",
+    )?;
+    check_reach("k", k.len(), batch.extents().kv)?;
+    let splits = splits(gpu, batch);
+    let params = RebuildParams {
+        shape: batch.shape(stream),
+        misses: address(misses, stream),
+        miss_counts: address(miss_counts, stream),
+        a: address(a, stream),
+        bm: address(bm, stream),
+        inverse_frequencies: address(inverse_frequencies, stream),
+        k: k.device_ptr_mut(stream).0,
+        splits,
+        _reserved: 0,
+    };
+    let launch = LaunchConfig {
+        grid_dim: (splits, config.kv_heads as u32, batch.batch() as u32),
+        block_dim: (layout::THREADS, 1, 1),
+        shared_mem_bytes: layout::shared_bytes(config.rank as u32, config.head_dim as u32),
+    };
+    let kernel = KernelName::lookup(&layout::kernel_name(config.head_dim as u32))?;
+    // SAFETY: A, Bm and the key buffer reach every row the validated layouts address
+    // (checked above), rank is a multiple of 16 up to MAX_RANK (checked by the config) and the
+    // kernel is the one compiled for this head_dim; bad chunk ids or slots are skipped.
+    unsafe { gpu.launch(stream, kernel, launch, params) }
+}

@@ -1,0 +1,108 @@
+//! Reference for [`crate::decode_step`]: the whole step on the CPU, built from the
+//! references of its kernels.
+use half::bf16;
+
+use crate::attention::{DecodeAttentionShape, SequenceLayout};
+use crate::reference::{attention, fetch, plan, rebuild, scoring, topk};
+use crate::shadow::{Miss, ShadowConfig, ShadowSequence};
+
+/// Host copies of a layer's buffers, laid out as on the GPU.
+#[derive(Clone, Debug)]
+pub struct HostLayer {
+    pub sequences: Vec<ShadowSequence>,
+    pub landmarks: Vec<bf16>,
+    pub chunk_ids: Vec<u32>,
+    pub a: Vec<bf16>,
+    pub bm: Vec<bf16>,
+    pub values: Vec<bf16>,
+    pub k: Vec<bf16>,
+    pub v: Vec<bf16>,
+    pub resident: Vec<u32>,
+}
+
+/// What the reference step computed, per (sequence, KV head) where it applies.
+#[derive(Clone, Debug)]
+pub struct StepOutput {
+    /// `[batch, q_heads, head_dim]`.
+    pub out: Vec<f64>,
+    pub scores: Vec<Vec<f64>>,
+    pub selection: Vec<Vec<u32>>,
+    pub misses: Vec<Vec<Miss>>,
+}
+
+/// One step: scoring, top-k, plan, fetch, rebuild (keys rounded to bf16, as stored) and
+/// attention; `layer`'s K/V blocks and resident ids are updated as on the GPU.
+///
+/// `device_scores`, if given (per (sequence, head), as the GPU wrote them), are what the
+/// top-k selects from, so that near-ties between f32 and f64 scores break as on the GPU; the
+/// f64 scores are still returned for comparison.
+pub fn decode_step(
+    config: &ShadowConfig,
+    inverse_frequencies: &[f64],
+    layer: &mut HostLayer,
+    q: &[bf16],
+    device_scores: Option<&[Vec<f32>]>,
+) -> StepOutput {
+    let scale = 1.0 / (config.head_dim as f64).sqrt();
+    let (kv_heads, k, c, d) = (
+        config.kv_heads,
+        config.budget_chunks,
+        config.chunk_size,
+        config.head_dim,
+    );
+    let mut output = StepOutput {
+        out: Vec::new(),
+        scores: Vec::new(),
+        selection: Vec::new(),
+        misses: Vec::new(),
+    };
+    for (b, sequence) in layer.sequences.clone().iter().enumerate() {
+        for h in 0..kv_heads {
+            let logits = scoring::logits(config, sequence, b, h, q, &layer.landmarks, scale);
+            let scores = scoring::scores(&logits);
+            let base = sequence.landmark_base(h as u32) as usize;
+            let chunk_ids = &layer.chunk_ids[base..base + sequence.landmarks as usize];
+            let selection = match device_scores {
+                Some(device) => topk::select(&device[b * kv_heads + h], chunk_ids, k),
+                None => {
+                    let rounded: Vec<f32> = scores.iter().map(|&s| s as f32).collect();
+                    topk::select(&rounded, chunk_ids, k)
+                }
+            };
+            let slots = (b * kv_heads + h) * k;
+            let misses = plan::plan(&selection, &mut layer.resident[slots..slots + k]);
+            fetch::fetch(config, sequence, h, &misses, &layer.values, &mut layer.v);
+            for miss in &misses {
+                let keys = rebuild::chunk_keys(
+                    config,
+                    sequence,
+                    h,
+                    miss.chunk,
+                    &layer.a,
+                    &layer.bm,
+                    inverse_frequencies,
+                );
+                let target = sequence.kv_row(
+                    h as u32,
+                    sequence.sparse_start + miss.slot * c as u32,
+                    d as u32,
+                ) as usize;
+                for (out, key) in layer.k[target..target + c * d].iter_mut().zip(&keys) {
+                    *out = bf16::from_f64(*key);
+                }
+            }
+            output.scores.push(scores);
+            output.selection.push(selection);
+            output.misses.push(misses);
+        }
+    }
+    let shape = DecodeAttentionShape {
+        batch: layer.sequences.len(),
+        q_heads: config.q_heads,
+        kv_heads,
+        head_dim: d,
+    };
+    let layouts: Vec<SequenceLayout> = layer.sequences.iter().map(|s| s.kv).collect();
+    output.out = attention::decode_attention(&shape, &layouts, q, &layer.k, &layer.v, scale);
+    output
+}

@@ -1,0 +1,69 @@
+//! Landmark scoring, pass one (see `shadowkv_kernels::scoring`): base-2 logits of every
+//! landmark for the query heads of its group, and per-tile softmax statistics.
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use half::bf16;
+pub use shadowkv_kernels::scoring as kernel_layout;
+use shadowkv_kernels::scoring::{self as layout, ScoringParams};
+
+use crate::error::{check_len, Result};
+use crate::gpu::{address, Gpu};
+use crate::kernels::KernelName;
+use crate::shadow::{check_reach, ShadowBatch};
+
+/// f32 logits the batch needs: `G` per landmark row.
+pub fn logits_len(batch: &ShadowBatch) -> usize {
+    batch.extents().landmark_rows * batch.config().group()
+}
+
+/// f32 tile statistics the batch needs: (max, sum) per tile, query head and sequence.
+pub fn tile_stats_len(batch: &ShadowBatch) -> usize {
+    batch.batch() * batch.config().q_heads * batch.scoring_tiles() as usize * 2
+}
+
+/// Writes `logits` and `tile_stats` for `q` (`[batch, q_heads, head_dim]`, post-RoPE) against
+/// every landmark; `scale` is the softmax scale (`1/sqrt(d)` in ShadowKV).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    q: &impl DevicePtr<bf16>,
+    landmarks: &impl DevicePtr<bf16>,
+    logits: &mut impl DevicePtrMut<f32>,
+    tile_stats: &mut impl DevicePtrMut<f32>,
+    scale: f32,
+) -> Result<()> {
+    let config = batch.config();
+    let q_elements = batch.batch() * config.q_heads * config.head_dim;
+    check_len("q", q.len(), q_elements, "[batch, q_heads, head_dim]")?;
+    check_reach(
+        "landmarks",
+        landmarks.len(),
+        batch.extents().landmark_rows * config.head_dim,
+    )?;
+    check_reach("logits", logits.len(), logits_len(batch))?;
+    check_reach("tile_stats", tile_stats.len(), tile_stats_len(batch))?;
+    let (group, head_dim) = (config.group() as u32, config.head_dim as u32);
+    let params = ScoringParams {
+        shape: batch.shape(stream),
+        q: address(q, stream),
+        landmarks: address(landmarks, stream),
+        logits: logits.device_ptr_mut(stream).0,
+        tile_stats: tile_stats.device_ptr_mut(stream).0,
+        max_tiles: batch.scoring_tiles(),
+        scale_log2: scale * std::f32::consts::LOG2_E,
+    };
+    let config = LaunchConfig {
+        grid_dim: (
+            batch.scoring_tiles(),
+            config.kv_heads as u32,
+            batch.batch() as u32,
+        ),
+        block_dim: (layout::THREADS, 1, 1),
+        shared_mem_bytes: layout::shared_bytes(group),
+    };
+    let kernel = KernelName::lookup(&layout::kernel_name(group, head_dim))?;
+    // SAFETY: q, landmarks, logits and tile_stats reach every index the batch's validated
+    // layouts address (checked above); the grid covers the tiles the stats are sized for.
+    unsafe { gpu.launch(stream, kernel, config, params) }
+}

@@ -1,0 +1,315 @@
+//! The validated layout of a ShadowKV decode batch, shared by every decode launcher
+//! (`scoring`, `topk`, `plan`, `fetch`, `rebuild`, `decode_step`).
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+pub use shadowkv_kernels::shadow::{Miss, ShadowSequence, EMPTY_SLOT};
+use shadowkv_kernels::shadow::{self as layout, ShadowShape};
+use shadowkv_kernels::{attention as attention_layout, scoring as scoring_layout};
+
+use crate::error::{check_range, invalid, Result};
+use crate::gpu::address;
+
+/// A model's attention shape and ShadowKV's parameters: what every sequence of a batch shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowConfig {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Tokens per chunk (`c`).
+    pub chunk_size: usize,
+    /// Rank of the key factorisation (`r`).
+    pub rank: usize,
+    /// Chunks selected per (sequence, KV head): the sparse budget `S` over `c`.
+    pub budget_chunks: usize,
+}
+
+impl ShadowConfig {
+    /// Llama-3-8B heads with ShadowKV's defaults (c 8, r 160, S 2048).
+    pub const LLAMA_3_8B: ShadowConfig = ShadowConfig {
+        q_heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        chunk_size: 8,
+        rank: 160,
+        budget_chunks: 256,
+    };
+
+    /// Query heads per KV head (`G`).
+    pub fn group(&self) -> usize {
+        self.q_heads / self.kv_heads.max(1)
+    }
+
+    /// The sparse budget in tokens (`S`).
+    pub fn sparse_budget(&self) -> usize {
+        self.budget_chunks * self.chunk_size
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        check_range("kv_heads", self.kv_heads, 1..=65_535)?;
+        if self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
+            return Err(invalid(
+                "q_heads",
+                format!("is {} with {} KV heads", self.q_heads, self.kv_heads),
+                "a positive multiple of kv_heads",
+            ));
+        }
+        check_range(
+            "group (q_heads / kv_heads)",
+            self.group(),
+            1..=attention_layout::MAX_GROUP as usize,
+        )?;
+        if !attention_layout::HEAD_DIMS.contains(&(self.head_dim as u32)) {
+            return Err(invalid(
+                "head_dim",
+                format!("is {}", self.head_dim),
+                format!("one of {:?}", attention_layout::HEAD_DIMS),
+            ));
+        }
+        check_range("chunk_size", self.chunk_size, 1..=layout::MAX_CHUNK_SIZE as usize)?;
+        let step = layout::RANK_STEP as usize;
+        let max_rank = (layout::MAX_RANK as usize).min(self.kv_heads * self.head_dim);
+        if self.rank == 0 || !self.rank.is_multiple_of(step) || self.rank > max_rank {
+            return Err(invalid(
+                "rank",
+                format!("is {}", self.rank),
+                format!(
+                    "a multiple of {step} in {step}..={max_rank} (at most {} and at most kv_heads * head_dim)",
+                    layout::MAX_RANK
+                ),
+            ));
+        }
+        check_range("budget_chunks", self.budget_chunks, 1..=1 << 20)?;
+        Ok(())
+    }
+}
+
+/// How far each buffer must reach for a batch's layouts (elements).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extents {
+    /// Landmark rows: chunk ids and scores hold this many, landmarks this times `d`.
+    pub landmark_rows: usize,
+    pub a: usize,
+    pub bm: usize,
+    pub values: usize,
+    pub kv: usize,
+    /// Most landmarks of one sequence (per head).
+    pub max_landmarks: u32,
+    /// Most chunks of one sequence.
+    pub max_chunks: u32,
+}
+
+/// A validated batch: the config, each sequence's layout and their device copy.
+pub struct ShadowBatch {
+    config: ShadowConfig,
+    sequences: Vec<ShadowSequence>,
+    extents: Extents,
+    device: CudaSlice<ShadowSequence>,
+}
+
+impl ShadowBatch {
+    /// Validates `sequences` against `config` and uploads them on `stream`.
+    pub fn new(
+        stream: &std::sync::Arc<CudaStream>,
+        config: ShadowConfig,
+        sequences: &[ShadowSequence],
+    ) -> Result<Self> {
+        let extents = validate(&config, sequences)?;
+        let device = stream.clone_htod(sequences)?;
+        Ok(ShadowBatch {
+            config,
+            sequences: sequences.to_vec(),
+            extents,
+            device,
+        })
+    }
+
+    /// Replaces the layouts (same batch size), re-validated and re-uploaded on `stream`.
+    pub fn update(
+        &mut self,
+        stream: &std::sync::Arc<CudaStream>,
+        sequences: &[ShadowSequence],
+    ) -> Result<()> {
+        if sequences.len() != self.sequences.len() {
+            return Err(invalid(
+                "sequences",
+                format!("has {} entries", sequences.len()),
+                format!(
+                    "{} (the batch's size; make a new ShadowBatch to change it)",
+                    self.sequences.len()
+                ),
+            ));
+        }
+        self.extents = validate(&self.config, sequences)?;
+        if sequences != self.sequences {
+            stream.memcpy_htod(sequences, &mut self.device)?;
+            self.sequences = sequences.to_vec();
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &ShadowConfig {
+        &self.config
+    }
+    pub fn sequences(&self) -> &[ShadowSequence] {
+        &self.sequences
+    }
+    pub fn batch(&self) -> usize {
+        self.sequences.len()
+    }
+    pub fn extents(&self) -> &Extents {
+        &self.extents
+    }
+
+    /// `[batch, Hkv, budget_chunks]` entries: resident ids, selection and miss list.
+    pub fn slot_entries(&self) -> usize {
+        self.batch() * self.config.kv_heads * self.config.budget_chunks
+    }
+
+    /// Tiles of the scoring grid (`x`) for the sequence with the most landmarks.
+    pub fn scoring_tiles(&self) -> u32 {
+        scoring_layout::tiles(self.extents.max_landmarks)
+    }
+
+    /// The kernels' view of the batch, with the device copy's address.
+    pub(crate) fn shape(&self, stream: &CudaStream) -> ShadowShape {
+        let c = &self.config;
+        ShadowShape {
+            sequences: address(&self.device, stream),
+            batch: self.batch() as u32,
+            kv_heads: c.kv_heads as u32,
+            group: c.group() as u32,
+            head_dim: c.head_dim as u32,
+            chunk_size: c.chunk_size as u32,
+            rank: c.rank as u32,
+            budget_chunks: c.budget_chunks as u32,
+            _reserved: 0,
+        }
+    }
+}
+
+/// Checks each layout against the config; returns how far every buffer must reach.
+pub fn validate(config: &ShadowConfig, sequences: &[ShadowSequence]) -> Result<Extents> {
+    config.validate()?;
+    check_range("batch", sequences.len(), 1..=65_535)?;
+    let (kv_heads, d) = (config.kv_heads as u128, config.head_dim as u128);
+    let (c, k) = (config.chunk_size as u128, config.budget_chunks as u128);
+    let mut extents = Extents::default();
+    let fits = |sequence: usize, what: &str, end: u128| -> Result<usize> {
+        usize::try_from(end).map_err(|_| {
+            invalid(
+                "sequences",
+                format!("sequence {sequence}: its {what} end past the address space"),
+                "layouts that fit in memory",
+            )
+        })
+    };
+    for (b, s) in sequences.iter().enumerate() {
+        let bad = |problem: String, expected: &str| {
+            Err(invalid(
+                "sequences",
+                format!("sequence {b}: {problem}"),
+                expected,
+            ))
+        };
+        if (s.landmarks as u128) < k {
+            return bad(
+                format!(
+                    "has {} landmarks per head, fewer than the budget of {k} chunks",
+                    s.landmarks
+                ),
+                "a sequence long enough for the sparse budget",
+            );
+        }
+        if s.landmarks > s.chunks {
+            return bad(
+                format!("has {} landmarks but {} chunks", s.landmarks, s.chunks),
+                "landmarks <= chunks",
+            );
+        }
+        if s.chunks as u128 * c > s.prompt_len as u128 {
+            return bad(
+                format!(
+                    "has {} chunks of {c} tokens but a prompt of {}",
+                    s.chunks, s.prompt_len
+                ),
+                "chunks * chunk_size <= prompt_len",
+            );
+        }
+        let kv = &s.kv;
+        if kv.len == 0 || kv.len > kv.capacity {
+            return bad(
+                format!("K/V len {} with capacity {}", kv.len, kv.capacity),
+                "1 <= len <= capacity",
+            );
+        }
+        if s.sparse_start as u128 + k * c > kv.len as u128 {
+            return bad(
+                format!(
+                    "sparse slots {}..{} past the K/V length {}",
+                    s.sparse_start,
+                    s.sparse_start as u128 + k * c,
+                    kv.len
+                ),
+                "sparse_start + budget_chunks * chunk_size <= len",
+            );
+        }
+        for (what, offset) in [
+            ("kv.offset", kv.offset),
+            ("a_offset", s.a_offset),
+            ("bm_offset", s.bm_offset),
+            ("host_value_offset", s.host_value_offset),
+        ] {
+            if offset % 8 != 0 {
+                return bad(
+                    format!("{what} is {offset}"),
+                    "a multiple of 8 elements (16-byte rows)",
+                );
+            }
+        }
+        let landmark_end = s.landmark_row as u128 + kv_heads * s.landmarks as u128;
+        extents.landmark_rows = extents
+            .landmark_rows
+            .max(fits(b, "landmarks", landmark_end * d)? / config.head_dim);
+        let a_end = s.a_offset as u128 + s.prompt_len as u128 * config.rank as u128;
+        extents.a = extents.a.max(fits(b, "A", a_end)?);
+        let bm_end = s.bm_offset as u128 + config.rank as u128 * kv_heads * d;
+        extents.bm = extents.bm.max(fits(b, "Bm", bm_end)?);
+        let values_end = s.host_value_offset as u128 + kv_heads * s.prompt_len as u128 * d;
+        extents.values = extents.values.max(fits(b, "values", values_end)?);
+        let kv_end = kv.offset as u128 + kv_heads * kv.capacity as u128 * d;
+        extents.kv = extents.kv.max(fits(b, "K/V block", kv_end)?);
+        extents.max_landmarks = extents.max_landmarks.max(s.landmarks);
+        extents.max_chunks = extents.max_chunks.max(s.chunks);
+    }
+    Ok(extents)
+}
+
+/// Checks that a buffer reaches at least `needed` elements.
+pub(crate) fn check_reach(argument: &'static str, len: usize, needed: usize) -> Result<()> {
+    if len >= needed {
+        Ok(())
+    } else {
+        Err(invalid(
+            argument,
+            format!("has {len} elements"),
+            format!("at least {needed} for the batch's layouts"),
+        ))
+    }
+}
+
+/// Where the values of a layer live: pinned, device-mapped host memory (ShadowKV's offload)
+/// or device memory (when they fit on the GPU).
+pub enum ValueSource<'a> {
+    Host(&'a crate::pinned::PinnedBuffer<bf16>),
+    Device(&'a CudaSlice<bf16>),
+}
+
+impl ValueSource<'_> {
+    /// The address kernels read and the length in elements.
+    pub(crate) fn address(&self, stream: &CudaStream) -> (u64, usize) {
+        match self {
+            ValueSource::Host(buffer) => (buffer.device_address(), buffer.len()),
+            ValueSource::Device(slice) => (address(*slice, stream), slice.len()),
+        }
+    }
+}

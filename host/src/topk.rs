@@ -1,0 +1,57 @@
+//! Landmark scoring, pass two, and top-k chunk selection (see `shadowkv_kernels::topk`).
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use shadowkv_kernels::topk::{self as layout, TopkParams};
+
+use crate::error::Result;
+use crate::gpu::{address, Gpu};
+use crate::kernels::KernelName;
+use crate::scoring::{logits_len, tile_stats_len};
+use crate::shadow::{check_reach, ShadowBatch};
+
+/// Writes each landmark's `score` (max over the group of its softmax weight) and the chunk
+/// ids of the `budget_chunks` highest scores of every (sequence, KV head) into `selection`
+/// (`[batch, Hkv, budget_chunks]`, in landmark order).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    logits: &impl DevicePtr<f32>,
+    tile_stats: &impl DevicePtr<f32>,
+    chunk_ids: &impl DevicePtr<u32>,
+    scores: &mut impl DevicePtrMut<f32>,
+    selection: &mut impl DevicePtrMut<u32>,
+) -> Result<()> {
+    let config = batch.config();
+    let rows = batch.extents().landmark_rows;
+    check_reach("logits", logits.len(), logits_len(batch))?;
+    check_reach("tile_stats", tile_stats.len(), tile_stats_len(batch))?;
+    check_reach("chunk_ids", chunk_ids.len(), rows)?;
+    check_reach("scores", scores.len(), rows)?;
+    check_reach("selection", selection.len(), batch.slot_entries())?;
+    let params = TopkParams {
+        shape: batch.shape(stream),
+        logits: address(logits, stream),
+        tile_stats: address(tile_stats, stream),
+        chunk_ids: address(chunk_ids, stream),
+        scores: scores.device_ptr_mut(stream).0,
+        selection: selection.device_ptr_mut(stream).0,
+        max_tiles: batch.scoring_tiles(),
+        _reserved: 0,
+    };
+    let launch = LaunchConfig {
+        grid_dim: (config.kv_heads as u32, batch.batch() as u32, 1),
+        block_dim: (layout::THREADS, 1, 1),
+        shared_mem_bytes: layout::shared_bytes(config.group() as u32),
+    };
+    // SAFETY: every buffer reaches the rows the validated layouts address (checked above);
+    // every sequence has at least `budget_chunks` landmarks (checked by the batch).
+    unsafe {
+        gpu.launch(
+            stream,
+            KernelName::lookup(layout::KERNEL_NAME)?,
+            launch,
+            params,
+        )
+    }
+}

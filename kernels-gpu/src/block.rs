@@ -1,0 +1,50 @@
+//! Block-wide building blocks that several kernels share (device only).
+use crate::device::*;
+
+/// Most warps in a block: the size of the scratch that [`exclusive_count`] needs.
+pub const MAX_WARPS: usize = 32;
+
+/// Block-wide ordered count of a per-thread flag: `(set flags in lower threads, total)`.
+/// Ranks follow thread order, so a compaction that writes at `running + rank` keeps the
+/// input order (deterministic output). Every thread of the block must call it; `scratch` is
+/// [`MAX_WARPS`] words of shared memory. Ends with a barrier, so it may be called again at once.
+#[inline(always)]
+pub unsafe fn exclusive_count(flag: bool, scratch: *mut u32) -> (u32, u32) {
+    let lane = lane_id();
+    let warp = warp_id();
+    let votes = ballot(flag);
+    let below = popcount(votes & ((1u32 << lane) - 1));
+    if lane == 0 {
+        *scratch.add(warp as usize) = popcount(votes);
+    }
+    sync_threads();
+    let (mut before, mut total) = (0u32, 0u32);
+    let warps = block_dim_x() / 32;
+    let mut w = 0;
+    while w < warps {
+        let count = *scratch.add(w as usize);
+        if w < warp {
+            before += count;
+        }
+        total += count;
+        w += 1;
+    }
+    sync_threads();
+    (before + below, total)
+}
+
+/// Warp-wide inclusive prefix sum (`shfl.sync.up` steps 1, 2, 4, 8, 16).
+#[inline(always)]
+pub fn warp_inclusive_sum(value: u32) -> u32 {
+    let lane = lane_id();
+    let mut sum = value;
+    let mut delta = 1;
+    while delta < 32 {
+        let other = shuffle_up_u32(sum, delta);
+        if lane >= delta {
+            sum += other;
+        }
+        delta <<= 1;
+    }
+    sum
+}

@@ -1,0 +1,149 @@
+//! Cache-aware plan: one block per (sequence, KV head) compares the new selection with the
+//! chunks resident in the sparse slots. Hits keep their slots; the freed slots, in slot order,
+//! go to the misses, in selection order (deterministic, so a CPU reference matches exactly).
+//! Writes the miss list and count and updates the resident ids in place.
+//!
+//! Membership uses two bitmaps over chunk ids in shared memory (selected, hit): one bit per
+//! chunk of the prompt, 16 KiB per 128K chunks (1M tokens at c = 8).
+
+use crate::shadow::ShadowShape;
+
+pub const WARPS: u32 = 8;
+pub const THREADS: u32 = WARPS * 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PlanParams {
+    pub shape: ShadowShape,
+    /// u32 `[batch, Hkv, budget_chunks]` from `topk`.
+    pub selection: u64,
+    /// u32 `[batch, Hkv, budget_chunks]` chunk id per slot (`EMPTY_SLOT` if none); updated.
+    pub resident: u64,
+    /// `[batch, Hkv, budget_chunks]` [`Miss`](crate::shadow::Miss) out; the first
+    /// `miss_counts` entries of each (sequence, head) are valid.
+    pub misses: u64,
+    /// u32 `[batch, Hkv]` out.
+    pub miss_counts: u64,
+    /// u32 `[batch, Hkv]` copy of the counts in mapped host memory (the step's statistics,
+    /// read without a device-to-host copy); 0 for none.
+    pub host_miss_counts: u64,
+    /// Words of each bitmap: at least `chunks / 32` rounded up, for every sequence.
+    pub bitmap_words: u32,
+    pub _reserved: u32,
+}
+
+/// Shared memory: two bitmaps, the freed-slot list and the block-scan scratch.
+pub const fn shared_bytes(bitmap_words: u32, budget_chunks: u32) -> u32 {
+    (2 * bitmap_words + budget_chunks + 32) * 4
+}
+
+/// Bitmap words that cover `chunks` chunk ids.
+pub const fn bitmap_words(chunks: u32) -> u32 {
+    chunks.div_ceil(32)
+}
+
+pub const KERNEL_NAME: &str = "cache_plan";
+
+#[cfg(target_arch = "nvptx64")]
+mod kernel {
+    use super::*;
+    use crate::block::exclusive_count;
+    use crate::device::*;
+    use crate::shadow::{slot_base, Miss, ShadowSequence};
+
+    #[inline(always)]
+    unsafe fn contains(bitmap: *const u32, chunk: u32, chunks: u32) -> bool {
+        chunk < chunks && (*bitmap.add((chunk / 32) as usize) >> (chunk % 32)) & 1 != 0
+    }
+
+    /// # Safety
+    /// The host launcher validated the layouts (`bitmap_words` covers every sequence's
+    /// chunks) and launched `(kv_heads, batch)` blocks of [`THREADS`] with [`shared_bytes`].
+    #[no_mangle]
+    pub unsafe extern "ptx-kernel" fn cache_plan(p: PlanParams) {
+        let shape = &p.shape;
+        let kv_head = block_idx_x();
+        let sequence_index = block_idx_y();
+        let tid = thread_idx_x();
+        let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
+        let chunks = sequence.chunks;
+        let k = shape.budget_chunks;
+        let words = bitmap_words(chunks);
+
+        let selected = dynamic_shared::<u32>();
+        let hit = selected.add(p.bitmap_words as usize);
+        let freed = hit.add(p.bitmap_words as usize);
+        let scratch = freed.add(k as usize);
+        let mut w = tid;
+        while w < words {
+            *selected.add(w as usize) = 0;
+            *hit.add(w as usize) = 0;
+            w += THREADS;
+        }
+        sync_threads();
+
+        let base = slot_base(sequence_index, kv_head, shape.kv_heads, k);
+        let selection = (p.selection as *const u32).add(base);
+        let resident = (p.resident as *mut u32).add(base);
+        let mut i = tid;
+        while i < k {
+            let chunk = *selection.add(i as usize);
+            if chunk < chunks {
+                atomic_or_shared_u32(selected.add((chunk / 32) as usize), 1 << (chunk % 32));
+            }
+            i += THREADS;
+        }
+        sync_threads();
+
+        // Slots whose chunk stays are hits; the rest are freed, listed in slot order.
+        let mut freed_count = 0;
+        let mut start = 0;
+        while start < k {
+            let slot = start + tid;
+            let mut is_freed = false;
+            if slot < k {
+                let chunk = *resident.add(slot as usize);
+                if contains(selected, chunk, chunks) {
+                    atomic_or_shared_u32(hit.add((chunk / 32) as usize), 1 << (chunk % 32));
+                } else {
+                    is_freed = true;
+                }
+            }
+            let (rank, total) = exclusive_count(is_freed, scratch);
+            if is_freed {
+                *freed.add((freed_count + rank) as usize) = slot;
+            }
+            freed_count += total;
+            start += THREADS;
+        }
+        // (`exclusive_count` ends with a barrier: the hit bitmap and freed list are complete
+        // and every read of `resident` is done before the updates below.)
+
+        let misses = (p.misses as *mut Miss).add(base);
+        let mut miss_count = 0;
+        let mut start = 0;
+        while start < k {
+            let i = start + tid;
+            let chunk = if i < k { *selection.add(i as usize) } else { 0 };
+            let is_miss = i < k && !contains(hit, chunk, chunks);
+            let (rank, total) = exclusive_count(is_miss, scratch);
+            let m = miss_count + rank;
+            if is_miss && m < freed_count {
+                let slot = *freed.add(m as usize);
+                *misses.add(m as usize) = Miss { chunk, slot };
+                *resident.add(slot as usize) = chunk;
+            }
+            miss_count += total;
+            start += THREADS;
+        }
+        if tid == 0 {
+            let at = (sequence_index * shape.kv_heads + kv_head) as usize;
+            let count = min_u32(miss_count, freed_count);
+            *(p.miss_counts as *mut u32).add(at) = count;
+            if p.host_miss_counts != 0 {
+                *(p.host_miss_counts as *mut u32).add(at) = count;
+            }
+        }
+    }
+}

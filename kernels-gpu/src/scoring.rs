@@ -1,0 +1,251 @@
+//! Landmark scoring, pass one: `q_i · landmarkᵀ · scale` for the `G` query heads of each KV
+//! head, over every landmark, in one pass over the landmarks (the largest thing a decode step
+//! reads). Writes base-2 logits and, per block and query head, the (max, sum of `exp2`) of its
+//! tile; `topk` merges those into each head's softmax normaliser, so the softmax needs no
+//! second pass over the landmarks.
+//!
+//! Blocks are `(tile, kv_head, sequence)`; a tile is [`TILE`] landmarks, a quarter per warp,
+//! `32 / lanes_per_row` landmarks per warp row and [`UNROLL`] rows loaded ahead
+//! (double-buffered, as in `attention`).
+
+use crate::shadow::ShadowShape;
+
+pub const WARPS: u32 = 4;
+pub const THREADS: u32 = WARPS * 32;
+/// Landmarks per block.
+pub const TILE: u32 = 512;
+/// Rows of landmarks each lane group loads before using them.
+pub const UNROLL: u32 = 4;
+/// bf16 values per 16-byte vector.
+pub const VECTOR: u32 = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ScoringParams {
+    pub shape: ShadowShape,
+    /// `[batch, Hkv * G, d]` bf16 post-RoPE queries.
+    pub q: u64,
+    /// bf16 landmarks (see `shadow`).
+    pub landmarks: u64,
+    /// f32 base-2 logits `[.., Hkv, G, landmarks]` (see `shadow`).
+    pub logits: u64,
+    /// f32 `[batch, Hkv, max_tiles, G, 2]`: (max, sum of exp2(logit - max)) per tile and head.
+    pub tile_stats: u64,
+    /// Tiles of the sequence with the most landmarks (grid x).
+    pub max_tiles: u32,
+    /// `softmax_scale * log2(e)`.
+    pub scale_log2: f32,
+}
+
+/// Tiles that cover `landmarks` landmarks.
+pub const fn tiles(landmarks: u32) -> u32 {
+    landmarks.div_ceil(TILE)
+}
+
+/// Index of (sequence, kv_head, tile, g) in `tile_stats`, in (max, sum) pairs.
+pub const fn tile_stat_index(
+    sequence: u32,
+    kv_head: u32,
+    tile: u32,
+    g: u32,
+    kv_heads: u32,
+    max_tiles: u32,
+    group: u32,
+) -> usize {
+    (((sequence as usize * kv_heads as usize + kv_head as usize) * max_tiles as usize
+        + tile as usize)
+        * group as usize
+        + g as usize)
+        * 2
+}
+
+/// Dynamic shared memory: per warp and head, the (max, sum) of the warp.
+pub const fn shared_bytes(group: u32) -> u32 {
+    WARPS * group * 2 * 4
+}
+
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn kernel_name(group: u32, head_dim: u32) -> String {
+    format!("landmark_scoring_g{group}_d{head_dim}")
+}
+
+#[cfg(target_arch = "nvptx64")]
+#[allow(clippy::needless_range_loop)]
+mod kernel {
+    use super::*;
+    use crate::attention::NO_SCORE;
+    use crate::device::*;
+    use crate::shadow::ShadowSequence;
+
+    /// # Safety
+    /// The host launcher validated every layout against the buffers and launched
+    /// `(max_tiles, kv_heads, batch)` blocks of [`THREADS`] with [`shared_bytes`].
+    #[inline(always)]
+    pub unsafe fn landmark_scoring<const G: usize, const D: usize>(p: &ScoringParams) {
+        let lanes = (D as u32) / VECTOR;
+        let rows_per_warp = 32 / lanes;
+        let tile = block_idx_x();
+        let kv_head = block_idx_y();
+        let sequence_index = block_idx_z();
+        let (warp, lane) = (warp_id(), lane_id());
+        let lane_in_row = lane % lanes;
+        let row_in_warp = lane / lanes;
+        let shape = &p.shape;
+        let q_heads = shape.kv_heads * G as u32;
+
+        let mut q_raw = [[0u32; 4]; G];
+        for g in 0..G {
+            let q_head = kv_head * G as u32 + g as u32;
+            let row = (p.q as *const u16).add((sequence_index * q_heads + q_head) as usize * D);
+            q_raw[g] = load_16(row.add((lane_in_row * VECTOR) as usize) as *const Vec16);
+        }
+        let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
+        let count = sequence.landmarks;
+        let start = tile * TILE;
+        if start >= count {
+            return;
+        }
+        let mut q = [[0.0f32; 8]; G];
+        for g in 0..G {
+            let values = bf16x8_to_f32(q_raw[g]);
+            for j in 0..8 {
+                q[g][j] = values[j] * p.scale_log2;
+            }
+        }
+        // This warp's contiguous quarter of the tile.
+        let warp_len = TILE / WARPS;
+        let warp_start = start + warp * warp_len;
+        let warp_end = min_u32(warp_start + warp_len, count);
+        let base = sequence.landmark_base(kv_head);
+        let column = (lane_in_row * VECTOR) as usize;
+        let landmarks = (p.landmarks as *const u16).add(base as usize * D + column);
+        let mut logit_rows = [core::ptr::null_mut::<f32>(); G];
+        for g in 0..G {
+            logit_rows[g] = (p.logits as *mut f32)
+                .add(sequence.logit_base(kv_head, G as u32, g as u32) as usize);
+        }
+
+        let mut running_max = [NO_SCORE; G];
+        let mut running_sum = [0.0f32; G];
+        let step = rows_per_warp * UNROLL;
+        let load = |first: u32| {
+            let mut rows = [[0u32; 4]; UNROLL as usize];
+            for u in 0..UNROLL as usize {
+                let landmark = first + u as u32 * rows_per_warp + row_in_warp;
+                if landmark < warp_end {
+                    rows[u] = load_stream_16(landmarks.add(landmark as usize * D) as *const Vec16);
+                }
+            }
+            rows
+        };
+        let mut next = load(warp_start);
+        let mut first = warp_start;
+        while first < warp_end {
+            let rows = next;
+            if first + step < warp_end {
+                next = load(first + step);
+            }
+            let mut logits = [[0.0f32; UNROLL as usize]; G];
+            for u in 0..UNROLL as usize {
+                let key = bf16x8_to_f32(rows[u]);
+                for g in 0..G {
+                    let mut dot = 0.0f32;
+                    for j in 0..8 {
+                        dot += q[g][j] * key[j];
+                    }
+                    logits[g][u] = dot;
+                }
+            }
+            let mut mask = 1;
+            while mask < lanes {
+                for g in 0..G {
+                    for u in 0..UNROLL as usize {
+                        logits[g][u] += shuffle_xor_f32(logits[g][u], mask);
+                    }
+                }
+                mask <<= 1;
+            }
+            for u in 0..UNROLL as usize {
+                let landmark = first + u as u32 * rows_per_warp + row_in_warp;
+                if landmark < warp_end {
+                    for g in 0..G {
+                        // Lane g of the row's lane group writes head g's logit.
+                        if lane_in_row == g as u32 {
+                            *logit_rows[g].add(landmark as usize) = logits[g][u];
+                        }
+                        let new_max = max_f32(running_max[g], logits[g][u]);
+                        running_sum[g] = running_sum[g] * exp2(running_max[g] - new_max)
+                            + exp2(logits[g][u] - new_max);
+                        running_max[g] = new_max;
+                    }
+                }
+            }
+            first += step;
+        }
+
+        // Merge the warp's rows (lanes holding other landmarks), then the warps.
+        let mut mask = lanes;
+        while mask < 32 {
+            for g in 0..G {
+                let other_max = shuffle_xor_f32(running_max[g], mask);
+                let other_sum = shuffle_xor_f32(running_sum[g], mask);
+                let new_max = max_f32(running_max[g], other_max);
+                running_sum[g] = running_sum[g] * exp2(running_max[g] - new_max)
+                    + other_sum * exp2(other_max - new_max);
+                running_max[g] = new_max;
+            }
+            mask <<= 1;
+        }
+        let shared = dynamic_shared::<f32>();
+        if lane == 0 {
+            for g in 0..G {
+                *shared.add((warp as usize * G + g) * 2) = running_max[g];
+                *shared.add((warp as usize * G + g) * 2 + 1) = running_sum[g];
+            }
+        }
+        sync_threads();
+        let g = thread_idx_x() as usize;
+        if g < G {
+            let mut block_max = NO_SCORE;
+            for w in 0..WARPS as usize {
+                block_max = max_f32(block_max, *shared.add((w * G + g) * 2));
+            }
+            let mut sum = 0.0f32;
+            for w in 0..WARPS as usize {
+                sum += *shared.add((w * G + g) * 2 + 1)
+                    * exp2(*shared.add((w * G + g) * 2) - block_max);
+            }
+            let at = tile_stat_index(
+                sequence_index,
+                kv_head,
+                tile,
+                g as u32,
+                shape.kv_heads,
+                p.max_tiles,
+                G as u32,
+            );
+            *(p.tile_stats as *mut f32).add(at) = block_max;
+            *(p.tile_stats as *mut f32).add(at + 1) = sum;
+        }
+    }
+
+    macro_rules! entries {
+        ($($name:ident = <$g:literal, $d:literal>),* $(,)?) => {$(
+            #[no_mangle]
+            pub unsafe extern "ptx-kernel" fn $name(params: ScoringParams) {
+                landmark_scoring::<$g, $d>(&params)
+            }
+        )*};
+    }
+    entries! {
+        landmark_scoring_g1_d64 = <1, 64>, landmark_scoring_g2_d64 = <2, 64>,
+        landmark_scoring_g3_d64 = <3, 64>, landmark_scoring_g4_d64 = <4, 64>,
+        landmark_scoring_g5_d64 = <5, 64>, landmark_scoring_g6_d64 = <6, 64>,
+        landmark_scoring_g7_d64 = <7, 64>, landmark_scoring_g8_d64 = <8, 64>,
+        landmark_scoring_g1_d128 = <1, 128>, landmark_scoring_g2_d128 = <2, 128>,
+        landmark_scoring_g3_d128 = <3, 128>, landmark_scoring_g4_d128 = <4, 128>,
+        landmark_scoring_g5_d128 = <5, 128>, landmark_scoring_g6_d128 = <6, 128>,
+        landmark_scoring_g7_d128 = <7, 128>, landmark_scoring_g8_d128 = <8, 128>,
+    }
+}
