@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use rand::{rngs::StdRng, SeedableRng};
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, SequenceLayout};
-use shadowkv_suite::{random_bf16, shared_gpu};
+use shadowkv_suite::bench::{copy_bandwidth, filled, steady_ms};
+use shadowkv_suite::shared_gpu;
 
 const BATCHES: [usize; 3] = [1, 4, 16];
 const LENS: [u32; 4] = [2048, 8192, 32_768, 131_072];
@@ -31,52 +31,6 @@ struct Setup {
     out: CudaSlice<bf16>,
 }
 
-/// Fills a large device buffer with a repeated random block (no zeros, no host RNG over GiBs).
-fn filled(gpu: &Gpu, elements: usize, seed: u64) -> shadowkv::Result<CudaSlice<bf16>> {
-    let stream = gpu.stream();
-    let block = 16 << 20;
-    let pattern = stream.clone_htod(&random_bf16(&mut StdRng::seed_from_u64(seed), block, 1.0))?;
-    // SAFETY: every element is written by the copies below before any kernel reads it.
-    let mut buffer = unsafe { stream.alloc::<bf16>(elements)? };
-    let mut start = 0;
-    while start < elements {
-        let n = block.min(elements - start);
-        stream.memcpy_dtod(&pattern.slice(..n), &mut buffer.slice_mut(start..start + n))?;
-        start += n;
-    }
-    Ok(buffer)
-}
-
-/// Device-to-device copy bandwidth (bytes read + written), median of 20.
-fn copy_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
-    let bytes = 1usize << 30;
-    let source = filled(gpu, bytes / 2, 1)?;
-    // SAFETY: written by the copy before anything reads it.
-    let mut target = unsafe { gpu.stream().alloc::<bf16>(bytes / 2)? };
-    let mut times = Vec::new();
-    for _ in 0..20 {
-        times.push(gpu.time_ms(gpu.stream(), 1, || {
-            Ok(gpu.stream().memcpy_dtod(&source, &mut target)?)
-        })?);
-    }
-    Ok(2.0 * bytes as f64 / (median(&mut times) as f64 * 1e-3))
-}
-
-/// Device time of one call in steady state: the median over 15 samples of 20 back-to-back
-/// calls each, so the host's enqueue of the next call overlaps the GPU's work on this one
-/// (as in a decode loop) instead of being counted.
-fn steady_ms(
-    gpu: &Gpu,
-    stream: &shadowkv::cudarc::driver::CudaStream,
-    mut work: impl FnMut() -> shadowkv::Result<()>,
-) -> shadowkv::Result<f64> {
-    let mut times = Vec::new();
-    for _ in 0..15 {
-        times.push(gpu.time_ms(stream, 20, &mut work)?);
-    }
-    Ok(median(&mut times) as f64)
-}
-
 /// Rows of (batch, tokens, split length or splits, ms, bytes/s) next to the copy ceiling.
 fn print_table(title: &str, third: &str, rows: &[(usize, u32, u32, f64, f64)], copy: f64) {
     if !title.is_empty() {
@@ -94,11 +48,6 @@ fn print_table(title: &str, third: &str, rows: &[(usize, u32, u32, f64, f64)], c
             100.0 * rate / copy
         );
     }
-}
-
-fn median(times: &mut [f32]) -> f32 {
-    times.sort_by(f32::total_cmp);
-    times[times.len() / 2]
 }
 
 /// Plans for `sets` disjoint copies of a `batch x len` problem inside the shared buffers,

@@ -64,3 +64,212 @@ pub fn run_gpu_tests(tests: &[(&'static str, GpuTest)]) -> ! {
         .collect();
     libtest_mimic::run(&arguments, trials).exit()
 }
+
+/// Random ShadowKV layers laid out as `shadowkv_kernels::shadow` says, on the host (for the
+/// references) and uploaded (for the GPU).
+pub mod layers {
+    use half::bf16;
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    use shadowkv::reference::decode_step::HostLayer;
+    use shadowkv::{
+        LayerValues, PinnedBuffer, Result, SequenceLayout, ShadowBatch, ShadowConfig,
+        ShadowLayer, ShadowSequence, EMPTY_SLOT,
+    };
+
+    use super::random_bf16;
+
+    /// One sequence of a random layer.
+    #[derive(Clone, Copy, Debug)]
+    pub struct SequenceSpec {
+        pub prompt_len: u32,
+        /// Chunks kept exact at the end of the prompt (the local window is these plus the
+        /// remainder of the prompt).
+        pub local_chunks: u32,
+        /// Chunks kept exact as outliers (removed from the landmarks).
+        pub outlier_chunks: u32,
+        /// Generated tokens after the sparse slots.
+        pub generated: u32,
+        /// Spare K/V rows past the generated tokens (room to grow, poisoned).
+        pub spare: u32,
+    }
+
+    /// Builds a layer: random landmarks, `A`, `Bm`, values and exact K/V rows, each head's
+    /// landmark chunk ids a random subset of the chunks (the rest are its outliers), every
+    /// slot empty. Unused K/V rows hold NaN so a read past a layout shows.
+    pub fn random_layer(rng: &mut impl Rng, config: &ShadowConfig, specs: &[SequenceSpec]) -> HostLayer {
+        let (kv_heads, d, c, r) = (
+            config.kv_heads,
+            config.head_dim,
+            config.chunk_size as u32,
+            config.rank,
+        );
+        let mut sequences = Vec::new();
+        let (mut landmark_row, mut a_offset, mut bm_offset, mut values_offset, mut kv_offset) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        for spec in specs {
+            let chunks = spec.prompt_len / c - spec.local_chunks;
+            let landmarks = chunks - spec.outlier_chunks;
+            let local = spec.prompt_len - chunks * c;
+            let sparse_start = local + spec.outlier_chunks * c;
+            let len = sparse_start + config.sparse_budget() as u32 + spec.generated;
+            let capacity = len + spec.spare;
+            sequences.push(ShadowSequence {
+                landmark_row,
+                a_offset,
+                bm_offset,
+                host_value_offset: values_offset,
+                landmarks,
+                chunks,
+                prompt_len: spec.prompt_len,
+                sparse_start,
+                kv: SequenceLayout {
+                    offset: kv_offset,
+                    capacity,
+                    len,
+                },
+            });
+            landmark_row += (kv_heads as u64) * landmarks as u64 + 3;
+            a_offset += (spec.prompt_len as u64 * r as u64).next_multiple_of(8) + 8;
+            bm_offset += (r * kv_heads * d) as u64 + 8;
+            values_offset += (kv_heads as u64 * spec.prompt_len as u64 * d as u64) + 8;
+            kv_offset += (kv_heads as u64 * capacity as u64 * d as u64) + 8;
+        }
+        let rows = landmark_row as usize;
+        let landmarks = random_bf16(rng, rows * d, 1.0);
+        let mut chunk_ids = vec![u32::MAX; rows];
+        for s in &sequences {
+            for h in 0..kv_heads as u32 {
+                let mut ids: Vec<u32> = (0..s.chunks).collect();
+                ids.shuffle(rng);
+                ids.truncate(s.landmarks as usize);
+                let base = s.landmark_base(h) as usize;
+                chunk_ids[base..base + ids.len()].copy_from_slice(&ids);
+            }
+        }
+        // A like U (rows of norm ~1), Bm like Sigma V^T: keys of norm ~ sqrt(d).
+        let a_scale = (3.0 / r as f32).sqrt();
+        let a = random_bf16(rng, a_offset as usize, a_scale);
+        let bm = random_bf16(rng, bm_offset as usize, 1.7);
+        let values = random_bf16(rng, values_offset as usize, 1.0);
+        let poison = bf16::from_bits(0x7fc1);
+        let mut k = vec![poison; kv_offset as usize];
+        let mut v = vec![poison; kv_offset as usize];
+        for s in &sequences {
+            for h in 0..kv_heads as u32 {
+                // Exact rows: local window, outliers and generated tokens; slots stay NaN
+                // until a step fills them.
+                let slots = s.sparse_start..s.sparse_start + config.sparse_budget() as u32;
+                for token in (0..s.kv.len).filter(|t| !slots.contains(t)) {
+                    let row = s.kv_row(h, token, d as u32) as usize;
+                    for i in row..row + d {
+                        k[i] = bf16::from_f32(rng.gen_range(-1.5..1.5));
+                        v[i] = bf16::from_f32(rng.gen_range(-1.0..1.0));
+                    }
+                }
+            }
+        }
+        let resident = vec![EMPTY_SLOT; specs.len() * kv_heads * config.budget_chunks];
+        HostLayer {
+            sequences,
+            landmarks,
+            chunk_ids,
+            a,
+            bm,
+            values,
+            k,
+            v,
+            resident,
+        }
+    }
+
+    /// Uploads a host layer; values go to pinned, device-mapped host memory unless
+    /// `values_on_gpu`.
+    pub fn upload(
+        gpu: &shadowkv::Gpu,
+        config: &ShadowConfig,
+        host: &HostLayer,
+        values_on_gpu: bool,
+    ) -> Result<ShadowLayer> {
+        let stream = gpu.stream();
+        let values = if values_on_gpu {
+            LayerValues::Device(stream.clone_htod(&host.values)?)
+        } else {
+            let mut pinned = PinnedBuffer::new(gpu, host.values.len())?;
+            pinned.as_mut_slice()?.copy_from_slice(&host.values);
+            LayerValues::Host(pinned)
+        };
+        Ok(ShadowLayer {
+            batch: ShadowBatch::new(stream, *config, &host.sequences)?,
+            landmarks: stream.clone_htod(&host.landmarks)?,
+            chunk_ids: stream.clone_htod(&host.chunk_ids)?,
+            a: stream.clone_htod(&host.a)?,
+            bm: stream.clone_htod(&host.bm)?,
+            k: stream.clone_htod(&host.k)?,
+            v: stream.clone_htod(&host.v)?,
+            values,
+            resident: stream.clone_htod(&host.resident)?,
+        })
+    }
+}
+
+/// Benchmark helpers: filled device buffers, the measured ceilings, steady-state timing.
+pub mod bench {
+    use half::bf16;
+    use rand::{rngs::StdRng, SeedableRng};
+    use shadowkv::cudarc::driver::CudaSlice;
+    use shadowkv::Gpu;
+
+    use super::random_bf16;
+
+    /// Fills a large device buffer with a repeated random block (no zeros, no host RNG over GiBs).
+    pub fn filled(gpu: &Gpu, elements: usize, seed: u64) -> shadowkv::Result<CudaSlice<bf16>> {
+        let stream = gpu.stream();
+        let block = 16 << 20;
+        let pattern = stream.clone_htod(&random_bf16(&mut StdRng::seed_from_u64(seed), block, 1.0))?;
+        // SAFETY: every element is written by the copies below before any kernel reads it.
+        let mut buffer = unsafe { stream.alloc::<bf16>(elements)? };
+        let mut start = 0;
+        while start < elements {
+            let n = block.min(elements - start);
+            stream.memcpy_dtod(&pattern.slice(..n), &mut buffer.slice_mut(start..start + n))?;
+            start += n;
+        }
+        Ok(buffer)
+    }
+
+    /// Device-to-device copy bandwidth (bytes read + written), median of 20.
+    pub fn copy_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
+        let bytes = 1usize << 30;
+        let source = filled(gpu, bytes / 2, 1)?;
+        // SAFETY: written by the copy before anything reads it.
+        let mut target = unsafe { gpu.stream().alloc::<bf16>(bytes / 2)? };
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            times.push(gpu.time_ms(gpu.stream(), 1, || {
+                Ok(gpu.stream().memcpy_dtod(&source, &mut target)?)
+            })?);
+        }
+        Ok(2.0 * bytes as f64 / (median(&mut times) as f64 * 1e-3))
+    }
+
+    /// Device time of one call in steady state: the median over 15 samples of 20 back-to-back
+    /// calls each, so the host's enqueue of the next call overlaps the GPU's work on this one
+    /// (as in a decode loop) instead of being counted.
+    pub fn steady_ms(
+        gpu: &Gpu,
+        stream: &shadowkv::cudarc::driver::CudaStream,
+        mut work: impl FnMut() -> shadowkv::Result<()>,
+    ) -> shadowkv::Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..15 {
+            times.push(gpu.time_ms(stream, 20, &mut work)?);
+        }
+        Ok(median(&mut times) as f64)
+    }
+
+    pub fn median(times: &mut [f32]) -> f32 {
+        times.sort_by(f32::total_cmp);
+        times[times.len() / 2]
+    }
+}

@@ -1,0 +1,601 @@
+//! GPU equivalence of the ShadowKV decode kernels (scoring, top-k, plan, fetch, rebuild) and of
+//! the whole one-layer step against their CPU references, on fresh random ragged batches.
+//! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).
+use half::bf16;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use rand::seq::SliceRandom;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use shadowkv::reference::decode_step::{decode_step, HostLayer};
+use shadowkv::reference::{self, relative_error};
+use shadowkv::shadow::ShadowBatch;
+use shadowkv::{
+    plan, scoring, topk, DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, DecodeStep,
+    Error, Gpu, Miss, RopeConfig, SequenceLayout, ShadowConfig, EMPTY_SLOT,
+};
+use shadowkv_suite::layers::{random_layer, upload, SequenceSpec};
+use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64};
+
+const TOLERANCE: f64 = 1e-2;
+
+fn main() {
+    run_gpu_tests(&[
+        ("scoring_and_topk_match_reference", scoring_and_topk),
+        ("topk_with_many_ties_is_exact", topk_with_ties),
+        ("plan_matches_reference", plan_matches_reference),
+        ("step_matches_reference_over_steps", step_over_steps),
+        ("step_with_full_budget_equals_full_attention", full_budget),
+        ("step_rejects_bad_input", rejects_bad_input),
+    ])
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(12)
+}
+
+fn runner() -> TestRunner {
+    // No shrinking: a failing case is reported as drawn (its cases are heavy, and shrinking
+    // them could run for many minutes on the device).
+    TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        max_shrink_iters: 0,
+        ..Config::default()
+    })
+}
+
+fn s<E: std::fmt::Display>(error: E) -> String {
+    error.to_string()
+}
+
+/// A random config: group 1..=8, d 64/128, c 1..=16, r a multiple of 16 up to 256, budget.
+fn config_strategy() -> impl Strategy<Value = ShadowConfig> {
+    (
+        1usize..=3,
+        1usize..=8,
+        prop::sample::select(vec![64usize, 128]),
+        prop::sample::select(vec![1usize, 4, 5, 8, 16]),
+        1usize..=16,
+        prop::sample::select(vec![1usize, 7, 32, 64, 100]),
+    )
+        .prop_map(
+            |(kv_heads, group, head_dim, chunk_size, rank_steps, budget_chunks)| ShadowConfig {
+                q_heads: kv_heads * group,
+                kv_heads,
+                head_dim,
+                chunk_size,
+                rank: (16 * rank_steps).min(kv_heads * head_dim),
+                budget_chunks,
+            },
+        )
+}
+
+/// Ragged sequences for `config`: prompts long enough for the budget, some far longer.
+fn specs_strategy(config: ShadowConfig) -> impl Strategy<Value = Vec<SequenceSpec>> {
+    let c = config.chunk_size as u32;
+    let k = config.budget_chunks as u32;
+    let spec = (0u32..3000, 0u32..4, 0u32..6, 1u32..40, 0u32..9, 0u32..7).prop_map(
+        move |(extra_chunks, local, outliers, generated, spare, remainder)| SequenceSpec {
+            prompt_len: (k + extra_chunks + local + outliers) * c + remainder % c.max(1),
+            local_chunks: local,
+            outlier_chunks: outliers,
+            generated,
+            spare,
+        },
+    );
+    prop::collection::vec(spec, 1..=4)
+}
+
+fn case_strategy() -> impl Strategy<Value = (ShadowConfig, Vec<SequenceSpec>, u64)> {
+    config_strategy().prop_flat_map(|config| (Just(config), specs_strategy(config), any::<u64>()))
+}
+
+fn random_q(rng: &mut StdRng, config: &ShadowConfig, batch: usize, scale: f32) -> Vec<bf16> {
+    random_bf16(rng, batch * config.q_heads * config.head_dim, scale)
+}
+
+/// The entries of a `[.., landmarks]` buffer that (sequence, head) addresses.
+fn per_head<T: Copy>(layer: &HostLayer, config: &ShadowConfig, buffer: &[T]) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    for s in &layer.sequences {
+        for h in 0..config.kv_heads as u32 {
+            let base = s.landmark_base(h) as usize;
+            out.push(buffer[base..base + s.landmarks as usize].to_vec());
+        }
+    }
+    out
+}
+
+fn scoring_and_topk(gpu: &Gpu) -> Result<(), String> {
+    let worst = std::cell::Cell::new((0.0f64, 0.0f64));
+    runner()
+        .run(&case_strategy(), |(config, specs, seed)| {
+            let (logit_error, score_error) =
+                check_scoring(gpu, &config, &specs, seed).map_err(TestCaseError::fail)?;
+            eprintln!("  scoring/topk case ok: {config:?}, {} sequences", specs.len());
+            let (a, b) = worst.get();
+            worst.set((a.max(logit_error), b.max(score_error)));
+            Ok(())
+        })
+        .map_err(s)?;
+    let (logits, scores) = worst.get();
+    eprintln!(
+        "{} random batches: worst relative error logits {logits:.2e}, scores {scores:.2e}; selections exact",
+        cases()
+    );
+    Ok(())
+}
+
+/// Scoring and top-k against the reference: logits and scores by relative error, the
+/// selection exactly (the reference selects from the GPU's own scores).
+fn check_scoring(
+    gpu: &Gpu,
+    config: &ShadowConfig,
+    specs: &[SequenceSpec],
+    seed: u64,
+) -> Result<(f64, f64), String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let host = random_layer(&mut rng, config, specs);
+    let q = random_q(&mut rng, config, specs.len(), 2.0);
+    let stream = gpu.stream();
+    let batch = ShadowBatch::new(stream, *config, &host.sequences).map_err(s)?;
+    let (dq, landmarks, chunk_ids) = (
+        stream.clone_htod(&q).map_err(s)?,
+        stream.clone_htod(&host.landmarks).map_err(s)?,
+        stream.clone_htod(&host.chunk_ids).map_err(s)?,
+    );
+    let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
+    let mut logits = nan(scoring::logits_len(&batch))?;
+    let mut tile_stats = nan(scoring::tile_stats_len(&batch))?;
+    let mut scores = nan(batch.extents().landmark_rows)?;
+    let mut selection = stream
+        .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
+        .map_err(s)?;
+    let scale = 1.0 / (config.head_dim as f32).sqrt();
+    scoring::run(gpu, stream, &batch, &dq, &landmarks, &mut logits, &mut tile_stats, scale)
+        .map_err(s)?;
+    topk::run(gpu, stream, &batch, &logits, &tile_stats, &chunk_ids, &mut scores, &mut selection)
+        .map_err(s)?;
+    let gpu_logits = stream.clone_dtoh(&logits).map_err(s)?;
+    let gpu_scores = per_head(&host, config, &stream.clone_dtoh(&scores).map_err(s)?);
+    let gpu_selection = stream.clone_dtoh(&selection).map_err(s)?;
+    let (mut logit_error, mut score_error) = (0.0f64, 0.0f64);
+    let k = config.budget_chunks;
+    for (b, sequence) in host.sequences.iter().enumerate() {
+        for h in 0..config.kv_heads {
+            let index = b * config.kv_heads + h;
+            let expected = reference::scoring::logits(
+                config,
+                sequence,
+                b,
+                h,
+                &q,
+                &host.landmarks,
+                scale as f64,
+            );
+            for (g, row) in expected.iter().enumerate() {
+                let at = sequence.logit_base(h as u32, config.group() as u32, g as u32) as usize;
+                let actual: Vec<f64> = gpu_logits[at..at + row.len()].iter().map(|&x| x as f64).collect();
+                logit_error = logit_error.max(relative_error(&actual, row));
+            }
+            let expected_scores = reference::scoring::scores(&expected);
+            let actual: Vec<f64> = gpu_scores[index].iter().map(|&x| x as f64).collect();
+            score_error = score_error.max(relative_error(&actual, &expected_scores));
+            let base = sequence.landmark_base(h as u32) as usize;
+            let ids = &host.chunk_ids[base..base + sequence.landmarks as usize];
+            let want = reference::topk::select(&gpu_scores[index], ids, k);
+            let got = &gpu_selection[index * k..(index + 1) * k];
+            if got != want.as_slice() {
+                return Err(format!(
+                    "sequence {b} head {h}: selection differs from the top-{k} of the GPU's scores ({} landmarks)",
+                    sequence.landmarks
+                ));
+            }
+        }
+    }
+    if logit_error > 1e-3 || score_error > TOLERANCE {
+        return Err(format!(
+            "relative error logits {logit_error:.2e}, scores {score_error:.2e} for {config:?}"
+        ));
+    }
+    Ok((logit_error, score_error))
+}
+
+fn topk_with_ties(gpu: &Gpu) -> Result<(), String> {
+    // Landmarks from three distinct rows: most scores tie, and the k-th falls inside a tie.
+    let config = ShadowConfig {
+        budget_chunks: 50,
+        ..ShadowConfig::LLAMA_3_8B
+    };
+    let specs = [SequenceSpec {
+        prompt_len: 8 * 3000 + 5,
+        local_chunks: 4,
+        outlier_chunks: 8,
+        generated: 3,
+        spare: 1,
+    }];
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut host = random_layer(&mut rng, &config, &specs);
+    let d = config.head_dim;
+    let rows: Vec<Vec<bf16>> = (0..3).map(|_| random_bf16(&mut rng, d, 1.0)).collect();
+    for (i, landmark) in host.landmarks.chunks_mut(d).enumerate() {
+        landmark.copy_from_slice(&rows[(i * 7 + i / 5) % 3]);
+    }
+    let q = random_q(&mut rng, &config, 1, 2.0);
+    let mut layer = upload(gpu, &config, &host, false).map_err(s)?;
+    let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
+    let dq = gpu.stream().clone_htod(&q).map_err(s)?;
+    let mut out = poisoned(gpu, q.len()).map_err(s)?;
+    step.run(gpu, &mut layer, &dq, &mut out).map_err(s)?;
+    let stream = gpu.stream();
+    let scores = per_head(&host, &config, &stream.clone_dtoh(step.scratch().scores).map_err(s)?);
+    let selection = stream.clone_dtoh(step.scratch().selection).map_err(s)?;
+    let k = config.budget_chunks;
+    let sequence = &host.sequences[0];
+    for h in 0..config.kv_heads {
+        let base = sequence.landmark_base(h as u32) as usize;
+        let ids = &host.chunk_ids[base..base + sequence.landmarks as usize];
+        let want = reference::topk::select(&scores[h], ids, k);
+        if selection[h * k..(h + 1) * k] != want[..] {
+            return Err(format!("head {h}: tie-breaking selection differs"));
+        }
+    }
+    Ok(())
+}
+
+fn plan_matches_reference(gpu: &Gpu) -> Result<(), String> {
+    runner()
+        .run(&case_strategy(), |(config, specs, seed)| {
+            check_plan(gpu, &config, &specs, seed).map_err(TestCaseError::fail)
+        })
+        .map_err(s)
+}
+
+/// The plan on random selections and resident sets (a random share of hits, other chunks and
+/// empty slots) against the reference: miss lists, counts and resident ids exactly.
+fn check_plan(gpu: &Gpu, config: &ShadowConfig, specs: &[SequenceSpec], seed: u64) -> Result<(), String> {
+    let stream = gpu.stream();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let host = random_layer(&mut rng, config, specs);
+    let batch = ShadowBatch::new(stream, *config, &host.sequences).map_err(s)?;
+    let k = config.budget_chunks;
+    let mut selection = Vec::new();
+    let mut resident = Vec::new();
+    for sequence in &host.sequences {
+        for h in 0..config.kv_heads as u32 {
+            let base = sequence.landmark_base(h) as usize;
+            let mut ids = host.chunk_ids[base..base + sequence.landmarks as usize].to_vec();
+            ids.shuffle(&mut rng);
+            selection.extend_from_slice(&ids[..k]);
+            let keep = rng.gen_range(0..=k);
+            let mut slots: Vec<u32> = ids[..keep].to_vec();
+            slots.extend(ids[k..].iter().take(k - keep));
+            while slots.len() < k {
+                slots.push(EMPTY_SLOT);
+            }
+            slots.shuffle(&mut rng);
+            resident.extend(slots);
+        }
+    }
+    let d_selection = stream.clone_htod(&selection).map_err(s)?;
+    let mut d_resident = stream.clone_htod(&resident).map_err(s)?;
+    let mut misses = stream
+        .clone_htod(&vec![Miss { chunk: 7, slot: 7 }; batch.slot_entries()])
+        .map_err(s)?;
+    let mut counts = stream
+        .clone_htod(&vec![u32::MAX; batch.batch() * config.kv_heads])
+        .map_err(s)?;
+    plan::run(gpu, stream, &batch, &d_selection, &mut d_resident, &mut misses, &mut counts, 0)
+        .map_err(s)?;
+    let gpu_resident = stream.clone_dtoh(&d_resident).map_err(s)?;
+    let gpu_misses = stream.clone_dtoh(&misses).map_err(s)?;
+    let gpu_counts = stream.clone_dtoh(&counts).map_err(s)?;
+    for index in 0..batch.batch() * config.kv_heads {
+        let range = index * k..(index + 1) * k;
+        let mut want_resident = resident[range.clone()].to_vec();
+        let want = reference::plan::plan(&selection[range.clone()], &mut want_resident);
+        let count = gpu_counts[index] as usize;
+        if count != want.len()
+            || gpu_misses[index * k..index * k + count] != want[..]
+            || gpu_resident[range] != want_resident[..]
+        {
+            return Err(format!(
+                "head {index}: plan differs ({count} misses, reference {}) for {config:?}",
+                want.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `steps` decode steps on the GPU and the reference, with a query that drifts (so
+/// later steps hit part of the cache), comparing everything each step.
+fn run_steps(
+    gpu: &Gpu,
+    config: &ShadowConfig,
+    specs: &[SequenceSpec],
+    seed: u64,
+    steps: usize,
+    values_on_gpu: bool,
+) -> Result<(f64, f64), String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut host = random_layer(&mut rng, config, specs);
+    let mut layer = upload(gpu, config, &host, values_on_gpu).map_err(s)?;
+    let rope = RopeConfig {
+        theta: 10_000.0 + 490_000.0 * rng.gen::<f64>(),
+        scaling: rng.gen_bool(0.5).then_some(shadowkv::Llama3Scaling::LLAMA_3_1),
+    };
+    let frequencies = shadowkv::decode_step::inverse_frequencies(&rope, config.head_dim as u32);
+    let mut step = DecodeStep::new(gpu, rope, &layer.batch).map_err(s)?;
+    let stream = gpu.stream();
+    let mut q = random_q(&mut rng, config, specs.len(), 2.0);
+    let (mut worst, mut hit_rate) = (0.0f64, 0.0f64);
+    for _ in 0..steps {
+        let dq = stream.clone_htod(&q).map_err(s)?;
+        let mut out = poisoned(gpu, q.len()).map_err(s)?;
+        step.run(gpu, &mut layer, &dq, &mut out).map_err(s)?;
+        let stats = step.stats(&layer.batch).map_err(s)?;
+        let actual = to_f64(&stream.clone_dtoh(&out).map_err(s)?);
+        let scratch = step.scratch();
+        let device_scores = per_head(&host, config, &stream.clone_dtoh(scratch.scores).map_err(s)?);
+        let selection = stream.clone_dtoh(scratch.selection).map_err(s)?;
+        let misses = stream.clone_dtoh(scratch.misses).map_err(s)?;
+        let counts = stream.clone_dtoh(scratch.miss_counts).map_err(s)?;
+        let expected = decode_step(config, &frequencies, &mut host, &q, Some(&device_scores));
+        let k = config.budget_chunks;
+        for index in 0..specs.len() * config.kv_heads {
+            if selection[index * k..(index + 1) * k] != expected.selection[index][..] {
+                return Err(format!("head {index}: selection differs"));
+            }
+            let count = counts[index] as usize;
+            if misses[index * k..index * k + count] != expected.misses[index][..] {
+                return Err(format!("head {index}: miss list differs"));
+            }
+            if stats.misses_per_head[index] as usize != count {
+                return Err("statistics disagree with the miss counts".into());
+            }
+            let score_error = relative_error(
+                &device_scores[index].iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                &expected.scores[index],
+            );
+            if score_error > TOLERANCE {
+                return Err(format!("head {index}: scores relative error {score_error:.2e}"));
+            }
+        }
+        let resident = stream.clone_dtoh(&layer.resident).map_err(s)?;
+        if resident != host.resident {
+            return Err("resident ids differ from the reference".into());
+        }
+        let keys = stream.clone_dtoh(&layer.k).map_err(s)?;
+        let values = stream.clone_dtoh(&layer.v).map_err(s)?;
+        let key_error = relative_error(&to_f64(&keys_in_slots(&host, config, &keys)), &to_f64(&keys_in_slots(&host, config, &host.k)));
+        if key_error > TOLERANCE {
+            return Err(format!("rebuilt keys: relative error {key_error:.2e}"));
+        }
+        if keys_in_slots(&host, config, &values) != keys_in_slots(&host, config, &host.v) {
+            return Err("fetched values differ from the host values".into());
+        }
+        if let Some(i) = actual.iter().position(|x| !x.is_finite()) {
+            return Err(format!("output element {i} is {}", actual[i]));
+        }
+        let error = relative_error(&actual, &expected.out);
+        if error > TOLERANCE {
+            return Err(format!("step output: relative error {error:.2e}"));
+        }
+        worst = worst.max(error.max(key_error));
+        hit_rate = stats.hit_rate();
+        // Drift the query a little: most of the selection stays.
+        for x in q.iter_mut() {
+            *x = bf16::from_f32(x.to_f32() + rng.gen_range(-0.3..0.3));
+        }
+    }
+    Ok((worst, hit_rate))
+}
+
+/// The slot rows of every (sequence, head) of a K or V buffer.
+fn keys_in_slots(host: &HostLayer, config: &ShadowConfig, buffer: &[bf16]) -> Vec<bf16> {
+    let mut out = Vec::new();
+    for s in &host.sequences {
+        for h in 0..config.kv_heads as u32 {
+            let start = s.kv_row(h, s.sparse_start, config.head_dim as u32) as usize;
+            out.extend_from_slice(&buffer[start..start + config.sparse_budget() * config.head_dim]);
+        }
+    }
+    out
+}
+
+fn step_over_steps(gpu: &Gpu) -> Result<(), String> {
+    let worst = std::cell::Cell::new((0.0f64, 1.0f64));
+    runner()
+        .run(&(case_strategy(), any::<bool>()), |((config, specs, seed), on_gpu)| {
+            let (error, hits) = run_steps(gpu, &config, &specs, seed, 3, on_gpu).map_err(TestCaseError::fail)?;
+            eprintln!("  step case ok: {config:?}, {} sequences, error {error:.2e}, hits {hits:.2}", specs.len());
+            let (e, h) = worst.get();
+            worst.set((e.max(error), h.min(hits)));
+            Ok(())
+        })
+        .map_err(s)?;
+    // Llama-3-8B shape at the defaults, a ragged batch of long prompts.
+    let specs: Vec<SequenceSpec> = [32_768u32 + 5, 9_001, 20_000]
+        .iter()
+        .map(|&prompt_len| SequenceSpec {
+            prompt_len,
+            local_chunks: 4,
+            outlier_chunks: 48,
+            generated: 17,
+            spare: 5,
+        })
+        .collect();
+    let (error, hits) = run_steps(gpu, &ShadowConfig::LLAMA_3_8B, &specs, 5, 4, false)?;
+    let (e, _) = worst.get();
+    eprintln!(
+        "{} random ragged batches x 3 steps: worst relative error {e:.2e}; Llama-3-8B defaults (32K/9K/20K) x 4 steps: {error:.2e}, last hit rate {hits:.2}",
+        cases()
+    );
+    Ok(())
+}
+
+fn full_budget(gpu: &Gpu) -> Result<(), String> {
+    // Every landmark selected: ShadowKV's buffer holds every prompt token (local, outliers,
+    // all chunks rebuilt) plus the generated ones, so it must equal full attention over the
+    // whole context when the prompt's chunk keys are exactly RoPE(A · Bm).
+    for (seed, head_dim, group) in [(1u64, 128usize, 4usize), (2, 64, 3), (3, 128, 1)] {
+        let landmarks = 300u32;
+        let config = ShadowConfig {
+            q_heads: 2 * group,
+            kv_heads: 2,
+            head_dim,
+            chunk_size: 8,
+            rank: 64,
+            budget_chunks: landmarks as usize,
+        };
+        let specs: Vec<SequenceSpec> = [(4u32, 7u32, 3u32, 9u32), (6, 2, 8, 0)]
+            .iter()
+            .map(|&(local, outliers, remainder, generated)| SequenceSpec {
+                prompt_len: (landmarks + local + outliers) * 8 + remainder,
+                local_chunks: local,
+                outlier_chunks: outliers,
+                generated,
+                spare: 3,
+            })
+            .collect();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut host = random_layer(&mut rng, &config, &specs);
+        let rope = RopeConfig::LLAMA_3;
+        let frequencies = shadowkv::decode_step::inverse_frequencies(&rope, head_dim as u32);
+        // Outlier rows: the exact keys RoPE(A · Bm) and values of their chunks.
+        for sequence in &host.sequences {
+            for h in 0..config.kv_heads as u32 {
+                let base = sequence.landmark_base(h) as usize;
+                let mut outliers: Vec<u32> = (0..sequence.chunks)
+                    .filter(|c| !host.chunk_ids[base..base + landmarks as usize].contains(c))
+                    .collect();
+                outliers.sort();
+                let local = sequence.prompt_len - sequence.chunks * 8;
+                for (i, &chunk) in outliers.iter().enumerate() {
+                    let keys = reference::rebuild::chunk_keys(&config, sequence, h as usize, chunk, &host.a, &host.bm, &frequencies);
+                    let row = sequence.kv_row(h, local + 8 * i as u32, head_dim as u32) as usize;
+                    let source = sequence.host_value_chunk(h, chunk, 8, head_dim as u32) as usize;
+                    for j in 0..8 * head_dim {
+                        host.k[row + j] = bf16::from_f64(keys[j]);
+                        host.v[row + j] = host.values[source + j];
+                    }
+                }
+            }
+        }
+        // Full attention's buffers: [Hkv, prompt + generated, d] per sequence, in order.
+        let mut full_k = Vec::new();
+        let mut full_v = Vec::new();
+        let mut layouts = Vec::new();
+        for sequence in &host.sequences {
+            let local = sequence.prompt_len - sequence.chunks * 8;
+            let generated = sequence.kv.len - sequence.sparse_start - config.sparse_budget() as u32;
+            let len = sequence.prompt_len + generated;
+            layouts.push(SequenceLayout { offset: full_k.len() as u64, capacity: len, len });
+            for h in 0..config.kv_heads as u32 {
+                for chunk in 0..sequence.chunks {
+                    let keys = reference::rebuild::chunk_keys(&config, sequence, h as usize, chunk, &host.a, &host.bm, &frequencies);
+                    full_k.extend(keys.iter().map(|&x| bf16::from_f64(x)));
+                    let source = sequence.host_value_chunk(h, chunk, 8, head_dim as u32) as usize;
+                    full_v.extend_from_slice(&host.values[source..source + 8 * head_dim]);
+                }
+                let local_rows = sequence.kv_row(h, 0, head_dim as u32) as usize;
+                full_k.extend_from_slice(&host.k[local_rows..local_rows + local as usize * head_dim]);
+                full_v.extend_from_slice(&host.v[local_rows..local_rows + local as usize * head_dim]);
+                let generated_rows = sequence.kv_row(h, sequence.sparse_start + config.sparse_budget() as u32, head_dim as u32) as usize;
+                full_k.extend_from_slice(&host.k[generated_rows..generated_rows + generated as usize * head_dim]);
+                full_v.extend_from_slice(&host.v[generated_rows..generated_rows + generated as usize * head_dim]);
+            }
+        }
+        let q = random_q(&mut rng, &config, specs.len(), 2.0);
+        let mut layer = upload(gpu, &config, &host, false).map_err(s)?;
+        let mut step = DecodeStep::new(gpu, rope, &layer.batch).map_err(s)?;
+        let stream = gpu.stream();
+        let dq = stream.clone_htod(&q).map_err(s)?;
+        let mut out = poisoned(gpu, q.len()).map_err(s)?;
+        step.run(gpu, &mut layer, &dq, &mut out).map_err(s)?;
+        let shadow = to_f64(&stream.clone_dtoh(&out).map_err(s)?);
+        let shape = DecodeAttentionShape { batch: specs.len(), q_heads: config.q_heads, kv_heads: 2, head_dim };
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let expected = reference::attention::decode_attention(&shape, &layouts, &q, &full_k, &full_v, scale);
+        let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors).map_err(s)?;
+        let mut attention = DecodeAttention::new(gpu, plan).map_err(s)?;
+        let (dk, dv) = (stream.clone_htod(&full_k).map_err(s)?, stream.clone_htod(&full_v).map_err(s)?);
+        let mut full_out = poisoned(gpu, q.len()).map_err(s)?;
+        attention.run(gpu, stream, &dq, &dk, &dv, &mut full_out).map_err(s)?;
+        let full = to_f64(&stream.clone_dtoh(&full_out).map_err(s)?);
+        let (versus_reference, versus_full) = (relative_error(&shadow, &expected), relative_error(&shadow, &full));
+        eprintln!(
+            "full budget (d {head_dim}, G {group}): ShadowKV vs full-attention reference {versus_reference:.2e}, vs GPU full attention {versus_full:.2e}"
+        );
+        if versus_reference > 5e-3 || versus_full > 5e-3 {
+            return Err(format!("full budget differs from full attention: {versus_reference:.2e} / {versus_full:.2e}"));
+        }
+    }
+    Ok(())
+}
+
+fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
+    let config = ShadowConfig { budget_chunks: 16, rank: 32, ..ShadowConfig::LLAMA_3_8B };
+    let spec = SequenceSpec { prompt_len: 8 * 40, local_chunks: 2, outlier_chunks: 3, generated: 2, spare: 0 };
+    let mut rng = StdRng::seed_from_u64(3);
+    let host = random_layer(&mut rng, &config, &[spec]);
+    let stream = gpu.stream();
+    let expect_invalid = |result: shadowkv::Result<ShadowBatch>, argument: &str| match result {
+        Err(Error::InvalidArgument { argument: named, .. }) if named == argument => Ok(()),
+        Err(other) => Err(format!("expected an error naming `{argument}`, got {other}")),
+        Ok(_) => Err(format!("expected an error naming `{argument}`, got Ok")),
+    };
+    for (bad, argument) in [
+        (ShadowConfig { rank: 24, ..config }, "rank"),
+        (ShadowConfig { rank: 272, ..config }, "rank"),
+        (ShadowConfig { chunk_size: 0, ..config }, "chunk_size"),
+        (ShadowConfig { chunk_size: 65, ..config }, "chunk_size"),
+        (ShadowConfig { q_heads: 30, ..config }, "q_heads"),
+        (ShadowConfig { head_dim: 96, ..config }, "head_dim"),
+        (ShadowConfig { budget_chunks: 0, ..config }, "budget_chunks"),
+    ] {
+        expect_invalid(ShadowBatch::new(stream, bad, &host.sequences), argument)?;
+    }
+    let mut sequence = host.sequences[0];
+    for broken in [
+        // Too short for the budget.
+        shadowkv::ShadowSequence { landmarks: 15, ..sequence },
+        // Chunks past the prompt.
+        shadowkv::ShadowSequence { prompt_len: sequence.chunks * 8 - 1, ..sequence },
+        // Slots past the K/V length.
+        shadowkv::ShadowSequence { sparse_start: sequence.kv.len, ..sequence },
+        // Length past the capacity.
+        shadowkv::ShadowSequence { kv: SequenceLayout { len: sequence.kv.capacity + 1, ..sequence.kv }, ..sequence },
+        // Misaligned A.
+        shadowkv::ShadowSequence { a_offset: 4, ..sequence },
+    ] {
+        expect_invalid(ShadowBatch::new(stream, config, &[broken]), "sequences")?;
+    }
+    // Buffers shorter than the layouts, a q of the wrong batch, a layer of another config.
+    let mut layer = upload(gpu, &config, &host, false).map_err(s)?;
+    let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
+    let q = stream.clone_htod(&random_q(&mut rng, &config, 2, 1.0)).map_err(s)?;
+    let mut out = poisoned(gpu, q.len()).map_err(s)?;
+    match step.run(gpu, &mut layer, &q, &mut out) {
+        Err(Error::InvalidArgument { argument: "q", .. }) => {}
+        other => return Err(format!("a q for two sequences: expected an error naming `q`, got {other:?}")),
+    }
+    layer.a = stream.clone_htod(&host.a[..host.a.len() - 8]).map_err(s)?;
+    let q = stream.clone_htod(&random_q(&mut rng, &config, 1, 1.0)).map_err(s)?;
+    let mut out = poisoned(gpu, q.len()).map_err(s)?;
+    match step.run(gpu, &mut layer, &q, &mut out) {
+        Err(Error::InvalidArgument { argument: "a", .. }) => {}
+        other => return Err(format!("a short A: expected an error naming `a`, got {other:?}")),
+    }
+    sequence.landmarks = 16;
+    let other = ShadowConfig { budget_chunks: 8, ..config };
+    layer.batch = ShadowBatch::new(stream, other, &[sequence]).map_err(s)?;
+    match step.run(gpu, &mut layer, &q, &mut out) {
+        Err(Error::InvalidArgument { argument: "layer", .. }) => Ok(()),
+        other => Err(format!("a layer of another config: expected an error naming `layer`, got {other:?}")),
+    }
+}
