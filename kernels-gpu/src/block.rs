@@ -8,7 +8,12 @@ pub const MAX_WARPS: usize = 32;
 /// Ranks follow thread order, so a compaction that writes at `running + rank` keeps the
 /// input order (deterministic output). Every thread of the block must call it; `scratch` is
 /// [`MAX_WARPS`] words of shared memory. Ends with a barrier, so it may be called again at once.
-#[inline(always)]
+///
+/// Never inlined: inline `asm!` is not marked convergent, so LLVM may clone an inlined ballot
+/// and its barriers into the divergent branches that compute `flag` (it did, in `plan`). Lanes
+/// of one warp then wait at different `vote.sync` instructions and the block deadlocks. Out of
+/// line, every thread runs the same instructions.
+#[inline(never)]
 pub unsafe fn exclusive_count(flag: bool, scratch: *mut u32) -> (u32, u32) {
     let lane = lane_id();
     let warp = warp_id();

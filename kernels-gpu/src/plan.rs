@@ -33,9 +33,15 @@ pub struct PlanParams {
     pub _reserved: u32,
 }
 
-/// Shared memory: two bitmaps, the freed-slot list and the block-scan scratch.
+/// Shared memory: two bitmaps, the freed-slot list, the flags (padded to whole blocks) and
+/// the block-scan scratch.
 pub const fn shared_bytes(bitmap_words: u32, budget_chunks: u32) -> u32 {
-    (2 * bitmap_words + budget_chunks + 32) * 4
+    (2 * bitmap_words + budget_chunks + flag_words(budget_chunks) + 32) * 4
+}
+
+/// Flags of one pass: one per slot, zero up to a whole number of blocks.
+pub const fn flag_words(budget_chunks: u32) -> u32 {
+    budget_chunks.next_multiple_of(THREADS)
 }
 
 /// Bitmap words that cover `chunks` chunk ids.
@@ -74,7 +80,8 @@ mod kernel {
         let selected = dynamic_shared::<u32>();
         let hit = selected.add(p.bitmap_words as usize);
         let freed = hit.add(p.bitmap_words as usize);
-        let scratch = freed.add(k as usize);
+        let flags = freed.add(k as usize);
+        let scratch = flags.add(flag_words(k) as usize);
         let mut w = tid;
         while w < words {
             *selected.add(w as usize) = 0;
@@ -96,20 +103,30 @@ mod kernel {
         }
         sync_threads();
 
-        // Slots whose chunk stays are hits; the rest are freed, listed in slot order.
-        let mut freed_count = 0;
-        let mut start = 0;
-        while start < k {
-            let slot = start + tid;
-            let mut is_freed = false;
+        // Each pass first writes its flags to shared memory (branching as it likes), then
+        // counts them in a loop with no divergent code before `exclusive_count`: the flags
+        // are padded with zeros to whole blocks and read unconditionally.
+        // Pass 1: slots whose chunk stays are hits; the rest are freed, listed in slot order.
+        let mut slot = tid;
+        while slot < flag_words(k) {
+            let mut is_freed = 0;
             if slot < k {
                 let chunk = *resident.add(slot as usize);
                 if contains(selected, chunk, chunks) {
                     atomic_or_shared_u32(hit.add((chunk / 32) as usize), 1 << (chunk % 32));
                 } else {
-                    is_freed = true;
+                    is_freed = 1;
                 }
             }
+            *flags.add(slot as usize) = is_freed;
+            slot += THREADS;
+        }
+        sync_threads();
+        let mut freed_count = 0;
+        let mut start = 0;
+        while start < k {
+            let slot = start + tid;
+            let is_freed = *flags.add(slot as usize) != 0;
             let (rank, total) = exclusive_count(is_freed, scratch);
             if is_freed {
                 *freed.add((freed_count + rank) as usize) = slot;
@@ -117,19 +134,27 @@ mod kernel {
             freed_count += total;
             start += THREADS;
         }
-        // (`exclusive_count` ends with a barrier: the hit bitmap and freed list are complete
-        // and every read of `resident` is done before the updates below.)
 
+        // Pass 2: selected chunks that were not hits are misses, in selection order. (The
+        // barriers in `exclusive_count` order every read of `resident` above before the
+        // updates below.)
+        let mut i = tid;
+        while i < flag_words(k) {
+            let is_miss = i < k && !contains(hit, *selection.add(i as usize), chunks);
+            *flags.add(i as usize) = is_miss as u32;
+            i += THREADS;
+        }
+        sync_threads();
         let misses = (p.misses as *mut Miss).add(base);
         let mut miss_count = 0;
         let mut start = 0;
         while start < k {
             let i = start + tid;
-            let chunk = if i < k { *selection.add(i as usize) } else { 0 };
-            let is_miss = i < k && !contains(hit, chunk, chunks);
+            let is_miss = *flags.add(i as usize) != 0;
             let (rank, total) = exclusive_count(is_miss, scratch);
             let m = miss_count + rank;
             if is_miss && m < freed_count {
+                let chunk = *selection.add(i as usize);
                 let slot = *freed.add(m as usize);
                 *misses.add(m as usize) = Miss { chunk, slot };
                 *resident.add(slot as usize) = chunk;

@@ -192,14 +192,13 @@ mod kernel {
         let (mut above_run, mut equal_run) = (0u32, 0u32);
         let mut start = 0;
         while start < count {
+            // No divergent code before `exclusive_count` (see `block`): the load is clamped
+            // into range and the flags combined without short-circuits.
             let j = start + tid;
-            let bits = if j < count {
-                (*scores.add(j as usize)).to_bits()
-            } else {
-                0
-            };
-            let above = j < count && bits > threshold;
-            let equal = j < count && bits == threshold;
+            let valid = j < count;
+            let bits = (*scores.add(min_u32(j, count - 1) as usize)).to_bits();
+            let above = valid & (bits > threshold);
+            let equal = valid & (bits == threshold);
             let (above_rank, above_total) = exclusive_count(above, scratch);
             let (equal_rank, equal_total) = exclusive_count(equal, scratch);
             let equal_before = equal_run + equal_rank;
