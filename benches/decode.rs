@@ -54,9 +54,7 @@ fn pcie_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
     let mut times = Vec::new();
     for _ in 0..10 {
         times.push(gpu.time_ms(gpu.stream(), 1, || {
-            Ok(gpu
-                .stream()
-                .memcpy_htod(source.host_slice(), &mut target)?)
+            Ok(gpu.stream().memcpy_htod(source.host_slice(), &mut target)?)
         })?);
     }
     Ok(2.0 * elements as f64 / (median(&mut times) as f64 * 1e-3))
@@ -86,9 +84,8 @@ fn gemm_rate(gpu: &Gpu) -> shadowkv::Result<f64> {
     for _ in 0..6 {
         times.push(gpu.time_ms(gpu.stream(), 1, || {
             // SAFETY: a, b and c hold n * n elements each, as the config says.
-            unsafe { blas.gemm(config, &a, &b, &mut c) }.map_err(|e| {
-                shadowkv::error::invalid("cublas gemm", e.to_string(), "success")
-            })
+            unsafe { blas.gemm(config, &a, &b, &mut c) }
+                .map_err(|e| shadowkv::error::invalid("cublas gemm", e.to_string(), "success"))
         })?);
     }
     Ok(2.0 * (n as f64).powi(3) / (median(&mut times) as f64 * 1e-3))
@@ -96,7 +93,11 @@ fn gemm_rate(gpu: &Gpu) -> shadowkv::Result<f64> {
 
 /// One layer of a batch at `context` tokens per sequence, on the device (random contents).
 fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<ShadowLayer> {
-    let (c, k, d) = (CONFIG.chunk_size as u32, CONFIG.budget_chunks as u32, CONFIG.head_dim);
+    let (c, k, d) = (
+        CONFIG.chunk_size as u32,
+        CONFIG.budget_chunks as u32,
+        CONFIG.head_dim,
+    );
     let kv_heads = CONFIG.kv_heads;
     let chunks = ((context / c - LOCAL_CHUNKS) / 8) * 8;
     let landmarks = chunks - OUTLIER_CHUNKS;
@@ -164,7 +165,8 @@ fn resident_for(selection: &[u32], landmarks: u32, hit_rate: f64) -> Vec<u32> {
     let mut resident = selection.to_vec();
     for head in resident.chunks_mut(k) {
         let chosen: std::collections::HashSet<u32> = head.iter().copied().collect();
-        let mut others = (OUTLIER_CHUNKS..OUTLIER_CHUNKS + landmarks).filter(|c| !chosen.contains(c));
+        let mut others =
+            (OUTLIER_CHUNKS..OUTLIER_CHUNKS + landmarks).filter(|c| !chosen.contains(c));
         for slot in head.iter_mut().take(replaced) {
             *slot = others.next().expect("enough unselected chunks");
         }
@@ -237,27 +239,93 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             let ms = steady_ms(gpu, &stream, || {
                 next = (next + 1) % layers.len();
                 let l = &layers[next];
-                scoring::run(gpu, &stream, &l.batch, &q, &l.landmarks, &mut scratch.logits, &mut scratch.tile_stats, scale)
+                scoring::run(
+                    gpu,
+                    &stream,
+                    &l.batch,
+                    &q,
+                    &l.landmarks,
+                    &mut scratch.logits,
+                    &mut scratch.tile_stats,
+                    scale,
+                )
             })?;
             group.bench_function(BenchmarkId::new("scoring", &label), |b| {
                 b.iter_custom(|n| {
                     let l = &layers[0];
-                    let ms = gpu.time_ms(&stream, n as u32, || scoring::run(gpu, &stream, &l.batch, &q, &l.landmarks, &mut scratch.logits, &mut scratch.tile_stats, scale)).expect("timed");
+                    let ms = gpu
+                        .time_ms(&stream, n as u32, || {
+                            scoring::run(
+                                gpu,
+                                &stream,
+                                &l.batch,
+                                &q,
+                                &l.landmarks,
+                                &mut scratch.logits,
+                                &mut scratch.tile_stats,
+                                scale,
+                            )
+                        })
+                        .expect("timed");
                     Duration::from_secs_f64(ms as f64 * 1e-3 * n as f64)
                 })
             });
-            rows.push(Row { batch, context, name: "scoring", us: ms * 1e3, rate: format!("{:.0} GB/s", landmark_bytes / (ms * 1e-3) / 1e9), of_ceiling: format!("{:.1}% of copy", 100.0 * landmark_bytes / (ms * 1e-3) / copy) });
+            rows.push(Row {
+                batch,
+                context,
+                name: "scoring",
+                us: ms * 1e3,
+                rate: format!("{:.0} GB/s", landmark_bytes / (ms * 1e-3) / 1e9),
+                of_ceiling: format!(
+                    "{:.1}% of copy",
+                    100.0 * landmark_bytes / (ms * 1e-3) / copy
+                ),
+            });
             let l = &layers[0];
             let topk_ms = steady_ms(gpu, &stream, || {
-                topk::run(gpu, &stream, &l.batch, &scratch.logits, &scratch.tile_stats, &l.chunk_ids, &mut scratch.scores, &mut scratch.selection)
+                topk::run(
+                    gpu,
+                    &stream,
+                    &l.batch,
+                    &scratch.logits,
+                    &scratch.tile_stats,
+                    &l.chunk_ids,
+                    &mut scratch.scores,
+                    &mut scratch.selection,
+                )
             })?;
-            rows.push(Row { batch, context, name: "topk", us: topk_ms * 1e3, rate: format!("k {} of {landmarks}", CONFIG.budget_chunks), of_ceiling: String::new() });
+            rows.push(Row {
+                batch,
+                context,
+                name: "topk",
+                us: topk_ms * 1e3,
+                rate: format!("k {} of {landmarks}", CONFIG.budget_chunks),
+                of_ceiling: String::new(),
+            });
             // Per layer and hit rate, a resident set that hits exactly that share of the
             // layer's selection for this query.
             let mut templates: Vec<Vec<CudaSlice<u32>>> = Vec::new();
             for l in &layers {
-                scoring::run(gpu, &stream, &l.batch, &q, &l.landmarks, &mut scratch.logits, &mut scratch.tile_stats, scale)?;
-                topk::run(gpu, &stream, &l.batch, &scratch.logits, &scratch.tile_stats, &l.chunk_ids, &mut scratch.scores, &mut scratch.selection)?;
+                scoring::run(
+                    gpu,
+                    &stream,
+                    &l.batch,
+                    &q,
+                    &l.landmarks,
+                    &mut scratch.logits,
+                    &mut scratch.tile_stats,
+                    scale,
+                )?;
+                topk::run(
+                    gpu,
+                    &stream,
+                    &l.batch,
+                    &scratch.logits,
+                    &scratch.tile_stats,
+                    &l.chunk_ids,
+                    &mut scratch.scores,
+                    &mut scratch.selection,
+                )?;
                 let selection = stream.clone_dtoh(&scratch.selection)?;
                 templates.push(
                     HIT_RATES
@@ -272,40 +340,137 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             let plan_ms = steady_ms(gpu, &stream, || {
                 stream.memcpy_dtod(&templates[0][1], &mut layers[0].resident)?;
                 let l = &mut layers[0];
-                plan::run(gpu, &stream, &l.batch, &scratch.selection, &mut l.resident, &mut scratch.misses, &mut scratch.counts, 0)
+                plan::run(
+                    gpu,
+                    &stream,
+                    &l.batch,
+                    &scratch.selection,
+                    &mut l.resident,
+                    &mut scratch.misses,
+                    &mut scratch.counts,
+                    0,
+                )
             })? - restore_ms;
-            rows.push(Row { batch, context, name: "plan (80% hits)", us: plan_ms * 1e3, rate: String::new(), of_ceiling: String::new() });
+            rows.push(Row {
+                batch,
+                context,
+                name: "plan (80% hits)",
+                us: plan_ms * 1e3,
+                rate: String::new(),
+                of_ceiling: String::new(),
+            });
             // Fetch and rebuild of the 80%-hit miss list (20% of the budget).
-            let misses = ((1.0 - HIT_RATES[1]) * CONFIG.budget_chunks as f64).round() as usize * batch * CONFIG.kv_heads;
+            let misses = ((1.0 - HIT_RATES[1]) * CONFIG.budget_chunks as f64).round() as usize
+                * batch
+                * CONFIG.kv_heads;
             let fetch_bytes = (misses * CONFIG.chunk_size * CONFIG.head_dim * 2) as f64;
             let l = &mut layers[0];
             let fetch_ms = steady_ms(gpu, &stream, || {
-                fetch::run(gpu, &stream, &l.batch, &scratch.misses, &scratch.counts, &l.values.source(), &mut l.v)
+                fetch::run(
+                    gpu,
+                    &stream,
+                    &l.batch,
+                    &scratch.misses,
+                    &scratch.counts,
+                    &l.values.source(),
+                    &mut l.v,
+                )
             })?;
-            rows.push(Row { batch, context, name: "fetch (80% hits)", us: fetch_ms * 1e3, rate: format!("{:.1} GB/s", fetch_bytes / (fetch_ms * 1e-3) / 1e9), of_ceiling: format!("{:.1}% of PCIe", 100.0 * fetch_bytes / (fetch_ms * 1e-3) / pcie) });
-            let frequencies = stream.clone_htod(&shadowkv::decode_step::inverse_frequencies(&RopeConfig::LLAMA_3, CONFIG.head_dim as u32))?;
+            rows.push(Row {
+                batch,
+                context,
+                name: "fetch (80% hits)",
+                us: fetch_ms * 1e3,
+                rate: format!("{:.1} GB/s", fetch_bytes / (fetch_ms * 1e-3) / 1e9),
+                of_ceiling: format!(
+                    "{:.1}% of PCIe",
+                    100.0 * fetch_bytes / (fetch_ms * 1e-3) / pcie
+                ),
+            });
+            let frequencies = stream.clone_htod(&shadowkv::decode_step::inverse_frequencies(
+                &RopeConfig::LLAMA_3,
+                CONFIG.head_dim as u32,
+            ))?;
             let rebuild_ms = steady_ms(gpu, &stream, || {
-                rebuild::run(gpu, &stream, &l.batch, &scratch.misses, &scratch.counts, &l.a, &l.bm, &frequencies, &mut l.k)
+                rebuild::run(
+                    gpu,
+                    &stream,
+                    &l.batch,
+                    &scratch.misses,
+                    &scratch.counts,
+                    &l.a,
+                    &l.bm,
+                    &frequencies,
+                    &mut l.k,
+                )
             })?;
             let flops = (misses * CONFIG.chunk_size * CONFIG.rank * CONFIG.head_dim * 2) as f64;
-            rows.push(Row { batch, context, name: "rebuild (80% hits)", us: rebuild_ms * 1e3, rate: format!("{:.1} TFLOP/s", flops / (rebuild_ms * 1e-3) / 1e12), of_ceiling: format!("{:.1}% of cuBLAS", 100.0 * flops / (rebuild_ms * 1e-3) / gemm) });
-            let sparse_layouts: Vec<SequenceLayout> = l.batch.sequences().iter().map(|s| s.kv).collect();
-            let mut sparse = DecodeAttention::new(gpu, DecodeAttentionPlan::new(shape, &sparse_layouts, gpu.info().multiprocessors)?)?;
-            let sparse_ms = steady_ms(gpu, &stream, || sparse.run(gpu, &stream, &q, &l.k, &l.v, &mut out))?;
+            rows.push(Row {
+                batch,
+                context,
+                name: "rebuild (80% hits)",
+                us: rebuild_ms * 1e3,
+                rate: format!("{:.1} TFLOP/s", flops / (rebuild_ms * 1e-3) / 1e12),
+                of_ceiling: format!(
+                    "{:.1}% of cuBLAS",
+                    100.0 * flops / (rebuild_ms * 1e-3) / gemm
+                ),
+            });
+            let sparse_layouts: Vec<SequenceLayout> =
+                l.batch.sequences().iter().map(|s| s.kv).collect();
+            let mut sparse = DecodeAttention::new(
+                gpu,
+                DecodeAttentionPlan::new(shape, &sparse_layouts, gpu.info().multiprocessors)?,
+            )?;
+            let sparse_ms = steady_ms(gpu, &stream, || {
+                sparse.run(gpu, &stream, &q, &l.k, &l.v, &mut out)
+            })?;
             let sparse_bytes = sparse.plan().kv_bytes_read() as f64;
-            rows.push(Row { batch, context, name: "sparse attention", us: sparse_ms * 1e3, rate: format!("{:.0} GB/s", sparse_bytes / (sparse_ms * 1e-3) / 1e9), of_ceiling: format!("{:.1}% of copy", 100.0 * sparse_bytes / (sparse_ms * 1e-3) / copy) });
+            rows.push(Row {
+                batch,
+                context,
+                name: "sparse attention",
+                us: sparse_ms * 1e3,
+                rate: format!("{:.0} GB/s", sparse_bytes / (sparse_ms * 1e-3) / 1e9),
+                of_ceiling: format!(
+                    "{:.1}% of copy",
+                    100.0 * sparse_bytes / (sparse_ms * 1e-3) / copy
+                ),
+            });
 
             // Full attention over the whole context (prompt + generated) on the same heads.
             let full_len = context + GENERATED;
             let full_layouts: Vec<SequenceLayout> = (0..batch as u64)
-                .map(|b| SequenceLayout { offset: b * (CONFIG.kv_heads as u64 * full_len as u64 * CONFIG.head_dim as u64), capacity: full_len, len: full_len })
+                .map(|b| SequenceLayout {
+                    offset: b * (CONFIG.kv_heads as u64 * full_len as u64 * CONFIG.head_dim as u64),
+                    capacity: full_len,
+                    len: full_len,
+                })
                 .collect();
             let full_elements = batch * CONFIG.kv_heads * full_len as usize * CONFIG.head_dim;
-            let (full_k, full_v) = (filled(gpu, full_elements, 31)?, filled(gpu, full_elements, 32)?);
-            let mut full = DecodeAttention::new(gpu, DecodeAttentionPlan::new(shape, &full_layouts, gpu.info().multiprocessors)?)?;
-            let full_ms = steady_ms(gpu, &stream, || full.run(gpu, &stream, &q, &full_k, &full_v, &mut out))?;
+            let (full_k, full_v) = (
+                filled(gpu, full_elements, 31)?,
+                filled(gpu, full_elements, 32)?,
+            );
+            let mut full = DecodeAttention::new(
+                gpu,
+                DecodeAttentionPlan::new(shape, &full_layouts, gpu.info().multiprocessors)?,
+            )?;
+            let full_ms = steady_ms(gpu, &stream, || {
+                full.run(gpu, &stream, &q, &full_k, &full_v, &mut out)
+            })?;
             let full_bytes = full.plan().kv_bytes_read() as f64;
-            rows.push(Row { batch, context, name: "full attention", us: full_ms * 1e3, rate: format!("{:.0} GB/s", full_bytes / (full_ms * 1e-3) / 1e9), of_ceiling: format!("{:.1}% of copy", 100.0 * full_bytes / (full_ms * 1e-3) / copy) });
+            rows.push(Row {
+                batch,
+                context,
+                name: "full attention",
+                us: full_ms * 1e3,
+                rate: format!("{:.0} GB/s", full_bytes / (full_ms * 1e-3) / 1e9),
+                of_ceiling: format!(
+                    "{:.1}% of copy",
+                    100.0 * full_bytes / (full_ms * 1e-3) / copy
+                ),
+            });
             drop((full_k, full_v));
             group.finish();
 
@@ -324,7 +489,17 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                         step.run(gpu, l, &q, &mut out)
                     })? - restore_ms;
                     let stats = step.stats(&layers[next].batch)?;
-                    steps.push((batch, context, hit_rate, stats.hit_rate(), overlap, ms, full_ms, full_bytes, topk_ms + plan_ms));
+                    steps.push((
+                        batch,
+                        context,
+                        hit_rate,
+                        stats.hit_rate(),
+                        overlap,
+                        ms,
+                        full_ms,
+                        full_bytes,
+                        topk_ms + plan_ms,
+                    ));
                 }
             }
             let mut group = criterion.benchmark_group("decode_step");
@@ -344,12 +519,30 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     }
 
     println!("\nkernels (CUDA-event medians of 20 back-to-back launches; Llama-3-8B heads, c 8, r 160, S 2048)");
-    println!("{:>5} {:>8} {:<20} {:>10} {:>16} {:>18}", "batch", "context", "kernel", "time us", "rate", "of ceiling");
+    println!(
+        "{:>5} {:>8} {:<20} {:>10} {:>16} {:>18}",
+        "batch", "context", "kernel", "time us", "rate", "of ceiling"
+    );
     for r in &rows {
-        println!("{:>5} {:>8} {:<20} {:>10.1} {:>16} {:>18}", r.batch, r.context, r.name, r.us, r.rate, r.of_ceiling);
+        println!(
+            "{:>5} {:>8} {:<20} {:>10.1} {:>16} {:>18}",
+            r.batch, r.context, r.name, r.us, r.rate, r.of_ceiling
+        );
     }
     println!("\nwhole step vs full attention (equivalent bandwidth = full-attention K/V bytes / step time)");
-    println!("{:>5} {:>8} {:>6} {:>7} {:>8} {:>10} {:>10} {:>9} {:>10} {:>12}", "batch", "context", "hits", "actual", "overlap", "step us", "full us", "speed-up", "equiv TB/s", "topk+plan %");
+    println!(
+        "{:>5} {:>8} {:>6} {:>7} {:>8} {:>10} {:>10} {:>9} {:>10} {:>12}",
+        "batch",
+        "context",
+        "hits",
+        "actual",
+        "overlap",
+        "step us",
+        "full us",
+        "speed-up",
+        "equiv TB/s",
+        "topk+plan %"
+    );
     for (batch, context, hit_rate, actual, overlap, ms, full_ms, full_bytes, select_ms) in &steps {
         println!(
             "{batch:>5} {context:>8} {:>5.0}% {:>6.1}% {:>8} {:>10.1} {:>10.1} {:>8.2}x {:>10.2} {:>11.1}%",

@@ -73,8 +73,8 @@ pub mod layers {
     use rand::Rng;
     use shadowkv::reference::decode_step::HostLayer;
     use shadowkv::{
-        LayerValues, PinnedBuffer, Result, SequenceLayout, ShadowBatch, ShadowConfig,
-        ShadowLayer, ShadowSequence, EMPTY_SLOT,
+        LayerValues, PinnedBuffer, Result, SequenceLayout, ShadowBatch, ShadowConfig, ShadowLayer,
+        ShadowSequence, EMPTY_SLOT,
     };
 
     use super::random_bf16;
@@ -97,7 +97,11 @@ pub mod layers {
     /// Builds a layer: random landmarks, `A`, `Bm`, values and exact K/V rows, each head's
     /// landmark chunk ids a random subset of the chunks (the rest are its outliers), every
     /// slot empty. Unused K/V rows hold NaN so a read past a layout shows.
-    pub fn random_layer(rng: &mut impl Rng, config: &ShadowConfig, specs: &[SequenceSpec]) -> HostLayer {
+    pub fn random_layer(
+        rng: &mut impl Rng,
+        config: &ShadowConfig,
+        specs: &[SequenceSpec],
+    ) -> HostLayer {
         let (kv_heads, d, c, r) = (
             config.kv_heads,
             config.head_dim,
@@ -226,7 +230,8 @@ pub mod bench {
     pub fn filled(gpu: &Gpu, elements: usize, seed: u64) -> shadowkv::Result<CudaSlice<bf16>> {
         let stream = gpu.stream();
         let block = 16 << 20;
-        let pattern = stream.clone_htod(&random_bf16(&mut StdRng::seed_from_u64(seed), block, 1.0))?;
+        let pattern =
+            stream.clone_htod(&random_bf16(&mut StdRng::seed_from_u64(seed), block, 1.0))?;
         // SAFETY: every element is written by the copies below before any kernel reads it.
         let mut buffer = unsafe { stream.alloc::<bf16>(elements)? };
         let mut start = 0;

@@ -115,7 +115,10 @@ fn scoring_and_topk(gpu: &Gpu) -> Result<(), String> {
         .run(&case_strategy(), |(config, specs, seed)| {
             let (logit_error, score_error) =
                 check_scoring(gpu, &config, &specs, seed).map_err(TestCaseError::fail)?;
-            eprintln!("  scoring/topk case ok: {config:?}, {} sequences", specs.len());
+            eprintln!(
+                "  scoring/topk case ok: {config:?}, {} sequences",
+                specs.len()
+            );
             let (a, b) = worst.get();
             worst.set((a.max(logit_error), b.max(score_error)));
             Ok(())
@@ -155,10 +158,28 @@ fn check_scoring(
         .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
         .map_err(s)?;
     let scale = 1.0 / (config.head_dim as f32).sqrt();
-    scoring::run(gpu, stream, &batch, &dq, &landmarks, &mut logits, &mut tile_stats, scale)
-        .map_err(s)?;
-    topk::run(gpu, stream, &batch, &logits, &tile_stats, &chunk_ids, &mut scores, &mut selection)
-        .map_err(s)?;
+    scoring::run(
+        gpu,
+        stream,
+        &batch,
+        &dq,
+        &landmarks,
+        &mut logits,
+        &mut tile_stats,
+        scale,
+    )
+    .map_err(s)?;
+    topk::run(
+        gpu,
+        stream,
+        &batch,
+        &logits,
+        &tile_stats,
+        &chunk_ids,
+        &mut scores,
+        &mut selection,
+    )
+    .map_err(s)?;
     let gpu_logits = stream.clone_dtoh(&logits).map_err(s)?;
     let gpu_scores = per_head(&host, config, &stream.clone_dtoh(&scores).map_err(s)?);
     let gpu_selection = stream.clone_dtoh(&selection).map_err(s)?;
@@ -178,7 +199,10 @@ fn check_scoring(
             );
             for (g, row) in expected.iter().enumerate() {
                 let at = sequence.logit_base(h as u32, config.group() as u32, g as u32) as usize;
-                let actual: Vec<f64> = gpu_logits[at..at + row.len()].iter().map(|&x| x as f64).collect();
+                let actual: Vec<f64> = gpu_logits[at..at + row.len()]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
                 logit_error = logit_error.max(relative_error(&actual, row));
             }
             let expected_scores = reference::scoring::scores(&expected);
@@ -231,7 +255,11 @@ fn topk_with_ties(gpu: &Gpu) -> Result<(), String> {
     let mut out = poisoned(gpu, q.len()).map_err(s)?;
     step.run(gpu, &mut layer, &dq, &mut out).map_err(s)?;
     let stream = gpu.stream();
-    let scores = per_head(&host, &config, &stream.clone_dtoh(step.scratch().scores).map_err(s)?);
+    let scores = per_head(
+        &host,
+        &config,
+        &stream.clone_dtoh(step.scratch().scores).map_err(s)?,
+    );
     let selection = stream.clone_dtoh(step.scratch().selection).map_err(s)?;
     let k = config.budget_chunks;
     let sequence = &host.sequences[0];
@@ -256,7 +284,12 @@ fn plan_matches_reference(gpu: &Gpu) -> Result<(), String> {
 
 /// The plan on random selections and resident sets (a random share of hits, other chunks and
 /// empty slots) against the reference: miss lists, counts and resident ids exactly.
-fn check_plan(gpu: &Gpu, config: &ShadowConfig, specs: &[SequenceSpec], seed: u64) -> Result<(), String> {
+fn check_plan(
+    gpu: &Gpu,
+    config: &ShadowConfig,
+    specs: &[SequenceSpec],
+    seed: u64,
+) -> Result<(), String> {
     let stream = gpu.stream();
     let mut rng = StdRng::seed_from_u64(seed);
     let host = random_layer(&mut rng, config, specs);
@@ -288,8 +321,17 @@ fn check_plan(gpu: &Gpu, config: &ShadowConfig, specs: &[SequenceSpec], seed: u6
     let mut counts = stream
         .clone_htod(&vec![u32::MAX; batch.batch() * config.kv_heads])
         .map_err(s)?;
-    plan::run(gpu, stream, &batch, &d_selection, &mut d_resident, &mut misses, &mut counts, 0)
-        .map_err(s)?;
+    plan::run(
+        gpu,
+        stream,
+        &batch,
+        &d_selection,
+        &mut d_resident,
+        &mut misses,
+        &mut counts,
+        0,
+    )
+    .map_err(s)?;
     let gpu_resident = stream.clone_dtoh(&d_resident).map_err(s)?;
     let gpu_misses = stream.clone_dtoh(&misses).map_err(s)?;
     let gpu_counts = stream.clone_dtoh(&counts).map_err(s)?;
@@ -326,7 +368,9 @@ fn run_steps(
     let mut layer = upload(gpu, config, &host, values_on_gpu).map_err(s)?;
     let rope = RopeConfig {
         theta: 10_000.0 + 490_000.0 * rng.gen::<f64>(),
-        scaling: rng.gen_bool(0.5).then_some(shadowkv::Llama3Scaling::LLAMA_3_1),
+        scaling: rng
+            .gen_bool(0.5)
+            .then_some(shadowkv::Llama3Scaling::LLAMA_3_1),
     };
     let frequencies = shadowkv::decode_step::inverse_frequencies(&rope, config.head_dim as u32);
     let mut step = DecodeStep::new(gpu, rope, &layer.batch).map_err(s)?;
@@ -340,7 +384,11 @@ fn run_steps(
         let stats = step.stats(&layer.batch).map_err(s)?;
         let actual = to_f64(&stream.clone_dtoh(&out).map_err(s)?);
         let scratch = step.scratch();
-        let device_scores = per_head(&host, config, &stream.clone_dtoh(scratch.scores).map_err(s)?);
+        let device_scores = per_head(
+            &host,
+            config,
+            &stream.clone_dtoh(scratch.scores).map_err(s)?,
+        );
         let selection = stream.clone_dtoh(scratch.selection).map_err(s)?;
         let misses = stream.clone_dtoh(scratch.misses).map_err(s)?;
         let counts = stream.clone_dtoh(scratch.miss_counts).map_err(s)?;
@@ -358,11 +406,16 @@ fn run_steps(
                 return Err("statistics disagree with the miss counts".into());
             }
             let score_error = relative_error(
-                &device_scores[index].iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                &device_scores[index]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect::<Vec<_>>(),
                 &expected.scores[index],
             );
             if score_error > TOLERANCE {
-                return Err(format!("head {index}: scores relative error {score_error:.2e}"));
+                return Err(format!(
+                    "head {index}: scores relative error {score_error:.2e}"
+                ));
             }
         }
         let resident = stream.clone_dtoh(&layer.resident).map_err(s)?;
@@ -371,7 +424,10 @@ fn run_steps(
         }
         let keys = stream.clone_dtoh(&layer.k).map_err(s)?;
         let values = stream.clone_dtoh(&layer.v).map_err(s)?;
-        let key_error = relative_error(&to_f64(&keys_in_slots(&host, config, &keys)), &to_f64(&keys_in_slots(&host, config, &host.k)));
+        let key_error = relative_error(
+            &to_f64(&keys_in_slots(&host, config, &keys)),
+            &to_f64(&keys_in_slots(&host, config, &host.k)),
+        );
         if key_error > TOLERANCE {
             return Err(format!("rebuilt keys: relative error {key_error:.2e}"));
         }
@@ -410,13 +466,20 @@ fn keys_in_slots(host: &HostLayer, config: &ShadowConfig, buffer: &[bf16]) -> Ve
 fn step_over_steps(gpu: &Gpu) -> Result<(), String> {
     let worst = std::cell::Cell::new((0.0f64, 1.0f64));
     runner()
-        .run(&(case_strategy(), any::<bool>()), |((config, specs, seed), on_gpu)| {
-            let (error, hits) = run_steps(gpu, &config, &specs, seed, 3, on_gpu).map_err(TestCaseError::fail)?;
-            eprintln!("  step case ok: {config:?}, {} sequences, error {error:.2e}, hits {hits:.2}", specs.len());
-            let (e, h) = worst.get();
-            worst.set((e.max(error), h.min(hits)));
-            Ok(())
-        })
+        .run(
+            &(case_strategy(), any::<bool>()),
+            |((config, specs, seed), on_gpu)| {
+                let (error, hits) = run_steps(gpu, &config, &specs, seed, 3, on_gpu)
+                    .map_err(TestCaseError::fail)?;
+                eprintln!(
+                    "  step case ok: {config:?}, {} sequences, error {error:.2e}, hits {hits:.2}",
+                    specs.len()
+                );
+                let (e, h) = worst.get();
+                worst.set((e.max(error), h.min(hits)));
+                Ok(())
+            },
+        )
         .map_err(s)?;
     // Llama-3-8B shape at the defaults, a ragged batch of long prompts.
     let specs: Vec<SequenceSpec> = [32_768u32 + 5, 9_001, 20_000]
@@ -476,11 +539,19 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
                 outliers.sort();
                 let local = sequence.prompt_len - sequence.chunks * 8;
                 for (i, &chunk) in outliers.iter().enumerate() {
-                    let keys = reference::rebuild::chunk_keys(&config, sequence, h as usize, chunk, &host.a, &host.bm, &frequencies);
+                    let keys = reference::rebuild::chunk_keys(
+                        &config,
+                        sequence,
+                        h as usize,
+                        chunk,
+                        &host.a,
+                        &host.bm,
+                        &frequencies,
+                    );
                     let row = sequence.kv_row(h, local + 8 * i as u32, head_dim as u32) as usize;
                     let source = sequence.host_value_chunk(h, chunk, 8, head_dim as u32) as usize;
-                    for j in 0..8 * head_dim {
-                        host.k[row + j] = bf16::from_f64(keys[j]);
+                    for (j, key) in keys.iter().enumerate() {
+                        host.k[row + j] = bf16::from_f64(*key);
                         host.v[row + j] = host.values[source + j];
                     }
                 }
@@ -494,20 +565,42 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
             let local = sequence.prompt_len - sequence.chunks * 8;
             let generated = sequence.kv.len - sequence.sparse_start - config.sparse_budget() as u32;
             let len = sequence.prompt_len + generated;
-            layouts.push(SequenceLayout { offset: full_k.len() as u64, capacity: len, len });
+            layouts.push(SequenceLayout {
+                offset: full_k.len() as u64,
+                capacity: len,
+                len,
+            });
             for h in 0..config.kv_heads as u32 {
                 for chunk in 0..sequence.chunks {
-                    let keys = reference::rebuild::chunk_keys(&config, sequence, h as usize, chunk, &host.a, &host.bm, &frequencies);
+                    let keys = reference::rebuild::chunk_keys(
+                        &config,
+                        sequence,
+                        h as usize,
+                        chunk,
+                        &host.a,
+                        &host.bm,
+                        &frequencies,
+                    );
                     full_k.extend(keys.iter().map(|&x| bf16::from_f64(x)));
                     let source = sequence.host_value_chunk(h, chunk, 8, head_dim as u32) as usize;
                     full_v.extend_from_slice(&host.values[source..source + 8 * head_dim]);
                 }
                 let local_rows = sequence.kv_row(h, 0, head_dim as u32) as usize;
-                full_k.extend_from_slice(&host.k[local_rows..local_rows + local as usize * head_dim]);
-                full_v.extend_from_slice(&host.v[local_rows..local_rows + local as usize * head_dim]);
-                let generated_rows = sequence.kv_row(h, sequence.sparse_start + config.sparse_budget() as u32, head_dim as u32) as usize;
-                full_k.extend_from_slice(&host.k[generated_rows..generated_rows + generated as usize * head_dim]);
-                full_v.extend_from_slice(&host.v[generated_rows..generated_rows + generated as usize * head_dim]);
+                full_k
+                    .extend_from_slice(&host.k[local_rows..local_rows + local as usize * head_dim]);
+                full_v
+                    .extend_from_slice(&host.v[local_rows..local_rows + local as usize * head_dim]);
+                let generated_rows = sequence.kv_row(
+                    h,
+                    sequence.sparse_start + config.sparse_budget() as u32,
+                    head_dim as u32,
+                ) as usize;
+                full_k.extend_from_slice(
+                    &host.k[generated_rows..generated_rows + generated as usize * head_dim],
+                );
+                full_v.extend_from_slice(
+                    &host.v[generated_rows..generated_rows + generated as usize * head_dim],
+                );
             }
         }
         let q = random_q(&mut rng, &config, specs.len(), 2.0);
@@ -518,16 +611,37 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
         let mut out = poisoned(gpu, q.len()).map_err(s)?;
         step.run(gpu, &mut layer, &dq, &mut out).map_err(s)?;
         let shadow = to_f64(&stream.clone_dtoh(&out).map_err(s)?);
-        let shape = DecodeAttentionShape { batch: specs.len(), q_heads: config.q_heads, kv_heads: 2, head_dim };
+        let shape = DecodeAttentionShape {
+            batch: specs.len(),
+            q_heads: config.q_heads,
+            kv_heads: 2,
+            head_dim,
+        };
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let expected = reference::attention::decode_attention(&shape, &layouts, &q, &full_k, &full_v, scale);
-        let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors).map_err(s)?;
+        let expected =
+            reference::attention::decode_attention(&shape, &layouts, &q, &full_k, &full_v, scale);
+        let plan =
+            DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors).map_err(s)?;
         let mut attention = DecodeAttention::new(gpu, plan).map_err(s)?;
-        let (dk, dv) = (stream.clone_htod(&full_k).map_err(s)?, stream.clone_htod(&full_v).map_err(s)?);
+        let (dk, dv) = (
+            stream.clone_htod(&full_k).map_err(s)?,
+            stream.clone_htod(&full_v).map_err(s)?,
+        );
         let mut full_out = poisoned(gpu, q.len()).map_err(s)?;
-        attention.run(gpu, stream, &dq, &dk, &dv, &mut full_out).map_err(s)?;
+        attention
+            .run(gpu, stream, &dq, &dk, &dv, &mut full_out)
+            .map_err(s)?;
         let full = to_f64(&stream.clone_dtoh(&full_out).map_err(s)?);
-        let (versus_reference, versus_full) = (relative_error(&shadow, &expected), relative_error(&shadow, &full));
+        let reference_step = decode_step(&config, &frequencies, &mut host.clone(), &q, None);
+        eprintln!(
+            "  reference step vs full-attention reference {:.2e}; GPU step vs reference step {:.2e}",
+            relative_error(&reference_step.out, &expected),
+            relative_error(&shadow, &reference_step.out)
+        );
+        let (versus_reference, versus_full) = (
+            relative_error(&shadow, &expected),
+            relative_error(&shadow, &full),
+        );
         eprintln!(
             "full budget (d {head_dim}, G {group}): ShadowKV vs full-attention reference {versus_reference:.2e}, vs GPU full attention {versus_full:.2e}"
         );
@@ -539,63 +653,151 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
 }
 
 fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
-    let config = ShadowConfig { budget_chunks: 16, rank: 32, ..ShadowConfig::LLAMA_3_8B };
-    let spec = SequenceSpec { prompt_len: 8 * 40, local_chunks: 2, outlier_chunks: 3, generated: 2, spare: 0 };
+    let config = ShadowConfig {
+        budget_chunks: 16,
+        rank: 32,
+        ..ShadowConfig::LLAMA_3_8B
+    };
+    let spec = SequenceSpec {
+        prompt_len: 8 * 40,
+        local_chunks: 2,
+        outlier_chunks: 3,
+        generated: 2,
+        spare: 0,
+    };
     let mut rng = StdRng::seed_from_u64(3);
     let host = random_layer(&mut rng, &config, &[spec]);
     let stream = gpu.stream();
     let expect_invalid = |result: shadowkv::Result<ShadowBatch>, argument: &str| match result {
-        Err(Error::InvalidArgument { argument: named, .. }) if named == argument => Ok(()),
-        Err(other) => Err(format!("expected an error naming `{argument}`, got {other}")),
+        Err(Error::InvalidArgument {
+            argument: named, ..
+        }) if named == argument => Ok(()),
+        Err(other) => Err(format!(
+            "expected an error naming `{argument}`, got {other}"
+        )),
         Ok(_) => Err(format!("expected an error naming `{argument}`, got Ok")),
     };
     for (bad, argument) in [
         (ShadowConfig { rank: 24, ..config }, "rank"),
-        (ShadowConfig { rank: 272, ..config }, "rank"),
-        (ShadowConfig { chunk_size: 0, ..config }, "chunk_size"),
-        (ShadowConfig { chunk_size: 65, ..config }, "chunk_size"),
-        (ShadowConfig { q_heads: 30, ..config }, "q_heads"),
-        (ShadowConfig { head_dim: 96, ..config }, "head_dim"),
-        (ShadowConfig { budget_chunks: 0, ..config }, "budget_chunks"),
+        (
+            ShadowConfig {
+                rank: 272,
+                ..config
+            },
+            "rank",
+        ),
+        (
+            ShadowConfig {
+                chunk_size: 0,
+                ..config
+            },
+            "chunk_size",
+        ),
+        (
+            ShadowConfig {
+                chunk_size: 65,
+                ..config
+            },
+            "chunk_size",
+        ),
+        (
+            ShadowConfig {
+                q_heads: 30,
+                ..config
+            },
+            "q_heads",
+        ),
+        (
+            ShadowConfig {
+                head_dim: 96,
+                ..config
+            },
+            "head_dim",
+        ),
+        (
+            ShadowConfig {
+                budget_chunks: 0,
+                ..config
+            },
+            "budget_chunks",
+        ),
     ] {
         expect_invalid(ShadowBatch::new(stream, bad, &host.sequences), argument)?;
     }
     let mut sequence = host.sequences[0];
     for broken in [
         // Too short for the budget.
-        shadowkv::ShadowSequence { landmarks: 15, ..sequence },
+        shadowkv::ShadowSequence {
+            landmarks: 15,
+            ..sequence
+        },
         // Chunks past the prompt.
-        shadowkv::ShadowSequence { prompt_len: sequence.chunks * 8 - 1, ..sequence },
+        shadowkv::ShadowSequence {
+            prompt_len: sequence.chunks * 8 - 1,
+            ..sequence
+        },
         // Slots past the K/V length.
-        shadowkv::ShadowSequence { sparse_start: sequence.kv.len, ..sequence },
+        shadowkv::ShadowSequence {
+            sparse_start: sequence.kv.len,
+            ..sequence
+        },
         // Length past the capacity.
-        shadowkv::ShadowSequence { kv: SequenceLayout { len: sequence.kv.capacity + 1, ..sequence.kv }, ..sequence },
+        shadowkv::ShadowSequence {
+            kv: SequenceLayout {
+                len: sequence.kv.capacity + 1,
+                ..sequence.kv
+            },
+            ..sequence
+        },
         // Misaligned A.
-        shadowkv::ShadowSequence { a_offset: 4, ..sequence },
+        shadowkv::ShadowSequence {
+            a_offset: 4,
+            ..sequence
+        },
     ] {
         expect_invalid(ShadowBatch::new(stream, config, &[broken]), "sequences")?;
     }
     // Buffers shorter than the layouts, a q of the wrong batch, a layer of another config.
     let mut layer = upload(gpu, &config, &host, false).map_err(s)?;
     let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
-    let q = stream.clone_htod(&random_q(&mut rng, &config, 2, 1.0)).map_err(s)?;
+    let q = stream
+        .clone_htod(&random_q(&mut rng, &config, 2, 1.0))
+        .map_err(s)?;
     let mut out = poisoned(gpu, q.len()).map_err(s)?;
     match step.run(gpu, &mut layer, &q, &mut out) {
         Err(Error::InvalidArgument { argument: "q", .. }) => {}
-        other => return Err(format!("a q for two sequences: expected an error naming `q`, got {other:?}")),
+        other => {
+            return Err(format!(
+                "a q for two sequences: expected an error naming `q`, got {other:?}"
+            ))
+        }
     }
-    layer.a = stream.clone_htod(&host.a[..host.a.len() - 8]).map_err(s)?;
-    let q = stream.clone_htod(&random_q(&mut rng, &config, 1, 1.0)).map_err(s)?;
+    let needed = layer.batch.extents().a;
+    layer.a = stream.clone_htod(&host.a[..needed - 1]).map_err(s)?;
+    let q = stream
+        .clone_htod(&random_q(&mut rng, &config, 1, 1.0))
+        .map_err(s)?;
     let mut out = poisoned(gpu, q.len()).map_err(s)?;
     match step.run(gpu, &mut layer, &q, &mut out) {
         Err(Error::InvalidArgument { argument: "a", .. }) => {}
-        other => return Err(format!("a short A: expected an error naming `a`, got {other:?}")),
+        other => {
+            return Err(format!(
+                "a short A: expected an error naming `a`, got {other:?}"
+            ))
+        }
     }
     sequence.landmarks = 16;
-    let other = ShadowConfig { budget_chunks: 8, ..config };
+    let other = ShadowConfig {
+        budget_chunks: 8,
+        ..config
+    };
     layer.batch = ShadowBatch::new(stream, other, &[sequence]).map_err(s)?;
     match step.run(gpu, &mut layer, &q, &mut out) {
-        Err(Error::InvalidArgument { argument: "layer", .. }) => Ok(()),
-        other => Err(format!("a layer of another config: expected an error naming `layer`, got {other:?}")),
+        Err(Error::InvalidArgument {
+            argument: "layer", ..
+        }) => Ok(()),
+        other => Err(format!(
+            "a layer of another config: expected an error naming `layer`, got {other:?}"
+        )),
     }
 }

@@ -273,23 +273,34 @@ impl DecodeAttention {
     /// the split length and scale. Uploads them on `stream` only if they changed. Plan the
     /// first call with the largest lengths (each layout's capacity, say) so the split
     /// workspace holds every later split count.
-    pub fn update_layouts(&mut self, stream: &Arc<CudaStream>, layouts: &[SequenceLayout]) -> Result<()> {
+    pub fn update_layouts(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        layouts: &[SequenceLayout],
+    ) -> Result<()> {
         if layouts == self.plan.layouts.as_slice() {
             return Ok(());
         }
-        let plan = DecodeAttentionPlan::with_split_len(self.plan.shape, layouts, self.plan.split_len)?
-            .with_scale(self.plan.scale)?;
+        let plan =
+            DecodeAttentionPlan::with_split_len(self.plan.shape, layouts, self.plan.split_len)?
+                .with_scale(self.plan.scale)?;
         if plan.max_splits > 1 && plan.max_splits > self.workspace_splits {
             return Err(invalid(
                 "layouts",
-                format!("need {} splits of {} tokens", plan.max_splits, plan.split_len),
+                format!(
+                    "need {} splits of {} tokens",
+                    plan.max_splits, plan.split_len
+                ),
                 format!(
                     "at most {} (the workspace of the first plan; make a new DecodeAttention)",
                     self.workspace_splits.max(1)
                 ),
             ));
         }
-        stream.memcpy_htod(bytemuck::cast_slice::<SequenceLayout, u64>(layouts), &mut self.layouts)?;
+        stream.memcpy_htod(
+            bytemuck::cast_slice::<SequenceLayout, u64>(layouts),
+            &mut self.layouts,
+        )?;
         self.plan = plan;
         Ok(())
     }

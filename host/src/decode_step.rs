@@ -309,8 +309,7 @@ impl DecodeStep {
                 &mut layer.v,
             )?;
         }
-        self.attention
-            .run(gpu, &stream, q, &layer.k, &layer.v, out)
+        self.attention.run(gpu, &stream, q, &layer.k, &layer.v, out)
     }
 
     /// The statistics of the latest step: waits until its plan has run.
@@ -347,7 +346,11 @@ pub struct StepScratch<'a> {
 
 /// The K/V layout of a sequence for a step: `ShadowSequence::kv` with `len` generated tokens
 /// after the sparse slots.
-pub fn with_generated(sequence: &ShadowSequence, budget_tokens: u32, generated: u32) -> ShadowSequence {
+pub fn with_generated(
+    sequence: &ShadowSequence,
+    budget_tokens: u32,
+    generated: u32,
+) -> ShadowSequence {
     ShadowSequence {
         kv: SequenceLayout {
             len: sequence.sparse_start + budget_tokens + generated,

@@ -4,8 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig,
-    PushKernelArg,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 

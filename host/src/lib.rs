@@ -23,9 +23,9 @@ pub use decode_step::{
     DecodeStep, LayerValues, Llama3Scaling, RopeConfig, ShadowLayer, StepScratch, StepStats,
 };
 pub use error::{Error, Result};
-pub use shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, ValueSource, EMPTY_SLOT};
 pub use gpu::{gpu_available, probe, DeviceInfo, Gpu};
 pub use pinned::PinnedBuffer;
+pub use shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, ValueSource, EMPTY_SLOT};
 
 /// Re-exported so users name the same types the launchers take.
 pub use cudarc;

@@ -2,8 +2,8 @@
 //! (`scoring`, `topk`, `plan`, `fetch`, `rebuild`, `decode_step`).
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
-pub use shadowkv_kernels::shadow::{Miss, ShadowSequence, EMPTY_SLOT};
 use shadowkv_kernels::shadow::{self as layout, ShadowShape};
+pub use shadowkv_kernels::shadow::{Miss, ShadowSequence, EMPTY_SLOT};
 use shadowkv_kernels::{attention as attention_layout, scoring as scoring_layout};
 
 use crate::error::{check_range, invalid, Result};
@@ -65,7 +65,11 @@ impl ShadowConfig {
                 format!("one of {:?}", attention_layout::HEAD_DIMS),
             ));
         }
-        check_range("chunk_size", self.chunk_size, 1..=layout::MAX_CHUNK_SIZE as usize)?;
+        check_range(
+            "chunk_size",
+            self.chunk_size,
+            1..=layout::MAX_CHUNK_SIZE as usize,
+        )?;
         let step = layout::RANK_STEP as usize;
         let max_rank = (layout::MAX_RANK as usize).min(self.kv_heads * self.head_dim);
         if self.rank == 0 || !self.rank.is_multiple_of(step) || self.rank > max_rank {

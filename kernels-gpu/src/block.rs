@@ -13,6 +13,10 @@ pub const MAX_WARPS: usize = 32;
 /// and its barriers into the divergent branches that compute `flag` (it did, in `plan`). Lanes
 /// of one warp then wait at different `vote.sync` instructions and the block deadlocks. Out of
 /// line, every thread runs the same instructions.
+///
+/// # Safety
+/// `scratch` points to [`MAX_WARPS`] words of shared memory, and every thread of the block
+/// calls this from the same loop iteration.
 #[inline(never)]
 pub unsafe fn exclusive_count(flag: bool, scratch: *mut u32) -> (u32, u32) {
     let lane = lane_id();

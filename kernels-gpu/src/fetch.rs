@@ -49,10 +49,12 @@ mod kernel {
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let k = shape.budget_chunks;
         let count = min_u32(
-            *(p.miss_counts as *const u32).add((sequence_index * shape.kv_heads + kv_head) as usize),
+            *(p.miss_counts as *const u32)
+                .add((sequence_index * shape.kv_heads + kv_head) as usize),
             k,
         );
-        let misses = (p.misses as *const Miss).add(slot_base(sequence_index, kv_head, shape.kv_heads, k));
+        let misses =
+            (p.misses as *const Miss).add(slot_base(sequence_index, kv_head, shape.kv_heads, k));
         let (c, d) = (shape.chunk_size, shape.head_dim);
         let vectors = c * d / 8;
         let mut m = split * WARPS + warp;
@@ -62,7 +64,8 @@ mod kernel {
                 let source = (p.values as *const Vec16)
                     .add((sequence.host_value_chunk(kv_head, miss.chunk, c, d) / 8) as usize);
                 let target = (p.v as *mut Vec16).add(
-                    (sequence.kv_row(kv_head, sequence.sparse_start + miss.slot * c, d) / 8) as usize,
+                    (sequence.kv_row(kv_head, sequence.sparse_start + miss.slot * c, d) / 8)
+                        as usize,
                 );
                 let mut first = lane;
                 while first < vectors {

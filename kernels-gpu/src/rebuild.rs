@@ -57,8 +57,8 @@ mod kernel {
     use super::*;
     use crate::device::*;
     use crate::rope::rotate;
-    use core::num::NonZeroU32;
     use crate::shadow::{slot_base, Miss, ShadowSequence};
+    use core::num::NonZeroU32;
 
     /// # Safety
     /// The host launcher validated the layouts against `A`, `Bm` and the key buffer, `rank`
@@ -72,12 +72,14 @@ mod kernel {
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let (k, rank) = (shape.budget_chunks, shape.rank);
         // Non-zero divisors keep the kernel free of panic paths (validated on the host).
-        let (Some(c), Some(a_vectors)) = (NonZeroU32::new(shape.chunk_size), NonZeroU32::new(rank / 8))
+        let (Some(c), Some(a_vectors)) =
+            (NonZeroU32::new(shape.chunk_size), NonZeroU32::new(rank / 8))
         else {
             return;
         };
         let count = min_u32(
-            *(p.miss_counts as *const u32).add((sequence_index * shape.kv_heads + kv_head) as usize),
+            *(p.miss_counts as *const u32)
+                .add((sequence_index * shape.kv_heads + kv_head) as usize),
             k,
         );
         let rows = count * c.get();
@@ -85,22 +87,28 @@ mod kernel {
         if split * WARPS >= tiles {
             return;
         }
-        let misses = (p.misses as *const Miss).add(slot_base(sequence_index, kv_head, shape.kv_heads, k));
+        let misses =
+            (p.misses as *const Miss).add(slot_base(sequence_index, kv_head, shape.kv_heads, k));
 
         // Bm_h into shared memory, once per block.
         let bm_stride = D + ROW_PAD as usize;
         let a_stride = (rank + ROW_PAD) as usize;
         let bm_shared = dynamic_shared::<u16>();
-        let a_shared = bm_shared.add(rank as usize * bm_stride + warp as usize * TILE_ROWS as usize * a_stride);
+        let a_shared = bm_shared
+            .add(rank as usize * bm_stride + warp as usize * TILE_ROWS as usize * a_stride);
         let frequencies = dynamic_shared::<u8>().add(
-            ((rank as usize * bm_stride + WARPS as usize * TILE_ROWS as usize * a_stride) * 2).next_multiple_of(8),
+            ((rank as usize * bm_stride + WARPS as usize * TILE_ROWS as usize * a_stride) * 2)
+                .next_multiple_of(8),
         ) as *mut f64;
         let bm_row_stride = (shape.kv_heads * D as u32) as usize;
         let bm_head = (p.bm as *const u16).add(sequence.bm_offset as usize + kv_head as usize * D);
         let vectors_per_row = D as u32 / 8;
         let mut index = tid;
         while index < rank * vectors_per_row {
-            let (row, vector) = ((index / vectors_per_row) as usize, (index % vectors_per_row) as usize);
+            let (row, vector) = (
+                (index / vectors_per_row) as usize,
+                (index % vectors_per_row) as usize,
+            );
             copy_async_16(
                 shared_address(bm_shared.add(row * bm_stride + vector * 8)),
                 bm_head.add(row * bm_row_stride + vector * 8) as *const Vec16,
@@ -125,12 +133,17 @@ mod kernel {
                 let (row_in_tile, vector) = (index / a_vectors, index % a_vectors);
                 let row = tile * TILE_ROWS + row_in_tile;
                 let target = a_shared.add(row_in_tile as usize * a_stride + vector as usize * 8);
-                let chunk = if row < rows { (*misses.add((row / c) as usize)).chunk } else { u32::MAX };
+                let chunk = if row < rows {
+                    (*misses.add((row / c) as usize)).chunk
+                } else {
+                    u32::MAX
+                };
                 if chunk < sequence.chunks {
                     let a_row = chunk * c.get() + row % c;
                     copy_async_16(
                         shared_address(target),
-                        a_base.add(a_row as usize * rank as usize + vector as usize * 8) as *const Vec16,
+                        a_base.add(a_row as usize * rank as usize + vector as usize * 8)
+                            as *const Vec16,
                     );
                 } else {
                     *(target as *mut Vec16) = [0; 4];
@@ -147,7 +160,8 @@ mod kernel {
             let mut k_step = 0;
             while k_step < rank / 16 {
                 let a_fragment = load_matrix_x4(shared_address(a_row.add(k_step as usize * 16)));
-                let b_row = bm_shared.add((k_step * 16 + lane % 16) as usize * bm_stride + (lane / 16) as usize * 8);
+                let b_row = bm_shared
+                    .add((k_step * 16 + lane % 16) as usize * bm_stride + (lane / 16) as usize * 8);
                 for n in (0..N_TILES).step_by(2) {
                     let b = load_matrix_x4_transposed(shared_address(b_row.add(n * 8)));
                     acc[n] = mma_bf16_m16n8k16(a_fragment, [b[0], b[1]], acc[n]);
@@ -170,9 +184,11 @@ mod kernel {
                 }
                 let token = row % c;
                 let position = miss.chunk * c.get() + token;
-                let target = (p.k as *mut u16).add(
-                    sequence.kv_row(kv_head, sequence.sparse_start + miss.slot * c.get() + token, D as u32) as usize,
-                );
+                let target = (p.k as *mut u16).add(sequence.kv_row(
+                    kv_head,
+                    sequence.sparse_start + miss.slot * c.get() + token,
+                    D as u32,
+                ) as usize);
                 for n in 0..N_TILES / 2 {
                     let column = n * 8 + 2 * (lane % 4) as usize;
                     let mut low = [0.0f32; 2];

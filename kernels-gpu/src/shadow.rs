@@ -63,7 +63,13 @@ impl ShadowSequence {
 
     /// First value of chunk `chunk` of head `kv_head` in the (host) value buffer.
     #[inline(always)]
-    pub fn host_value_chunk(&self, kv_head: u32, chunk: u32, chunk_size: u32, head_dim: u32) -> u64 {
+    pub fn host_value_chunk(
+        &self,
+        kv_head: u32,
+        chunk: u32,
+        chunk_size: u32,
+        head_dim: u32,
+    ) -> u64 {
         self.host_value_offset
             + (kv_head as u64 * self.prompt_len as u64 + chunk as u64 * chunk_size as u64)
                 * head_dim as u64

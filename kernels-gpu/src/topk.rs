@@ -110,8 +110,8 @@ mod kernel {
         while j < count {
             let mut score = 0.0f32;
             for g in 0..group {
-                let logit =
-                    *(p.logits as *const f32).add(sequence.logit_base(kv_head, group, g) as usize + j as usize);
+                let logit = *(p.logits as *const f32)
+                    .add(sequence.logit_base(kv_head, group, g) as usize + j as usize);
                 let weight = exp2(logit - *normaliser.add(2 * g as usize))
                     * *normaliser.add(2 * g as usize + 1);
                 score = max_f32(score, weight);
@@ -183,12 +183,8 @@ mod kernel {
         // 3. Ordered compaction: every score above the threshold, and the first
         //    `needed_equal` equal to it.
         let chunk_ids = (p.chunk_ids as *const u32).add(base);
-        let selection = (p.selection as *mut u32).add(slot_base(
-            sequence_index,
-            kv_head,
-            shape.kv_heads,
-            k,
-        ));
+        let selection =
+            (p.selection as *mut u32).add(slot_base(sequence_index, kv_head, shape.kv_heads, k));
         let (mut above_run, mut equal_run) = (0u32, 0u32);
         let mut start = 0;
         while start < count {
