@@ -37,12 +37,27 @@ fn invalid_argument(result: shadowkv::Result<DecodeAttentionPlan>) -> &'static s
 
 #[test]
 fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
+    let mut names = Vec::new();
     for head_dim in kernel_layout::HEAD_DIMS {
         for group in 1..=kernel_layout::MAX_GROUP {
-            KernelName::lookup(&kernel_layout::kernel_name(group, head_dim)).unwrap();
+            names.push(kernel_layout::kernel_name(group, head_dim));
+            names.push(shadowkv::scoring::kernel_layout::kernel_name(group, head_dim));
         }
+        names.push(shadowkv_kernels_names::rebuild(head_dim));
     }
-    assert_eq!(ALL.len(), 2 * kernel_layout::MAX_GROUP as usize);
+    names.extend(
+        [
+            shadowkv_kernels_names::TOPK,
+            shadowkv_kernels_names::PLAN,
+            shadowkv_kernels_names::FETCH,
+        ]
+        .map(String::from),
+    );
+    for name in &names {
+        KernelName::lookup(name).unwrap();
+    }
+    // Every compiled entry is one a launcher names, and none is missing.
+    assert_eq!(ALL.len(), names.len());
     assert!(matches!(
         KernelName::lookup("decode_attention_g9_d128"),
         Err(Error::MissingKernel { .. })
@@ -163,4 +178,14 @@ fn relative_error_flags_nan_and_length_mismatch() {
     assert!((relative_error(&[1.0, 0.0], &[0.0, 1.0]) - 2f64.sqrt()).abs() < 1e-12);
     assert_eq!(relative_error(&[f64::NAN], &[1.0]), f64::INFINITY);
     assert_eq!(relative_error(&[1.0], &[1.0, 2.0]), f64::INFINITY);
+}
+
+/// Entry names of the decode families with a single kernel or one per head dimension.
+mod shadowkv_kernels_names {
+    pub const TOPK: &str = "topk_select";
+    pub const PLAN: &str = "cache_plan";
+    pub const FETCH: &str = "value_fetch";
+    pub fn rebuild(head_dim: u32) -> String {
+        format!("key_rebuild_d{head_dim}")
+    }
 }

@@ -515,8 +515,9 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
             rank: 64,
             budget_chunks: landmarks as usize,
         };
-        let specs: Vec<SequenceSpec> = [(4u32, 7u32, 3u32, 9u32), (6, 2, 8, 0)]
+        let specs: Vec<SequenceSpec> = [(4u32, 7u32, 3u32, 9u32), (6, 2, 7, 0)]
             .iter()
+            // remainder < c: every chunk is a landmark, an outlier or local.
             .map(|&(local, outliers, remainder, generated)| SequenceSpec {
                 prompt_len: (landmarks + local + outliers) * 8 + remainder,
                 local_chunks: local,
