@@ -41,7 +41,9 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
     for head_dim in kernel_layout::HEAD_DIMS {
         for group in 1..=kernel_layout::MAX_GROUP {
             names.push(kernel_layout::kernel_name(group, head_dim));
-            names.push(shadowkv::scoring::kernel_layout::kernel_name(group, head_dim));
+            names.push(shadowkv::scoring::kernel_layout::kernel_name(
+                group, head_dim,
+            ));
         }
         names.push(shadowkv_kernels_names::rebuild(head_dim));
     }
