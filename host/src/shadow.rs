@@ -2,9 +2,9 @@
 //! (`scoring`, `topk`, `plan`, `fetch`, `rebuild`, `decode_step`).
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
+use shadowkv_kernels::scoring as scoring_layout;
 use shadowkv_kernels::shadow::{self as layout, ShadowShape};
 pub use shadowkv_kernels::shadow::{Miss, ShadowSequence, EMPTY_SLOT};
-use shadowkv_kernels::{attention as attention_layout, scoring as scoring_layout};
 
 use crate::error::{check_range, invalid, Result};
 use crate::gpu::address;
@@ -45,26 +45,14 @@ impl ShadowConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        check_range("kv_heads", self.kv_heads, 1..=65_535)?;
-        if self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
-            return Err(invalid(
-                "q_heads",
-                format!("is {} with {} KV heads", self.q_heads, self.kv_heads),
-                "a positive multiple of kv_heads",
-            ));
+        // The heads: exactly what the attention kernel accepts.
+        crate::attention::DecodeAttentionShape {
+            batch: 1,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
         }
-        check_range(
-            "group (q_heads / kv_heads)",
-            self.group(),
-            1..=attention_layout::MAX_GROUP as usize,
-        )?;
-        if !attention_layout::HEAD_DIMS.contains(&(self.head_dim as u32)) {
-            return Err(invalid(
-                "head_dim",
-                format!("is {}", self.head_dim),
-                format!("one of {:?}", attention_layout::HEAD_DIMS),
-            ));
-        }
+        .validate()?;
         check_range(
             "chunk_size",
             self.chunk_size,
