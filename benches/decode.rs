@@ -8,15 +8,16 @@
 //! For Nsight Compute: `ncu --clock-control none <bench binary> --bench --profile-time 1 b16_ctx122880`.
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use half::bf16;
 use rand::{rngs::StdRng, SeedableRng};
 use shadowkv::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use shadowkv::cudarc::driver::CudaSlice;
+use shadowkv::cudarc::driver::{CudaSlice, CudaStream};
 use shadowkv::{
     fetch, plan, rebuild, scoring, topk, DecodeAttention, DecodeAttentionPlan,
-    DecodeAttentionShape, DecodeStep, Gpu, LayerValues, Miss, PinnedBuffer, RopeConfig,
-    SequenceLayout, ShadowBatch, ShadowConfig, ShadowLayer, ShadowSequence,
+    DecodeAttentionShape, DecodeStep, Gpu, LayerValues, PinnedBuffer, RopeConfig, SequenceLayout,
+    ShadowBatch, ShadowConfig, ShadowLayer, ShadowSequence, StepWorkspace,
 };
 use shadowkv_suite::bench::{copy_bandwidth, filled, median, steady_ms};
 use shadowkv_suite::{random_bf16, shared_gpu};
@@ -147,16 +148,6 @@ fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<S
     })
 }
 
-/// Scratch of the kernels timed one at a time.
-struct Scratch {
-    logits: CudaSlice<f32>,
-    tile_stats: CudaSlice<f32>,
-    scores: CudaSlice<f32>,
-    selection: CudaSlice<u32>,
-    misses: CudaSlice<Miss>,
-    counts: CudaSlice<u32>,
-}
-
 /// Resident sets that hit `hit_rate` of the selection: the selection itself with the first
 /// `(1 - hit_rate) * k` slots of every head given to chunks it did not select.
 fn resident_for(selection: &[u32], landmarks: u32, hit_rate: f64) -> Vec<u32> {
@@ -183,6 +174,43 @@ struct Row {
     of_ceiling: String,
 }
 
+/// A rate and its share of a ceiling, as table columns: `amount` per `ms`, shown in `unit`
+/// (`scale` per unit), against `ceiling` (same measure per second) named `of`.
+fn rate_columns(
+    amount: f64,
+    ms: f64,
+    unit: &str,
+    scale: f64,
+    ceiling: f64,
+    of: &str,
+) -> (String, String) {
+    let per_second = amount / (ms * 1e-3);
+    (
+        format!("{:.1} {unit}", per_second / scale),
+        format!("{:.1}% of {of}", 100.0 * per_second / ceiling),
+    )
+}
+
+/// Times `work` twice over: as a criterion benchmark `id` (CUDA events around `n` calls) and
+/// as the tables' steady-state median.
+fn measure(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    mut work: impl FnMut() -> shadowkv::Result<()>,
+) -> shadowkv::Result<f64> {
+    group.bench_function(id, |bencher| {
+        bencher.iter_custom(|iterations| {
+            let ms = gpu
+                .time_ms(stream, iterations as u32, &mut work)
+                .expect("timed run");
+            Duration::from_secs_f64(ms as f64 * 1e-3 * iterations as f64)
+        })
+    });
+    steady_ms(gpu, stream, work)
+}
+
 fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     let copy = copy_bandwidth(gpu)?;
     let pcie = pcie_bandwidth(gpu)?;
@@ -201,15 +229,17 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
         .measurement_time(Duration::from_millis(500))
         .configure_from_args();
     let stream = gpu.stream().clone();
-    let mut rows = Vec::new();
-    let mut steps = Vec::new();
+    let (mut rows, mut steps) = (Vec::new(), Vec::new());
     let mut q_rng = StdRng::seed_from_u64(9);
     for context in CONTEXTS {
         for batch in BATCHES {
+            let label = format!("b{batch}_ctx{context}");
+            let id = |name: &str| BenchmarkId::new(name.to_owned(), &label);
             let layer_count = if batch == 1 { LAYERS_AT_BATCH_1 } else { 1 };
             let mut layers = (0..layer_count)
                 .map(|i| layer(gpu, batch, context, 100 * i as u64))
                 .collect::<shadowkv::Result<Vec<_>>>()?;
+            let last = layers.len() - 1;
             let shape = DecodeAttentionShape {
                 batch,
                 q_heads: CONFIG.q_heads,
@@ -219,24 +249,25 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             let q_elements = batch * CONFIG.q_heads * CONFIG.head_dim;
             let q = stream.clone_htod(&random_bf16(&mut q_rng, q_elements, 2.0))?;
             let mut out = filled(gpu, q_elements, 7)?;
-            let first = &layers[0];
-            let mut scratch = Scratch {
-                logits: stream.alloc_zeros(scoring::logits_len(&first.batch))?,
-                tile_stats: stream.alloc_zeros(scoring::tile_stats_len(&first.batch))?,
-                scores: stream.alloc_zeros(first.batch.extents().landmark_rows)?,
-                selection: stream.alloc_zeros(first.batch.slot_entries())?,
-                misses: stream.alloc_zeros(first.batch.slot_entries())?,
-                counts: stream.alloc_zeros(batch * CONFIG.kv_heads)?,
-            };
+            let mut w = StepWorkspace::new(gpu, &stream, &layers[0].batch)?;
             let scale = 1.0 / (CONFIG.head_dim as f32).sqrt();
-            let landmarks = first.batch.sequences()[0].landmarks;
-            let label = format!("b{batch}_ctx{context}");
-            let mut next = 0usize;
-
-            // Kernels one at a time (cycling through the layers at batch 1).
-            let landmark_bytes = (first.batch.extents().landmark_rows * CONFIG.head_dim * 2) as f64;
+            let landmarks = layers[0].batch.sequences()[0].landmarks;
+            let mut row = |name: &'static str, ms: f64, (rate, of_ceiling): (String, String)| {
+                rows.push(Row {
+                    batch,
+                    context,
+                    name,
+                    us: ms * 1e3,
+                    rate,
+                    of_ceiling,
+                })
+            };
             let mut group = criterion.benchmark_group("decode_kernels");
-            let ms = steady_ms(gpu, &stream, || {
+
+            // Kernels one at a time; scoring cycles through the layers (at batch 1, one
+            // layer's landmarks would fit in L2).
+            let mut next = 0usize;
+            let scoring_ms = measure(gpu, &stream, &mut group, id("scoring"), || {
                 next = (next + 1) % layers.len();
                 let l = &layers[next];
                 scoring::run(
@@ -245,65 +276,20 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &l.batch,
                     &q,
                     &l.landmarks,
-                    &mut scratch.logits,
-                    &mut scratch.tile_stats,
+                    &mut w.logits,
+                    &mut w.tile_stats,
                     scale,
                 )
             })?;
-            group.bench_function(BenchmarkId::new("scoring", &label), |b| {
-                b.iter_custom(|n| {
-                    let l = &layers[0];
-                    let ms = gpu
-                        .time_ms(&stream, n as u32, || {
-                            scoring::run(
-                                gpu,
-                                &stream,
-                                &l.batch,
-                                &q,
-                                &l.landmarks,
-                                &mut scratch.logits,
-                                &mut scratch.tile_stats,
-                                scale,
-                            )
-                        })
-                        .expect("timed");
-                    Duration::from_secs_f64(ms as f64 * 1e-3 * n as f64)
-                })
-            });
-            rows.push(Row {
-                batch,
-                context,
-                name: "scoring",
-                us: ms * 1e3,
-                rate: format!("{:.0} GB/s", landmark_bytes / (ms * 1e-3) / 1e9),
-                of_ceiling: format!(
-                    "{:.1}% of copy",
-                    100.0 * landmark_bytes / (ms * 1e-3) / copy
-                ),
-            });
-            let l = &layers[0];
-            let topk_ms = steady_ms(gpu, &stream, || {
-                topk::run(
-                    gpu,
-                    &stream,
-                    &l.batch,
-                    &scratch.logits,
-                    &scratch.tile_stats,
-                    &l.chunk_ids,
-                    &mut scratch.scores,
-                    &mut scratch.selection,
-                )
-            })?;
-            rows.push(Row {
-                batch,
-                context,
-                name: "topk",
-                us: topk_ms * 1e3,
-                rate: format!("k {} of {landmarks}", CONFIG.budget_chunks),
-                of_ceiling: String::new(),
-            });
+            let landmark_bytes =
+                (layers[0].batch.extents().landmark_rows * CONFIG.head_dim * 2) as f64;
+            row(
+                "scoring",
+                scoring_ms,
+                rate_columns(landmark_bytes, scoring_ms, "GB/s", 1e9, copy, "copy"),
+            );
             // Per layer and hit rate, a resident set that hits exactly that share of the
-            // layer's selection for this query.
+            // layer's selection for this query (the last layer's logits stay in `w`).
             let mut templates: Vec<Vec<CudaSlice<u32>>> = Vec::new();
             for l in &layers {
                 scoring::run(
@@ -312,21 +298,21 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &l.batch,
                     &q,
                     &l.landmarks,
-                    &mut scratch.logits,
-                    &mut scratch.tile_stats,
+                    &mut w.logits,
+                    &mut w.tile_stats,
                     scale,
                 )?;
                 topk::run(
                     gpu,
                     &stream,
                     &l.batch,
-                    &scratch.logits,
-                    &scratch.tile_stats,
+                    &w.logits,
+                    &w.tile_stats,
                     &l.chunk_ids,
-                    &mut scratch.scores,
-                    &mut scratch.selection,
+                    &mut w.scores,
+                    &mut w.selection,
                 )?;
-                let selection = stream.clone_dtoh(&scratch.selection)?;
+                let selection = stream.clone_dtoh(&w.selection)?;
                 templates.push(
                     HIT_RATES
                         .iter()
@@ -334,70 +320,77 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                         .collect::<Result<_, _>>()?,
                 );
             }
-            let restore_ms = steady_ms(gpu, &stream, || {
-                Ok(stream.memcpy_dtod(&templates[0][1], &mut layers[0].resident)?)
+            let l = &mut layers[last];
+            let topk_ms = measure(gpu, &stream, &mut group, id("topk"), || {
+                topk::run(
+                    gpu,
+                    &stream,
+                    &l.batch,
+                    &w.logits,
+                    &w.tile_stats,
+                    &l.chunk_ids,
+                    &mut w.scores,
+                    &mut w.selection,
+                )
             })?;
-            let plan_ms = steady_ms(gpu, &stream, || {
-                stream.memcpy_dtod(&templates[0][1], &mut layers[0].resident)?;
-                let l = &mut layers[0];
+            row(
+                "topk",
+                topk_ms,
+                (
+                    format!("k {} of {landmarks}", CONFIG.budget_chunks),
+                    String::new(),
+                ),
+            );
+            let restore = &templates[last][1];
+            let restore_ms = steady_ms(gpu, &stream, || {
+                Ok(stream.memcpy_dtod(restore, &mut l.resident)?)
+            })?;
+            let plan_ms = measure(gpu, &stream, &mut group, id("plan_hits80"), || {
+                stream.memcpy_dtod(restore, &mut l.resident)?;
                 plan::run(
                     gpu,
                     &stream,
                     &l.batch,
-                    &scratch.selection,
+                    &w.selection,
                     &mut l.resident,
-                    &mut scratch.misses,
-                    &mut scratch.counts,
+                    &mut w.misses,
+                    &mut w.miss_counts,
                     0,
                 )
             })? - restore_ms;
-            rows.push(Row {
-                batch,
-                context,
-                name: "plan (80% hits)",
-                us: plan_ms * 1e3,
-                rate: String::new(),
-                of_ceiling: String::new(),
-            });
+            row("plan (80% hits)", plan_ms, (String::new(), String::new()));
             // Fetch and rebuild of the 80%-hit miss list (20% of the budget).
             let misses = ((1.0 - HIT_RATES[1]) * CONFIG.budget_chunks as f64).round() as usize
                 * batch
                 * CONFIG.kv_heads;
-            let fetch_bytes = (misses * CONFIG.chunk_size * CONFIG.head_dim * 2) as f64;
-            let l = &mut layers[0];
-            let fetch_ms = steady_ms(gpu, &stream, || {
+            let fetch_ms = measure(gpu, &stream, &mut group, id("fetch_hits80"), || {
                 fetch::run(
                     gpu,
                     &stream,
                     &l.batch,
-                    &scratch.misses,
-                    &scratch.counts,
-                    &l.values.source(),
+                    &w.misses,
+                    &w.miss_counts,
+                    &l.values,
                     &mut l.v,
                 )
             })?;
-            rows.push(Row {
-                batch,
-                context,
-                name: "fetch (80% hits)",
-                us: fetch_ms * 1e3,
-                rate: format!("{:.1} GB/s", fetch_bytes / (fetch_ms * 1e-3) / 1e9),
-                of_ceiling: format!(
-                    "{:.1}% of PCIe",
-                    100.0 * fetch_bytes / (fetch_ms * 1e-3) / pcie
-                ),
-            });
+            let fetch_bytes = (misses * CONFIG.chunk_size * CONFIG.head_dim * 2) as f64;
+            row(
+                "fetch (80% hits)",
+                fetch_ms,
+                rate_columns(fetch_bytes, fetch_ms, "GB/s", 1e9, pcie, "PCIe"),
+            );
             let frequencies = stream.clone_htod(&shadowkv::decode_step::inverse_frequencies(
                 &RopeConfig::LLAMA_3,
                 CONFIG.head_dim as u32,
             ))?;
-            let rebuild_ms = steady_ms(gpu, &stream, || {
+            let rebuild_ms = measure(gpu, &stream, &mut group, id("rebuild_hits80"), || {
                 rebuild::run(
                     gpu,
                     &stream,
                     &l.batch,
-                    &scratch.misses,
-                    &scratch.counts,
+                    &w.misses,
+                    &w.miss_counts,
                     &l.a,
                     &l.bm,
                     &frequencies,
@@ -405,38 +398,26 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                 )
             })?;
             let flops = (misses * CONFIG.chunk_size * CONFIG.rank * CONFIG.head_dim * 2) as f64;
-            rows.push(Row {
-                batch,
-                context,
-                name: "rebuild (80% hits)",
-                us: rebuild_ms * 1e3,
-                rate: format!("{:.1} TFLOP/s", flops / (rebuild_ms * 1e-3) / 1e12),
-                of_ceiling: format!(
-                    "{:.1}% of cuBLAS",
-                    100.0 * flops / (rebuild_ms * 1e-3) / gemm
-                ),
-            });
+            row(
+                "rebuild (80% hits)",
+                rebuild_ms,
+                rate_columns(flops, rebuild_ms, "TFLOP/s", 1e12, gemm, "cuBLAS"),
+            );
             let sparse_layouts: Vec<SequenceLayout> =
                 l.batch.sequences().iter().map(|s| s.kv).collect();
             let mut sparse = DecodeAttention::new(
                 gpu,
                 DecodeAttentionPlan::new(shape, &sparse_layouts, gpu.info().multiprocessors)?,
             )?;
-            let sparse_ms = steady_ms(gpu, &stream, || {
+            let sparse_bytes = sparse.plan().kv_bytes_read() as f64;
+            let sparse_ms = measure(gpu, &stream, &mut group, id("sparse_attention"), || {
                 sparse.run(gpu, &stream, &q, &l.k, &l.v, &mut out)
             })?;
-            let sparse_bytes = sparse.plan().kv_bytes_read() as f64;
-            rows.push(Row {
-                batch,
-                context,
-                name: "sparse attention",
-                us: sparse_ms * 1e3,
-                rate: format!("{:.0} GB/s", sparse_bytes / (sparse_ms * 1e-3) / 1e9),
-                of_ceiling: format!(
-                    "{:.1}% of copy",
-                    100.0 * sparse_bytes / (sparse_ms * 1e-3) / copy
-                ),
-            });
+            row(
+                "sparse attention",
+                sparse_ms,
+                rate_columns(sparse_bytes, sparse_ms, "GB/s", 1e9, copy, "copy"),
+            );
 
             // Full attention over the whole context (prompt + generated) on the same heads.
             let full_len = context + GENERATED;
@@ -456,23 +437,16 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                 gpu,
                 DecodeAttentionPlan::new(shape, &full_layouts, gpu.info().multiprocessors)?,
             )?;
-            let full_ms = steady_ms(gpu, &stream, || {
+            let full_bytes = full.plan().kv_bytes_read() as f64;
+            let full_ms = measure(gpu, &stream, &mut group, id("full_attention"), || {
                 full.run(gpu, &stream, &q, &full_k, &full_v, &mut out)
             })?;
-            let full_bytes = full.plan().kv_bytes_read() as f64;
-            rows.push(Row {
-                batch,
-                context,
-                name: "full attention",
-                us: full_ms * 1e3,
-                rate: format!("{:.0} GB/s", full_bytes / (full_ms * 1e-3) / 1e9),
-                of_ceiling: format!(
-                    "{:.1}% of copy",
-                    100.0 * full_bytes / (full_ms * 1e-3) / copy
-                ),
-            });
+            row(
+                "full attention",
+                full_ms,
+                rate_columns(full_bytes, full_ms, "GB/s", 1e9, copy, "copy"),
+            );
             drop((full_k, full_v));
-            group.finish();
 
             // The whole step at steady hit rates: restore the resident set, then one step.
             let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layers[0].batch)?;
@@ -482,7 +456,12 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                         continue;
                     }
                     step.set_overlap(overlap);
-                    let ms = steady_ms(gpu, &stream, || {
+                    let name = format!(
+                        "step_hits{:.0}{}",
+                        hit_rate * 100.0,
+                        if overlap { "" } else { "_serial" }
+                    );
+                    let ms = measure(gpu, &stream, &mut group, id(&name), || {
                         next = (next + 1) % layers.len();
                         let l = &mut layers[next];
                         stream.memcpy_dtod(&templates[next][rate_index], &mut l.resident)?;
@@ -502,18 +481,6 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     ));
                 }
             }
-            let mut group = criterion.benchmark_group("decode_step");
-            group.bench_function(BenchmarkId::new("hits80", &label), |b| {
-                b.iter_custom(|n| {
-                    let ms = gpu
-                        .time_ms(&stream, n as u32, || {
-                            stream.memcpy_dtod(&templates[0][1], &mut layers[0].resident)?;
-                            step.run(gpu, &mut layers[0], &q, &mut out)
-                        })
-                        .expect("timed");
-                    Duration::from_secs_f64(ms as f64 * 1e-3 * n as f64)
-                })
-            });
             group.finish();
         }
     }

@@ -45,13 +45,13 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
                 group, head_dim,
             ));
         }
-        names.push(shadowkv_kernels_names::rebuild(head_dim));
+        names.push(shadowkv::rebuild::kernel_layout::kernel_name(head_dim));
     }
     names.extend(
         [
-            shadowkv_kernels_names::TOPK,
-            shadowkv_kernels_names::PLAN,
-            shadowkv_kernels_names::FETCH,
+            shadowkv::topk::kernel_layout::KERNEL_NAME,
+            shadowkv::plan::kernel_layout::KERNEL_NAME,
+            shadowkv::fetch::kernel_layout::KERNEL_NAME,
         ]
         .map(String::from),
     );
@@ -180,14 +180,4 @@ fn relative_error_flags_nan_and_length_mismatch() {
     assert!((relative_error(&[1.0, 0.0], &[0.0, 1.0]) - 2f64.sqrt()).abs() < 1e-12);
     assert_eq!(relative_error(&[f64::NAN], &[1.0]), f64::INFINITY);
     assert_eq!(relative_error(&[1.0], &[1.0, 2.0]), f64::INFINITY);
-}
-
-/// Entry names of the decode families with a single kernel or one per head dimension.
-mod shadowkv_kernels_names {
-    pub const TOPK: &str = "topk_select";
-    pub const PLAN: &str = "cache_plan";
-    pub const FETCH: &str = "value_fetch";
-    pub fn rebuild(head_dim: u32) -> String {
-        format!("key_rebuild_d{head_dim}")
-    }
 }

@@ -258,9 +258,9 @@ fn topk_with_ties(gpu: &Gpu) -> Result<(), String> {
     let scores = per_head(
         &host,
         &config,
-        &stream.clone_dtoh(step.scratch().scores).map_err(s)?,
+        &stream.clone_dtoh(&step.scratch().scores).map_err(s)?,
     );
-    let selection = stream.clone_dtoh(step.scratch().selection).map_err(s)?;
+    let selection = stream.clone_dtoh(&step.scratch().selection).map_err(s)?;
     let k = config.budget_chunks;
     let sequence = &host.sequences[0];
     for h in 0..config.kv_heads {
@@ -387,11 +387,11 @@ fn run_steps(
         let device_scores = per_head(
             &host,
             config,
-            &stream.clone_dtoh(scratch.scores).map_err(s)?,
+            &stream.clone_dtoh(&scratch.scores).map_err(s)?,
         );
-        let selection = stream.clone_dtoh(scratch.selection).map_err(s)?;
-        let misses = stream.clone_dtoh(scratch.misses).map_err(s)?;
-        let counts = stream.clone_dtoh(scratch.miss_counts).map_err(s)?;
+        let selection = stream.clone_dtoh(&scratch.selection).map_err(s)?;
+        let misses = stream.clone_dtoh(&scratch.misses).map_err(s)?;
+        let counts = stream.clone_dtoh(&scratch.miss_counts).map_err(s)?;
         let expected = decode_step(config, &frequencies, &mut host, &q, Some(&device_scores));
         let k = config.budget_chunks;
         for index in 0..specs.len() * config.kv_heads {

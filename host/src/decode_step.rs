@@ -18,9 +18,9 @@ use crate::attention::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout,
 };
 use crate::error::{check_len, invalid, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{address, Gpu};
 use crate::pinned::PinnedBuffer;
-use crate::shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, ValueSource, EMPTY_SLOT};
+use crate::shadow::{Miss, ShadowBatch, ShadowConfig, EMPTY_SLOT};
 use crate::{fetch, plan, rebuild, scoring, topk};
 
 /// Where a layer keeps its values.
@@ -32,10 +32,11 @@ pub enum LayerValues {
 }
 
 impl LayerValues {
-    pub fn source(&self) -> ValueSource<'_> {
+    /// The address kernels read the values at, and their length in elements.
+    pub(crate) fn address(&self, stream: &CudaStream) -> (u64, usize) {
         match self {
-            LayerValues::Host(buffer) => ValueSource::Host(buffer),
-            LayerValues::Device(slice) => ValueSource::Device(slice),
+            LayerValues::Host(buffer) => (buffer.device_address(), buffer.len()),
+            LayerValues::Device(slice) => (address(slice, stream), slice.len()),
         }
     }
 }
@@ -84,24 +85,25 @@ impl StepStats {
     }
 }
 
-/// Scratch of a step, sized for the largest batch seen so far.
-struct Workspace {
-    logits: CudaSlice<f32>,
-    tile_stats: CudaSlice<f32>,
-    scores: CudaSlice<f32>,
-    selection: CudaSlice<u32>,
-    misses: CudaSlice<Miss>,
-    miss_counts: CudaSlice<u32>,
+/// The scratch of a step: what each kernel writes for the next one. [`DecodeStep`] keeps one,
+/// sized for the largest batch seen so far; the per-kernel launchers take its buffers too.
+pub struct StepWorkspace {
+    pub logits: CudaSlice<f32>,
+    pub tile_stats: CudaSlice<f32>,
+    pub scores: CudaSlice<f32>,
+    pub selection: CudaSlice<u32>,
+    pub misses: CudaSlice<Miss>,
+    pub miss_counts: CudaSlice<u32>,
     /// Mapped host copy of the miss counts (written by the plan kernel).
-    host_miss_counts: PinnedBuffer<u32>,
+    pub host_miss_counts: PinnedBuffer<u32>,
 }
 
-impl Workspace {
-    fn new(gpu: &Gpu, stream: &Arc<CudaStream>, batch: &ShadowBatch) -> Result<Self> {
+impl StepWorkspace {
+    pub fn new(gpu: &Gpu, stream: &Arc<CudaStream>, batch: &ShadowBatch) -> Result<Self> {
         let heads = batch.batch() * batch.config().kv_heads;
         // SAFETY (all four): scratch that each kernel writes before the next one reads it.
         unsafe {
-            Ok(Workspace {
+            Ok(StepWorkspace {
                 logits: stream.alloc(scoring::logits_len(batch).max(1))?,
                 tile_stats: stream.alloc(scoring::tile_stats_len(batch).max(1))?,
                 scores: stream.alloc(batch.extents().landmark_rows.max(1))?,
@@ -113,7 +115,8 @@ impl Workspace {
         }
     }
 
-    fn fits(&self, batch: &ShadowBatch) -> bool {
+    /// Whether every buffer reaches what `batch` needs.
+    pub fn fits(&self, batch: &ShadowBatch) -> bool {
         self.logits.len() >= scoring::logits_len(batch)
             && self.tile_stats.len() >= scoring::tile_stats_len(batch)
             && self.scores.len() >= batch.extents().landmark_rows
@@ -131,7 +134,7 @@ pub struct DecodeStep {
     fetch_done: CudaEvent,
     stats_ready: CudaEvent,
     inverse_frequencies: CudaSlice<f64>,
-    workspace: Workspace,
+    workspace: StepWorkspace,
     attention: DecodeAttention,
     scale: f32,
     overlap: bool,
@@ -159,7 +162,7 @@ impl DecodeStep {
             fetch_done: gpu.new_event(false)?,
             stats_ready: gpu.new_event(false)?,
             inverse_frequencies,
-            workspace: Workspace::new(gpu, stream, layer_batch)?,
+            workspace: StepWorkspace::new(gpu, stream, layer_batch)?,
             attention: Self::attention_for(gpu, layer_batch)?,
             scale: 1.0 / (config.head_dim as f32).sqrt(),
             overlap: true,
@@ -227,7 +230,7 @@ impl DecodeStep {
         check_len("out", out.len(), elements, "[batch, q_heads, head_dim]")?;
         let stream = gpu.stream().clone();
         if !self.workspace.fits(batch) {
-            self.workspace = Workspace::new(gpu, &stream, batch)?;
+            self.workspace = StepWorkspace::new(gpu, &stream, batch)?;
         }
         let layouts: Vec<SequenceLayout> = batch.sequences().iter().map(|s| s.kv).collect();
         if self.attention.plan().shape().batch != batch.batch() {
@@ -270,20 +273,26 @@ impl DecodeStep {
             w.host_miss_counts.device_address(),
         )?;
         self.stats_ready.record(&stream)?;
-        let values = layer.values.source();
-        if self.overlap {
+        // The fetch runs beside the rebuild on the copy stream, or before it on the compute
+        // stream when the overlap is off.
+        let fetch_stream = if self.overlap {
             self.plan_done.record(&stream)?;
             self.copy_stream.wait(&self.plan_done)?;
-            fetch::run(
-                gpu,
-                &self.copy_stream,
-                batch,
-                &w.misses,
-                &w.miss_counts,
-                &values,
-                &mut layer.v,
-            )?;
-            self.fetch_done.record(&self.copy_stream)?;
+            &self.copy_stream
+        } else {
+            &stream
+        };
+        fetch::run(
+            gpu,
+            fetch_stream,
+            batch,
+            &w.misses,
+            &w.miss_counts,
+            &layer.values,
+            &mut layer.v,
+        )?;
+        if self.overlap {
+            self.fetch_done.record(fetch_stream)?;
         }
         rebuild::run(
             gpu,
@@ -298,16 +307,6 @@ impl DecodeStep {
         )?;
         if self.overlap {
             stream.wait(&self.fetch_done)?;
-        } else {
-            fetch::run(
-                gpu,
-                &stream,
-                batch,
-                &w.misses,
-                &w.miss_counts,
-                &values,
-                &mut layer.v,
-            )?;
         }
         self.attention.run(gpu, &stream, q, &layer.k, &layer.v, out)
     }
@@ -326,36 +325,7 @@ impl DecodeStep {
 
     /// The scratch of the latest step, for tests and diagnostics: scores, selection, miss
     /// list and counts (device buffers; read them after the step's stream has finished).
-    pub fn scratch(&self) -> StepScratch<'_> {
-        StepScratch {
-            scores: &self.workspace.scores,
-            selection: &self.workspace.selection,
-            misses: &self.workspace.misses,
-            miss_counts: &self.workspace.miss_counts,
-        }
-    }
-}
-
-/// Read-only views of a step's intermediate results.
-pub struct StepScratch<'a> {
-    pub scores: &'a CudaSlice<f32>,
-    pub selection: &'a CudaSlice<u32>,
-    pub misses: &'a CudaSlice<Miss>,
-    pub miss_counts: &'a CudaSlice<u32>,
-}
-
-/// The K/V layout of a sequence for a step: `ShadowSequence::kv` with `len` generated tokens
-/// after the sparse slots.
-pub fn with_generated(
-    sequence: &ShadowSequence,
-    budget_tokens: u32,
-    generated: u32,
-) -> ShadowSequence {
-    ShadowSequence {
-        kv: SequenceLayout {
-            len: sequence.sparse_start + budget_tokens + generated,
-            ..sequence.kv
-        },
-        ..*sequence
+    pub fn scratch(&self) -> &StepWorkspace {
+        &self.workspace
     }
 }

@@ -67,3 +67,16 @@ pub fn check_range<T: PartialOrd + fmt::Display + Copy>(
         ))
     }
 }
+
+/// Checks that a buffer reaches at least `needed` elements.
+pub fn check_reach(argument: &'static str, len: usize, needed: usize) -> Result<()> {
+    if len >= needed {
+        Ok(())
+    } else {
+        Err(invalid(
+            argument,
+            format!("has {len} elements"),
+            format!("at least {needed} for the batch's layouts"),
+        ))
+    }
+}

@@ -2,12 +2,14 @@
 //! (or device memory) into its slot of the GPU value buffer.
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
+pub use shadowkv_kernels::fetch as kernel_layout;
 use shadowkv_kernels::fetch::{self as layout, FetchParams};
 
-use crate::error::Result;
+use crate::decode_step::LayerValues;
+use crate::error::{check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
-use crate::shadow::{check_reach, Miss, ShadowBatch, ValueSource};
+use crate::shadow::{Miss, ShadowBatch};
 
 /// Warps in flight: enough 2 KiB reads to cover the PCIe latency at full rate (about
 /// 110 KB in flight at 55 GB/s and 2 µs), with room to spare.
@@ -27,16 +29,11 @@ pub fn run(
     batch: &ShadowBatch,
     misses: &impl DevicePtr<Miss>,
     miss_counts: &impl DevicePtr<u32>,
-    values: &ValueSource<'_>,
+    values: &LayerValues,
     v: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
     let config = batch.config();
-    check_reach("misses", misses.len(), batch.slot_entries())?;
-    check_reach(
-        "miss_counts",
-        miss_counts.len(),
-        batch.batch() * config.kv_heads,
-    )?;
+    batch.check_misses(misses.len(), miss_counts.len())?;
     let (values_address, values_len) = values.address(stream);
     check_reach("values", values_len, batch.extents().values)?;
     check_reach("v", v.len(), batch.extents().kv)?;

@@ -20,12 +20,12 @@ pub mod topk;
 
 pub use attention::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout};
 pub use decode_step::{
-    DecodeStep, LayerValues, Llama3Scaling, RopeConfig, ShadowLayer, StepScratch, StepStats,
+    DecodeStep, LayerValues, Llama3Scaling, RopeConfig, ShadowLayer, StepStats, StepWorkspace,
 };
 pub use error::{Error, Result};
 pub use gpu::{gpu_available, probe, DeviceInfo, Gpu};
 pub use pinned::PinnedBuffer;
-pub use shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, ValueSource, EMPTY_SLOT};
+pub use shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, EMPTY_SLOT};
 
 /// Re-exported so users name the same types the launchers take.
 pub use cudarc;

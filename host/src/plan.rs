@@ -1,12 +1,13 @@
 //! Cache-aware plan (see `shadowkv_kernels::plan`): hits keep their slots, misses take the
 //! freed ones; writes the miss list and counts and updates the resident ids.
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+pub use shadowkv_kernels::plan as kernel_layout;
 use shadowkv_kernels::plan::{self as layout, PlanParams};
 
-use crate::error::{invalid, Result};
+use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
-use crate::shadow::{check_reach, Miss, ShadowBatch};
+use crate::shadow::{Miss, ShadowBatch};
 
 /// Most chunk ids a sequence may have: both bitmaps and the freed list fit the shared memory
 /// one block may use.
@@ -45,12 +46,7 @@ pub fn run(
     let entries = batch.slot_entries();
     check_reach("selection", selection.len(), entries)?;
     check_reach("resident", resident.len(), entries)?;
-    check_reach("misses", misses.len(), entries)?;
-    check_reach(
-        "miss_counts",
-        miss_counts.len(),
-        batch.batch() * config.kv_heads,
-    )?;
+    batch.check_misses(misses.len(), miss_counts.len())?;
     let bitmap_words = check_fits(gpu, batch)?;
     let params = PlanParams {
         shape: batch.shape(stream),

@@ -1,12 +1,13 @@
 //! Low-rank key rebuild with fused RoPE (see `shadowkv_kernels::rebuild`), for the misses.
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
+pub use shadowkv_kernels::rebuild as kernel_layout;
 use shadowkv_kernels::rebuild::{self as layout, RebuildParams};
 
-use crate::error::{check_len, Result};
+use crate::error::{check_len, check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
-use crate::shadow::{check_reach, Miss, ShadowBatch};
+use crate::shadow::{Miss, ShadowBatch};
 
 /// Blocks the rebuild aims for: about two per multiprocessor.
 const BLOCKS_PER_MULTIPROCESSOR: u32 = 2;
@@ -36,12 +37,7 @@ pub fn run(
     k: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
     let config = batch.config();
-    check_reach("misses", misses.len(), batch.slot_entries())?;
-    check_reach(
-        "miss_counts",
-        miss_counts.len(),
-        batch.batch() * config.kv_heads,
-    )?;
+    batch.check_misses(misses.len(), miss_counts.len())?;
     check_reach("a", a.len(), batch.extents().a)?;
     check_reach("bm", bm.len(), batch.extents().bm)?;
     check_len(

@@ -5,10 +5,10 @@ use half::bf16;
 pub use shadowkv_kernels::scoring as kernel_layout;
 use shadowkv_kernels::scoring::{self as layout, ScoringParams};
 
-use crate::error::{check_len, Result};
+use crate::error::{check_len, check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
-use crate::shadow::{check_reach, ShadowBatch};
+use crate::shadow::ShadowBatch;
 
 /// f32 logits the batch needs: `G` per landmark row.
 pub fn logits_len(batch: &ShadowBatch) -> usize {

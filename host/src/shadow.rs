@@ -1,12 +1,11 @@
 //! The validated layout of a ShadowKV decode batch, shared by every decode launcher
 //! (`scoring`, `topk`, `plan`, `fetch`, `rebuild`, `decode_step`).
 use cudarc::driver::{CudaSlice, CudaStream};
-use half::bf16;
 use shadowkv_kernels::scoring as scoring_layout;
 use shadowkv_kernels::shadow::{self as layout, ShadowShape};
 pub use shadowkv_kernels::shadow::{Miss, ShadowSequence, EMPTY_SLOT};
 
-use crate::error::{check_range, invalid, Result};
+use crate::error::{check_range, check_reach, invalid, Result};
 use crate::gpu::address;
 
 /// A model's attention shape and ShadowKV's parameters: what every sequence of a batch shares.
@@ -157,6 +156,17 @@ impl ShadowBatch {
         self.batch() * self.config.kv_heads * self.config.budget_chunks
     }
 
+    /// (sequence, KV head) pairs: entries of the miss counts.
+    pub fn heads(&self) -> usize {
+        self.batch() * self.config.kv_heads
+    }
+
+    /// Checks the miss list and counts that `plan` writes and `fetch` and `rebuild` read.
+    pub(crate) fn check_misses(&self, misses: usize, miss_counts: usize) -> Result<()> {
+        check_reach("misses", misses, self.slot_entries())?;
+        check_reach("miss_counts", miss_counts, self.heads())
+    }
+
     /// Tiles of the scoring grid (`x`) for the sequence with the most landmarks.
     pub fn scoring_tiles(&self) -> u32 {
         scoring_layout::tiles(self.extents.max_landmarks)
@@ -259,9 +269,9 @@ pub fn validate(config: &ShadowConfig, sequences: &[ShadowSequence]) -> Result<E
             }
         }
         let landmark_end = s.landmark_row as u128 + kv_heads * s.landmarks as u128;
-        extents.landmark_rows = extents
-            .landmark_rows
-            .max(fits(b, "landmarks", landmark_end * d)? / config.head_dim);
+        // The rows' elements (rows times d) must be addressable too.
+        fits(b, "landmarks", landmark_end * d)?;
+        extents.landmark_rows = extents.landmark_rows.max(landmark_end as usize);
         let a_end = s.a_offset as u128 + s.prompt_len as u128 * config.rank as u128;
         extents.a = extents.a.max(fits(b, "A", a_end)?);
         let bm_end = s.bm_offset as u128 + config.rank as u128 * kv_heads * d;
@@ -274,34 +284,4 @@ pub fn validate(config: &ShadowConfig, sequences: &[ShadowSequence]) -> Result<E
         extents.max_chunks = extents.max_chunks.max(s.chunks);
     }
     Ok(extents)
-}
-
-/// Checks that a buffer reaches at least `needed` elements.
-pub(crate) fn check_reach(argument: &'static str, len: usize, needed: usize) -> Result<()> {
-    if len >= needed {
-        Ok(())
-    } else {
-        Err(invalid(
-            argument,
-            format!("has {len} elements"),
-            format!("at least {needed} for the batch's layouts"),
-        ))
-    }
-}
-
-/// Where the values of a layer live: pinned, device-mapped host memory (ShadowKV's offload)
-/// or device memory (when they fit on the GPU).
-pub enum ValueSource<'a> {
-    Host(&'a crate::pinned::PinnedBuffer<bf16>),
-    Device(&'a CudaSlice<bf16>),
-}
-
-impl ValueSource<'_> {
-    /// The address kernels read and the length in elements.
-    pub(crate) fn address(&self, stream: &CudaStream) -> (u64, usize) {
-        match self {
-            ValueSource::Host(buffer) => (buffer.device_address(), buffer.len()),
-            ValueSource::Device(slice) => (address(*slice, stream), slice.len()),
-        }
-    }
 }

@@ -1,12 +1,13 @@
 //! Landmark scoring, pass two, and top-k chunk selection (see `shadowkv_kernels::topk`).
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+pub use shadowkv_kernels::topk as kernel_layout;
 use shadowkv_kernels::topk::{self as layout, TopkParams};
 
-use crate::error::Result;
+use crate::error::{check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
 use crate::scoring::{logits_len, tile_stats_len};
-use crate::shadow::{check_reach, ShadowBatch};
+use crate::shadow::ShadowBatch;
 
 /// Writes each landmark's `score` (max over the group of its softmax weight) and the chunk
 /// ids of the `budget_chunks` highest scores of every (sequence, KV head) into `selection`
