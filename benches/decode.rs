@@ -150,6 +150,43 @@ fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<S
 
 /// Resident sets that hit `hit_rate` of the selection: the selection itself with the first
 /// `(1 - hit_rate) * k` slots of every head given to chunks it did not select.
+/// Where a step's time goes at 80% hits: when each stage ended (µs after the step began,
+/// median of 9 steps), with the overlap on and off.
+fn step_timelines(
+    gpu: &Gpu,
+    step: &mut DecodeStep,
+    layers: &mut [ShadowLayer],
+    templates: &[Vec<CudaSlice<u32>>],
+    q: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+) -> shadowkv::Result<String> {
+    let stream = gpu.stream();
+    let batch = layers[0].batch.batch();
+    let context = layers[0].batch.sequences()[0].prompt_len;
+    let mut text = format!(
+        "\nstep timeline at batch {batch}, {context} tokens, 80% hits (µs after the step began when each stage ended; median of 9 steps)\n"
+    );
+    step.set_timeline(gpu, true)?;
+    for overlap in [true, false] {
+        step.set_overlap(overlap);
+        let mut samples = Vec::new();
+        for _ in 0..9 {
+            stream.memcpy_dtod(&templates[0][1], &mut layers[0].resident)?;
+            step.run(gpu, &mut layers[0], q, out)?;
+            samples.push(step.timeline()?);
+        }
+        text += &format!("  overlap {:<3}", if overlap { "on" } else { "off" });
+        for (stage, (name, _)) in samples[0].iter().enumerate() {
+            let mut ends: Vec<f32> = samples.iter().map(|s| s[stage].1).collect();
+            text += &format!(" | {name} {:.1}", median(&mut ends) * 1e3);
+        }
+        text += "\n";
+    }
+    step.set_timeline(gpu, false)?;
+    step.set_overlap(true);
+    Ok(text)
+}
+
 fn resident_for(selection: &[u32], landmarks: u32, hit_rate: f64) -> Vec<u32> {
     let k = CONFIG.budget_chunks;
     let replaced = ((1.0 - hit_rate) * k as f64).round() as usize;
@@ -229,7 +266,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
         .measurement_time(Duration::from_millis(500))
         .configure_from_args();
     let stream = gpu.stream().clone();
-    let (mut rows, mut steps) = (Vec::new(), Vec::new());
+    let (mut rows, mut steps, mut timelines) = (Vec::new(), Vec::new(), Vec::new());
     let mut q_rng = StdRng::seed_from_u64(9);
     for context in CONTEXTS {
         for batch in BATCHES {
@@ -274,6 +311,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     gpu,
                     &stream,
                     &l.batch,
+                    l.batch.whole(),
                     &q,
                     &l.landmarks,
                     &mut w.logits,
@@ -296,6 +334,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     gpu,
                     &stream,
                     &l.batch,
+                    l.batch.whole(),
                     &q,
                     &l.landmarks,
                     &mut w.logits,
@@ -306,6 +345,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     gpu,
                     &stream,
                     &l.batch,
+                    l.batch.whole(),
                     &w.logits,
                     &w.tile_stats,
                     &l.chunk_ids,
@@ -326,6 +366,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     gpu,
                     &stream,
                     &l.batch,
+                    l.batch.whole(),
                     &w.logits,
                     &w.tile_stats,
                     &l.chunk_ids,
@@ -351,10 +392,12 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     gpu,
                     &stream,
                     &l.batch,
+                    l.batch.whole(),
                     &w.selection,
                     &mut l.resident,
                     &mut w.misses,
                     &mut w.miss_counts,
+                    &mut w.fresh,
                     0,
                 )
             })? - restore_ms;
@@ -368,6 +411,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     gpu,
                     &stream,
                     &l.batch,
+                    l.batch.whole(),
                     &w.misses,
                     &w.miss_counts,
                     &l.values,
@@ -481,6 +525,29 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     ));
                 }
             }
+            if batch == 16 && context == CONTEXTS[CONTEXTS.len() - 1] {
+                // How many parts the batch runs in (the fetch of one beside the selection of
+                // the next), at 80% hits.
+                let mut sweep = String::from("\nparts of the batch at batch 16, 80% hits: step µs");
+                for parts in [1, 2, 4, 8] {
+                    step.set_parts(parts);
+                    let ms = steady_ms(gpu, &stream, || {
+                        stream.memcpy_dtod(&templates[0][1], &mut layers[0].resident)?;
+                        step.run(gpu, &mut layers[0], &q, &mut out)
+                    })? - restore_ms;
+                    sweep += &format!(" | {parts}: {:.1}", ms * 1e3);
+                }
+                step.set_parts(shadowkv::decode_step::DEFAULT_PARTS);
+                timelines.push(sweep + "\n");
+                timelines.push(step_timelines(
+                    gpu,
+                    &mut step,
+                    &mut layers,
+                    &templates,
+                    &q,
+                    &mut out,
+                )?);
+            }
             group.finish();
         }
     }
@@ -495,6 +562,9 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             "{:>5} {:>8} {:<20} {:>10.1} {:>16} {:>18}",
             r.batch, r.context, r.name, r.us, r.rate, r.of_ceiling
         );
+    }
+    for timeline in &timelines {
+        print!("{timeline}");
     }
     println!("\nwhole step vs full attention (equivalent bandwidth = full-attention K/V bytes / step time)");
     println!(

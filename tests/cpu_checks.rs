@@ -41,6 +41,9 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
     for head_dim in kernel_layout::HEAD_DIMS {
         for group in 1..=kernel_layout::MAX_GROUP {
             names.push(kernel_layout::kernel_name(group, head_dim));
+            for part in [kernel_layout::RESIDENT_TOKENS, kernel_layout::FRESH_TOKENS] {
+                names.push(kernel_layout::part_kernel_name(part, group, head_dim));
+            }
             names.push(shadowkv::scoring::kernel_layout::kernel_name(
                 group, head_dim,
             ));

@@ -22,6 +22,7 @@ fn main() {
     run_gpu_tests(&[
         ("scoring_and_topk_match_reference", scoring_and_topk),
         ("topk_with_many_ties_is_exact", topk_with_ties),
+        ("topk_past_shared_memory_is_exact", topk_past_shared_memory),
         ("plan_matches_reference", plan_matches_reference),
         ("step_matches_reference_over_steps", step_over_steps),
         ("step_with_full_budget_equals_full_attention", full_budget),
@@ -162,6 +163,7 @@ fn check_scoring(
         gpu,
         stream,
         &batch,
+        batch.whole(),
         &dq,
         &landmarks,
         &mut logits,
@@ -173,6 +175,7 @@ fn check_scoring(
         gpu,
         stream,
         &batch,
+        batch.whole(),
         &logits,
         &tile_stats,
         &chunk_ids,
@@ -274,6 +277,45 @@ fn topk_with_ties(gpu: &Gpu) -> Result<(), String> {
     Ok(())
 }
 
+/// A sequence with more landmarks than the top-k kernel stages in shared memory: the whole
+/// batch selects from `scores` in global memory, still exactly.
+fn topk_past_shared_memory(gpu: &Gpu) -> Result<(), String> {
+    let config = ShadowConfig {
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        chunk_size: 1,
+        rank: 16,
+        budget_chunks: 256,
+    };
+    let past = topk::kernel_layout::MAX_SHARED_SCORES + 4_321;
+    let specs = [
+        SequenceSpec {
+            prompt_len: past + 9,
+            local_chunks: 4,
+            outlier_chunks: 5,
+            generated: 2,
+            spare: 0,
+        },
+        SequenceSpec {
+            prompt_len: 3_001,
+            local_chunks: 1,
+            outlier_chunks: 0,
+            generated: 1,
+            spare: 3,
+        },
+    ];
+    for seed in 0..cases().min(3) as u64 {
+        let (logits, scores) = check_scoring(gpu, &config, &specs, 100 + seed)?;
+        eprintln!(
+            "  {} landmarks (over {} in shared memory): logits {logits:.2e}, scores {scores:.2e}; selection exact",
+            past,
+            topk::kernel_layout::MAX_SHARED_SCORES
+        );
+    }
+    Ok(())
+}
+
 fn plan_matches_reference(gpu: &Gpu) -> Result<(), String> {
     runner()
         .run(&case_strategy(), |(config, specs, seed)| {
@@ -283,7 +325,7 @@ fn plan_matches_reference(gpu: &Gpu) -> Result<(), String> {
 }
 
 /// The plan on random selections and resident sets (a random share of hits, other chunks and
-/// empty slots) against the reference: miss lists, counts and resident ids exactly.
+/// empty slots) against the reference: miss lists, counts, fresh marks and resident ids exactly.
 fn check_plan(
     gpu: &Gpu,
     config: &ShadowConfig,
@@ -321,20 +363,26 @@ fn check_plan(
     let mut counts = stream
         .clone_htod(&vec![u32::MAX; batch.batch() * config.kv_heads])
         .map_err(s)?;
+    let mut fresh = stream
+        .clone_htod(&vec![7u32; batch.slot_entries()])
+        .map_err(s)?;
     plan::run(
         gpu,
         stream,
         &batch,
+        batch.whole(),
         &d_selection,
         &mut d_resident,
         &mut misses,
         &mut counts,
+        &mut fresh,
         0,
     )
     .map_err(s)?;
     let gpu_resident = stream.clone_dtoh(&d_resident).map_err(s)?;
     let gpu_misses = stream.clone_dtoh(&misses).map_err(s)?;
     let gpu_counts = stream.clone_dtoh(&counts).map_err(s)?;
+    let gpu_fresh = stream.clone_dtoh(&fresh).map_err(s)?;
     for index in 0..batch.batch() * config.kv_heads {
         let range = index * k..(index + 1) * k;
         let mut want_resident = resident[range.clone()].to_vec();
@@ -342,7 +390,8 @@ fn check_plan(
         let count = gpu_counts[index] as usize;
         if count != want.len()
             || gpu_misses[index * k..index * k + count] != want[..]
-            || gpu_resident[range] != want_resident[..]
+            || gpu_resident[range.clone()] != want_resident[..]
+            || gpu_fresh[range] != reference::plan::fresh_slots(&want, k)[..]
         {
             return Err(format!(
                 "head {index}: plan differs ({count} misses, reference {}) for {config:?}",
@@ -377,9 +426,11 @@ fn run_steps(
     let stream = gpu.stream();
     let mut q = random_q(&mut rng, config, specs.len(), 2.0);
     let (mut worst, mut hit_rate) = (0.0f64, 0.0f64);
-    for _ in 0..steps {
+    for index in 0..steps {
         let dq = stream.clone_htod(&q).map_err(s)?;
         let mut out = poisoned(gpu, q.len()).map_err(s)?;
+        // Both schedules: two attention launches beside the fetch, and one after it.
+        step.set_overlap(index % 2 == 0);
         step.run(gpu, &mut layer, &dq, &mut out).map_err(s)?;
         let stats = step.stats(&layer.batch).map_err(s)?;
         let actual = to_f64(&stream.clone_dtoh(&out).map_err(s)?);
@@ -758,8 +809,22 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
     ] {
         expect_invalid(ShadowBatch::new(stream, config, &[broken]), "sequences")?;
     }
-    // Buffers shorter than the layouts, a q of the wrong batch, a layer of another config.
+    // Buffers shorter than the layouts, a q of the wrong batch, a layer of another config,
+    // parts of the batch that are empty or reach past it.
     let mut layer = upload(gpu, &config, &host, false).map_err(s)?;
+    for range in [0..0, 0..2, 1..2] {
+        match layer.batch.part(range.clone()) {
+            Err(Error::InvalidArgument {
+                argument: "sequences",
+                ..
+            }) => {}
+            other => {
+                return Err(format!(
+                    "part {range:?} of a batch of one: expected an error naming `sequences`, got {other:?}"
+                ))
+            }
+        }
+    }
     let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
     let q = stream
         .clone_htod(&random_q(&mut rng, &config, 2, 1.0))

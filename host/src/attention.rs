@@ -12,7 +12,7 @@ use half::bf16;
 /// The layout math the kernels use (tokens per iteration, shared memory, split counts).
 pub use shadowkv_kernels::attention as kernel_layout;
 pub use shadowkv_kernels::attention::SequenceLayout;
-use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams};
+use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams, SlotFilter};
 
 use crate::error::{check_len, check_range, invalid, Result};
 use crate::gpu::Gpu;
@@ -227,15 +227,64 @@ fn validate_layouts(shape: &DecodeAttentionShape, layouts: &[SequenceLayout]) ->
     Ok(kv_elements)
 }
 
+/// The two attention launches of a ShadowKV step (see `kernel_layout::SlotFilter`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPart {
+    /// Every token but the slots filled this step, into the carry (while the fetch runs).
+    Resident,
+    /// Only this step's misses' tokens (through the miss list), merged with the carry into
+    /// `out`.
+    Fresh,
+}
+
+/// Where a ShadowKV batch's slots are, for [`DecodeAttention::run_part`]: device addresses.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SlotMarks {
+    /// The batch's `[batch]` `ShadowSequence`.
+    pub sequences: u64,
+    /// The plan's `[batch, Hkv, budget_chunks]` fresh marks, miss list and `[batch, Hkv]`
+    /// miss counts.
+    pub fresh: u64,
+    pub misses: u64,
+    pub miss_counts: u64,
+    pub chunk_size: u32,
+    pub budget_chunks: u32,
+}
+
+/// Kernel iterations per split of the fresh part: its tokens are few (this step's misses), so
+/// short splits spread them over many blocks.
+const FRESH_SPLIT_ITERATIONS: u32 = 4;
+
 /// A plan bound to a GPU: the device copy of its layouts and the split workspace.
 pub struct DecodeAttention {
     plan: DecodeAttentionPlan,
-    /// Splits per sequence the workspace holds (the first plan's `max_splits`).
+    /// Splits per sequence the workspace holds (the first plan's `max_splits`, or more for
+    /// the fresh part).
     workspace_splits: u32,
     layouts: CudaSlice<u64>,
     partial_out: CudaSlice<f32>,
     partial_lse: CudaSlice<f32>,
     counters: CudaSlice<u32>,
+    /// The resident part's output and log-sum-exp, for [`StepPart::Fresh`] to merge.
+    carry_out: CudaSlice<f32>,
+    carry_lse: CudaSlice<f32>,
+}
+
+/// Partial outputs and log-sum-exps for `splits` splits per sequence (none for one split).
+fn partials(
+    stream: &Arc<CudaStream>,
+    shape: &DecodeAttentionShape,
+    splits: u32,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let splits = if splits > 1 { splits as usize } else { 0 };
+    let partials = shape.batch * splits * shape.q_heads;
+    // SAFETY (both): the split kernel writes every partial before the merging block reads it.
+    unsafe {
+        Ok((
+            stream.alloc::<f32>((partials * shape.head_dim).max(1))?,
+            stream.alloc::<f32>(partials.max(1))?,
+        ))
+    }
 }
 
 impl DecodeAttention {
@@ -243,18 +292,14 @@ impl DecodeAttention {
         let stream = gpu.stream();
         let layouts =
             stream.clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(&plan.layouts))?;
-        let splits = if plan.max_splits > 1 {
-            plan.max_splits as usize
-        } else {
-            0
-        };
-        let partials = plan.shape.batch * splits * plan.shape.q_heads;
-        // SAFETY: the workspace is written by the split kernel before the combine reads it.
-        let partial_out = unsafe { stream.alloc::<f32>((partials * plan.shape.head_dim).max(1))? };
-        // SAFETY: as above.
-        let partial_lse = unsafe { stream.alloc::<f32>(partials.max(1))? };
+        let (partial_out, partial_lse) = partials(stream, &plan.shape, plan.max_splits)?;
         // Zeroed once; the merging block of each (sequence, kv_head) resets its counter.
         let counters = stream.alloc_zeros::<u32>(plan.shape.batch * plan.shape.kv_heads)?;
+        let heads = plan.shape.batch * plan.shape.q_heads;
+        // SAFETY: the carry is written by the resident part before the fresh part reads it.
+        let carry_out = unsafe { stream.alloc::<f32>(heads * plan.shape.head_dim)? };
+        // SAFETY: as above.
+        let carry_lse = unsafe { stream.alloc::<f32>(heads)? };
         Ok(DecodeAttention {
             workspace_splits: plan.max_splits,
             plan,
@@ -262,6 +307,8 @@ impl DecodeAttention {
             partial_out,
             partial_lse,
             counters,
+            carry_out,
+            carry_lse,
         })
     }
 
@@ -316,6 +363,40 @@ impl DecodeAttention {
         v: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.launch(gpu, stream, q, k, v, out, None)
+    }
+
+    /// One of the two launches of a ShadowKV step: [`StepPart::Resident`] first, then
+    /// [`StepPart::Fresh`] on the same stream, with the same `q`, K/V and `out`.
+    /// `slots` must describe the batch these layouts came from: every sequence's slots lie
+    /// within its valid tokens and `fresh` holds `[batch, kv_heads, budget_chunks]` marks
+    /// (`DecodeStep` checks both through its `ShadowBatch` and workspace).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_part(
+        &mut self,
+        gpu: &Gpu,
+        stream: &CudaStream,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        v: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+        part: StepPart,
+        slots: SlotMarks,
+    ) -> Result<()> {
+        self.launch(gpu, stream, q, k, v, out, Some((part, slots)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &mut self,
+        gpu: &Gpu,
+        stream: &CudaStream,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        v: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+        filter: Option<(StepPart, SlotMarks)>,
+    ) -> Result<()> {
         let plan = &self.plan;
         let shape = plan.shape;
         let dims = format!("[{}, {}, {}]", shape.batch, shape.q_heads, shape.head_dim);
@@ -330,6 +411,41 @@ impl DecodeAttention {
                 ));
             }
         }
+        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        // This launch's kernel, split length and grid of splits.
+        let (kernel, split_len, splits) = match filter {
+            None => (plan.kernel, plan.split_len, plan.max_splits),
+            Some((StepPart::Resident, _)) => (
+                KernelName::lookup(&layout::part_kernel_name(
+                    layout::RESIDENT_TOKENS,
+                    group,
+                    head_dim,
+                ))?,
+                plan.split_len,
+                plan.max_splits,
+            ),
+            Some((StepPart::Fresh, slots)) => {
+                let split_len =
+                    FRESH_SPLIT_ITERATIONS * layout::tokens_per_iteration(group, head_dim);
+                // Iterations hold at least one token, so the fallback is never taken.
+                let split =
+                    std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
+                let slot_tokens = slots.budget_chunks * slots.chunk_size;
+                (
+                    KernelName::lookup(&layout::part_kernel_name(
+                        layout::FRESH_TOKENS,
+                        group,
+                        head_dim,
+                    ))?,
+                    split_len,
+                    layout::num_splits(slot_tokens, split).max(1),
+                )
+            }
+        };
+        if splits > 1 && splits > self.workspace_splits {
+            (self.partial_out, self.partial_lse) = partials(gpu.stream(), &shape, splits)?;
+            self.workspace_splits = splits;
+        }
         let (q_address, _q_guard) = q.device_ptr(stream);
         let (k_address, _k_guard) = k.device_ptr(stream);
         let (v_address, _v_guard) = v.device_ptr(stream);
@@ -338,6 +454,19 @@ impl DecodeAttention {
         let (partial_lse_address, _partial_lse_guard) = self.partial_lse.device_ptr_mut(stream);
         let (counters_address, _counters_guard) = self.counters.device_ptr_mut(stream);
         let (out_address, _out_guard) = out.device_ptr_mut(stream);
+        let filter = match filter {
+            None => SlotFilter::default(),
+            Some((_, slots)) => SlotFilter {
+                sequences: slots.sequences,
+                fresh: slots.fresh,
+                misses: slots.misses,
+                miss_counts: slots.miss_counts,
+                carry_out: self.carry_out.device_ptr_mut(stream).0,
+                carry_lse: self.carry_lse.device_ptr_mut(stream).0,
+                chunk_size: slots.chunk_size,
+                budget_chunks: slots.budget_chunks,
+            },
+        };
         let params = DecodeAttentionParams {
             q: q_address,
             k: k_address,
@@ -349,21 +478,23 @@ impl DecodeAttention {
             counters: counters_address,
             batch: shape.batch as u32,
             kv_heads: shape.kv_heads as u32,
-            split_len: plan.split_len,
-            max_splits: plan.max_splits,
+            split_len,
+            max_splits: splits,
             scale_log2: plan.scale * std::f32::consts::LOG2_E,
             q_heads: shape.q_heads as u32,
+            filter,
         };
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
         let config = LaunchConfig {
-            grid_dim: (plan.max_splits, shape.kv_heads as u32, shape.batch as u32),
+            grid_dim: (splits, shape.kv_heads as u32, shape.batch as u32),
             block_dim: (layout::THREADS, 1, 1),
             shared_mem_bytes: layout::shared_bytes(group, head_dim),
         };
         // SAFETY: q/out lengths equal the shape, K/V hold every layout's block (checked
-        // above and in the plan), the workspace holds batch * max_splits * q_heads partials and
-        // batch * kv_heads zeroed counters, and the kernel is the one compiled for this group
-        // and head_dim.
-        unsafe { gpu.launch(stream, plan.kernel, config, params) }
+        // above and in the plan), the workspace holds batch * splits * q_heads partials (grown
+        // above) and batch * kv_heads zeroed counters, and the kernel is the one compiled for
+        // this group and head_dim; a filtered launch's slots lie within the layouts, its marks
+        // and miss list cover the batch with at most `budget_chunks` misses per head (the
+        // caller's contract, see `run_part`), so the fresh part's splits fit its grid.
+        unsafe { gpu.launch(stream, kernel, config, params) }
     }
 }

@@ -123,6 +123,14 @@ impl Gpu {
         Ok(self.context.new_stream()?)
     }
 
+    /// A new stream at the highest priority the device offers: the block scheduler starts
+    /// its kernels' blocks before those of normal streams (the value fetch, which is the
+    /// step's critical path, beside the attention over the resident tokens).
+    pub fn new_priority_stream(&self) -> Result<Arc<CudaStream>> {
+        let (_least, greatest) = cudarc::driver::result::stream::get_priority_range()?;
+        Ok(self.context.new_stream_with_priority(greatest)?)
+    }
+
     /// An event that records time (for benchmarks) or only ordering.
     pub fn new_event(&self, timing: bool) -> Result<CudaEvent> {
         let flags = if timing {

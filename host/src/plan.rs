@@ -7,7 +7,7 @@ use shadowkv_kernels::plan::{self as layout, PlanParams};
 use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
-use crate::shadow::{Miss, ShadowBatch};
+use crate::shadow::{BatchPart, Miss, ShadowBatch};
 
 /// Most chunk ids a sequence may have: both bitmaps and the freed list fit the shared memory
 /// one block may use.
@@ -28,7 +28,8 @@ pub fn check_fits(gpu: &Gpu, batch: &ShadowBatch) -> Result<u32> {
     Ok(words)
 }
 
-/// Runs the plan. `host_miss_counts`, if not 0, is the device address of `[batch, Hkv]` u32 in
+/// Runs the plan for the sequences in `part`; `fresh` (`[batch, Hkv, budget_chunks]`) receives 1 for each slot filled by
+/// a miss and 0 elsewhere. `host_miss_counts`, if not 0, is the device address of `[batch, Hkv]` u32 in
 /// mapped host memory that also receives the counts (the step's statistics, read without a
 /// device-to-host copy).
 #[allow(clippy::too_many_arguments)]
@@ -36,30 +37,34 @@ pub fn run(
     gpu: &Gpu,
     stream: &CudaStream,
     batch: &ShadowBatch,
+    part: BatchPart,
     selection: &impl DevicePtr<u32>,
     resident: &mut impl DevicePtrMut<u32>,
     misses: &mut impl DevicePtrMut<Miss>,
     miss_counts: &mut impl DevicePtrMut<u32>,
+    fresh: &mut impl DevicePtrMut<u32>,
     host_miss_counts: u64,
 ) -> Result<()> {
     let config = batch.config();
     let entries = batch.slot_entries();
     check_reach("selection", selection.len(), entries)?;
     check_reach("resident", resident.len(), entries)?;
+    check_reach("fresh", fresh.len(), entries)?;
     batch.check_misses(misses.len(), miss_counts.len())?;
     let bitmap_words = check_fits(gpu, batch)?;
     let params = PlanParams {
-        shape: batch.shape(stream),
+        shape: batch.shape_of(stream, part)?,
         selection: address(selection, stream),
         resident: resident.device_ptr_mut(stream).0,
         misses: misses.device_ptr_mut(stream).0,
         miss_counts: miss_counts.device_ptr_mut(stream).0,
+        fresh: fresh.device_ptr_mut(stream).0,
         host_miss_counts,
         bitmap_words,
         _reserved: 0,
     };
     let launch = LaunchConfig {
-        grid_dim: (config.kv_heads as u32, batch.batch() as u32, 1),
+        grid_dim: (config.kv_heads as u32, part.count() as u32, 1),
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: layout::shared_bytes(bitmap_words, config.budget_chunks as u32),
     };

@@ -8,7 +8,7 @@ use shadowkv_kernels::scoring::{self as layout, ScoringParams};
 use crate::error::{check_len, check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
-use crate::shadow::ShadowBatch;
+use crate::shadow::{BatchPart, ShadowBatch};
 
 /// f32 logits the batch needs: `G` per landmark row.
 pub fn logits_len(batch: &ShadowBatch) -> usize {
@@ -21,12 +21,13 @@ pub fn tile_stats_len(batch: &ShadowBatch) -> usize {
 }
 
 /// Writes `logits` and `tile_stats` for `q` (`[batch, q_heads, head_dim]`, post-RoPE) against
-/// every landmark; `scale` is the softmax scale (`1/sqrt(d)` in ShadowKV).
+/// every landmark of the sequences in `part`; `scale` is the softmax scale (`1/sqrt(d)`).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: &Gpu,
     stream: &CudaStream,
     batch: &ShadowBatch,
+    part: BatchPart,
     q: &impl DevicePtr<bf16>,
     landmarks: &impl DevicePtr<bf16>,
     logits: &mut impl DevicePtrMut<f32>,
@@ -45,7 +46,7 @@ pub fn run(
     check_reach("tile_stats", tile_stats.len(), tile_stats_len(batch))?;
     let (group, head_dim) = (config.group() as u32, config.head_dim as u32);
     let params = ScoringParams {
-        shape: batch.shape(stream),
+        shape: batch.shape_of(stream, part)?,
         q: address(q, stream),
         landmarks: address(landmarks, stream),
         logits: logits.device_ptr_mut(stream).0,
@@ -57,7 +58,7 @@ pub fn run(
         grid_dim: (
             batch.scoring_tiles(),
             config.kv_heads as u32,
-            batch.batch() as u32,
+            part.count() as u32,
         ),
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: layout::shared_bytes(group),

@@ -1,5 +1,7 @@
 //! The validated layout of a ShadowKV decode batch, shared by every decode launcher
 //! (`scoring`, `topk`, `plan`, `fetch`, `rebuild`, `decode_step`).
+use std::ops::Range;
+
 use cudarc::driver::{CudaSlice, CudaStream};
 use shadowkv_kernels::scoring as scoring_layout;
 use shadowkv_kernels::shadow::{self as layout, ShadowShape};
@@ -172,8 +174,42 @@ impl ShadowBatch {
         scoring_layout::tiles(self.extents.max_landmarks)
     }
 
-    /// The kernels' view of the batch, with the device copy's address.
+    /// Every sequence of the batch.
+    pub fn whole(&self) -> BatchPart {
+        BatchPart {
+            first: 0,
+            count: self.batch(),
+        }
+    }
+
+    /// Sequences `sequences` of the batch, for a launch that covers only them.
+    pub fn part(&self, sequences: Range<usize>) -> Result<BatchPart> {
+        if sequences.is_empty() || sequences.end > self.batch() {
+            return Err(invalid(
+                "sequences",
+                format!("is {sequences:?}"),
+                format!("a non-empty range within 0..{}", self.batch()),
+            ));
+        }
+        Ok(BatchPart {
+            first: sequences.start,
+            count: sequences.len(),
+        })
+    }
+
+    /// The kernels' view of the whole batch, with the device copy's address.
     pub(crate) fn shape(&self, stream: &CudaStream) -> ShadowShape {
+        self.shape_at(stream, 0)
+    }
+
+    /// The kernels' view of the batch for a launch over `part` (which may come from another
+    /// batch, so it is checked against this one).
+    pub(crate) fn shape_of(&self, stream: &CudaStream, part: BatchPart) -> Result<ShadowShape> {
+        self.part(part.first..part.first + part.count)?;
+        Ok(self.shape_at(stream, part.first))
+    }
+
+    fn shape_at(&self, stream: &CudaStream, first_sequence: usize) -> ShadowShape {
         let c = &self.config;
         ShadowShape {
             sequences: address(&self.device, stream),
@@ -184,8 +220,27 @@ impl ShadowBatch {
             chunk_size: c.chunk_size as u32,
             rank: c.rank as u32,
             budget_chunks: c.budget_chunks as u32,
-            _reserved: 0,
+            first_sequence: first_sequence as u32,
         }
+    }
+}
+
+/// Sequences `first .. first + count` of a [`ShadowBatch`]: what one launch of `scoring`,
+/// `topk`, `plan` or `fetch` covers (a step runs the batch in parts to overlap one part's
+/// fetch with the next part's scoring). Made by [`ShadowBatch::whole`] and
+/// [`ShadowBatch::part`], so it always lies within its batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPart {
+    first: usize,
+    count: usize,
+}
+
+impl BatchPart {
+    pub fn first(&self) -> usize {
+        self.first
+    }
+    pub fn count(&self) -> usize {
+        self.count
     }
 }
 

@@ -7,16 +7,17 @@ use crate::error::{check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
 use crate::scoring::{logits_len, tile_stats_len};
-use crate::shadow::ShadowBatch;
+use crate::shadow::{BatchPart, ShadowBatch};
 
 /// Writes each landmark's `score` (max over the group of its softmax weight) and the chunk
 /// ids of the `budget_chunks` highest scores of every (sequence, KV head) into `selection`
-/// (`[batch, Hkv, budget_chunks]`, in landmark order).
+/// (`[batch, Hkv, budget_chunks]`, in landmark order), for the sequences in `part`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: &Gpu,
     stream: &CudaStream,
     batch: &ShadowBatch,
+    part: BatchPart,
     logits: &impl DevicePtr<f32>,
     tile_stats: &impl DevicePtr<f32>,
     chunk_ids: &impl DevicePtr<u32>,
@@ -30,20 +31,21 @@ pub fn run(
     check_reach("chunk_ids", chunk_ids.len(), rows)?;
     check_reach("scores", scores.len(), rows)?;
     check_reach("selection", selection.len(), batch.slot_entries())?;
+    let shared_scores = layout::shared_scores(batch.extents().max_landmarks);
     let params = TopkParams {
-        shape: batch.shape(stream),
+        shape: batch.shape_of(stream, part)?,
         logits: address(logits, stream),
         tile_stats: address(tile_stats, stream),
         chunk_ids: address(chunk_ids, stream),
         scores: scores.device_ptr_mut(stream).0,
         selection: selection.device_ptr_mut(stream).0,
         max_tiles: batch.scoring_tiles(),
-        _reserved: 0,
+        shared_scores,
     };
     let launch = LaunchConfig {
-        grid_dim: (config.kv_heads as u32, batch.batch() as u32, 1),
+        grid_dim: (config.kv_heads as u32, part.count() as u32, 1),
         block_dim: (layout::THREADS, 1, 1),
-        shared_mem_bytes: layout::shared_bytes(config.group() as u32),
+        shared_mem_bytes: layout::shared_bytes(config.group() as u32, shared_scores),
     };
     // SAFETY: every buffer reaches the rows the validated layouts address (checked above);
     // every sequence has at least `budget_chunks` landmarks (checked by the batch).

@@ -42,6 +42,42 @@ pub struct SequenceLayout {
     pub len: u32,
 }
 
+/// Kernel part: every valid token (the plain kernel).
+pub const ALL_TOKENS: u32 = 0;
+/// Kernel part: every token except the sparse slots filled this step; the output goes to the
+/// carry buffers instead of `out`.
+pub const RESIDENT_TOKENS: u32 = 1;
+/// Kernel part: only the tokens of this step's misses, merged with the carry into `out`.
+pub const FRESH_TOKENS: u32 = 2;
+
+/// ShadowKV's split of a decode step's attention in two launches: the resident part runs while
+/// the misses' values are still being fetched; the fresh part, after the fetch, covers only the
+/// misses' tokens (through the miss list) and merges the two by their log-sum-exps. The plain
+/// kernel ([`ALL_TOKENS`]) ignores it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SlotFilter {
+    /// `[batch]` [`ShadowSequence`](crate::shadow::ShadowSequence): where each sequence's
+    /// sparse slots start (`sparse_start`).
+    pub sequences: u64,
+    /// u32 `[batch, kv_heads, budget_chunks]`: nonzero for a slot filled this step (`plan`);
+    /// the resident part skips those slots.
+    pub fresh: u64,
+    /// `[batch, kv_heads, budget_chunks]` [`Miss`](crate::shadow::Miss) and u32
+    /// `[batch, kv_heads]` counts (`plan`): the tokens the fresh part walks.
+    pub misses: u64,
+    pub miss_counts: u64,
+    /// f32 `[batch, q_heads, head_dim]`: the resident part's normalised output.
+    pub carry_out: u64,
+    /// f32 `[batch, q_heads]`: the resident part's base-2 log-sum-exp.
+    pub carry_lse: u64,
+    /// Tokens per slot (`c`).
+    pub chunk_size: u32,
+    /// Slots per (sequence, KV head).
+    pub budget_chunks: u32,
+}
+
 /// The one parameter struct of this family, passed by value to both kernels.
 /// Pointers are device addresses.
 #[repr(C)]
@@ -75,6 +111,7 @@ pub struct DecodeAttentionParams {
     pub scale_log2: f32,
     /// `kv_heads * group`.
     pub q_heads: u32,
+    pub filter: SlotFilter,
 }
 
 /// 16-byte vectors per K/V row: the lanes that cooperate on one token.
@@ -128,6 +165,17 @@ pub fn kernel_name(group: u32, head_dim: u32) -> String {
     format!("decode_attention_g{group}_d{head_dim}")
 }
 
+/// Entry-point name of a ShadowKV step's part ([`RESIDENT_TOKENS`] or [`FRESH_TOKENS`]).
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn part_kernel_name(part: u32, group: u32, head_dim: u32) -> String {
+    let part = if part == FRESH_TOKENS {
+        "fresh"
+    } else {
+        "resident"
+    };
+    format!("decode_attention_{part}_g{group}_d{head_dim}")
+}
+
 // Register arrays are indexed by loop counters that unroll to constants; the index form keeps
 // the per-lane math readable and is what the verified PTX was built from.
 #[cfg(target_arch = "nvptx64")]
@@ -135,13 +183,16 @@ pub fn kernel_name(group: u32, head_dim: u32) -> String {
 mod kernel {
     use super::*;
     use crate::device::*;
+    use crate::shadow::{slot_base, Miss, ShadowSequence};
 
     /// # Safety
     /// The host launcher validated every pointer and layout against the buffers' lengths,
     /// `group == G`, `head_dim == D`, and launched `(max_splits, kv_heads, batch)` blocks of
     /// [`THREADS`] threads with [`shared_bytes`] of dynamic shared memory.
     #[inline(always)]
-    pub unsafe fn decode_attention<const G: usize, const D: usize>(p: &DecodeAttentionParams) {
+    pub unsafe fn decode_attention<const G: usize, const D: usize, const PART: u32>(
+        p: &DecodeAttentionParams,
+    ) {
         let lanes = lanes_per_token(D as u32);
         let tokens_per_warp = 32 / lanes;
         let unroll_tokens = unroll(G as u32) as usize;
@@ -168,10 +219,55 @@ mod kernel {
         let Some(split_len) = NonZeroU32::new(p.split_len) else {
             return;
         };
-        let splits = num_splits(layout.len, split_len);
+        let filter = &p.filter;
+        // Validated nonzero by the host; the fallback keeps the division panic-free.
+        let chunk_size = NonZeroU32::new(filter.chunk_size).unwrap_or(NonZeroU32::MIN);
+        // The filtered parts: where the sparse slots start, this head's fresh marks and misses.
+        let (slot_start, slots) = if PART == ALL_TOKENS {
+            (0, 0)
+        } else {
+            let shadow = &*(filter.sequences as *const ShadowSequence).add(sequence as usize);
+            (
+                shadow.sparse_start,
+                slot_base(sequence, kv_head, p.kv_heads, filter.budget_chunks),
+            )
+        };
+        let fresh = (filter.fresh as *const u32).add(slots);
+        let misses = (filter.misses as *const Miss).add(slots);
+        // The fresh part walks the misses' tokens (`count * c` of them, in miss order); the
+        // others the whole valid length. It runs at least one split, so that a head without
+        // misses still writes its carry to `out`.
+        let (region_len, splits) = if PART == FRESH_TOKENS {
+            let count =
+                *(filter.miss_counts as *const u32).add((sequence * p.kv_heads + kv_head) as usize);
+            let len = count * filter.chunk_size;
+            (len, num_splits(len, split_len).max(1))
+        } else {
+            (layout.len, num_splits(layout.len, split_len))
+        };
         if split >= splits {
             return;
         }
+        // The K/V row of position `index` of the region, and whether this launch attends to it.
+        let row_of = |index: u32| -> (u32, bool) {
+            match PART {
+                FRESH_TOKENS => {
+                    let miss = *misses.add((index / chunk_size) as usize);
+                    (
+                        slot_start + miss.slot * filter.chunk_size + index % chunk_size,
+                        true,
+                    )
+                }
+                RESIDENT_TOKENS => {
+                    let offset = index.wrapping_sub(slot_start);
+                    let slot_tokens = filter.budget_chunks * filter.chunk_size;
+                    let is_fresh =
+                        offset < slot_tokens && *fresh.add((offset / chunk_size) as usize) != 0;
+                    (index, !is_fresh)
+                }
+                _ => (index, true),
+            }
+        };
         let mut q = [[0.0f32; 8]; G];
         for g in 0..G {
             let values = bf16x8_to_f32(q_raw[g]);
@@ -180,10 +276,10 @@ mod kernel {
             }
         }
         let start = split * p.split_len;
-        let end = if start + p.split_len < layout.len {
+        let end = if start + p.split_len < region_len {
             start + p.split_len
         } else {
-            layout.len
+            region_len
         };
 
         let head_base = layout.offset as usize + kv_head as usize * layout.capacity as usize * D;
@@ -201,8 +297,13 @@ mod kernel {
             let mut values = [[0u32; 4]; 4];
             let mut valid = [false; 4];
             for u in 0..unroll_tokens {
-                let token = base + u as u32 * row_tokens + token_in_row;
-                valid[u] = token < end;
+                let index = base + u as u32 * row_tokens + token_in_row;
+                let (token, wanted) = if index < end {
+                    row_of(index)
+                } else {
+                    (0, false)
+                };
+                valid[u] = wanted;
                 if valid[u] {
                     let row = token as usize * D;
                     keys[u] = load_stream_16(k_head.add(row) as *const Vec16);
@@ -323,16 +424,19 @@ mod kernel {
                 value += *row.add(column) * weight;
             }
             let q_head = kv_head * G as u32 + g as u32;
-            let normalised = value * reciprocal(sum);
+            // A filtered split may hold no wanted token: it weighs nothing in the merge.
+            let (normalised, lse) = if sum > 0.0 {
+                (value * reciprocal(sum), block_max + log2(sum))
+            } else {
+                (0.0, NO_SCORE)
+            };
             if splits == 1 {
-                let out =
-                    (p.out as *mut u16).add((sequence * q_heads + q_head) as usize * D + column);
-                *out = f32_to_bf16(normalised);
+                finish::<D, PART>(p, sequence, q_head, column, normalised, lse);
             } else {
                 let at = partial_index(sequence, split, q_head, p.max_splits, q_heads);
                 *(p.partial_out as *mut f32).add(at * D + column) = normalised;
                 if column == 0 {
-                    *(p.partial_lse as *mut f32).add(at) = block_max + log2(sum);
+                    *(p.partial_lse as *mut f32).add(at) = lse;
                 }
             }
             index += THREADS as usize;
@@ -386,30 +490,108 @@ mod kernel {
                 sum += weight;
                 value += weight * load_l2_f32((p.partial_out as *const f32).add(at * D + column));
             }
-            let out = (p.out as *mut u16).add((sequence * q_heads + q_head) as usize * D + column);
-            *out = f32_to_bf16(value * reciprocal(sum));
+            finish::<D, PART>(
+                p,
+                sequence,
+                q_head,
+                column,
+                value * reciprocal(sum),
+                max_lse + log2(sum),
+            );
             index += THREADS as usize;
         }
     }
 
-    /// One `extern "ptx-kernel"` entry per (group, head_dim) so the group's heads live in
-    /// registers indexed by constants.
+    /// Writes one element of a (sequence, query head)'s result: to `out` as bf16; for the
+    /// resident part to the carry instead; for the fresh part merged with the carry first.
+    #[inline(always)]
+    unsafe fn finish<const D: usize, const PART: u32>(
+        p: &DecodeAttentionParams,
+        sequence: u32,
+        q_head: u32,
+        column: usize,
+        value: f32,
+        lse: f32,
+    ) {
+        let filter = &p.filter;
+        let row = (sequence * p.q_heads + q_head) as usize;
+        let at = row * D + column;
+        let mut value = value;
+        if PART == RESIDENT_TOKENS {
+            *(filter.carry_out as *mut f32).add(at) = value;
+            if column == 0 {
+                *(filter.carry_lse as *mut f32).add(row) = lse;
+            }
+            return;
+        }
+        if PART == FRESH_TOKENS {
+            let carry_lse = *(filter.carry_lse as *const f32).add(row);
+            let carry = *(filter.carry_out as *const f32).add(at);
+            let max = max_f32(carry_lse, lse);
+            let (carry_weight, weight) = (exp2(carry_lse - max), exp2(lse - max));
+            value = (carry * carry_weight + value * weight) * reciprocal(carry_weight + weight);
+        }
+        *(p.out as *mut u16).add(at) = f32_to_bf16(value);
+    }
+
+    /// One `extern "ptx-kernel"` entry per (part, group, head_dim) so the group's heads live
+    /// in registers indexed by constants and the plain kernel carries no filter code.
     macro_rules! entries {
-        ($($name:ident = <$g:literal, $d:literal>),* $(,)?) => {$(
+        ($($name:ident = <$g:literal, $d:literal, $part:ident>),* $(,)?) => {$(
             #[no_mangle]
             pub unsafe extern "ptx-kernel" fn $name(params: DecodeAttentionParams) {
-                decode_attention::<$g, $d>(&params)
+                decode_attention::<$g, $d, $part>(&params)
             }
         )*};
     }
     entries! {
-        decode_attention_g1_d64 = <1, 64>, decode_attention_g2_d64 = <2, 64>,
-        decode_attention_g3_d64 = <3, 64>, decode_attention_g4_d64 = <4, 64>,
-        decode_attention_g5_d64 = <5, 64>, decode_attention_g6_d64 = <6, 64>,
-        decode_attention_g7_d64 = <7, 64>, decode_attention_g8_d64 = <8, 64>,
-        decode_attention_g1_d128 = <1, 128>, decode_attention_g2_d128 = <2, 128>,
-        decode_attention_g3_d128 = <3, 128>, decode_attention_g4_d128 = <4, 128>,
-        decode_attention_g5_d128 = <5, 128>, decode_attention_g6_d128 = <6, 128>,
-        decode_attention_g7_d128 = <7, 128>, decode_attention_g8_d128 = <8, 128>,
+        decode_attention_g1_d64 = <1, 64, ALL_TOKENS>,
+        decode_attention_g2_d64 = <2, 64, ALL_TOKENS>,
+        decode_attention_g3_d64 = <3, 64, ALL_TOKENS>,
+        decode_attention_g4_d64 = <4, 64, ALL_TOKENS>,
+        decode_attention_g5_d64 = <5, 64, ALL_TOKENS>,
+        decode_attention_g6_d64 = <6, 64, ALL_TOKENS>,
+        decode_attention_g7_d64 = <7, 64, ALL_TOKENS>,
+        decode_attention_g8_d64 = <8, 64, ALL_TOKENS>,
+        decode_attention_g1_d128 = <1, 128, ALL_TOKENS>,
+        decode_attention_g2_d128 = <2, 128, ALL_TOKENS>,
+        decode_attention_g3_d128 = <3, 128, ALL_TOKENS>,
+        decode_attention_g4_d128 = <4, 128, ALL_TOKENS>,
+        decode_attention_g5_d128 = <5, 128, ALL_TOKENS>,
+        decode_attention_g6_d128 = <6, 128, ALL_TOKENS>,
+        decode_attention_g7_d128 = <7, 128, ALL_TOKENS>,
+        decode_attention_g8_d128 = <8, 128, ALL_TOKENS>,
+        decode_attention_resident_g1_d64 = <1, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g2_d64 = <2, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g3_d64 = <3, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g4_d64 = <4, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g5_d64 = <5, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g6_d64 = <6, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g7_d64 = <7, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g8_d64 = <8, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g1_d128 = <1, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g2_d128 = <2, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g3_d128 = <3, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g4_d128 = <4, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g5_d128 = <5, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g6_d128 = <6, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g7_d128 = <7, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g8_d128 = <8, 128, RESIDENT_TOKENS>,
+        decode_attention_fresh_g1_d64 = <1, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g2_d64 = <2, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g3_d64 = <3, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g4_d64 = <4, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g5_d64 = <5, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g6_d64 = <6, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g7_d64 = <7, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g8_d64 = <8, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g1_d128 = <1, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g2_d128 = <2, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g3_d128 = <3, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g4_d128 = <4, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g5_d128 = <5, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g6_d128 = <6, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g7_d128 = <7, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g8_d128 = <8, 128, FRESH_TOKENS>,
     }
 }

@@ -26,7 +26,16 @@ pub unsafe fn exclusive_count(flag: bool, scratch: *mut u32) -> (u32, u32) {
     if lane == 0 {
         *scratch.add(warp as usize) = popcount(votes);
     }
+    let (before, total) = sum_warp_totals(scratch);
+    (before + below, total)
+}
+
+/// After each warp wrote its total to `scratch[warp]`: (totals of lower warps, block total).
+/// Barriers before (the totals are written) and after (`scratch` may be reused).
+#[inline(always)]
+unsafe fn sum_warp_totals(scratch: *mut u32) -> (u32, u32) {
     sync_threads();
+    let warp = warp_id();
     let (mut before, mut total) = (0u32, 0u32);
     let warps = block_dim_x() / 32;
     let mut w = 0;
@@ -39,7 +48,24 @@ pub unsafe fn exclusive_count(flag: bool, scratch: *mut u32) -> (u32, u32) {
         w += 1;
     }
     sync_threads();
-    (before + below, total)
+    (before, total)
+}
+
+/// Block-wide exclusive prefix sum of a per-thread count: `(sum over lower threads, total)`.
+/// Same contract as [`exclusive_count`] (never inlined, every thread calls it, `scratch` is
+/// [`MAX_WARPS`] words of shared memory, ends with a barrier).
+///
+/// # Safety
+/// As for [`exclusive_count`].
+#[inline(never)]
+pub unsafe fn exclusive_sum(value: u32, scratch: *mut u32) -> (u32, u32) {
+    let warp = warp_id();
+    let inclusive = warp_inclusive_sum(value);
+    if lane_id() == 31 {
+        *scratch.add(warp as usize) = inclusive;
+    }
+    let (before, total) = sum_warp_totals(scratch);
+    (before + inclusive - value, total)
 }
 
 /// Warp-wide inclusive prefix sum (`shfl.sync.up` steps 1, 2, 4, 8, 16).

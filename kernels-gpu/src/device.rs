@@ -25,6 +25,13 @@ pub fn block_dim_x() -> u32 {
     unsafe { nvptx::_block_dim_x() as u32 }
 }
 
+/// `mov.u32 %r, %nctaid.x`
+#[inline(always)]
+pub fn grid_dim_x() -> u32 {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_grid_dim_x() as u32 }
+}
+
 /// `mov.u32 %r, %ctaid.x`
 #[inline(always)]
 pub fn block_idx_x() -> u32 {

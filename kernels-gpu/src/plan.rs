@@ -1,7 +1,8 @@
 //! Cache-aware plan: one block per (sequence, KV head) compares the new selection with the
 //! chunks resident in the sparse slots. Hits keep their slots; the freed slots, in slot order,
 //! go to the misses, in selection order (deterministic, so a CPU reference matches exactly).
-//! Writes the miss list and count and updates the resident ids in place.
+//! Writes the miss list and count, marks the slots filled this step (`fresh`, so attention can
+//! run over the other slots while the fetch is in flight) and updates the resident ids in place.
 //!
 //! Membership uses two bitmaps over chunk ids in shared memory (selected, hit): one bit per
 //! chunk of the prompt, 16 KiB per 128K chunks (1M tokens at c = 8).
@@ -25,6 +26,8 @@ pub struct PlanParams {
     pub misses: u64,
     /// u32 `[batch, Hkv]` out.
     pub miss_counts: u64,
+    /// u32 `[batch, Hkv, budget_chunks]` out: 1 for a slot that receives a miss, else 0.
+    pub fresh: u64,
     /// u32 `[batch, Hkv]` copy of the counts in mapped host memory (the step's statistics,
     /// read without a device-to-host copy); 0 for none.
     pub host_miss_counts: u64,
@@ -65,12 +68,12 @@ mod kernel {
 
     /// # Safety
     /// The host launcher validated the layouts (`bitmap_words` covers every sequence's
-    /// chunks) and launched `(kv_heads, batch)` blocks of [`THREADS`] with [`shared_bytes`].
+    /// chunks) and launched `(kv_heads, sequences)` blocks of [`THREADS`] with [`shared_bytes`].
     #[no_mangle]
     pub unsafe extern "ptx-kernel" fn cache_plan(p: PlanParams) {
         let shape = &p.shape;
         let kv_head = block_idx_x();
-        let sequence_index = block_idx_y();
+        let sequence_index = shape.first_sequence + block_idx_y();
         let tid = thread_idx_x();
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let chunks = sequence.chunks;
@@ -93,6 +96,7 @@ mod kernel {
         let base = slot_base(sequence_index, kv_head, shape.kv_heads, k);
         let selection = (p.selection as *const u32).add(base);
         let resident = (p.resident as *mut u32).add(base);
+        let fresh = (p.fresh as *mut u32).add(base);
         let mut i = tid;
         while i < k {
             let chunk = *selection.add(i as usize);
@@ -111,6 +115,7 @@ mod kernel {
         while slot < flag_words(k) {
             let mut is_freed = 0;
             if slot < k {
+                *fresh.add(slot as usize) = 0;
                 let chunk = *resident.add(slot as usize);
                 if contains(selected, chunk, chunks) {
                     atomic_or_shared_u32(hit.add((chunk / 32) as usize), 1 << (chunk % 32));
@@ -158,6 +163,8 @@ mod kernel {
                 let slot = *freed.add(m as usize);
                 *misses.add(m as usize) = Miss { chunk, slot };
                 *resident.add(slot as usize) = chunk;
+                // After the zero above: the barriers in `exclusive_count` order the two.
+                *fresh.add(slot as usize) = 1;
             }
             miss_count += total;
             start += THREADS;

@@ -63,11 +63,12 @@ mod kernel {
     /// # Safety
     /// The host launcher validated the layouts against `A`, `Bm` and the key buffer, `rank`
     /// (a multiple of 16, at most `MAX_RANK`) and `head_dim == D`, and launched
-    /// `(splits, kv_heads, batch)` blocks of [`THREADS`] with [`shared_bytes`].
+    /// `(splits, kv_heads, sequences)` blocks of [`THREADS`] with [`shared_bytes`].
     #[inline(always)]
     pub unsafe fn key_rebuild<const D: usize, const N_TILES: usize>(p: &RebuildParams) {
         let shape = &p.shape;
-        let (split, kv_head, sequence_index) = (block_idx_x(), block_idx_y(), block_idx_z());
+        let (split, kv_head) = (block_idx_x(), block_idx_y());
+        let sequence_index = shape.first_sequence + block_idx_z();
         let (warp, lane, tid) = (warp_id(), lane_id(), thread_idx_x());
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let (k, rank) = (shape.budget_chunks, shape.rank);

@@ -80,18 +80,18 @@ mod kernel {
 
     /// # Safety
     /// The host launcher validated every layout against the buffers and launched
-    /// `(max_tiles, kv_heads, batch)` blocks of [`THREADS`] with [`shared_bytes`].
+    /// `(max_tiles, kv_heads, sequences)` blocks of [`THREADS`] with [`shared_bytes`].
     #[inline(always)]
     pub unsafe fn landmark_scoring<const G: usize, const D: usize>(p: &ScoringParams) {
         let lanes = (D as u32) / VECTOR;
         let rows_per_warp = 32 / lanes;
         let tile = block_idx_x();
         let kv_head = block_idx_y();
-        let sequence_index = block_idx_z();
+        let shape = &p.shape;
+        let sequence_index = shape.first_sequence + block_idx_z();
         let (warp, lane) = (warp_id(), lane_id());
         let lane_in_row = lane % lanes;
         let row_in_warp = lane / lanes;
-        let shape = &p.shape;
         let q_heads = shape.kv_heads * G as u32;
 
         let mut q_raw = [[0u32; 4]; G];

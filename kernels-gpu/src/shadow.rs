@@ -111,7 +111,9 @@ pub struct ShadowShape {
     pub rank: u32,
     /// Chunks selected per (sequence, KV head): `S / c`.
     pub budget_chunks: u32,
-    pub _reserved: u32,
+    /// The launch's first sequence: its grid covers sequences `first_sequence ..`, so a step
+    /// can run the batch in parts and overlap one part's fetch with the next part's scoring.
+    pub first_sequence: u32,
 }
 
 // SAFETY: both are `#[repr(C)]` plain old data without padding (bytemuck::Pod), valid for

@@ -3,6 +3,15 @@ use std::collections::HashSet;
 
 use crate::shadow::Miss;
 
+/// The kernel's `fresh` marks: 1 for each slot a miss fills, else 0.
+pub fn fresh_slots(misses: &[Miss], budget_chunks: usize) -> Vec<u32> {
+    let mut fresh = vec![0; budget_chunks];
+    for miss in misses {
+        fresh[miss.slot as usize] = 1;
+    }
+    fresh
+}
+
 /// Updates `resident` (chunk per slot) for the new `selection` of one (sequence, KV head) and
 /// returns the misses: hits keep their slots; the freed slots, in slot order, go to the
 /// misses, in selection order.
