@@ -101,7 +101,14 @@ impl DecodeAttentionPlan {
             .sum();
         let target_blocks = (multiprocessors.max(1) as usize * BLOCKS_PER_MULTIPROCESSOR).max(1);
         let step = layout::tokens_per_iteration(group, head_dim);
-        let split_len = (token_heads.div_ceil(target_blocks) as u32)
+        let even_share = (token_heads.div_ceil(target_blocks) as u32).max(MIN_SPLIT_LEN);
+        // The longest sequence sets the critical path: keep its number of splits but make
+        // them equal (2528 tokens in splits of 1216 would leave a 96-token third split while
+        // two blocks do 1216 each; three of 864 finish sooner).
+        let longest = layouts.iter().map(|l| l.len).max().unwrap_or(1).max(1);
+        let splits = longest.div_ceil(even_share);
+        let split_len = longest
+            .div_ceil(splits)
             .max(MIN_SPLIT_LEN)
             .next_multiple_of(step);
         Self::with_split_len(shape, layouts, split_len)
