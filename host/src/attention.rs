@@ -246,7 +246,7 @@ pub enum StepPart {
     Fresh,
 }
 
-/// Where a ShadowKV batch's slots are, for [`DecodeAttention::run_part`]: device addresses.
+/// Where a ShadowKV batch's slots are, for [`DecodeAttention::launch`]: device addresses.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SlotMarks {
     /// The batch's `[batch]` `ShadowSequence`.
@@ -375,28 +375,14 @@ impl DecodeAttention {
         self.launch(gpu, stream, q, k, v, out, None)
     }
 
-    /// One of the two launches of a ShadowKV step: [`StepPart::Resident`] first, then
-    /// [`StepPart::Fresh`] on the same stream, with the same `q`, K/V and `out`.
-    /// `slots` must describe the batch these layouts came from: every sequence's slots lie
-    /// within its valid tokens and `fresh` holds `[batch, kv_heads, budget_chunks]` marks
-    /// (`DecodeStep` checks both through its `ShadowBatch` and workspace).
+    /// [`run`](Self::run), or with `filter` one of the two launches of a ShadowKV step:
+    /// [`StepPart::Resident`] first, then [`StepPart::Fresh`] on the same stream, with the same
+    /// `q`, K/V and `out`. The [`SlotMarks`] must describe the batch these layouts came from:
+    /// every sequence's slots lie within its valid tokens, and the marks and miss list hold
+    /// `[batch, kv_heads, budget_chunks]` entries (`DecodeStep` checks both through its
+    /// `ShadowBatch` and workspace).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn run_part(
-        &mut self,
-        gpu: &Gpu,
-        stream: &CudaStream,
-        q: &impl DevicePtr<bf16>,
-        k: &impl DevicePtr<bf16>,
-        v: &impl DevicePtr<bf16>,
-        out: &mut impl DevicePtrMut<bf16>,
-        part: StepPart,
-        slots: SlotMarks,
-    ) -> Result<()> {
-        self.launch(gpu, stream, q, k, v, out, Some((part, slots)))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn launch(
+    pub(crate) fn launch(
         &mut self,
         gpu: &Gpu,
         stream: &CudaStream,
@@ -503,7 +489,7 @@ impl DecodeAttention {
         // above) and batch * kv_heads zeroed counters, and the kernel is the one compiled for
         // this group and head_dim; a filtered launch's slots lie within the layouts, its marks
         // and miss list cover the batch with at most `budget_chunks` misses per head (the
-        // caller's contract, see `run_part`), so the fresh part's splits fit its grid.
+        // caller's contract, see `launch`), so the fresh part's splits fit its grid.
         unsafe { gpu.launch(stream, kernel, config, params) }
     }
 }

@@ -425,15 +425,14 @@ impl DecodeStep {
         };
         if self.overlap {
             self.fetch_done.record(&self.copy_stream)?;
-            self.attention.run_part(
+            self.attention.launch(
                 gpu,
                 &stream,
                 q,
                 &layer.k,
                 &layer.v,
                 out,
-                StepPart::Resident,
-                slots,
+                Some((StepPart::Resident, slots)),
             )?;
             mark(timeline, gpu, "attention (resident)", &stream)?;
         }
@@ -451,15 +450,14 @@ impl DecodeStep {
         mark(timeline, gpu, "rebuild", &stream)?;
         if self.overlap {
             stream.wait(&self.fetch_done)?;
-            self.attention.run_part(
+            self.attention.launch(
                 gpu,
                 &stream,
                 q,
                 &layer.k,
                 &layer.v,
                 out,
-                StepPart::Fresh,
-                slots,
+                Some((StepPart::Fresh, slots)),
             )?;
             mark(timeline, gpu, "attention (fresh)", &stream)
         } else {
