@@ -150,6 +150,50 @@ fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<S
 
 /// Resident sets that hit `hit_rate` of the selection: the selection itself with the first
 /// `(1 - hit_rate) * k` slots of every head given to chunks it did not select.
+/// `scoring` over every sequence of `layer`, into the workspace.
+fn score(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    layer: &ShadowLayer,
+    q: &CudaSlice<bf16>,
+    w: &mut StepWorkspace,
+    scale: f32,
+) -> shadowkv::Result<()> {
+    let batch = &layer.batch;
+    scoring::run(
+        gpu,
+        stream,
+        batch,
+        batch.whole(),
+        q,
+        &layer.landmarks,
+        &mut w.logits,
+        &mut w.tile_stats,
+        scale,
+    )
+}
+
+/// `topk` over every sequence of `layer`, from the workspace's logits.
+fn select(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    layer: &ShadowLayer,
+    w: &mut StepWorkspace,
+) -> shadowkv::Result<()> {
+    let batch = &layer.batch;
+    topk::run(
+        gpu,
+        stream,
+        batch,
+        batch.whole(),
+        &w.logits,
+        &w.tile_stats,
+        &layer.chunk_ids,
+        &mut w.scores,
+        &mut w.selection,
+    )
+}
+
 /// Where a step's time goes at 80% hits: when each stage ended (µs after the step began,
 /// median of 9 steps), with the overlap on and off.
 fn step_timelines(
@@ -307,17 +351,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             let scoring_ms = measure(gpu, &stream, &mut group, id("scoring"), || {
                 next = (next + 1) % layers.len();
                 let l = &layers[next];
-                scoring::run(
-                    gpu,
-                    &stream,
-                    &l.batch,
-                    l.batch.whole(),
-                    &q,
-                    &l.landmarks,
-                    &mut w.logits,
-                    &mut w.tile_stats,
-                    scale,
-                )
+                score(gpu, &stream, l, &q, &mut w, scale)
             })?;
             let landmark_bytes =
                 (layers[0].batch.extents().landmark_rows * CONFIG.head_dim * 2) as f64;
@@ -330,28 +364,8 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             // layer's selection for this query (the last layer's logits stay in `w`).
             let mut templates: Vec<Vec<CudaSlice<u32>>> = Vec::new();
             for l in &layers {
-                scoring::run(
-                    gpu,
-                    &stream,
-                    &l.batch,
-                    l.batch.whole(),
-                    &q,
-                    &l.landmarks,
-                    &mut w.logits,
-                    &mut w.tile_stats,
-                    scale,
-                )?;
-                topk::run(
-                    gpu,
-                    &stream,
-                    &l.batch,
-                    l.batch.whole(),
-                    &w.logits,
-                    &w.tile_stats,
-                    &l.chunk_ids,
-                    &mut w.scores,
-                    &mut w.selection,
-                )?;
+                score(gpu, &stream, l, &q, &mut w, scale)?;
+                select(gpu, &stream, l, &mut w)?;
                 let selection = stream.clone_dtoh(&w.selection)?;
                 templates.push(
                     HIT_RATES
@@ -362,17 +376,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             }
             let l = &mut layers[last];
             let topk_ms = measure(gpu, &stream, &mut group, id("topk"), || {
-                topk::run(
-                    gpu,
-                    &stream,
-                    &l.batch,
-                    l.batch.whole(),
-                    &w.logits,
-                    &w.tile_stats,
-                    &l.chunk_ids,
-                    &mut w.scores,
-                    &mut w.selection,
-                )
+                select(gpu, &stream, l, &mut w)
             })?;
             row(
                 "topk",

@@ -73,7 +73,9 @@ pub struct DecodeAttentionPlan {
     max_splits: u32,
     kv_elements: usize,
     scale: f32,
+    /// The plain kernel, then the two parts of a ShadowKV step (resident, fresh).
     kernel: KernelName,
+    part_kernels: [KernelName; 2],
 }
 
 /// Blocks per multiprocessor the planner aims for. The double-buffered kernel keeps two
@@ -149,6 +151,18 @@ impl DecodeAttentionPlan {
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
             kernel: KernelName::lookup(&layout::kernel_name(group, head_dim))?,
+            part_kernels: [
+                KernelName::lookup(&layout::part_kernel_name(
+                    layout::RESIDENT_TOKENS,
+                    group,
+                    head_dim,
+                ))?,
+                KernelName::lookup(&layout::part_kernel_name(
+                    layout::FRESH_TOKENS,
+                    group,
+                    head_dim,
+                ))?,
+            ],
         })
     }
 
@@ -410,15 +424,9 @@ impl DecodeAttention {
         // This launch's kernel, split length and grid of splits.
         let (kernel, split_len, splits) = match filter {
             None => (plan.kernel, plan.split_len, plan.max_splits),
-            Some((StepPart::Resident, _)) => (
-                KernelName::lookup(&layout::part_kernel_name(
-                    layout::RESIDENT_TOKENS,
-                    group,
-                    head_dim,
-                ))?,
-                plan.split_len,
-                plan.max_splits,
-            ),
+            Some((StepPart::Resident, _)) => {
+                (plan.part_kernels[0], plan.split_len, plan.max_splits)
+            }
             Some((StepPart::Fresh, slots)) => {
                 let split_len =
                     FRESH_SPLIT_ITERATIONS * layout::tokens_per_iteration(group, head_dim);
@@ -427,11 +435,7 @@ impl DecodeAttention {
                     std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
                 let slot_tokens = slots.budget_chunks * slots.chunk_size;
                 (
-                    KernelName::lookup(&layout::part_kernel_name(
-                        layout::FRESH_TOKENS,
-                        group,
-                        head_dim,
-                    ))?,
+                    plan.part_kernels[1],
                     split_len,
                     layout::num_splits(slot_tokens, split).max(1),
                 )

@@ -25,7 +25,7 @@ use crate::attention::{
 use crate::error::{check_len, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::pinned::PinnedBuffer;
-use crate::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig, EMPTY_SLOT};
+use crate::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
 use crate::{fetch, plan, rebuild, scoring, topk};
 
 /// Where a layer keeps its values.
@@ -60,17 +60,8 @@ pub struct ShadowLayer {
     pub k: CudaSlice<bf16>,
     pub v: CudaSlice<bf16>,
     pub values: LayerValues,
-    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`] if none).
+    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::shadow::EMPTY_SLOT) if none).
     pub resident: CudaSlice<u32>,
-}
-
-impl ShadowLayer {
-    /// Marks every slot empty (the next step misses on every selected chunk).
-    pub fn clear_resident(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
-        let empty = vec![EMPTY_SLOT; self.batch.slot_entries()];
-        stream.memcpy_htod(&empty, &mut self.resident)?;
-        Ok(())
-    }
 }
 
 /// What one step did, for all (sequence, KV head) pairs.
@@ -416,7 +407,7 @@ impl DecodeStep {
         }
         self.stats_ready.record(&stream)?;
         let slots = SlotMarks {
-            sequences: batch.shape(&stream).sequences,
+            sequences: batch.sequences_address(&stream),
             fresh: address(&w.fresh, &stream),
             misses: address(&w.misses, &stream),
             miss_counts: address(&w.miss_counts, &stream),

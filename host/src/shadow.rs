@@ -209,10 +209,15 @@ impl ShadowBatch {
         Ok(self.shape_at(stream, part.first))
     }
 
+    /// Device address of the batch's `[batch]` [`ShadowSequence`] copy.
+    pub(crate) fn sequences_address(&self, stream: &CudaStream) -> u64 {
+        address(&self.device, stream)
+    }
+
     fn shape_at(&self, stream: &CudaStream, first_sequence: usize) -> ShadowShape {
         let c = &self.config;
         ShadowShape {
-            sequences: address(&self.device, stream),
+            sequences: self.sequences_address(stream),
             batch: self.batch() as u32,
             kv_heads: c.kv_heads as u32,
             group: c.group() as u32,

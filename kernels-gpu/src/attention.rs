@@ -184,6 +184,7 @@ mod kernel {
     use super::*;
     use crate::device::*;
     use crate::shadow::{slot_base, Miss, ShadowSequence};
+    use crate::tile::{load_query, row_dots, scale_query};
 
     /// # Safety
     /// The host launcher validated every pointer and layout against the buffers' lengths,
@@ -207,14 +208,8 @@ mod kernel {
         let token_in_row = warp * tokens_per_warp + lane / lanes;
         let q_heads = p.q_heads;
 
-        // This lane's eight dimensions of each query head of the group, loaded before the
-        // layout is known so the two loads overlap.
-        let mut q_raw = [[0u32; 4]; G];
-        for (g, raw) in q_raw.iter_mut().enumerate() {
-            let q_head = kv_head * G as u32 + g as u32;
-            let row = (p.q as *const u16).add((sequence * q_heads + q_head) as usize * D);
-            *raw = load_16(row.add((lane_in_token * VECTOR) as usize) as *const Vec16);
-        }
+        // Loaded before the layout is known so the two loads overlap.
+        let q_raw = load_query::<G, D>(p.q, sequence, kv_head, q_heads, lane_in_token);
         let layout = *(p.layouts as *const SequenceLayout).add(sequence as usize);
         let Some(split_len) = NonZeroU32::new(p.split_len) else {
             return;
@@ -268,13 +263,7 @@ mod kernel {
                 _ => (index, true),
             }
         };
-        let mut q = [[0.0f32; 8]; G];
-        for g in 0..G {
-            let values = bf16x8_to_f32(q_raw[g]);
-            for j in 0..8 {
-                q[g][j] = values[j] * p.scale_log2;
-            }
-        }
+        let q = scale_query(q_raw, p.scale_log2);
         let start = split * p.split_len;
         let end = if start + p.split_len < region_len {
             start + p.split_len
@@ -321,27 +310,7 @@ mod kernel {
             if base + tile_tokens < end {
                 next = load_tile(base + tile_tokens);
             }
-            let mut scores = [[0.0f32; 4]; G];
-            for u in 0..unroll_tokens {
-                let k = bf16x8_to_f32(keys[u]);
-                for g in 0..G {
-                    let mut dot = 0.0f32;
-                    for j in 0..8 {
-                        dot += q[g][j] * k[j];
-                    }
-                    scores[g][u] = dot;
-                }
-            }
-            // Sum the partial dots over the lanes of each token.
-            let mut mask = 1;
-            while mask < lanes {
-                for scores_g in scores.iter_mut() {
-                    for score in scores_g.iter_mut().take(unroll_tokens) {
-                        *score += shuffle_xor_f32(*score, mask);
-                    }
-                }
-                mask <<= 1;
-            }
+            let mut scores = row_dots(&q, &keys, unroll_tokens, lanes);
             let mut v = [[0.0f32; 8]; 4];
             for u in 0..unroll_tokens {
                 v[u] = bf16x8_to_f32(values[u]);

@@ -25,6 +25,8 @@ pub mod rebuild;
 pub mod rope;
 pub mod scoring;
 pub mod shadow;
+#[cfg(target_arch = "nvptx64")]
+pub mod tile;
 pub mod topk;
 
 #[cfg(target_arch = "nvptx64")]

@@ -77,6 +77,7 @@ mod kernel {
     use crate::attention::NO_SCORE;
     use crate::device::*;
     use crate::shadow::ShadowSequence;
+    use crate::tile::{load_query, row_dots, scale_query};
 
     /// # Safety
     /// The host launcher validated every layout against the buffers and launched
@@ -94,25 +95,14 @@ mod kernel {
         let row_in_warp = lane / lanes;
         let q_heads = shape.kv_heads * G as u32;
 
-        let mut q_raw = [[0u32; 4]; G];
-        for g in 0..G {
-            let q_head = kv_head * G as u32 + g as u32;
-            let row = (p.q as *const u16).add((sequence_index * q_heads + q_head) as usize * D);
-            q_raw[g] = load_16(row.add((lane_in_row * VECTOR) as usize) as *const Vec16);
-        }
+        let q_raw = load_query::<G, D>(p.q, sequence_index, kv_head, q_heads, lane_in_row);
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let count = sequence.landmarks;
         let start = tile * TILE;
         if start >= count {
             return;
         }
-        let mut q = [[0.0f32; 8]; G];
-        for g in 0..G {
-            let values = bf16x8_to_f32(q_raw[g]);
-            for j in 0..8 {
-                q[g][j] = values[j] * p.scale_log2;
-            }
-        }
+        let q = scale_query(q_raw, p.scale_log2);
         // This warp's contiguous quarter of the tile.
         let warp_len = TILE / WARPS;
         let warp_start = start + warp * warp_len;
@@ -146,26 +136,7 @@ mod kernel {
             if first + step < warp_end {
                 next = load(first + step);
             }
-            let mut logits = [[0.0f32; UNROLL as usize]; G];
-            for u in 0..UNROLL as usize {
-                let key = bf16x8_to_f32(rows[u]);
-                for g in 0..G {
-                    let mut dot = 0.0f32;
-                    for j in 0..8 {
-                        dot += q[g][j] * key[j];
-                    }
-                    logits[g][u] = dot;
-                }
-            }
-            let mut mask = 1;
-            while mask < lanes {
-                for g in 0..G {
-                    for u in 0..UNROLL as usize {
-                        logits[g][u] += shuffle_xor_f32(logits[g][u], mask);
-                    }
-                }
-                mask <<= 1;
-            }
+            let logits = row_dots(&q, &rows, UNROLL as usize, lanes);
             for u in 0..UNROLL as usize {
                 let landmark = first + u as u32 * rows_per_warp + row_in_warp;
                 if landmark < warp_end {

@@ -1,0 +1,73 @@
+//! Register-tile primitives shared by the kernels that score keys against a GQA group's
+//! queries (`scoring`, `attention`): each lane holds 8 of a row's `head_dim` dimensions (one
+//! 16-byte vector), and the `lanes` lanes of a row are consecutive in the warp.
+use crate::device::*;
+
+/// This lane's 8 dimensions of each query head of the group of `kv_head`, raw bf16: query
+/// `[batch, q_heads, D]` at `q`, for `sequence`, this lane at vector `lane_in_row` of a row.
+/// Kept raw so the load can be issued early and converted later ([`scale_query`]).
+///
+/// # Safety
+/// `q` holds `(sequence + 1) * q_heads * D` bf16 and `lane_in_row < D / 8`.
+#[inline(always)]
+pub unsafe fn load_query<const G: usize, const D: usize>(
+    q: u64,
+    sequence: u32,
+    kv_head: u32,
+    q_heads: u32,
+    lane_in_row: u32,
+) -> [Vec16; G] {
+    let mut raw = [[0u32; 4]; G];
+    for (g, slice) in raw.iter_mut().enumerate() {
+        let q_head = kv_head * G as u32 + g as u32;
+        let row = (q as *const u16).add((sequence * q_heads + q_head) as usize * D);
+        *slice = load_16(row.add((lane_in_row * 8) as usize) as *const Vec16);
+    }
+    raw
+}
+
+/// The raw query slices in f32, times `scale` (the softmax scale in the log2 domain).
+#[inline(always)]
+pub fn scale_query<const G: usize>(raw: [Vec16; G], scale: f32) -> [[f32; 8]; G] {
+    let mut q = [[0.0f32; 8]; G];
+    for g in 0..G {
+        let values = bf16x8_to_f32(raw[g]);
+        for j in 0..8 {
+            q[g][j] = values[j] * scale;
+        }
+    }
+    q
+}
+
+/// `q_g · key_u` for each head `g` and each of the first `used` of this lane's rows `keys`,
+/// summed over the `lanes` lanes of each row (`shfl.sync.bfly` steps 1, 2, .. lanes / 2),
+/// so every lane of a row holds the whole dot products. Every lane of the warp calls it.
+#[inline(always)]
+pub fn row_dots<const G: usize, const U: usize>(
+    q: &[[f32; 8]; G],
+    keys: &[Vec16; U],
+    used: usize,
+    lanes: u32,
+) -> [[f32; U]; G] {
+    let mut dots = [[0.0f32; U]; G];
+    for (u, key) in keys.iter().enumerate().take(used) {
+        let key = bf16x8_to_f32(*key);
+        for g in 0..G {
+            let mut dot = 0.0f32;
+            for j in 0..8 {
+                dot += q[g][j] * key[j];
+            }
+            dots[g][u] = dot;
+        }
+    }
+    let mut mask = 1;
+    while mask < lanes {
+        for dots_g in dots.iter_mut() {
+            for dot in dots_g.iter_mut().take(used) {
+                *dot += shuffle_xor_f32(*dot, mask);
+            }
+        }
+        mask <<= 1;
+    }
+    dots
+}
