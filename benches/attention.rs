@@ -170,8 +170,10 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     }
     // How the split length moves the two target points (informs the planner).
     let mut sweep = Vec::new();
-    for (batch, len) in [(16usize, 2048u32), (1, 131_072)] {
-        for split_len in [128u32, 256, 512, 1024, 2048, 4096] {
+    for (batch, len) in [(16usize, 2048u32), (16, 2560), (1, 131_072)] {
+        for split_len in [
+            128u32, 256, 512, 704, 864, 1024, 1280, 2048, 2560, 2688, 4096,
+        ] {
             if split_len > len {
                 continue;
             }

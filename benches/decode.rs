@@ -312,9 +312,14 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     let stream = gpu.stream().clone();
     let (mut rows, mut steps, mut timelines) = (Vec::new(), Vec::new(), Vec::new());
     let mut q_rng = StdRng::seed_from_u64(9);
+    // SHADOWKV_BENCH_ONLY=b16_ctx122880 runs one shape (e.g. under Nsight Compute).
+    let only = std::env::var("SHADOWKV_BENCH_ONLY").ok();
     for context in CONTEXTS {
         for batch in BATCHES {
             let label = format!("b{batch}_ctx{context}");
+            if only.as_ref().is_some_and(|only| *only != label) {
+                continue;
+            }
             let id = |name: &str| BenchmarkId::new(name.to_owned(), &label);
             let layer_count = if batch == 1 { LAYERS_AT_BATCH_1 } else { 1 };
             let mut layers = (0..layer_count)

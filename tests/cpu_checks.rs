@@ -47,12 +47,14 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
             names.push(shadowkv::scoring::kernel_layout::kernel_name(
                 group, head_dim,
             ));
+            if head_dim == kernel_layout::HEAD_DIMS[0] {
+                names.push(shadowkv::topk::kernel_layout::kernel_name(group));
+            }
         }
         names.push(shadowkv::rebuild::kernel_layout::kernel_name(head_dim));
     }
     names.extend(
         [
-            shadowkv::topk::kernel_layout::KERNEL_NAME,
             shadowkv::plan::kernel_layout::KERNEL_NAME,
             shadowkv::fetch::kernel_layout::KERNEL_NAME,
         ]

@@ -288,28 +288,29 @@ fn topk_past_shared_memory(gpu: &Gpu) -> Result<(), String> {
         rank: 16,
         budget_chunks: 256,
     };
+    // Past what shared memory stages (the passes run over `scores`), and long enough for
+    // every scoring tile length (`scoring::tile_len` grows with the batch's landmarks).
     let past = topk::kernel_layout::MAX_SHARED_SCORES + 4_321;
-    let specs = [
-        SequenceSpec {
-            prompt_len: past + 9,
-            local_chunks: 4,
-            outlier_chunks: 5,
-            generated: 2,
-            spare: 0,
-        },
-        SequenceSpec {
-            prompt_len: 3_001,
-            local_chunks: 1,
-            outlier_chunks: 0,
-            generated: 1,
-            spare: 3,
-        },
-    ];
-    for seed in 0..cases().min(3) as u64 {
+    for (seed, landmarks) in [(0u64, past), (1, 140_003), (2, 270_001)] {
+        let specs = [
+            SequenceSpec {
+                prompt_len: landmarks + 9,
+                local_chunks: 4,
+                outlier_chunks: 5,
+                generated: 2,
+                spare: 0,
+            },
+            SequenceSpec {
+                prompt_len: 3_001,
+                local_chunks: 1,
+                outlier_chunks: 0,
+                generated: 1,
+                spare: 3,
+            },
+        ];
         let (logits, scores) = check_scoring(gpu, &config, &specs, 100 + seed)?;
         eprintln!(
-            "  {} landmarks (over {} in shared memory): logits {logits:.2e}, scores {scores:.2e}; selection exact",
-            past,
+            "  {landmarks} landmarks (over {} in shared memory), 2 KV heads: logits {logits:.2e}, scores {scores:.2e}; selection exact",
             topk::kernel_layout::MAX_SHARED_SCORES
         );
     }

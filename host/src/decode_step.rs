@@ -121,7 +121,7 @@ impl StepWorkspace {
             && self.scores.len() >= batch.extents().landmark_rows
             && self.selection.len() >= batch.slot_entries()
             && self.fresh.len() >= batch.slot_entries()
-            && self.miss_counts.len() >= batch.batch() * batch.config().kv_heads
+            && self.miss_counts.len() >= batch.heads()
     }
 }
 

@@ -52,7 +52,9 @@ pub fn run(
         logits: logits.device_ptr_mut(stream).0,
         tile_stats: tile_stats.device_ptr_mut(stream).0,
         max_tiles: batch.scoring_tiles(),
+        tile_len: batch.scoring_tile_len().get(),
         scale_log2: scale * std::f32::consts::LOG2_E,
+        _reserved: 0,
     };
     let config = LaunchConfig {
         grid_dim: (

@@ -1,5 +1,6 @@
 //! The validated layout of a ShadowKV decode batch, shared by every decode launcher
 //! (`scoring`, `topk`, `plan`, `fetch`, `rebuild`, `decode_step`).
+use std::num::NonZeroU32;
 use std::ops::Range;
 
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -169,9 +170,16 @@ impl ShadowBatch {
         check_reach("miss_counts", miss_counts, self.heads())
     }
 
+    /// Landmarks per scoring block: shorter tiles for a small batch (see
+    /// `scoring::MIN_BLOCKS`).
+    pub fn scoring_tile_len(&self) -> NonZeroU32 {
+        NonZeroU32::new(scoring_layout::tile_len(self.extents.landmark_rows))
+            .unwrap_or(NonZeroU32::MIN)
+    }
+
     /// Tiles of the scoring grid (`x`) for the sequence with the most landmarks.
     pub fn scoring_tiles(&self) -> u32 {
-        scoring_layout::tiles(self.extents.max_landmarks)
+        scoring_layout::tiles(self.extents.max_landmarks, self.scoring_tile_len())
     }
 
     /// Every sequence of the batch.

@@ -25,13 +25,14 @@ pub fn run(
     selection: &mut impl DevicePtrMut<u32>,
 ) -> Result<()> {
     let config = batch.config();
-    let rows = batch.extents().landmark_rows;
+    let extents = batch.extents();
+    let rows = extents.landmark_rows;
     check_reach("logits", logits.len(), logits_len(batch))?;
     check_reach("tile_stats", tile_stats.len(), tile_stats_len(batch))?;
     check_reach("chunk_ids", chunk_ids.len(), rows)?;
     check_reach("scores", scores.len(), rows)?;
     check_reach("selection", selection.len(), batch.slot_entries())?;
-    let shared_scores = layout::shared_scores(batch.extents().max_landmarks);
+    let shared_scores = layout::shared_scores(extents.max_landmarks);
     let params = TopkParams {
         shape: batch.shape_of(stream, part)?,
         logits: address(logits, stream),
@@ -40,7 +41,9 @@ pub fn run(
         scores: scores.device_ptr_mut(stream).0,
         selection: selection.device_ptr_mut(stream).0,
         max_tiles: batch.scoring_tiles(),
+        tile_len: batch.scoring_tile_len().get(),
         shared_scores,
+        _reserved: 0,
     };
     let launch = LaunchConfig {
         grid_dim: (config.kv_heads as u32, part.count() as u32, 1),
@@ -52,7 +55,7 @@ pub fn run(
     unsafe {
         gpu.launch(
             stream,
-            KernelName::lookup(layout::KERNEL_NAME)?,
+            KernelName::lookup(&layout::kernel_name(config.group() as u32))?,
             launch,
             params,
         )

@@ -184,7 +184,12 @@ mod kernel {
     use super::*;
     use crate::device::*;
     use crate::shadow::{slot_base, Miss, ShadowSequence};
-    use crate::tile::{load_query, row_dots, scale_query};
+    use crate::tile::{
+        load_query, merge_softmax_stats, row_dots, scale_query, warp_merge_softmax_stats,
+    };
+
+    /// Splits whose partial results one thread loads before it uses any, in the merge.
+    const MERGE_LOADS: usize = 8;
 
     /// # Safety
     /// The host launcher validated every pointer and layout against the buffers' lengths,
@@ -433,32 +438,62 @@ mod kernel {
             return;
         }
         fence_gpu();
+        let lse = p.partial_lse as *const f32;
+        let lse_index = |split: u32, g: usize| {
+            partial_index(
+                sequence,
+                split,
+                kv_head * G as u32 + g as u32,
+                p.max_splits,
+                q_heads,
+            )
+        };
+        // Per head of the group, the max of the splits' LSEs and the sum of their weights:
+        // warp `g` reads head `g`'s splits, a lane per split (warp-uniform loop).
+        let head_stats = shared;
+        let mut g = warp as usize;
+        while g < G {
+            let mut merged = (NO_SCORE, 0.0f32);
+            let mut split = lane;
+            while split < splits {
+                merged =
+                    merge_softmax_stats(merged, (load_l2_f32(lse.add(lse_index(split, g))), 1.0));
+                split += 32;
+            }
+            let (max_lse, sum) = warp_merge_softmax_stats(merged, 1);
+            if lane == 0 {
+                *head_stats.add(2 * g) = max_lse;
+                *head_stats.add(2 * g + 1) = sum;
+            }
+            g += WARPS as usize;
+        }
+        sync_threads();
+        // Each element's weighted sum over the splits, `MERGE_LOADS` splits' loads in flight.
         let mut index = thread_idx_x() as usize;
         while index < G * D {
-            let q_head = kv_head * G as u32 + (index / D) as u32;
+            let g = index / D;
             let column = index % D;
-            let lse = p.partial_lse as *const f32;
-            let mut max_lse = NO_SCORE;
-            for split in 0..splits {
-                max_lse = max_f32(
-                    max_lse,
-                    load_l2_f32(lse.add(partial_index(
-                        sequence,
-                        split,
-                        q_head,
-                        p.max_splits,
-                        q_heads,
-                    ))),
-                );
-            }
-            let mut sum = 0.0f32;
+            let (max_lse, sum) = (*head_stats.add(2 * g), *head_stats.add(2 * g + 1));
             let mut value = 0.0f32;
-            for split in 0..splits {
-                let at = partial_index(sequence, split, q_head, p.max_splits, q_heads);
-                let weight = exp2(load_l2_f32(lse.add(at)) - max_lse);
-                sum += weight;
-                value += weight * load_l2_f32((p.partial_out as *const f32).add(at * D + column));
+            let mut first = 0;
+            while first < splits {
+                let mut split_lse = [NO_SCORE; MERGE_LOADS];
+                let mut split_out = [0.0f32; MERGE_LOADS];
+                for u in 0..MERGE_LOADS {
+                    let split = first + u as u32;
+                    if split < splits {
+                        let at = lse_index(split, g);
+                        split_lse[u] = load_l2_f32(lse.add(at));
+                        split_out[u] =
+                            load_l2_f32((p.partial_out as *const f32).add(at * D + column));
+                    }
+                }
+                for u in 0..MERGE_LOADS {
+                    value += exp2(split_lse[u] - max_lse) * split_out[u];
+                }
+                first += MERGE_LOADS as u32;
             }
+            let q_head = kv_head * G as u32 + g as u32;
             finish::<D, PART>(
                 p,
                 sequence,

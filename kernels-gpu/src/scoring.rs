@@ -4,16 +4,22 @@
 //! tile; `topk` merges those into each head's softmax normaliser, so the softmax needs no
 //! second pass over the landmarks.
 //!
-//! Blocks are `(tile, kv_head, sequence)`; a tile is [`TILE`] landmarks, a quarter per warp,
-//! `32 / lanes_per_row` landmarks per warp row and [`UNROLL`] rows loaded ahead
-//! (double-buffered, as in `attention`).
+//! Blocks are `(tile, kv_head, sequence)`; a tile is `tile_len` landmarks (see [`tile_len`]),
+//! a quarter per warp, `32 / lanes_per_row` landmarks per warp row and [`UNROLL`] rows loaded
+//! ahead (double-buffered, as in `attention`).
 
 use crate::shadow::ShadowShape;
 
+use core::num::NonZeroU32;
+
 pub const WARPS: u32 = 4;
 pub const THREADS: u32 = WARPS * 32;
-/// Landmarks per block.
-pub const TILE: u32 = 512;
+/// Landmarks per block, longest first: [`tile_len`] picks one per batch.
+pub const TILE_LENS: [u32; 3] = [512, 256, 128];
+/// Blocks a scoring launch aims for at least (about 8 per multiprocessor on an H100): each
+/// warp walks its rows one load latency at a time, so a small batch needs shorter tiles (more
+/// warps) to keep enough loads in flight (b1 x 122K: 240 blocks of 512 reached 53% of copy).
+pub const MIN_BLOCKS: usize = 1024;
 /// Rows of landmarks each lane group loads before using them.
 pub const UNROLL: u32 = 4;
 /// bf16 values per 16-byte vector.
@@ -34,13 +40,29 @@ pub struct ScoringParams {
     pub tile_stats: u64,
     /// Tiles of the sequence with the most landmarks (grid x).
     pub max_tiles: u32,
+    /// Landmarks per tile: one of [`TILE_LENS`].
+    pub tile_len: u32,
     /// `softmax_scale * log2(e)`.
     pub scale_log2: f32,
+    pub _reserved: u32,
 }
 
-/// Tiles that cover `landmarks` landmarks.
-pub const fn tiles(landmarks: u32) -> u32 {
-    landmarks.div_ceil(TILE)
+/// The tile length for a batch of `landmark_rows` landmarks (over every sequence and KV
+/// head): the longest of [`TILE_LENS`] that still gives [`MIN_BLOCKS`] blocks.
+pub const fn tile_len(landmark_rows: usize) -> u32 {
+    let mut i = 0;
+    while i + 1 < TILE_LENS.len() {
+        if landmark_rows / TILE_LENS[i] as usize >= MIN_BLOCKS {
+            return TILE_LENS[i];
+        }
+        i += 1;
+    }
+    TILE_LENS[TILE_LENS.len() - 1]
+}
+
+/// Tiles of `tile_len` that cover `landmarks` landmarks.
+pub fn tiles(landmarks: u32, tile_len: NonZeroU32) -> u32 {
+    landmarks / tile_len + (landmarks % tile_len != 0) as u32
 }
 
 /// Index of (sequence, kv_head, tile, g) in `tile_stats`, in (max, sum) pairs.
@@ -77,7 +99,9 @@ mod kernel {
     use crate::attention::NO_SCORE;
     use crate::device::*;
     use crate::shadow::ShadowSequence;
-    use crate::tile::{load_query, row_dots, scale_query};
+    use crate::tile::{
+        load_query, merge_softmax_stats, row_dots, scale_query, warp_merge_softmax_stats,
+    };
 
     /// # Safety
     /// The host launcher validated every layout against the buffers and launched
@@ -98,13 +122,13 @@ mod kernel {
         let q_raw = load_query::<G, D>(p.q, sequence_index, kv_head, q_heads, lane_in_row);
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let count = sequence.landmarks;
-        let start = tile * TILE;
+        let start = tile * p.tile_len;
         if start >= count {
             return;
         }
         let q = scale_query(q_raw, p.scale_log2);
         // This warp's contiguous quarter of the tile.
-        let warp_len = TILE / WARPS;
+        let warp_len = p.tile_len / WARPS;
         let warp_start = start + warp * warp_len;
         let warp_end = min_u32(warp_start + warp_len, count);
         let base = sequence.landmark_base(kv_head);
@@ -145,10 +169,10 @@ mod kernel {
                         if lane_in_row == g as u32 {
                             *logit_rows[g].add(landmark as usize) = logits[g][u];
                         }
-                        let new_max = max_f32(running_max[g], logits[g][u]);
-                        running_sum[g] = running_sum[g] * exp2(running_max[g] - new_max)
-                            + exp2(logits[g][u] - new_max);
-                        running_max[g] = new_max;
+                        (running_max[g], running_sum[g]) = merge_softmax_stats(
+                            (running_max[g], running_sum[g]),
+                            (logits[g][u], 1.0),
+                        );
                     }
                 }
             }
@@ -156,17 +180,9 @@ mod kernel {
         }
 
         // Merge the warp's rows (lanes holding other landmarks), then the warps.
-        let mut mask = lanes;
-        while mask < 32 {
-            for g in 0..G {
-                let other_max = shuffle_xor_f32(running_max[g], mask);
-                let other_sum = shuffle_xor_f32(running_sum[g], mask);
-                let new_max = max_f32(running_max[g], other_max);
-                running_sum[g] = running_sum[g] * exp2(running_max[g] - new_max)
-                    + other_sum * exp2(other_max - new_max);
-                running_max[g] = new_max;
-            }
-            mask <<= 1;
+        for g in 0..G {
+            (running_max[g], running_sum[g]) =
+                warp_merge_softmax_stats((running_max[g], running_sum[g]), lanes);
         }
         let shared = dynamic_shared::<f32>();
         if lane == 0 {
@@ -178,15 +194,12 @@ mod kernel {
         sync_threads();
         let g = thread_idx_x() as usize;
         if g < G {
-            let mut block_max = NO_SCORE;
+            let mut block = (NO_SCORE, 0.0f32);
             for w in 0..WARPS as usize {
-                block_max = max_f32(block_max, *shared.add((w * G + g) * 2));
+                let at = (w * G + g) * 2;
+                block = merge_softmax_stats(block, (*shared.add(at), *shared.add(at + 1)));
             }
-            let mut sum = 0.0f32;
-            for w in 0..WARPS as usize {
-                sum += *shared.add((w * G + g) * 2 + 1)
-                    * exp2(*shared.add((w * G + g) * 2) - block_max);
-            }
+            let (block_max, sum) = block;
             let at = tile_stat_index(
                 sequence_index,
                 kv_head,

@@ -71,3 +71,31 @@ pub fn row_dots<const G: usize, const U: usize>(
     }
     dots
 }
+
+/// Merges two online-softmax statistics `(max, sum of exp2(x - max))` into one.
+#[inline(always)]
+pub fn merge_softmax_stats(a: (f32, f32), b: (f32, f32)) -> (f32, f32) {
+    let max = max_f32(a.0, b.0);
+    (max, a.1 * exp2(a.0 - max) + b.1 * exp2(b.0 - max))
+}
+
+/// Merges each lane's softmax statistics with those of the lanes `lane ^ mask`, for mask
+/// `first_mask`, `2 * first_mask`, .. 16: every lane ends with the merge over its lane set
+/// (the whole warp when `first_mask` is 1). All 32 lanes must call it.
+///
+/// Never inlined, as `block::exclusive_count` and for the same reason: its shuffles must not
+/// be cloned into the divergent loops that compute `stats`.
+#[inline(never)]
+pub fn warp_merge_softmax_stats(stats: (f32, f32), first_mask: u32) -> (f32, f32) {
+    let mut merged = stats;
+    let mut mask = first_mask;
+    while mask < 32 {
+        let other = (
+            shuffle_xor_f32(merged.0, mask),
+            shuffle_xor_f32(merged.1, mask),
+        );
+        merged = merge_softmax_stats(merged, other);
+        mask <<= 1;
+    }
+    merged
+}

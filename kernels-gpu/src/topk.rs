@@ -1,15 +1,21 @@
 //! Landmark scoring, pass two, and top-k chunk selection: one block per (sequence, KV head).
+//! (Spreading a head over several blocks, with a global histogram and a last-block hand-off,
+//! measured slower at every benchmarked shape: the selection below, not the score pass, is
+//! the block's critical path.)
 //!
-//! 1. Merges `scoring`'s per-tile (max, sum) into each query head's softmax normaliser and
-//!    writes `score = max over the group of exp2(logit - max_g) / sum_g` per landmark, to
-//!    `scores` and, when the sequence's scores fit, to shared memory for the passes below.
+//! 1. Merges `scoring`'s per-tile (max, sum) into each query head's softmax normaliser (a
+//!    warp per head, a lane per tile) and writes `score = max over the group of
+//!    exp2(logit - max_g) / sum_g` per landmark, to `scores` and, when the sequence's scores
+//!    fit, to shared memory for the passes below. Every head's logits of
+//!    [`landmarks_in_flight`] landmarks are loaded before any is used.
 //! 2. Radix-selects the `budget_chunks`-th largest score: scores are `>= 0`, so the 31 bits
 //!    below the sign order like their values; three passes of 11, 10 and 10 bits (the first
 //!    histogram is built while the scores are computed) narrow the threshold `T`.
 //! 3. An ordered compaction writes the chunk ids of every score `> T` and of the first
 //!    (lowest-index) scores `== T` until `budget_chunks` are taken, in landmark order, so the
 //!    output is deterministic and a CPU reference can match it exactly. Each thread owns a
-//!    contiguous run of landmarks, so one block-wide scan orders the whole output.
+//!    contiguous run of landmarks, so one block-wide scan orders the whole output; the chunk
+//!    ids are then gathered by all threads at once.
 
 use crate::shadow::ShadowShape;
 
@@ -19,12 +25,12 @@ pub const THREADS: u32 = WARPS * 32;
 pub const DIGIT_BITS: [u32; 3] = [11, 10, 10];
 /// Bins of the largest histogram.
 pub const MAX_BINS: u32 = 1 << 11;
-/// Landmarks per thread whose logits are loaded before any is used (loads in flight).
-pub const UNROLL: u32 = 8;
+/// Logit loads each thread has in flight in pass one: `LOADS_IN_FLIGHT / G` landmarks, all
+/// `G` heads of each, before any is used.
+pub const LOADS_IN_FLIGHT: u32 = 16;
 /// Most scores per sequence staged in shared memory (160 KiB; 40K landmarks is 320K tokens at
 /// c = 8); longer sequences run the passes over `scores` in global memory.
 pub const MAX_SHARED_SCORES: u32 = 40 * 1024;
-
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -42,9 +48,12 @@ pub struct TopkParams {
     pub selection: u64,
     /// `scoring`'s grid x (the tile stride of `tile_stats`).
     pub max_tiles: u32,
+    /// `scoring`'s landmarks per tile.
+    pub tile_len: u32,
     /// Scores the dynamic shared memory holds (see [`shared_bytes`]); a sequence with more
     /// landmarks works on `scores` in global memory.
     pub shared_scores: u32,
+    pub _reserved: u32,
 }
 
 /// Scores staged in shared memory for a batch whose longest sequence has `max_landmarks`.
@@ -62,15 +71,31 @@ pub const fn shared_bytes(group: u32, shared_scores: u32) -> u32 {
     (MAX_BINS + 32 + 2 * group + 4 + shared_scores) * 4
 }
 
-pub const KERNEL_NAME: &str = "topk_select";
+/// Landmarks per thread whose logits (every head of the group) are loaded together.
+pub const fn landmarks_in_flight(group: u32) -> u32 {
+    if group >= LOADS_IN_FLIGHT {
+        1
+    } else {
+        LOADS_IN_FLIGHT / group
+    }
+}
+
+/// Entry-point name for a group size (`1..=MAX_GROUP` of `attention`).
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn kernel_name(group: u32) -> String {
+    format!("topk_select_g{group}")
+}
 
 #[cfg(target_arch = "nvptx64")]
 mod kernel {
+    use core::num::NonZeroU32;
+
     use super::*;
     use crate::block::{exclusive_sum, MAX_WARPS};
     use crate::device::*;
     use crate::scoring::{tile_stat_index, tiles};
     use crate::shadow::{slot_base, ShadowSequence};
+    use crate::tile::{merge_softmax_stats, warp_merge_softmax_stats};
 
     /// Finds the digit of the `remaining`-th largest score among the `bins` counted: writes
     /// the digit to `state[0]` and the count in higher bins to `state[1]`. Every thread
@@ -110,17 +135,60 @@ mod kernel {
         }
     }
 
+    /// Each query head's softmax `(max, 1/sum)` over every scoring tile of the sequence into
+    /// `normaliser`: warp `g` merges head `g`'s tiles, a lane per tile.
+    unsafe fn normalisers(
+        p: &TopkParams,
+        sequence_index: u32,
+        kv_head: u32,
+        count: u32,
+        normaliser: *mut f32,
+    ) {
+        let shape = &p.shape;
+        let (warp, lane) = (warp_id(), lane_id());
+        let Some(tile_len) = NonZeroU32::new(p.tile_len) else {
+            return;
+        };
+        let tile_count = tiles(count, tile_len);
+        let stats = p.tile_stats as *const f32;
+        // Warp-uniform: the group has at most `MAX_GROUP` <= `WARPS` heads.
+        let g = warp;
+        if g < shape.group {
+            let mut merged = (crate::attention::NO_SCORE, 0.0f32);
+            let mut tile = lane;
+            while tile < tile_count {
+                let at = tile_stat_index(
+                    sequence_index,
+                    kv_head,
+                    tile,
+                    g,
+                    shape.kv_heads,
+                    p.max_tiles,
+                    shape.group,
+                );
+                merged = merge_softmax_stats(merged, (*stats.add(at), *stats.add(at + 1)));
+                tile += 32;
+            }
+            let (max, sum) = warp_merge_softmax_stats(merged, 1);
+            if lane == 0 {
+                *normaliser.add(2 * g as usize) = max;
+                *normaliser.add(2 * g as usize + 1) = reciprocal(sum);
+            }
+        }
+    }
+
     /// # Safety
     /// The host launcher validated the layouts (every sequence has at least `budget_chunks`
     /// landmarks) and launched `(kv_heads, sequences)` blocks of [`THREADS`] with
-    /// [`shared_bytes`] for `shared_scores`.
-    #[no_mangle]
-    pub unsafe extern "ptx-kernel" fn topk_select(p: TopkParams) {
+    /// [`shared_bytes`] for `shared_scores`, and `shape.group == G`.
+    // The loops index register arrays by counters that unroll to constants (as in `attention`).
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn topk_select<const G: usize>(p: &TopkParams) {
         let shape = &p.shape;
         let kv_head = block_idx_x();
         let sequence_index = shape.first_sequence + block_idx_y();
         let tid = thread_idx_x();
-        let group = shape.group;
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let count = sequence.landmarks;
         let k = shape.budget_chunks;
@@ -128,67 +196,46 @@ mod kernel {
         let histogram = dynamic_shared::<u32>();
         let scratch = histogram.add(MAX_BINS as usize);
         let normaliser = scratch.add(MAX_WARPS) as *mut f32;
-        let state = normaliser.add(2 * group as usize) as *mut u32;
+        let state = normaliser.add(2 * G) as *mut u32;
         let staged = state.add(4) as *mut f32;
 
-        // 1. Each head's max and 1/sum over every tile of the sequence.
-        if tid < group {
-            let mut max = crate::attention::NO_SCORE;
-            let stats = p.tile_stats as *const f32;
-            let at = |tile| {
-                tile_stat_index(
-                    sequence_index,
-                    kv_head,
-                    tile,
-                    tid,
-                    shape.kv_heads,
-                    p.max_tiles,
-                    group,
-                )
-            };
-            let tile_count = tiles(count);
-            for tile in 0..tile_count {
-                max = max_f32(max, *stats.add(at(tile)));
-            }
-            let mut sum = 0.0f32;
-            for tile in 0..tile_count {
-                sum += *stats.add(at(tile) + 1) * exp2(*stats.add(at(tile)) - max);
-            }
-            *normaliser.add(2 * tid as usize) = max;
-            *normaliser.add(2 * tid as usize + 1) = reciprocal(sum);
-        }
+        // 1. The scores and the histogram of their top digit.
+        normalisers(p, sequence_index, kv_head, count, normaliser);
         clear(histogram, MAX_BINS);
         sync_threads();
-
         let base = sequence.landmark_base(kv_head) as usize;
         let scores = (p.scores as *mut f32).add(base);
         let in_shared = count <= p.shared_scores;
-        // The passes below read the scores from here: shared memory, or `scores` itself.
-        let working = if in_shared { staged } else { scores };
-        let logits = p.logits as *const f32;
         let first_shift = 31 - DIGIT_BITS[0];
+        let mut rows = [core::ptr::null::<f32>(); G];
+        let mut max = [0.0f32; G];
+        let mut inverse_sum = [0.0f32; G];
+        for g in 0..G {
+            rows[g] = (p.logits as *const f32)
+                .add(sequence.logit_base(kv_head, G as u32, g as u32) as usize);
+            max[g] = *normaliser.add(2 * g);
+            inverse_sum[g] = *normaliser.add(2 * g + 1);
+        }
+        let per = landmarks_in_flight(G as u32) as usize;
         let mut start = 0;
         while start < count {
-            // All of this thread's `UNROLL` logits of a head are loaded before any is used.
-            let mut score = [0.0f32; UNROLL as usize];
-            for g in 0..group {
-                let row = logits.add(sequence.logit_base(kv_head, group, g) as usize);
-                let mut logit = [f32::NEG_INFINITY; UNROLL as usize];
-                for (u, value) in logit.iter_mut().enumerate() {
-                    let j = start + u as u32 * THREADS + tid;
-                    if j < count {
-                        *value = *row.add(j as usize);
-                    }
-                }
-                let max = *normaliser.add(2 * g as usize);
-                let inverse_sum = *normaliser.add(2 * g as usize + 1);
-                for u in 0..UNROLL as usize {
-                    score[u] = max_f32(score[u], exp2(logit[u] - max) * inverse_sum);
-                }
-            }
-            for (u, &value) in score.iter().enumerate() {
+            // Every head's logits of this thread's `per` landmarks are loaded before any is used.
+            let mut logit = [[f32::NEG_INFINITY; G]; LOADS_IN_FLIGHT as usize];
+            for u in 0..per {
                 let j = start + u as u32 * THREADS + tid;
                 if j < count {
+                    for g in 0..G {
+                        logit[u][g] = *rows[g].add(j as usize);
+                    }
+                }
+            }
+            for u in 0..per {
+                let j = start + u as u32 * THREADS + tid;
+                if j < count {
+                    let mut value = 0.0f32;
+                    for g in 0..G {
+                        value = max_f32(value, exp2(logit[u][g] - max[g]) * inverse_sum[g]);
+                    }
                     *scores.add(j as usize) = value;
                     if in_shared {
                         *staged.add(j as usize) = value;
@@ -197,9 +244,13 @@ mod kernel {
                     atomic_add_shared_u32(histogram.add(digit as usize), 1);
                 }
             }
-            start += UNROLL * THREADS;
+            start += per as u32 * THREADS;
         }
         sync_threads();
+
+        // The passes read the scores from shared memory, or from `scores` itself.
+        let working = if in_shared { staged } else { scores };
+        let score_bits = |j: u32| (*working.add(j as usize)).to_bits();
 
         // 2. Radix select: after each pass, `prefix` holds the top bits of the threshold and
         //    `remaining` how many of the scores that share them are still to be taken.
@@ -224,7 +275,7 @@ mod kernel {
             sync_threads();
             let mut j = tid;
             while j < count {
-                let bits = (*working.add(j as usize)).to_bits();
+                let bits = score_bits(j);
                 if bits & prefix_mask == prefix {
                     atomic_add_shared_u32(
                         histogram.add(((bits >> next_shift) & (next_bins - 1)) as usize),
@@ -245,7 +296,7 @@ mod kernel {
         let last = min_u32(first + per_thread, count);
         let (mut above, mut equal) = (0u32, 0u32);
         for j in first..last {
-            let bits = (*working.add(j as usize)).to_bits();
+            let bits = score_bits(j);
             above += (bits > threshold) as u32;
             equal += (bits == threshold) as u32;
         }
@@ -254,8 +305,12 @@ mod kernel {
         let chunk_ids = (p.chunk_ids as *const u32).add(base);
         let selection =
             (p.selection as *mut u32).add(slot_base(sequence_index, kv_head, shape.kv_heads, k));
+        // The first `MAX_BINS` positions collect landmark indices in the (now free)
+        // histogram, so that their chunk ids are gathered by all threads at once below, not
+        // one load after another by the thread that owns a run.
+        let positions = histogram;
         for j in first..last {
-            let bits = (*working.add(j as usize)).to_bits();
+            let bits = score_bits(j);
             let position = if bits > threshold {
                 above_before += 1;
                 above_before - 1 + min_u32(equal_before, needed_equal)
@@ -268,9 +323,29 @@ mod kernel {
             } else {
                 continue;
             };
-            if position < k {
+            if position < min_u32(k, MAX_BINS) {
+                *positions.add(position as usize) = j;
+            } else if position < k {
                 *selection.add(position as usize) = *chunk_ids.add(j as usize);
             }
         }
+        sync_threads();
+        for position in (tid..min_u32(k, MAX_BINS)).step_by(THREADS as usize) {
+            let j = *positions.add(position as usize);
+            *selection.add(position as usize) = *chunk_ids.add(j as usize);
+        }
+    }
+
+    macro_rules! entries {
+        ($($name:ident = $g:literal),* $(,)?) => {$(
+            #[no_mangle]
+            pub unsafe extern "ptx-kernel" fn $name(params: TopkParams) {
+                topk_select::<$g>(&params)
+            }
+        )*};
+    }
+    entries! {
+        topk_select_g1 = 1, topk_select_g2 = 2, topk_select_g3 = 3, topk_select_g4 = 4,
+        topk_select_g5 = 5, topk_select_g6 = 6, topk_select_g7 = 7, topk_select_g8 = 8,
     }
 }
