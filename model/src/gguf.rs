@@ -46,6 +46,22 @@ impl MetadataValue {
         }
     }
 
+    /// A numeric value as f64 (integers too).
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetadataValue::F32(v) => Some(v as f64),
+            MetadataValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetadataValue::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+
     pub fn as_str(&self) -> Option<&str> {
         match self {
             MetadataValue::String(s) => Some(s),

@@ -1,10 +1,26 @@
-//! Model files for the ShadowKV model driver (issue 5): GGUF reading and dequantisation to
-//! f32/bf16 on the CPU. Every failure names the file, the tensor where there is one, and why.
+//! The ShadowKV model driver's model side (issue 5): model files (GGUF, Hugging Face
+//! checkpoints), the model's shape, its weights, sampling, and the f32 CPU reference path.
+//! Every failure names the file, the tensor where there is one, and why.
+pub mod config;
+pub mod cpu;
+pub mod generate;
 pub mod gguf;
 pub mod quant;
+pub mod sampling;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
 
+pub use config::{Architecture, ModelConfig, NAMED_SHAPES};
+pub use cpu::shadowkv::ShadowKvParams;
+pub use cpu::{CpuCache, CpuModel};
+pub use generate::{generate, Generation};
 pub use gguf::{GgufFile, MetadataValue, TensorInfo};
 pub use quant::GgmlType;
+pub use sampling::Sampler;
+pub use source::ModelSource;
+pub use tokenizer::{ChatMessage, ChatTemplate, TokenStream, Tokenizer};
+pub use weights::{LayerWeights, Matrix, ModelWeights, WeightFile};
 
 /// A model file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error, PartialEq)]

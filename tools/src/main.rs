@@ -1,4 +1,6 @@
 //! `shadowkv`: the command-line driver of the ShadowKV kernels.
+mod generate;
+
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
@@ -43,11 +45,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Generate text with a Llama-family model (GGUF or Hugging Face), streaming the tokens
+    /// and printing prefill and decode tokens/s. Attention: full or ShadowKV.
+    Generate(generate::GenerateArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Demo {
             tokens,
             batch,
@@ -64,7 +69,9 @@ fn main() {
             },
             tokens,
             seed,
-        ),
+        )
+        .map_err(|e| e.into()),
+        Command::Generate(args) => generate::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

@@ -1,0 +1,385 @@
+//! A Llama-family model's shape: from a GGUF file's metadata, a Hugging Face `config.json`, or
+//! a named shape (for synthetic models). Every count is checked, so the loaders and kernels can
+//! rely on `heads = G * kv_heads`, an even `head_dim` and a positive size everywhere.
+use std::path::Path;
+
+use shadowkv_kernels::rope::{inverse_frequencies, Llama3Scaling, RopeConfig};
+
+use crate::gguf::GgufFile;
+use crate::{ModelFileError, Result};
+
+/// The decoder variants this driver runs. They differ only in details of the same block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM, Yi, Mistral: no projection biases.
+    Llama,
+    /// Qwen2: biases on the Q, K and V projections.
+    Qwen2,
+}
+
+impl Architecture {
+    /// Whether the Q, K and V projections carry a bias.
+    pub fn qkv_bias(self) -> bool {
+        self == Architecture::Qwen2
+    }
+}
+
+/// The shape and constants of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Width of the SwiGLU MLP.
+    pub ffn: usize,
+    pub vocab: usize,
+    pub rms_eps: f32,
+    pub rope: RopeConfig,
+    /// Per-frequency divisors of the RoPE frequencies (`rope_freqs.weight` in Llama-3.1 GGUF
+    /// files, which carry the scaling as a tensor instead of `rope_scaling` parameters).
+    pub rope_factors: Option<Vec<f32>>,
+    /// Longest context the model was trained for.
+    pub context_length: usize,
+    /// The output head is the token embedding (no `output.weight`).
+    pub tied_embeddings: bool,
+}
+
+/// The named shapes a synthetic model can take.
+pub const NAMED_SHAPES: [&str; 5] = [
+    "llama-3-8b",
+    "llama-3.1-8b",
+    "yi-9b",
+    "qwen2-7b",
+    "smollm2-135m",
+];
+
+impl ModelConfig {
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// The `head_dim / 2` RoPE inverse frequencies, with Llama-3 scaling or the file's
+    /// per-frequency factors applied.
+    pub fn inverse_frequencies(&self) -> Vec<f64> {
+        let mut frequencies = inverse_frequencies(&self.rope, self.head_dim as u32);
+        if let Some(factors) = &self.rope_factors {
+            for (frequency, factor) in frequencies.iter_mut().zip(factors) {
+                *frequency /= *factor as f64;
+            }
+        }
+        frequencies
+    }
+
+    /// Parameters of the model (embedding and output head counted once if tied).
+    pub fn parameters(&self) -> usize {
+        let attention =
+            self.hidden * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * self.hidden;
+        let mlp = 3 * self.hidden * self.ffn;
+        let layer = attention + mlp + 2 * self.hidden;
+        let head = if self.tied_embeddings {
+            0
+        } else {
+            self.vocab * self.hidden
+        };
+        self.layers * layer + self.vocab * self.hidden + head + self.hidden
+    }
+
+    /// One of [`NAMED_SHAPES`], for synthetic models with random weights.
+    pub fn named(name: &str) -> Result<ModelConfig> {
+        let llama_3 = ModelConfig {
+            architecture: Architecture::Llama,
+            layers: 32,
+            hidden: 4096,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            ffn: 14336,
+            vocab: 128_256,
+            rms_eps: 1e-5,
+            rope: RopeConfig::LLAMA_3,
+            rope_factors: None,
+            context_length: 8192,
+            tied_embeddings: false,
+        };
+        let config = match name {
+            "llama-3-8b" => llama_3,
+            "llama-3.1-8b" => ModelConfig {
+                rope: RopeConfig {
+                    theta: 500_000.0,
+                    scaling: Some(Llama3Scaling::LLAMA_3_1),
+                },
+                context_length: 131_072,
+                ..llama_3
+            },
+            // Yi-9B-200K, the long-context variant ShadowKV evaluates.
+            "yi-9b" => ModelConfig {
+                layers: 48,
+                kv_heads: 4,
+                ffn: 11008,
+                vocab: 64_000,
+                rms_eps: 1e-6,
+                rope: RopeConfig {
+                    theta: 10_000_000.0,
+                    scaling: None,
+                },
+                context_length: 262_144,
+                ..llama_3
+            },
+            "qwen2-7b" => ModelConfig {
+                architecture: Architecture::Qwen2,
+                layers: 28,
+                hidden: 3584,
+                heads: 28,
+                kv_heads: 4,
+                ffn: 18944,
+                vocab: 152_064,
+                rms_eps: 1e-6,
+                rope: RopeConfig {
+                    theta: 1_000_000.0,
+                    scaling: None,
+                },
+                context_length: 32_768,
+                ..llama_3
+            },
+            "smollm2-135m" => ModelConfig {
+                layers: 30,
+                hidden: 576,
+                heads: 9,
+                kv_heads: 3,
+                head_dim: 64,
+                ffn: 1536,
+                vocab: 49_152,
+                rope: RopeConfig {
+                    theta: 100_000.0,
+                    scaling: None,
+                },
+                tied_embeddings: true,
+                ..llama_3
+            },
+            _ => {
+                return Err(ModelFileError {
+                    file: format!("model shape `{name}`"),
+                    tensor: None,
+                    reason: format!("is not a known shape; one of {NAMED_SHAPES:?}"),
+                })
+            }
+        };
+        config.validated(name)
+    }
+
+    /// The shape a GGUF file's metadata gives (architectures `llama` and `qwen2`).
+    pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig> {
+        let fail = |reason: String| ModelFileError {
+            file: file.name.clone(),
+            tensor: None,
+            reason,
+        };
+        let architecture_name = file
+            .metadata("general.architecture")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| fail("has no general.architecture".into()))?;
+        let architecture = match architecture_name {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            other => {
+                return Err(fail(format!(
+                    "has architecture `{other}`; this driver runs `llama` and `qwen2`"
+                )))
+            }
+        };
+        let key = |name: &str| format!("{architecture_name}.{name}");
+        let count = |name: &str| -> Result<usize> {
+            file.metadata(&key(name))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| fail(format!("has no unsigned integer {}", key(name))))
+        };
+        let number = |name: &str| file.metadata(&key(name)).and_then(|v| v.as_f64());
+        let hidden = count("embedding_length")?;
+        let heads = count("attention.head_count")?;
+        let kv_heads = match file.metadata(&key("attention.head_count_kv")) {
+            None => heads,
+            Some(_) => count("attention.head_count_kv")?,
+        };
+        let head_dim = match file.metadata(&key("attention.key_length")) {
+            Some(v) => v.as_u64().map(|v| v as usize).unwrap_or(0),
+            None => hidden / heads.max(1),
+        };
+        let embedding = file
+            .tensor("token_embd.weight")
+            .ok_or_else(|| fail("has no tensor token_embd.weight".into()))?;
+        let vocab = match file.metadata(&key("vocab_size")) {
+            Some(v) => v.as_u64().unwrap_or(0) as usize,
+            None => embedding.dims.get(1).copied().unwrap_or(0) as usize,
+        };
+        let rope_factors = match file.tensor("rope_freqs.weight") {
+            None => None,
+            Some(_) => Some(file.dequantize("rope_freqs.weight")?),
+        };
+        let config = ModelConfig {
+            architecture,
+            layers: count("block_count")?,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            ffn: count("feed_forward_length")?,
+            vocab,
+            rms_eps: number("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
+            rope: RopeConfig {
+                theta: number("rope.freq_base").unwrap_or(10_000.0),
+                scaling: None,
+            },
+            rope_factors,
+            context_length: count("context_length").unwrap_or(4096),
+            tied_embeddings: file.tensor("output.weight").is_none(),
+        };
+        config.validated(&file.name)
+    }
+
+    /// The shape a Hugging Face `config.json` gives (`model_type` llama, mistral or qwen2).
+    pub fn from_hf_config(path: &Path) -> Result<ModelConfig> {
+        let file = path.display().to_string();
+        let fail = |reason: String| ModelFileError {
+            file: file.clone(),
+            tensor: None,
+            reason,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| fail(format!("cannot be read: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| fail(format!("is not valid JSON: {e}")))?;
+        let count = |name: &str| -> Result<usize> {
+            json.get(name)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| fail(format!("has no unsigned integer `{name}`")))
+        };
+        let number = |name: &str| json.get(name).and_then(|v| v.as_f64());
+        let architecture = match json.get("model_type").and_then(|v| v.as_str()) {
+            Some("llama") | Some("mistral") => Architecture::Llama,
+            Some("qwen2") => Architecture::Qwen2,
+            other => {
+                return Err(fail(format!(
+                    "has model_type {other:?}; this driver runs llama, mistral and qwen2"
+                )))
+            }
+        };
+        let hidden = count("hidden_size")?;
+        let heads = count("num_attention_heads")?;
+        let scaling = match json.get("rope_scaling").filter(|v| !v.is_null()) {
+            None => None,
+            Some(scaling) => {
+                let field = |name: &str| scaling.get(name).and_then(|v| v.as_f64());
+                let kind = scaling
+                    .get("rope_type")
+                    .or_else(|| scaling.get("type"))
+                    .and_then(|v| v.as_str());
+                match (kind, field("factor")) {
+                    (Some("llama3"), Some(factor)) => Some(Llama3Scaling {
+                        factor,
+                        low_freq_factor: field("low_freq_factor").unwrap_or(1.0),
+                        high_freq_factor: field("high_freq_factor").unwrap_or(4.0),
+                        original_max_position: field("original_max_position_embeddings")
+                            .unwrap_or(8192.0),
+                    }),
+                    (Some("default"), _) => None,
+                    _ => {
+                        return Err(fail(format!(
+                            "has rope_scaling {scaling}; only rope_type `llama3` is supported"
+                        )))
+                    }
+                }
+            }
+        };
+        let config = ModelConfig {
+            architecture,
+            layers: count("num_hidden_layers")?,
+            hidden,
+            heads,
+            kv_heads: count("num_key_value_heads").unwrap_or(heads),
+            head_dim: count("head_dim").unwrap_or(hidden / heads.max(1)),
+            ffn: count("intermediate_size")?,
+            vocab: count("vocab_size")?,
+            rms_eps: number("rms_norm_eps").unwrap_or(1e-5) as f32,
+            rope: RopeConfig {
+                theta: number("rope_theta").unwrap_or(10_000.0),
+                scaling,
+            },
+            rope_factors: None,
+            context_length: count("max_position_embeddings").unwrap_or(4096),
+            tied_embeddings: json
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        };
+        config.validated(&file)
+    }
+
+    /// Checks the counts every loader and kernel relies on.
+    fn validated(self, source: &str) -> Result<ModelConfig> {
+        let fail = |reason: String| {
+            Err(ModelFileError {
+                file: source.to_owned(),
+                tensor: None,
+                reason,
+            })
+        };
+        let sizes = [
+            ("layers", self.layers),
+            ("hidden size", self.hidden),
+            ("heads", self.heads),
+            ("KV heads", self.kv_heads),
+            ("head dimension", self.head_dim),
+            ("MLP width", self.ffn),
+            ("vocabulary", self.vocab),
+        ];
+        if let Some((what, _)) = sizes.iter().find(|(_, n)| *n == 0 || *n > 1 << 24) {
+            return fail(format!("gives {what} out of range: {sizes:?}"));
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return fail(format!(
+                "has {} heads, not a multiple of its {} KV heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return fail(format!(
+                "has head dimension {}; RoPE needs an even one",
+                self.head_dim
+            ));
+        }
+        if self.rope.theta.is_nan() || self.rope.theta <= 1.0 {
+            return fail(format!(
+                "has RoPE theta {}; it must exceed 1",
+                self.rope.theta
+            ));
+        }
+        if let Some(factors) = &self.rope_factors {
+            if factors.len() != self.head_dim / 2 || factors.iter().any(|f| f.is_nan() || *f <= 0.0)
+            {
+                return fail(format!(
+                    "has {} positive RoPE factors; expected {} (head_dim / 2)",
+                    factors.len(),
+                    self.head_dim / 2
+                ));
+            }
+        }
+        if self.rms_eps.is_nan() || self.rms_eps < 0.0 {
+            return fail(format!("has RMSNorm epsilon {}", self.rms_eps));
+        }
+        Ok(self)
+    }
+}

@@ -1,0 +1,173 @@
+//! `shadowkv generate`: run a Llama-family model on a prompt, streaming the tokens.
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use shadowkv_model::{CpuCache, CpuModel, ModelSource, Sampler, ShadowKvParams};
+
+/// Where attention reads the KV cache from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttentionMode {
+    /// The whole KV cache on the GPU, every token attended.
+    Full,
+    /// ShadowKV: low-rank keys on the GPU, values in pinned host memory, sparse attention.
+    Shadowkv,
+    /// ShadowKV with the values kept on the GPU (no PCIe traffic).
+    ShadowkvGpu,
+}
+
+/// Which processor runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceChoice {
+    /// The GPU if there is one and the model runs there, else the CPU reference path.
+    Auto,
+    /// The f32 CPU reference path (small models).
+    Cpu,
+    /// The GPU.
+    Gpu,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
+    /// Default: the built-in SmolLM2-135M-Instruct that tools/setup.sh fetches.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file instead.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Send the prompt as is, without the model's chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to this.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Attention over the KV cache.
+    #[arg(long, value_enum, default_value_t = AttentionMode::Full)]
+    attention: AttentionMode,
+    /// Which processor runs the model.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// ShadowKV: tokens per chunk (c).
+    #[arg(long, default_value_t = ShadowKvParams::default().chunk_size)]
+    chunk_size: usize,
+    /// ShadowKV: tokens of selected chunks attended per step (S), a multiple of --chunk-size.
+    #[arg(long, default_value_t = ShadowKvParams::default().sparse_budget)]
+    sparse_budget: usize,
+    /// ShadowKV: rank of the pre-RoPE key factorisation (r), a multiple of 16 up to 256.
+    #[arg(long, default_value_t = ShadowKvParams::default().rank)]
+    rank: usize,
+    /// ShadowKV: chunks at the end of the prompt kept exact.
+    #[arg(long, default_value_t = ShadowKvParams::default().local_chunks)]
+    local_chunks: usize,
+    /// ShadowKV: outlier chunks per KV head kept exact.
+    #[arg(long, default_value_t = ShadowKvParams::default().outlier_chunks)]
+    outlier_chunks: usize,
+}
+
+pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("--prompt-file {}: {e}", path.display()))?,
+        (None, None) => {
+            return Err("give the prompt with --prompt TEXT or --prompt-file FILE".into())
+        }
+    };
+    let params = ShadowKvParams {
+        chunk_size: args.chunk_size,
+        sparse_budget: args.sparse_budget,
+        rank: args.rank,
+        local_chunks: args.local_chunks,
+        outlier_chunks: args.outlier_chunks,
+    };
+    let path = match args.model {
+        Some(path) => path,
+        None => shadowkv_model::builtin_model_path()?,
+    };
+    let source = ModelSource::open(&path)?;
+    let config = source.config.clone();
+    if args.attention != AttentionMode::Full {
+        params.validate(&config)?;
+    }
+    match args.device {
+        DeviceChoice::Gpu => {
+            return Err("the GPU model is not built yet (issue 5 in progress); use --device cpu".into())
+        }
+        DeviceChoice::Auto => match shadowkv::Gpu::new(0) {
+            Ok(gpu) => eprintln!(
+                "note: found {}, but the GPU model is not built yet: running the CPU reference path",
+                gpu.info().name
+            ),
+            Err(reason) => eprintln!("note: no GPU ({reason}): running the CPU reference path"),
+        },
+        DeviceChoice::Cpu => {}
+    }
+    if args.attention == AttentionMode::ShadowkvGpu {
+        eprintln!(
+            "note: on the CPU path every value is in memory, so shadowkv-gpu runs as shadowkv"
+        );
+    }
+    let tokens = source.prompt_tokens(&prompt, !args.raw)?;
+    eprintln!(
+        "model {}: {} layers, {} heads / {} KV heads, d {}, {:.0}M parameters; prompt {} tokens; attention {:?}",
+        path.display(),
+        config.layers,
+        config.heads,
+        config.kv_heads,
+        config.head_dim,
+        config.parameters() as f64 / 1e6,
+        tokens.len(),
+        args.attention
+    );
+    let weights = source.weights.load(&config, Ok)?;
+    let model = CpuModel::new(config.clone(), weights);
+    let mut cache = match args.attention {
+        AttentionMode::Full => CpuCache::new(&config),
+        _ => CpuCache::shadowkv(&config, params)?,
+    };
+    let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed)?;
+    let tokenizer = &source.tokenizer;
+    let mut stream = tokenizer.stream();
+    let mut stdout = std::io::stdout();
+    let generation = shadowkv_model::generate(
+        |ids| model.forward(&mut cache, ids),
+        &tokens,
+        &mut sampler,
+        args.max_tokens,
+        |id| tokenizer.is_end_of_generation(id),
+        |id| {
+            if tokenizer.is_end_of_generation(id) {
+                return Ok(());
+            }
+            if let Some(text) = stream.push(id)? {
+                print!("{text}");
+                let _ = stdout.flush();
+            }
+            Ok(())
+        },
+    )?;
+    print!("{}", stream.finish()?);
+    println!();
+    eprintln!(
+        "CPU reference path (f32): prefill {} tokens in {:.2} s ({:.1} tokens/s); decode {} tokens, {:.1} tokens/s",
+        generation.prompt_tokens,
+        generation.prefill_seconds,
+        generation.prefill_tokens_per_second(),
+        generation.tokens.len(),
+        generation.decode_tokens_per_second()
+    );
+    Ok(())
+}
