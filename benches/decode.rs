@@ -12,14 +12,13 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use half::bf16;
 use rand::{rngs::StdRng, SeedableRng};
-use shadowkv::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use shadowkv::cudarc::driver::{CudaSlice, CudaStream};
 use shadowkv::{
     fetch, plan, rebuild, scoring, topk, DecodeAttention, DecodeAttentionPlan,
     DecodeAttentionShape, DecodeStep, Gpu, LayerValues, PinnedBuffer, RopeConfig, SequenceLayout,
     ShadowBatch, ShadowConfig, ShadowLayer, ShadowSequence, StepWorkspace,
 };
-use shadowkv_suite::bench::{copy_bandwidth, filled, median, steady_ms};
+use shadowkv_suite::bench::{copy_bandwidth, filled, gemm_rate, median, steady_ms};
 use shadowkv_suite::{random_bf16, shared_gpu};
 
 const CONFIG: ShadowConfig = ShadowConfig::LLAMA_3_8B;
@@ -59,37 +58,6 @@ fn pcie_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
         })?);
     }
     Ok(2.0 * elements as f64 / (median(&mut times) as f64 * 1e-3))
-}
-
-/// cuBLAS bf16 GEMM rate (FLOP/s) at 8192^3, f32 accumulate.
-fn gemm_rate(gpu: &Gpu) -> shadowkv::Result<f64> {
-    let n = 8192usize;
-    let blas = CudaBlas::new(gpu.stream().clone())
-        .map_err(|e| shadowkv::error::invalid("cublas", e.to_string(), "a loadable cuBLAS"))?;
-    let a = filled(gpu, n * n, 21)?;
-    let b = filled(gpu, n * n, 22)?;
-    let mut c = filled(gpu, n * n, 23)?;
-    let config = GemmConfig {
-        transa: cublasOperation_t::CUBLAS_OP_N,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: n as i32,
-        n: n as i32,
-        k: n as i32,
-        alpha: bf16::ONE,
-        lda: n as i32,
-        ldb: n as i32,
-        beta: bf16::ZERO,
-        ldc: n as i32,
-    };
-    let mut times = Vec::new();
-    for _ in 0..6 {
-        times.push(gpu.time_ms(gpu.stream(), 1, || {
-            // SAFETY: a, b and c hold n * n elements each, as the config says.
-            unsafe { blas.gemm(config, &a, &b, &mut c) }
-                .map_err(|e| shadowkv::error::invalid("cublas gemm", e.to_string(), "success"))
-        })?);
-    }
-    Ok(2.0 * (n as f64).powi(3) / (median(&mut times) as f64 * 1e-3))
 }
 
 /// One layer of a batch at `context` tokens per sequence, on the device (random contents).

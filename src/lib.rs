@@ -273,6 +273,39 @@ pub mod bench {
         Ok(median(&mut times) as f64)
     }
 
+    /// cuBLAS bf16 GEMM rate (FLOP/s) at 8192^3, f32 accumulate, median of 6: the tensor-core
+    /// ceiling that matrix-bound kernels are compared with in the same run.
+    pub fn gemm_rate(gpu: &Gpu) -> shadowkv::Result<f64> {
+        use shadowkv::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+        let n = 8192usize;
+        let blas = CudaBlas::new(gpu.stream().clone())
+            .map_err(|e| shadowkv::error::invalid("cublas", e.to_string(), "a loadable cuBLAS"))?;
+        let a = filled(gpu, n * n, 21)?;
+        let b = filled(gpu, n * n, 22)?;
+        let mut c = filled(gpu, n * n, 23)?;
+        let config = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: n as i32,
+            k: n as i32,
+            alpha: bf16::ONE,
+            lda: n as i32,
+            ldb: n as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        let mut times = Vec::new();
+        for _ in 0..6 {
+            times.push(gpu.time_ms(gpu.stream(), 1, || {
+                // SAFETY: a, b and c hold n * n elements each, as the config says.
+                unsafe { blas.gemm(config, &a, &b, &mut c) }
+                    .map_err(|e| shadowkv::error::invalid("cublas gemm", e.to_string(), "success"))
+            })?);
+        }
+        Ok(2.0 * (n as f64).powi(3) / (median(&mut times) as f64 * 1e-3))
+    }
+
     pub fn median(times: &mut [f32]) -> f32 {
         times.sort_by(f32::total_cmp);
         times[times.len() / 2]

@@ -52,11 +52,21 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
             }
         }
         names.push(shadowkv::rebuild::kernel_layout::kernel_name(head_dim));
+        for warps in shadowkv::prefill_attention::kernel_layout::WARP_COUNTS {
+            names.push(
+                shadowkv::prefill_attention::kernel_layout::kernel_name_with_warps(head_dim, warps),
+            );
+        }
     }
     names.extend(
         [
             shadowkv::plan::kernel_layout::KERNEL_NAME,
             shadowkv::fetch::kernel_layout::KERNEL_NAME,
+            shadowkv::layer::kernel_layout::EMBEDDING_KERNEL,
+            shadowkv::layer::kernel_layout::RMS_NORM_KERNEL,
+            shadowkv::layer::kernel_layout::ROPE_QKV_KERNEL,
+            shadowkv::layer::kernel_layout::SILU_MUL_KERNEL,
+            shadowkv::sampling::kernel_layout::ARGMAX_KERNEL,
         ]
         .map(String::from),
     );
@@ -185,4 +195,210 @@ fn relative_error_flags_nan_and_length_mismatch() {
     assert!((relative_error(&[1.0, 0.0], &[0.0, 1.0]) - 2f64.sqrt()).abs() < 1e-12);
     assert_eq!(relative_error(&[f64::NAN], &[1.0]), f64::INFINITY);
     assert_eq!(relative_error(&[1.0], &[1.0, 2.0]), f64::INFINITY);
+}
+
+const SMOLLM2_PREFILL: shadowkv::PrefillAttentionShape = shadowkv::PrefillAttentionShape {
+    tokens: 100,
+    q_heads: 9,
+    kv_heads: 3,
+    head_dim: 64,
+};
+
+fn queries(query_offset: u32, query_len: u32, start: u32) -> shadowkv::QueryPlacement {
+    shadowkv::QueryPlacement {
+        query_offset,
+        query_len,
+        start,
+    }
+}
+
+fn prefill_invalid(
+    shape: shadowkv::PrefillAttentionShape,
+    layouts: &[SequenceLayout],
+    placements: &[shadowkv::QueryPlacement],
+) -> &'static str {
+    match shadowkv::PrefillAttentionPlan::new(shape, layouts, placements) {
+        Err(Error::InvalidArgument {
+            argument,
+            problem,
+            expected,
+        }) => {
+            assert!(!problem.is_empty() && !expected.is_empty());
+            argument
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[test]
+fn prefill_plan_rejects_bad_input_naming_the_argument() {
+    let shape = SMOLLM2_PREFILL;
+    let one = [layout(0, 128, 100)];
+    let all = [queries(0, 100, 0)];
+    let with = |shape| prefill_invalid(shape, &one, &all);
+    assert_eq!(
+        with(shadowkv::PrefillAttentionShape {
+            head_dim: 96,
+            ..shape
+        }),
+        "head_dim"
+    );
+    assert_eq!(
+        with(shadowkv::PrefillAttentionShape {
+            q_heads: 10,
+            ..shape
+        }),
+        "q_heads"
+    );
+    assert_eq!(
+        with(shadowkv::PrefillAttentionShape {
+            q_heads: 27,
+            ..shape
+        }),
+        "group (q_heads / kv_heads)"
+    );
+    assert_eq!(
+        with(shadowkv::PrefillAttentionShape {
+            kv_heads: 0,
+            ..shape
+        }),
+        "kv_heads"
+    );
+    assert_eq!(
+        with(shadowkv::PrefillAttentionShape { tokens: 0, ..shape }),
+        "tokens"
+    );
+    // Layouts: count, len past capacity, unaligned offset.
+    assert_eq!(prefill_invalid(shape, &[], &[]), "layouts");
+    assert_eq!(
+        prefill_invalid(shape, &[layout(0, 99, 100)], &all),
+        "layouts"
+    );
+    assert_eq!(
+        prefill_invalid(shape, &[layout(4, 128, 100)], &all),
+        "layouts"
+    );
+    // Queries: count, rows past q, keys not in the cache yet, overlapping sequences.
+    assert_eq!(prefill_invalid(shape, &one, &[]), "queries");
+    assert_eq!(
+        prefill_invalid(shape, &one, &[queries(1, 100, 0)]),
+        "queries"
+    );
+    assert_eq!(
+        prefill_invalid(shape, &one, &[queries(0, 100, 1)]),
+        "queries"
+    );
+    let two = [layout(0, 128, 100), layout(3 * 128 * 64, 128, 100)];
+    assert_eq!(
+        prefill_invalid(shape, &two, &[queries(0, 50, 0), queries(49, 50, 0)]),
+        "queries"
+    );
+    assert!(shadowkv::PrefillAttentionPlan::new(
+        shape,
+        &two,
+        &[queries(0, 50, 50), queries(50, 50, 0)]
+    )
+    .is_ok());
+    let plan = shadowkv::PrefillAttentionPlan::new(shape, &one, &all).unwrap();
+    assert!(matches!(
+        plan.clone().with_scale(f32::NAN),
+        Err(Error::InvalidArgument {
+            argument: "scale",
+            ..
+        })
+    ));
+    assert!(matches!(
+        plan.clone().with_warps(5),
+        Err(Error::InvalidArgument {
+            argument: "warps",
+            ..
+        })
+    ));
+    assert!(matches!(
+        plan.with_scale(0.0),
+        Err(Error::InvalidArgument {
+            argument: "scale",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn prefill_plan_counts_tiles_and_causal_flops() {
+    let shape = shadowkv::PrefillAttentionShape {
+        tokens: 4096 + 10,
+        q_heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    };
+    let layouts = [layout(0, 4096, 4096), layout(8 * 4096 * 128, 64, 60)];
+    let placements = [queries(0, 4096, 0), queries(4096, 10, 50)];
+    let plan = shadowkv::PrefillAttentionPlan::new(shape, &layouts, &placements).unwrap();
+    let rows = shadowkv::prefill_attention::kernel_layout::block_rows(plan.warps()) as usize;
+    assert_eq!(plan.tiles(), (4096 * 4usize).div_ceil(rows) + 1);
+    let pairs = 4096.0 * 4097.0 / 2.0 + (10.0 * 50.0 + 10.0 * 11.0 / 2.0);
+    assert_eq!(plan.causal_flops(), 4.0 * 128.0 * 32.0 * pairs);
+    assert_eq!(plan.kv_elements(), 8 * 4096 * 128 + 8 * 64 * 128);
+    // Either warp count: blocks of its rows.
+    for warps in shadowkv::prefill_attention::kernel_layout::WARP_COUNTS {
+        let plan = plan.clone().with_warps(warps).unwrap();
+        let rows = shadowkv::prefill_attention::kernel_layout::block_rows(warps) as usize;
+        assert_eq!(plan.warps(), warps);
+        assert_eq!(plan.tiles(), (4096 * 4usize).div_ceil(rows) + 1);
+    }
+    // A sequence with no new tokens has no tiles; a plan may have none at all.
+    let idle = shadowkv::PrefillAttentionPlan::new(
+        SMOLLM2_PREFILL,
+        &[layout(0, 128, 100)],
+        &[queries(0, 0, 100)],
+    )
+    .unwrap();
+    assert_eq!(idle.tiles(), 0);
+}
+
+#[test]
+fn prefill_reference_of_the_last_query_is_decode_attention() {
+    // The last query of a prompt sees every cached token: decode attention over `len`.
+    let (len, head_dim) = (37usize, 64usize);
+    let decode_shape = DecodeAttentionShape {
+        batch: 1,
+        q_heads: 6,
+        kv_heads: 2,
+        head_dim,
+    };
+    let prefill_shape = shadowkv::PrefillAttentionShape {
+        tokens: 3,
+        q_heads: 6,
+        kv_heads: 2,
+        head_dim,
+    };
+    let value = |i: usize| bf16::from_f32(((i * 7919) % 211) as f32 / 105.0 - 1.0);
+    let k: Vec<bf16> = (0..2 * len * head_dim).map(value).collect();
+    let v: Vec<bf16> = (0..2 * len * head_dim).map(|i| value(i + 5)).collect();
+    let q: Vec<bf16> = (0..3 * 6 * head_dim).map(|i| value(i + 11)).collect();
+    let layouts = [layout(0, len as u32, len as u32)];
+    let prefill = reference::prefill_attention::prefill_attention(
+        &prefill_shape,
+        &layouts,
+        &[queries(0, 3, len as u32 - 3)],
+        &q,
+        &k,
+        &v,
+        0.125,
+    );
+    let last = &q[2 * 6 * head_dim..];
+    let decode =
+        reference::attention::decode_attention(&decode_shape, &layouts, last, &k, &v, 0.125);
+    let prefill_last = &prefill[2 * 6 * head_dim..];
+    assert!(relative_error(prefill_last, &decode) < 1e-12);
+    // The first query sees one key fewer than the second.
+    let first_alone = reference::attention::decode_attention(
+        &decode_shape,
+        &[layout(0, len as u32, len as u32 - 2)],
+        &q[..6 * head_dim],
+        &k,
+        &v,
+        0.125,
+    );
+    assert!(relative_error(&prefill[..6 * head_dim], &first_alone) < 1e-12);
 }

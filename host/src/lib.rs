@@ -10,10 +10,14 @@ pub mod error;
 pub mod fetch;
 pub mod gpu;
 pub mod kernels;
+pub mod layer;
+pub mod linear;
 pub mod pinned;
 pub mod plan;
+pub mod prefill_attention;
 pub mod rebuild;
 pub mod reference;
+pub mod sampling;
 pub mod scoring;
 pub mod shadow;
 pub mod topk;
@@ -25,6 +29,9 @@ pub use decode_step::{
 pub use error::{Error, Result};
 pub use gpu::{gpu_available, probe, DeviceInfo, Gpu};
 pub use pinned::PinnedBuffer;
+pub use prefill_attention::{
+    PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape, QueryPlacement,
+};
 pub use shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, EMPTY_SLOT};
 
 /// Re-exported so users name the same types the launchers take.

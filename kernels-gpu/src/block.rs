@@ -83,3 +83,31 @@ pub fn warp_inclusive_sum(value: u32) -> u32 {
     }
     sum
 }
+
+/// Block-wide sum of one f32 per thread, returned to every thread (warp butterflies, then the
+/// warp sums through `scratch`). Same contract as [`exclusive_count`]: never inlined, every
+/// thread calls it, `scratch` is [`MAX_WARPS`] words of shared memory, ends with a barrier.
+///
+/// # Safety
+/// As for [`exclusive_count`].
+#[inline(never)]
+pub unsafe fn sum_f32(value: f32, scratch: *mut f32) -> f32 {
+    let mut sum = value;
+    let mut mask = 16;
+    while mask > 0 {
+        sum += shuffle_xor_f32(sum, mask);
+        mask >>= 1;
+    }
+    if lane_id() == 0 {
+        *scratch.add(warp_id() as usize) = sum;
+    }
+    sync_threads();
+    let mut total = 0.0f32;
+    let mut w = 0;
+    while w < block_dim_x() / 32 {
+        total += *scratch.add(w as usize);
+        w += 1;
+    }
+    sync_threads();
+    total
+}

@@ -447,6 +447,12 @@ pub fn bf16x8_to_f32(vector: Vec16) -> [f32; 8] {
     out
 }
 
+/// One bf16 (its bits) as f32: the bits are the top half of the f32 (no instruction).
+#[inline(always)]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
 /// `cvt.rn.bf16x2.f32 d, hi, lo`: two f32 rounded to nearest-even bf16, `lo` in the low half.
 #[inline(always)]
 pub fn f32x2_to_bf16x2(lo: f32, hi: f32) -> u32 {
@@ -497,6 +503,17 @@ pub fn log2(x: f32) -> f32 {
     unsafe {
         asm!("lg2.approx.ftz.f32 {d}, {x};", d = out(reg32) out, x = in(reg32) x,
              options(pure, nomem, nostack));
+    }
+    out
+}
+
+/// `sqrt.rn.f32`: correctly rounded square root.
+#[inline(always)]
+pub fn sqrt(x: f32) -> f32 {
+    let out: f32;
+    // SAFETY: register-only arithmetic.
+    unsafe {
+        asm!("sqrt.rn.f32 {d}, {x};", d = out(reg32) out, x = in(reg32) x, options(pure, nomem, nostack));
     }
     out
 }

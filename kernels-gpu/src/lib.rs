@@ -20,9 +20,12 @@ pub mod attention;
 #[cfg(target_arch = "nvptx64")]
 pub mod block;
 pub mod fetch;
+pub mod layer;
 pub mod plan;
+pub mod prefill_attention;
 pub mod rebuild;
 pub mod rope;
+pub mod sampling;
 pub mod scoring;
 pub mod shadow;
 #[cfg(target_arch = "nvptx64")]

@@ -3,7 +3,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use shadowkv_model::{CpuCache, CpuModel, ModelSource, Sampler, ShadowKvParams};
+use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelSource, Sampler, ShadowKvParams};
 
 /// Where attention reads the KV cache from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -102,20 +102,33 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.attention != AttentionMode::Full {
         params.validate(&config)?;
     }
-    match args.device {
-        DeviceChoice::Gpu => {
-            return Err("the GPU model is not built yet (issue 5 in progress); use --device cpu".into())
+    // The GPU runs full attention; ShadowKV on the GPU needs the cache of issue 4.
+    let gpu = match args.device {
+        DeviceChoice::Cpu => None,
+        DeviceChoice::Gpu if args.attention != AttentionMode::Full => {
+            return Err(format!(
+                "--attention {:?} on the GPU needs ShadowKvCache (issue 4, not built yet); use --attention full, or --device cpu",
+                args.attention
+            )
+            .into())
         }
+        DeviceChoice::Gpu => Some(shadowkv::Gpu::new(0)?),
         DeviceChoice::Auto => match shadowkv::Gpu::new(0) {
-            Ok(gpu) => eprintln!(
-                "note: found {}, but the GPU model is not built yet: running the CPU reference path",
-                gpu.info().name
-            ),
-            Err(reason) => eprintln!("note: no GPU ({reason}): running the CPU reference path"),
+            Ok(gpu) if args.attention == AttentionMode::Full => Some(gpu),
+            Ok(gpu) => {
+                eprintln!(
+                    "note: found {}, but ShadowKV on the GPU needs ShadowKvCache (issue 4, not built yet): running the CPU reference path",
+                    gpu.info().name
+                );
+                None
+            }
+            Err(reason) => {
+                eprintln!("note: no GPU ({reason}): running the CPU reference path");
+                None
+            }
         },
-        DeviceChoice::Cpu => {}
-    }
-    if args.attention == AttentionMode::ShadowkvGpu {
+    };
+    if gpu.is_none() && args.attention == AttentionMode::ShadowkvGpu {
         eprintln!(
             "note: on the CPU path every value is in memory, so shadowkv-gpu runs as shadowkv"
         );
@@ -132,37 +145,64 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         tokens.len(),
         args.attention
     );
-    let weights = source.weights.load(&config, Ok)?;
-    let model = CpuModel::new(config.clone(), weights);
-    let mut cache = match args.attention {
-        AttentionMode::Full => CpuCache::new(&config),
-        _ => CpuCache::shadowkv(&config, params)?,
-    };
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed)?;
     let tokenizer = &source.tokenizer;
     let mut stream = tokenizer.stream();
     let mut stdout = std::io::stdout();
-    let generation = shadowkv_model::generate(
-        |ids| model.forward(&mut cache, ids),
-        &tokens,
-        &mut sampler,
-        args.max_tokens,
-        |id| tokenizer.is_end_of_generation(id),
-        |id| {
-            if tokenizer.is_end_of_generation(id) {
-                return Ok(());
-            }
-            if let Some(text) = stream.push(id)? {
-                print!("{text}");
-                let _ = stdout.flush();
-            }
-            Ok(())
-        },
-    )?;
+    let on_token = |id: u32| -> shadowkv_model::Result<()> {
+        if tokenizer.is_end_of_generation(id) {
+            return Ok(());
+        }
+        if let Some(text) = stream.push(id)? {
+            print!("{text}");
+            let _ = stdout.flush();
+        }
+        Ok(())
+    };
+    let is_end = |id: u32| tokenizer.is_end_of_generation(id);
+    let (generation, path_name) = match gpu {
+        Some(gpu) => {
+            let name = format!("GPU {} (bf16, full attention)", gpu.info().name);
+            let loading = std::time::Instant::now();
+            let model = GpuModel::load(std::sync::Arc::new(gpu), &config, &source.weights)?;
+            eprintln!(
+                "weights: {:.0} MB on the GPU in {:.1} s",
+                model.weight_bytes() as f64 / 1e6,
+                loading.elapsed().as_secs_f64()
+            );
+            let mut cache = model.new_cache(&[(tokens.len() + args.max_tokens) as u32])?;
+            let generation = shadowkv_model::generate(
+                |ids| model.forward(&mut cache, &vec![0; ids.len()], ids),
+                &tokens,
+                &mut sampler,
+                args.max_tokens,
+                is_end,
+                on_token,
+            )?;
+            (generation, name)
+        }
+        None => {
+            let weights = source.weights.load(&config, Ok)?;
+            let model = CpuModel::new(config.clone(), weights);
+            let mut cache = match args.attention {
+                AttentionMode::Full => CpuCache::new(&config),
+                _ => CpuCache::shadowkv(&config, params)?,
+            };
+            let generation = shadowkv_model::generate(
+                |ids| model.forward(&mut cache, ids),
+                &tokens,
+                &mut sampler,
+                args.max_tokens,
+                is_end,
+                on_token,
+            )?;
+            (generation, "CPU reference path (f32)".to_owned())
+        }
+    };
     print!("{}", stream.finish()?);
     println!();
     eprintln!(
-        "CPU reference path (f32): prefill {} tokens in {:.2} s ({:.1} tokens/s); decode {} tokens, {:.1} tokens/s",
+        "{path_name}: prefill {} tokens in {:.3} s ({:.1} tokens/s); decode {} tokens, {:.1} tokens/s",
         generation.prompt_tokens,
         generation.prefill_seconds,
         generation.prefill_tokens_per_second(),

@@ -2,8 +2,11 @@
 pub mod attention;
 pub mod decode_step;
 pub mod fetch;
+pub mod layer;
 pub mod plan;
+pub mod prefill_attention;
 pub mod rebuild;
+pub mod sampling;
 pub mod scoring;
 pub mod topk;
 

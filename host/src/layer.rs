@@ -1,0 +1,344 @@
+//! Launchers of the per-token decoder-layer kernels (see `shadowkv_kernels::layer`):
+//! embedding gather, RMSNorm with the residual add, RoPE on the fused Q/K/V projection with
+//! the KV-cache append, and SiLU(gate) * up. Each checks its buffers against the sizes it is
+//! given before launching; [`TokenPlan`] checks and uploads a launch's token placements once
+//! for every layer.
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use half::bf16;
+pub use shadowkv_kernels::layer as kernel_layout;
+use shadowkv_kernels::layer::{
+    self as layout, EmbeddingParams, RmsNormParams, RopeQkvParams, SiluMulParams, TokenPlacement,
+};
+
+use crate::attention::SequenceLayout;
+use crate::error::{check_len, check_reach, invalid, Result};
+use crate::gpu::{address, Gpu};
+use crate::kernels::KernelName;
+
+fn rows_launch(rows: usize, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (layout::THREADS, 1, 1),
+        shared_mem_bytes,
+    }
+}
+
+fn check_rows(rows: usize) -> Result<()> {
+    if rows == 0 || rows > i32::MAX as usize {
+        return Err(invalid("rows", format!("is {rows}"), "1 to 2^31 - 1 rows"));
+    }
+    Ok(())
+}
+
+/// `out[t] = table[ids[t]]` as f32. `ids_host` is the host copy of `ids`, checked against
+/// the vocabulary (`table` is `[vocab, hidden]`).
+pub fn embedding(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    table: &impl DevicePtr<bf16>,
+    hidden: usize,
+    ids_host: &[u32],
+    ids: &impl DevicePtr<u32>,
+    out: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    check_rows(ids_host.len())?;
+    if hidden == 0 || table.len() % hidden != 0 {
+        return Err(invalid(
+            "table",
+            format!("has {} elements", table.len()),
+            format!("a multiple of hidden = {hidden}"),
+        ));
+    }
+    let vocab = table.len() / hidden;
+    if let Some(bad) = ids_host.iter().find(|&&id| id as usize >= vocab) {
+        return Err(invalid(
+            "ids",
+            format!("holds token id {bad}"),
+            format!("ids below the vocabulary size {vocab}"),
+        ));
+    }
+    check_len("ids", ids.len(), ids_host.len(), "one per token")?;
+    check_len(
+        "out",
+        out.len(),
+        ids_host.len() * hidden,
+        "[tokens, hidden]",
+    )?;
+    let params = EmbeddingParams {
+        table: address(table, stream),
+        ids: address(ids, stream),
+        out: out.device_ptr_mut(stream).0,
+        tokens: ids_host.len() as u32,
+        hidden: hidden as u32,
+        vocab: vocab as u32,
+        _reserved: 0,
+    };
+    // SAFETY: the table holds `vocab` rows of `hidden`, `out` one row per id (checked above);
+    // the kernel reads a row only for ids below `vocab`.
+    unsafe {
+        gpu.launch(
+            stream,
+            KernelName::lookup(layout::EMBEDDING_KERNEL)?,
+            rows_launch(ids_host.len(), 0),
+            params,
+        )
+    }
+}
+
+/// `residual += delta` (if given), then `out = rmsnorm(residual) * weight`, per row of
+/// `weight.len()` values.
+pub fn rms_norm(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    residual: &mut impl DevicePtrMut<f32>,
+    delta: Option<&CudaSlice<f32>>,
+    weight: &impl DevicePtr<f32>,
+    eps: f32,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    let hidden = weight.len();
+    if hidden == 0 || residual.len() % hidden != 0 {
+        return Err(invalid(
+            "residual",
+            format!("has {} elements", residual.len()),
+            format!("whole rows of {hidden} (the weight's length)"),
+        ));
+    }
+    let rows = residual.len() / hidden;
+    check_rows(rows)?;
+    if let Some(delta) = delta {
+        check_len("delta", delta.len(), residual.len(), "[rows, hidden]")?;
+    }
+    check_len("out", out.len(), residual.len(), "[rows, hidden]")?;
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(invalid("eps", format!("is {eps}"), "a finite value >= 0"));
+    }
+    let params = RmsNormParams {
+        residual: residual.device_ptr_mut(stream).0,
+        delta: delta.map_or(0, |d| address(d, stream)),
+        weight: address(weight, stream),
+        out: out.device_ptr_mut(stream).0,
+        rows: rows as u32,
+        hidden: hidden as u32,
+        eps,
+        _reserved: 0,
+    };
+    // SAFETY: every buffer holds `rows * hidden` elements and the weight `hidden` (checked).
+    unsafe {
+        gpu.launch(
+            stream,
+            KernelName::lookup(layout::RMS_NORM_KERNEL)?,
+            rows_launch(rows, layout::RMS_NORM_SHARED_BYTES),
+            params,
+        )
+    }
+}
+
+/// The heads of a fused Q/K/V projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QkvShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvShape {
+    /// Columns of the fused projection: `(heads + 2 kv_heads) * head_dim`.
+    pub fn width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+}
+
+/// A launch's tokens placed in their sequences' KV blocks, checked and on the device: made
+/// once per forward pass, used by every layer's [`rope_qkv`].
+pub struct TokenPlan {
+    shape: QkvShape,
+    tokens: usize,
+    sequences: usize,
+    /// Elements the K and V caches must hold for these layouts.
+    kv_elements: usize,
+    /// [`TokenPlacement`]s and [`SequenceLayout`]s as their 32- and 64-bit words.
+    placements: CudaSlice<u32>,
+    layouts: CudaSlice<u64>,
+}
+
+impl TokenPlan {
+    /// Checks that each token's sequence exists and its position lies inside the sequence's
+    /// block (`position < capacity`), and uploads both lists on `stream`.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        shape: QkvShape,
+        placements: &[TokenPlacement],
+        layouts: &[SequenceLayout],
+    ) -> Result<TokenPlan> {
+        check_rows(placements.len())?;
+        if shape.heads == 0
+            || shape.kv_heads == 0
+            || shape.head_dim == 0
+            || !shape.head_dim.is_multiple_of(2)
+            || !shape.heads.is_multiple_of(shape.kv_heads)
+        {
+            return Err(invalid(
+                "shape",
+                format!("{shape:?}"),
+                "heads a multiple of kv_heads and an even, positive head_dim",
+            ));
+        }
+        for (t, placement) in placements.iter().enumerate() {
+            let Some(layout) = layouts.get(placement.sequence as usize) else {
+                return Err(invalid(
+                    "placements",
+                    format!("token {t} names sequence {}", placement.sequence),
+                    format!("one of the {} layouts", layouts.len()),
+                ));
+            };
+            if placement.position >= layout.capacity {
+                return Err(invalid(
+                    "placements",
+                    format!(
+                        "token {t} is at position {} of sequence {}",
+                        placement.position, placement.sequence
+                    ),
+                    format!(
+                        "a position below the sequence's capacity {}",
+                        layout.capacity
+                    ),
+                ));
+            }
+        }
+        let kv_elements = layouts
+            .iter()
+            .map(|l| l.offset as usize + shape.kv_heads * l.capacity as usize * shape.head_dim)
+            .max()
+            .unwrap_or(0);
+        Ok(TokenPlan {
+            shape,
+            tokens: placements.len(),
+            sequences: layouts.len(),
+            kv_elements,
+            placements: stream
+                .clone_htod(bytemuck::cast_slice::<TokenPlacement, u32>(placements))?,
+            layouts: stream.clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(layouts))?,
+        })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+}
+
+/// Rotates the queries and keys of the fused projection `qkv` (`[tokens, shape.width()]`),
+/// writes the queries to `q` (`[tokens, heads, head_dim]`) and appends each token's key and
+/// value to its row of `k_cache`/`v_cache`. `bias` (Qwen2) is added first.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    plan: &TokenPlan,
+    qkv: &impl DevicePtr<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    inverse_frequencies: &impl DevicePtr<f64>,
+    q: &mut impl DevicePtrMut<bf16>,
+    k_cache: &mut impl DevicePtrMut<bf16>,
+    v_cache: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    let shape = plan.shape;
+    check_len(
+        "qkv",
+        qkv.len(),
+        plan.tokens * shape.width(),
+        "[tokens, (heads + 2 kv_heads) * head_dim]",
+    )?;
+    if let Some(bias) = bias {
+        check_len(
+            "bias",
+            bias.len(),
+            shape.width(),
+            "(heads + 2 kv_heads) * head_dim",
+        )?;
+    }
+    check_len(
+        "inverse_frequencies",
+        inverse_frequencies.len(),
+        shape.head_dim / 2,
+        "head_dim / 2",
+    )?;
+    check_len(
+        "q",
+        q.len(),
+        plan.tokens * shape.heads * shape.head_dim,
+        "[tokens, heads, head_dim]",
+    )?;
+    check_reach("k_cache", k_cache.len(), plan.kv_elements)?;
+    check_reach("v_cache", v_cache.len(), plan.kv_elements)?;
+    let params = RopeQkvParams {
+        qkv: address(qkv, stream),
+        bias: bias.map_or(0, |b| address(b, stream)),
+        inverse_frequencies: address(inverse_frequencies, stream),
+        placements: address(&plan.placements, stream),
+        layouts: address(&plan.layouts, stream),
+        q: q.device_ptr_mut(stream).0,
+        k_cache: k_cache.device_ptr_mut(stream).0,
+        v_cache: v_cache.device_ptr_mut(stream).0,
+        tokens: plan.tokens as u32,
+        heads: shape.heads as u32,
+        kv_heads: shape.kv_heads as u32,
+        head_dim: shape.head_dim as u32,
+        sequences: plan.sequences as u32,
+        _reserved: 0,
+    };
+    // SAFETY: the plan checked every placement against its layout and the caches reach every
+    // layout's block; `qkv`, `q` and the frequency table match the shape (checked above).
+    unsafe {
+        gpu.launch(
+            stream,
+            KernelName::lookup(layout::ROPE_QKV_KERNEL)?,
+            rows_launch(plan.tokens, 0),
+            params,
+        )
+    }
+}
+
+/// `out = silu(gate) * up` for the fused `gate_up` (`[rows, 2 * width]`, gate columns
+/// first); `out` is `[rows, width]`.
+pub fn silu_mul(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    gate_up: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<bf16>,
+    width: usize,
+) -> Result<()> {
+    if width == 0 || out.len() % width != 0 {
+        return Err(invalid(
+            "out",
+            format!("has {} elements", out.len()),
+            format!("whole rows of width {width}"),
+        ));
+    }
+    let rows = out.len() / width;
+    check_rows(rows)?;
+    check_len("gate_up", gate_up.len(), 2 * out.len(), "[rows, 2 * width]")?;
+    let params = SiluMulParams {
+        gate_up: address(gate_up, stream),
+        out: out.device_ptr_mut(stream).0,
+        rows: rows as u32,
+        width: width as u32,
+    };
+    let blocks = out.len().div_ceil(layout::THREADS as usize).min(65_535) as u32;
+    let launch = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (layout::THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: `gate_up` holds `rows * 2 * width` and `out` `rows * width` elements (checked).
+    unsafe {
+        gpu.launch(
+            stream,
+            KernelName::lookup(layout::SILU_MUL_KERNEL)?,
+            launch,
+            params,
+        )
+    }
+}

@@ -1,0 +1,480 @@
+//! Causal GQA prefill attention over a ragged batch (see `shadowkv_kernels::prefill_attention`):
+//! planning (CPU, validated) separated from execution (GPU).
+//!
+//! A model driver writes a chunk of prompt keys/values into each sequence's KV cache, then:
+//!
+//! ```text
+//! let queries = [QueryPlacement { query_offset: 0, query_len: 512, start: 1024 }];
+//! let layouts = [SequenceLayout { offset: 0, capacity: 8192, len: 1536 }];
+//! let plan = PrefillAttentionPlan::new(shape, &layouts, &queries)?;   // CPU, validated
+//! let mut attention = PrefillAttention::new(&gpu, plan)?;             // uploads the tables
+//! attention.run(&gpu, gpu.stream(), &q, &k, &v, &mut out)?;
+//! attention.update(gpu.stream(), next_plan)?;                         // the next chunk
+//! ```
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use half::bf16;
+/// The layout math the kernel uses (rows per block, key tiles, shared memory).
+pub use shadowkv_kernels::prefill_attention as kernel_layout;
+pub use shadowkv_kernels::prefill_attention::QueryPlacement;
+use shadowkv_kernels::prefill_attention::{self as layout, PrefillAttentionParams, PrefillTile};
+
+pub use crate::attention::SequenceLayout;
+use crate::error::{check_len, check_range, invalid, Result};
+use crate::gpu::Gpu;
+use crate::kernels::KernelName;
+
+/// Heads and dimensions of one prefill-attention call; `tokens` rows of `q` and `out`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillAttentionShape {
+    pub tokens: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl PrefillAttentionShape {
+    /// Query heads per KV head (`G`).
+    pub fn group(&self) -> usize {
+        self.q_heads / self.kv_heads.max(1)
+    }
+
+    /// Elements of `q` and of the output: `[tokens, q_heads, head_dim]`.
+    pub fn q_elements(&self) -> usize {
+        self.tokens * self.q_heads * self.head_dim
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        check_range("tokens", self.tokens, 1..=u32::MAX as usize)?;
+        check_range("kv_heads", self.kv_heads, 1..=65_535)?;
+        if self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
+            return Err(invalid(
+                "q_heads",
+                format!("is {} with {} KV heads", self.q_heads, self.kv_heads),
+                "a positive multiple of kv_heads",
+            ));
+        }
+        check_range(
+            "group (q_heads / kv_heads)",
+            self.group(),
+            1..=layout::MAX_GROUP as usize,
+        )?;
+        if !layout::HEAD_DIMS.contains(&(self.head_dim as u32)) {
+            return Err(invalid(
+                "head_dim",
+                format!("is {}", self.head_dim),
+                format!("one of {:?}", layout::HEAD_DIMS),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A validated launch: the layouts and query placements it was checked against, and the
+/// block table (heaviest tiles first).
+#[derive(Clone, Debug)]
+pub struct PrefillAttentionPlan {
+    shape: PrefillAttentionShape,
+    layouts: Vec<SequenceLayout>,
+    queries: Vec<QueryPlacement>,
+    tiles: Vec<PrefillTile>,
+    kv_elements: usize,
+    scale: f32,
+    warps: u32,
+    kernel: KernelName,
+}
+
+impl PrefillAttentionPlan {
+    /// Validates the shape, one [`SequenceLayout`] and one [`QueryPlacement`] per sequence,
+    /// and builds the block table. Every sequence's queries must lie in `q`'s rows, not
+    /// overlap another sequence's, and find their keys in the cache
+    /// (`start + query_len <= len`). A sequence with `query_len == 0` is skipped.
+    pub fn new(
+        shape: PrefillAttentionShape,
+        layouts: &[SequenceLayout],
+        queries: &[QueryPlacement],
+    ) -> Result<Self> {
+        shape.validate()?;
+        let kv_elements = validate_layouts(&shape, layouts)?;
+        validate_queries(&shape, layouts, queries)?;
+        let warps = layout::warps(shape.head_dim as u32);
+        let (tiles, kernel) = block_table(&shape, queries, warps)?;
+        Ok(PrefillAttentionPlan {
+            shape,
+            layouts: layouts.to_vec(),
+            queries: queries.to_vec(),
+            tiles,
+            kv_elements,
+            scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            warps,
+            kernel,
+        })
+    }
+
+    /// Runs the kernel compiled with `warps` warps per block (16 query rows each), one of
+    /// [`kernel_layout::WARP_COUNTS`], instead of the default for the head dimension
+    /// ([`kernel_layout::warps`], the faster one on the H100); benches use it to compare.
+    pub fn with_warps(mut self, warps: u32) -> Result<Self> {
+        if !layout::WARP_COUNTS.contains(&warps) {
+            return Err(invalid(
+                "warps",
+                format!("is {warps}"),
+                format!("one of {:?}", layout::WARP_COUNTS),
+            ));
+        }
+        (self.tiles, self.kernel) = block_table(&self.shape, &self.queries, warps)?;
+        self.warps = warps;
+        Ok(self)
+    }
+
+    /// Replaces the softmax scale (default `1/sqrt(head_dim)`).
+    pub fn with_scale(mut self, scale: f32) -> Result<Self> {
+        if !scale.is_finite() || scale <= 0.0 {
+            return Err(invalid(
+                "scale",
+                format!("is {scale}"),
+                "a finite positive number",
+            ));
+        }
+        self.scale = scale;
+        Ok(self)
+    }
+
+    pub fn shape(&self) -> PrefillAttentionShape {
+        self.shape
+    }
+    pub fn layouts(&self) -> &[SequenceLayout] {
+        &self.layouts
+    }
+    pub fn queries(&self) -> &[QueryPlacement] {
+        &self.queries
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    /// Warps per block (16 query rows each).
+    pub fn warps(&self) -> u32 {
+        self.warps
+    }
+    /// Blocks of [`kernel_layout::block_rows`] rows per KV head.
+    pub fn tiles(&self) -> usize {
+        self.tiles.len()
+    }
+    /// Elements the K and V buffers must hold at least.
+    pub fn kv_elements(&self) -> usize {
+        self.kv_elements
+    }
+    /// Multiply-adds counted as two FLOPs over the (query, key) pairs the causal mask keeps:
+    /// `4 * head_dim * q_heads` per pair (`Q·Kᵀ` and `P·V`).
+    pub fn causal_flops(&self) -> f64 {
+        let pairs: f64 = self
+            .queries
+            .iter()
+            .map(|p| {
+                let (start, len) = (p.start as f64, p.query_len as f64);
+                len * start + len * (len + 1.0) / 2.0
+            })
+            .sum();
+        4.0 * (self.shape.head_dim * self.shape.q_heads) as f64 * pairs
+    }
+}
+
+/// The block table of validated placements for blocks of `warps` warps, heaviest tiles
+/// first, and the kernel compiled for them.
+fn block_table(
+    shape: &PrefillAttentionShape,
+    queries: &[QueryPlacement],
+    warps: u32,
+) -> Result<(Vec<PrefillTile>, KernelName)> {
+    let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+    let block_rows = layout::block_rows(warps);
+    let mut tiles = Vec::new();
+    for (sequence, placement) in queries.iter().enumerate() {
+        let rows = layout::rows(placement.query_len, group);
+        let mut row_start = 0u64;
+        while row_start < rows {
+            tiles.push(PrefillTile {
+                sequence: sequence as u32,
+                row_start: row_start as u32,
+            });
+            row_start += u64::from(block_rows);
+        }
+    }
+    // Longest causal rows first: the short tiles fill the tail of the grid.
+    let work = |tile: &PrefillTile| {
+        layout::key_tiles(
+            &queries[tile.sequence as usize],
+            group,
+            tile.row_start,
+            block_rows,
+        )
+    };
+    tiles.sort_by_key(|tile| std::cmp::Reverse(work(tile)));
+    let blocks = tiles.len() as u64 * shape.kv_heads as u64;
+    if blocks > i32::MAX as u64 {
+        return Err(invalid(
+            "queries",
+            format!("need {blocks} blocks"),
+            format!("at most {} (fewer tokens per call)", i32::MAX),
+        ));
+    }
+    let kernel = KernelName::lookup(&layout::kernel_name_with_warps(head_dim, warps))?;
+    Ok((tiles, kernel))
+}
+
+/// Largest K/V capacity per sequence (the kernel's key indices stay in 32 bits).
+const MAX_CAPACITY: u32 = 1 << 31;
+
+/// Checks every layout against the shape; returns the elements the K/V buffers must hold.
+fn validate_layouts(shape: &PrefillAttentionShape, layouts: &[SequenceLayout]) -> Result<usize> {
+    if layouts.is_empty() || layouts.len() > u32::MAX as usize {
+        return Err(invalid(
+            "layouts",
+            format!("has {} entries", layouts.len()),
+            "one per sequence, at least one",
+        ));
+    }
+    let mut kv_elements = 0usize;
+    for (sequence, l) in layouts.iter().enumerate() {
+        if l.len > l.capacity || l.capacity > MAX_CAPACITY {
+            return Err(invalid(
+                "layouts",
+                format!(
+                    "sequence {sequence} has len {} and capacity {}",
+                    l.len, l.capacity
+                ),
+                format!("len <= capacity <= {MAX_CAPACITY}"),
+            ));
+        }
+        if l.offset % u64::from(layout::VECTOR) != 0 {
+            return Err(invalid(
+                "layouts",
+                format!("sequence {sequence} starts at element {}", l.offset),
+                format!(
+                    "an offset that is a multiple of {} (16-byte rows)",
+                    layout::VECTOR
+                ),
+            ));
+        }
+        let end = (l.offset as u128)
+            + (shape.kv_heads as u128) * (l.capacity as u128) * (shape.head_dim as u128);
+        let end = usize::try_from(end).map_err(|_| {
+            invalid(
+                "layouts",
+                format!("sequence {sequence} ends past the address space"),
+                "a block that fits in memory",
+            )
+        })?;
+        kv_elements = kv_elements.max(end);
+    }
+    Ok(kv_elements)
+}
+
+/// Checks every query placement: inside `q`, disjoint, its keys in the cache.
+fn validate_queries(
+    shape: &PrefillAttentionShape,
+    layouts: &[SequenceLayout],
+    queries: &[QueryPlacement],
+) -> Result<()> {
+    if queries.len() != layouts.len() {
+        return Err(invalid(
+            "queries",
+            format!("has {} entries", queries.len()),
+            format!("one per sequence ({}, as layouts)", layouts.len()),
+        ));
+    }
+    let max_rows = u64::from(i32::MAX as u32);
+    for (sequence, (p, l)) in queries.iter().zip(layouts).enumerate() {
+        let end = u64::from(p.query_offset) + u64::from(p.query_len);
+        if end > shape.tokens as u64 {
+            return Err(invalid(
+                "queries",
+                format!("sequence {sequence} has rows {}..{end}", p.query_offset),
+                format!("rows inside q's {} tokens", shape.tokens),
+            ));
+        }
+        if u64::from(p.start) + u64::from(p.query_len) > u64::from(l.len) {
+            return Err(invalid(
+                "queries",
+                format!(
+                    "sequence {sequence} has start {} + query_len {} past its len {}",
+                    p.start, p.query_len, l.len
+                ),
+                "start + query_len <= len (write the chunk's keys and values first)",
+            ));
+        }
+        if layout::rows(p.query_len, shape.group() as u32) > max_rows {
+            return Err(invalid(
+                "queries",
+                format!(
+                    "sequence {sequence} has {} tokens of {} heads per KV head",
+                    p.query_len,
+                    shape.group()
+                ),
+                format!("query_len * group <= {max_rows}"),
+            ));
+        }
+    }
+    let mut ranges: Vec<(u32, u32, usize)> = queries
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.query_len > 0)
+        .map(|(sequence, p)| (p.query_offset, p.query_offset + p.query_len, sequence))
+        .collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+        if start < end {
+            return Err(invalid(
+                "queries",
+                format!("sequences {first} and {second} share rows of q"),
+                "disjoint query rows",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a device buffer starts on a 16-byte boundary (the kernel copies 16-byte rows).
+fn check_aligned(argument: &'static str, address: u64) -> Result<()> {
+    if address.is_multiple_of(16) {
+        Ok(())
+    } else {
+        Err(invalid(
+            argument,
+            format!("starts at device address {address:#x}"),
+            "a 16-byte aligned start (a view starting at a multiple of 8 elements)",
+        ))
+    }
+}
+
+/// A plan bound to a GPU: device copies of its layouts, query placements and block table.
+pub struct PrefillAttention {
+    plan: PrefillAttentionPlan,
+    layouts: CudaSlice<u64>,
+    queries: CudaSlice<u32>,
+    tiles: CudaSlice<u32>,
+}
+
+impl PrefillAttention {
+    pub fn new(gpu: &Gpu, plan: PrefillAttentionPlan) -> Result<Self> {
+        let stream = gpu.stream();
+        let tiles = bytemuck::cast_slice::<PrefillTile, u32>(&plan.tiles);
+        Ok(PrefillAttention {
+            layouts: stream
+                .clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(&plan.layouts))?,
+            queries: stream
+                .clone_htod(bytemuck::cast_slice::<QueryPlacement, u32>(&plan.queries))?,
+            // A plan without queries launches nothing; the table still gets a buffer.
+            tiles: if tiles.is_empty() {
+                stream.alloc_zeros::<u32>(2)?
+            } else {
+                stream.clone_htod(tiles)?
+            },
+            plan,
+        })
+    }
+
+    pub fn plan(&self) -> &PrefillAttentionPlan {
+        &self.plan
+    }
+
+    /// Replaces the plan (the next chunk of a chunked prefill, another batch), uploading its
+    /// tables on `stream`; the device tables grow when the new plan needs more room.
+    pub fn update(&mut self, stream: &Arc<CudaStream>, plan: PrefillAttentionPlan) -> Result<()> {
+        let layouts = bytemuck::cast_slice::<SequenceLayout, u64>(&plan.layouts);
+        let queries = bytemuck::cast_slice::<QueryPlacement, u32>(&plan.queries);
+        let tiles = bytemuck::cast_slice::<PrefillTile, u32>(&plan.tiles);
+        if self.layouts.len() < layouts.len() {
+            self.layouts = stream.clone_htod(layouts)?;
+        } else {
+            stream.memcpy_htod(layouts, &mut self.layouts.slice_mut(..layouts.len()))?;
+        }
+        if self.queries.len() < queries.len() {
+            self.queries = stream.clone_htod(queries)?;
+        } else {
+            stream.memcpy_htod(queries, &mut self.queries.slice_mut(..queries.len()))?;
+        }
+        if self.tiles.len() < tiles.len() {
+            self.tiles = stream.clone_htod(tiles)?;
+        } else if !tiles.is_empty() {
+            stream.memcpy_htod(tiles, &mut self.tiles.slice_mut(..tiles.len()))?;
+        }
+        self.plan = plan;
+        Ok(())
+    }
+
+    /// `out[t, h] = softmax(q[t, h] · K[..=pos]ᵀ · scale) · V[..=pos]` for every query token
+    /// `t` of every sequence (at position `pos = start + t - query_offset`, KV head
+    /// `h / group`), with `q` and `out` `[tokens, q_heads, head_dim]` bf16 and K/V laid out as
+    /// the plan's layouts say. Rows of `out` that no sequence's queries cover are untouched.
+    pub fn run(
+        &mut self,
+        gpu: &Gpu,
+        stream: &CudaStream,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        v: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        let plan = &self.plan;
+        let shape = plan.shape;
+        let dims = format!("[{}, {}, {}]", shape.tokens, shape.q_heads, shape.head_dim);
+        check_len("q", q.len(), shape.q_elements(), &dims)?;
+        check_len("out", out.len(), shape.q_elements(), &dims)?;
+        for (argument, buffer) in [("k", k.len()), ("v", v.len())] {
+            if buffer < plan.kv_elements {
+                return Err(invalid(
+                    argument,
+                    format!("has {buffer} elements"),
+                    format!("at least {} for the plan's layouts", plan.kv_elements),
+                ));
+            }
+        }
+        let (q_address, _q_guard) = q.device_ptr(stream);
+        let (k_address, _k_guard) = k.device_ptr(stream);
+        let (v_address, _v_guard) = v.device_ptr(stream);
+        let (out_address, _out_guard) = out.device_ptr_mut(stream);
+        for (argument, address) in [
+            ("q", q_address),
+            ("k", k_address),
+            ("v", v_address),
+            ("out", out_address),
+        ] {
+            check_aligned(argument, address)?;
+        }
+        if plan.tiles.is_empty() {
+            return Ok(());
+        }
+        let (layouts_address, _layouts_guard) = self.layouts.device_ptr(stream);
+        let (queries_address, _queries_guard) = self.queries.device_ptr(stream);
+        let (tiles_address, _tiles_guard) = self.tiles.device_ptr(stream);
+        let params = PrefillAttentionParams {
+            q: q_address,
+            k: k_address,
+            v: v_address,
+            out: out_address,
+            layouts: layouts_address,
+            queries: queries_address,
+            tiles: tiles_address,
+            tile_count: plan.tiles.len() as u32,
+            kv_heads: shape.kv_heads as u32,
+            q_heads: shape.q_heads as u32,
+            group: shape.group() as u32,
+            scale_log2: plan.scale * std::f32::consts::LOG2_E,
+            _reserved: 0,
+        };
+        let config = LaunchConfig {
+            grid_dim: (plan.tiles.len() as u32 * shape.kv_heads as u32, 1, 1),
+            block_dim: (layout::threads(plan.warps), 1, 1),
+            shared_mem_bytes: layout::shared_bytes(shape.head_dim as u32, plan.warps),
+        };
+        // SAFETY: q/out hold exactly [tokens, q_heads, head_dim] and K/V every layout's block
+        // (checked above and in the plan), all four 16-byte aligned; the uploaded tables are
+        // the plan's: every placement's rows lie in q with start + query_len <= len <=
+        // capacity, every tile's rows in its sequence's query rows, and the kernel is the one
+        // compiled for this head_dim with group in 1..=8; the grid is tiles x kv_heads.
+        unsafe { gpu.launch(stream, plan.kernel, config, params) }
+    }
+}

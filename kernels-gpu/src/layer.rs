@@ -1,0 +1,268 @@
+//! The per-token kernels of a decoder layer, around its cuBLAS GEMMs and its attention:
+//! embedding gather, RMSNorm with the residual add fused in, RoPE on the fused Q/K/V
+//! projection with the keys and values appended to the KV cache, and SiLU(gate) * up.
+//!
+//! The residual stream is f32 (`[tokens, hidden]`), and so are the GEMM outputs these kernels
+//! read (cuBLAS writes them in f32): only what a GEMM reads (normed rows, attention output,
+//! activations) and the KV cache are rounded to bf16, once each.
+//! One block per token row; these kernels move a few MB per layer against the GEMMs' weights.
+
+/// Threads per block of every kernel here.
+pub const THREADS: u32 = 256;
+
+/// Token `ids[t]`'s row of the bf16 `[vocab, hidden]` table into f32 `out[t]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct EmbeddingParams {
+    pub table: u64,
+    /// u32 `[tokens]`; an id past the table gives a NaN row (the host rejects those first).
+    pub ids: u64,
+    /// f32 `[tokens, hidden]`.
+    pub out: u64,
+    pub tokens: u32,
+    pub hidden: u32,
+    pub vocab: u32,
+    pub _reserved: u32,
+}
+
+/// `residual += delta` (if `delta` is not 0), then `out = residual / rms(residual) * weight`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RmsNormParams {
+    /// f32 `[rows, hidden]`, updated in place when `delta` is given.
+    pub residual: u64,
+    /// f32 `[rows, hidden]` or 0.
+    pub delta: u64,
+    /// f32 `[hidden]`.
+    pub weight: u64,
+    /// bf16 `[rows, hidden]`.
+    pub out: u64,
+    pub rows: u32,
+    pub hidden: u32,
+    pub eps: f32,
+    pub _reserved: u32,
+}
+
+/// Where token `t` of a launch goes: its sequence (an index into the layouts) and its
+/// absolute position, which is both its RoPE angle and its row in the sequence's KV block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TokenPlacement {
+    pub sequence: u32,
+    pub position: u32,
+}
+
+/// Splits the fused projection `qkv` (`[tokens, (heads + 2 kv_heads) * head_dim]`, f32) into
+/// rotated queries (`q`, `[tokens, heads, head_dim]`) and rotated keys and plain values written
+/// to the KV cache rows of each token's placement.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RopeQkvParams {
+    pub qkv: u64,
+    /// f32 `[(heads + 2 kv_heads) * head_dim]` (Qwen2's Q/K/V biases) or 0.
+    pub bias: u64,
+    /// f64 `[head_dim / 2]`.
+    pub inverse_frequencies: u64,
+    /// `[tokens]` [`TokenPlacement`].
+    pub placements: u64,
+    /// `[sequences]` [`SequenceLayout`](crate::attention::SequenceLayout) of the K/V cache buffers.
+    pub layouts: u64,
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub tokens: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub sequences: u32,
+    pub _reserved: u32,
+}
+
+/// `out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i]` (the fused gate/up projection).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SiluMulParams {
+    /// f32 `[rows, 2 * width]`.
+    pub gate_up: u64,
+    /// bf16 `[rows, width]`.
+    pub out: u64,
+    pub rows: u32,
+    pub width: u32,
+}
+
+pub const EMBEDDING_KERNEL: &str = "embedding_gather";
+pub const RMS_NORM_KERNEL: &str = "rms_norm";
+pub const ROPE_QKV_KERNEL: &str = "rope_qkv";
+pub const SILU_MUL_KERNEL: &str = "silu_mul";
+
+/// Shared memory of [`RMS_NORM_KERNEL`]: one partial sum per warp.
+pub const RMS_NORM_SHARED_BYTES: u32 = THREADS / 32 * 4;
+
+#[cfg(target_arch = "nvptx64")]
+mod kernel {
+    use super::*;
+    use crate::attention::SequenceLayout;
+    use crate::block::sum_f32;
+    use crate::device::*;
+    use crate::rope::rotate;
+    use core::num::NonZeroU32;
+
+    /// # Safety
+    /// The host checked the buffers against `tokens`, `hidden` and `vocab` and launched one
+    /// block of [`THREADS`] per token.
+    #[no_mangle]
+    pub unsafe extern "ptx-kernel" fn embedding_gather(p: EmbeddingParams) {
+        let token = block_idx_x();
+        if token >= p.tokens {
+            return;
+        }
+        let id = *(p.ids as *const u32).add(token as usize);
+        let out = (p.out as *mut f32).add((token * p.hidden) as usize);
+        let row = (p.table as *const u16).add(id as usize * p.hidden as usize);
+        let mut i = thread_idx_x();
+        while i < p.hidden {
+            *out.add(i as usize) = if id < p.vocab {
+                bf16_to_f32(*row.add(i as usize))
+            } else {
+                f32::NAN
+            };
+            i += THREADS;
+        }
+    }
+
+    /// # Safety
+    /// The host checked the buffers against `rows` and `hidden` and launched one block of
+    /// [`THREADS`] per row with [`RMS_NORM_SHARED_BYTES`] of dynamic shared memory.
+    #[no_mangle]
+    pub unsafe extern "ptx-kernel" fn rms_norm(p: RmsNormParams) {
+        let row = block_idx_x();
+        if row >= p.rows {
+            return;
+        }
+        let base = (row * p.hidden) as usize;
+        let residual = (p.residual as *mut f32).add(base);
+        let mut squares = 0.0f32;
+        let mut i = thread_idx_x();
+        while i < p.hidden {
+            let mut x = *residual.add(i as usize);
+            if p.delta != 0 {
+                x += *(p.delta as *const f32).add(base + i as usize);
+                *residual.add(i as usize) = x;
+            }
+            squares += x * x;
+            i += THREADS;
+        }
+        let total = sum_f32(squares, dynamic_shared());
+        let inverse = reciprocal(sqrt(total / p.hidden as f32 + p.eps));
+        let out = (p.out as *mut u16).add(base);
+        let mut i = thread_idx_x();
+        while i < p.hidden {
+            let x = *residual.add(i as usize) * inverse;
+            *out.add(i as usize) = f32_to_bf16(x * *(p.weight as *const f32).add(i as usize));
+            i += THREADS;
+        }
+    }
+
+    /// # Safety
+    /// The host checked every placement against its layout (sequence index, position below
+    /// the capacity), the layouts against the caches, and launched one block of [`THREADS`]
+    /// per token.
+    #[no_mangle]
+    pub unsafe extern "ptx-kernel" fn rope_qkv(p: RopeQkvParams) {
+        let token = block_idx_x();
+        let Some(half) = NonZeroU32::new(p.head_dim / 2) else {
+            return;
+        };
+        if token >= p.tokens {
+            return;
+        }
+        let placement = *(p.placements as *const TokenPlacement).add(token as usize);
+        if placement.sequence >= p.sequences {
+            return;
+        }
+        let layout = *(p.layouts as *const SequenceLayout).add(placement.sequence as usize);
+        let position = placement.position;
+        let writes_cache = position < layout.capacity;
+        // head_dim = 2 * half, non-zero: divisions by it cannot fault.
+        let d = half.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+        let row_width = (p.heads + 2 * p.kv_heads) * d.get();
+        let row = (p.qkv as *const f32).add((token * row_width) as usize);
+        let value = |column: u32| {
+            let bias = if p.bias != 0 {
+                *(p.bias as *const f32).add(column as usize)
+            } else {
+                0.0
+            };
+            *row.add(column as usize) + bias
+        };
+        let cache_row = |kv_head: u32| {
+            layout.offset as usize + ((kv_head * layout.capacity + position) * d.get()) as usize
+        };
+        let (q_pairs, k_pairs) = (p.heads * half.get(), p.kv_heads * half.get());
+        let work = q_pairs + k_pairs + p.kv_heads * d.get();
+        let mut item = thread_idx_x();
+        while item < work {
+            if item < q_pairs + k_pairs {
+                // A rotated pair (i, i + d/2) of a query head, then of a key head.
+                let is_key = item >= q_pairs;
+                let pair = if is_key { item - q_pairs } else { item };
+                let (head, i) = (pair / half, pair % half);
+                let column = if is_key { p.heads * d.get() } else { 0 } + head * d.get() + i;
+                let frequency = *(p.inverse_frequencies as *const f64).add(i as usize);
+                let (low, high) = rotate(
+                    value(column),
+                    value(column + half.get()),
+                    position,
+                    frequency,
+                );
+                let (target, at) = if is_key {
+                    (p.k_cache as *mut u16, cache_row(head) + i as usize)
+                } else {
+                    (
+                        p.q as *mut u16,
+                        ((token * p.heads + head) * d.get() + i) as usize,
+                    )
+                };
+                if !is_key || writes_cache {
+                    *target.add(at) = f32_to_bf16(low);
+                    *target.add(at + half.get() as usize) = f32_to_bf16(high);
+                }
+            } else if writes_cache {
+                let element = item - q_pairs - k_pairs;
+                let (head, i) = (element / d, element % d);
+                let column = (p.heads + p.kv_heads) * d.get() + element;
+                *(p.v_cache as *mut u16).add(cache_row(head) + i as usize) =
+                    f32_to_bf16(value(column));
+            }
+            item += THREADS;
+        }
+    }
+
+    /// # Safety
+    /// The host checked the buffers against `rows` and `width` and launched a 1-D grid of
+    /// [`THREADS`]-thread blocks (any count: the loop strides over the grid).
+    #[no_mangle]
+    pub unsafe extern "ptx-kernel" fn silu_mul(p: SiluMulParams) {
+        let Some(width) = core::num::NonZeroU64::new(p.width as u64) else {
+            return;
+        };
+        let total = p.rows as u64 * width.get();
+        let stride = grid_dim_x() as u64 * THREADS as u64;
+        let mut element = block_idx_x() as u64 * THREADS as u64 + thread_idx_x() as u64;
+        let gate_up = p.gate_up as *const f32;
+        while element < total {
+            let (row, i) = (element / width, element % width);
+            let gate = *gate_up.add((row * 2 * width.get() + i) as usize);
+            let up = *gate_up.add((row * 2 * width.get() + width.get() + i) as usize);
+            // silu(g) = g / (1 + e^-g), with e^x = 2^(x log2 e).
+            let silu = gate * reciprocal(1.0 + exp2(-gate * core::f32::consts::LOG2_E));
+            *(p.out as *mut u16).add(element as usize) = f32_to_bf16(silu * up);
+            element += stride;
+        }
+    }
+}

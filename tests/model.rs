@@ -1,0 +1,322 @@
+//! The GPU model against the f32 CPU reference path on the built-in SmolLM2-135M-Instruct
+//! (fetched by tools/setup.sh), and a ragged batch against its sequences run alone.
+//! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).
+use std::sync::Arc;
+
+use shadowkv::reference::relative_error;
+use shadowkv::Gpu;
+use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelSource, Sampler};
+use shadowkv_suite::{run_gpu_tests, shared_gpu};
+
+fn main() {
+    run_gpu_tests(&[
+        ("gpu_prefill_kernels_against_cpu_path", diagnose_prefill),
+        ("gpu_model_matches_cpu_path_on_smollm2", matches_cpu_path),
+        ("gpu_ragged_batch_matches_sequences_alone", ragged_batch),
+        ("gpu_chunked_prefill_matches_one_pass", chunked_prefill),
+        ("gpu_model_rejects_bad_input", rejects_bad_input),
+    ])
+}
+
+fn s(error: impl std::fmt::Display) -> String {
+    error.to_string()
+}
+
+fn source() -> Result<ModelSource, String> {
+    ModelSource::open(&shadowkv_model::builtin_model_path().map_err(s)?).map_err(s)
+}
+
+fn diagnose_prefill(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let mut model = gpu_model(&source)?;
+    let cpu = cpu_model_with_bf16_weights(&source)?;
+    for text in [
+        "What is the capital of France?",
+        "Write a short story about a lighthouse keeper and his daughter.",
+    ] {
+        let prompt = source.prompt_tokens(text, true).map_err(s)?;
+        let reference = cpu
+            .forward(&mut CpuCache::new(&source.config), &prompt)
+            .map_err(s)?;
+        for tiled in [true, false] {
+            model.set_tiled_prefill(tiled);
+            let mut cache = model.new_cache(&[prompt.len() as u32 + 1]).map_err(s)?;
+            let logits = model
+                .forward(&mut cache, &vec![0; prompt.len()], &prompt)
+                .map_err(s)?;
+            let next = model
+                .forward(&mut cache, &[0], &[Sampler::greedy().sample(&logits)])
+                .map_err(s)?;
+            let mut cpu_cache = CpuCache::new(&source.config);
+            cpu.forward(&mut cpu_cache, &prompt).map_err(s)?;
+            let cpu_next = cpu
+                .forward(&mut cpu_cache, &[Sampler::greedy().sample(&reference)])
+                .map_err(s)?;
+            eprintln!(
+                "{text:?} tiled prefill {tiled}: prefill logits error {:.3e}, next step {:.3e}",
+                relative_error(&widen(&logits), &widen(&reference)),
+                relative_error(&widen(&next), &widen(&cpu_next))
+            );
+        }
+    }
+    Ok(())
+}
+
+fn gpu_model(source: &ModelSource) -> Result<GpuModel, String> {
+    // The harness's GPU is a process-wide static; the model shares it through an Arc of its own.
+    let _ = shared_gpu()?;
+    let gpu = Arc::new(Gpu::new(0).map_err(s)?);
+    GpuModel::load(gpu, &source.config, &source.weights).map_err(s)
+}
+
+fn widen(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
+}
+
+/// The GPU keeps activations, K/V and GEMM outputs in bf16 between its f32 kernels; over 30
+/// layers that moves the logits by about 1e-2 of their norm against the same weights in f32.
+const LOGIT_TOLERANCE: f64 = 2e-2;
+
+/// The CPU path with the weights the GPU holds: each rounded to bf16, so that what is compared
+/// is the GPU's arithmetic, not the weight format.
+fn cpu_model_with_bf16_weights(source: &ModelSource) -> Result<CpuModel, String> {
+    let round = |mut matrix: shadowkv_model::Matrix| {
+        for value in &mut matrix.data {
+            *value = half::bf16::from_f32(*value).to_f32();
+        }
+        Ok(matrix)
+    };
+    let weights = source.weights.load(&source.config, round).map_err(s)?;
+    Ok(CpuModel::new(source.config.clone(), weights))
+}
+
+fn matches_cpu_path(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = gpu_model(&source)?;
+    let cpu = cpu_model_with_bf16_weights(&source)?;
+    let f32_weights = source.weights.load(&source.config, Ok).map_err(s)?;
+    let f32_cpu = CpuModel::new(source.config.clone(), f32_weights);
+    let paths = Paths {
+        model: &model,
+        cpu: &cpu,
+        f32_cpu: &f32_cpu,
+    };
+    let prompts = [
+        "Write a short story about a lighthouse keeper and his daughter.",
+        "What is the capital of France?",
+        "List the planets of the solar system in order from the Sun.",
+    ];
+    for text in prompts {
+        compare_greedy(&source, &paths, text)?;
+    }
+    Ok(())
+}
+
+/// Largest bf16-noise margin: the per-logit noise of the GPU path is about
+/// `relative error * ‖logits‖ / sqrt(vocab)` (4e-3 * 1600 / 222 = 0.03 on SmolLM2); two
+/// candidates closer than this may swap on either path.
+const NEAR_TIE: f32 = 0.15;
+
+/// The GPU model and the CPU path with bf16-rounded and with f32 weights.
+struct Paths<'a> {
+    model: &'a GpuModel,
+    cpu: &'a CpuModel,
+    f32_cpu: &'a CpuModel,
+}
+
+/// 32 greedy steps on both paths, each feeding back its own tokens. While the tokens agree,
+/// the GPU's logits must stay within [`LOGIT_TOLERANCE`] of the CPU path's, or within twice
+/// what rounding the weights alone moves them at that step (some steps are that sensitive);
+/// a step where the two paths pick different tokens must be a near-tie on the CPU path (the
+/// two tokens' logits closer than [`NEAR_TIE`]).
+fn compare_greedy(source: &ModelSource, paths: &Paths, text: &str) -> Result<(), String> {
+    let Paths {
+        model,
+        cpu,
+        f32_cpu,
+    } = *paths;
+    let prompt = source.prompt_tokens(text, true).map_err(s)?;
+    let steps = 32;
+    let mut cache = model
+        .new_cache(&[(prompt.len() + steps) as u32])
+        .map_err(s)?;
+    let (mut cpu_cache, mut f32_cache) =
+        (CpuCache::new(&source.config), CpuCache::new(&source.config));
+    let mut tokens = Vec::new();
+    let mut worst = 0.0f64;
+    let mut input = prompt.clone();
+    for step in 0..steps {
+        let gpu_logits = model
+            .forward(&mut cache, &vec![0; input.len()], &input)
+            .map_err(s)?;
+        let cpu_logits = cpu.forward(&mut cpu_cache, &input).map_err(s)?;
+        let f32_logits = f32_cpu.forward(&mut f32_cache, &input).map_err(s)?;
+        let error = relative_error(&widen(&gpu_logits), &widen(&cpu_logits));
+        let sensitivity = relative_error(&widen(&cpu_logits), &widen(&f32_logits));
+        worst = worst.max(error);
+        if error > LOGIT_TOLERANCE.max(2.0 * sensitivity) {
+            return Err(format!(
+                "{text:?}, step {step}: logits relative error {error:.3e}; rounding the weights alone moves them {sensitivity:.3e}"
+            ));
+        }
+        eprintln!("{text:?}, step {step}: logits relative error {error:.3e}, where rounding the weights alone moves them {sensitivity:.3e}");
+        let (g, c) = (
+            Sampler::greedy().sample(&gpu_logits),
+            Sampler::greedy().sample(&cpu_logits),
+        );
+        if g != c {
+            let margin = cpu_logits[c as usize] - cpu_logits[g as usize];
+            let so_far = source.tokenizer.decode(&tokens).map_err(s)?;
+            if margin > NEAR_TIE {
+                return Err(format!(
+                    "{text:?}, step {step}: GPU picked {g}, CPU {c}, {margin:.3} apart on the CPU path (not a near-tie); so far {so_far:?}"
+                ));
+            }
+            eprintln!("{text:?}: same {step} greedy tokens, then a near-tie ({margin:.4} logits apart), worst logits error {worst:.3e}: {so_far:?}");
+            return Ok(());
+        }
+        tokens.push(c);
+        input = vec![c];
+    }
+    let generated = source.tokenizer.decode(&tokens).map_err(s)?;
+    eprintln!("{text:?}: same {steps} greedy tokens, worst logits relative error {worst:.3e}: {generated:?}");
+    Ok(())
+}
+
+fn ragged_batch(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = gpu_model(&source)?;
+    let prompts: Vec<Vec<u32>> = [
+        "Hi",
+        "What is the tallest mountain on Earth?",
+        "Name three colours of the rainbow, then count to ten in French.",
+    ]
+    .iter()
+    .map(|p| source.prompt_tokens(p, true).map_err(s))
+    .collect::<Result<_, _>>()?;
+    let steps = 8;
+    let capacities: Vec<u32> = prompts
+        .iter()
+        .map(|p| (p.len() + steps + 3) as u32)
+        .collect();
+    // Alone: each sequence in its own cache, greedy.
+    let mut alone = Vec::new();
+    for prompt in &prompts {
+        let mut cache = model
+            .new_cache(&[(prompt.len() + steps) as u32])
+            .map_err(s)?;
+        let mut logits = model
+            .forward(&mut cache, &vec![0; prompt.len()], prompt)
+            .map_err(s)?;
+        let mut history = vec![logits.clone()];
+        for _ in 1..steps {
+            let token = Sampler::greedy().sample(&logits);
+            logits = model.forward(&mut cache, &[0], &[token]).map_err(s)?;
+            history.push(logits.clone());
+        }
+        alone.push(history);
+    }
+    // Together: all prompts in one pass, then one token per sequence per pass.
+    let mut cache = model.new_cache(&capacities).map_err(s)?;
+    let sequences: Vec<usize> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(b, p)| std::iter::repeat_n(b, p.len()))
+        .collect();
+    let tokens: Vec<u32> = prompts.concat();
+    let vocab = source.config.vocab;
+    let mut logits = model.forward(&mut cache, &sequences, &tokens).map_err(s)?;
+    let mut worst = 0.0f64;
+    for step in 0..steps {
+        for (b, history) in alone.iter().enumerate() {
+            let error = relative_error(
+                &widen(&logits[b * vocab..(b + 1) * vocab]),
+                &widen(&history[step]),
+            );
+            worst = worst.max(error);
+            if error > 1e-2 {
+                return Err(format!("step {step}, sequence {b}: relative error {error:.3e} against the sequence alone"));
+            }
+        }
+        let next: Vec<u32> = (0..prompts.len())
+            .map(|b| Sampler::greedy().sample(&logits[b * vocab..(b + 1) * vocab]))
+            .collect();
+        logits = model.forward(&mut cache, &[0, 1, 2], &next).map_err(s)?;
+    }
+    eprintln!(
+        "ragged batch of {} prompts ({:?} tokens), {steps} steps: worst relative error {worst:.3e}",
+        prompts.len(),
+        cache.lens()
+    );
+    Ok(())
+}
+
+/// A prompt in three passes (the prefill kernel with earlier tokens in the cache) gives the
+/// logits of one pass.
+fn chunked_prefill(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = gpu_model(&source)?;
+    let prompt = source
+        .prompt_tokens(
+            "Explain in two sentences why the sky is blue, and then why sunsets are red.",
+            true,
+        )
+        .map_err(s)?;
+    let mut whole = model.new_cache(&[prompt.len() as u32]).map_err(s)?;
+    let at_once = model
+        .forward(&mut whole, &vec![0; prompt.len()], &prompt)
+        .map_err(s)?;
+    let mut chunked = model.new_cache(&[prompt.len() as u32 + 5]).map_err(s)?;
+    let cuts = [0, 17, 18, prompt.len()];
+    let mut last = Vec::new();
+    for pair in cuts.windows(2) {
+        let part = &prompt[pair[0]..pair[1]];
+        last = model
+            .forward(&mut chunked, &vec![0; part.len()], part)
+            .map_err(s)?;
+    }
+    let error = relative_error(&widen(&last), &widen(&at_once));
+    eprintln!(
+        "{} tokens in passes of {:?}: relative error {error:.3e} against one pass",
+        prompt.len(),
+        cuts
+    );
+    if error > 1e-2 {
+        return Err(format!(
+            "chunked prefill differs from one pass by {error:.3e}"
+        ));
+    }
+    Ok(())
+}
+
+fn rejects_bad_input(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = gpu_model(&source)?;
+    let mut cache = model.new_cache(&[4]).map_err(s)?;
+    let cases: [(&str, Vec<usize>, Vec<u32>); 4] = [
+        ("token past the vocabulary", vec![0], vec![49_152]),
+        ("unknown sequence", vec![1], vec![5]),
+        ("more tokens than the capacity", vec![0; 5], vec![5; 5]),
+        (
+            "indices and tokens of different lengths",
+            vec![0, 0],
+            vec![5],
+        ),
+    ];
+    for (what, sequences, tokens) in cases {
+        if model.forward(&mut cache, &sequences, &tokens).is_ok() {
+            return Err(format!("{what}: accepted"));
+        }
+        if cache.lens() != [0] {
+            return Err(format!("{what}: the cache grew to {:?}", cache.lens()));
+        }
+    }
+    let mut pair = model.new_cache(&[8, 8]).map_err(s)?;
+    if model.forward(&mut pair, &[0, 1, 0], &[5, 6, 7]).is_ok() || pair.lens() != [0, 0] {
+        return Err("a sequence's tokens apart from each other were accepted".into());
+    }
+    if model.new_cache(&[0]).is_ok() {
+        return Err("a zero-capacity sequence was accepted".into());
+    }
+    Ok(())
+}
