@@ -67,6 +67,7 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
             shadowkv::layer::kernel_layout::ROPE_QKV_KERNEL,
             shadowkv::layer::kernel_layout::SILU_MUL_KERNEL,
             shadowkv::sampling::kernel_layout::ARGMAX_KERNEL,
+            shadowkv::random::kernel_layout::KERNEL_NAME,
         ]
         .map(String::from),
     );

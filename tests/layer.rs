@@ -24,6 +24,7 @@ fn main() {
         ),
         ("silu_mul_and_linear_match_reference", silu_mul_and_linear),
         ("argmax_matches_reference_with_ties", argmax_cases),
+        ("random_fill_matches_reference", random_fill),
         ("layer_kernels_reject_bad_input", rejects_bad_input),
     ])
 }
@@ -329,6 +330,37 @@ fn argmax_cases(gpu: &Gpu) -> Result<(), String> {
         )
         .map_err(|f| f.to_string())?;
     eprintln!("argmax exact on tied rows");
+    Ok(())
+}
+
+/// The synthetic-weight fill: the same bf16 values as the CPU computes, whatever the length.
+fn random_fill(gpu: &Gpu) -> Result<(), String> {
+    let stream = gpu.stream();
+    for (len, seed, scale, offset) in [
+        (1usize, 0u64, 1.0f32, 0.0f32),
+        (1000, 7, 0.02, 0.0),
+        (3_000_001, 99, 2.5, 1.0),
+    ] {
+        let mut out = poisoned(gpu, len).map_err(s)?;
+        shadowkv::random::fill(gpu, stream, &mut out, seed, scale, offset).map_err(s)?;
+        let values = stream.clone_dtoh(&out).map_err(s)?;
+        let expected = reference::random::fill(0, len, seed, scale, offset);
+        if values
+            .iter()
+            .zip(&expected)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(format!(
+                "fill of {len} (seed {seed}) differs from the reference"
+            ));
+        }
+        let mean = values.iter().map(|v| v.to_f64()).sum::<f64>() / len as f64;
+        if len > 1000 && (mean - offset as f64).abs() > 0.01 * scale as f64 {
+            return Err(format!(
+                "fill of {len} has mean {mean}, expected about {offset}"
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@ pub mod linear;
 pub mod pinned;
 pub mod plan;
 pub mod prefill_attention;
+pub mod random;
 pub mod rebuild;
 pub mod reference;
 pub mod sampling;

@@ -23,6 +23,7 @@ pub mod fetch;
 pub mod layer;
 pub mod plan;
 pub mod prefill_attention;
+pub mod random;
 pub mod rebuild;
 pub mod rope;
 pub mod sampling;

@@ -93,6 +93,43 @@ impl GpuKvCache {
         &self.lens
     }
 
+    /// Fills every sequence's block with random keys and values and marks `lens[b]` tokens of
+    /// sequence `b` cached: a synthetic context for decode-throughput runs, in place of a
+    /// prompt (labelled as such wherever it is used).
+    pub fn fill_synthetic(&mut self, gpu: &Gpu, lens: &[u32], seed: u64) -> Result<()> {
+        if lens.len() != self.layouts.len() {
+            return Err(gpu_error(format!(
+                "{} lengths for {} sequences",
+                lens.len(),
+                self.layouts.len()
+            )));
+        }
+        if let Some((b, (len, layout))) = lens
+            .iter()
+            .zip(&self.layouts)
+            .enumerate()
+            .find(|(_, (len, l))| **len > l.capacity)
+        {
+            return Err(gpu_error(format!(
+                "sequence {b}: {len} tokens past its capacity {}",
+                layout.capacity
+            )));
+        }
+        for (index, buffer) in self.k.iter_mut().chain(self.v.iter_mut()).enumerate() {
+            shadowkv::random::fill(
+                gpu,
+                gpu.stream(),
+                buffer,
+                seed.wrapping_add(index as u64),
+                1.0,
+                0.0,
+            )
+            .gpu()?;
+        }
+        self.lens.copy_from_slice(lens);
+        Ok(())
+    }
+
     /// Bytes of the cache on the GPU.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|b| b.len() * 2).sum()
@@ -163,6 +200,75 @@ impl GpuModel {
         })
     }
 
+    /// A model of `config`'s shape with random weights generated on the GPU (no files): for
+    /// throughput work. Matrices are uniform with variance `1 / inputs`, norms are 1, so
+    /// activations stay in range; the text it generates is meaningless.
+    pub fn synthetic(gpu: Arc<Gpu>, config: &ModelConfig, seed: u64) -> Result<GpuModel> {
+        let stream = gpu.stream().clone();
+        let needed = config.parameters() * 2;
+        let (free, _) = gpu.context().mem_get_info().gpu()?;
+        if needed > free {
+            return Err(gpu_error(format!(
+                "the {needed}-byte bf16 weights of this shape do not fit: {free} bytes of GPU memory are free"
+            )));
+        }
+        let mut next_seed = seed;
+        let mut uniform = |elements: usize, scale: f32| -> Result<CudaSlice<bf16>> {
+            let mut buffer = stream.alloc_zeros::<bf16>(elements).gpu()?;
+            next_seed = next_seed.wrapping_add(1);
+            shadowkv::random::fill(&gpu, &stream, &mut buffer, next_seed, scale, 0.0).gpu()?;
+            Ok(buffer)
+        };
+        // Uniform on [-a, a) has variance a^2 / 3: a = sqrt(3 / inputs) gives 1 / inputs.
+        let mut random = |rows: usize, inputs: usize, unit: bool| {
+            uniform(
+                rows * inputs,
+                if unit {
+                    1.0
+                } else {
+                    (3.0 / inputs as f32).sqrt()
+                },
+            )
+        };
+        let ones = |n: usize| stream.clone_htod(&vec![1.0f32; n]).gpu();
+        let (hidden, q_dim, kv_dim, ffn) =
+            (config.hidden, config.q_dim(), config.kv_dim(), config.ffn);
+        let mut layers = Vec::with_capacity(config.layers);
+        for _ in 0..config.layers {
+            layers.push(GpuLayer {
+                attn_norm: ones(hidden)?,
+                qkv: random(q_dim + 2 * kv_dim, hidden, false)?,
+                qkv_bias: if config.architecture.qkv_bias() {
+                    Some(stream.alloc_zeros::<f32>(q_dim + 2 * kv_dim).gpu()?)
+                } else {
+                    None
+                },
+                o: random(hidden, q_dim, false)?,
+                ffn_norm: ones(hidden)?,
+                gate_up: random(2 * ffn, hidden, false)?,
+                down: random(hidden, ffn, false)?,
+            });
+        }
+        // Embedding rows uniform in [-1, 1).
+        let embedding = random(config.vocab, hidden, true)?;
+        let output = if config.tied_embeddings {
+            None
+        } else {
+            Some(random(config.vocab, hidden, false)?)
+        };
+        Ok(GpuModel {
+            config: config.clone(),
+            linear: Linear::new(stream.clone()).gpu()?,
+            embedding,
+            layers,
+            output_norm: ones(hidden)?,
+            output,
+            inverse_frequencies: stream.clone_htod(&config.inverse_frequencies()).gpu()?,
+            tiled_prefill: false,
+            gpu,
+        })
+    }
+
     /// Sends prompts through the tiled tensor-core prefill kernel (`true`) or through the
     /// decode kernel, one row per query token (`false`, the default: slower for long prompts,
     /// but P·V stays in f32).
@@ -206,6 +312,15 @@ impl GpuModel {
             });
             // Offsets stay multiples of 8 elements (16-byte rows for the attention kernel).
             offset += (kv_heads * capacity as u64 * head_dim).next_multiple_of(8);
+        }
+        let needed = offset as usize * 2 * 2 * self.config.layers;
+        let (free, _) = self.gpu.context().mem_get_info().gpu()?;
+        if needed > free {
+            return Err(gpu_error(format!(
+                "the full KV cache of {} sequences ({:?} tokens) needs {needed} bytes; {free} bytes of GPU memory are free",
+                capacities.len(),
+                capacities
+            )));
         }
         let stream = self.stream();
         let buffers = || -> Result<Vec<CudaSlice<bf16>>> {

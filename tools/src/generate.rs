@@ -171,8 +171,17 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 loading.elapsed().as_secs_f64()
             );
             let mut cache = model.new_cache(&[(tokens.len() + args.max_tokens) as u32])?;
+            // Long prompts prefill in passes, with a progress bar.
+            let bar = (tokens.len() > crate::bench::PREFILL_CHUNK)
+                .then(|| crate::bench::prefill_bar(tokens.len()));
             let generation = shadowkv_model::generate(
-                |ids| model.forward(&mut cache, &vec![0; ids.len()], ids),
+                |ids| {
+                    let logits = crate::bench::prefill(&model, &mut cache, 0, ids, bar.as_ref());
+                    if let Some(bar) = bar.as_ref().filter(|_| ids.len() > 1) {
+                        bar.finish_and_clear();
+                    }
+                    logits
+                },
                 &tokens,
                 &mut sampler,
                 args.max_tokens,

@@ -1,4 +1,5 @@
 //! `shadowkv`: the command-line driver of the ShadowKV kernels.
+mod bench;
 mod generate;
 
 use std::time::Instant;
@@ -48,6 +49,9 @@ enum Command {
     /// Generate text with a Llama-family model (GGUF or Hugging Face), streaming the tokens
     /// and printing prefill and decode tokens/s. Attention: full or ShadowKV.
     Generate(generate::GenerateArgs),
+    /// Decode throughput (tokens/s) of a model, real or synthetic, for a batch size and a
+    /// context length, on the GPU.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -72,6 +76,7 @@ fn main() {
         )
         .map_err(|e| e.into()),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

@@ -1,0 +1,54 @@
+//! Launcher of the deterministic random fill (see `shadowkv_kernels::random`).
+use cudarc::driver::{CudaStream, DevicePtrMut, LaunchConfig};
+use half::bf16;
+pub use shadowkv_kernels::random as kernel_layout;
+use shadowkv_kernels::random::{self as layout, RandomParams};
+
+use crate::error::{invalid, Result};
+use crate::gpu::Gpu;
+use crate::kernels::KernelName;
+
+/// Fills `out` with values uniform in `[offset - scale, offset + scale)`, element `i` a
+/// function of `(seed, i)` only ([`kernel_layout::value`], rounded to bf16).
+pub fn fill(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    out: &mut impl DevicePtrMut<bf16>,
+    seed: u64,
+    scale: f32,
+    offset: f32,
+) -> Result<()> {
+    if !(scale.is_finite() && offset.is_finite()) {
+        return Err(invalid(
+            "fill",
+            format!("scale {scale}, offset {offset}"),
+            "finite values",
+        ));
+    }
+    let len = out.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let params = RandomParams {
+        out: out.device_ptr_mut(stream).0,
+        len: len as u64,
+        seed,
+        scale,
+        offset,
+    };
+    let blocks = len.div_ceil(layout::THREADS as usize).min(4 * 65_536) as u32;
+    let launch = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (layout::THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel writes elements below `len`, the length of `out`.
+    unsafe {
+        gpu.launch(
+            stream,
+            KernelName::lookup(layout::KERNEL_NAME)?,
+            launch,
+            params,
+        )
+    }
+}

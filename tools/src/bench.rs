@@ -1,0 +1,182 @@
+//! `shadowkv bench`: decode throughput of a model for a batch size and context length.
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use shadowkv_model::{GpuModel, ModelConfig, ModelSource, Sampler, NAMED_SHAPES};
+
+use crate::generate::AttentionMode;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A named shape with random weights generated on the GPU (llama-3-8b, llama-3.1-8b,
+    /// yi-9b, qwen2-7b, smollm2-135m), or a .gguf file / Hugging Face folder.
+    #[arg(long, default_value = "smollm2-135m")]
+    model: String,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Tokens of context per sequence before decoding starts.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Decode steps timed (after two untimed warm-up steps).
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// SYNTHETIC CONTEXT: fill each sequence's KV cache with random keys and values instead
+    /// of prefilling a prompt (no quadratic prompt attention; the decode work per step is the
+    /// same). Without it, every sequence prefills a prompt of random tokens.
+    #[arg(long)]
+    synthetic_context: bool,
+    /// Attention over the KV cache (ShadowKV modes need the cache of issue 4).
+    #[arg(long, value_enum, default_value_t = AttentionMode::Full)]
+    attention: AttentionMode,
+    /// Seed of the synthetic weights, context and prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Tokens per prefill pass, so a long prompt shows progress and bounds its activations.
+pub const PREFILL_CHUNK: usize = 2048;
+
+/// Runs `tokens` of `sequence` in passes of [`PREFILL_CHUNK`], advancing `bar` (if any);
+/// returns the last token's logits.
+pub fn prefill(
+    model: &GpuModel,
+    cache: &mut shadowkv_model::GpuKvCache,
+    sequence: usize,
+    tokens: &[u32],
+    bar: Option<&ProgressBar>,
+) -> shadowkv_model::Result<Vec<f32>> {
+    let mut logits = Vec::new();
+    for chunk in tokens.chunks(PREFILL_CHUNK) {
+        logits = model.forward(cache, &vec![sequence; chunk.len()], chunk)?;
+        if let Some(bar) = bar {
+            bar.inc(chunk.len() as u64);
+        }
+    }
+    Ok(logits)
+}
+
+/// A progress bar over `tokens` prompt tokens.
+pub fn prefill_bar(tokens: usize) -> ProgressBar {
+    ProgressBar::new(tokens as u64).with_style(
+        ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
+}
+
+pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.attention != AttentionMode::Full {
+        return Err(format!(
+            "--attention {:?}: ShadowKV decode of a model needs ShadowKvCache (issue 4, not built yet); use --attention full",
+            args.attention
+        )
+        .into());
+    }
+    if args.batch == 0 || args.context == 0 || args.steps == 0 {
+        return Err("--batch, --context and --steps must be at least 1".into());
+    }
+    let gpu = Arc::new(shadowkv::Gpu::new(0)?);
+    let started = Instant::now();
+    let model = if NAMED_SHAPES.contains(&args.model.as_str()) {
+        let config = ModelConfig::named(&args.model)?;
+        eprintln!(
+            "model {} (SYNTHETIC random weights), {:.2}B parameters",
+            args.model,
+            config.parameters() as f64 / 1e9
+        );
+        GpuModel::synthetic(gpu.clone(), &config, args.seed)?
+    } else {
+        let source = ModelSource::open(std::path::Path::new(&args.model))?;
+        GpuModel::load(gpu.clone(), &source.config, &source.weights)?
+    };
+    let config = model.config.clone();
+    eprintln!(
+        "weights: {:.2} GB on {} in {:.1} s",
+        model.weight_bytes() as f64 / 1e9,
+        gpu.info().name,
+        started.elapsed().as_secs_f64()
+    );
+    // The context, the first token after it, two warm-up steps and the timed steps.
+    let capacity = (args.context + args.steps + 3) as u32;
+    let mut cache = model.new_cache(&vec![capacity; args.batch])?;
+    eprintln!(
+        "KV cache (full attention): {:.2} GB for {} x {} tokens",
+        cache.bytes() as f64 / 1e9,
+        args.batch,
+        capacity
+    );
+    let mut rng_state = args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut random_token = || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        (rng_state % config.vocab as u64) as u32
+    };
+    let mut last_logits;
+    if args.synthetic_context {
+        cache.fill_synthetic(
+            model.gpu(),
+            &vec![args.context as u32; args.batch],
+            args.seed,
+        )?;
+        eprintln!(
+            "context: SYNTHETIC random keys and values, {} tokens per sequence",
+            args.context
+        );
+        last_logits = model.forward(
+            &mut cache,
+            &(0..args.batch).collect::<Vec<_>>(),
+            &(0..args.batch).map(|_| random_token()).collect::<Vec<_>>(),
+        )?;
+    } else {
+        let bar = prefill_bar(args.batch * args.context);
+        let started_prefill = Instant::now();
+        let mut rows = Vec::new();
+        for sequence in 0..args.batch {
+            let prompt: Vec<u32> = (0..args.context).map(|_| random_token()).collect();
+            rows.extend(prefill(&model, &mut cache, sequence, &prompt, Some(&bar))?);
+        }
+        bar.finish_and_clear();
+        eprintln!(
+            "context: prefilled {} random-token prompts of {} tokens in {:.2} s ({:.0} tokens/s)",
+            args.batch,
+            args.context,
+            started_prefill.elapsed().as_secs_f64(),
+            (args.batch * args.context) as f64 / started_prefill.elapsed().as_secs_f64()
+        );
+        last_logits = rows;
+    }
+    let sequences: Vec<usize> = (0..args.batch).collect();
+    let mut step = |logits: &[f32]| -> shadowkv_model::Result<Vec<f32>> {
+        let next: Vec<u32> = logits
+            .chunks_exact(config.vocab)
+            .map(|row| Sampler::greedy().sample(row))
+            .collect();
+        model.forward(&mut cache, &sequences, &next)
+    };
+    for _ in 0..2 {
+        last_logits = step(&last_logits)?;
+    }
+    let timed = Instant::now();
+    for _ in 0..args.steps {
+        last_logits = step(&last_logits)?;
+    }
+    let seconds = timed.elapsed().as_secs_f64();
+    let per_step = seconds / args.steps as f64;
+    // What a step must read at least: every weight once and every cached key and value.
+    let kv_bytes =
+        2 * 2 * config.layers * config.kv_dim() * args.batch * (args.context + args.steps / 2);
+    let bytes = model.weight_bytes() + kv_bytes;
+    println!(
+        "decode: batch {} at {} tokens of context: {:.3} ms per step, {:.1} tokens/s ({:.1} per sequence); weights + KV read at {:.0} GB/s",
+        args.batch,
+        args.context,
+        per_step * 1e3,
+        args.batch as f64 / per_step,
+        1.0 / per_step,
+        bytes as f64 / per_step / 1e9
+    );
+    Ok(())
+}
