@@ -294,3 +294,46 @@ fn shadowkv_parameters_out_of_range_are_errors() {
         assert!(error.contains(expected), "{error} (expected {expected:?})");
     }
 }
+
+/// Passkey retrieval (run on a many-core machine: `--ignored`): a pass key planted in ~2K
+/// tokens of filler; ShadowKV at sparse budgets of 256 and 512 tokens must answer as full
+/// attention does.
+#[test]
+#[ignore = "2K-token prompts on the f32 CPU path: about a minute on 16 cores"]
+fn passkey_shadowkv_answers_as_full_attention() {
+    let model = model();
+    let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    let key = "68231";
+    let (before, after) = (filler.repeat(45), filler.repeat(45));
+    let text = format!(
+        "There is a pass key hidden in the following text. Find it and remember it.\n{before}The pass key is {key}. Remember it. {key} is the pass key.\n{after}\nWhat is the pass key?"
+    );
+    let prompt = source().prompt_tokens(&text, true).unwrap();
+    let tokenizer = &source().tokenizer;
+    let mut full = CpuCache::new(&model.config);
+    let (full_tokens, _) = greedy(&mut full, &prompt, 12);
+    let full_answer = tokenizer.decode(&full_tokens).unwrap();
+    eprintln!(
+        "{} prompt tokens; full attention: {full_answer:?}",
+        prompt.len()
+    );
+    for sparse_budget in [256, 512] {
+        let params = shadowkv_model::ShadowKvParams {
+            sparse_budget,
+            ..Default::default()
+        };
+        let mut shadow = CpuCache::shadowkv(&model.config, params).unwrap();
+        let (tokens, _) = greedy(&mut shadow, &prompt, 12);
+        let answer = tokenizer.decode(&tokens).unwrap();
+        eprintln!("ShadowKV, budget {sparse_budget}, rank 160: {answer:?}");
+        assert_eq!(
+            answer.contains(key),
+            full_answer.contains(key),
+            "budget {sparse_budget}: {answer:?} vs {full_answer:?}"
+        );
+    }
+    assert!(
+        full_answer.contains(key),
+        "full attention did not find the key: {full_answer:?}"
+    );
+}

@@ -32,9 +32,12 @@ fn config_json(model_type: &str, tied: bool) -> String {
     )
 }
 
+/// A named tensor: Hugging Face name, shape and values.
+type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The tensors of a tiny model under Hugging Face names, values rounded to bf16 (so storing
 /// them as bf16 or f32 loses nothing), and the same weights in memory.
-fn tiny_model(config: &ModelConfig) -> (Vec<(String, Vec<usize>, Vec<f32>)>, ModelWeights<Matrix>) {
+fn tiny_model(config: &ModelConfig) -> (Vec<NamedTensor>, ModelWeights<Matrix>) {
     let mut seed = 0;
     let mut tensors = Vec::new();
     let mut make = |name: String, shape: Vec<usize>, scale: f32| {
