@@ -91,13 +91,25 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
         let v = filled(gpu, kv_elements, 3)?;
         let mut out = filled(gpu, shape.q_elements(), 4)?;
         let flops = 4.0 * (head_dim * q_heads) as f64 * (tokens as f64).powi(2) / 2.0;
-        // The default warp count first, then the other compiled one for comparison.
-        let mut warp_counts = vec![default_warps];
-        warp_counts.extend(WARP_COUNTS.iter().filter(|&&w| w != default_warps));
-        for warps in warp_counts {
-            let mut attention = PrefillAttention::new(gpu, plan.clone().with_warps(warps)?)?;
+        // The default kernel first, then the other P precision and the other compiled warp
+        // count for comparison.
+        let default_split = plan.split_p();
+        let mut variants = vec![
+            (default_warps, default_split),
+            (default_warps, !default_split),
+        ];
+        variants.extend(
+            WARP_COUNTS
+                .iter()
+                .filter(|&&w| w != default_warps)
+                .map(|&w| (w, default_split)),
+        );
+        for (warps, split_p) in variants {
+            let is_default = warps == default_warps && split_p == default_split;
+            let variant = plan.clone().with_warps(warps)?.with_split_p(split_p)?;
+            let mut attention = PrefillAttention::new(gpu, variant)?;
             let mut call = || attention.run(gpu, &stream, &q, &k, &v, &mut out);
-            if warps == default_warps {
+            if is_default {
                 let mut group = criterion.benchmark_group("prefill_attention");
                 group.throughput(Throughput::Elements(flops as u64));
                 group.bench_function(BenchmarkId::new(label, tokens), |bencher| {
@@ -111,18 +123,15 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                 group.finish();
             }
             let ms = median_ms(gpu, &mut call)?;
-            let warps = if warps == default_warps {
-                format!("{warps}*")
-            } else {
-                warps.to_string()
-            };
+            let mark = if is_default { "*" } else { "" };
+            let p = if split_p { "split" } else { "bf16" };
             rows.push((
                 label,
                 q_heads,
                 kv_heads,
                 head_dim,
                 tokens,
-                warps,
+                format!("{warps}/{p}{mark}"),
                 ms,
                 flops / (ms * 1e-3),
             ));
@@ -130,12 +139,12 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     }
     println!("\ncausal prefill attention, batch 1 (CUDA-event medians; FLOPs = 4 d Hq T^2 / 2)");
     println!(
-        "{:>10} {:>6} {:>4} {:>7} {:>6} {:>10} {:>8} {:>8}",
-        "model", "heads", "d", "tokens", "warps", "time ms", "TFLOP/s", "of GEMM"
+        "{:>10} {:>6} {:>4} {:>7} {:>10} {:>10} {:>8} {:>8}",
+        "model", "heads", "d", "tokens", "warps/P", "time ms", "TFLOP/s", "of GEMM"
     );
     for (label, q_heads, kv_heads, head_dim, tokens, warps, ms, rate) in rows {
         println!(
-            "{:>10} {:>6} {:>4} {:>7} {:>6} {:>10.3} {:>8.1} {:>7.1}%",
+            "{:>10} {:>6} {:>4} {:>7} {:>10} {:>10.3} {:>8.1} {:>7.1}%",
             label,
             format!("{q_heads}/{kv_heads}"),
             head_dim,

@@ -53,9 +53,11 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
         }
         names.push(shadowkv::rebuild::kernel_layout::kernel_name(head_dim));
         for warps in shadowkv::prefill_attention::kernel_layout::WARP_COUNTS {
-            names.push(
-                shadowkv::prefill_attention::kernel_layout::kernel_name_with_warps(head_dim, warps),
-            );
+            for split_p in [true, false] {
+                names.push(shadowkv::prefill_attention::kernel_layout::kernel_name_for(
+                    head_dim, warps, split_p,
+                ));
+            }
         }
     }
     names.extend(

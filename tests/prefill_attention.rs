@@ -6,8 +6,8 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
-    Error, Gpu, PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape, QueryPlacement,
-    SequenceLayout,
+    DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, PrefillAttention,
+    PrefillAttentionPlan, PrefillAttentionShape, QueryPlacement, SequenceLayout,
 };
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, POISON};
 
@@ -33,6 +33,10 @@ fn main() {
             chunked_equals_one_call,
         ),
         ("prefill_attention_rejects_bad_input", rejects_bad_input),
+        (
+            "prefill_attention_matches_reference_on_attention_sinks_per_row",
+            attention_sinks,
+        ),
     ])
 }
 
@@ -212,9 +216,9 @@ fn run_gpu(
     Ok(stream.clone_dtoh(&out)?)
 }
 
-/// Relative error over the rows the queries cover; every other row must still be poison.
-fn compare(problem: &Problem, scale: f32, actual: &[bf16]) -> Result<f64, String> {
-    let expected = reference::prefill_attention::prefill_attention(
+/// The reference output of a problem (f64).
+fn expected(problem: &Problem, scale: f32) -> Vec<f64> {
+    reference::prefill_attention::prefill_attention(
         &problem.shape,
         &problem.layouts,
         &problem.queries,
@@ -222,7 +226,16 @@ fn compare(problem: &Problem, scale: f32, actual: &[bf16]) -> Result<f64, String
         &problem.k,
         &problem.v,
         scale as f64,
-    );
+    )
+}
+
+/// The covered rows of `actual` and `expected`, widened and in token order; every other row
+/// of `actual` must still be poison.
+fn covered_rows(
+    problem: &Problem,
+    expected: &[f64],
+    actual: &[bf16],
+) -> Result<(Vec<f64>, Vec<f64>), String> {
     let row = problem.shape.q_heads * problem.shape.head_dim;
     let mut covered = vec![false; problem.shape.tokens];
     for p in &problem.queries {
@@ -249,6 +262,12 @@ fn compare(problem: &Problem, scale: f32, actual: &[bf16]) -> Result<f64, String
             ));
         }
     }
+    Ok((got, want))
+}
+
+/// Relative error over the rows the queries cover; every other row must still be poison.
+fn compare(problem: &Problem, scale: f32, actual: &[bf16]) -> Result<f64, String> {
+    let (got, want) = covered_rows(problem, &expected(problem, scale), actual)?;
     Ok(relative_error(&got, &want))
 }
 
@@ -548,4 +567,408 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
     attention
         .run(gpu, stream, &q, &k, &v, &mut out)
         .map_err(|e| e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention-sink inputs: the structure of a real model's attention, which uniform random
+// inputs lack.
+// ---------------------------------------------------------------------------------------
+
+/// A standard normal sample (Box-Muller).
+fn normal(rng: &mut StdRng) -> f64 {
+    let u: f64 = rng.gen_range(f64::EPSILON..1.0);
+    let v: f64 = rng.gen_range(0.0..1.0);
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+/// A random unit vector of `d` elements, orthogonal to `against` (if given).
+fn unit(rng: &mut StdRng, d: usize, against: Option<&[f64]>) -> Vec<f64> {
+    let mut x: Vec<f64> = (0..d).map(|_| normal(rng)).collect();
+    if let Some(a) = against {
+        let dot: f64 = x.iter().zip(a).map(|(x, a)| x * a).sum();
+        x.iter_mut().zip(a).for_each(|(x, a)| *x -= dot * a);
+    }
+    let norm = x.iter().map(|x| x * x).sum::<f64>().sqrt();
+    x.iter_mut().for_each(|x| *x /= norm);
+    x
+}
+
+/// The problem of `case` (its layouts, placements and NaN rows) with q, K and V shaped like a
+/// real model's attention, per (sequence, KV head):
+/// - every query has a large component `a` (6..14) along a direction `u`, and every key one
+///   of `b - margin` with `b` 10..20: raw scores of 60 to 280 before the `1/sqrt(d)` scale;
+/// - position 0 is an attention sink: its margin is 0, the other keys' 1.5 to 4 (1/2 to 5
+///   nats below the sink after scaling, head by head), so the sink takes from nearly all to
+///   a few percent of the weight depending on the length;
+/// - three random keys score about as high as the sink (margin -0.5..1);
+/// - a second direction `w` and noise spread the scores per query by a few raw units;
+/// - value norms are log-uniform over 100x (0.03..3), the sink's small (0.02..0.05), with a
+///   shared mean direction;
+/// - half the heads have two massive dimensions (q 32..64 in both, k +-16..32 in every key)
+///   whose products (up to 2048) cancel exactly: the scores' accumulation must hold them.
+fn sink_problem(case: &Case) -> Problem {
+    let mut problem = problem(case);
+    let mut rng = StdRng::seed_from_u64(case.seed ^ 0x5eed_5124);
+    let (d, group, q_heads) = (case.head_dim, case.group, problem.shape.q_heads);
+    let round = |x: f64| bf16::from_f64(x);
+    for (l, p) in problem.layouts.iter().zip(&problem.queries) {
+        let keys = (p.start + p.query_len) as usize;
+        for head in 0..case.kv_heads {
+            let u = unit(&mut rng, d, None);
+            let w = unit(&mut rng, d, Some(&u));
+            let mean = unit(&mut rng, d, None);
+            let b: f64 = rng.gen_range(10.0..20.0);
+            let (margin_low, margin_high) = {
+                let low: f64 = rng.gen_range(1.5..3.0);
+                (low, low + rng.gen_range(0.0..1.0))
+            };
+            let peaks: Vec<usize> = (0..3).map(|_| rng.gen_range(0..keys)).collect();
+            // Two massive dimensions (or none), their q and k magnitudes (bf16-exact).
+            let massive = rng.gen_bool(0.5).then(|| {
+                let first = rng.gen_range(0..d);
+                let second = (first + rng.gen_range(1..d)) % d;
+                let q_big = [32.0, 48.0, 64.0][rng.gen_range(0..3)];
+                let k_big = [16.0, 24.0, 32.0][rng.gen_range(0..3)];
+                (first, second, q_big, k_big)
+            });
+            let base = l.offset as usize + head * l.capacity as usize * d;
+            for t in 0..keys {
+                let along_u = if t == 0 {
+                    b
+                } else if peaks.contains(&t) {
+                    b - rng.gen_range(-0.5..1.0)
+                } else {
+                    b - rng.gen_range(margin_low..margin_high)
+                };
+                let along_w = 2.0 * normal(&mut rng);
+                let value_norm = if t == 0 {
+                    rng.gen_range(0.02..0.05)
+                } else {
+                    0.03 * 100f64.powf(rng.gen_range(0.0..1.0))
+                };
+                let direction = unit(&mut rng, d, None);
+                for j in 0..d {
+                    let mut key = along_u * u[j] + along_w * w[j] + 0.5 * normal(&mut rng);
+                    if let Some((first, second, _, k_big)) = massive {
+                        if j == first {
+                            key = k_big;
+                        } else if j == second {
+                            key = -k_big;
+                        }
+                    }
+                    problem.k[base + t * d + j] = round(key);
+                    let value =
+                        value_norm * (0.8 * direction[j] + 0.6 * mean[j]) * (d as f64).sqrt();
+                    problem.v[base + t * d + j] = round(value);
+                }
+            }
+            for i in 0..p.query_len as usize {
+                let token = p.query_offset as usize + i;
+                for g in 0..group {
+                    let q_head = head * group + g;
+                    let a: f64 = rng.gen_range(6.0..14.0);
+                    let along_w = 2.0 * normal(&mut rng);
+                    let row = (token * q_heads + q_head) * d;
+                    for j in 0..d {
+                        problem.q[row + j] =
+                            round(a * u[j] + along_w * w[j] + 0.5 * normal(&mut rng));
+                    }
+                    if let Some((first, second, q_big, _)) = massive {
+                        problem.q[row + first] = round(q_big);
+                        problem.q[row + second] = round(q_big);
+                    }
+                }
+            }
+        }
+    }
+    problem
+}
+
+/// Global and per-row errors of one output against the reference.
+#[derive(Clone, Copy, Debug, Default)]
+struct Errors {
+    /// `|got - want| / |want|` over every covered row.
+    global: f64,
+    /// The largest of the same per (token, q head) row, and that row's index.
+    worst_row: f64,
+    worst_at: usize,
+    /// The mean of the per-row errors.
+    mean_row: f64,
+    /// `|got - bf16(want)| / |want|`: the error beyond rounding the exact result to bf16.
+    excess: f64,
+    /// The fraction of elements that differ from `bf16(want)`.
+    mismatched: f64,
+}
+
+fn errors(got: &[f64], want: &[f64], head_dim: usize) -> Errors {
+    let rounded: Vec<f64> = want.iter().map(|&x| bf16::from_f64(x).to_f64()).collect();
+    let (mut excess, mut norm) = (0.0f64, 0.0f64);
+    for ((g, r), w) in got.iter().zip(&rounded).zip(want) {
+        excess += (g - r) * (g - r);
+        norm += w * w;
+    }
+    let mismatched = got.iter().zip(&rounded).filter(|(g, r)| g != r).count();
+    let mut errors = Errors {
+        global: relative_error(got, want),
+        excess: excess.sqrt() / norm.sqrt(),
+        mismatched: mismatched as f64 / want.len() as f64,
+        ..Errors::default()
+    };
+    let rows = want.len() / head_dim;
+    for (index, (g, w)) in got.chunks(head_dim).zip(want.chunks(head_dim)).enumerate() {
+        let error = relative_error(g, w);
+        errors.mean_row += error / rows as f64;
+        if error > errors.worst_row {
+            (errors.worst_row, errors.worst_at) = (error, index);
+        }
+    }
+    errors
+}
+
+/// Causal prefill through the decode kernel: one "sequence" per query token, each pointing at
+/// its sequence's K/V block with `len = position + 1`; returns `[tokens, q_heads, head_dim]`
+/// like the prefill kernel (poison where no query is).
+fn run_decode(gpu: &Gpu, problem: &Problem, scale: f32) -> shadowkv::Result<Vec<bf16>> {
+    let (q_heads, d) = (problem.shape.q_heads, problem.shape.head_dim);
+    let row = q_heads * d;
+    let (mut layouts, mut rows, mut q) = (Vec::new(), Vec::new(), Vec::new());
+    for (l, p) in problem.layouts.iter().zip(&problem.queries) {
+        for i in 0..p.query_len {
+            layouts.push(SequenceLayout {
+                len: p.start + i + 1,
+                ..*l
+            });
+            let token = (p.query_offset + i) as usize;
+            rows.push(token);
+            q.extend_from_slice(&problem.q[token * row..(token + 1) * row]);
+        }
+    }
+    let shape = DecodeAttentionShape {
+        batch: layouts.len(),
+        q_heads,
+        kv_heads: problem.shape.kv_heads,
+        head_dim: d,
+    };
+    let plan =
+        DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)?.with_scale(scale)?;
+    let stream = gpu.stream();
+    let (q, k, v) = (
+        stream.clone_htod(&q)?,
+        stream.clone_htod(&problem.k)?,
+        stream.clone_htod(&problem.v)?,
+    );
+    let mut out = poisoned(gpu, shape.q_elements())?;
+    DecodeAttention::new(gpu, plan)?.run(gpu, stream, &q, &k, &v, &mut out)?;
+    let out = stream.clone_dtoh(&out)?;
+    let mut full = vec![POISON; problem.shape.q_elements()];
+    for (b, &token) in rows.iter().enumerate() {
+        full[token * row..(token + 1) * row].copy_from_slice(&out[b * row..(b + 1) * row]);
+    }
+    Ok(full)
+}
+
+/// The position and head of covered row `index` (rows in token order, heads within).
+fn row_name(problem: &Problem, index: usize) -> String {
+    let q_heads = problem.shape.q_heads;
+    let (mut token_rank, head) = (index / q_heads, index % q_heads);
+    let mut placements: Vec<&QueryPlacement> = problem.queries.iter().collect();
+    placements.sort_by_key(|p| p.query_offset);
+    for p in placements {
+        if token_rank < p.query_len as usize {
+            return format!(
+                "position {} of {}..{} head {head}",
+                p.start as usize + token_rank,
+                p.start,
+                p.start + p.query_len
+            );
+        }
+        token_rank -= p.query_len as usize;
+    }
+    format!("row {index}")
+}
+
+/// Prefill (split P and P in one bf16), the decode kernel run as prefill, and the reference
+/// rounded to bf16 (the best a bf16 output can do), all against the f64 reference, on
+/// attention-sink inputs ([`sink_problem`]): global, mean-row and worst-row relative errors.
+/// Split P must match the rounded reference globally and on every row; P in one bf16 only
+/// the usual tolerance.
+fn attention_sinks(gpu: &Gpu) -> Result<(), String> {
+    let case = |kv_heads, group, head_dim, sequences: Vec<(u32, u32)>, seed| Case {
+        kv_heads,
+        group,
+        head_dim,
+        sequences: sequences
+            .into_iter()
+            .map(|(query_len, start)| sequence(query_len, start))
+            .collect(),
+        gap: 1,
+        reverse: false,
+        query_scale: 1.0,
+        warps: None,
+        seed,
+    };
+    let cases = [
+        (
+            "SmolLM2 heads (9/3, d 64), 10..200 tokens",
+            case(
+                3,
+                3,
+                64,
+                vec![(10, 0), (37, 0), (42, 0), (77, 0), (200, 0), (150, 500)],
+                11,
+            ),
+        ),
+        (
+            "SmolLM2 heads (9/3, d 64), 1000 tokens",
+            case(3, 3, 64, vec![(1000, 0), (300, 700)], 12),
+        ),
+        (
+            "G 4, d 128 (8/2 heads), 10..200 tokens",
+            case(
+                2,
+                4,
+                128,
+                vec![(10, 0), (37, 0), (129, 0), (200, 64), (31, 1000)],
+                13,
+            ),
+        ),
+        (
+            "G 4, d 128 (8/2 heads), 1000 tokens",
+            case(2, 4, 128, vec![(1000, 0), (990, 10)], 14),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (label, case) in &cases {
+        let problem = sink_problem(case);
+        let plan = PrefillAttentionPlan::new(problem.shape, &problem.layouts, &problem.queries)
+            .map_err(|e| e.to_string())?;
+        let scale = plan.scale();
+        let want_all = expected(&problem, scale);
+        let d = case.head_dim;
+        let measure = |actual: &[bf16]| -> Result<Errors, String> {
+            let (got, want) = covered_rows(&problem, &want_all, actual)?;
+            Ok(errors(&got, &want, d))
+        };
+        let default = run_gpu(gpu, plan.clone(), &problem).map_err(|e| e.to_string())?;
+        let other = plan
+            .clone()
+            .with_split_p(!plan.split_p())
+            .map_err(|e| e.to_string())?;
+        let other = run_gpu(gpu, other, &problem).map_err(|e| e.to_string())?;
+        let (split, single) = if plan.split_p() {
+            (measure(&default)?, measure(&other)?)
+        } else {
+            (measure(&other)?, measure(&default)?)
+        };
+        let decode = measure(&run_decode(gpu, &problem, scale).map_err(|e| e.to_string())?)?;
+        // The exact result rounded to bf16 on the covered rows, poison elsewhere.
+        let row = problem.shape.q_heads * d;
+        let mut rounded = vec![POISON; want_all.len()];
+        for p in &problem.queries {
+            let rows = p.query_offset as usize * row..(p.query_offset + p.query_len) as usize * row;
+            for (r, &x) in rounded[rows.clone()].iter_mut().zip(&want_all[rows]) {
+                *r = bf16::from_f64(x);
+            }
+        }
+        let floor = measure(&rounded)?;
+        eprintln!("{label}: {}", describe(&problem, scale));
+        eprintln!(
+            "  global / mean row / worst row relative error; beyond bf16(reference), elements off it"
+        );
+        for (name, e) in [
+            ("prefill, P split", split),
+            ("prefill, P bf16", single),
+            ("decode kernel", decode),
+            ("bf16(reference)", floor),
+        ] {
+            eprintln!(
+                "  {name:>17}: {:.3e} / {:.3e} / {:.3e} at {}; {:.2e}, {:.2}%",
+                e.global,
+                e.mean_row,
+                e.worst_row,
+                row_name(&problem, e.worst_at),
+                e.excess,
+                100.0 * e.mismatched
+            );
+        }
+        // Split P: the bf16 rounding of the exact result but for elements within ~2^-17 of a
+        // rounding boundary. Globally within 1.1x of that rounding's own error, every row
+        // within 1.25x of its worst row, and the distance to it under 0.4x of its error (P in
+        // one bf16 lands at 1.5-1.8x on the worst rows).
+        let within = |e: &Errors| {
+            e.global <= 1.1 * floor.global
+                && e.worst_row <= 1.25 * floor.worst_row
+                && e.excess <= 0.4 * floor.global
+        };
+        eprintln!(
+            "  within the bounds: P split {}, P bf16 {}",
+            within(&split),
+            within(&single)
+        );
+        if !within(&split) {
+            failures.push(format!(
+                "{label}: P split: global {:.3e} (bf16 floor {:.3e}), worst row {:.3e} at {} (floor {:.3e}), beyond bf16(reference) {:.3e}",
+                split.global,
+                floor.global,
+                split.worst_row,
+                row_name(&problem, split.worst_at),
+                floor.worst_row,
+                split.excess
+            ));
+        }
+        if single.global > TOLERANCE {
+            failures.push(format!("{label}: P in bf16, global {:.3e}", single.global));
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+/// What a sink problem looks like: the range of raw scores, the sink's mean softmax weight,
+/// and how often a row's largest weight is the sink's.
+fn describe(problem: &Problem, scale: f32) -> String {
+    let (q_heads, d, group) = (
+        problem.shape.q_heads,
+        problem.shape.head_dim,
+        problem.shape.group(),
+    );
+    let (mut low, mut high, mut sink_weight, mut sink_top, mut rows) =
+        (f64::INFINITY, f64::NEG_INFINITY, 0.0, 0usize, 0usize);
+    for (l, p) in problem.layouts.iter().zip(&problem.queries) {
+        for i in 0..p.query_len as usize {
+            let token = p.query_offset as usize + i;
+            for q_head in 0..q_heads {
+                let query = &problem.q[(token * q_heads + q_head) * d..][..d];
+                let base = l.offset as usize + (q_head / group) * l.capacity as usize * d;
+                let scores: Vec<f64> = (0..=p.start as usize + i)
+                    .map(|t| {
+                        let key = &problem.k[base + t * d..][..d];
+                        query
+                            .iter()
+                            .zip(key)
+                            .map(|(a, b)| a.to_f64() * b.to_f64())
+                            .sum()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                low = low.min(scores.iter().cloned().fold(f64::INFINITY, f64::min));
+                high = high.max(max);
+                let sum: f64 = scores
+                    .iter()
+                    .map(|s| ((s - max) * scale as f64).exp())
+                    .sum();
+                sink_weight += ((scores[0] - max) * scale as f64).exp() / sum;
+                sink_top += (scores[0] == max) as usize;
+                rows += 1;
+            }
+        }
+    }
+    format!(
+        "raw scores {low:.0}..{high:.0}, mean sink weight {:.2}, sink on top in {:.0}% of rows",
+        sink_weight / rows as f64,
+        100.0 * sink_top as f64 / rows as f64
+    )
 }

@@ -82,6 +82,7 @@ pub struct PrefillAttentionPlan {
     kv_elements: usize,
     scale: f32,
     warps: u32,
+    split_p: bool,
     kernel: KernelName,
 }
 
@@ -99,7 +100,8 @@ impl PrefillAttentionPlan {
         let kv_elements = validate_layouts(&shape, layouts)?;
         validate_queries(&shape, layouts, queries)?;
         let warps = layout::warps(shape.head_dim as u32);
-        let (tiles, kernel) = block_table(&shape, queries, warps)?;
+        let split_p = layout::DEFAULT_SPLIT_P;
+        let (tiles, kernel) = block_table(&shape, queries, warps, split_p)?;
         Ok(PrefillAttentionPlan {
             shape,
             layouts: layouts.to_vec(),
@@ -108,6 +110,7 @@ impl PrefillAttentionPlan {
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
             warps,
+            split_p,
             kernel,
         })
     }
@@ -123,8 +126,23 @@ impl PrefillAttentionPlan {
                 format!("one of {:?}", layout::WARP_COUNTS),
             ));
         }
-        (self.tiles, self.kernel) = block_table(&self.shape, &self.queries, warps)?;
+        (self.tiles, self.kernel) = block_table(&self.shape, &self.queries, warps, self.split_p)?;
         self.warps = warps;
+        Ok(self)
+    }
+
+    /// Chooses how `O += P·V` takes the softmax weights P: `true` (the default,
+    /// [`kernel_layout::DEFAULT_SPLIT_P`]) as two bf16 halves `P_hi + P_lo` with an mma each,
+    /// P exact to about 2^-17 relative; `false` as P rounded once to bf16 (2^-9 relative, one
+    /// mma: about 20% faster, but its worst rows carry 1.5-1.8x the error of the bf16 output's
+    /// own rounding on attention-sink inputs, and a model's logits drift about twice as far).
+    pub fn with_split_p(mut self, split_p: bool) -> Result<Self> {
+        self.kernel = KernelName::lookup(&layout::kernel_name_for(
+            self.shape.head_dim as u32,
+            self.warps,
+            split_p,
+        ))?;
+        self.split_p = split_p;
         Ok(self)
     }
 
@@ -157,6 +175,10 @@ impl PrefillAttentionPlan {
     pub fn warps(&self) -> u32 {
         self.warps
     }
+    /// Whether `P·V` takes P as two bf16 halves ([`with_split_p`](Self::with_split_p)).
+    pub fn split_p(&self) -> bool {
+        self.split_p
+    }
     /// Blocks of [`kernel_layout::block_rows`] rows per KV head.
     pub fn tiles(&self) -> usize {
         self.tiles.len()
@@ -181,11 +203,12 @@ impl PrefillAttentionPlan {
 }
 
 /// The block table of validated placements for blocks of `warps` warps, heaviest tiles
-/// first, and the kernel compiled for them.
+/// first, and the kernel compiled for them (with P split or not).
 fn block_table(
     shape: &PrefillAttentionShape,
     queries: &[QueryPlacement],
     warps: u32,
+    split_p: bool,
 ) -> Result<(Vec<PrefillTile>, KernelName)> {
     let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
     let block_rows = layout::block_rows(warps);
@@ -219,7 +242,7 @@ fn block_table(
             format!("at most {} (fewer tokens per call)", i32::MAX),
         ));
     }
-    let kernel = KernelName::lookup(&layout::kernel_name_with_warps(head_dim, warps))?;
+    let kernel = KernelName::lookup(&layout::kernel_name_for(head_dim, warps, split_p))?;
     Ok((tiles, kernel))
 }
 

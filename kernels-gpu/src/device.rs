@@ -468,6 +468,13 @@ pub fn f32x2_to_bf16x2(lo: f32, hi: f32) -> u32 {
     out
 }
 
+/// `x` with its low 16 bits cleared: the bf16 nearest `x` toward zero, as an f32 (one integer
+/// op; `x - bf16_truncate(x)` is exact in f32 and below `x`'s bf16 spacing).
+#[inline(always)]
+pub fn bf16_truncate(x: f32) -> f32 {
+    f32::from_bits(x.to_bits() & 0xffff_0000)
+}
+
 /// `cvt.rn.bf16.f32`: one f32 rounded to nearest-even bf16 (returned as its bits).
 #[inline(always)]
 pub fn f32_to_bf16(value: f32) -> u16 {

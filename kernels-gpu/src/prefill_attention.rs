@@ -14,8 +14,9 @@
 //! registers, computes `S = Q·Kᵀ` for a [`KEY_TILE`]-key tile with
 //! `mma.sync.m16n8k16` (bf16 in, f32 accumulate), updates the online softmax in f32 with
 //! `exp2` (scores in the log2 domain), reuses the S accumulators as the bf16 A operand of
-//! `O += P·V`, and normalises at the end. K/V tiles are copied with `cp.async` into two
-//! shared-memory stages, the next tile's copies in flight while the current one is used.
+//! `O += P·V` (by default as two bf16 halves `P_hi + P_lo`, an mma each: see
+//! [`DEFAULT_SPLIT_P`]), and normalises at the end. K/V tiles are copied with `cp.async` into
+//! two shared-memory stages, the next tile's copies in flight while the current one is used.
 //! Tiles past a block's last position are never loaded; a warp skips tiles past its own last
 //! position and masks only the tiles that cross its first position (the diagonal).
 //!
@@ -27,9 +28,11 @@
 pub const WARP_COUNTS: [u32; 2] = [4, 8];
 
 /// Default warps per block for a head dimension, each owning 16 query rows. Measured on the
-/// H100 (`benches/prefill_attention.rs`): d 128, 8 warps 269 TFLOP/s against 255 for 4 at
-/// 32K tokens (one 8-warp block per SM at 206 registers, K/V tiles shared by 128 rows);
-/// d 64, 4 warps 182 against 152 for 8 at 4K (three 4-warp blocks per SM at 134 registers).
+/// H100 (`benches/prefill_attention.rs`, split P): d 128, 8 warps 212 TFLOP/s against 207 for
+/// 4 at 32K tokens, 210 against 210 at 16K, 197 against 207 at 4K (one 8-warp block per SM
+/// at 219 registers, K/V tiles shared by 128 rows); d 64, 4 warps 154 against 136 for 8 at 4K
+/// (three 4-warp blocks per SM at 133 registers). With P in one bf16: 267 / 255 at 32K, 182 /
+/// 152 at 4K.
 pub const fn warps(head_dim: u32) -> u32 {
     if head_dim <= 64 {
         4
@@ -147,19 +150,40 @@ pub const fn key_tiles(
     keys.div_ceil(KEY_TILE as u64) as u32
 }
 
-/// Entry-point name of the kernel for a head dimension (with [`warps`] warps).
+/// Whether the default kernels split P in two bf16 halves for `O += P·V` (see
+/// [`kernel_name_for`]). P rounded once to bf16 (2^-9 relative per weight) moves each output
+/// row by up to its own bf16 rounding again, coherently along the heavy keys' values (worst
+/// rows 1.5-1.8x the bf16 rounding of the exact result on attention-sink inputs,
+/// `tests/prefill_attention.rs`; 11-17% of outputs off the correctly rounded value), and on
+/// SmolLM2-135M (37-token prompt) the prefill logits' error against the f32 CPU path was
+/// 1.30e-2, against 6.4e-3 split and 3.9e-3 through the decode kernel. Split, the output is
+/// the bf16 rounding of the exact result but for ~0.15% of elements (the decode kernel's:
+/// ~0.1%). Cost on the H100: 22-25% more time (Llama-3-8B heads 4K-32K, SmolLM2 4K).
+pub const DEFAULT_SPLIT_P: bool = true;
+
+/// Entry-point name of the default kernel for a head dimension (with [`warps`] warps).
 #[cfg(not(target_arch = "nvptx64"))]
 pub fn kernel_name(head_dim: u32) -> String {
-    format!("prefill_attention_d{head_dim}")
+    kernel_name_for(head_dim, warps(head_dim), DEFAULT_SPLIT_P)
 }
 
-/// Entry-point name of the kernel for a head dimension and a warp count of [`WARP_COUNTS`].
+/// Entry-point name of the kernel for a head dimension and a warp count of [`WARP_COUNTS`],
+/// with the default P precision ([`DEFAULT_SPLIT_P`]).
 #[cfg(not(target_arch = "nvptx64"))]
 pub fn kernel_name_with_warps(head_dim: u32, warps_per_block: u32) -> String {
+    kernel_name_for(head_dim, warps_per_block, DEFAULT_SPLIT_P)
+}
+
+/// Entry-point name of the kernel for a head dimension, a warp count of [`WARP_COUNTS`] and
+/// a P precision: `split_p` multiplies V by P as two bf16 halves `P_hi + P_lo` (two mma's,
+/// P exact to about 2^-17), else by P rounded once to bf16 (2^-9).
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn kernel_name_for(head_dim: u32, warps_per_block: u32, split_p: bool) -> String {
+    let precision = if split_p { "" } else { "bf16p_" };
     if warps_per_block == warps(head_dim) {
-        kernel_name(head_dim)
+        format!("prefill_attention_{precision}d{head_dim}")
     } else {
-        format!("prefill_attention_w{warps_per_block}_d{head_dim}")
+        format!("prefill_attention_{precision}w{warps_per_block}_d{head_dim}")
     }
 }
 
@@ -189,6 +213,7 @@ mod kernel {
         const N: usize,
         const KS: usize,
         const W: u32,
+        const SPLIT_P: bool,
     >(
         p: &PrefillAttentionParams,
     ) {
@@ -384,18 +409,37 @@ mod kernel {
                     }
                 }
                 // O += P·V: the S accumulators of 16 keys are the A fragment of one k-step.
+                // With SPLIT_P, P = P_hi + P_lo with P_hi its top 16 bits (bf16 truncated: two
+                // integer ops, no conversion) and P_lo = bf16(P - P_hi), the subtraction exact;
+                // each half gets its mma, so P carries 2^-17 relative instead of bf16's 2^-9.
                 for kk in 0..KEY_N_TILES / 2 {
-                    let a = [
-                        f32x2_to_bf16x2(s[2 * kk][0], s[2 * kk][1]),
-                        f32x2_to_bf16x2(s[2 * kk][2], s[2 * kk][3]),
-                        f32x2_to_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                        f32x2_to_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]),
+                    let pairs = [
+                        (s[2 * kk][0], s[2 * kk][1]),
+                        (s[2 * kk][2], s[2 * kk][3]),
+                        (s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                        (s[2 * kk + 1][2], s[2 * kk + 1][3]),
                     ];
+                    let mut a = [0u32; 4];
+                    let mut a_lo = [0u32; 4];
+                    for i in 0..4 {
+                        let (x, y) = pairs[i];
+                        if SPLIT_P {
+                            let (x_hi, y_hi) = (bf16_truncate(x), bf16_truncate(y));
+                            a[i] = (x_hi.to_bits() >> 16) | y_hi.to_bits();
+                            a_lo[i] = f32x2_to_bf16x2(x - x_hi, y - y_hi);
+                        } else {
+                            a[i] = f32x2_to_bf16x2(x, y);
+                        }
+                    }
                     let v_row = v_lane + stage_offset + (kk as u32 * 16) * row_bytes;
                     for n in (0..N).step_by(2) {
                         let b = load_matrix_x4_transposed(v_row + (n * 16) as u32);
                         o[n] = mma_bf16_m16n8k16(a, [b[0], b[1]], o[n]);
                         o[n + 1] = mma_bf16_m16n8k16(a, [b[2], b[3]], o[n + 1]);
+                        if SPLIT_P {
+                            o[n] = mma_bf16_m16n8k16(a_lo, [b[0], b[1]], o[n]);
+                            o[n + 1] = mma_bf16_m16n8k16(a_lo, [b[2], b[3]], o[n + 1]);
+                        }
                     }
                 }
             }
@@ -431,17 +475,21 @@ mod kernel {
     }
 
     macro_rules! entries {
-        ($($name:ident = <$d:literal, $n:literal, $ks:literal, $w:tt>),* $(,)?) => {$(
+        ($($name:ident = <$d:literal, $n:literal, $ks:literal, $w:tt, $split:literal>),* $(,)?) => {$(
             #[no_mangle]
             pub unsafe extern "ptx-kernel" fn $name(params: PrefillAttentionParams) {
-                prefill_attention::<$d, $n, $ks, $w>(&params)
+                prefill_attention::<$d, $n, $ks, $w, $split>(&params)
             }
         )*};
     }
     entries! {
-        prefill_attention_d64 = <64, 8, 4, { warps(64) }>,
-        prefill_attention_d128 = <128, 16, 8, { warps(128) }>,
-        prefill_attention_w8_d64 = <64, 8, 4, 8>,
-        prefill_attention_w4_d128 = <128, 16, 8, 4>,
+        prefill_attention_d64 = <64, 8, 4, { warps(64) }, true>,
+        prefill_attention_d128 = <128, 16, 8, { warps(128) }, true>,
+        prefill_attention_w8_d64 = <64, 8, 4, 8, true>,
+        prefill_attention_w4_d128 = <128, 16, 8, 4, true>,
+        prefill_attention_bf16p_d64 = <64, 8, 4, { warps(64) }, false>,
+        prefill_attention_bf16p_d128 = <128, 16, 8, { warps(128) }, false>,
+        prefill_attention_bf16p_w8_d64 = <64, 8, 4, 8, false>,
+        prefill_attention_bf16p_w4_d128 = <128, 16, 8, 4, false>,
     }
 }

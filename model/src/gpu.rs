@@ -4,9 +4,8 @@
 //! Every forward pass places its tokens in their sequences ([`TokenPlacement`]), appends their
 //! keys and values to the cache and attends causally: a pass with one token per sequence (a
 //! decode step) through the decode-attention kernel, split over the context; a pass with
-//! prompts (several tokens of a sequence, side by side) through the same kernel with one row
-//! per query token, or, opted in, the tiled tensor-core prefill kernel
-//! ([`GpuModel::set_tiled_prefill`]).
+//! prompts (several tokens of a sequence, side by side) through the tiled tensor-core prefill
+//! kernel (or, [`GpuModel::set_tiled_prefill`], the decode kernel with one row per token).
 use std::sync::Arc;
 
 use half::bf16;
@@ -71,10 +70,9 @@ pub struct GpuModel {
     output_norm: CudaSlice<f32>,
     output: Option<CudaSlice<bf16>>,
     inverse_frequencies: CudaSlice<f64>,
-    /// Prompts through the tiled prefill kernel, or (the default for now) through the decode
-    /// kernel with one row per query token: inside SmolLM2 the tiled kernel's bf16 P·V moves
-    /// the logits about 3x further from the f32 reference (1.3e-2 against 3.9e-3), which is
-    /// being investigated.
+    /// Prompts through the tiled prefill kernel (the default; its P·V runs as two bf16 mma's
+    /// on a split P, so the probabilities keep about 16 bits), or through the decode kernel
+    /// with one row per query token.
     tiled_prefill: bool,
 }
 
@@ -195,7 +193,7 @@ impl GpuModel {
             output_norm: upload_f32(weights.vector(config, "output_norm.weight", hidden)?)?,
             output,
             inverse_frequencies: stream.clone_htod(&config.inverse_frequencies()).gpu()?,
-            tiled_prefill: false,
+            tiled_prefill: true,
             gpu,
         })
     }
@@ -264,14 +262,14 @@ impl GpuModel {
             output_norm: ones(hidden)?,
             output,
             inverse_frequencies: stream.clone_htod(&config.inverse_frequencies()).gpu()?,
-            tiled_prefill: false,
+            tiled_prefill: true,
             gpu,
         })
     }
 
-    /// Sends prompts through the tiled tensor-core prefill kernel (`true`) or through the
-    /// decode kernel, one row per query token (`false`, the default: slower for long prompts,
-    /// but P·V stays in f32).
+    /// Sends prompts through the tiled tensor-core prefill kernel (`true`, the default) or
+    /// through the decode kernel, one row per query token (`false`: quadratic reads, slow
+    /// for long prompts; P·V in f32).
     pub fn set_tiled_prefill(&mut self, tiled: bool) {
         self.tiled_prefill = tiled;
     }
