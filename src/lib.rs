@@ -28,6 +28,23 @@ pub fn to_f64(values: &[bf16]) -> Vec<f64> {
     values.iter().map(|v| v.to_f64()).collect()
 }
 
+/// Proptest cases per test: `$PROPTEST_CASES`, else `default`.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A proptest runner of [`proptest_cases`]`(default)` cases that writes no failure files.
+pub fn proptest_runner(default: u32) -> proptest::test_runner::TestRunner {
+    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: proptest_cases(default),
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })
+}
+
 /// The GPU of this process, or why there is none.
 pub fn shared_gpu() -> std::result::Result<&'static Gpu, String> {
     static GPU: OnceLock<std::result::Result<Gpu, String>> = OnceLock::new();

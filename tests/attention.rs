@@ -2,14 +2,16 @@
 //! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).
 use half::bf16;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::attention::kernel_layout::tokens_per_iteration;
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout,
 };
-use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64, POISON};
+use shadowkv_suite::{
+    poisoned, proptest_cases, proptest_runner, random_bf16, run_gpu_tests, to_f64, POISON,
+};
 
 /// bf16 inputs and output: the kernel must land well inside this.
 const TOLERANCE: f64 = 1e-2;
@@ -166,15 +168,8 @@ fn run_gpu(
 }
 
 fn random_ragged_batches(gpu: &Gpu) -> Result<(), String> {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(40);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let cases = proptest_cases(40);
+    let mut runner = proptest_runner(40);
     let worst = std::cell::Cell::new(0.0f64);
     runner
         .run(&case_strategy(), |case| {

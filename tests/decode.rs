@@ -31,10 +31,7 @@ fn main() {
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(12)
+    shadowkv_suite::proptest_cases(12)
 }
 
 fn runner() -> TestRunner {

@@ -3,14 +3,14 @@
 //! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).
 use half::bf16;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::layer::kernel_layout::TokenPlacement;
 use shadowkv::layer::{self, QkvShape, TokenPlan};
 use shadowkv::linear::Linear;
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{Error, Gpu, SequenceLayout};
-use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64, POISON};
+use shadowkv_suite::{poisoned, proptest_runner, random_bf16, run_gpu_tests, to_f64, POISON};
 
 /// bf16 outputs of f32 arithmetic.
 const TOLERANCE: f64 = 1e-2;
@@ -30,15 +30,7 @@ fn main() {
 }
 
 fn runner() -> TestRunner {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(24);
-    TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    })
+    proptest_runner(24)
 }
 
 fn s(error: impl std::fmt::Display) -> String {

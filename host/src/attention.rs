@@ -40,27 +40,11 @@ impl DecodeAttentionShape {
 
     pub fn validate(&self) -> Result<()> {
         check_range("batch", self.batch, 1..=65_535)?;
-        check_range("kv_heads", self.kv_heads, 1..=65_535)?;
-        if self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
-            return Err(invalid(
-                "q_heads",
-                format!("is {} with {} KV heads", self.q_heads, self.kv_heads),
-                "a positive multiple of kv_heads",
-            ));
-        }
-        check_range(
-            "group (q_heads / kv_heads)",
-            self.group(),
-            1..=layout::MAX_GROUP as usize,
-        )?;
-        if !layout::HEAD_DIMS.contains(&(self.head_dim as u32)) {
-            return Err(invalid(
-                "head_dim",
-                format!("is {}", self.head_dim),
-                format!("one of {:?}", layout::HEAD_DIMS),
-            ));
-        }
-        Ok(())
+        validate_heads(
+            (self.q_heads, self.kv_heads, self.head_dim),
+            layout::MAX_GROUP,
+            &layout::HEAD_DIMS,
+        )
     }
 }
 
@@ -205,6 +189,64 @@ impl DecodeAttentionPlan {
     }
 }
 
+/// Checks the heads of an attention launch: `q_heads` a positive multiple of `kv_heads`, the
+/// group at most `max_group`, and a compiled `head_dim`.
+pub(crate) fn validate_heads(
+    (q_heads, kv_heads, head_dim): (usize, usize, usize),
+    max_group: u32,
+    head_dims: &[u32],
+) -> Result<()> {
+    check_range("kv_heads", kv_heads, 1..=65_535)?;
+    if q_heads == 0 || !q_heads.is_multiple_of(kv_heads) {
+        return Err(invalid(
+            "q_heads",
+            format!("is {q_heads} with {kv_heads} KV heads"),
+            "a positive multiple of kv_heads",
+        ));
+    }
+    check_range(
+        "group (q_heads / kv_heads)",
+        q_heads / kv_heads,
+        1..=max_group as usize,
+    )?;
+    if !head_dims.contains(&(head_dim as u32)) {
+        return Err(invalid(
+            "head_dim",
+            format!("is {head_dim}"),
+            format!("one of {head_dims:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The end (in elements) of sequence `sequence`'s K/V block `[kv_heads, capacity, head_dim]`,
+/// after checking that it starts on a 16-byte row and fits in the address space.
+pub(crate) fn block_end(
+    sequence: usize,
+    l: &SequenceLayout,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<usize> {
+    if !l.offset.is_multiple_of(u64::from(layout::VECTOR)) {
+        return Err(invalid(
+            "layouts",
+            format!("sequence {sequence} starts at element {}", l.offset),
+            format!(
+                "an offset that is a multiple of {} (16-byte rows)",
+                layout::VECTOR
+            ),
+        ));
+    }
+    let end = (l.offset as u128) + (kv_heads as u128) * (l.capacity as u128) * (head_dim as u128);
+    usize::try_from(end).map_err(|_| {
+        invalid(
+            "layouts",
+            format!("sequence {sequence} ends past the address space"),
+            "a block that fits in memory",
+        )
+    })
+}
+
 /// Checks every layout against the shape; returns the elements the K/V buffers must hold.
 fn validate_layouts(shape: &DecodeAttentionShape, layouts: &[SequenceLayout]) -> Result<usize> {
     if layouts.len() != shape.batch {
@@ -226,26 +268,7 @@ fn validate_layouts(shape: &DecodeAttentionShape, layouts: &[SequenceLayout]) ->
                 "1 <= len <= capacity",
             ));
         }
-        if l.offset % u64::from(layout::VECTOR) != 0 {
-            return Err(invalid(
-                "layouts",
-                format!("sequence {sequence} starts at element {}", l.offset),
-                format!(
-                    "an offset that is a multiple of {} (16-byte rows)",
-                    layout::VECTOR
-                ),
-            ));
-        }
-        let end = (l.offset as u128)
-            + (shape.kv_heads as u128) * (l.capacity as u128) * (shape.head_dim as u128);
-        let end = usize::try_from(end).map_err(|_| {
-            invalid(
-                "layouts",
-                format!("sequence {sequence} ends past the address space"),
-                "a block that fits in memory",
-            )
-        })?;
-        kv_elements = kv_elements.max(end);
+        kv_elements = kv_elements.max(block_end(sequence, l, shape.kv_heads, shape.head_dim)?);
     }
     Ok(kv_elements)
 }

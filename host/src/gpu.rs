@@ -39,6 +39,22 @@ pub(crate) fn address<T>(buffer: &impl DevicePtr<T>, stream: &CudaStream) -> u64
     buffer.device_ptr(stream).0
 }
 
+/// A 1-D grid of `threads`-thread blocks, one thread per work item up to `max_blocks` blocks
+/// (kernels that stride over the grid take any count), no shared memory.
+pub(crate) fn grid_for(items: usize, threads: u32, max_blocks: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            items
+                .div_ceil(threads as usize)
+                .clamp(1, max_blocks as usize) as u32,
+            1,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// What the launchers need to know of the device.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {

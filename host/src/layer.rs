@@ -14,7 +14,7 @@ use shadowkv_kernels::layer::{
 
 use crate::attention::SequenceLayout;
 use crate::error::{check_len, check_reach, invalid, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{address, grid_for, Gpu};
 use crate::kernels::KernelName;
 
 fn rows_launch(rows: usize, shared_mem_bytes: u32) -> LaunchConfig {
@@ -326,12 +326,7 @@ pub fn silu_mul(
         rows: rows as u32,
         width: width as u32,
     };
-    let blocks = out.len().div_ceil(layout::THREADS as usize).min(65_535) as u32;
-    let launch = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (layout::THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let launch = grid_for(out.len(), layout::THREADS, 65_535);
     // SAFETY: `gate_up` holds `rows * 2 * width` and `out` `rows * width` elements (checked).
     unsafe {
         gpu.launch(

@@ -21,6 +21,7 @@ pub use shadowkv_kernels::prefill_attention::QueryPlacement;
 use shadowkv_kernels::prefill_attention::{self as layout, PrefillAttentionParams, PrefillTile};
 
 pub use crate::attention::SequenceLayout;
+use crate::attention::{block_end, validate_heads};
 use crate::error::{check_len, check_range, invalid, Result};
 use crate::gpu::Gpu;
 use crate::kernels::KernelName;
@@ -47,27 +48,11 @@ impl PrefillAttentionShape {
 
     pub fn validate(&self) -> Result<()> {
         check_range("tokens", self.tokens, 1..=u32::MAX as usize)?;
-        check_range("kv_heads", self.kv_heads, 1..=65_535)?;
-        if self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
-            return Err(invalid(
-                "q_heads",
-                format!("is {} with {} KV heads", self.q_heads, self.kv_heads),
-                "a positive multiple of kv_heads",
-            ));
-        }
-        check_range(
-            "group (q_heads / kv_heads)",
-            self.group(),
-            1..=layout::MAX_GROUP as usize,
-        )?;
-        if !layout::HEAD_DIMS.contains(&(self.head_dim as u32)) {
-            return Err(invalid(
-                "head_dim",
-                format!("is {}", self.head_dim),
-                format!("one of {:?}", layout::HEAD_DIMS),
-            ));
-        }
-        Ok(())
+        validate_heads(
+            (self.q_heads, self.kv_heads, self.head_dim),
+            layout::MAX_GROUP,
+            &layout::HEAD_DIMS,
+        )
     }
 }
 
@@ -270,26 +255,7 @@ fn validate_layouts(shape: &PrefillAttentionShape, layouts: &[SequenceLayout]) -
                 format!("len <= capacity <= {MAX_CAPACITY}"),
             ));
         }
-        if l.offset % u64::from(layout::VECTOR) != 0 {
-            return Err(invalid(
-                "layouts",
-                format!("sequence {sequence} starts at element {}", l.offset),
-                format!(
-                    "an offset that is a multiple of {} (16-byte rows)",
-                    layout::VECTOR
-                ),
-            ));
-        }
-        let end = (l.offset as u128)
-            + (shape.kv_heads as u128) * (l.capacity as u128) * (shape.head_dim as u128);
-        let end = usize::try_from(end).map_err(|_| {
-            invalid(
-                "layouts",
-                format!("sequence {sequence} ends past the address space"),
-                "a block that fits in memory",
-            )
-        })?;
-        kv_elements = kv_elements.max(end);
+        kv_elements = kv_elements.max(block_end(sequence, l, shape.kv_heads, shape.head_dim)?);
     }
     Ok(kv_elements)
 }

@@ -1,11 +1,11 @@
 //! Launcher of the deterministic random fill (see `shadowkv_kernels::random`).
-use cudarc::driver::{CudaStream, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaStream, DevicePtrMut};
 use half::bf16;
 pub use shadowkv_kernels::random as kernel_layout;
 use shadowkv_kernels::random::{self as layout, RandomParams};
 
 use crate::error::{invalid, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{grid_for, Gpu};
 use crate::kernels::KernelName;
 
 /// Fills `out` with values uniform in `[offset - scale, offset + scale)`, element `i` a
@@ -36,12 +36,7 @@ pub fn fill(
         scale,
         offset,
     };
-    let blocks = len.div_ceil(layout::THREADS as usize).min(4 * 65_536) as u32;
-    let launch = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (layout::THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let launch = grid_for(len, layout::THREADS, 4 * 65_536);
     // SAFETY: the kernel writes elements below `len`, the length of `out`.
     unsafe {
         gpu.launch(
