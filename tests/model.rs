@@ -14,6 +14,10 @@ fn main() {
         ("gpu_model_matches_cpu_path_on_smollm2", matches_cpu_path),
         ("gpu_ragged_batch_matches_sequences_alone", ragged_batch),
         ("gpu_chunked_prefill_matches_one_pass", chunked_prefill),
+        (
+            "gpu_passkey_found_at_2k_and_prefill_kernels_agree_at_7k",
+            passkey,
+        ),
         ("gpu_model_rejects_bad_input", rejects_bad_input),
     ])
 }
@@ -287,6 +291,61 @@ fn chunked_prefill(_: &Gpu) -> Result<(), String> {
         return Err(format!(
             "chunked prefill differs from one pass by {error:.3e}"
         ));
+    }
+    Ok(())
+}
+
+/// A pass key planted in filler, prefilled by the tiled kernel and by the decode kernel, then
+/// greedy decoding on the GPU (full attention; ShadowKV on the GPU waits for issue 4). At 2K
+/// tokens both must answer with the key. At 7K tokens (SmolLM2 was trained to 8K) the 135M
+/// model misses it with either kernel, so there the two answers must agree.
+fn passkey(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let mut model = gpu_model(&source)?;
+    let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    let key = "68231";
+    for (repeats, depth) in [(90, 0.5), (290, 0.3)] {
+        let before = filler.repeat((repeats as f64 * depth) as usize);
+        let after = filler.repeat(repeats - (repeats as f64 * depth) as usize);
+        let text = format!(
+            "There is a pass key hidden in the following text. Find it and remember it.\n{before}The pass key is {key}. Remember it. {key} is the pass key.\n{after}\nWhat is the pass key?"
+        );
+        let prompt = source.prompt_tokens(&text, true).map_err(s)?;
+        let mut answers = Vec::new();
+        for tiled in [true, false] {
+            model.set_tiled_prefill(tiled);
+            let mut cache = model.new_cache(&[(prompt.len() + 12) as u32]).map_err(s)?;
+            let mut logits = model
+                .forward(&mut cache, &vec![0; prompt.len()], &prompt)
+                .map_err(s)?;
+            let mut tokens = Vec::new();
+            for _ in 0..10 {
+                let token = Sampler::greedy().sample(&logits);
+                tokens.push(token);
+                logits = model.forward(&mut cache, &[0], &[token]).map_err(s)?;
+            }
+            answers.push(source.tokenizer.decode(&tokens).map_err(s)?);
+        }
+        eprintln!(
+            "{} prompt tokens, key at {:.0}% depth: tiled prefill {:?}, decode-kernel prefill {:?}",
+            prompt.len(),
+            depth * 100.0,
+            answers[0],
+            answers[1]
+        );
+        let short = repeats < 100;
+        if short && !answers.iter().all(|a| a.contains(key)) {
+            return Err(format!(
+                "{} tokens: the answers {answers:?} lack the key",
+                prompt.len()
+            ));
+        }
+        if !short && answers[0] != answers[1] {
+            return Err(format!(
+                "{} tokens: the prefill kernels disagree: {answers:?}",
+                prompt.len()
+            ));
+        }
     }
     Ok(())
 }
