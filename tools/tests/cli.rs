@@ -1,0 +1,126 @@
+//! The `shadowkv` command line on the CPU path (the built-in SmolLM2 that tools/setup.sh
+//! fetches): it generates, says which path ran, explains its options, and rejects bad input
+//! with a clear message and a non-zero exit.
+use std::process::Command;
+
+fn shadowkv(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_shadowkv"))
+        .args(args)
+        .output()
+        .expect("the shadowkv binary runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn generate_on_the_cpu_path_answers_and_reports_its_rates() {
+    let (ok, stdout, stderr) = shadowkv(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "10",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Paris"), "{stdout}");
+    assert!(
+        stderr.contains("CPU reference path") && stderr.contains("tokens/s"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_explains_every_option() {
+    let (ok, stdout, _) = shadowkv(&["generate", "--help"]);
+    assert!(ok);
+    for option in [
+        "--model",
+        "--prompt",
+        "--prompt-file",
+        "--raw",
+        "--max-tokens",
+        "--temperature",
+        "--top-p",
+        "--seed",
+        "--attention",
+        "--device",
+        "--chunk-size",
+        "--sparse-budget",
+        "--rank",
+        "--local-chunks",
+        "--outlier-chunks",
+    ] {
+        assert!(stdout.contains(option), "generate --help lacks {option}");
+    }
+    let (ok, stdout, _) = shadowkv(&["bench", "--help"]);
+    assert!(
+        ok && stdout.contains("SYNTHETIC CONTEXT") && stdout.contains("--batch"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["generate", "--device", "cpu"], "--prompt"),
+        (
+            &[
+                "generate",
+                "--device",
+                "cpu",
+                "--prompt",
+                "hi",
+                "--attention",
+                "shadowkv",
+                "--rank",
+                "100",
+            ],
+            "rank 100",
+        ),
+        (
+            &[
+                "generate",
+                "--device",
+                "cpu",
+                "--prompt",
+                "hi",
+                "--attention",
+                "shadowkv",
+            ],
+            "sparse budget",
+        ),
+        (
+            &[
+                "generate",
+                "--device",
+                "cpu",
+                "--prompt",
+                "hi",
+                "--temperature=-1",
+            ],
+            "temperature",
+        ),
+        (
+            &[
+                "generate",
+                "--device",
+                "cpu",
+                "--prompt",
+                "hi",
+                "--model",
+                "/nonexistent.gguf",
+            ],
+            "/nonexistent.gguf",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (ok, _, stderr) = shadowkv(args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
