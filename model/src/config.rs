@@ -47,6 +47,10 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
 }
 
+/// Most parameters a valid shape has (2^48, far above any real model), so that sizes derived
+/// from a shape (`parameters() * bytes`, `q_dim() * tokens`) do not overflow.
+pub const MAX_PARAMETERS: usize = 1 << 48;
+
 /// The named shapes a synthetic model can take.
 pub const NAMED_SHAPES: [&str; 5] = [
     "llama-3-8b",
@@ -82,18 +86,30 @@ impl ModelConfig {
         frequencies
     }
 
-    /// Parameters of the model (embedding and output head counted once if tied).
+    /// Parameters of the model (embedding and output head counted once if tied); `usize::MAX`
+    /// if the count overflows (a validated config has at most [`MAX_PARAMETERS`]).
     pub fn parameters(&self) -> usize {
-        let attention =
-            self.hidden * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * self.hidden;
-        let mlp = 3 * self.hidden * self.ffn;
-        let layer = attention + mlp + 2 * self.hidden;
-        let head = if self.tied_embeddings {
-            0
-        } else {
-            self.vocab * self.hidden
-        };
-        self.layers * layer + self.vocab * self.hidden + head + self.hidden
+        self.checked_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// [`ModelConfig::parameters`], or `None` if the count overflows `usize`.
+    fn checked_parameters(&self) -> Option<usize> {
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        let add = |a: usize, b: usize| a.checked_add(b);
+        let q_dim = mul(self.heads, self.head_dim)?;
+        let kv_dim = mul(self.kv_heads, self.head_dim)?;
+        let attention = add(
+            mul(self.hidden, add(q_dim, mul(2, kv_dim)?)?)?,
+            mul(q_dim, self.hidden)?,
+        )?;
+        let mlp = mul(mul(3, self.hidden)?, self.ffn)?;
+        let layer = add(add(attention, mlp)?, mul(2, self.hidden)?)?;
+        let embedding = mul(self.vocab, self.hidden)?;
+        let head = if self.tied_embeddings { 0 } else { embedding };
+        add(
+            add(add(mul(self.layers, layer)?, embedding)?, head)?,
+            self.hidden,
+        )
     }
 
     /// One of [`NAMED_SHAPES`], for synthetic models with random weights.
@@ -348,6 +364,15 @@ impl ModelConfig {
         ];
         if let Some((what, _)) = sizes.iter().find(|(_, n)| *n == 0 || *n > 1 << 24) {
             return fail(format!("gives {what} out of range: {sizes:?}"));
+        }
+        // Each count alone may be in range while their products overflow (a hostile file).
+        match self.checked_parameters() {
+            Some(parameters) if parameters <= MAX_PARAMETERS => {}
+            _ => {
+                return fail(format!(
+                    "has more than {MAX_PARAMETERS} parameters: {sizes:?}"
+                ))
+            }
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
             return fail(format!(

@@ -129,8 +129,16 @@ impl GgufFile {
         let tensor_count = reader.count("tensor count")?;
         let metadata_count = reader.count("metadata count")?;
         let mut metadata = Vec::with_capacity(metadata_count);
+        let mut metadata_keys = std::collections::HashSet::new();
+        let mut tensor_names = std::collections::HashSet::new();
         for _ in 0..metadata_count {
             let key = reader.string()?;
+            if !metadata_keys.insert(key.clone()) {
+                return Err(reader.error(
+                    reader.at as u64,
+                    format!("repeats the metadata key `{key}`"),
+                ));
+            }
             let value_type = reader.u32()?;
             let value = reader.value(value_type, 0)?;
             metadata.push((key, value));
@@ -163,6 +171,14 @@ impl GgufFile {
                 .collect::<Result<Vec<_>>>()?;
             let type_id = reader.u32()?;
             let offset = reader.u64()?;
+            // llama.cpp rejects a repeated name; a lookup here would silently take the first.
+            if !tensor_names.insert(tensor.clone()) {
+                return Err(tensor_error(
+                    &name,
+                    &tensor,
+                    "appears twice in the tensor directory".into(),
+                ));
+            }
             directory.push((tensor, dims, type_id, offset));
         }
         let data_start = (reader.at as u64).next_multiple_of(alignment);

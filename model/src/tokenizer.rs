@@ -335,6 +335,8 @@ pub struct ChatTemplate {
 }
 
 const TEMPLATE_NAME: &str = "chat_template";
+/// Instructions a chat template may run per render: real templates use a few thousand.
+const TEMPLATE_FUEL: u64 = 5_000_000;
 
 impl ChatTemplate {
     /// The file's chat template, or `None` if it has none.
@@ -368,6 +370,9 @@ impl ChatTemplate {
     ) -> Result<ChatTemplate> {
         let fail = |reason: String| file_error(source, reason);
         let mut env = Environment::new();
+        // A template is code from the model file: bound its work, so a hostile one (nested
+        // loops over huge ranges) fails instead of running for ever.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         let syntax = SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)

@@ -1,7 +1,7 @@
 //! GGUF parsing and dequantisation on the CPU: blocks against the `gguf` Python package's
 //! reference dequantiser, a file built here in memory, and malformed files.
 use half::{bf16, f16};
-use shadowkv_model::{GgmlType, GgufFile, MetadataValue};
+use shadowkv_model::{GgmlType, GgufFile, MetadataValue, ModelConfig};
 
 // Generated values, printed exactly as the reference computed them.
 #[allow(clippy::excessive_precision)]
@@ -189,4 +189,71 @@ fn bad_files_say_what_and_where() {
     huge_count[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
     let error = GgufFile::parse("h.gguf".into(), huge_count).err().unwrap();
     assert!(error.reason.contains("tensor count"), "{error}");
+}
+
+/// Found while fuzzing: a hand-made input with the metadata below crashed the `gguf_parse`
+/// target (kept in model/fuzz/corpus/gguf_parse/ as e215783d5f06d6249159763c25e5fdae4ce06d88).
+/// Every count was within its own limit (2^24) but their products overflowed `usize`, so
+/// `ModelConfig::parameters` panicked (debug) or wrapped (release) on a 448-byte file that
+/// `ModelConfig::from_gguf` accepted.
+#[test]
+fn a_shape_whose_parameter_count_overflows_is_an_error() {
+    let u32_value = |v: u32| (4u32, v.to_le_bytes().to_vec());
+    let architecture = [5u64.to_le_bytes().to_vec(), b"llama".to_vec()].concat();
+    let keys = [
+        "llama.embedding_length",
+        "llama.block_count",
+        "llama.feed_forward_length",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.attention.key_length",
+        "llama.vocab_size",
+    ];
+    let mut metadata = vec![("general.architecture", 8, architecture)];
+    for key in keys {
+        let (value_type, value) = u32_value(1 << 24);
+        metadata.push((key, value_type, value));
+    }
+    let bytes = write_gguf(&metadata, &[("token_embd.weight", vec![1], 0, vec![0; 4])]);
+    let file = GgufFile::parse("huge.gguf".into(), bytes).unwrap();
+    let error = ModelConfig::from_gguf(&file).unwrap_err();
+    assert_eq!(error.file, "huge.gguf");
+    assert!(error.reason.contains("parameters"), "{error}");
+
+    // A config built by hand saturates instead of overflowing.
+    let mut config = ModelConfig::named("smollm2-135m").unwrap();
+    assert!(config.parameters() > 100_000_000 && config.parameters() < 200_000_000);
+    config.layers = usize::MAX;
+    assert_eq!(config.parameters(), usize::MAX);
+}
+
+#[test]
+fn repeated_metadata_keys_and_tensor_names_are_errors() {
+    let one = |n: u32| n.to_le_bytes().to_vec();
+    let key_twice = write_gguf(
+        &[
+            ("llama.block_count", 4, one(30)),
+            ("llama.block_count", 4, one(2)),
+        ],
+        &[],
+    );
+    let error = GgufFile::parse("twice.gguf".into(), key_twice)
+        .err()
+        .expect("a repeated key is an error");
+    assert!(
+        error
+            .to_string()
+            .contains("repeats the metadata key `llama.block_count`"),
+        "{error}"
+    );
+    let f32s: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let name_twice = write_gguf(
+        &[],
+        &[("w", vec![2], 0, f32s.clone()), ("w", vec![2], 0, f32s)],
+    );
+    let error = GgufFile::parse("twice.gguf".into(), name_twice)
+        .err()
+        .expect("a repeated tensor is an error");
+    assert_eq!(error.tensor.as_deref(), Some("w"));
+    assert!(error.reason.contains("twice"), "{error}");
 }

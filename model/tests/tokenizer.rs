@@ -300,3 +300,22 @@ fn tokenizer_json_loads() {
     let missing = Tokenizer::from_tokenizer_json(&dir.join("absent.json"));
     assert!(missing.is_err());
 }
+
+#[test]
+fn a_chat_template_that_never_ends_runs_out_of_fuel() {
+    let hostile =
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+    let template =
+        shadowkv_model::ChatTemplate::new("hostile.gguf", hostile, String::new(), String::new())
+            .unwrap();
+    let started = std::time::Instant::now();
+    let error = template
+        .render(&[shadowkv_model::ChatMessage::new("user", "hi")], true)
+        .unwrap_err();
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(error.to_string().contains("hostile.gguf"), "{error}");
+}
