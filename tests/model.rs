@@ -247,6 +247,27 @@ fn ragged_batch(_: &Gpu) -> Result<(), String> {
         let next: Vec<u32> = (0..prompts.len())
             .map(|b| Sampler::greedy().sample(&logits[b * vocab..(b + 1) * vocab]))
             .collect();
+        // Greedy sampling on the GPU picks what the host picks from the same pass's logits
+        // (two caches holding the prompts; a pass is deterministic).
+        if step == 0 {
+            let mut first = model.new_cache(&capacities).map_err(s)?;
+            let mut second = model.new_cache(&capacities).map_err(s)?;
+            model.forward(&mut first, &sequences, &tokens).map_err(s)?;
+            model.forward(&mut second, &sequences, &tokens).map_err(s)?;
+            let on_gpu = model
+                .forward_greedy(&mut first, &[0, 1, 2], &next)
+                .map_err(s)?;
+            let after = model.forward(&mut second, &[0, 1, 2], &next).map_err(s)?;
+            let on_host: Vec<u32> = after
+                .chunks_exact(vocab)
+                .map(|row| Sampler::greedy().sample(row))
+                .collect();
+            if on_gpu != on_host {
+                return Err(format!(
+                    "argmax on the GPU {on_gpu:?}, on the host {on_host:?}"
+                ));
+            }
+        }
         logits = model.forward(&mut cache, &[0, 1, 2], &next).map_err(s)?;
     }
     eprintln!(

@@ -419,6 +419,35 @@ impl GpuModel {
         sequences: &[usize],
         tokens: &[u32],
     ) -> Result<Vec<f32>> {
+        let logits = self.forward_on_device(cache, sequences, tokens)?;
+        self.stream().clone_dtoh(&logits).gpu()
+    }
+
+    /// [`forward`](Self::forward) with greedy sampling on the GPU: the most likely next token
+    /// of each sequence named (4 bytes each come back instead of a vocabulary of logits).
+    pub fn forward_greedy(
+        &self,
+        cache: &mut GpuKvCache,
+        sequences: &[usize],
+        tokens: &[u32],
+    ) -> Result<Vec<u32>> {
+        let logits = self.forward_on_device(cache, sequences, tokens)?;
+        let stream = self.stream();
+        let mut ids = stream
+            .alloc_zeros::<u32>(logits.len() / self.config.vocab)
+            .gpu()?;
+        shadowkv::sampling::argmax(&self.gpu, stream, &logits, self.config.vocab, &mut ids)
+            .gpu()?;
+        stream.clone_dtoh(&ids).gpu()
+    }
+
+    /// The forward pass, leaving the logits on the GPU.
+    fn forward_on_device(
+        &self,
+        cache: &mut GpuKvCache,
+        sequences: &[usize],
+        tokens: &[u32],
+    ) -> Result<CudaSlice<f32>> {
         let config = &self.config;
         if sequences.len() != tokens.len() || tokens.is_empty() {
             return Err(gpu_error(format!(
@@ -582,7 +611,6 @@ impl GpuModel {
                 )
                 .gpu()?;
         }
-        let logits = stream.clone_dtoh(&logits).gpu()?;
         for (b, len) in next.into_iter().enumerate() {
             cache.lens[b] = len;
         }

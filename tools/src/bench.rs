@@ -114,8 +114,7 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         rng_state ^= rng_state << 17;
         (rng_state % config.vocab as u64) as u32
     };
-    let mut last_logits;
-    if args.synthetic_context {
+    let last_logits = if args.synthetic_context {
         cache.fill_synthetic(
             model.gpu(),
             &vec![args.context as u32; args.batch],
@@ -125,11 +124,11 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             "context: SYNTHETIC random keys and values, {} tokens per sequence",
             args.context
         );
-        last_logits = model.forward(
+        model.forward(
             &mut cache,
             &(0..args.batch).collect::<Vec<_>>(),
             &(0..args.batch).map(|_| random_token()).collect::<Vec<_>>(),
-        )?;
+        )?
     } else {
         let bar = prefill_bar(args.batch * args.context);
         let started_prefill = Instant::now();
@@ -146,22 +145,20 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             started_prefill.elapsed().as_secs_f64(),
             (args.batch * args.context) as f64 / started_prefill.elapsed().as_secs_f64()
         );
-        last_logits = rows;
-    }
-    let sequences: Vec<usize> = (0..args.batch).collect();
-    let mut step = |logits: &[f32]| -> shadowkv_model::Result<Vec<f32>> {
-        let next: Vec<u32> = logits
-            .chunks_exact(config.vocab)
-            .map(|row| Sampler::greedy().sample(row))
-            .collect();
-        model.forward(&mut cache, &sequences, &next)
+        rows
     };
+    let sequences: Vec<usize> = (0..args.batch).collect();
+    // Greedy decoding with the argmax on the GPU: each step returns one id per sequence.
+    let mut next: Vec<u32> = last_logits
+        .chunks_exact(config.vocab)
+        .map(|row| Sampler::greedy().sample(row))
+        .collect();
     for _ in 0..2 {
-        last_logits = step(&last_logits)?;
+        next = model.forward_greedy(&mut cache, &sequences, &next)?;
     }
     let timed = Instant::now();
     for _ in 0..args.steps {
-        last_logits = step(&last_logits)?;
+        next = model.forward_greedy(&mut cache, &sequences, &next)?;
     }
     let seconds = timed.elapsed().as_secs_f64();
     let per_step = seconds / args.steps as f64;
