@@ -344,12 +344,11 @@ impl GpuModel {
         next: &[u32],
     ) -> Result<AttentionPass> {
         let (config, gpu) = (&self.config, &*self.gpu);
-        let single = placements.iter().enumerate().all(|(row, p)| {
-            placements
-                .iter()
-                .skip(row + 1)
-                .all(|other| other.sequence != p.sequence)
-        });
+        // One new token per sequence (a decode step): `next` counts each sequence's tokens.
+        let single = next
+            .iter()
+            .zip(&cache.lens)
+            .all(|(&after, &before)| after - before <= 1);
         if single || !self.tiled_prefill {
             // Each query row attends over its sequence's block up to itself.
             let layouts: Vec<SequenceLayout> = placements
@@ -596,19 +595,18 @@ impl GpuModel {
                 .forward(&normed, head, hidden, &mut logits)
                 .gpu()?;
         } else {
-            // Several sequences' prompts in one pass: gather their last rows.
-            let host = stream.clone_dtoh(&normed).gpu()?;
-            let picked: Vec<bf16> = rows
-                .iter()
-                .flat_map(|&r| host[r * hidden..(r + 1) * hidden].iter().copied())
-                .collect();
+            // Several sequences' prompts in one pass: gather their last rows on the device.
+            let mut last_rows = alloc_bf16(rows.len() * hidden)?;
+            for (i, &row) in rows.iter().enumerate() {
+                stream
+                    .memcpy_dtod(
+                        &normed.slice(row * hidden..(row + 1) * hidden),
+                        &mut last_rows.slice_mut(i * hidden..(i + 1) * hidden),
+                    )
+                    .gpu()?;
+            }
             self.linear
-                .forward(
-                    &stream.clone_htod(&picked).gpu()?,
-                    head,
-                    hidden,
-                    &mut logits,
-                )
+                .forward(&last_rows, head, hidden, &mut logits)
                 .gpu()?;
         }
         for (b, len) in next.into_iter().enumerate() {

@@ -16,36 +16,56 @@ pub fn decode_attention(
     let d = shape.head_dim;
     let group = shape.group();
     let mut out = vec![0.0f64; shape.q_elements()];
-    let mut scores = Vec::new();
+    let (mut query, mut scores) = (vec![0.0f64; d], Vec::new());
     for (b, l) in layouts.iter().enumerate() {
         for q_head in 0..shape.q_heads {
             let kv_head = q_head / group;
             let base = l.offset as usize + kv_head * l.capacity as usize * d;
-            let query = &q[(b * shape.q_heads + q_head) * d..][..d];
-            scores.clear();
-            for t in 0..l.len as usize {
-                let key = &k[base + t * d..][..d];
-                let dot: f64 = query
-                    .iter()
-                    .zip(key)
-                    .map(|(a, b)| a.to_f64() * b.to_f64())
-                    .sum();
-                scores.push(dot * scale);
+            let row = (b * shape.q_heads + q_head) * d;
+            for (x, value) in query.iter_mut().zip(&q[row..row + d]) {
+                *x = value.to_f64();
             }
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let row = &mut out[(b * shape.q_heads + q_head) * d..][..d];
-            for (t, weight) in scores.iter().enumerate() {
-                let value = &v[base + t * d..][..d];
-                for (o, x) in row.iter_mut().zip(value) {
-                    *o += weight / sum * x.to_f64();
-                }
-            }
+            attend_row(
+                &query,
+                &k[base..],
+                &v[base..],
+                l.len as usize,
+                scale,
+                &mut scores,
+                &mut out[row..row + d],
+            );
         }
     }
     out
+}
+
+/// `out = softmax(query · keysᵀ · scale) · values` over the first `len` rows of `d = query.len()`
+/// values of `keys` and `values` (one KV head's block); `scores` is scratch.
+pub(crate) fn attend_row(
+    query: &[f64],
+    keys: &[bf16],
+    values: &[bf16],
+    len: usize,
+    scale: f64,
+    scores: &mut Vec<f64>,
+    out: &mut [f64],
+) {
+    let d = query.len();
+    scores.clear();
+    for key in keys[..len * d].chunks_exact(d) {
+        let dot: f64 = query.iter().zip(key).map(|(a, b)| a * b.to_f64()).sum();
+        scores.push(dot * scale);
+    }
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (weight, value) in scores.iter().zip(values[..len * d].chunks_exact(d)) {
+        for (o, x) in out.iter_mut().zip(value) {
+            *o += weight / sum * x.to_f64();
+        }
+    }
 }

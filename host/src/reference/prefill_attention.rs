@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use half::bf16;
 
 use crate::prefill_attention::{PrefillAttentionShape, QueryPlacement, SequenceLayout};
+use crate::reference::attention::attend_row;
 
 /// Positions one work item of the reference covers.
 const POSITIONS_PER_ITEM: usize = 32;
@@ -58,25 +59,16 @@ pub fn prefill_attention(
                         for (x, value) in query.iter_mut().zip(row) {
                             *x = value.to_f64();
                         }
-                        scores.clear();
-                        for t in 0..=p.start as usize + i {
-                            let key = &k[base + t * d..][..d];
-                            let dot: f64 = query.iter().zip(key).map(|(a, b)| a * b.to_f64()).sum();
-                            scores.push(dot * scale);
-                        }
-                        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let mut sum = 0.0;
-                        for s in scores.iter_mut() {
-                            *s = (*s - max).exp();
-                            sum += *s;
-                        }
                         let mut row = vec![0.0f64; d];
-                        for (t, weight) in scores.iter().enumerate() {
-                            let value = &v[base + t * d..][..d];
-                            for (o, x) in row.iter_mut().zip(value) {
-                                *o += weight / sum * x.to_f64();
-                            }
-                        }
+                        attend_row(
+                            &query,
+                            &k[base..],
+                            &v[base..],
+                            p.start as usize + i + 1,
+                            scale,
+                            &mut scores,
+                            &mut row,
+                        );
                         rows.push((token, row));
                     }
                     let mut out = out.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

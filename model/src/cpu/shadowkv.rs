@@ -127,8 +127,8 @@ pub struct ShadowLayer {
 
 /// The rank-`rank` factors of `keys` (`[len, width]`, row-major): `a = U_r` (`[len, rank]`) and
 /// `bm = Σ_r V_rᵀ` (`[rank, width]`), from the eigenvectors of the Gram matrix `keysᵀ keys`
-/// (`width²`, never `len²`). Returns them and the relative error `‖K - a·bm‖ / ‖K‖`.
-pub fn factorise(keys: &[f32], width: usize, rank: usize) -> (Vec<f32>, Vec<f32>, f64) {
+/// (`width²`, never `len²`).
+pub fn factorise(keys: &[f32], width: usize, rank: usize) -> (Vec<f32>, Vec<f32>) {
     let len = keys.len() / width;
     let mut gram = DMatrix::<f64>::zeros(width, width);
     for row in keys.chunks_exact(width) {
@@ -170,6 +170,11 @@ pub fn factorise(keys: &[f32], width: usize, rank: usize) -> (Vec<f32>, Vec<f32>
             a[t * rank + component] = (projection / sigma) as f32;
         }
     }
+    (a, bm)
+}
+
+/// `‖K - a·bm‖ / ‖K‖` of [`factorise`]'s factors (a check, not part of the prefill).
+pub fn factorisation_error(keys: &[f32], width: usize, rank: usize, a: &[f32], bm: &[f32]) -> f64 {
     let (mut error, mut norm) = (0.0f64, 0.0f64);
     for (t, row) in keys.chunks_exact(width).enumerate() {
         for (j, &k) in row.iter().enumerate() {
@@ -180,7 +185,7 @@ pub fn factorise(keys: &[f32], width: usize, rank: usize) -> (Vec<f32>, Vec<f32>
             norm += (k as f64).powi(2);
         }
     }
-    (a, bm, (error / norm.max(f64::MIN_POSITIVE)).sqrt())
+    (error / norm.max(f64::MIN_POSITIVE)).sqrt()
 }
 
 impl ShadowLayer {
@@ -197,7 +202,7 @@ impl ShadowLayer {
         params.check_prompt(prompt_len)?;
         let chunks = params.prompt_chunks(prompt_len);
         let outliers_per_head = params.outlier_chunks.min(chunks);
-        let (a, bm, _) = factorise(pre_rope_keys, kv_dim, params.rank);
+        let (a, bm) = factorise(pre_rope_keys, kv_dim, params.rank);
         let mut layer = ShadowLayer {
             prompt_len,
             chunks,
@@ -363,7 +368,7 @@ impl ShadowLayer {
 
 #[cfg(test)]
 mod tests {
-    use super::factorise;
+    use super::{factorisation_error, factorise};
 
     /// Deterministic values in [-1, 1).
     fn noise(seed: u64, n: usize) -> Vec<f32> {
@@ -391,7 +396,8 @@ mod tests {
                     .sum();
             }
         }
-        let (a, bm, error) = factorise(&keys, width, rank);
+        let (a, bm) = factorise(&keys, width, rank);
+        let error = factorisation_error(&keys, width, rank, &a, &bm);
         assert_eq!((a.len(), bm.len()), (len * rank, rank * width));
         assert!(error < 1e-5, "exactly rank {rank}: error {error}");
         // With noise on top, a lower rank leaves more error, and the full rank none.
@@ -400,9 +406,11 @@ mod tests {
             .zip(noise(3, len * width))
             .map(|(k, n)| k + 0.05 * n)
             .collect();
-        let (_, _, at_rank) = factorise(&noisy, width, rank);
-        let (_, _, below) = factorise(&noisy, width, rank / 2);
-        let (_, _, full) = factorise(&noisy, width, width);
+        let error_at = |rank| {
+            let (a, bm) = factorise(&noisy, width, rank);
+            factorisation_error(&noisy, width, rank, &a, &bm)
+        };
+        let (at_rank, below, full) = (error_at(rank), error_at(rank / 2), error_at(width));
         assert!(
             full < 1e-5 && at_rank < below && at_rank < 0.05,
             "{full} {at_rank} {below}"
