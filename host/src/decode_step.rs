@@ -305,14 +305,8 @@ impl DecodeStep {
         q: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.check_layer(layer)?;
         let batch = &layer.batch;
-        if *batch.config() != self.config {
-            return Err(invalid(
-                "layer",
-                format!("has config {:?}", batch.config()),
-                format!("the step's {:?}", self.config),
-            ));
-        }
         let elements = batch.batch() * self.config.q_heads * self.config.head_dim;
         check_len("q", q.len(), elements, "[batch, q_heads, head_dim]")?;
         check_len("out", out.len(), elements, "[batch, q_heads, head_dim]")?;
@@ -346,43 +340,8 @@ impl DecodeStep {
             t.recorded = 0;
         }
         for (part, plan_done) in parts.iter().zip(&self.plan_done) {
-            scoring::run(
-                gpu,
-                &stream,
-                batch,
-                *part,
-                q,
-                &layer.landmarks,
-                &mut w.logits,
-                &mut w.tile_stats,
-                self.scale,
-            )?;
-            mark(timeline, gpu, "scoring", &stream)?;
-            topk::run(
-                gpu,
-                &stream,
-                batch,
-                *part,
-                &w.logits,
-                &w.tile_stats,
-                &layer.chunk_ids,
-                &mut w.scores,
-                &mut w.selection,
-            )?;
-            mark(timeline, gpu, "topk", &stream)?;
-            plan::run(
-                gpu,
-                &stream,
-                batch,
-                *part,
-                &w.selection,
-                &mut layer.resident,
-                &mut w.misses,
-                &mut w.miss_counts,
-                &mut w.fresh,
-                w.host_miss_counts.device_address(),
-            )?;
-            mark(timeline, gpu, "plan", &stream)?;
+            select(gpu, &stream, layer, *part, q, w, self.scale, timeline)?;
+            let batch = &layer.batch;
             // The fetch runs on the copy stream beside the next part's selection, the
             // resident attention and the rebuild, or in order on the compute stream when the
             // overlap is off.
@@ -405,6 +364,7 @@ impl DecodeStep {
             )?;
             mark(timeline, gpu, "fetch", fetch_stream)?;
         }
+        let batch = &layer.batch;
         self.stats_ready.record(&stream)?;
         let slots = SlotMarks {
             sequences: batch.sequences_address(&stream),
@@ -431,6 +391,7 @@ impl DecodeStep {
             gpu,
             &stream,
             batch,
+            batch.whole(),
             &w.misses,
             &w.miss_counts,
             &layer.a,
@@ -458,6 +419,74 @@ impl DecodeStep {
         }
     }
 
+    /// The first selection of a prefill (`ShadowKvCache::prefill_layer`): scoring, top-k and
+    /// plan of `part` with `q` (`[batch, q_heads, head_dim]`; only `part`'s rows are read), on
+    /// the compute stream. The misses are left in [`scratch`](Self::scratch) for the caller to
+    /// fill (it has the values on the GPU) and rebuild.
+    pub fn select_part(
+        &mut self,
+        gpu: &Gpu,
+        layer: &mut ShadowLayer,
+        part: BatchPart,
+        q: &impl DevicePtr<bf16>,
+    ) -> Result<()> {
+        self.check_layer(layer)?;
+        let elements = layer.batch.batch() * self.config.q_heads * self.config.head_dim;
+        check_len("q", q.len(), elements, "[batch, q_heads, head_dim]")?;
+        let stream = gpu.stream().clone();
+        if !self.workspace.fits(&layer.batch) {
+            self.workspace = StepWorkspace::new(gpu, &stream, &layer.batch)?;
+        }
+        select(
+            gpu,
+            &stream,
+            layer,
+            part,
+            q,
+            &mut self.workspace,
+            self.scale,
+            &mut None,
+        )
+    }
+
+    /// Grows the scratch to fit `batch` (the step does this itself; the prefill checks the
+    /// scratch before its first selection).
+    pub fn reserve(&mut self, gpu: &Gpu, batch: &ShadowBatch) -> Result<()> {
+        if !self.workspace.fits(batch) {
+            self.workspace = StepWorkspace::new(gpu, gpu.stream(), batch)?;
+        }
+        Ok(())
+    }
+
+    /// The keys of `part`'s misses of the latest selection, rebuilt into their slots.
+    pub fn rebuild_part(&self, gpu: &Gpu, layer: &mut ShadowLayer, part: BatchPart) -> Result<()> {
+        self.check_layer(layer)?;
+        let w = &self.workspace;
+        rebuild::run(
+            gpu,
+            gpu.stream(),
+            &layer.batch,
+            part,
+            &w.misses,
+            &w.miss_counts,
+            &layer.a,
+            &layer.bm,
+            &self.inverse_frequencies,
+            &mut layer.k,
+        )
+    }
+
+    fn check_layer(&self, layer: &ShadowLayer) -> Result<()> {
+        if *layer.batch.config() != self.config {
+            return Err(invalid(
+                "layer",
+                format!("has config {:?}", layer.batch.config()),
+                format!("the step's {:?}", self.config),
+            ));
+        }
+        Ok(())
+    }
+
     /// The statistics of the latest step: waits until its plan has run.
     pub fn stats(&self, batch: &ShadowBatch) -> Result<StepStats> {
         self.stats_ready.synchronize()?;
@@ -475,4 +504,56 @@ impl DecodeStep {
     pub fn scratch(&self) -> &StepWorkspace {
         &self.workspace
     }
+}
+
+/// Scoring, top-k and plan of `part` on `stream`, into `w`.
+#[allow(clippy::too_many_arguments)]
+fn select(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    layer: &mut ShadowLayer,
+    part: BatchPart,
+    q: &impl DevicePtr<bf16>,
+    w: &mut StepWorkspace,
+    scale: f32,
+    timeline: &mut Option<Timeline>,
+) -> Result<()> {
+    let batch = &layer.batch;
+    scoring::run(
+        gpu,
+        stream,
+        batch,
+        part,
+        q,
+        &layer.landmarks,
+        &mut w.logits,
+        &mut w.tile_stats,
+        scale,
+    )?;
+    mark(timeline, gpu, "scoring", stream)?;
+    topk::run(
+        gpu,
+        stream,
+        batch,
+        part,
+        &w.logits,
+        &w.tile_stats,
+        &layer.chunk_ids,
+        &mut w.scores,
+        &mut w.selection,
+    )?;
+    mark(timeline, gpu, "topk", stream)?;
+    plan::run(
+        gpu,
+        stream,
+        batch,
+        part,
+        &w.selection,
+        &mut layer.resident,
+        &mut w.misses,
+        &mut w.miss_counts,
+        &mut w.fresh,
+        w.host_miss_counts.device_address(),
+    )?;
+    mark(timeline, gpu, "plan", stream)
 }

@@ -219,3 +219,19 @@ impl Gpu {
         Ok(())
     }
 }
+
+/// `cuMemcpyAsync` of `bytes` from `source` to `target` on `stream` (unified addressing: either
+/// may be device memory or mapped pinned host memory).
+///
+/// # Safety
+/// Both ranges lie inside live allocations that stay alive until the copy has run.
+pub(crate) unsafe fn copy_async(
+    stream: &CudaStream,
+    target: u64,
+    source: u64,
+    bytes: usize,
+) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { sys::cuMemcpyAsync(target, source, bytes, stream.cu_stream()) }.result()?;
+    Ok(())
+}

@@ -5,8 +5,10 @@
 //! Every kernel family has a typed launcher here (plan, then run) and a CPU reference in
 //! [`reference`].
 pub mod attention;
+pub mod cache;
 pub mod decode_step;
 pub mod error;
+pub mod factorise;
 pub mod fetch;
 pub mod gpu;
 pub mod kernels;
@@ -21,6 +23,7 @@ pub mod reference;
 pub mod sampling;
 pub mod scoring;
 pub mod shadow;
+pub mod shadow_prefill;
 pub mod topk;
 
 pub use attention::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout};

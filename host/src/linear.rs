@@ -28,7 +28,7 @@ pub struct Linear {
     stream: Arc<CudaStream>,
 }
 
-fn blas_error(error: impl std::fmt::Display) -> Error {
+pub(crate) fn blas_error(error: impl std::fmt::Display) -> Error {
     invalid(
         "cublas",
         error.to_string(),
@@ -71,38 +71,100 @@ impl Linear {
                 "1 to 2^31 - 1 rows and dimensions",
             ));
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
         let stream = &self.stream;
         let (x_address, _x_use) = x.device_ptr(stream);
         let (w_address, _w_use) = weight.device_ptr(stream);
         let (y_address, _y_use) = y.device_ptr_mut(stream);
         // Column-major view: yᵀ [outputs, rows] = W [outputs, inputs] · xᵀ [inputs, rows], where
         // the row-major weight is a column-major [inputs, outputs] matrix used transposed.
+        let shape = GemmShape {
+            transpose_a: true,
+            transpose_b: false,
+            m: outputs,
+            n: rows,
+            k: inputs,
+            lda: inputs,
+            ldb: inputs,
+            ldc: outputs,
+        };
         // SAFETY: the three buffers hold exactly the elements of those shapes (checked above)
-        // and live on this handle's stream; alpha and beta are f32 as COMPUTE_32F requires.
+        // and live on this handle's stream.
         unsafe {
-            gemm_ex(
-                *self.blas.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_T,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                outputs as i32,
-                rows as i32,
-                inputs as i32,
-                (&alpha) as *const f32 as *const _,
-                w_address as *const _,
-                sys::cudaDataType::CUDA_R_16BF,
-                inputs as i32,
-                x_address as *const _,
-                sys::cudaDataType::CUDA_R_16BF,
-                inputs as i32,
-                (&beta) as *const f32 as *const _,
-                y_address as *mut _,
+            gemm_bf16(
+                &self.blas,
+                shape,
+                w_address,
+                x_address,
+                y_address,
                 Y::DATA_TYPE,
-                outputs as i32,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(blas_error)
     }
+}
+
+/// A column-major cuBLAS product `C [m, n] = op(A) [m, k] · op(B) [k, n]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GemmShape {
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+}
+
+/// `C = op(A) · op(B)` with bf16 `A` and `B`, f32 accumulation and a `c_type` output.
+///
+/// # Safety
+/// `a`, `b` and `c` are device addresses of buffers that hold the matrices `shape` describes,
+/// ordered on `blas`'s stream; every dimension fits in an `i32` (checked, as an error).
+pub(crate) unsafe fn gemm_bf16(
+    blas: &CudaBlas,
+    shape: GemmShape,
+    a: u64,
+    b: u64,
+    c: u64,
+    c_type: sys::cudaDataType,
+) -> Result<()> {
+    let dimension = |value: usize| {
+        i32::try_from(value).map_err(|_| {
+            invalid(
+                "gemm",
+                format!("a dimension of {value}"),
+                "at most 2^31 - 1",
+            )
+        })
+    };
+    let op = |transpose| match transpose {
+        true => sys::cublasOperation_t::CUBLAS_OP_T,
+        false => sys::cublasOperation_t::CUBLAS_OP_N,
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the caller's contract; alpha and beta are f32 as COMPUTE_32F requires.
+    unsafe {
+        gemm_ex(
+            *blas.handle(),
+            op(shape.transpose_a),
+            op(shape.transpose_b),
+            dimension(shape.m)?,
+            dimension(shape.n)?,
+            dimension(shape.k)?,
+            (&alpha) as *const f32 as *const _,
+            a as *const _,
+            sys::cudaDataType::CUDA_R_16BF,
+            dimension(shape.lda)?,
+            b as *const _,
+            sys::cudaDataType::CUDA_R_16BF,
+            dimension(shape.ldb)?,
+            (&beta) as *const f32 as *const _,
+            c as *mut _,
+            c_type,
+            dimension(shape.ldc)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(blas_error)
 }

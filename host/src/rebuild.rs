@@ -7,7 +7,7 @@ use shadowkv_kernels::rebuild::{self as layout, RebuildParams};
 use crate::error::{check_len, check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
-use crate::shadow::{Miss, ShadowBatch};
+use crate::shadow::{BatchPart, Miss, ShadowBatch};
 
 /// Blocks the rebuild aims for: about two per multiprocessor.
 const BLOCKS_PER_MULTIPROCESSOR: u32 = 2;
@@ -29,6 +29,7 @@ pub fn run(
     gpu: &Gpu,
     stream: &CudaStream,
     batch: &ShadowBatch,
+    part: BatchPart,
     misses: &impl DevicePtr<Miss>,
     miss_counts: &impl DevicePtr<u32>,
     a: &impl DevicePtr<bf16>,
@@ -49,7 +50,7 @@ pub fn run(
     check_reach("k", k.len(), batch.extents().kv)?;
     let splits = splits(gpu, batch);
     let params = RebuildParams {
-        shape: batch.shape(stream),
+        shape: batch.shape_of(stream, part)?,
         misses: address(misses, stream),
         miss_counts: address(miss_counts, stream),
         a: address(a, stream),
@@ -60,7 +61,7 @@ pub fn run(
         _reserved: 0,
     };
     let launch = LaunchConfig {
-        grid_dim: (splits, config.kv_heads as u32, batch.batch() as u32),
+        grid_dim: (splits, config.kv_heads as u32, part.count() as u32),
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: layout::shared_bytes(config.rank as u32, config.head_dim as u32),
     };

@@ -205,11 +205,6 @@ impl ShadowBatch {
         })
     }
 
-    /// The kernels' view of the whole batch, with the device copy's address.
-    pub(crate) fn shape(&self, stream: &CudaStream) -> ShadowShape {
-        self.shape_at(stream, 0)
-    }
-
     /// The kernels' view of the batch for a launch over `part` (which may come from another
     /// batch, so it is checked against this one).
     pub(crate) fn shape_of(&self, stream: &CudaStream, part: BatchPart) -> Result<ShadowShape> {

@@ -92,12 +92,7 @@ pub fn warp_inclusive_sum(value: u32) -> u32 {
 /// As for [`exclusive_count`].
 #[inline(never)]
 pub unsafe fn sum_f32(value: f32, scratch: *mut f32) -> f32 {
-    let mut sum = value;
-    let mut mask = 16;
-    while mask > 0 {
-        sum += shuffle_xor_f32(sum, mask);
-        mask >>= 1;
-    }
+    let sum = warp_sum_f32(value);
     if lane_id() == 0 {
         *scratch.add(warp_id() as usize) = sum;
     }
@@ -110,4 +105,120 @@ pub unsafe fn sum_f32(value: f32, scratch: *mut f32) -> f32 {
     }
     sync_threads();
     total
+}
+
+/// Warp-wide sum of one f32 per lane, returned to every lane (`shfl.sync.bfly` butterflies).
+#[inline(always)]
+pub fn warp_sum_f32(value: f32) -> f32 {
+    let mut sum = value;
+    let mut mask = 16;
+    while mask > 0 {
+        sum += shuffle_xor_f32(sum, mask);
+        mask >>= 1;
+    }
+    sum
+}
+
+/// Zeroes `bins` words of shared memory, spread over the block's threads (no barrier).
+///
+/// # Safety
+/// `histogram` points to at least `bins` words of shared memory.
+pub unsafe fn clear_u32(histogram: *mut u32, bins: u32) {
+    let mut bin = thread_idx_x();
+    while bin < bins {
+        *histogram.add(bin as usize) = 0;
+        bin += block_dim_x();
+    }
+}
+
+/// Finds the digit of the `remaining`-th largest key among the `bins` counted: writes the
+/// digit to `state[0]` and the count in higher bins to `state[1]`. Every thread calls it;
+/// thread `t` scans bins `bins - 1 - per * t` downwards (`bins` is a multiple of the block
+/// size). Ends with a barrier.
+#[inline(always)]
+unsafe fn find_digit(
+    histogram: *const u32,
+    bins: u32,
+    remaining: u32,
+    scratch: *mut u32,
+    state: *mut u32,
+) {
+    let per = bins / block_dim_x();
+    let top = bins - 1 - per * thread_idx_x();
+    let mut total = 0;
+    for i in 0..per {
+        total += *histogram.add((top - i) as usize);
+    }
+    let (mut above, _) = exclusive_sum(total, scratch);
+    if above < remaining && remaining <= above + total {
+        for i in 0..per {
+            let count = *histogram.add((top - i) as usize);
+            if above + count >= remaining {
+                *state = top - i;
+                *state.add(1) = above;
+                break;
+            }
+            above += count;
+        }
+    }
+    sync_threads();
+}
+
+/// Block-wide radix select: the `k`-th largest of the `count` keys `key(0..count)`, whose
+/// significant bits are the top `digit_bits.iter().sum()` of the low 32 (keys must be below
+/// `1 << that sum`). Returns `(threshold, needed_equal)`: the selection is every key above
+/// `threshold` and `needed_equal` of the keys equal to it. The caller has built the
+/// histogram of the first digit (`key >> (bits - digit_bits[0])`) in `histogram`, which
+/// holds `1 << max(digit_bits)` words of shared memory; `scratch` is [`MAX_WARPS`] words and
+/// `state` two. `1 <= k <= count`. Every thread of the block calls it; ends with a barrier.
+///
+/// # Safety
+/// The pointers are shared memory of the sizes above and `key` reads only valid memory for
+/// indices below `count`.
+#[inline(always)]
+pub unsafe fn radix_select(
+    key: impl Fn(u32) -> u32,
+    count: u32,
+    k: u32,
+    digit_bits: &[u32],
+    histogram: *mut u32,
+    scratch: *mut u32,
+    state: *mut u32,
+) -> (u32, u32) {
+    let tid = thread_idx_x();
+    let mut shift: u32 = digit_bits.iter().sum();
+    // After each pass, `prefix` holds the top bits of the threshold and `remaining` how many
+    // of the keys that share them are still to be taken.
+    let (mut prefix, mut prefix_mask, mut remaining) = (0u32, 0u32, k);
+    for pass in 0..digit_bits.len() {
+        let bins = 1u32 << digit_bits[pass];
+        shift -= digit_bits[pass];
+        find_digit(histogram, bins, remaining, scratch, state);
+        let digit = *state;
+        remaining -= *state.add(1);
+        prefix |= digit << shift;
+        prefix_mask |= (bins - 1) << shift;
+        if pass + 1 == digit_bits.len() {
+            break;
+        }
+        let next_bins = 1u32 << digit_bits[pass + 1];
+        let next_shift = shift - digit_bits[pass + 1];
+        // Every thread has read `state` (the barrier of the next `find_digit` or the one
+        // below orders its next write after these reads).
+        clear_u32(histogram, next_bins);
+        sync_threads();
+        let mut j = tid;
+        while j < count {
+            let bits = key(j);
+            if bits & prefix_mask == prefix {
+                atomic_add_shared_u32(
+                    histogram.add(((bits >> next_shift) & (next_bins - 1)) as usize),
+                    1,
+                );
+            }
+            j += block_dim_x();
+        }
+        sync_threads();
+    }
+    (prefix, remaining)
 }

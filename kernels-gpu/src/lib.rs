@@ -19,6 +19,8 @@ pub mod device;
 pub mod attention;
 #[cfg(target_arch = "nvptx64")]
 pub mod block;
+pub mod cache;
+pub mod factorise;
 pub mod fetch;
 pub mod layer;
 pub mod plan;
@@ -29,6 +31,7 @@ pub mod rope;
 pub mod sampling;
 pub mod scoring;
 pub mod shadow;
+pub mod shadow_prefill;
 #[cfg(target_arch = "nvptx64")]
 pub mod tile;
 pub mod topk;

@@ -91,49 +91,11 @@ mod kernel {
     use core::num::NonZeroU32;
 
     use super::*;
-    use crate::block::{exclusive_sum, MAX_WARPS};
+    use crate::block::{clear_u32, exclusive_sum, radix_select, MAX_WARPS};
     use crate::device::*;
     use crate::scoring::{tile_stat_index, tiles};
     use crate::shadow::{slot_base, ShadowSequence};
     use crate::tile::{merge_softmax_stats, warp_merge_softmax_stats};
-
-    /// Finds the digit of the `remaining`-th largest score among the `bins` counted: writes
-    /// the digit to `state[0]` and the count in higher bins to `state[1]`. Every thread
-    /// calls it; thread `t` scans bins `bins - 1 - per * t` downwards.
-    #[inline(always)]
-    unsafe fn find_digit(
-        histogram: *const u32,
-        bins: u32,
-        remaining: u32,
-        scratch: *mut u32,
-        state: *mut u32,
-    ) {
-        let per = bins / THREADS;
-        let top = bins - 1 - per * thread_idx_x();
-        let mut total = 0;
-        for i in 0..per {
-            total += *histogram.add((top - i) as usize);
-        }
-        let (mut above, _) = exclusive_sum(total, scratch);
-        if above < remaining && remaining <= above + total {
-            for i in 0..per {
-                let count = *histogram.add((top - i) as usize);
-                if above + count >= remaining {
-                    *state = top - i;
-                    *state.add(1) = above;
-                    break;
-                }
-                above += count;
-            }
-        }
-        sync_threads();
-    }
-
-    unsafe fn clear(histogram: *mut u32, bins: u32) {
-        for bin in (thread_idx_x()..bins).step_by(THREADS as usize) {
-            *histogram.add(bin as usize) = 0;
-        }
-    }
 
     /// Each query head's softmax `(max, 1/sum)` over every scoring tile of the sequence into
     /// `normaliser`: warp `g` merges head `g`'s tiles, a lane per tile.
@@ -201,7 +163,7 @@ mod kernel {
 
         // 1. The scores and the histogram of their top digit.
         normalisers(p, sequence_index, kv_head, count, normaliser);
-        clear(histogram, MAX_BINS);
+        clear_u32(histogram, MAX_BINS);
         sync_threads();
         let base = sequence.landmark_base(kv_head) as usize;
         let scores = (p.scores as *mut f32).add(base);
@@ -252,42 +214,10 @@ mod kernel {
         let working = if in_shared { staged } else { scores };
         let score_bits = |j: u32| (*working.add(j as usize)).to_bits();
 
-        // 2. Radix select: after each pass, `prefix` holds the top bits of the threshold and
-        //    `remaining` how many of the scores that share them are still to be taken.
-        let (mut prefix, mut prefix_mask, mut remaining) = (0u32, 0u32, k);
-        let mut shift = 31;
-        for pass in 0..DIGIT_BITS.len() {
-            let bins = 1 << DIGIT_BITS[pass];
-            shift -= DIGIT_BITS[pass];
-            find_digit(histogram, bins, remaining, scratch, state);
-            let digit = *state;
-            remaining -= *state.add(1);
-            prefix |= digit << shift;
-            prefix_mask |= (bins - 1) << shift;
-            if pass + 1 == DIGIT_BITS.len() {
-                break;
-            }
-            let next_bins = 1u32 << DIGIT_BITS[pass + 1];
-            let next_shift = shift - DIGIT_BITS[pass + 1];
-            // Every thread has read `state` (the barrier of the next `find_digit` or the one
-            // below orders its next write after these reads).
-            clear(histogram, next_bins);
-            sync_threads();
-            let mut j = tid;
-            while j < count {
-                let bits = score_bits(j);
-                if bits & prefix_mask == prefix {
-                    atomic_add_shared_u32(
-                        histogram.add(((bits >> next_shift) & (next_bins - 1)) as usize),
-                        1,
-                    );
-                }
-                j += THREADS;
-            }
-            sync_threads();
-        }
-        let threshold = prefix;
-        let needed_equal = remaining;
+        // 2. Radix select of the threshold over the 31 value bits (the first histogram is
+        //    already built).
+        let (threshold, needed_equal) =
+            radix_select(score_bits, count, k, &DIGIT_BITS, histogram, scratch, state);
 
         // 3. Ordered compaction over each thread's contiguous run: every score above the
         //    threshold, and the first `needed_equal` equal to it.

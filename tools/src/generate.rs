@@ -100,7 +100,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let source = ModelSource::open(&path)?;
     let config = source.config.clone();
     if args.attention != AttentionMode::Full {
-        params.validate(&config)?;
+        shadowkv_model::cpu::shadowkv::validate(&params, &config)?;
     }
     // The GPU runs full attention; ShadowKV on the GPU needs the cache of issue 4.
     let gpu = match args.device {

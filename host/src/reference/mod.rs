@@ -1,6 +1,8 @@
 //! CPU references, one module per kernel family (same names as the launchers), in f64.
 pub mod attention;
+pub mod cache;
 pub mod decode_step;
+pub mod factorise;
 pub mod fetch;
 pub mod layer;
 pub mod plan;
@@ -9,6 +11,7 @@ pub mod random;
 pub mod rebuild;
 pub mod sampling;
 pub mod scoring;
+pub mod shadow_prefill;
 pub mod topk;
 
 /// `‖out − reference‖ / ‖reference‖`; NaN or a length mismatch gives infinity.

@@ -44,7 +44,7 @@ impl CpuCache {
 
     /// A cache in ShadowKV mode; the prompt must come in one `forward` call.
     pub fn shadowkv(config: &ModelConfig, params: ShadowKvParams) -> crate::Result<CpuCache> {
-        params.validate(config)?;
+        shadowkv::validate(&params, config)?;
         Ok(CpuCache {
             shadowkv: Some(params),
             ..CpuCache::new(config)
@@ -103,7 +103,9 @@ impl CpuModel {
         // shadow is built; every later token attends through the shadows.
         let build_shadows = match cache.shadowkv {
             Some(params) if cache.shadows.is_empty() => {
-                params.check_prompt(start + count)?;
+                params
+                    .check_prompt(start + count)
+                    .map_err(shadowkv::invalid)?;
                 Some(params)
             }
             _ => None,

@@ -7,107 +7,27 @@
 //! `S/c` best chunks per KV head, rebuilds their keys from the factors (RoPE at their
 //! positions) and attends over local window + outliers + selected chunks + generated tokens.
 //! Values are read exactly (on the GPU they come from host memory).
-use nalgebra::{DMatrix, SymmetricEigen};
-use shadowkv_kernels::shadow::{MAX_CHUNK_SIZE, MAX_RANK, RANK_STEP};
+pub use shadowkv::cache::ShadowKvParams;
+use shadowkv::reference::factorise::factorise;
 
 use super::{dot, rope_rows, softmax_in_place};
 use crate::config::ModelConfig;
 use crate::{ModelFileError, Result};
 
-/// ShadowKV's parameters, with the paper's defaults.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ShadowKvParams {
-    /// Tokens per chunk (`c`).
-    pub chunk_size: usize,
-    /// Tokens attended in selected chunks per step (`S`), a multiple of `chunk_size`.
-    pub sparse_budget: usize,
-    /// Rank of the key factorisation (`r`).
-    pub rank: usize,
-    /// Chunks at the end of the prompt kept exact (`n_local`).
-    pub local_chunks: usize,
-    /// Chunks per KV head kept exact because their keys stray from their landmark (`n_out`).
-    pub outlier_chunks: usize,
-}
-
-impl Default for ShadowKvParams {
-    fn default() -> Self {
-        ShadowKvParams {
-            chunk_size: 8,
-            sparse_budget: 2048,
-            rank: 160,
-            local_chunks: 4,
-            outlier_chunks: 48,
-        }
-    }
-}
-
-fn invalid(reason: String) -> ModelFileError {
+/// The parameters' errors as the model's (the CPU path names no file).
+pub(crate) fn invalid(error: shadowkv::Error) -> ModelFileError {
     ModelFileError {
         file: "ShadowKV parameters".into(),
         tensor: None,
-        reason,
+        reason: error.to_string(),
     }
 }
 
-impl ShadowKvParams {
-    /// Selected chunks per step (`S / c`).
-    pub fn budget_chunks(&self) -> usize {
-        self.sparse_budget / self.chunk_size.max(1)
-    }
-
-    /// Checks the parameters against the kernels' limits and the model's key width.
-    pub fn validate(&self, config: &ModelConfig) -> Result<()> {
-        if !(1..=MAX_CHUNK_SIZE as usize).contains(&self.chunk_size) {
-            return Err(invalid(format!(
-                "chunk size {} is out of range: expected 1 to {MAX_CHUNK_SIZE}",
-                self.chunk_size
-            )));
-        }
-        if self.sparse_budget == 0 || !self.sparse_budget.is_multiple_of(self.chunk_size) {
-            return Err(invalid(format!(
-                "sparse budget {} is not a positive multiple of the chunk size {}",
-                self.sparse_budget, self.chunk_size
-            )));
-        }
-        let step = RANK_STEP as usize;
-        if self.rank == 0 || !self.rank.is_multiple_of(step) || self.rank > MAX_RANK as usize {
-            return Err(invalid(format!(
-                "rank {} is out of range: expected a multiple of {step} from {step} to {MAX_RANK}",
-                self.rank
-            )));
-        }
-        if self.rank > config.kv_dim() {
-            return Err(invalid(format!(
-                "rank {} exceeds the keys' width Hkv*d = {}",
-                self.rank,
-                config.kv_dim()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Whether a `prompt_len`-token prompt leaves at least the budget's chunks to select from.
-    pub fn check_prompt(&self, prompt_len: usize) -> Result<()> {
-        let chunks = self.prompt_chunks(prompt_len);
-        let outliers = self.outlier_chunks.min(chunks);
-        if chunks - outliers < self.budget_chunks() {
-            return Err(invalid(format!(
-                "a {prompt_len}-token prompt leaves {} selectable chunks per KV head ({chunks} chunks \
-                 outside the local window, {outliers} outliers); the sparse budget needs {} chunks of \
-                 {}: use a longer prompt or a smaller budget",
-                chunks - outliers,
-                self.budget_chunks(),
-                self.chunk_size
-            )));
-        }
-        Ok(())
-    }
-
-    /// Chunks of a `prompt_len`-token prompt outside the local window: `floor(L/c) - n_local`,
-    /// rounded down to a multiple of 8.
-    pub fn prompt_chunks(&self, prompt_len: usize) -> usize {
-        ((prompt_len / self.chunk_size).saturating_sub(self.local_chunks) / 8) * 8
-    }
+/// Checks `params` against the kernels' limits and the model's key width.
+pub fn validate(params: &ShadowKvParams, config: &ModelConfig) -> Result<()> {
+    params
+        .validate(config.kv_heads, config.head_dim)
+        .map_err(invalid)
 }
 
 /// One layer's shadow of one sequence's prompt.
@@ -125,69 +45,6 @@ pub struct ShadowLayer {
     landmarks: Vec<Vec<f32>>,
 }
 
-/// The rank-`rank` factors of `keys` (`[len, width]`, row-major): `a = U_r` (`[len, rank]`) and
-/// `bm = Σ_r V_rᵀ` (`[rank, width]`), from the eigenvectors of the Gram matrix `keysᵀ keys`
-/// (`width²`, never `len²`).
-pub fn factorise(keys: &[f32], width: usize, rank: usize) -> (Vec<f32>, Vec<f32>) {
-    let len = keys.len() / width;
-    let mut gram = DMatrix::<f64>::zeros(width, width);
-    for row in keys.chunks_exact(width) {
-        for i in 0..width {
-            let ki = row[i] as f64;
-            for j in 0..=i {
-                gram[(i, j)] += ki * row[j] as f64;
-            }
-        }
-    }
-    for i in 0..width {
-        for j in 0..i {
-            gram[(j, i)] = gram[(i, j)];
-        }
-    }
-    let eigen = SymmetricEigen::new(gram);
-    let mut order: Vec<usize> = (0..width).collect();
-    order.sort_by(|&x, &y| eigen.eigenvalues[y].total_cmp(&eigen.eigenvalues[x]));
-    let largest = eigen.eigenvalues[order[0]].max(0.0);
-    let mut a = vec![0.0f32; len * rank];
-    let mut bm = vec![0.0f32; rank * width];
-    for (component, &index) in order.iter().take(rank).enumerate() {
-        let sigma = eigen.eigenvalues[index].max(0.0).sqrt();
-        let vector = eigen.eigenvectors.column(index);
-        for j in 0..width {
-            bm[component * width + j] = (sigma * vector[j]) as f32;
-        }
-        // Directions with no energy carry nothing: leave their column of A at zero rather
-        // than divide by a vanishing singular value.
-        if sigma * sigma <= largest * 1e-24 || sigma == 0.0 {
-            continue;
-        }
-        for (t, row) in keys.chunks_exact(width).enumerate() {
-            let projection: f64 = row
-                .iter()
-                .zip(vector.iter())
-                .map(|(&k, &v)| k as f64 * v)
-                .sum();
-            a[t * rank + component] = (projection / sigma) as f32;
-        }
-    }
-    (a, bm)
-}
-
-/// `‖K - a·bm‖ / ‖K‖` of [`factorise`]'s factors (a check, not part of the prefill).
-pub fn factorisation_error(keys: &[f32], width: usize, rank: usize, a: &[f32], bm: &[f32]) -> f64 {
-    let (mut error, mut norm) = (0.0f64, 0.0f64);
-    for (t, row) in keys.chunks_exact(width).enumerate() {
-        for (j, &k) in row.iter().enumerate() {
-            let rebuilt: f64 = (0..rank)
-                .map(|c| a[t * rank + c] as f64 * bm[c * width + j] as f64)
-                .sum();
-            error += (k as f64 - rebuilt).powi(2);
-            norm += (k as f64).powi(2);
-        }
-    }
-    (error / norm.max(f64::MIN_POSITIVE)).sqrt()
-}
-
 impl ShadowLayer {
     /// Builds the shadow of a prompt from its pre-RoPE keys (`[len, kv_dim]`) and post-RoPE
     /// keys per KV head (`[len, head_dim]` each).
@@ -199,7 +56,7 @@ impl ShadowLayer {
     ) -> Result<ShadowLayer> {
         let (kv_dim, head_dim, c) = (config.kv_dim(), config.head_dim, params.chunk_size);
         let prompt_len = pre_rope_keys.len() / kv_dim;
-        params.check_prompt(prompt_len)?;
+        params.check_prompt(prompt_len).map_err(invalid)?;
         let chunks = params.prompt_chunks(prompt_len);
         let outliers_per_head = params.outlier_chunks.min(chunks);
         let (a, bm) = factorise(pre_rope_keys, kv_dim, params.rank);
@@ -363,57 +220,5 @@ impl ShadowLayer {
 
     pub fn prompt_len(&self) -> usize {
         self.prompt_len
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{factorisation_error, factorise};
-
-    /// Deterministic values in [-1, 1).
-    fn noise(seed: u64, n: usize) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
-    #[test]
-    fn factorisation_recovers_a_low_rank_matrix_and_bounds_the_rest() {
-        let (len, width, rank) = (301, 48, 16);
-        let left = noise(1, len * rank);
-        let right = noise(2, rank * width);
-        let mut keys = vec![0.0f32; len * width];
-        for t in 0..len {
-            for j in 0..width {
-                keys[t * width + j] = (0..rank)
-                    .map(|c| left[t * rank + c] * right[c * width + j])
-                    .sum();
-            }
-        }
-        let (a, bm) = factorise(&keys, width, rank);
-        let error = factorisation_error(&keys, width, rank, &a, &bm);
-        assert_eq!((a.len(), bm.len()), (len * rank, rank * width));
-        assert!(error < 1e-5, "exactly rank {rank}: error {error}");
-        // With noise on top, a lower rank leaves more error, and the full rank none.
-        let noisy: Vec<f32> = keys
-            .iter()
-            .zip(noise(3, len * width))
-            .map(|(k, n)| k + 0.05 * n)
-            .collect();
-        let error_at = |rank| {
-            let (a, bm) = factorise(&noisy, width, rank);
-            factorisation_error(&noisy, width, rank, &a, &bm)
-        };
-        let (at_rank, below, full) = (error_at(rank), error_at(rank / 2), error_at(width));
-        assert!(
-            full < 1e-5 && at_rank < below && at_rank < 0.05,
-            "{full} {at_rank} {below}"
-        );
     }
 }
