@@ -410,6 +410,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     gpu,
                     &stream,
                     &l.batch,
+                    l.batch.whole(),
                     &w.misses,
                     &w.miss_counts,
                     &l.a,

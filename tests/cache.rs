@@ -736,7 +736,7 @@ fn accuracy(gpu: &Gpu) -> Result<(), String> {
                         .contains(&(needle_chunk as u32))
             });
             eprintln!("| {len} | {budget} | {rank} | {error:.2e} | {found} |");
-            if !found || !(error < 0.1) {
+            if !found || error.is_nan() || error >= 0.1 {
                 return Err(format!("{len} tokens, budget {budget}, rank {rank}: error {error}, needle found {found}"));
             }
         }

@@ -1024,8 +1024,8 @@ impl ShadowKvCache {
             sequences: shadow.batch.sequences_address(&stream),
             keys: address(keys, &stream),
             values: address(values, &stream),
-            k: address(&mut shadow.k, &stream),
-            v: address(&mut shadow.v, &stream),
+            k: shadow.k.device_ptr_mut(&stream).0,
+            v: shadow.v.device_ptr_mut(&stream).0,
             kv_heads: heads as u32,
             head_dim: d as u32,
         };

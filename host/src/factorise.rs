@@ -90,9 +90,9 @@ impl Factoriser {
                 solver::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR,
                 solver::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
                 n,
-                address(&mut gram, stream) as *const f32,
+                gram.device_ptr_mut(stream).0 as *const f32,
                 n,
-                address(&mut eigenvalues, stream) as *const f32,
+                eigenvalues.device_ptr_mut(stream).0 as *const f32,
                 &mut lwork,
             )
         };
@@ -158,7 +158,7 @@ impl Factoriser {
         check_reach("slot", self.info.len(), slot + 1)?;
         let stream = self.stream.clone();
         let keys_address = address(keys, &stream);
-        let gram_address = address(&mut self.gram, &stream);
+        let gram_address = self.gram.device_ptr_mut(&stream).0;
         // 1. G = K_preᵀ K_pre: with X = K_preᵀ (column-major [w, L]), G = X · Xᵀ.
         let gram_shape = GemmShape {
             transpose_a: false,
@@ -183,7 +183,8 @@ impl Factoriser {
         };
         // 2. Eigenpairs, ascending, eigenvectors over G.
         let n = width as i32;
-        let info_address = address(&mut self.info, &stream) + (slot * 4) as u64;
+        let info_address = self.info.device_ptr_mut(&stream).0 + (slot * 4) as u64;
+        let workspace_len = self.workspace.len() as i32;
         // SAFETY: FFI on the handle's stream; G is [w, w], the eigenvalues [w], the workspace
         // the size cuSOLVER asked for, and `info` one int of a live buffer.
         let status = unsafe {
@@ -194,9 +195,9 @@ impl Factoriser {
                 n,
                 gram_address as *mut f32,
                 n,
-                address(&mut self.eigenvalues, &stream) as *mut f32,
-                address(&mut self.workspace, &stream) as *mut f32,
-                self.workspace.len() as i32,
+                self.eigenvalues.device_ptr_mut(&stream).0 as *mut f32,
+                self.workspace.device_ptr_mut(&stream).0 as *mut f32,
+                workspace_len,
                 info_address as *mut i32,
             )
         };
@@ -204,9 +205,9 @@ impl Factoriser {
             return Err(solver_error("cusolverDnSsyevd", status));
         }
         // 3. Bm and the projection, largest eigenvalue first.
-        let projection_address = address(&mut self.projection, &stream);
+        let projection_address = self.projection.device_ptr_mut(&stream).0;
         let params = FactorParams {
-            eigenvalues: address(&mut self.eigenvalues, &stream),
+            eigenvalues: self.eigenvalues.device_ptr_mut(&stream).0,
             eigenvectors: gram_address,
             bm: bm.device_ptr_mut(&stream).0,
             projection: projection_address,

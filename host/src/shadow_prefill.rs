@@ -4,7 +4,7 @@
 //! values). [`crate::cache::ShadowKvCache::prefill_layer`] runs the whole prefill.
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 pub use shadowkv_kernels::shadow_prefill as kernel_layout;
 use shadowkv_kernels::shadow_prefill::{self as layout, ShadowPrefillParams};
@@ -79,7 +79,7 @@ fn params<T: DevicePtr<bf16>>(
     let source_layout = source.layout;
     if source_layout.len != sequence.prompt_len
         || source_layout.capacity < source_layout.len
-        || source_layout.offset % 8 != 0
+        || !source_layout.offset.is_multiple_of(8)
     {
         return Err(invalid(
             "source.layout",
@@ -132,14 +132,14 @@ fn params<T: DevicePtr<bf16>>(
             source: source_layout,
             keys: address(source.keys, stream),
             values: address(source.values, stream),
-            chunk_means: address(&mut scratch.chunk_means, stream),
-            min_cosine: address(&mut scratch.min_cosine, stream),
-            outliers: address(&mut scratch.outliers, stream),
-            landmarks: address(&mut layer.landmarks, stream),
-            chunk_ids: address(&mut layer.chunk_ids, stream),
-            resident: address(&mut layer.resident, stream),
-            k: address(&mut layer.k, stream),
-            v: address(&mut layer.v, stream),
+            chunk_means: scratch.chunk_means.device_ptr_mut(stream).0,
+            min_cosine: scratch.min_cosine.device_ptr_mut(stream).0,
+            outliers: scratch.outliers.device_ptr_mut(stream).0,
+            landmarks: layer.landmarks.device_ptr_mut(stream).0,
+            chunk_ids: layer.chunk_ids.device_ptr_mut(stream).0,
+            resident: layer.resident.device_ptr_mut(stream).0,
+            k: layer.k.device_ptr_mut(stream).0,
+            v: layer.v.device_ptr_mut(stream).0,
             misses: address(&workspace.misses, stream),
             miss_counts: address(&workspace.miss_counts, stream),
             kv_heads: heads as u32,
