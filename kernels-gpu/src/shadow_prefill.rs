@@ -156,9 +156,9 @@ mod kernel {
         }
         let inverse = 1.0 / c as f32;
         let mut mean_norm = 0.0f32;
-        for e in 0..2 * words {
-            mean[e] *= inverse;
-            mean_norm += mean[e] * mean[e];
+        for m in mean.iter_mut().take(2 * words) {
+            *m *= inverse;
+            mean_norm += *m * *m;
         }
         let mean_norm = sqrt(warp_sum_f32(mean_norm));
         let mut min_cosine = f32::INFINITY;
