@@ -8,6 +8,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::cache::{
     CacheCapacity, CacheShape, SequenceId, ShadowKvCache, ShadowKvParams, ValueHome,
 };
+use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::decode_step::inverse_frequencies;
 use shadowkv::factorise::{relative_error_from_spectrum, Factoriser};
 use shadowkv::reference::decode_step::{decode_step, HostLayer};
@@ -46,6 +47,38 @@ struct Prompt {
     values: Vec<bf16>,
     layout: SequenceLayout,
     last_query: Vec<bf16>,
+}
+
+/// A [`Prompt`] on the GPU.
+struct Uploaded {
+    pre_rope: CudaSlice<bf16>,
+    keys: CudaSlice<bf16>,
+    values: CudaSlice<bf16>,
+    last_query: CudaSlice<bf16>,
+    layout: SequenceLayout,
+}
+
+impl Uploaded {
+    fn source(&self) -> PrefillSource<'_, CudaSlice<bf16>> {
+        PrefillSource {
+            keys: &self.keys,
+            values: &self.values,
+            layout: self.layout,
+        }
+    }
+}
+
+impl Prompt {
+    fn upload(&self, gpu: &Gpu) -> Result<Uploaded, String> {
+        let stream = gpu.stream();
+        Ok(Uploaded {
+            pre_rope: stream.clone_htod(&self.pre_rope).map_err(s)?,
+            keys: stream.clone_htod(&self.keys).map_err(s)?,
+            values: stream.clone_htod(&self.values).map_err(s)?,
+            last_query: stream.clone_htod(&self.last_query).map_err(s)?,
+            layout: self.layout,
+        })
+    }
 }
 
 /// Keys with the structure of real ones: a rank-`structure` pre-RoPE part plus noise, RoPE
@@ -129,19 +162,11 @@ fn prefill(
     id: SequenceId,
     prompt: &Prompt,
 ) -> Result<(), String> {
-    let stream = gpu.stream();
-    let pre = stream.clone_htod(&prompt.pre_rope).map_err(s)?;
-    let keys = stream.clone_htod(&prompt.keys).map_err(s)?;
-    let values = stream.clone_htod(&prompt.values).map_err(s)?;
-    let query = stream.clone_htod(&prompt.last_query).map_err(s)?;
-    let source = PrefillSource {
-        keys: &keys,
-        values: &values,
-        layout: prompt.layout,
-    };
+    let upload = prompt.upload(gpu)?;
+    let (pre, query, source) = (&upload.pre_rope, &upload.last_query, upload.source());
     for layer in 0..cache.shape().layers {
         cache
-            .prefill_layer(gpu, layer, id, &pre, &source, &query)
+            .prefill_layer(gpu, layer, id, pre, &source, query)
             .map_err(s)?;
     }
     // The source buffers must outlive the offload: wait before they drop.
@@ -820,23 +845,16 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(7);
     let prompt = structured_prompt(&mut rng, &shape, 1000, 8, 0.1, None, 8);
     let stream = gpu.stream();
-    let pre = stream.clone_htod(&prompt.pre_rope).map_err(s)?;
-    let keys = stream.clone_htod(&prompt.keys).map_err(s)?;
-    let values = stream.clone_htod(&prompt.values).map_err(s)?;
-    let query = stream.clone_htod(&prompt.last_query).map_err(s)?;
-    let source = PrefillSource {
-        keys: &keys,
-        values: &values,
-        layout: prompt.layout,
-    };
+    let upload = prompt.upload(gpu)?;
+    let (pre, query, source) = (&upload.pre_rope, &upload.last_query, upload.source());
     // Mismatched shapes: the pre-RoPE keys one row short, the query of the wrong width, a
     // layout longer than the prompt, a layer past the model.
     expect_error(
-        cache.prefill_layer(gpu, 0, id, &pre.slice(0..pre.len() - 128), &source, &query),
+        cache.prefill_layer(gpu, 0, id, &pre.slice(0..pre.len() - 128), &source, query),
         "pre_rope_keys",
     )?;
     expect_error(
-        cache.prefill_layer(gpu, 0, id, &pre, &source, &query.slice(0..64)),
+        cache.prefill_layer(gpu, 0, id, pre, &source, &query.slice(0..64)),
         "last_query",
     )?;
     let long = PrefillSource {
@@ -847,16 +865,16 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
         ..source
     };
     expect_error(
-        cache.prefill_layer(gpu, 0, id, &pre, &long, &query),
+        cache.prefill_layer(gpu, 0, id, pre, &long, query),
         "source.layout",
     )?;
     expect_error(
-        cache.prefill_layer(gpu, 2, id, &pre, &source, &query),
+        cache.prefill_layer(gpu, 2, id, pre, &source, query),
         "layer",
     )?;
     // Decoding a layer that was not prefilled.
     cache
-        .prefill_layer(gpu, 0, id, &pre, &source, &query)
+        .prefill_layer(gpu, 0, id, pre, &source, query)
         .map_err(s)?;
     let q = poisoned(gpu, 4 * 64).map_err(s)?;
     expect_error(

@@ -52,6 +52,7 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
             }
         }
         names.push(shadowkv::rebuild::kernel_layout::kernel_name(head_dim));
+        names.push(shadowkv::shadow_prefill::kernel_layout::chunk_statistics_name(head_dim));
         for warps in shadowkv::prefill_attention::kernel_layout::WARP_COUNTS {
             for split_p in [true, false] {
                 names.push(shadowkv::prefill_attention::kernel_layout::kernel_name_for(
@@ -70,6 +71,11 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
             shadowkv::layer::kernel_layout::SILU_MUL_KERNEL,
             shadowkv::sampling::kernel_layout::ARGMAX_KERNEL,
             shadowkv::random::kernel_layout::KERNEL_NAME,
+            shadowkv::shadow_prefill::kernel_layout::OUTLIER_SELECT,
+            shadowkv::shadow_prefill::kernel_layout::LANDMARK_GATHER,
+            shadowkv::shadow_prefill::kernel_layout::EXACT_GATHER,
+            shadowkv::factorise::kernel_layout::KERNEL_NAME,
+            shadowkv::cache::kernel_layout::KERNEL_NAME,
         ]
         .map(String::from),
     );

@@ -18,8 +18,11 @@
 //! [`ValueHome::Device`] keeps the values in GPU memory (no PCIe traffic) when they fit.
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig,
+};
 use half::bf16;
+pub use shadowkv_kernels::cache as kernel_layout;
 use shadowkv_kernels::cache::{self as layout, AppendParams};
 use shadowkv_kernels::shadow::{MAX_CHUNK_SIZE, MAX_RANK, RANK_STEP};
 use shadowkv_kernels::shadow_prefill::exact_rows;
@@ -332,6 +335,8 @@ pub struct ShadowKvCache {
     /// bf16 `[max_sequences, q_heads, head_dim]`: each sequence's last prompt query.
     last_queries: CudaSlice<bf16>,
     arenas: [Arena; 5],
+    /// Recorded on the compute stream at each prefill: what the value offload waits for.
+    source_ready: CudaEvent,
     entries: Vec<Entry>,
     next_id: u64,
 }
@@ -636,6 +641,7 @@ impl ShadowKvCache {
                 Arena::new("K/V", sizes.kv),
                 Arena::new("values", sizes.values),
             ],
+            source_ready: gpu.new_event(false)?,
             shape,
             params,
             config,
@@ -911,11 +917,23 @@ impl ShadowKvCache {
         let rank = self.params.rank;
         let shadow = &mut self.layers[layer];
         self.step.reserve(gpu, &shadow.batch)?;
-        // 1. The values to the cache's value buffer, on the copy stream once the source is
-        //    ready (after whatever the compute stream did to it).
-        offload_values(
+        // The point the offload waits for: the source is ready once the work queued so far on
+        // the compute stream has run.
+        self.source_ready.record(&stream)?;
+        // 1. Landmarks, outliers, empty slots; this checks the source and the layouts before
+        //    any other work is queued.
+        shadow_prefill::build_landmarks(
             gpu,
             &stream,
+            shadow,
+            index,
+            source,
+            &mut self.scratch,
+            self.step.scratch(),
+        )?;
+        // 2. The values to the cache's value buffer, on the copy stream.
+        offload_values(
+            &self.source_ready,
             self.step.copy_stream(),
             source,
             &sequence,
@@ -923,7 +941,7 @@ impl ShadowKvCache {
             d,
             &mut shadow.values,
         )?;
-        // 2. The factors, into the sequence's rows of A and Bm.
+        // 3. The factors, into the sequence's rows of A and Bm.
         let a_range = sequence.a_offset as usize..sequence.a_offset as usize + prompt * rank;
         let bm_start = sequence.bm_offset as usize;
         let bm_range = bm_start..bm_start + rank * self.shape.kv_width();
@@ -934,16 +952,6 @@ impl ShadowKvCache {
             layer,
             &mut shadow.a.slice_mut(a_range),
             &mut shadow.bm.slice_mut(bm_range),
-        )?;
-        // 3. Landmarks, outliers, empty slots.
-        shadow_prefill::build_landmarks(
-            gpu,
-            &stream,
-            shadow,
-            index,
-            source,
-            &mut self.scratch,
-            self.step.scratch(),
         )?;
         // 4. The first selection with the last prompt query, its values from the prompt's
         //    (on the GPU) and its keys rebuilt, as a decode step would.
@@ -1107,12 +1115,11 @@ fn placeholder(config: &ShadowConfig) -> ShadowSequence {
     }
 }
 
-/// Copies the prompt's values (`[Hkv, L, d]` of `source`) into the sequence's range of the
-/// value buffer on `copy_stream`, after the work already queued on `stream`.
-#[allow(clippy::too_many_arguments)]
+/// Copies the prompt's values (`[Hkv, L, d]` of `source`, checked by the prefill kernels'
+/// launcher) into the sequence's range of the value buffer on `copy_stream`, once `ready`
+/// (recorded on the compute stream) has passed.
 fn offload_values<T: DevicePtr<bf16>>(
-    gpu: &Gpu,
-    stream: &Arc<CudaStream>,
+    ready: &CudaEvent,
     copy_stream: &Arc<CudaStream>,
     source: &PrefillSource<'_, T>,
     sequence: &ShadowSequence,
@@ -1122,8 +1129,6 @@ fn offload_values<T: DevicePtr<bf16>>(
 ) -> Result<()> {
     let layout = source.layout;
     let prompt = sequence.prompt_len as usize;
-    let end = layout.offset as usize + kv_heads * layout.capacity as usize * head_dim;
-    crate::error::check_reach("source.values", source.values.len(), end)?;
     let (target, target_len) = values.address(copy_stream);
     let target_start = sequence.host_value_offset as usize;
     crate::error::check_reach(
@@ -1131,9 +1136,7 @@ fn offload_values<T: DevicePtr<bf16>>(
         target_len,
         target_start + kv_heads * prompt * head_dim,
     )?;
-    let ready = gpu.new_event(false)?;
-    ready.record(stream)?;
-    copy_stream.wait(&ready)?;
+    copy_stream.wait(ready)?;
     // Held until the copies are queued, so the source's use is recorded after them.
     let (source_address, _source_use) = source.values.device_ptr(copy_stream);
     let row_bytes = head_dim * 2;

@@ -311,9 +311,7 @@ impl DecodeStep {
         check_len("q", q.len(), elements, "[batch, q_heads, head_dim]")?;
         check_len("out", out.len(), elements, "[batch, q_heads, head_dim]")?;
         let stream = gpu.stream().clone();
-        if !self.workspace.fits(batch) {
-            self.workspace = StepWorkspace::new(gpu, &stream, batch)?;
-        }
+        self.reserve(gpu, batch)?;
         let layouts: Vec<SequenceLayout> = batch.sequences().iter().map(|s| s.kv).collect();
         if self.attention.plan().shape().batch != batch.batch() {
             self.attention = Self::attention_for(gpu, batch)?;
@@ -387,18 +385,8 @@ impl DecodeStep {
             )?;
             mark(timeline, gpu, "attention (resident)", &stream)?;
         }
-        rebuild::run(
-            gpu,
-            &stream,
-            batch,
-            batch.whole(),
-            &w.misses,
-            &w.miss_counts,
-            &layer.a,
-            &layer.bm,
-            &self.inverse_frequencies,
-            &mut layer.k,
-        )?;
+        let whole = layer.batch.whole();
+        rebuild_misses(gpu, layer, whole, w, &self.inverse_frequencies)?;
         mark(timeline, gpu, "rebuild", &stream)?;
         if self.overlap {
             stream.wait(&self.fetch_done)?;
@@ -434,9 +422,7 @@ impl DecodeStep {
         let elements = layer.batch.batch() * self.config.q_heads * self.config.head_dim;
         check_len("q", q.len(), elements, "[batch, q_heads, head_dim]")?;
         let stream = gpu.stream().clone();
-        if !self.workspace.fits(&layer.batch) {
-            self.workspace = StepWorkspace::new(gpu, &stream, &layer.batch)?;
-        }
+        self.reserve(gpu, &layer.batch)?;
         select(
             gpu,
             &stream,
@@ -461,19 +447,7 @@ impl DecodeStep {
     /// The keys of `part`'s misses of the latest selection, rebuilt into their slots.
     pub fn rebuild_part(&self, gpu: &Gpu, layer: &mut ShadowLayer, part: BatchPart) -> Result<()> {
         self.check_layer(layer)?;
-        let w = &self.workspace;
-        rebuild::run(
-            gpu,
-            gpu.stream(),
-            &layer.batch,
-            part,
-            &w.misses,
-            &w.miss_counts,
-            &layer.a,
-            &layer.bm,
-            &self.inverse_frequencies,
-            &mut layer.k,
-        )
+        rebuild_misses(gpu, layer, part, &self.workspace, &self.inverse_frequencies)
     }
 
     fn check_layer(&self, layer: &ShadowLayer) -> Result<()> {
@@ -556,4 +530,27 @@ fn select(
         w.host_miss_counts.device_address(),
     )?;
     mark(timeline, gpu, "plan", stream)
+}
+
+/// The keys of `part`'s misses in `w` (the latest plan), rebuilt into their slots on the
+/// compute stream.
+fn rebuild_misses(
+    gpu: &Gpu,
+    layer: &mut ShadowLayer,
+    part: BatchPart,
+    w: &StepWorkspace,
+    inverse_frequencies: &CudaSlice<f64>,
+) -> Result<()> {
+    rebuild::run(
+        gpu,
+        gpu.stream(),
+        &layer.batch,
+        part,
+        &w.misses,
+        &w.miss_counts,
+        &layer.a,
+        &layer.bm,
+        inverse_frequencies,
+        &mut layer.k,
+    )
 }

@@ -19,6 +19,7 @@ use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::cusolver::{safe::DnHandle, sys as solver};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
+pub use shadowkv_kernels::factorise as kernel_layout;
 use shadowkv_kernels::factorise::{self as layout, FactorParams};
 use shadowkv_kernels::shadow::{MAX_RANK, RANK_STEP};
 
@@ -110,13 +111,6 @@ impl Factoriser {
             info: stream.alloc_zeros::<i32>(slots.max(1))?,
             projection: stream.alloc_zeros::<bf16>(MAX_RANK as usize * width)?,
         })
-    }
-
-    /// GPU bytes this factoriser holds.
-    pub fn bytes(&self) -> usize {
-        (self.gram.len() + self.eigenvalues.len() + self.workspace.len()) * 4
-            + self.info.len() * 4
-            + self.projection.len() * 2
     }
 
     pub fn width(&self) -> usize {

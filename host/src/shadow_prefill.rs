@@ -51,11 +51,6 @@ impl PrefillScratch {
             })
         }
     }
-
-    /// GPU bytes held.
-    pub fn bytes(&self) -> usize {
-        self.chunk_means.len() * 2 + (self.min_cosine.len() + self.outliers.len()) * 4
-    }
 }
 
 /// Checks everything the prefill kernels address and builds their parameters.

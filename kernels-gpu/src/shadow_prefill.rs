@@ -28,8 +28,6 @@ pub const THREADS: u32 = WARPS * 32;
 pub const DIGIT_BITS: [u32; 3] = [11, 11, 10];
 /// Bins of the largest histogram.
 pub const MAX_BINS: u32 = 1 << 11;
-/// Head dimensions with a compiled `chunk_statistics` kernel.
-pub const HEAD_DIMS: [u32; 2] = [64, 128];
 
 /// The one parameter struct of the family. Pointers are device addresses; element offsets are
 /// those of `sequence` (the destination) and `source`.
