@@ -2,7 +2,8 @@
 //! the paper's defaults), timed with CUDA events:
 //! - per layer and sequence at 32K and 122K tokens: the factorisation, the rest of the
 //!   prefill (landmarks, outliers, exact rows, first selection), the value offload on the copy
-//!   stream, against the layer's full-attention decode and its causal prefill attention;
+//!   stream, against the layer's full-attention decode, its causal prefill attention and its
+//!   dense products (the share of the layer's prefill that ShadowKV adds);
 //! - the factorisation at 1M tokens;
 //! - memory per 122K-token sequence (full cache, ShadowKV on GPU and host) and the largest
 //!   batch that fits on the GPU (less the model's bf16 weights) with 125 GiB of host memory.
@@ -11,7 +12,8 @@
 use std::time::Instant;
 
 use shadowkv::cache::{CacheCapacity, CacheShape, ShadowKvCache, ShadowKvParams, ValueHome};
-use shadowkv::factorise::{relative_error_from_spectrum, Factoriser};
+use shadowkv::factorise::Factoriser;
+use shadowkv::linear::Linear;
 use shadowkv::shadow_prefill::PrefillSource;
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, PinnedBuffer,
@@ -44,6 +46,28 @@ fn median_of(
         times.push(gpu.time_ms(gpu.stream(), 1, &mut call)?);
     }
     Ok(median(&mut times) as f64)
+}
+
+/// The dense products of one Llama-3-8B layer's prefill over `len` tokens (QKV, O, gate and
+/// up, down; cuBLAS bf16), median of 3 each.
+fn layer_gemms_ms(gpu: &Gpu, len: usize) -> shadowkv::Result<f64> {
+    let (hidden, kv_width, intermediate) = (4096usize, 1024usize, 14_336usize);
+    let linear = Linear::new(gpu.stream().clone())?;
+    let input = filled(gpu, len * intermediate, 31)?;
+    let mut output = filled(gpu, len * 2 * intermediate, 32)?;
+    let mut total = 0.0;
+    for (inputs, outputs) in [
+        (hidden, hidden + 2 * kv_width),
+        (hidden, hidden),
+        (hidden, 2 * intermediate),
+        (intermediate, hidden),
+    ] {
+        let weight = filled(gpu, outputs * inputs, 33)?;
+        let x = input.slice(..len * inputs);
+        let mut y = output.slice_mut(..len * outputs);
+        total += median_of(gpu, 3, || linear.forward(&x, &weight, inputs, &mut y))?;
+    }
+    Ok(total)
 }
 
 fn run(gpu: &Gpu) -> shadowkv::Result<()> {
@@ -85,8 +109,8 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
         gpu.info().name
     );
     println!();
-    println!("| tokens | factorise ms | rest of prefill ms | offload ms (GB/s) | prefill, compute stream ms | full-attention decode ms | causal prefill attention ms | ‖K−A·Bm‖/‖K‖ |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| tokens | factorise ms | rest of prefill ms | offload done ms (GB/s) | offload end - compute end ms | prefill, compute stream ms | full-attention decode ms | causal prefill attention ms | layer's GEMMs ms | ShadowKV share of the layer's prefill | ‖K−A·Bm‖/‖K‖ |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &len in &[32_768usize, 122_880] {
         let pre = filled(gpu, len * width, 11)?;
         let layout = SequenceLayout {
@@ -104,7 +128,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             factoriser.run(gpu, &pre, params.rank, 0, &mut a, &mut bm)
         })?;
         factoriser.check()?;
-        let error = relative_error_from_spectrum(&factoriser.spectrum()?, params.rank);
+        let error = factoriser.spectrum()?.relative_error(params.rank);
         drop((factoriser, a, bm));
         let mut cache = ShadowKvCache::new(
             gpu,
@@ -127,20 +151,26 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             cache.prefill_layer(gpu, 0, id, &pre, &source, &query)
         })?;
         cache.check_prefill()?;
-        let offload_stream = cache.decode_step().copy_stream().clone();
+        // The offload: from the call's start on the compute stream to the cache's
+        // `offload_done` event on the copy stream (not an event recorded after the call
+        // returns: cuSOLVER blocks the host, which would put that event late).
         let mut offload = Vec::new();
+        let mut after_compute = Vec::new();
         for _ in 0..5 {
             stream.synchronize()?;
-            offload_stream.synchronize()?;
             let start = gpu.new_event(true)?;
             let end = gpu.new_event(true)?;
-            start.record(&offload_stream)?;
+            start.record(&stream)?;
             cache.prefill_layer(gpu, 0, id, &pre, &source, &query)?;
-            end.record(&offload_stream)?;
+            end.record(&stream)?;
             end.synchronize()?;
-            offload.push(start.elapsed_ms(&end)?);
+            cache.offload_done().synchronize()?;
+            let copy_ms = start.elapsed_ms(cache.offload_done())?;
+            offload.push(copy_ms);
+            after_compute.push(copy_ms - start.elapsed_ms(&end)?);
         }
         let offload_ms = median(&mut offload) as f64;
+        let offload_late_ms = median(&mut after_compute) as f64;
         let offload_bytes = (heads * len * d * 2) as f64;
         // The layer's full-attention decode (batch 1) and causal prefill attention.
         let attention_shape = DecodeAttentionShape {
@@ -174,10 +204,14 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
         let prefill_ms = median_of(gpu, 3, || {
             prefill_attention.run(gpu, &stream, &q_all, &keys, &values, &mut prefill_out)
         })?;
+        drop((q_all, prefill_out, prefill_attention));
+        let gemm_ms = layer_gemms_ms(gpu, len)?;
+        let layer_ms = prefill_ms + gemm_ms;
         println!(
-            "| {len} | {factorise_ms:.2} | {:.2} | {offload_ms:.2} ({:.1}) | {compute_ms:.2} | {decode_ms:.3} | {prefill_ms:.1} | {error:.3} |",
+            "| {len} | {factorise_ms:.2} | {:.2} | {offload_ms:.2} ({:.1}) | {offload_late_ms:+.2} | {compute_ms:.2} | {decode_ms:.3} | {prefill_ms:.1} | {gemm_ms:.1} | {:.1}% | {error:.3} |",
             (compute_ms - factorise_ms).max(0.0),
             offload_bytes / (offload_ms * 1e-3) / 1e9,
+            100.0 * compute_ms / layer_ms,
         );
     }
     // The factorisation at 1M tokens (random keys: no structure, so the error is large).

@@ -10,7 +10,7 @@ use shadowkv::cache::{
 };
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::decode_step::inverse_frequencies;
-use shadowkv::factorise::{relative_error_from_spectrum, Factoriser};
+use shadowkv::factorise::Factoriser;
 use shadowkv::reference::decode_step::{decode_step, HostLayer};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::shadow_prefill::PrefillSource;
@@ -262,14 +262,24 @@ fn factorisation(gpu: &Gpu) -> Result<(), String> {
             let against_reference = relative_error(&gpu_keys, &ref_keys);
             let gpu_error = relative_error(&gpu_keys, &exact64);
             let best = relative_error(&ref_keys, &exact64);
-            let predicted = relative_error_from_spectrum(&spectrum, rank);
+            let predicted = spectrum.relative_error(rank);
             eprintln!(
                 "factorise L {len} w {width} r {rank}: vs reference {against_reference:.2e}, \
                  ‖K−A·Bm‖/‖K‖ {gpu_error:.4} (best {best:.4}, from the spectrum {predicted:.4})"
             );
-            prop_assert!(against_reference < 1e-2, "{against_reference}");
-            prop_assert!(gpu_error < best + 1e-2, "{gpu_error} vs {best}");
-            prop_assert!((predicted - best).abs() < 1e-2, "{predicted} vs {best}");
+            // Subspace iteration finds the leading directions; where the spectrum's tail is
+            // flat (noise) it may keep other, equally good noise directions than the exact
+            // reference, so the factors are held to the best error, not to the reference's
+            // rows: within 2% of the best plus the bf16 rounding of A and Bm.
+            prop_assert!(
+                gpu_error <= best * 1.02 + 2e-3,
+                "{gpu_error} vs best {best}"
+            );
+            prop_assert!(
+                (predicted - gpu_error).abs() < 5e-3,
+                "{predicted} vs {gpu_error}"
+            );
+            prop_assert!(against_reference < 2.0 * best + 1e-2, "{against_reference}");
             Ok(())
         })
         .map_err(s)

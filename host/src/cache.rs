@@ -337,6 +337,8 @@ pub struct ShadowKvCache {
     arenas: [Arena; 5],
     /// Recorded on the compute stream at each prefill: what the value offload waits for.
     source_ready: CudaEvent,
+    /// Recorded on the copy stream after the latest prefill's value offload.
+    offload_done: CudaEvent,
     entries: Vec<Entry>,
     next_id: u64,
 }
@@ -469,7 +471,7 @@ impl ShadowKvCache {
         let config = Self::config_for(shape, params)?;
         let sizes = Self::buffer_sizes(shape, params, capacity)?;
         let layers = shape.layers as u64;
-        let (d, w) = (shape.head_dim as u64, shape.kv_width() as u64);
+        let d = shape.head_dim as u64;
         let slots = (capacity.max_sequences * shape.kv_heads * config.budget_chunks) as u64;
         let longest_chunks = params.prompt_chunks(capacity.max_prompt_len) as u64;
         let heads = shape.kv_heads as u64;
@@ -486,8 +488,7 @@ impl ShadowKvCache {
                 (
                     "prefill scratch",
                     heads * longest_chunks * (d * 2 + 4)
-                        + w * w * 4 * 3
-                        + MAX_RANK as u64 * w * 2
+                        + crate::factorise::scratch_bytes(shape.kv_width())
                         + (capacity.max_sequences * shape.q_heads) as u64 * d * 2,
                 ),
                 (
@@ -642,6 +643,7 @@ impl ShadowKvCache {
                 Arena::new("values", sizes.values),
             ],
             source_ready: gpu.new_event(false)?,
+            offload_done: gpu.new_event(true)?,
             shape,
             params,
             config,
@@ -941,6 +943,7 @@ impl ShadowKvCache {
             d,
             &mut shadow.values,
         )?;
+        self.offload_done.record(self.step.copy_stream())?;
         // 3. The factors, into the sequence's rows of A and Bm.
         let a_range = sequence.a_offset as usize..sequence.a_offset as usize + prompt * rank;
         let bm_start = sequence.bm_offset as usize;
@@ -982,6 +985,13 @@ impl ShadowKvCache {
             self.refresh_batches(&stream)?;
         }
         Ok(())
+    }
+
+    /// Completes once the latest [`prefill_layer`](Self::prefill_layer)'s values are in the
+    /// cache's value buffer (recorded on the copy stream, with timing: an engine or a bench
+    /// may measure the offload against it).
+    pub fn offload_done(&self) -> &CudaEvent {
+        &self.offload_done
     }
 
     /// Waits for every prefill so far and checks the factorisations converged.
@@ -1155,4 +1165,109 @@ fn offload_values<T: DevicePtr<bf16>>(
         unsafe { crate::gpu::copy_async(copy_stream, to, from, bytes)? };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// First fit against a model of the buffer: ranges stay inside it and disjoint, an
+        /// allocation fails only when no free run is long enough, and releasing everything
+        /// merges the free list back into one range.
+        #[test]
+        fn arena_matches_a_model(
+            size in 1usize..200,
+            steps in prop::collection::vec((any::<bool>(), 0usize..60, any::<prop::sample::Index>()), 1..80),
+        ) {
+            let mut arena = Arena::new("test", size);
+            let mut used = vec![false; size];
+            let mut live: Vec<(usize, usize)> = Vec::new();
+            for (allocate, len, pick) in steps {
+                if allocate || live.is_empty() {
+                    let longest_run = used
+                        .split(|&u| u)
+                        .map(|run| run.len())
+                        .max()
+                        .unwrap_or(0);
+                    match arena.alloc(len) {
+                        Ok(start) if len > 0 => {
+                            prop_assert!(start + len <= size);
+                            prop_assert!(used[start..start + len].iter().all(|&u| !u));
+                            used[start..start + len].iter_mut().for_each(|u| *u = true);
+                            live.push((start, len));
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            prop_assert!(longest_run < len, "{error}: a run of {longest_run} was free");
+                            prop_assert!(error.to_string().contains("largest free range"));
+                        }
+                    }
+                } else {
+                    let (start, len) = live.swap_remove(pick.index(live.len()));
+                    arena.release(start, len);
+                    used[start..start + len].iter_mut().for_each(|u| *u = false);
+                }
+                let free: usize = arena.free.iter().map(|&(_, l)| l).sum();
+                prop_assert_eq!(free, used.iter().filter(|&&u| !u).count());
+                prop_assert!(arena.free.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
+            }
+            for (start, len) in live.drain(..) {
+                arena.release(start, len);
+            }
+            prop_assert_eq!(&arena.free, &vec![(0, size)]);
+        }
+
+        /// The planner's count is the largest that fits: that many fit and one more does not.
+        #[test]
+        fn planner_finds_the_largest_batch(
+            prompt_len in 4096usize..200_000,
+            gpu_gib in 1u64..80,
+            host_gib in 1u64..200,
+            on_host in any::<bool>(),
+        ) {
+            let shape = CacheShape::LLAMA_3_8B;
+            let params = ShadowKvParams::default();
+            let home = if on_host { ValueHome::Host } else { ValueHome::Device };
+            let (gpu_bytes, host_bytes) = (gpu_gib << 30, host_gib << 30);
+            let plan = ShadowKvCache::plan(&shape, &params, home, prompt_len, 256, gpu_bytes, host_bytes)
+                .unwrap();
+            let fits = |n: usize| {
+                let report = ShadowKvCache::memory_for(
+                    &shape,
+                    &params,
+                    home,
+                    &CacheCapacity::uniform(n, prompt_len, 256),
+                )
+                .unwrap();
+                report.gpu_bytes() <= gpu_bytes && report.host_bytes() <= host_bytes
+            };
+            if plan.sequences > 0 {
+                prop_assert!(fits(plan.sequences));
+            }
+            prop_assert!(!fits(plan.sequences + 1));
+            prop_assert_eq!(plan.full_cache_sequences as u64, gpu_bytes / plan.full_cache_bytes);
+            // ShadowKV keeps less on the GPU per sequence than the whole cache.
+            let per_sequence = plan.per_sequence.gpu_bytes();
+            if on_host {
+                prop_assert!(per_sequence < plan.full_cache_bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn planner_rejects_a_short_prompt() {
+        let error = ShadowKvCache::plan(
+            &CacheShape::LLAMA_3_8B,
+            &ShadowKvParams::default(),
+            ValueHome::Host,
+            100,
+            16,
+            1 << 36,
+            1 << 36,
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("prompt"), "{error}");
+    }
 }

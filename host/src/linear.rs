@@ -90,13 +90,11 @@ impl Linear {
         // SAFETY: the three buffers hold exactly the elements of those shapes (checked above)
         // and live on this handle's stream.
         unsafe {
-            gemm_bf16(
+            gemm(
                 &self.blas,
                 shape,
-                w_address,
-                x_address,
-                y_address,
-                Y::DATA_TYPE,
+                (w_address, x_address, sys::cudaDataType::CUDA_R_16BF),
+                (y_address, Y::DATA_TYPE),
             )
         }
     }
@@ -115,18 +113,17 @@ pub(crate) struct GemmShape {
     pub ldc: usize,
 }
 
-/// `C = op(A) · op(B)` with bf16 `A` and `B`, f32 accumulation and a `c_type` output.
+/// `C = op(A) · op(B)` with `A` and `B` of `input_type` (bf16 or f32), f32 accumulation (no
+/// TF32) and a `c_type` output.
 ///
 /// # Safety
 /// `a`, `b` and `c` are device addresses of buffers that hold the matrices `shape` describes,
 /// ordered on `blas`'s stream; every dimension fits in an `i32` (checked, as an error).
-pub(crate) unsafe fn gemm_bf16(
+pub(crate) unsafe fn gemm(
     blas: &CudaBlas,
     shape: GemmShape,
-    a: u64,
-    b: u64,
-    c: u64,
-    c_type: sys::cudaDataType,
+    (a, b, input_type): (u64, u64, sys::cudaDataType),
+    (c, c_type): (u64, sys::cudaDataType),
 ) -> Result<()> {
     let dimension = |value: usize| {
         i32::try_from(value).map_err(|_| {
@@ -153,10 +150,10 @@ pub(crate) unsafe fn gemm_bf16(
             dimension(shape.k)?,
             (&alpha) as *const f32 as *const _,
             a as *const _,
-            sys::cudaDataType::CUDA_R_16BF,
+            input_type,
             dimension(shape.lda)?,
             b as *const _,
-            sys::cudaDataType::CUDA_R_16BF,
+            input_type,
             dimension(shape.ldb)?,
             (&beta) as *const f32 as *const _,
             c as *mut _,

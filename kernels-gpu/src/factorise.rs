@@ -1,7 +1,7 @@
 //! The low-rank key factorisation's one kernel. The host computes the Gram matrix
-//! `G = K_preᵀ K_pre` (cuBLAS) and its eigen-decomposition (cuSOLVER, ascending eigenvalues,
-//! eigenvectors as the columns of a column-major matrix); `factor_rows` then turns the `rank`
-//! largest eigenpairs `(λ, v)` into bf16 rows, largest first:
+//! `G = K_preᵀ K_pre` (cuBLAS) and its leading eigenpairs (cuBLAS and cuSOLVER: `pairs`
+//! ascending eigenvalues, eigenvectors as the columns of a column-major `[width, pairs]`
+//! matrix); `factor_rows` then turns the `rank` largest `(λ, v)` into bf16 rows, largest first:
 //! - `Bm` row `i`: `sqrt(λ) · v` (`Σ_r V_rᵀ`), what the rebuild multiplies by;
 //! - `projection` row `i`: `v / sqrt(λ)`, so that `A = K_pre · projectionᵀ` (`U_r`, by cuBLAS).
 //!
@@ -18,16 +18,19 @@ pub const KERNEL_NAME: &str = "factor_rows";
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FactorParams {
-    /// f32 `[width]`, ascending.
+    /// f32 `[pairs]`, ascending.
     pub eigenvalues: u64,
-    /// f32 `[width, width]` column-major: eigenvector `j` is the `width` values from `j * width`.
+    /// f32 `[width, pairs]` column-major: eigenvector `j` is the `width` values from `j * width`.
     pub eigenvectors: u64,
     /// bf16 `[rank, width]` out.
     pub bm: u64,
     /// bf16 `[rank, width]` out.
     pub projection: u64,
     pub width: u32,
+    /// Eigenpairs computed, `rank <= pairs <= width`.
+    pub pairs: u32,
     pub rank: u32,
+    pub _pad: u32,
 }
 
 #[cfg(target_arch = "nvptx64")]
@@ -36,15 +39,16 @@ mod kernel {
     use crate::device::*;
 
     /// # Safety
-    /// The host launched `(rank)` blocks of [`THREADS`] with `rank <= width` and buffers of
-    /// the sizes above.
+    /// The host launched `(rank)` blocks of [`THREADS`] with `rank <= pairs <= width` and
+    /// buffers of the sizes above.
     #[no_mangle]
     pub unsafe extern "ptx-kernel" fn factor_rows(p: FactorParams) {
         let row = block_idx_x();
         let width = p.width as usize;
         let eigenvalues = p.eigenvalues as *const f32;
-        let index = width - 1 - row as usize;
-        let largest = max_f32(*eigenvalues.add(width - 1), 0.0);
+        let pairs = p.pairs as usize;
+        let index = pairs - 1 - row as usize;
+        let largest = max_f32(*eigenvalues.add(pairs - 1), 0.0);
         let lambda = max_f32(*eigenvalues.add(index), 0.0);
         let sigma = sqrt(lambda);
         let inverse = if lambda > largest * MIN_RELATIVE_EIGENVALUE && lambda > 0.0 {
