@@ -270,9 +270,10 @@ fn factorisation(gpu: &Gpu) -> Result<(), String> {
             // Subspace iteration finds the leading directions; where the spectrum's tail is
             // flat (noise) it may keep other, equally good noise directions than the exact
             // reference, so the factors are held to the best error, not to the reference's
-            // rows: within 2% of the best plus the bf16 rounding of A and Bm.
+            // rows: within 2% of the best plus the bf16 rounding of A and Bm (2.9e-3 of ‖K‖
+            // where the rank is the whole width and the best error is 0).
             prop_assert!(
-                gpu_error <= best * 1.02 + 2e-3,
+                gpu_error <= best * 1.02 + 4e-3,
                 "{gpu_error} vs best {best}"
             );
             prop_assert!(

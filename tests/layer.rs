@@ -165,10 +165,19 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                         1
                     };
                     let first = rng.gen_range(0..=l.capacity - count);
-                    placements.extend((first..first + count).map(|position| TokenPlacement {
-                        sequence: b as u32,
-                        position,
-                    }));
+                    placements.extend(
+                        (first..first + count)
+                            .map(|position| TokenPlacement::new(b as u32, position)),
+                    );
+                    // A staged token: its RoPE position past the block, its row inside.
+                    if b > 0 && rng.gen_bool(0.5) {
+                        let position = l.capacity + rng.gen_range(0..5000);
+                        placements.push(
+                            TokenPlacement::new(b as u32, position)
+                                .with_cache_row(rng.gen_range(0..l.capacity)),
+                        );
+                        placements.swap_remove(placements.len() - 2);
+                    }
                 }
                 let tokens = placements.len();
                 let qkv = random_f32(&mut rng, tokens * shape.width(), 2.0);
@@ -185,6 +194,8 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                 let mut d_q = poisoned(gpu, tokens * shape.heads * head_dim).map_err(fail)?;
                 let mut d_k = stream.clone_htod(&cache).map_err(fail)?;
                 let mut d_v = stream.clone_htod(&cache).map_err(fail)?;
+                let mut d_pre = poisoned(gpu, tokens * kv_heads * head_dim).map_err(fail)?;
+                let with_pre_rope = seed % 3 != 0;
                 layer::rope_qkv(
                     gpu,
                     stream,
@@ -193,12 +204,12 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                     with_bias.then_some(&d_bias),
                     &d_frequencies,
                     &mut d_q,
-                    &mut d_k,
-                    &mut d_v,
+                    (&mut d_k, &mut d_v),
+                    with_pre_rope.then_some(&mut d_pre.slice_mut(..)),
                 )
                 .map_err(fail)?;
                 let (mut k_ref, mut v_ref) = (to_f64(&cache), to_f64(&cache));
-                let q_ref = reference::layer::rope_qkv(
+                let (q_ref, pre_ref) = reference::layer::rope_qkv(
                     shape,
                     &qkv,
                     with_bias.then_some(bias.as_slice()),
@@ -225,11 +236,19 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                 let pick = |x: &[f64]| written.iter().map(|&i| x[i]).collect::<Vec<_>>();
                 let k_error = relative_error(&pick(&k), &pick(&k_ref));
                 let v_error = relative_error(&pick(&v), &pick(&v_ref));
-                let error = q_error.max(k_error).max(v_error);
+                let pre = to_f64(&stream.clone_dtoh(&d_pre).map_err(fail)?);
+                let pre_error = if with_pre_rope {
+                    relative_error(&pre, &pre_ref)
+                } else {
+                    // Not asked for: left untouched (still the poison).
+                    prop_assert!(pre.iter().all(|x| x.is_nan()), "wrote unasked pre-RoPE keys");
+                    0.0
+                };
+                let error = q_error.max(k_error).max(v_error).max(pre_error);
                 worst.set(worst.get().max(error));
                 prop_assert!(
                     error < TOLERANCE,
-                    "q {q_error:.3e} k {k_error:.3e} v {v_error:.3e} ({shape:?}, {tokens} tokens)"
+                    "q {q_error:.3e} k {k_error:.3e} v {v_error:.3e} pre-RoPE k {pre_error:.3e} ({shape:?}, {tokens} tokens)"
                 );
                 Ok(())
             },
@@ -388,20 +407,12 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
         len: 16,
     }];
     for (what, placement) in [
+        ("row past the capacity", TokenPlacement::new(0, 16)),
         (
-            "position past the capacity",
-            TokenPlacement {
-                sequence: 0,
-                position: 16,
-            },
+            "staged row past the capacity",
+            TokenPlacement::new(0, 3).with_cache_row(16),
         ),
-        (
-            "sequence past the layouts",
-            TokenPlacement {
-                sequence: 1,
-                position: 0,
-            },
-        ),
+        ("sequence past the layouts", TokenPlacement::new(1, 0)),
     ] {
         expect_invalid(
             what,
@@ -439,8 +450,24 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             None,
             &frequencies,
             &mut q,
-            &mut small_cache,
-            &mut cache,
+            (&mut small_cache, &mut cache),
+            None,
+        ),
+    )?;
+    let mut cache_v = poisoned(gpu, 2 * 16 * 8).map_err(s)?;
+    let mut short_pre_rope = poisoned(gpu, 2 * 8 - 1).map_err(s)?;
+    expect_invalid(
+        "pre-RoPE keys not [tokens, kv_heads * head_dim]",
+        layer::rope_qkv(
+            gpu,
+            stream,
+            &plan,
+            &qkv,
+            None,
+            &frequencies,
+            &mut q,
+            (&mut cache, &mut cache_v),
+            Some(&mut short_pre_rope.slice_mut(..)),
         ),
     )?;
     let gate_up = stream.clone_htod(&[f32::NAN; 10]).map_err(s)?;

@@ -3,6 +3,7 @@
 //! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).
 use std::sync::Arc;
 
+use shadowkv::cache::{CacheCapacity, ShadowKvParams, ValueHome};
 use shadowkv::reference::relative_error;
 use shadowkv::Gpu;
 use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelSource, Sampler};
@@ -19,6 +20,15 @@ fn main() {
             passkey,
         ),
         ("gpu_model_rejects_bad_input", rejects_bad_input),
+        (
+            "gpu_shadowkv_with_a_whole_budget_matches_full_attention",
+            shadowkv_whole_budget,
+        ),
+        (
+            "gpu_shadowkv_passkey_answers_as_full_attention",
+            shadowkv_passkey,
+        ),
+        ("gpu_shadowkv_rejects_bad_input", shadowkv_rejects_bad_input),
     ])
 }
 
@@ -317,21 +327,15 @@ fn chunked_prefill(_: &Gpu) -> Result<(), String> {
 }
 
 /// A pass key planted in filler, prefilled by the tiled kernel and by the decode kernel, then
-/// greedy decoding on the GPU (full attention; ShadowKV on the GPU waits for issue 4). At 2K
+/// greedy decoding on the GPU with full attention (ShadowKV: [`shadowkv_passkey`]). At 2K
 /// tokens both must answer with the key. At 7K tokens (SmolLM2 was trained to 8K) the 135M
 /// model misses it with either kernel, so there the two answers must agree.
 fn passkey(_: &Gpu) -> Result<(), String> {
     let source = source()?;
     let mut model = gpu_model(&source)?;
-    let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-    let key = "68231";
+    let key = PASS_KEY;
     for (repeats, depth) in [(90, 0.5), (290, 0.3)] {
-        let before = filler.repeat((repeats as f64 * depth) as usize);
-        let after = filler.repeat(repeats - (repeats as f64 * depth) as usize);
-        let text = format!(
-            "There is a pass key hidden in the following text. Find it and remember it.\n{before}The pass key is {key}. Remember it. {key} is the pass key.\n{after}\nWhat is the pass key?"
-        );
-        let prompt = source.prompt_tokens(&text, true).map_err(s)?;
+        let prompt = passkey_prompt(&source, repeats, depth)?;
         let mut answers = Vec::new();
         for tiled in [true, false] {
             model.set_tiled_prefill(tiled);
@@ -401,4 +405,209 @@ fn rejects_bad_input(_: &Gpu) -> Result<(), String> {
         return Err("a zero-capacity sequence was accepted".into());
     }
     Ok(())
+}
+
+/// The pass-key prompt of [`passkey`]: `repeats` filler sentences, the key at `depth`.
+fn passkey_prompt(source: &ModelSource, repeats: usize, depth: f64) -> Result<Vec<u32>, String> {
+    let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    let cut = (repeats as f64 * depth) as usize;
+    let text = format!(
+        "There is a pass key hidden in the following text. Find it and remember it.\n{}The pass key is {PASS_KEY}. Remember it. {PASS_KEY} is the pass key.\n{}\nWhat is the pass key?",
+        filler.repeat(cut),
+        filler.repeat(repeats - cut)
+    );
+    source.prompt_tokens(&text, true).map_err(s)
+}
+
+const PASS_KEY: &str = "68231";
+
+/// Greedy tokens with full attention on the GPU.
+fn full_greedy(model: &GpuModel, prompt: &[u32], steps: usize) -> Result<Vec<u32>, String> {
+    let mut cache = model
+        .new_cache(&[(prompt.len() + steps) as u32])
+        .map_err(s)?;
+    let mut logits = model
+        .forward(&mut cache, &vec![0; prompt.len()], prompt)
+        .map_err(s)?;
+    let mut tokens = Vec::new();
+    for _ in 0..steps {
+        let token = Sampler::greedy().sample(&logits);
+        tokens.push(token);
+        logits = model.forward(&mut cache, &[0], &[token]).map_err(s)?;
+    }
+    Ok(tokens)
+}
+
+/// Greedy tokens with ShadowKV on the GPU, and the mean hit rate of the steps.
+fn shadow_greedy(
+    model: &GpuModel,
+    prompt: &[u32],
+    steps: usize,
+    params: ShadowKvParams,
+    home: ValueHome,
+) -> Result<(Vec<u32>, f64), String> {
+    let capacity = CacheCapacity::uniform(1, prompt.len(), steps);
+    let mut shadow = model.new_shadow_cache(params, home, capacity).map_err(s)?;
+    let (_, mut logits) = model
+        .prefill_shadow(&mut shadow, prompt, 1000, |_| {})
+        .map_err(s)?;
+    let mut tokens = Vec::new();
+    let mut hits = 0.0;
+    for step in 0..steps {
+        let token = Sampler::greedy().sample(&logits);
+        tokens.push(token);
+        logits = model.decode_shadow(&mut shadow, &[token]).map_err(s)?;
+        if step > 0 {
+            hits += shadow.cache().step_stats().map_err(s)?.hit_rate();
+        }
+    }
+    if shadow.lens() != [(prompt.len() + steps) as u32] {
+        return Err(format!("the sequence's length is {:?}", shadow.lens()));
+    }
+    Ok((tokens, hits / (steps - 1).max(1) as f64))
+}
+
+/// With the whole key width as the rank and a budget that selects every chunk, ShadowKV
+/// attends what full attention does (keys rebuilt to bf16 rounding): the same greedy tokens,
+/// with the values on the host and on the GPU.
+fn shadowkv_whole_budget(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = gpu_model(&source)?;
+    let config = &source.config;
+    let prompt = passkey_prompt(&source, 30, 0.5)?;
+    let chunk_size = 8;
+    let (local_chunks, outlier_chunks) = (4, 8);
+    let chunks = (prompt.len() / chunk_size - local_chunks) / 8 * 8;
+    let params = ShadowKvParams {
+        chunk_size,
+        sparse_budget: (chunks - outlier_chunks) * chunk_size,
+        rank: config.kv_dim().min(256) / 16 * 16,
+        local_chunks,
+        outlier_chunks,
+    };
+    let steps = 32;
+    let full = full_greedy(&model, &prompt, steps)?;
+    for home in [ValueHome::Host, ValueHome::Device] {
+        let (shadow, hit_rate) = shadow_greedy(&model, &prompt, steps, params, home)?;
+        let same = full.iter().zip(&shadow).take_while(|(a, b)| a == b).count();
+        eprintln!(
+            "{} prompt tokens, {params:?}, values {home:?}: {same}/{steps} greedy tokens as full attention, hit rate {:.1}%\n  full:     {:?}\n  ShadowKV: {:?}",
+            prompt.len(),
+            100.0 * hit_rate,
+            source.tokenizer.decode(&full).map_err(s)?,
+            source.tokenizer.decode(&shadow).map_err(s)?
+        );
+        if same < steps {
+            return Err(format!(
+                "values {home:?}: ShadowKV with every chunk selected left full attention's greedy tokens at step {same}"
+            ));
+        }
+        if hit_rate < 0.999 {
+            return Err(format!(
+                "every chunk is resident, yet the hit rate is {hit_rate}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A pass key planted at 2K and 4K tokens: ShadowKV at budgets 256 and 512 gives the answer
+/// full attention gives (which holds the key).
+fn shadowkv_passkey(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = gpu_model(&source)?;
+    let steps = 10;
+    for (repeats, depth) in [(90, 0.5), (170, 0.25)] {
+        let prompt = passkey_prompt(&source, repeats, depth)?;
+        let full = source
+            .tokenizer
+            .decode(&full_greedy(&model, &prompt, steps)?)
+            .map_err(s)?;
+        for (budget, home) in [(256, ValueHome::Host), (512, ValueHome::Device)] {
+            let params = ShadowKvParams {
+                sparse_budget: budget,
+                outlier_chunks: (24 * budget / 1024).max(1),
+                ..ShadowKvParams::default()
+            };
+            let (tokens, hit_rate) = shadow_greedy(&model, &prompt, steps, params, home)?;
+            let answer = source.tokenizer.decode(&tokens).map_err(s)?;
+            eprintln!(
+                "{} prompt tokens, key at {:.0}%: full {full:?}; ShadowKV budget {budget} ({home:?}) {answer:?}, hit rate {:.1}%",
+                prompt.len(),
+                depth * 100.0,
+                100.0 * hit_rate
+            );
+            if !full.contains(PASS_KEY) {
+                return Err(format!("full attention missed the key: {full:?}"));
+            }
+            if !answer.contains(PASS_KEY) {
+                return Err(format!(
+                    "{} tokens, budget {budget}: ShadowKV answered {answer:?}, full attention {full:?}",
+                    prompt.len()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn shadowkv_rejects_bad_input(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = gpu_model(&source)?;
+    let prompt = passkey_prompt(&source, 30, 0.5)?;
+    let params = ShadowKvParams {
+        sparse_budget: 256,
+        outlier_chunks: 6,
+        ..ShadowKvParams::default()
+    };
+    let capacity = CacheCapacity::uniform(2, prompt.len(), 4);
+    let mut shadow = model
+        .new_shadow_cache(params, ValueHome::Host, capacity)
+        .map_err(s)?;
+    if model.decode_shadow(&mut shadow, &[5]).is_ok() {
+        return Err("a decode step with no sequence was accepted".into());
+    }
+    let short = &prompt[..100];
+    match model.prefill_shadow(&mut shadow, short, 1000, |_| {}) {
+        Ok(_) => return Err("a prompt shorter than the budget was accepted".into()),
+        Err(error) => eprintln!("short prompt: {error}"),
+    }
+    if !shadow.sequences().is_empty() {
+        return Err("a failed prefill left a sequence behind".into());
+    }
+    if model
+        .prefill_shadow(&mut shadow, &[49_152; 600], 1000, |_| {})
+        .is_ok()
+        || !shadow.sequences().is_empty()
+    {
+        return Err("a token past the vocabulary was accepted, or left a sequence".into());
+    }
+    model
+        .prefill_shadow(&mut shadow, &prompt, 1000, |_| {})
+        .map_err(s)?;
+    for (what, tokens) in [
+        ("two tokens for one sequence", vec![5, 6]),
+        ("no token", vec![]),
+    ] {
+        if model.decode_shadow(&mut shadow, &tokens).is_ok() {
+            return Err(format!("{what}: accepted"));
+        }
+    }
+    if shadow.lens() != [prompt.len() as u32] {
+        return Err(format!(
+            "rejected steps moved the length to {:?}",
+            shadow.lens()
+        ));
+    }
+    for step in 0..4 {
+        model.decode_shadow(&mut shadow, &[5]).map_err(s)?;
+        let _ = step;
+    }
+    match model.decode_shadow(&mut shadow, &[5]) {
+        Ok(_) => Err("a step past max_generated was accepted".into()),
+        Err(error) => {
+            eprintln!("past max_generated: {error}");
+            Ok(())
+        }
+    }
 }

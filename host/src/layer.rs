@@ -5,7 +5,7 @@
 //! for every layer.
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 pub use shadowkv_kernels::layer as kernel_layout;
 use shadowkv_kernels::layer::{
@@ -165,8 +165,8 @@ pub struct TokenPlan {
 }
 
 impl TokenPlan {
-    /// Checks that each token's sequence exists and its position lies inside the sequence's
-    /// block (`position < capacity`), and uploads both lists on `stream`.
+    /// Checks that each token's sequence exists and its cache row lies inside the sequence's
+    /// block (`cache_row < capacity`), and uploads both lists on `stream`.
     pub fn new(
         stream: &Arc<CudaStream>,
         shape: QkvShape,
@@ -194,17 +194,14 @@ impl TokenPlan {
                     format!("one of the {} layouts", layouts.len()),
                 ));
             };
-            if placement.position >= layout.capacity {
+            if placement.cache_row >= layout.capacity {
                 return Err(invalid(
                     "placements",
                     format!(
-                        "token {t} is at position {} of sequence {}",
-                        placement.position, placement.sequence
+                        "token {t} goes to row {} of sequence {}",
+                        placement.cache_row, placement.sequence
                     ),
-                    format!(
-                        "a position below the sequence's capacity {}",
-                        layout.capacity
-                    ),
+                    format!("a row below the sequence's capacity {}", layout.capacity),
                 ));
             }
         }
@@ -231,7 +228,8 @@ impl TokenPlan {
 
 /// Rotates the queries and keys of the fused projection `qkv` (`[tokens, shape.width()]`),
 /// writes the queries to `q` (`[tokens, heads, head_dim]`) and appends each token's key and
-/// value to its row of `k_cache`/`v_cache`. `bias` (Qwen2) is added first.
+/// value to its row of `k_cache`/`v_cache`. `bias` (Qwen2) is added first. With
+/// `pre_rope_keys` (`[tokens, kv_heads * head_dim]`), the keys before RoPE are written too.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_qkv(
     gpu: &Gpu,
@@ -241,8 +239,8 @@ pub fn rope_qkv(
     bias: Option<&CudaSlice<f32>>,
     inverse_frequencies: &impl DevicePtr<f64>,
     q: &mut impl DevicePtrMut<bf16>,
-    k_cache: &mut impl DevicePtrMut<bf16>,
-    v_cache: &mut impl DevicePtrMut<bf16>,
+    (k_cache, v_cache): (&mut impl DevicePtrMut<bf16>, &mut impl DevicePtrMut<bf16>),
+    pre_rope_keys: Option<&mut CudaViewMut<'_, bf16>>,
 ) -> Result<()> {
     let shape = plan.shape;
     check_len(
@@ -273,6 +271,14 @@ pub fn rope_qkv(
     )?;
     check_reach("k_cache", k_cache.len(), plan.kv_elements)?;
     check_reach("v_cache", v_cache.len(), plan.kv_elements)?;
+    if let Some(pre) = &pre_rope_keys {
+        check_len(
+            "pre_rope_keys",
+            pre.len(),
+            plan.tokens * shape.kv_heads * shape.head_dim,
+            "[tokens, kv_heads * head_dim]",
+        )?;
+    }
     let params = RopeQkvParams {
         qkv: address(qkv, stream),
         bias: bias.map_or(0, |b| address(b, stream)),
@@ -282,6 +288,7 @@ pub fn rope_qkv(
         q: q.device_ptr_mut(stream).0,
         k_cache: k_cache.device_ptr_mut(stream).0,
         v_cache: v_cache.device_ptr_mut(stream).0,
+        pre_rope_keys: pre_rope_keys.map_or(0, |pre| pre.device_ptr_mut(stream).0),
         tokens: plan.tokens as u32,
         heads: shape.heads as u32,
         kv_heads: shape.kv_heads as u32,
@@ -290,7 +297,8 @@ pub fn rope_qkv(
         _reserved: 0,
     };
     // SAFETY: the plan checked every placement against its layout and the caches reach every
-    // layout's block; `qkv`, `q` and the frequency table match the shape (checked above).
+    // layout's block; `qkv`, `q`, `pre_rope_keys` and the frequency table match the shape
+    // (checked above).
     unsafe {
         gpu.launch(
             stream,

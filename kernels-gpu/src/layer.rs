@@ -45,19 +45,40 @@ pub struct RmsNormParams {
     pub _reserved: u32,
 }
 
-/// Where token `t` of a launch goes: its sequence (an index into the layouts) and its
-/// absolute position, which is both its RoPE angle and its row in the sequence's KV block.
+/// Where token `t` of a launch goes: its sequence (an index into the layouts), its absolute
+/// position (its RoPE angle) and its row in the sequence's KV block: the position itself for
+/// a full cache, another row where the block only stages new tokens (ShadowKV's decode).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct TokenPlacement {
     pub sequence: u32,
     pub position: u32,
+    pub cache_row: u32,
+    pub _reserved: u32,
+}
+
+impl TokenPlacement {
+    /// A token at `position` of `sequence`, cached at row `position`.
+    pub const fn new(sequence: u32, position: u32) -> Self {
+        TokenPlacement {
+            sequence,
+            position,
+            cache_row: position,
+            _reserved: 0,
+        }
+    }
+
+    /// The same token, cached at row `cache_row` instead.
+    pub const fn with_cache_row(self, cache_row: u32) -> Self {
+        TokenPlacement { cache_row, ..self }
+    }
 }
 
 /// Splits the fused projection `qkv` (`[tokens, (heads + 2 kv_heads) * head_dim]`, f32) into
 /// rotated queries (`q`, `[tokens, heads, head_dim]`) and rotated keys and plain values written
-/// to the KV cache rows of each token's placement.
+/// to the KV cache rows of each token's placement; optionally also the keys before RoPE
+/// (`pre_rope_keys`, `[tokens, kv_heads * head_dim]`: what ShadowKV factorises).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -74,6 +95,8 @@ pub struct RopeQkvParams {
     pub q: u64,
     pub k_cache: u64,
     pub v_cache: u64,
+    /// bf16 `[tokens, kv_heads * head_dim]` or 0.
+    pub pre_rope_keys: u64,
     pub tokens: u32,
     pub heads: u32,
     pub kv_heads: u32,
@@ -169,9 +192,9 @@ mod kernel {
     }
 
     /// # Safety
-    /// The host checked every placement against its layout (sequence index, position below
-    /// the capacity), the layouts against the caches, and launched one block of [`THREADS`]
-    /// per token.
+    /// The host checked every placement against its layout (sequence index, cache row below
+    /// the capacity), the layouts against the caches, `pre_rope_keys` (if not 0) against the
+    /// tokens, and launched one block of [`THREADS`] per token.
     #[no_mangle]
     pub unsafe extern "ptx-kernel" fn rope_qkv(p: RopeQkvParams) {
         let token = block_idx_x();
@@ -187,7 +210,8 @@ mod kernel {
         }
         let layout = *(p.layouts as *const SequenceLayout).add(placement.sequence as usize);
         let position = placement.position;
-        let writes_cache = position < layout.capacity;
+        let cache_row = placement.cache_row;
+        let writes_cache = cache_row < layout.capacity;
         // head_dim = 2 * half, non-zero: divisions by it cannot fault.
         let d = half.saturating_mul(NonZeroU32::MIN.saturating_add(1));
         let row_width = (p.heads + 2 * p.kv_heads) * d.get();
@@ -201,7 +225,7 @@ mod kernel {
             *row.add(column as usize) + bias
         };
         let cache_row = |kv_head: u32| {
-            layout.offset as usize + ((kv_head * layout.capacity + position) * d.get()) as usize
+            layout.offset as usize + ((kv_head * layout.capacity + cache_row) * d.get()) as usize
         };
         let (q_pairs, k_pairs) = (p.heads * half.get(), p.kv_heads * half.get());
         let work = q_pairs + k_pairs + p.kv_heads * d.get();
@@ -214,12 +238,14 @@ mod kernel {
                 let (head, i) = (pair / half, pair % half);
                 let column = if is_key { p.heads * d.get() } else { 0 } + head * d.get() + i;
                 let frequency = *(p.inverse_frequencies as *const f64).add(i as usize);
-                let (low, high) = rotate(
-                    value(column),
-                    value(column + half.get()),
-                    position,
-                    frequency,
-                );
+                let (before_low, before_high) = (value(column), value(column + half.get()));
+                if is_key && p.pre_rope_keys != 0 {
+                    let at = ((token * p.kv_heads + head) * d.get() + i) as usize;
+                    let pre = p.pre_rope_keys as *mut u16;
+                    *pre.add(at) = f32_to_bf16(before_low);
+                    *pre.add(at + half.get() as usize) = f32_to_bf16(before_high);
+                }
+                let (low, high) = rotate(before_low, before_high, position, frequency);
                 let (target, at) = if is_key {
                     (p.k_cache as *mut u16, cache_row(head) + i as usize)
                 } else {

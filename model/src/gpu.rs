@@ -6,9 +6,18 @@
 //! decode step) through the decode-attention kernel, split over the context; a pass with
 //! prompts (several tokens of a sequence, side by side) through the tiled tensor-core prefill
 //! kernel (or, [`GpuModel::set_tiled_prefill`], the decode kernel with one row per token).
+//!
+//! With ShadowKV ([`GpuShadowCache`]), a prompt prefills as above into a full cache that lives
+//! only for the prefill, whose passes also keep each layer's keys before RoPE and its last
+//! query; each layer's shadow (`ShadowKvCache::prefill_layer`) is then built from them. A
+//! decode step rotates the new token's key into a one-row staging block per sequence,
+//! appends it to the shadow cache and runs ShadowKV's sparse step (`decode_layer`).
 use std::sync::Arc;
 
 use half::bf16;
+use shadowkv::cache::{
+    CacheCapacity, CacheShape, MemoryReport, SequenceId, ShadowKvCache, ShadowKvParams, ValueHome,
+};
 use shadowkv::cudarc::driver::{CudaSlice, CudaStream};
 use shadowkv::layer::kernel_layout::TokenPlacement;
 use shadowkv::layer::{self, QkvShape, TokenPlan};
@@ -16,6 +25,7 @@ use shadowkv::linear::Linear;
 use shadowkv::prefill_attention::{
     kernel_layout::QueryPlacement, PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape,
 };
+use shadowkv::shadow_prefill::PrefillSource;
 use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, SequenceLayout};
 
 use crate::config::ModelConfig;
@@ -58,6 +68,66 @@ struct GpuLayer {
 enum AttentionPass {
     Decode(DecodeAttention),
     Prefill(PrefillAttention),
+}
+
+/// What one prefill pass keeps for ShadowKV: each layer's keys before RoPE (`[prompt,
+/// kv_dim]`, filled `rows_before..` by this pass) and its last query (`[layers, q_dim]`).
+struct PrefillTaps<'a> {
+    pre_rope_keys: &'a mut [CudaSlice<bf16>],
+    last_queries: &'a mut CudaSlice<bf16>,
+    rows_before: usize,
+}
+
+/// Where a pass's keys and values go and how it attends.
+enum PassCache<'a> {
+    /// The full cache; with taps during a ShadowKV prefill.
+    Full {
+        cache: &'a mut GpuKvCache,
+        attention: Box<AttentionPass>,
+        taps: Option<PrefillTaps<'a>>,
+    },
+    /// A ShadowKV decode step: one token per live sequence.
+    Shadow(&'a mut GpuShadowCache),
+}
+
+/// ShadowKV's cache for the GPU model: the shadow of every layer (`ShadowKvCache`), each live
+/// sequence's length, and the one-row blocks that stage a decode step's new keys and values.
+pub struct GpuShadowCache {
+    cache: ShadowKvCache,
+    /// `(sequence, tokens so far)`, in the cache's sequence order.
+    lens: Vec<(SequenceId, u32)>,
+    /// `[max_sequences, kv_heads, head_dim]` each.
+    staged_keys: CudaSlice<bf16>,
+    staged_values: CudaSlice<bf16>,
+}
+
+impl GpuShadowCache {
+    /// The live sequences, in the order [`GpuModel::decode_shadow`] takes their tokens.
+    pub fn sequences(&self) -> Vec<SequenceId> {
+        self.lens.iter().map(|&(id, _)| id).collect()
+    }
+
+    /// Tokens so far (prompt and generated) of each live sequence, in the same order.
+    pub fn lens(&self) -> Vec<u32> {
+        self.lens.iter().map(|&(_, len)| len).collect()
+    }
+
+    /// Frees a finished sequence's place.
+    pub fn remove_sequence(&mut self, gpu: &Gpu, id: SequenceId) -> Result<()> {
+        self.cache.remove_sequence(gpu, id).gpu()?;
+        self.lens.retain(|&(live, _)| live != id);
+        Ok(())
+    }
+
+    /// GPU and host bytes of the cache, by part.
+    pub fn memory_report(&self) -> Result<MemoryReport> {
+        self.cache.memory_report().gpu()
+    }
+
+    /// The shadow cache itself (its last step's statistics, layouts).
+    pub fn cache(&self) -> &ShadowKvCache {
+        &self.cache
+    }
 }
 
 /// The model's weights on one GPU.
@@ -418,7 +488,7 @@ impl GpuModel {
         sequences: &[usize],
         tokens: &[u32],
     ) -> Result<Vec<f32>> {
-        let logits = self.forward_on_device(cache, sequences, tokens)?;
+        let logits = self.forward_full(cache, sequences, tokens, None)?;
         self.stream().clone_dtoh(&logits).gpu()
     }
 
@@ -430,7 +500,7 @@ impl GpuModel {
         sequences: &[usize],
         tokens: &[u32],
     ) -> Result<Vec<u32>> {
-        let logits = self.forward_on_device(cache, sequences, tokens)?;
+        let logits = self.forward_full(cache, sequences, tokens, None)?;
         let stream = self.stream();
         let mut ids = stream
             .alloc_zeros::<u32>(logits.len() / self.config.vocab)
@@ -440,14 +510,189 @@ impl GpuModel {
         stream.clone_dtoh(&ids).gpu()
     }
 
-    /// The forward pass, leaving the logits on the GPU.
-    fn forward_on_device(
+    /// A ShadowKV cache for this model: `params` (checked against the model's shape), the
+    /// values on the host or the GPU, sized for `capacity` (all allocated now; the error says
+    /// how much was needed and free).
+    pub fn new_shadow_cache(
+        &self,
+        params: ShadowKvParams,
+        values_home: ValueHome,
+        capacity: CacheCapacity,
+    ) -> Result<GpuShadowCache> {
+        let config = &self.config;
+        if config.rope_factors.is_some() {
+            return Err(gpu_error(
+                "this model scales RoPE by a rope_freqs tensor, which the ShadowKV key rebuild does not apply yet; use --attention full",
+            ));
+        }
+        let shape = CacheShape {
+            layers: config.layers,
+            q_heads: config.heads,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+            rope: config.rope,
+        };
+        let cache = ShadowKvCache::new(&self.gpu, shape, params, values_home, capacity).gpu()?;
+        let staged = capacity.max_sequences * config.kv_dim();
+        let stream = self.stream();
+        Ok(GpuShadowCache {
+            cache,
+            lens: Vec::new(),
+            staged_keys: stream.alloc_zeros::<bf16>(staged).gpu()?,
+            staged_values: stream.alloc_zeros::<bf16>(staged).gpu()?,
+        })
+    }
+
+    /// Adds `prompt` as a new sequence of `shadow`: runs it with full attention in passes of
+    /// `pass_tokens` (calling `progress` with the tokens done after each), then builds every
+    /// layer's shadow. Returns the sequence and its last token's logits.
+    pub fn prefill_shadow(
+        &self,
+        shadow: &mut GpuShadowCache,
+        prompt: &[u32],
+        pass_tokens: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(SequenceId, Vec<f32>)> {
+        let (config, gpu) = (&self.config, &*self.gpu);
+        if prompt.is_empty() || pass_tokens == 0 {
+            return Err(gpu_error(format!(
+                "a prompt of {} tokens in passes of {pass_tokens}; expected at least one token and one per pass",
+                prompt.len()
+            )));
+        }
+        let id = shadow.cache.add_sequence(gpu, prompt.len()).gpu()?;
+        let built = self.build_shadow(shadow, id, prompt, pass_tokens, &mut progress);
+        if built.is_err() {
+            // Leave the cache as it was.
+            let _ = shadow.cache.remove_sequence(gpu, id);
+        }
+        let logits = built?;
+        shadow.lens.push((id, prompt.len() as u32));
+        // The cache's order is the order sequences were added in (removal keeps it).
+        let order = shadow.cache.sequences();
+        shadow
+            .lens
+            .sort_by_key(|(id, _)| order.iter().position(|o| o == id));
+        debug_assert_eq!(config.layers, shadow.cache.shape().layers);
+        Ok((id, logits))
+    }
+
+    fn build_shadow(
+        &self,
+        shadow: &mut GpuShadowCache,
+        id: SequenceId,
+        prompt: &[u32],
+        pass_tokens: usize,
+        progress: &mut impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        let (config, gpu, stream) = (&self.config, &*self.gpu, self.stream());
+        let mut full = self.new_cache(&[prompt.len() as u32])?;
+        let mut pre_rope_keys = (0..config.layers)
+            .map(|_| {
+                stream
+                    .alloc_zeros::<bf16>(prompt.len() * config.kv_dim())
+                    .gpu()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut last_queries = stream
+            .alloc_zeros::<bf16>(config.layers * config.q_dim())
+            .gpu()?;
+        let mut logits = None;
+        let mut done = 0;
+        for pass in prompt.chunks(pass_tokens) {
+            let taps = PrefillTaps {
+                pre_rope_keys: &mut pre_rope_keys,
+                last_queries: &mut last_queries,
+                rows_before: done,
+            };
+            logits = Some(self.forward_full(&mut full, &vec![0; pass.len()], pass, Some(taps))?);
+            done += pass.len();
+            progress(done);
+        }
+        let layout = SequenceLayout {
+            len: prompt.len() as u32,
+            ..full.layouts[0]
+        };
+        let q_dim = config.q_dim();
+        let layers = full.k.iter().zip(&full.v).zip(&pre_rope_keys).enumerate();
+        for (layer, ((keys, values), pre_rope)) in layers {
+            let source = PrefillSource {
+                keys,
+                values,
+                layout,
+            };
+            shadow
+                .cache
+                .prefill_layer(
+                    gpu,
+                    layer,
+                    id,
+                    pre_rope,
+                    &source,
+                    &last_queries.slice(layer * q_dim..(layer + 1) * q_dim),
+                )
+                .gpu()?;
+        }
+        // The offload reads the full cache: wait for it before the cache is dropped, and
+        // check the factorisations.
+        shadow.cache.check_prefill().gpu()?;
+        let logits = logits.ok_or_else(|| gpu_error("no prefill pass ran"))?;
+        stream.clone_dtoh(&logits).gpu()
+    }
+
+    /// One ShadowKV decode step: `tokens[b]` is the next token of live sequence `b` (in
+    /// [`GpuShadowCache::sequences`] order); returns the logits `[sequences, vocab]`.
+    pub fn decode_shadow(&self, shadow: &mut GpuShadowCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (config, stream) = (&self.config, self.stream());
+        if tokens.len() != shadow.lens.len() || tokens.is_empty() {
+            return Err(gpu_error(format!(
+                "{} tokens for {} live sequences; expected one token per live sequence",
+                tokens.len(),
+                shadow.lens.len()
+            )));
+        }
+        // Each token's RoPE position is its sequence's length; its key and value go to the
+        // one row of the sequence's staging block, `[b, kv_heads, head_dim]`.
+        let kv_dim = config.kv_dim();
+        let layouts: Vec<SequenceLayout> = (0..tokens.len())
+            .map(|b| SequenceLayout {
+                offset: (b * kv_dim) as u64,
+                capacity: 1,
+                len: 1,
+            })
+            .collect();
+        let placements: Vec<TokenPlacement> = shadow
+            .lens
+            .iter()
+            .enumerate()
+            .map(|(b, &(_, len))| TokenPlacement::new(b as u32, len).with_cache_row(0))
+            .collect();
+        let plan = TokenPlan::new(stream, self.qkv_shape(), &placements, &layouts).gpu()?;
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        let logits = self.run_layers(tokens, &plan, PassCache::Shadow(shadow), &rows)?;
+        for entry in &mut shadow.lens {
+            entry.1 += 1;
+        }
+        stream.clone_dtoh(&logits).gpu()
+    }
+
+    fn qkv_shape(&self) -> QkvShape {
+        QkvShape {
+            heads: self.config.heads,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// A pass over the full cache: places the tokens, runs the layers, advances the lengths;
+    /// the logits stay on the GPU.
+    fn forward_full(
         &self,
         cache: &mut GpuKvCache,
         sequences: &[usize],
         tokens: &[u32],
+        taps: Option<PrefillTaps<'_>>,
     ) -> Result<CudaSlice<f32>> {
-        let config = &self.config;
         if sequences.len() != tokens.len() || tokens.is_empty() {
             return Err(gpu_error(format!(
                 "{} tokens for {} sequence indices; expected one index per token, at least one",
@@ -472,16 +717,37 @@ impl GpuModel {
                     next[sequence], layout.capacity
                 )));
             }
-            placements.push(TokenPlacement {
-                sequence: sequence as u32,
-                position: next[sequence],
-            });
+            placements.push(TokenPlacement::new(sequence as u32, next[sequence]));
             next[sequence] += 1;
             match last_row.iter_mut().find(|(s, _)| *s == sequence) {
                 Some(entry) => entry.1 = row,
                 None => last_row.push((sequence, row)),
             }
         }
+        let plan =
+            TokenPlan::new(self.stream(), self.qkv_shape(), &placements, &cache.layouts).gpu()?;
+        let attention = Box::new(self.attention_pass(cache, &placements, &next)?);
+        let rows: Vec<usize> = last_row.iter().map(|&(_, row)| row).collect();
+        let mode = PassCache::Full {
+            cache: &mut *cache,
+            attention,
+            taps,
+        };
+        let logits = self.run_layers(tokens, &plan, mode, &rows)?;
+        cache.lens = next;
+        Ok(logits)
+    }
+
+    /// The layers of one pass over `tokens` (placed by `plan`), attending through `mode`;
+    /// returns the f32 logits of `rows` (each sequence's last token), left on the GPU.
+    fn run_layers(
+        &self,
+        tokens: &[u32],
+        plan: &TokenPlan,
+        mut mode: PassCache<'_>,
+        rows: &[usize],
+    ) -> Result<CudaSlice<f32>> {
+        let config = &self.config;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= config.vocab) {
             return Err(gpu_error(format!(
                 "token id {bad} is past the vocabulary ({} tokens)",
@@ -490,13 +756,7 @@ impl GpuModel {
         }
         let (gpu, stream) = (&*self.gpu, self.stream());
         let count = tokens.len();
-        let shape = QkvShape {
-            heads: config.heads,
-            kv_heads: config.kv_heads,
-            head_dim: config.head_dim,
-        };
-        let plan = TokenPlan::new(stream, shape, &placements, &cache.layouts).gpu()?;
-        let mut attention = self.attention_pass(cache, &placements, &next)?;
+        let shape = self.qkv_shape();
         let alloc_bf16 = |n: usize| stream.alloc_zeros::<bf16>(n).gpu();
         let alloc_f32 = |n: usize| stream.alloc_zeros::<f32>(n).gpu();
         let (hidden, ffn) = (config.hidden, config.ffn);
@@ -528,28 +788,7 @@ impl GpuModel {
             self.linear
                 .forward(&normed, &weights.qkv, hidden, &mut qkv)
                 .gpu()?;
-            let (k_cache, v_cache) = (&mut cache.k[index], &mut cache.v[index]);
-            layer::rope_qkv(
-                gpu,
-                stream,
-                &plan,
-                &qkv,
-                weights.qkv_bias.as_ref(),
-                &self.inverse_frequencies,
-                &mut q,
-                k_cache,
-                v_cache,
-            )
-            .gpu()?;
-            match &mut attention {
-                AttentionPass::Decode(decode) => {
-                    decode.run(gpu, stream, &q, k_cache, v_cache, &mut attended)
-                }
-                AttentionPass::Prefill(prefill) => {
-                    prefill.run(gpu, stream, &q, k_cache, v_cache, &mut attended)
-                }
-            }
-            .gpu()?;
+            self.attend(&mut mode, index, plan, &qkv, &mut q, &mut attended)?;
             self.linear
                 .forward(&attended, &weights.o, config.q_dim(), &mut projected)
                 .gpu()?;
@@ -582,7 +821,6 @@ impl GpuModel {
         )
         .gpu()?;
         // Logits only for each sequence's last token.
-        let rows: Vec<usize> = last_row.iter().map(|&(_, row)| row).collect();
         let head = self.output.as_ref().unwrap_or(&self.embedding);
         let mut logits = stream.alloc_zeros::<f32>(rows.len() * config.vocab).gpu()?;
         if let [row] = rows[..] {
@@ -609,9 +847,96 @@ impl GpuModel {
                 .forward(&last_rows, head, hidden, &mut logits)
                 .gpu()?;
         }
-        for (b, len) in next.into_iter().enumerate() {
-            cache.lens[b] = len;
-        }
         Ok(logits)
+    }
+
+    /// Layer `index`'s attention in a pass: rotates `qkv` into `q` and the keys and values
+    /// into `mode`'s cache, then attends into `attended`.
+    fn attend(
+        &self,
+        mode: &mut PassCache<'_>,
+        index: usize,
+        plan: &TokenPlan,
+        qkv: &CudaSlice<f32>,
+        q: &mut CudaSlice<bf16>,
+        attended: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        let (gpu, stream) = (&*self.gpu, self.stream());
+        let bias = self.layers[index].qkv_bias.as_ref();
+        let frequencies = &self.inverse_frequencies;
+        match mode {
+            PassCache::Full {
+                cache,
+                attention,
+                taps,
+            } => {
+                let (k_cache, v_cache) = (&mut cache.k[index], &mut cache.v[index]);
+                let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.q_dim());
+                let tokens = plan.tokens();
+                {
+                    let mut pre_rope = taps.as_mut().map(|taps| {
+                        let rows = taps.rows_before..taps.rows_before + tokens;
+                        taps.pre_rope_keys[index].slice_mut(rows.start * kv_dim..rows.end * kv_dim)
+                    });
+                    layer::rope_qkv(
+                        gpu,
+                        stream,
+                        plan,
+                        qkv,
+                        bias,
+                        frequencies,
+                        q,
+                        (&mut *k_cache, &mut *v_cache),
+                        pre_rope.as_mut(),
+                    )
+                    .gpu()?;
+                }
+                if let Some(taps) = taps {
+                    // The pass's last token is the prompt's last so far.
+                    stream
+                        .memcpy_dtod(
+                            &q.slice((tokens - 1) * q_dim..tokens * q_dim),
+                            &mut taps
+                                .last_queries
+                                .slice_mut(index * q_dim..(index + 1) * q_dim),
+                        )
+                        .gpu()?;
+                }
+                match &mut **attention {
+                    AttentionPass::Decode(decode) => {
+                        decode.run(gpu, stream, q, k_cache, v_cache, attended)
+                    }
+                    AttentionPass::Prefill(prefill) => {
+                        prefill.run(gpu, stream, q, k_cache, v_cache, attended)
+                    }
+                }
+                .gpu()
+            }
+            PassCache::Shadow(shadow) => {
+                let staged = plan.tokens() * self.config.kv_dim();
+                layer::rope_qkv(
+                    gpu,
+                    stream,
+                    plan,
+                    qkv,
+                    bias,
+                    frequencies,
+                    q,
+                    (&mut shadow.staged_keys, &mut shadow.staged_values),
+                    None,
+                )
+                .gpu()?;
+                shadow
+                    .cache
+                    .append(
+                        gpu,
+                        index,
+                        &shadow.staged_keys.slice(..staged),
+                        &shadow.staged_values.slice(..staged),
+                    )
+                    .gpu()?;
+                shadow.cache.decode_layer(gpu, index, q, attended).gpu()
+            }
+        }
     }
 }

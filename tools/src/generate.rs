@@ -3,6 +3,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use shadowkv::cache::{CacheCapacity, ValueHome};
 use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelSource, Sampler, ShadowKvParams};
 
 /// Where attention reads the KV cache from.
@@ -102,26 +103,11 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.attention != AttentionMode::Full {
         shadowkv_model::cpu::shadowkv::validate(&params, &config)?;
     }
-    // The GPU runs full attention; ShadowKV on the GPU needs the cache of issue 4.
     let gpu = match args.device {
         DeviceChoice::Cpu => None,
-        DeviceChoice::Gpu if args.attention != AttentionMode::Full => {
-            return Err(format!(
-                "--attention {:?} on the GPU needs ShadowKvCache (issue 4, not built yet); use --attention full, or --device cpu",
-                args.attention
-            )
-            .into())
-        }
         DeviceChoice::Gpu => Some(shadowkv::Gpu::new(0)?),
         DeviceChoice::Auto => match shadowkv::Gpu::new(0) {
-            Ok(gpu) if args.attention == AttentionMode::Full => Some(gpu),
-            Ok(gpu) => {
-                eprintln!(
-                    "note: found {}, but ShadowKV on the GPU needs ShadowKvCache (issue 4, not built yet): running the CPU reference path",
-                    gpu.info().name
-                );
-                None
-            }
+            Ok(gpu) => Some(gpu),
             Err(reason) => {
                 eprintln!("note: no GPU ({reason}): running the CPU reference path");
                 None
@@ -162,7 +148,11 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let is_end = |id: u32| tokenizer.is_end_of_generation(id);
     let (generation, path_name) = match gpu {
         Some(gpu) => {
-            let name = format!("GPU {} (bf16, full attention)", gpu.info().name);
+            let name = format!(
+                "GPU {} (bf16, attention {:?})",
+                gpu.info().name,
+                args.attention
+            );
             let loading = std::time::Instant::now();
             let model = GpuModel::load(std::sync::Arc::new(gpu), &config, &source.weights)?;
             eprintln!(
@@ -170,24 +160,77 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 model.weight_bytes() as f64 / 1e6,
                 loading.elapsed().as_secs_f64()
             );
-            let mut cache = model.new_cache(&[(tokens.len() + args.max_tokens) as u32])?;
             // Long prompts prefill in passes, with a progress bar.
             let bar = (tokens.len() > crate::bench::PREFILL_CHUNK)
                 .then(|| crate::bench::prefill_bar(tokens.len()));
-            let generation = shadowkv_model::generate(
-                |ids| {
-                    let logits = crate::bench::prefill(&model, &mut cache, 0, ids, bar.as_ref());
-                    if let Some(bar) = bar.as_ref().filter(|_| ids.len() > 1) {
-                        bar.finish_and_clear();
+            let generation = match args.attention {
+                AttentionMode::Full => {
+                    let mut cache = model.new_cache(&[(tokens.len() + args.max_tokens) as u32])?;
+                    shadowkv_model::generate(
+                        |ids| {
+                            let logits =
+                                crate::bench::prefill(&model, &mut cache, 0, ids, bar.as_ref());
+                            if let Some(bar) = bar.as_ref().filter(|_| ids.len() > 1) {
+                                bar.finish_and_clear();
+                            }
+                            logits
+                        },
+                        &tokens,
+                        &mut sampler,
+                        args.max_tokens,
+                        is_end,
+                        on_token,
+                    )?
+                }
+                AttentionMode::Shadowkv | AttentionMode::ShadowkvGpu => {
+                    let home = match args.attention {
+                        AttentionMode::Shadowkv => ValueHome::Host,
+                        _ => ValueHome::Device,
+                    };
+                    let capacity = CacheCapacity::uniform(1, tokens.len(), args.max_tokens);
+                    let mut shadow = model.new_shadow_cache(params, home, capacity)?;
+                    let mut hit_rates = Vec::new();
+                    let generation = shadowkv_model::generate(
+                        |ids| {
+                            if shadow.sequences().is_empty() {
+                                let progress = |done: usize| {
+                                    if let Some(bar) = bar.as_ref() {
+                                        bar.set_position(done as u64);
+                                    }
+                                };
+                                let (_, logits) = model.prefill_shadow(
+                                    &mut shadow,
+                                    ids,
+                                    crate::bench::PREFILL_CHUNK,
+                                    progress,
+                                )?;
+                                if let Some(bar) = bar.as_ref() {
+                                    bar.finish_and_clear();
+                                }
+                                return Ok(logits);
+                            }
+                            let logits = model.decode_shadow(&mut shadow, ids)?;
+                            if let Ok(stats) = shadow.cache().step_stats() {
+                                hit_rates.push(stats.hit_rate());
+                            }
+                            Ok(logits)
+                        },
+                        &tokens,
+                        &mut sampler,
+                        args.max_tokens,
+                        is_end,
+                        on_token,
+                    )?;
+                    if !hit_rates.is_empty() {
+                        eprintln!(
+                            "\nShadowKV: mean hit rate of the sparse slots (layer 0) {:.1}% over {} steps",
+                            100.0 * hit_rates.iter().sum::<f64>() / hit_rates.len() as f64,
+                            hit_rates.len()
+                        );
                     }
-                    logits
-                },
-                &tokens,
-                &mut sampler,
-                args.max_tokens,
-                is_end,
-                on_token,
-            )?;
+                    generation
+                }
+            };
             (generation, name)
         }
         None => {

@@ -40,8 +40,9 @@ pub fn rms_norm(
     (summed, out)
 }
 
-/// The rotated queries `[tokens, heads, head_dim]`, and the K/V caches with each token's
-/// rotated key and value written at its placement (other elements unchanged).
+/// The rotated queries `[tokens, heads, head_dim]` and the keys before RoPE
+/// (`[tokens, kv_heads * head_dim]`), and the K/V caches with each token's rotated key and
+/// value written at its placement's cache row (other elements unchanged).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_qkv(
     shape: QkvShape,
@@ -52,10 +53,11 @@ pub fn rope_qkv(
     layouts: &[SequenceLayout],
     k_cache: &mut [f64],
     v_cache: &mut [f64],
-) -> Vec<f64> {
+) -> (Vec<f64>, Vec<f64>) {
     let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
     let width = shape.width();
     let mut q = Vec::with_capacity(placements.len() * heads * d);
+    let mut pre_rope_keys = Vec::with_capacity(placements.len() * kv_heads * d);
     for (t, placement) in placements.iter().enumerate() {
         let row: Vec<f64> = (0..width)
             .map(|c| qkv[t * width + c] as f64 + bias.map_or(0.0, |b| b[c] as f64))
@@ -69,14 +71,16 @@ pub fn rope_qkv(
         let layout = layouts[placement.sequence as usize];
         for head in 0..kv_heads {
             let mut key = row[(heads + head) * d..(heads + head + 1) * d].to_vec();
+            pre_rope_keys.extend_from_slice(&key);
             rope(&mut key, position, inverse_frequencies);
-            let at = layout.offset as usize + (head * layout.capacity as usize + position) * d;
+            let cache_row = placement.cache_row as usize;
+            let at = layout.offset as usize + (head * layout.capacity as usize + cache_row) * d;
             k_cache[at..at + d].copy_from_slice(&key);
             let value = &row[(heads + kv_heads + head) * d..(heads + kv_heads + head + 1) * d];
             v_cache[at..at + d].copy_from_slice(value);
         }
     }
-    q
+    (q, pre_rope_keys)
 }
 
 /// `silu(gate) * up` of each row of the fused `[rows, 2 * width]` projection.
