@@ -501,12 +501,16 @@ impl GpuModel {
         tokens: &[u32],
     ) -> Result<Vec<u32>> {
         let logits = self.forward_full(cache, sequences, tokens, None)?;
+        self.argmax_rows(&logits)
+    }
+
+    /// The most likely token of each row of `logits` (`[rows, vocab]`), picked on the GPU.
+    fn argmax_rows(&self, logits: &CudaSlice<f32>) -> Result<Vec<u32>> {
         let stream = self.stream();
         let mut ids = stream
             .alloc_zeros::<u32>(logits.len() / self.config.vocab)
             .gpu()?;
-        shadowkv::sampling::argmax(&self.gpu, stream, &logits, self.config.vocab, &mut ids)
-            .gpu()?;
+        shadowkv::sampling::argmax(&self.gpu, stream, logits, self.config.vocab, &mut ids).gpu()?;
         stream.clone_dtoh(&ids).gpu()
     }
 
@@ -643,6 +647,77 @@ impl GpuModel {
     /// One ShadowKV decode step: `tokens[b]` is the next token of live sequence `b` (in
     /// [`GpuShadowCache::sequences`] order); returns the logits `[sequences, vocab]`.
     pub fn decode_shadow(&self, shadow: &mut GpuShadowCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.decode_shadow_on_device(shadow, tokens)?;
+        self.stream().clone_dtoh(&logits).gpu()
+    }
+
+    /// [`decode_shadow`](Self::decode_shadow) with greedy sampling on the GPU.
+    pub fn decode_shadow_greedy(
+        &self,
+        shadow: &mut GpuShadowCache,
+        tokens: &[u32],
+    ) -> Result<Vec<u32>> {
+        let logits = self.decode_shadow_on_device(shadow, tokens)?;
+        self.argmax_rows(&logits)
+    }
+
+    /// Adds a sequence of `len` tokens whose every layer is SYNTHETIC: random keys (before
+    /// and after RoPE, unrelated), values and last query, sent through the normal ShadowKV
+    /// prefill (factorisation, landmarks, outliers, offload, first selection) without running
+    /// the model over a prompt: for decode-throughput runs at long context. One layer's
+    /// buffers at a time.
+    pub fn prefill_shadow_synthetic(
+        &self,
+        shadow: &mut GpuShadowCache,
+        len: usize,
+        seed: u64,
+    ) -> Result<SequenceId> {
+        let (config, gpu, stream) = (&self.config, &*self.gpu, self.stream());
+        let id = shadow.cache.add_sequence(gpu, len).gpu()?;
+        let built = (|| -> Result<()> {
+            let (kv_dim, q_dim) = (config.kv_dim(), config.q_dim());
+            let alloc = |n: usize| stream.alloc_zeros::<bf16>(n).gpu();
+            let (mut keys, mut values) = (alloc(len * kv_dim)?, alloc(len * kv_dim)?);
+            let (mut pre_rope, mut query) = (alloc(len * kv_dim)?, alloc(q_dim)?);
+            let layout = SequenceLayout {
+                offset: 0,
+                capacity: len as u32,
+                len: len as u32,
+            };
+            for layer in 0..config.layers {
+                let layer_seed = seed.wrapping_mul(31).wrapping_add(4 * layer as u64);
+                for (i, buffer) in [&mut keys, &mut values, &mut pre_rope, &mut query]
+                    .into_iter()
+                    .enumerate()
+                {
+                    shadowkv::random::fill(gpu, stream, buffer, layer_seed + i as u64, 1.0, 0.0)
+                        .gpu()?;
+                }
+                let source = PrefillSource {
+                    keys: &keys,
+                    values: &values,
+                    layout,
+                };
+                shadow
+                    .cache
+                    .prefill_layer(gpu, layer, id, &pre_rope, &source, &query)
+                    .gpu()?;
+            }
+            shadow.cache.check_prefill().gpu()
+        })();
+        if let Err(error) = built {
+            let _ = shadow.cache.remove_sequence(gpu, id);
+            return Err(error);
+        }
+        shadow.lens.push((id, len as u32));
+        Ok(id)
+    }
+
+    fn decode_shadow_on_device(
+        &self,
+        shadow: &mut GpuShadowCache,
+        tokens: &[u32],
+    ) -> Result<CudaSlice<f32>> {
         let (config, stream) = (&self.config, self.stream());
         if tokens.len() != shadow.lens.len() || tokens.is_empty() {
             return Err(gpu_error(format!(
@@ -673,7 +748,7 @@ impl GpuModel {
         for entry in &mut shadow.lens {
             entry.1 += 1;
         }
-        stream.clone_dtoh(&logits).gpu()
+        Ok(logits)
     }
 
     fn qkv_shape(&self) -> QkvShape {

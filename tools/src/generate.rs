@@ -17,6 +17,17 @@ pub enum AttentionMode {
     ShadowkvGpu,
 }
 
+impl AttentionMode {
+    /// Where ShadowKV keeps the values; `None` for full attention.
+    pub fn value_home(self) -> Option<ValueHome> {
+        match self {
+            AttentionMode::Full => None,
+            AttentionMode::Shadowkv => Some(ValueHome::Host),
+            AttentionMode::ShadowkvGpu => Some(ValueHome::Device),
+        }
+    }
+}
+
 /// Which processor runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
@@ -61,6 +72,13 @@ pub struct GenerateArgs {
     /// Which processor runs the model.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    #[command(flatten)]
+    shadowkv: ShadowKvArgs,
+}
+
+/// ShadowKV's parameters on the command line (defaults: the paper's).
+#[derive(Args, Debug, Clone)]
+pub struct ShadowKvArgs {
     /// ShadowKV: tokens per chunk (c).
     #[arg(long, default_value_t = ShadowKvParams::default().chunk_size)]
     chunk_size: usize,
@@ -78,6 +96,18 @@ pub struct GenerateArgs {
     outlier_chunks: usize,
 }
 
+impl ShadowKvArgs {
+    pub fn params(&self) -> ShadowKvParams {
+        ShadowKvParams {
+            chunk_size: self.chunk_size,
+            sparse_budget: self.sparse_budget,
+            rank: self.rank,
+            local_chunks: self.local_chunks,
+            outlier_chunks: self.outlier_chunks,
+        }
+    }
+}
+
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(text), _) => text.clone(),
@@ -87,13 +117,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             return Err("give the prompt with --prompt TEXT or --prompt-file FILE".into())
         }
     };
-    let params = ShadowKvParams {
-        chunk_size: args.chunk_size,
-        sparse_budget: args.sparse_budget,
-        rank: args.rank,
-        local_chunks: args.local_chunks,
-        outlier_chunks: args.outlier_chunks,
-    };
+    let params = args.shadowkv.params();
     let path = match args.model {
         Some(path) => path,
         None => shadowkv_model::builtin_model_path()?,
@@ -183,10 +207,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                     )?
                 }
                 AttentionMode::Shadowkv | AttentionMode::ShadowkvGpu => {
-                    let home = match args.attention {
-                        AttentionMode::Shadowkv => ValueHome::Host,
-                        _ => ValueHome::Device,
-                    };
+                    let home = args.attention.value_home().unwrap_or(ValueHome::Host);
                     let capacity = CacheCapacity::uniform(1, tokens.len(), args.max_tokens);
                     let mut shadow = model.new_shadow_cache(params, home, capacity)?;
                     let mut hit_rates = Vec::new();
