@@ -29,6 +29,10 @@ fn main() {
             shadowkv_passkey,
         ),
         ("gpu_shadowkv_rejects_bad_input", shadowkv_rejects_bad_input),
+        (
+            "gpu_shadowkv_ragged_batch_matches_sequences_alone",
+            shadowkv_ragged_batch,
+        ),
     ])
 }
 
@@ -339,16 +343,7 @@ fn passkey(_: &Gpu) -> Result<(), String> {
         let mut answers = Vec::new();
         for tiled in [true, false] {
             model.set_tiled_prefill(tiled);
-            let mut cache = model.new_cache(&[(prompt.len() + 12) as u32]).map_err(s)?;
-            let mut logits = model
-                .forward(&mut cache, &vec![0; prompt.len()], &prompt)
-                .map_err(s)?;
-            let mut tokens = Vec::new();
-            for _ in 0..10 {
-                let token = Sampler::greedy().sample(&logits);
-                tokens.push(token);
-                logits = model.forward(&mut cache, &[0], &[token]).map_err(s)?;
-            }
+            let tokens = full_greedy(&model, &prompt, 10)?;
             answers.push(source.tokenizer.decode(&tokens).map_err(s)?);
         }
         eprintln!(
@@ -610,4 +605,77 @@ fn shadowkv_rejects_bad_input(_: &Gpu) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Three prompts of different lengths in one ShadowKV cache, decoded together (greedy on the
+/// GPU), the second removed after 4 steps: each gives the tokens it gives alone.
+fn shadowkv_ragged_batch(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = gpu_model(&source)?;
+    let params = ShadowKvParams {
+        sparse_budget: 256,
+        outlier_chunks: 6,
+        ..ShadowKvParams::default()
+    };
+    let prompts = [
+        passkey_prompt(&source, 30, 0.5)?,
+        passkey_prompt(&source, 47, 0.2)?,
+        passkey_prompt(&source, 38, 0.8)?,
+    ];
+    let steps = 8;
+    let mut alone = Vec::new();
+    for prompt in &prompts {
+        alone.push(shadow_greedy(&model, prompt, steps, params, ValueHome::Host)?.0);
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let capacity = CacheCapacity {
+        max_sequences: 3,
+        max_prompt_len: longest,
+        max_prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        max_generated: steps,
+    };
+    let mut shadow = model
+        .new_shadow_cache(params, ValueHome::Host, capacity)
+        .map_err(s)?;
+    let mut ids = Vec::new();
+    let mut next = Vec::new();
+    for prompt in &prompts {
+        let (id, logits) = model
+            .prefill_shadow(&mut shadow, prompt, 1000, |_| {})
+            .map_err(s)?;
+        ids.push(id);
+        next.push(Sampler::greedy().sample(&logits));
+    }
+    let mut together: Vec<Vec<u32>> = vec![Vec::new(); 3];
+    let mut live = vec![0usize, 1, 2];
+    for step in 0..steps {
+        for (&b, &token) in live.iter().zip(&next) {
+            together[b].push(token);
+        }
+        if step + 1 == steps {
+            break;
+        }
+        if step == 4 {
+            // The middle sequence leaves between steps.
+            shadow.remove_sequence(model.gpu(), ids[1]).map_err(s)?;
+            next.remove(1);
+            live.remove(1);
+        }
+        next = model.decode_shadow_greedy(&mut shadow, &next).map_err(s)?;
+    }
+    for (b, (mine, theirs)) in together.iter().zip(&alone).enumerate() {
+        let expected = &theirs[..mine.len()];
+        eprintln!(
+            "sequence {b} ({} prompt tokens): together {:?}, alone {:?}",
+            prompts[b].len(),
+            source.tokenizer.decode(mine).map_err(s)?,
+            source.tokenizer.decode(expected).map_err(s)?
+        );
+        if mine != expected {
+            return Err(format!(
+                "sequence {b}: {mine:?} in the batch, {expected:?} alone"
+            ));
+        }
+    }
+    Ok(())
 }
