@@ -21,7 +21,8 @@ pub const TILE_LENS: [u32; 3] = [512, 256, 128];
 /// warps) to keep enough loads in flight (b1 x 122K: 240 blocks of 512 reached 53% of copy).
 pub const MIN_BLOCKS: usize = 1024;
 /// Rows of landmarks each lane group loads before using them. Measured on the H100 at batch
-/// 16 x 122K (`docs/scoring-unroll*-h100.log`): 2 gave 75.8% of copy, 4 gave 79.1%, 8 gave
+/// 16 x 122K, before each lane kept one head's statistics (`docs/scoring-unroll*-h100.log`):
+/// 2 gave 75.8% of copy, 4 gave 79.1%, 8 gave
 /// 65.1% (its registers leave fewer blocks per SM). Streaming the rows through a 4-step
 /// `cp.async` ring per warp instead (`docs/experiments/scoring-cp-async.diff`, 104 registers)
 /// gave 79.3% there and 68.2% at 16 x 32K (`docs/scoring-cp-async-h100.log`): bytes in

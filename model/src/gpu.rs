@@ -112,6 +112,28 @@ impl GpuShadowCache {
         self.lens.iter().map(|&(_, len)| len).collect()
     }
 
+    /// Adds a sequence of `len` tokens and runs `build` on it; keeps it only if `build`
+    /// succeeds (otherwise the cache is left as it was). The cache appends new sequences
+    /// last, so `lens` stays in its order.
+    fn add_built<T>(
+        &mut self,
+        gpu: &Gpu,
+        len: usize,
+        build: impl FnOnce(&mut Self, SequenceId) -> Result<T>,
+    ) -> Result<(SequenceId, T)> {
+        let id = self.cache.add_sequence(gpu, len).gpu()?;
+        match build(self, id) {
+            Ok(value) => {
+                self.lens.push((id, len as u32));
+                Ok((id, value))
+            }
+            Err(error) => {
+                let _ = self.cache.remove_sequence(gpu, id);
+                Err(error)
+            }
+        }
+    }
+
     /// Frees a finished sequence's place.
     pub fn remove_sequence(&mut self, gpu: &Gpu, id: SequenceId) -> Result<()> {
         self.cache.remove_sequence(gpu, id).gpu()?;
@@ -557,28 +579,16 @@ impl GpuModel {
         pass_tokens: usize,
         mut progress: impl FnMut(usize),
     ) -> Result<(SequenceId, Vec<f32>)> {
-        let (config, gpu) = (&self.config, &*self.gpu);
+        let gpu = &*self.gpu;
         if prompt.is_empty() || pass_tokens == 0 {
             return Err(gpu_error(format!(
                 "a prompt of {} tokens in passes of {pass_tokens}; expected at least one token and one per pass",
                 prompt.len()
             )));
         }
-        let id = shadow.cache.add_sequence(gpu, prompt.len()).gpu()?;
-        let built = self.build_shadow(shadow, id, prompt, pass_tokens, &mut progress);
-        if built.is_err() {
-            // Leave the cache as it was.
-            let _ = shadow.cache.remove_sequence(gpu, id);
-        }
-        let logits = built?;
-        shadow.lens.push((id, prompt.len() as u32));
-        // The cache's order is the order sequences were added in (removal keeps it).
-        let order = shadow.cache.sequences();
-        shadow
-            .lens
-            .sort_by_key(|(id, _)| order.iter().position(|o| o == id));
-        debug_assert_eq!(config.layers, shadow.cache.shape().layers);
-        Ok((id, logits))
+        shadow.add_built(gpu, prompt.len(), |shadow, id| {
+            self.build_shadow(shadow, id, prompt, pass_tokens, &mut progress)
+        })
     }
 
     fn build_shadow(
@@ -673,8 +683,7 @@ impl GpuModel {
         seed: u64,
     ) -> Result<SequenceId> {
         let (config, gpu, stream) = (&self.config, &*self.gpu, self.stream());
-        let id = shadow.cache.add_sequence(gpu, len).gpu()?;
-        let built = (|| -> Result<()> {
+        let built = shadow.add_built(gpu, len, |shadow, id| {
             let (kv_dim, q_dim) = (config.kv_dim(), config.q_dim());
             let alloc = |n: usize| stream.alloc_zeros::<bf16>(n).gpu();
             let (mut keys, mut values) = (alloc(len * kv_dim)?, alloc(len * kv_dim)?);
@@ -704,13 +713,8 @@ impl GpuModel {
                     .gpu()?;
             }
             shadow.cache.check_prefill().gpu()
-        })();
-        if let Err(error) = built {
-            let _ = shadow.cache.remove_sequence(gpu, id);
-            return Err(error);
-        }
-        shadow.lens.push((id, len as u32));
-        Ok(id)
+        });
+        built.map(|(id, ())| id)
     }
 
     fn decode_shadow_on_device(

@@ -10,16 +10,10 @@ use shadowkv_model::{
     Architecture, CpuCache, CpuModel, LayerWeights, Matrix, ModelConfig, ModelWeights, WeightFile,
 };
 
-/// Deterministic values in [-scale, scale).
+/// Deterministic values in [-scale, scale) (the library's random fill, in f32).
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-        })
+    (0..n as u64)
+        .map(|i| shadowkv::random::kernel_layout::value(seed, i, scale, 0.0))
         .collect()
 }
 

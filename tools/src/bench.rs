@@ -159,8 +159,7 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         model.forward_greedy(&mut cache, &sequences, next)
     })?;
     // What a step must read at least: every weight once and every cached key and value.
-    let kv_bytes =
-        2 * 2 * config.layers * config.kv_dim() * args.batch * (args.context + args.steps / 2);
+    let kv_bytes = kv_cache_bytes(&config, args.batch, args.context + args.steps / 2);
     let bytes = model.weight_bytes() + kv_bytes;
     report(&args, per_step);
     println!(
@@ -168,6 +167,11 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         bytes as f64 / per_step / 1e9
     );
     Ok(())
+}
+
+/// Bytes of the bf16 keys and values of `sequences` x `tokens` in every layer.
+fn kv_cache_bytes(config: &ModelConfig, sequences: usize, tokens: usize) -> usize {
+    2 * 2 * config.layers * config.kv_dim() * sequences * tokens
 }
 
 /// Two untimed warm-up steps, then `args.steps` timed ones; seconds per step.
@@ -216,8 +220,7 @@ fn run_shadowkv(
         "ShadowKV cache ({params:?}, values {home:?}): {:.2} GB on the GPU, {:.2} GB pinned on the host; the full KV cache would be {:.2} GB",
         memory.gpu_bytes() as f64 / 1e9,
         memory.host_bytes() as f64 / 1e9,
-        (2 * 2 * config.layers * config.kv_dim() * args.batch * (args.context + args.steps + 3))
-            as f64
+        kv_cache_bytes(config, args.batch, args.context + args.steps + 3) as f64
             / 1e9
     );
     let started = Instant::now();

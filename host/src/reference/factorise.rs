@@ -69,16 +69,10 @@ pub fn factorisation_error(keys: &[f32], width: usize, rank: usize, a: &[f32], b
 mod tests {
     use super::{factorisation_error, factorise};
 
-    /// Deterministic values in [-1, 1).
+    /// Deterministic values in [-1, 1) (the GPU random fill's, in f32).
     fn noise(seed: u64, n: usize) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
+        (0..n as u64)
+            .map(|i| crate::random::kernel_layout::value(seed, i, 1.0, 0.0))
             .collect()
     }
 
