@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::bf16;
+use shadowkv::attention::kernel_layout::MAX_SPLITS;
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, SequenceLayout};
 use shadowkv_suite::bench::{copy_bandwidth, filled, steady_ms};
@@ -76,7 +77,7 @@ fn plans(
                 .collect();
             let plan = match split_len {
                 Some(split_len) => DecodeAttentionPlan::with_split_len(shape, &layouts, split_len)?,
-                None => DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)?,
+                None => DecodeAttentionPlan::for_gpu(gpu, shape, &layouts)?,
             };
             DecodeAttention::new(gpu, plan)
         })
@@ -170,11 +171,11 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     }
     // How the split length moves the two target points (informs the planner).
     let mut sweep = Vec::new();
-    for (batch, len) in [(16usize, 2048u32), (16, 2560), (1, 131_072)] {
+    for (batch, len) in [(16usize, 2048u32), (16, 2560), (1, 2560), (1, 131_072)] {
         for split_len in [
-            128u32, 256, 512, 704, 864, 1024, 1280, 2048, 2560, 2688, 4096,
+            128u32, 256, 512, 640, 704, 864, 1024, 1280, 2048, 2560, 2688, 4096,
         ] {
-            if split_len > len {
+            if split_len > len || len.div_ceil(split_len) > MAX_SPLITS {
                 continue;
             }
             let mut attention = plans(gpu, batch, len, capacity, Some(split_len))?;

@@ -179,8 +179,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             kv_heads: heads,
             head_dim: d,
         };
-        let plan =
-            DecodeAttentionPlan::new(attention_shape, &[layout], gpu.info().multiprocessors)?;
+        let plan = DecodeAttentionPlan::for_gpu(gpu, attention_shape, &[layout])?;
         let mut attention = DecodeAttention::new(gpu, plan)?;
         let mut out = filled(gpu, shape.q_heads * d, 17)?;
         let decode_ms = steady_ms(gpu, &stream, || {

@@ -18,7 +18,9 @@ use shadowkv::{
     DecodeAttentionShape, DecodeStep, Gpu, LayerValues, PinnedBuffer, RopeConfig, SequenceLayout,
     ShadowBatch, ShadowConfig, ShadowLayer, ShadowSequence, StepWorkspace,
 };
-use shadowkv_suite::bench::{copy_bandwidth, filled, gemm_rate, median, steady_ms};
+use shadowkv_suite::bench::{
+    copy_bandwidth, copy_bandwidth_at, filled, gemm_rate, median, steady_ms,
+};
 use shadowkv_suite::{random_bf16, shared_gpu};
 
 const CONFIG: ShadowConfig = ShadowConfig::LLAMA_3_8B;
@@ -225,6 +227,21 @@ struct Row {
 
 /// A rate and its share of a ceiling, as table columns: `amount` per `ms`, shown in `unit`
 /// (`scale` per unit), against `ceiling` (same measure per second) named `of`.
+/// [`rate_columns`] for a kernel that reads `bytes` from device memory: against the copy
+/// ceiling, and against a copy of the same size (the ceiling once launch and ramp count).
+fn read_columns(gpu: &Gpu, bytes: f64, ms: f64, copy: f64) -> shadowkv::Result<(String, String)> {
+    let (rate, of_copy) = rate_columns(bytes, ms, "GB/s", 1e9, copy, "copy");
+    let same_size = copy_bandwidth_at(gpu, bytes as usize)?;
+    let achieved = bytes / (ms * 1e-3);
+    Ok((
+        rate,
+        format!(
+            "{of_copy} ({:.1}% of a same-size copy)",
+            100.0 * achieved / same_size
+        ),
+    ))
+}
+
 fn rate_columns(
     amount: f64,
     ms: f64,
@@ -331,7 +348,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             row(
                 "scoring",
                 scoring_ms,
-                rate_columns(landmark_bytes, scoring_ms, "GB/s", 1e9, copy, "copy"),
+                read_columns(gpu, landmark_bytes, scoring_ms, copy)?,
             );
             // Per layer and hit rate, a resident set that hits exactly that share of the
             // layer's selection for this query (the last layer's logits stay in `w`).
@@ -429,7 +446,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                 l.batch.sequences().iter().map(|s| s.kv).collect();
             let mut sparse = DecodeAttention::new(
                 gpu,
-                DecodeAttentionPlan::new(shape, &sparse_layouts, gpu.info().multiprocessors)?,
+                DecodeAttentionPlan::for_gpu(gpu, shape, &sparse_layouts)?,
             )?;
             let sparse_bytes = sparse.plan().kv_bytes_read() as f64;
             let sparse_ms = measure(gpu, &stream, &mut group, id("sparse_attention"), || {
@@ -438,7 +455,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             row(
                 "sparse attention",
                 sparse_ms,
-                rate_columns(sparse_bytes, sparse_ms, "GB/s", 1e9, copy, "copy"),
+                read_columns(gpu, sparse_bytes, sparse_ms, copy)?,
             );
 
             // Full attention over the whole context (prompt + generated) on the same heads.
@@ -457,7 +474,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             );
             let mut full = DecodeAttention::new(
                 gpu,
-                DecodeAttentionPlan::new(shape, &full_layouts, gpu.info().multiprocessors)?,
+                DecodeAttentionPlan::for_gpu(gpu, shape, &full_layouts)?,
             )?;
             let full_bytes = full.plan().kv_bytes_read() as f64;
             let full_ms = measure(gpu, &stream, &mut group, id("full_attention"), || {
@@ -466,7 +483,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             row(
                 "full attention",
                 full_ms,
-                rate_columns(full_bytes, full_ms, "GB/s", 1e9, copy, "copy"),
+                read_columns(gpu, full_bytes, full_ms, copy)?,
             );
             drop((full_k, full_v));
 

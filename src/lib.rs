@@ -275,6 +275,26 @@ pub mod bench {
         Ok(2.0 * bytes as f64 / (median(&mut times) as f64 * 1e-3))
     }
 
+    /// The copy ceiling at a kernel's own size: the device-to-device copy that moves `bytes`
+    /// in all (half read, half written), timed as the kernels are ([`steady_ms`], back to
+    /// back). Small copies pay the launch and ramp that small kernels pay, so this is the fair
+    /// ceiling for a kernel that reads a few MB. The sources rotate over 256 MiB, so L2 does
+    /// not hold them between calls.
+    pub fn copy_bandwidth_at(gpu: &Gpu, bytes: usize) -> shadowkv::Result<f64> {
+        let half = (bytes / 4).max(1);
+        let sources = ((256usize << 20) / (2 * half)).clamp(2, 64);
+        let source = filled(gpu, half * sources, 3)?;
+        // SAFETY: written by the copies before anything reads it.
+        let mut target = unsafe { gpu.stream().alloc::<bf16>(half)? };
+        let mut next = 0;
+        let ms = steady_ms(gpu, gpu.stream(), || {
+            next = (next + 1) % sources;
+            let from = source.slice(next * half..(next + 1) * half);
+            Ok(gpu.stream().memcpy_dtod(&from, &mut target)?)
+        })?;
+        Ok((4 * half) as f64 / (ms * 1e-3))
+    }
+
     /// Device time of one call in steady state: the median over 15 samples of 20 back-to-back
     /// calls each, so the host's enqueue of the next call overlaps the GPU's work on this one
     /// (as in a decode loop) instead of being counted.

@@ -4,7 +4,7 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::attention::kernel_layout::tokens_per_iteration;
+use shadowkv::attention::kernel_layout::{tokens_per_iteration, MAX_SPLITS};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout,
@@ -130,9 +130,13 @@ fn run_case(gpu: &Gpu, case: &Case) -> Result<f64, String> {
     let plan = match case.split_multiple {
         Some(multiple) => {
             let step = tokens_per_iteration(shape.group() as u32, shape.head_dim as u32);
-            DecodeAttentionPlan::with_split_len(shape, &layouts, multiple * step)
+            // Short splits, but no more of them than the merge holds (long sequences then
+            // merge close to `MAX_SPLITS` splits).
+            let longest = case.lens.iter().copied().max().unwrap_or(1);
+            let fewest = longest.div_ceil(MAX_SPLITS).next_multiple_of(step);
+            DecodeAttentionPlan::with_split_len(shape, &layouts, (multiple * step).max(fewest))
         }
-        None => DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors),
+        None => DecodeAttentionPlan::for_gpu(gpu, shape, &layouts),
     }
     .map_err(|e| e.to_string())?;
     let scale = plan.scale() as f64;
@@ -245,8 +249,7 @@ fn rejects_mismatched_buffers(gpu: &Gpu) -> Result<(), String> {
         head_dim: 64,
     };
     let (layouts, kv_elements) = packed_layouts(&shape, &[100, 50], &[0, 0]);
-    let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)
-        .map_err(|e| e.to_string())?;
+    let plan = DecodeAttentionPlan::for_gpu(gpu, shape, &layouts).map_err(|e| e.to_string())?;
     let mut attention = DecodeAttention::new(gpu, plan).map_err(|e| e.to_string())?;
     let stream = gpu.stream();
     let buffer = |n: usize| poisoned(gpu, n).map_err(|e| e.to_string());

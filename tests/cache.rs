@@ -722,9 +722,7 @@ fn accuracy(gpu: &Gpu) -> Result<(), String> {
             capacity: full_len as u32,
             len: full_len as u32,
         };
-        let plan =
-            DecodeAttentionPlan::new(attention_shape, &[full_layout], gpu.info().multiprocessors)
-                .map_err(s)?;
+        let plan = DecodeAttentionPlan::for_gpu(gpu, attention_shape, &[full_layout]).map_err(s)?;
         let mut attention = DecodeAttention::new(gpu, plan).map_err(s)?;
         let q_gpu = stream.clone_htod(&q).map_err(s)?;
         let (k_gpu, v_gpu) = (

@@ -670,8 +670,7 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
         let scale = 1.0 / (head_dim as f64).sqrt();
         let expected =
             reference::attention::decode_attention(&shape, &layouts, &q, &full_k, &full_v, scale);
-        let plan =
-            DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors).map_err(s)?;
+        let plan = DecodeAttentionPlan::for_gpu(gpu, shape, &layouts).map_err(s)?;
         let mut attention = DecodeAttention::new(gpu, plan).map_err(s)?;
         let (dk, dv) = (
             stream.clone_htod(&full_k).map_err(s)?,

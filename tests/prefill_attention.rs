@@ -744,8 +744,7 @@ fn run_decode(gpu: &Gpu, problem: &Problem, scale: f32) -> shadowkv::Result<Vec<
         kv_heads: problem.shape.kv_heads,
         head_dim: d,
     };
-    let plan =
-        DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)?.with_scale(scale)?;
+    let plan = DecodeAttentionPlan::for_gpu(gpu, shape, &layouts)?.with_scale(scale)?;
     let stream = gpu.stream();
     let (q, k, v) = (
         stream.clone_htod(&q)?,

@@ -1,7 +1,7 @@
 //! Sparse GQA decode attention: planning (CPU, validated) separated from execution (GPU).
 //!
 //! ```text
-//! let plan = DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors)?;
+//! let plan = DecodeAttentionPlan::for_gpu(&gpu, shape, &layouts)?;
 //! let mut attention = DecodeAttention::new(&gpu, plan)?;   // uploads layouts, workspace
 //! attention.run(&gpu, gpu.stream(), &q, &k, &v, &mut out)?;
 //! ```
@@ -62,21 +62,36 @@ pub struct DecodeAttentionPlan {
     part_kernels: [KernelName; 2],
 }
 
-/// Blocks per multiprocessor the planner aims for. The double-buffered kernel keeps two
-/// tiles of loads in flight per warp, so about two blocks per SM already saturate memory;
-/// more, shorter splits only add per-block cost (measured on the H100: b16 x 2K best at
-/// 256 blocks, b1 x 128K at 256 blocks; see benches/attention.rs's split sweep).
-const BLOCKS_PER_MULTIPROCESSOR: usize = 2;
 /// Shortest split: below this the partial-output traffic outweighs the extra parallelism.
 const MIN_SPLIT_LEN: u32 = 128;
 
 impl DecodeAttentionPlan {
-    /// Validates the shape and layouts and splits the work so that about
-    /// `multiprocessors * 2` blocks run (flash-decoding: one long sequence fills the GPU).
+    /// [`new`](Self::new) with the blocks that `gpu` runs of this shape's kernel at once.
+    pub fn for_gpu(
+        gpu: &Gpu,
+        shape: DecodeAttentionShape,
+        layouts: &[SequenceLayout],
+    ) -> Result<Self> {
+        shape.validate()?;
+        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let resident_blocks = gpu.resident_blocks(
+            KernelName::lookup(&layout::kernel_name(group, head_dim))?,
+            layout::THREADS,
+            layout::shared_bytes(group, head_dim),
+        )?;
+        Self::new(shape, layouts, resident_blocks)
+    }
+
+    /// Validates the shape and layouts and splits the work into about `resident_blocks`
+    /// equal blocks: the blocks of the kernel the GPU runs at once ([`Gpu::resident_blocks`]),
+    /// so that one wave covers the batch with no tail (flash-decoding: one long sequence
+    /// fills the GPU). On the H100 at batch 16 x 2,560 tokens, 3 splits (one wave of 384
+    /// blocks at 3 per SM) reached 79.8% of copy bandwidth where 2 reached 74.4%
+    /// (`docs/attention-bench-h100.log`).
     pub fn new(
         shape: DecodeAttentionShape,
         layouts: &[SequenceLayout],
-        multiprocessors: u32,
+        resident_blocks: u32,
     ) -> Result<Self> {
         // The shape first: the split step below depends on a valid group and head_dim.
         shape.validate()?;
@@ -85,7 +100,7 @@ impl DecodeAttentionPlan {
             .iter()
             .map(|l| l.len as usize * shape.kv_heads)
             .sum();
-        let target_blocks = (multiprocessors.max(1) as usize * BLOCKS_PER_MULTIPROCESSOR).max(1);
+        let target_blocks = resident_blocks.max(1) as usize;
         let step = layout::tokens_per_iteration(group, head_dim);
         let even_share = (token_heads.div_ceil(target_blocks) as u32).max(MIN_SPLIT_LEN);
         // The longest sequence sets the critical path: keep its number of splits but make
@@ -94,7 +109,7 @@ impl DecodeAttentionPlan {
         let longest = layouts.iter().map(|l| l.len).max().unwrap_or(1).max(1);
         // Nearest, not next, count: a few more tokens per block cost less than a block more
         // per row (b4 x 8K: 8 splits of 1024 beat 9 of 928).
-        let splits = ((longest + even_share / 2) / even_share).max(1);
+        let splits = ((longest + even_share / 2) / even_share).clamp(1, layout::MAX_SPLITS);
         let split_len = longest
             .div_ceil(splits)
             .max(MIN_SPLIT_LEN)
@@ -127,6 +142,18 @@ impl DecodeAttentionPlan {
             .map(|l| layout::num_splits(l.len, split))
             .max()
             .unwrap_or(1);
+        if max_splits > layout::MAX_SPLITS {
+            let longest = layouts.iter().map(|l| l.len).max().unwrap_or(1);
+            return Err(invalid(
+                "split_len",
+                format!("is {split_len}: {max_splits} splits of a {longest}-token sequence"),
+                format!(
+                    "at most {} splits per sequence (a split_len of at least {})",
+                    layout::MAX_SPLITS,
+                    longest.div_ceil(layout::MAX_SPLITS).next_multiple_of(step)
+                ),
+            ));
+        }
         Ok(DecodeAttentionPlan {
             shape,
             layouts: layouts.to_vec(),
@@ -451,12 +478,17 @@ impl DecodeAttention {
                 (plan.part_kernels[0], plan.split_len, plan.max_splits)
             }
             Some((StepPart::Fresh, slots)) => {
-                let split_len =
-                    FRESH_SPLIT_ITERATIONS * layout::tokens_per_iteration(group, head_dim);
+                let step = layout::tokens_per_iteration(group, head_dim);
+                let slot_tokens = slots.budget_chunks * slots.chunk_size;
+                // Short splits, but no more than the merge holds.
+                let split_len = (FRESH_SPLIT_ITERATIONS * step).max(
+                    slot_tokens
+                        .div_ceil(layout::MAX_SPLITS)
+                        .next_multiple_of(step),
+                );
                 // Iterations hold at least one token, so the fallback is never taken.
                 let split =
                     std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
-                let slot_tokens = slots.budget_chunks * slots.chunk_size;
                 (
                     plan.part_kernels[1],
                     split_len,

@@ -236,7 +236,7 @@ impl DecodeStep {
                 ..s.kv
             })
             .collect();
-        let plan = DecodeAttentionPlan::new(shape, &full, gpu.info().multiprocessors)?;
+        let plan = DecodeAttentionPlan::for_gpu(gpu, shape, &full)?;
         DecodeAttention::new(gpu, plan)
     }
 

@@ -175,6 +175,29 @@ impl Gpu {
         Ok(function)
     }
 
+    /// Blocks of `kernel` the whole GPU runs at once (the occupancy calculator's blocks per
+    /// multiprocessor, times the multiprocessors; at least one per multiprocessor): one wave.
+    pub fn resident_blocks(
+        &self,
+        kernel: KernelName,
+        threads: u32,
+        shared_bytes: u32,
+    ) -> Result<u32> {
+        let function = self.function(kernel)?;
+        if shared_bytes > 48 * 1024 {
+            function.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )?;
+        }
+        let per_multiprocessor = function.occupancy_max_active_blocks_per_multiprocessor(
+            threads,
+            shared_bytes as usize,
+            None,
+        )?;
+        Ok(per_multiprocessor.max(1) * self.info.multiprocessors)
+    }
+
     /// Times `work` on `stream` with CUDA events: milliseconds per call over `iterations`.
     pub fn time_ms(
         &self,

@@ -134,10 +134,27 @@ pub const fn tokens_per_iteration(group: u32, head_dim: u32) -> u32 {
     WARPS * (32 / lanes_per_token(head_dim)) * unroll(group)
 }
 
-/// Dynamic shared memory of the split kernel: per warp and head, `head_dim` accumulators plus
-/// the running max and sum; then one word telling the block whether it merges.
+/// Most splits of one sequence: the merging block keeps a weight per split and head in
+/// shared memory.
+pub const MAX_SPLITS: u32 = 256;
+
+/// Words of the shared region the two phases reuse: per warp and head, `head_dim`
+/// accumulators plus the running max and sum; in the merge, each head's log-sum-exp and
+/// [`MAX_SPLITS`] weights per head.
+const fn shared_words(group: u32, head_dim: u32) -> u32 {
+    let accumulators = WARPS * group * (head_dim + 2);
+    let merge = group * (1 + MAX_SPLITS);
+    if accumulators > merge {
+        accumulators
+    } else {
+        merge
+    }
+}
+
+/// Dynamic shared memory of the split kernel: the region above, then one word telling the
+/// block whether it merges.
 pub const fn shared_bytes(group: u32, head_dim: u32) -> u32 {
-    WARPS * group * (head_dim + 2) * 4 + 16
+    shared_words(group, head_dim) * 4 + 16
 }
 
 /// Splits of a sequence of `len` tokens. (`NonZeroU32` division cannot panic, so the device
@@ -188,8 +205,13 @@ mod kernel {
         load_query, merge_softmax_stats, row_dots, scale_query, warp_merge_softmax_stats,
     };
 
-    /// Splits whose partial results one thread loads before it uses any, in the merge.
-    const MERGE_LOADS: usize = 8;
+    /// Partial outputs one thread loads before it uses any, in the merge ...
+    const MERGE_LOADS: usize = 32;
+    /// ... from at most this many splits (more would cost the small groups registers, and
+    /// with them blocks per SM, in the main loop).
+    const MERGE_SPLITS: usize = 8;
+    /// Most output elements one thread merges: `MAX_GROUP * 128 / THREADS`.
+    const MAX_MERGE_ELEMENTS: usize = (MAX_GROUP * 128 / THREADS) as usize;
 
     /// # Safety
     /// The host launcher validated every pointer and layout against the buffers' lengths,
@@ -245,7 +267,8 @@ mod kernel {
         } else {
             (layout.len, num_splits(layout.len, split_len))
         };
-        if split >= splits {
+        // The host keeps `splits` within `MAX_SPLITS` (the merge's shared weights).
+        if split >= splits || splits > MAX_SPLITS {
             return;
         }
         // The K/V row of position `index` of the region, and whether this launch attends to it.
@@ -422,7 +445,7 @@ mod kernel {
         // The last block of this (sequence, kv_head) to finish merges every split.
         fence_gpu();
         sync_threads();
-        let merges = shared.add(WARPS as usize * G * stride) as *mut u32;
+        let merges = shared.add(shared_words(G as u32, D as u32) as usize) as *mut u32;
         if thread_idx_x() == 0 {
             let counter = (p.counters as *mut u32).add((sequence * p.kv_heads + kv_head) as usize);
             let finished = atomic_add_u32(counter, 1) + 1;
@@ -448,61 +471,77 @@ mod kernel {
                 q_heads,
             )
         };
-        // Per head of the group, the max of the splits' LSEs and the sum of their weights:
-        // warp `g` reads head `g`'s splits, a lane per split (warp-uniform loop).
-        let head_stats = shared;
+        // Per head of the group (warp `g`, a lane per split; warp-uniform loop): the merged
+        // log-sum-exp, and each split's weight `exp2(lse - max) / sum` in shared memory, so
+        // that the element loop below loads only partial outputs. A lane rewrites only the
+        // entries it wrote itself, so the warp needs no barrier between the two.
+        let merged_lse = shared;
+        let weights = shared.add(G);
+        let weight_at = |split: u32, g: usize| weights.add(split as usize * G + g);
         let mut g = warp as usize;
         while g < G {
             let mut merged = (NO_SCORE, 0.0f32);
             let mut split = lane;
             while split < splits {
-                merged =
-                    merge_softmax_stats(merged, (load_l2_f32(lse.add(lse_index(split, g))), 1.0));
+                let split_lse = load_l2_f32(lse.add(lse_index(split, g)));
+                *weight_at(split, g) = split_lse;
+                merged = merge_softmax_stats(merged, (split_lse, 1.0));
                 split += 32;
             }
             let (max_lse, sum) = warp_merge_softmax_stats(merged, 1);
+            let inverse_sum = reciprocal(sum);
+            let mut split = lane;
+            while split < splits {
+                *weight_at(split, g) = exp2(*weight_at(split, g) - max_lse) * inverse_sum;
+                split += 32;
+            }
             if lane == 0 {
-                *head_stats.add(2 * g) = max_lse;
-                *head_stats.add(2 * g + 1) = sum;
+                *merged_lse.add(g) = max_lse + log2(sum);
             }
             g += WARPS as usize;
         }
         sync_threads();
-        // Each element's weighted sum over the splits, `MERGE_LOADS` splits' loads in flight.
-        let mut index = thread_idx_x() as usize;
-        while index < G * D {
-            let g = index / D;
-            let column = index % D;
-            let (max_lse, sum) = (*head_stats.add(2 * g), *head_stats.add(2 * g + 1));
-            let mut value = 0.0f32;
-            let mut first = 0;
-            while first < splits {
-                let mut split_lse = [NO_SCORE; MERGE_LOADS];
-                let mut split_out = [0.0f32; MERGE_LOADS];
-                for u in 0..MERGE_LOADS {
-                    let split = first + u as u32;
-                    if split < splits {
-                        let at = lse_index(split, g);
-                        split_lse[u] = load_l2_f32(lse.add(at));
-                        split_out[u] =
-                            load_l2_f32((p.partial_out as *const f32).add(at * D + column));
-                    }
+        // Each thread's elements (`index = tid + e * THREADS`) summed over the splits, with
+        // up to `MERGE_LOADS` partial outputs in flight per thread: one L2 round trip per
+        // `splits_per_round` splits for all of a thread's elements.
+        let elements = (G * D).div_ceil(THREADS as usize);
+        let splits_per_round = (MERGE_LOADS / elements).clamp(1, MERGE_SPLITS);
+        let partial_out = p.partial_out as *const f32;
+        let tid = thread_idx_x() as usize;
+        let mut value = [0.0f32; MAX_MERGE_ELEMENTS];
+        // Loads are unconditional (indices clamped; an element or split past the end weighs
+        // nothing), so the round is one straight run of loads, all in flight together.
+        let last_index = G * D - 1;
+        let last_split = splits - 1;
+        let mut first = 0;
+        while first < splits {
+            let mut loaded = [[0.0f32; MERGE_LOADS]; MAX_MERGE_ELEMENTS];
+            for e in 0..elements {
+                let index = min_usize(tid + e * THREADS as usize, last_index);
+                for u in 0..splits_per_round {
+                    let split = min_u32(first + u as u32, last_split);
+                    let at = lse_index(split, index / D) * D + index % D;
+                    loaded[e][u] = load_l2_f32(partial_out.add(at));
                 }
-                for u in 0..MERGE_LOADS {
-                    value += exp2(split_lse[u] - max_lse) * split_out[u];
-                }
-                first += MERGE_LOADS as u32;
             }
-            let q_head = kv_head * G as u32 + g as u32;
-            finish::<D, PART>(
-                p,
-                sequence,
-                q_head,
-                column,
-                value * reciprocal(sum),
-                max_lse + log2(sum),
-            );
-            index += THREADS as usize;
+            for e in 0..elements {
+                let g = min_usize(tid + e * THREADS as usize, last_index) / D;
+                for u in 0..splits_per_round {
+                    let split = first + u as u32;
+                    let weight = *weight_at(min_u32(split, last_split), g);
+                    let weight = if split < splits { weight } else { 0.0 };
+                    value[e] += weight * loaded[e][u];
+                }
+            }
+            first += splits_per_round as u32;
+        }
+        for e in 0..elements {
+            let index = tid + e * THREADS as usize;
+            if index < G * D {
+                let (g, column) = (index / D, index % D);
+                let q_head = kv_head * G as u32 + g as u32;
+                finish::<D, PART>(p, sequence, q_head, column, value[e], *merged_lse.add(g));
+            }
         }
     }
 

@@ -584,3 +584,13 @@ pub fn min_u32(a: u32, b: u32) -> u32 {
         b
     }
 }
+
+/// `min.u64` on an index.
+#[inline(always)]
+pub fn min_usize(a: usize, b: usize) -> usize {
+    if a < b {
+        a
+    } else {
+        b
+    }
+}

@@ -456,8 +456,7 @@ impl GpuModel {
                 kv_heads: config.kv_heads,
                 head_dim: config.head_dim,
             };
-            let plan =
-                DecodeAttentionPlan::new(shape, &layouts, gpu.info().multiprocessors).gpu()?;
+            let plan = DecodeAttentionPlan::for_gpu(gpu, shape, &layouts).gpu()?;
             return Ok(AttentionPass::Decode(
                 DecodeAttention::new(gpu, plan).gpu()?,
             ));

@@ -121,8 +121,10 @@ fn demo(shape: DecodeAttentionShape, tokens: u32, seed: u64) -> shadowkv::Result
 
     // One plan, sized for the GPU when there is one (the CPU path only needs its scale).
     let gpu = Gpu::new(0);
-    let multiprocessors = gpu.as_ref().map_or(1, |gpu| gpu.info().multiprocessors);
-    let plan = DecodeAttentionPlan::new(shape, &layouts, multiprocessors)?;
+    let plan = match &gpu {
+        Ok(gpu) => DecodeAttentionPlan::for_gpu(gpu, shape, &layouts)?,
+        Err(_) => DecodeAttentionPlan::new(shape, &layouts, 1)?,
+    };
     let started = Instant::now();
     let expected =
         reference::attention::decode_attention(&shape, &layouts, &q, &k, &v, plan.scale() as f64);
