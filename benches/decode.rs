@@ -62,6 +62,19 @@ fn pcie_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
     Ok(2.0 * elements as f64 / (median(&mut times) as f64 * 1e-3))
 }
 
+/// The pinned host-to-device rate of a copy of `bytes`, timed as the kernels are
+/// ([`steady_ms`], back to back): the fetch's ceiling at its own size.
+fn pcie_bandwidth_at(gpu: &Gpu, bytes: usize) -> shadowkv::Result<f64> {
+    let elements = (bytes / 2).max(1);
+    let source = PinnedBuffer::<bf16>::new(gpu, elements)?;
+    // SAFETY: written by the copies before anything reads it.
+    let mut target = unsafe { gpu.stream().alloc::<bf16>(elements)? };
+    let ms = steady_ms(gpu, gpu.stream(), || {
+        Ok(gpu.stream().memcpy_htod(source.host_slice(), &mut target)?)
+    })?;
+    Ok(2.0 * elements as f64 / (ms * 1e-3))
+}
+
 /// One layer of a batch at `context` tokens per sequence, on the device (random contents).
 fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<ShadowLayer> {
     let (c, k, d) = (
@@ -413,10 +426,16 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                 )
             })?;
             let fetch_bytes = (misses * CONFIG.chunk_size * CONFIG.head_dim * 2) as f64;
+            let (rate, of_pcie) = rate_columns(fetch_bytes, fetch_ms, "GB/s", 1e9, pcie, "PCIe");
+            let same_size = pcie_bandwidth_at(gpu, fetch_bytes as usize)?;
+            let of_same_size = 100.0 * fetch_bytes / (fetch_ms * 1e-3) / same_size;
             row(
                 "fetch (80% hits)",
                 fetch_ms,
-                rate_columns(fetch_bytes, fetch_ms, "GB/s", 1e9, pcie, "PCIe"),
+                (
+                    rate,
+                    format!("{of_pcie} ({of_same_size:.1}% of a same-size copy)"),
+                ),
             );
             let frequencies = stream.clone_htod(&shadowkv::decode_step::inverse_frequencies(
                 &RopeConfig::LLAMA_3,
