@@ -361,7 +361,7 @@ mod kernel {
                     let weight = exp2(scores[g][u] - new_max);
                     running_sum[g] += weight;
                     for j in 0..8 {
-                        acc[g][j] += weight * v[u][j];
+                        acc[g][j] = fma(weight, v[u][j], acc[g][j]);
                     }
                 }
             }
@@ -378,10 +378,10 @@ mod kernel {
                 let mine = exp2(running_max[g] - new_max);
                 let theirs = exp2(other_max - new_max);
                 running_max[g] = new_max;
-                running_sum[g] = running_sum[g] * mine + other_sum * theirs;
+                running_sum[g] = fma(running_sum[g], mine, other_sum * theirs);
                 for j in 0..8 {
                     let other = shuffle_xor_f32(acc[g][j], mask);
-                    acc[g][j] = acc[g][j] * mine + other * theirs;
+                    acc[g][j] = fma(acc[g][j], mine, other * theirs);
                 }
             }
             mask <<= 1;
@@ -417,8 +417,8 @@ mod kernel {
             for w in 0..WARPS as usize {
                 let row = shared.add((w * G + g) * stride);
                 let weight = exp2(*row.add(D) - block_max);
-                sum += *row.add(D + 1) * weight;
-                value += *row.add(column) * weight;
+                sum = fma(*row.add(D + 1), weight, sum);
+                value = fma(*row.add(column), weight, value);
             }
             let q_head = kv_head * G as u32 + g as u32;
             // A filtered split may hold no wanted token: it weighs nothing in the merge.
@@ -530,7 +530,7 @@ mod kernel {
                     let split = first + u as u32;
                     let weight = *weight_at(min_u32(split, last_split), g);
                     let weight = if split < splits { weight } else { 0.0 };
-                    value[e] += weight * loaded[e][u];
+                    value[e] = fma(weight, loaded[e][u], value[e]);
                 }
             }
             first += splits_per_round as u32;
@@ -572,7 +572,7 @@ mod kernel {
             let carry = *(filter.carry_out as *const f32).add(at);
             let max = max_f32(carry_lse, lse);
             let (carry_weight, weight) = (exp2(carry_lse - max), exp2(lse - max));
-            value = (carry * carry_weight + value * weight) * reciprocal(carry_weight + weight);
+            value = fma(carry, carry_weight, value * weight) * reciprocal(carry_weight + weight);
         }
         *(p.out as *mut u16).add(at) = f32_to_bf16(value);
     }

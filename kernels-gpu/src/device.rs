@@ -594,3 +594,17 @@ pub fn min_usize(a: usize, b: usize) -> usize {
         b
     }
 }
+
+/// `fma.rn.f32`: `a * b + c` with one rounding. Rust never contracts `a * b + c` into a fused
+/// multiply-add itself, so without this each is a multiply and an add (Nsight Compute counted
+/// 27M unfused FP32 instructions of 40M in the decode attention at batch 16).
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    let out: f32;
+    // SAFETY: register-only arithmetic.
+    unsafe {
+        asm!("fma.rn.f32 {d}, {a}, {b}, {c};", d = out(reg32) out, a = in(reg32) a,
+             b = in(reg32) b, c = in(reg32) c, options(pure, nomem, nostack));
+    }
+    out
+}

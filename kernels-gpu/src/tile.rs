@@ -53,9 +53,9 @@ pub fn row_dots<const G: usize, const U: usize>(
     for (u, key) in keys.iter().enumerate().take(used) {
         let key = bf16x8_to_f32(*key);
         for g in 0..G {
-            let mut dot = 0.0f32;
-            for j in 0..8 {
-                dot += q[g][j] * key[j];
+            let mut dot = q[g][0] * key[0];
+            for j in 1..8 {
+                dot = fma(q[g][j], key[j], dot);
             }
             dots[g][u] = dot;
         }
