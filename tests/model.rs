@@ -144,7 +144,8 @@ struct Paths<'a> {
     f32_cpu: &'a CpuModel,
 }
 
-/// 32 greedy steps on both paths, each feeding back its own tokens. While the tokens agree,
+/// Up to 32 greedy steps on both paths (to the end of the turn), each feeding back its own
+/// tokens. While the tokens agree,
 /// the GPU's logits must stay within [`LOGIT_TOLERANCE`] of the CPU path's, or within twice
 /// what rounding the weights alone moves them at that step (some steps are that sensitive);
 /// a step where the two paths pick different tokens must be a near-tie on the CPU path (the
@@ -196,10 +197,19 @@ fn compare_greedy(source: &ModelSource, paths: &Paths, text: &str) -> Result<(),
             return Ok(());
         }
         tokens.push(c);
+        // Generation ends at the end of the turn (as `generate` does): past it the model
+        // continues out of distribution, where the logits are needlessly sensitive (the GPU
+        // path's own roundings moved them 4e-2 there, two turns after "Paris.").
+        if source.tokenizer.is_end_of_generation(c) {
+            break;
+        }
         input = vec![c];
     }
     let generated = source.tokenizer.decode(&tokens).map_err(s)?;
-    eprintln!("{text:?}: same {steps} greedy tokens, worst logits relative error {worst:.3e}: {generated:?}");
+    eprintln!(
+        "{text:?}: same {} greedy tokens, worst logits relative error {worst:.3e}: {generated:?}",
+        tokens.len()
+    );
     Ok(())
 }
 
@@ -333,18 +343,19 @@ fn chunked_prefill(_: &Gpu) -> Result<(), String> {
 /// A pass key planted in filler, prefilled by the tiled kernel and by the decode kernel, then
 /// greedy decoding on the GPU with full attention (ShadowKV: [`shadowkv_passkey`]). At 2K
 /// tokens both must answer with the key. At 7K tokens (SmolLM2 was trained to 8K) the 135M
-/// model misses it with either kernel, so there the two answers must agree.
+/// model misses it with either kernel, so there the two answers must agree up to a near-tie.
 fn passkey(_: &Gpu) -> Result<(), String> {
     let source = source()?;
     let mut model = gpu_model(&source)?;
     let key = PASS_KEY;
     for (repeats, depth) in [(90, 0.5), (290, 0.3)] {
         let prompt = passkey_prompt(&source, repeats, depth)?;
-        let mut answers = Vec::new();
+        let (mut answers, mut runs) = (Vec::new(), Vec::new());
         for tiled in [true, false] {
             model.set_tiled_prefill(tiled);
-            let tokens = full_greedy(&model, &prompt, 10)?;
-            answers.push(source.tokenizer.decode(&tokens).map_err(s)?);
+            let run = full_greedy_with_logits(&model, &prompt, 10)?;
+            answers.push(source.tokenizer.decode(&run.0).map_err(s)?);
+            runs.push(run);
         }
         eprintln!(
             "{} prompt tokens, key at {:.0}% depth: tiled prefill {:?}, decode-kernel prefill {:?}",
@@ -360,11 +371,23 @@ fn passkey(_: &Gpu) -> Result<(), String> {
                 prompt.len()
             ));
         }
-        if !short && answers[0] != answers[1] {
-            return Err(format!(
-                "{} tokens: the prefill kernels disagree: {answers:?}",
+        // The two kernels round differently, so greedy decoding may part at a near-tie (as
+        // in `compare_greedy`); up to there, and anywhere that is not a near-tie, they agree.
+        let (tiled, untiled) = (&runs[0], &runs[1]);
+        let parting = (0..tiled.0.len()).find(|&i| tiled.0[i] != untiled.0[i]);
+        if let Some(step) = parting.filter(|_| !short) {
+            let (a, b) = (tiled.0[step] as usize, untiled.0[step] as usize);
+            let margin = tiled.1[step][a] - tiled.1[step][b];
+            if margin > NEAR_TIE {
+                return Err(format!(
+                    "{} tokens: the prefill kernels disagree at step {step}, {margin:.3} logits apart on the tiled path: {answers:?}",
+                    prompt.len()
+                ));
+            }
+            eprintln!(
+                "{} tokens: the prefill kernels agree for {step} tokens, then part at a near-tie ({margin:.4} logits apart)",
                 prompt.len()
-            ));
+            );
         }
     }
     Ok(())
@@ -418,19 +441,29 @@ const PASS_KEY: &str = "68231";
 
 /// Greedy tokens with full attention on the GPU.
 fn full_greedy(model: &GpuModel, prompt: &[u32], steps: usize) -> Result<Vec<u32>, String> {
+    Ok(full_greedy_with_logits(model, prompt, steps)?.0)
+}
+
+/// [`full_greedy`], with the logits each token was picked from.
+fn full_greedy_with_logits(
+    model: &GpuModel,
+    prompt: &[u32],
+    steps: usize,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>), String> {
     let mut cache = model
         .new_cache(&[(prompt.len() + steps) as u32])
         .map_err(s)?;
     let mut logits = model
         .forward(&mut cache, &vec![0; prompt.len()], prompt)
         .map_err(s)?;
-    let mut tokens = Vec::new();
+    let (mut tokens, mut picked_from) = (Vec::new(), Vec::new());
     for _ in 0..steps {
         let token = Sampler::greedy().sample(&logits);
         tokens.push(token);
-        logits = model.forward(&mut cache, &[0], &[token]).map_err(s)?;
+        let next = model.forward(&mut cache, &[0], &[token]).map_err(s)?;
+        picked_from.push(std::mem::replace(&mut logits, next));
     }
-    Ok(tokens)
+    Ok((tokens, picked_from))
 }
 
 /// Greedy tokens with ShadowKV on the GPU, and the mean hit rate of the steps.
