@@ -19,6 +19,8 @@ pub const TILE_LENS: [u32; 3] = [512, 256, 128];
 /// Blocks a scoring launch aims for at least (about 8 per multiprocessor on an H100): each
 /// warp walks its rows one load latency at a time, so a small batch needs shorter tiles (more
 /// warps) to keep enough loads in flight (b1 x 122K: 240 blocks of 512 reached 53% of copy).
+/// (Tiles sized for exactly one wave, 528 blocks, measured 3% faster at 1 x 122K and 22%
+/// slower at 16 x 122K: `docs/scoring-one-wave-tiles-h100.log`.)
 pub const MIN_BLOCKS: usize = 1024;
 /// Rows of landmarks each lane group loads before using them. Measured on the H100 at batch
 /// 16 x 122K, before each lane kept one head's statistics (`docs/scoring-unroll*-h100.log`):
