@@ -23,32 +23,40 @@ pub unsafe fn exclusive_count(flag: bool, scratch: *mut u32) -> (u32, u32) {
     let warp = warp_id();
     let votes = ballot(flag);
     let below = popcount(votes & ((1u32 << lane) - 1));
+    let warp_total = popcount(votes);
     if lane == 0 {
-        *scratch.add(warp as usize) = popcount(votes);
+        *scratch.add(warp as usize) = warp_total;
     }
-    let (before, total) = sum_warp_totals(scratch);
+    let (before, total) = sum_warp_totals(scratch, warp_total);
     (before + below, total)
 }
 
 /// After each warp wrote its total to `scratch[warp]`: (totals of lower warps, block total).
-/// Barriers before (the totals are written) and after (`scratch` may be reused).
+/// Warp 0 scans the totals in place (inclusive), so each thread reads two words instead of
+/// summing every warp's total itself (that loop was a fifth of the top-k's instructions).
+/// Barriers before (the totals are written), between, and after (`scratch` may be reused).
 #[inline(always)]
-unsafe fn sum_warp_totals(scratch: *mut u32) -> (u32, u32) {
+unsafe fn sum_warp_totals(scratch: *mut u32, warp_total: u32) -> (u32, u32) {
     sync_threads();
-    let warp = warp_id();
-    let (mut before, mut total) = (0u32, 0u32);
+    let (warp, lane) = (warp_id(), lane_id());
     let warps = block_dim_x() / 32;
-    let mut w = 0;
-    while w < warps {
-        let count = *scratch.add(w as usize);
-        if w < warp {
-            before += count;
+    // Warp-uniform: all of warp 0's lanes take part in the shuffles.
+    if warp == 0 {
+        let total = if lane < warps {
+            *scratch.add(lane as usize)
+        } else {
+            0
+        };
+        let inclusive = warp_inclusive_sum(total);
+        if lane < warps {
+            *scratch.add(lane as usize) = inclusive;
         }
-        total += count;
-        w += 1;
     }
     sync_threads();
-    (before, total)
+    let through_mine = *scratch.add(warp as usize);
+    let total = *scratch.add(warps as usize - 1);
+    sync_threads();
+    (through_mine - warp_total, total)
 }
 
 /// Block-wide exclusive prefix sum of a per-thread count: `(sum over lower threads, total)`.
@@ -61,10 +69,11 @@ unsafe fn sum_warp_totals(scratch: *mut u32) -> (u32, u32) {
 pub unsafe fn exclusive_sum(value: u32, scratch: *mut u32) -> (u32, u32) {
     let warp = warp_id();
     let inclusive = warp_inclusive_sum(value);
+    let warp_total = shuffle_idx_u32(inclusive, 31);
     if lane_id() == 31 {
         *scratch.add(warp as usize) = inclusive;
     }
-    let (before, total) = sum_warp_totals(scratch);
+    let (before, total) = sum_warp_totals(scratch, warp_total);
     (before + inclusive - value, total)
 }
 

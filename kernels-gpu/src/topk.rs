@@ -21,7 +21,9 @@ use crate::shadow::ShadowShape;
 
 /// A whole block of 32 warps (56 registers each fit): at batch 1 the 8 blocks of a step are
 /// the kernel, so more warps per block is its only parallelism (16 warps: 24.8 us at
-/// 1 x 122K, 32 warps: 23.1 us; `docs/topk-warps-h100.log`).
+/// 1 x 122K, 32 warps: 23.1 us; `docs/topk-warps-h100.log`). At batch 1 the kernel is bound
+/// by its instructions on 8 SMs; the block scans' warp-total loop was a fifth of them
+/// (19.2 us once warp 0 scans the totals: `docs/topk-warp-scan-h100.log`).
 pub const WARPS: u32 = 32;
 pub const THREADS: u32 = WARPS * 32;
 /// Bits of each radix pass, from the top of the 31 value bits of a score.
