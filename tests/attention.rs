@@ -4,7 +4,7 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::attention::kernel_layout::{tokens_per_iteration, MAX_SPLITS};
+use shadowkv::attention::kernel_layout::{shortest_split_len, tokens_per_iteration};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout,
@@ -129,11 +129,12 @@ fn run_case(gpu: &Gpu, case: &Case) -> Result<f64, String> {
     }
     let plan = match case.split_multiple {
         Some(multiple) => {
-            let step = tokens_per_iteration(shape.group() as u32, shape.head_dim as u32);
+            let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+            let step = tokens_per_iteration(group, head_dim);
             // Short splits, but no more of them than the merge holds (long sequences then
             // merge close to `MAX_SPLITS` splits).
             let longest = case.lens.iter().copied().max().unwrap_or(1);
-            let fewest = longest.div_ceil(MAX_SPLITS).next_multiple_of(step);
+            let fewest = shortest_split_len(longest, group, head_dim);
             DecodeAttentionPlan::with_split_len(shape, &layouts, (multiple * step).max(fewest))
         }
         None => DecodeAttentionPlan::for_gpu(gpu, shape, &layouts),

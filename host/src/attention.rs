@@ -150,7 +150,7 @@ impl DecodeAttentionPlan {
                 format!(
                     "at most {} splits per sequence (a split_len of at least {})",
                     layout::MAX_SPLITS,
-                    longest.div_ceil(layout::MAX_SPLITS).next_multiple_of(step)
+                    layout::shortest_split_len(longest, group, head_dim)
                 ),
             ));
         }
@@ -472,30 +472,28 @@ impl DecodeAttention {
         }
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
         // This launch's kernel, split length and grid of splits.
-        let (kernel, split_len, splits) = match filter {
-            None => (plan.kernel, plan.split_len, plan.max_splits),
-            Some((StepPart::Resident, _)) => {
-                (plan.part_kernels[0], plan.split_len, plan.max_splits)
-            }
-            Some((StepPart::Fresh, slots)) => {
-                let step = layout::tokens_per_iteration(group, head_dim);
-                let slot_tokens = slots.budget_chunks * slots.chunk_size;
-                // Short splits, but no more than the merge holds.
-                let split_len = (FRESH_SPLIT_ITERATIONS * step).max(
-                    slot_tokens
-                        .div_ceil(layout::MAX_SPLITS)
-                        .next_multiple_of(step),
-                );
-                // Iterations hold at least one token, so the fallback is never taken.
-                let split =
-                    std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
-                (
-                    plan.part_kernels[1],
-                    split_len,
-                    layout::num_splits(slot_tokens, split).max(1),
-                )
-            }
-        };
+        let (kernel, split_len, splits) =
+            match filter {
+                None => (plan.kernel, plan.split_len, plan.max_splits),
+                Some((StepPart::Resident, _)) => {
+                    (plan.part_kernels[0], plan.split_len, plan.max_splits)
+                }
+                Some((StepPart::Fresh, slots)) => {
+                    let step = layout::tokens_per_iteration(group, head_dim);
+                    let slot_tokens = slots.budget_chunks * slots.chunk_size;
+                    // Short splits, but no more than the merge holds.
+                    let split_len = (FRESH_SPLIT_ITERATIONS * step)
+                        .max(layout::shortest_split_len(slot_tokens, group, head_dim));
+                    // Iterations hold at least one token, so the fallback is never taken.
+                    let split =
+                        std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
+                    (
+                        plan.part_kernels[1],
+                        split_len,
+                        layout::num_splits(slot_tokens, split).max(1),
+                    )
+                }
+            };
         if splits > 1 && splits > self.workspace_splits {
             (self.partial_out, self.partial_lse) = partials(gpu.stream(), &shape, splits)?;
             self.workspace_splits = splits;

@@ -691,7 +691,9 @@ impl ShadowKvCache {
         Ok(&self.layers[layer])
     }
 
-    /// The statistics of the latest decode step (waits until its plan has run).
+    /// The statistics of the latest decode step, which is the last layer passed to
+    /// [`decode_layer`](Self::decode_layer): the layers share one step workspace (waits until
+    /// its plan has run).
     pub fn step_stats(&self) -> Result<StepStats> {
         let layer = self
             .layers

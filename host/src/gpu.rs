@@ -175,6 +175,19 @@ impl Gpu {
         Ok(function)
     }
 
+    /// The loaded function of a kernel, opted in to `shared_bytes` of dynamic shared memory
+    /// (past the default 48 KiB a kernel must ask for it).
+    fn function_with_shared(&self, kernel: KernelName, shared_bytes: u32) -> Result<CudaFunction> {
+        let function = self.function(kernel)?;
+        if shared_bytes > 48 * 1024 {
+            function.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )?;
+        }
+        Ok(function)
+    }
+
     /// Blocks of `kernel` the whole GPU runs at once (the occupancy calculator's blocks per
     /// multiprocessor, times the multiprocessors; at least one per multiprocessor): one wave.
     pub fn resident_blocks(
@@ -183,13 +196,7 @@ impl Gpu {
         threads: u32,
         shared_bytes: u32,
     ) -> Result<u32> {
-        let function = self.function(kernel)?;
-        if shared_bytes > 48 * 1024 {
-            function.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_bytes as i32,
-            )?;
-        }
+        let function = self.function_with_shared(kernel, shared_bytes)?;
         let per_multiprocessor = function.occupancy_max_active_blocks_per_multiprocessor(
             threads,
             shared_bytes as usize,
@@ -228,13 +235,7 @@ impl Gpu {
         config: LaunchConfig,
         params: P,
     ) -> Result<()> {
-        let function = self.function(kernel)?;
-        if config.shared_mem_bytes > 48 * 1024 {
-            function.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                config.shared_mem_bytes as i32,
-            )?;
-        }
+        let function = self.function_with_shared(kernel, config.shared_mem_bytes)?;
         let params = ByValue(params);
         let mut builder = stream.launch_builder(&function);
         builder.arg(&params);

@@ -151,6 +151,14 @@ const fn shared_words(group: u32, head_dim: u32) -> u32 {
     }
 }
 
+/// Shortest split length (a whole number of iterations) that covers `tokens` in at most
+/// [`MAX_SPLITS`] splits.
+pub const fn shortest_split_len(tokens: u32, group: u32, head_dim: u32) -> u32 {
+    tokens
+        .div_ceil(MAX_SPLITS)
+        .next_multiple_of(tokens_per_iteration(group, head_dim))
+}
+
 /// Dynamic shared memory of the split kernel: the region above, then one word telling the
 /// block whether it merges.
 pub const fn shared_bytes(group: u32, head_dim: u32) -> u32 {

@@ -264,7 +264,7 @@ fn run_shadowkv(
     report(args, per_step);
     let stats = shadow.cache().step_stats()?;
     println!(
-        "  ShadowKV: the last step's hit rate (layer 0) {:.1}%, {} chunks fetched and rebuilt",
+        "  ShadowKV: the last step's hit rate (last layer) {:.1}%, {} chunks fetched and rebuilt",
         100.0 * stats.hit_rate(),
         stats.misses
     );

@@ -244,7 +244,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                     )?;
                     if !hit_rates.is_empty() {
                         eprintln!(
-                            "\nShadowKV: mean hit rate of the sparse slots (layer 0) {:.1}% over {} steps",
+                            "\nShadowKV: mean hit rate of the sparse slots (last layer) {:.1}% over {} steps",
                             100.0 * hit_rates.iter().sum::<f64>() / hit_rates.len() as f64,
                             hit_rates.len()
                         );
