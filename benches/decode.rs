@@ -553,6 +553,8 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                 }
                 step.set_parts(shadowkv::decode_step::DEFAULT_PARTS);
                 timelines.push(sweep + "\n");
+            }
+            if context == CONTEXTS[CONTEXTS.len() - 1] {
                 timelines.push(step_timelines(
                     gpu,
                     &mut step,
