@@ -26,6 +26,9 @@ use shadowkv_suite::{random_bf16, shared_gpu};
 const CONFIG: ShadowConfig = ShadowConfig::LLAMA_3_8B;
 const CONTEXTS: [u32; 2] = [32_768, 122_880];
 const BATCHES: [usize; 2] = [1, 16];
+/// Batches run only when `SHADOWKV_BENCH_ONLY` names them (e.g. `b2_ctx122880`): where the
+/// step's default arrangement changes (`DecodeStep::set_split_attention`).
+const NAMED_ONLY_BATCHES: [usize; 3] = [2, 4, 8];
 const LOCAL_CHUNKS: u32 = 4;
 const OUTLIER_CHUNKS: u32 = 48;
 const GENERATED: u32 = 64;
@@ -178,7 +181,7 @@ fn select(
 }
 
 /// Where a step's time goes at 80% hits: when each stage ended (µs after the step began,
-/// median of 9 steps), with the overlap on and off.
+/// median of 9 steps), in each arrangement of the step (see the step table's modes).
 fn step_timelines(
     gpu: &Gpu,
     step: &mut DecodeStep,
@@ -194,15 +197,20 @@ fn step_timelines(
         "\nstep timeline at batch {batch}, {context} tokens, 80% hits (µs after the step began when each stage ended; median of 9 steps)\n"
     );
     step.set_timeline(gpu, true)?;
-    for overlap in [true, false] {
+    for (mode, overlap, split) in [
+        ("split", true, Some(true)),
+        ("joined", true, Some(false)),
+        ("serial", false, None),
+    ] {
         step.set_overlap(overlap);
+        step.set_split_attention(split);
         let mut samples = Vec::new();
         for _ in 0..9 {
             stream.memcpy_dtod(&templates[0][1], &mut layers[0].resident)?;
             step.run(gpu, &mut layers[0], q, out)?;
             samples.push(step.timeline()?);
         }
-        text += &format!("  overlap {:<3}", if overlap { "on" } else { "off" });
+        text += &format!("  {mode:<7}");
         for (stage, (name, _)) in samples[0].iter().enumerate() {
             let mut ends: Vec<f32> = samples.iter().map(|s| s[stage].1).collect();
             text += &format!(" | {name} {:.1}", median(&mut ends) * 1e3);
@@ -211,6 +219,7 @@ fn step_timelines(
     }
     step.set_timeline(gpu, false)?;
     step.set_overlap(true);
+    step.set_split_attention(None);
     Ok(text)
 }
 
@@ -313,9 +322,10 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     // SHADOWKV_BENCH_ONLY=b16_ctx122880 runs one shape (e.g. under Nsight Compute).
     let only = std::env::var("SHADOWKV_BENCH_ONLY").ok();
     for context in CONTEXTS {
-        for batch in BATCHES {
+        for batch in BATCHES.into_iter().chain(NAMED_ONLY_BATCHES) {
             let label = format!("b{batch}_ctx{context}");
-            if only.as_ref().is_some_and(|only| *only != label) {
+            let named = only.as_ref().is_some_and(|only| *only == label);
+            if !named && (only.is_some() || NAMED_ONLY_BATCHES.contains(&batch)) {
                 continue;
             }
             let id = |name: &str| BenchmarkId::new(name.to_owned(), &label);
@@ -508,16 +518,30 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
 
             // The whole step at steady hit rates: restore the resident set, then one step.
             let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layers[0].batch)?;
+            let default_split = step.splits_attention(&layers[0].batch);
             for (rate_index, &hit_rate) in HIT_RATES.iter().enumerate() {
-                for overlap in [true, false] {
-                    if !overlap && hit_rate != HIT_RATES[1] {
+                // The default arrangement at every hit rate; at 80% also the other split
+                // choice and the overlap off.
+                for (overlap, split) in [(true, None), (true, Some(!default_split)), (false, None)]
+                {
+                    if (split.is_some() || !overlap) && hit_rate != HIT_RATES[1] {
                         continue;
                     }
                     step.set_overlap(overlap);
+                    step.set_split_attention(split);
+                    let mode = match (overlap, step.splits_attention(&layers[0].batch)) {
+                        (false, _) => "serial",
+                        (true, true) => "split",
+                        (true, false) => "joined",
+                    };
                     let name = format!(
                         "step_hits{:.0}{}",
                         hit_rate * 100.0,
-                        if overlap { "" } else { "_serial" }
+                        if split.is_some() || !overlap {
+                            format!("_{mode}")
+                        } else {
+                            String::new()
+                        }
                     );
                     let ms = measure(gpu, &stream, &mut group, id(&name), || {
                         next = (next + 1) % layers.len();
@@ -525,13 +549,18 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                         stream.memcpy_dtod(&templates[next][rate_index], &mut l.resident)?;
                         step.run(gpu, l, &q, &mut out)
                     })? - restore_ms;
+                    step.set_split_attention(None);
                     let stats = step.stats(&layers[next].batch)?;
                     steps.push((
                         batch,
                         context,
                         hit_rate,
                         stats.hit_rate(),
-                        overlap,
+                        if split.is_none() && overlap {
+                            format!("{mode}*")
+                        } else {
+                            mode.to_owned()
+                        },
                         ms,
                         full_ms,
                         full_bytes,
@@ -539,19 +568,19 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     ));
                 }
             }
-            if batch == 16 && context == CONTEXTS[CONTEXTS.len() - 1] {
+            if batch > 1 && context == CONTEXTS[CONTEXTS.len() - 1] {
                 // How many parts the batch runs in (the fetch of one beside the selection of
-                // the next), at 80% hits.
-                let mut sweep = String::from("\nparts of the batch at batch 16, 80% hits: step µs");
-                for parts in [1, 2, 4, 8] {
-                    step.set_parts(parts);
+                // the next), at 80% hits, in the default arrangement.
+                let mut sweep = format!("\nparts of the batch at batch {batch}, 80% hits: step µs");
+                for parts in [1, 2, 4, 8].into_iter().filter(|&parts| parts <= batch) {
+                    step.set_parts(Some(parts));
                     let ms = steady_ms(gpu, &stream, || {
                         stream.memcpy_dtod(&templates[0][1], &mut layers[0].resident)?;
                         step.run(gpu, &mut layers[0], &q, &mut out)
                     })? - restore_ms;
                     sweep += &format!(" | {parts}: {:.1}", ms * 1e3);
                 }
-                step.set_parts(shadowkv::decode_step::DEFAULT_PARTS);
+                step.set_parts(None);
                 timelines.push(sweep + "\n");
             }
             if context == CONTEXTS[CONTEXTS.len() - 1] {
@@ -583,25 +612,26 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
         print!("{timeline}");
     }
     println!("\nwhole step vs full attention (equivalent bandwidth = full-attention K/V bytes / step time)");
+    println!("mode: split = resident-slot attention and rebuild beside the fetch, fresh slots after it; joined = rebuild beside the fetch, one attention after it; serial = no copy stream; * = the step's default for the batch");
     println!(
         "{:>5} {:>8} {:>6} {:>7} {:>8} {:>10} {:>10} {:>9} {:>10} {:>12}",
         "batch",
         "context",
         "hits",
         "actual",
-        "overlap",
+        "mode",
         "step us",
         "full us",
         "speed-up",
         "equiv TB/s",
         "topk+plan %"
     );
-    for (batch, context, hit_rate, actual, overlap, ms, full_ms, full_bytes, select_ms) in &steps {
+    for (batch, context, hit_rate, actual, mode, ms, full_ms, full_bytes, select_ms) in &steps {
         println!(
             "{batch:>5} {context:>8} {:>5.0}% {:>6.1}% {:>8} {:>10.1} {:>10.1} {:>8.2}x {:>10.2} {:>11.1}%",
             hit_rate * 100.0,
             actual * 100.0,
-            if *overlap { "yes" } else { "no" },
+            mode,
             ms * 1e3,
             full_ms * 1e3,
             full_ms / ms,

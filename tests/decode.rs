@@ -427,8 +427,11 @@ fn run_steps(
     for index in 0..steps {
         let dq = stream.clone_htod(&q).map_err(s)?;
         let mut out = poisoned(gpu, q.len()).map_err(s)?;
-        // Both schedules: two attention launches beside the fetch, and one after it.
-        step.set_overlap(index % 2 == 0);
+        // Every arrangement: the resident-slot attention beside the fetch and the fresh
+        // slots after it, one attention after the fetch (rebuild beside it), and all in order.
+        let (overlap, split) = [(true, Some(true)), (true, Some(false)), (false, None)][index % 3];
+        step.set_overlap(overlap);
+        step.set_split_attention(split);
         step.run(gpu, &mut layer, &dq, &mut out).map_err(s)?;
         let stats = step.stats(&layer.batch).map_err(s)?;
         let actual = to_f64(&stream.clone_dtoh(&out).map_err(s)?);

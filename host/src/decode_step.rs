@@ -8,8 +8,11 @@
 //! compute: select(P0) [plan_done0] select(P1) [plan_done1] ... attention(resident), rebuild, wait(fetch_done), attention(fresh)
 //! copy:                wait(plan_done0) fetch(P0)  wait(plan_done1) fetch(P1) ... [fetch_done]
 //! ```
-//! (`select` = scoring, top-k, plan.) With the overlap off, everything runs in order on the
-//! compute stream over the whole batch, with one attention launch.
+//! (`select` = scoring, top-k, plan.) A small batch's fetch is short, and a second attention
+//! launch costs more than it hides: there only the rebuild runs beside the fetch, and one
+//! attention launch follows it (see [`DecodeStep::set_split_attention`]). With the overlap
+//! off, everything runs in order on the compute stream over the whole batch, with one
+//! attention launch.
 //! Nothing in the step waits on the host: grids do not depend on the miss counts (kernels read
 //! them on the device) and the statistics reach mapped host memory from the plan kernel, read
 //! only by [`DecodeStep::stats`].
@@ -167,15 +170,34 @@ pub struct DecodeStep {
     attention: DecodeAttention,
     scale: f32,
     overlap: bool,
-    parts: usize,
+    split_attention: Option<bool>,
+    parts: Option<usize>,
     timeline: Option<Timeline>,
 }
 
-/// Parts a step splits the batch into by default (fewer for a smaller batch): the fetch of
-/// each part overlaps the selection of the next, so only the first part's selection is
-/// exposed before the PCIe traffic starts. Each part pays the top-k's latency (about 35 µs,
-/// whatever its size), so more parts stop paying: on the H100 at b16, 122K, 80% hits the step
-/// took 562, 503, 583 and 755 µs with 1, 2, 4 and 8 parts.
+/// Value bytes of a batch's whole budget (every selected chunk a miss) from which a step is
+/// large: by default it then runs in [`DEFAULT_PARTS`] parts and runs the attention over the
+/// resident slots beside the fetch (see [`DecodeStep::set_split_attention`]); a smaller step
+/// runs in one part, with only the rebuild beside the fetch and one attention launch after
+/// it. Parts and the split pay when the fetch outlasts what they add: each part pays the
+/// selection's latency again, the split a second attention launch (about 14 µs on the H100
+/// however small). On the H100 at Llama-3-8B shapes (4 MiB per sequence), 122K tokens, 80%
+/// hits (`docs/decode-step-arrangements-h100.log`), step µs:
+///
+/// | batch | one part, one attention | one part, split | two parts, split |
+/// | ---: | ---: | ---: | ---: |
+/// | 1 | **72.1** | 83.3 | (one part) |
+/// | 2 | **105.6** | 105.1 | 122.0 |
+/// | 4 | **171.4** | 167.2 | 172.5 |
+/// | 8 | 287.1 (two parts) | 292.3 | **269.2** |
+/// | 16 | 505.7 (two parts) | 552.5 | **471.0** |
+pub const LARGE_STEP_BUDGET_BYTES: usize = 32 << 20;
+
+/// Parts a large step (see [`LARGE_STEP_BUDGET_BYTES`]) splits the batch into by default:
+/// the fetch of each part overlaps the selection of the next, so only the first part's
+/// selection is exposed before the PCIe traffic starts. Each part pays the top-k's latency
+/// (about 20 µs, whatever its size), so more parts stop paying: on the H100 at b16, 122K, 80%
+/// hits the step took 548.9, 473.4, 514.4 and 624.5 µs with 1, 2, 4 and 8 parts.
 pub const DEFAULT_PARTS: usize = 2;
 
 /// `parts` contiguous parts of the batch, as even as they come (fewer if the batch is small).
@@ -213,7 +235,8 @@ impl DecodeStep {
             attention: Self::attention_for(gpu, layer_batch)?,
             scale: 1.0 / (config.head_dim as f32).sqrt(),
             overlap: true,
-            parts: DEFAULT_PARTS,
+            split_attention: None,
+            parts: None,
             timeline: None,
         })
     }
@@ -246,10 +269,47 @@ impl DecodeStep {
         self.overlap = overlap;
     }
 
-    /// Parts the batch runs in when the overlap is on (at least 1, at most the batch size;
-    /// default [`DEFAULT_PARTS`]).
-    pub fn set_parts(&mut self, parts: usize) {
-        self.parts = parts.max(1);
+    /// With the overlap on: `Some(true)` runs the attention over the resident slots beside
+    /// the value fetch and a second launch over the fresh slots after it; `Some(false)` runs
+    /// only the rebuild beside the fetch, then one attention launch over every token; `None`
+    /// (the default) splits a large step (see [`LARGE_STEP_BUDGET_BYTES`]).
+    pub fn set_split_attention(&mut self, split: Option<bool>) {
+        self.split_attention = split;
+    }
+
+    /// Whether a step of `batch` splits the attention (see
+    /// [`set_split_attention`](Self::set_split_attention)).
+    pub fn splits_attention(&self, batch: &ShadowBatch) -> bool {
+        self.overlap && self.split_attention.unwrap_or(self.is_large(batch))
+    }
+
+    /// Parts the batch runs in when the overlap is on (at least 1, at most the batch size);
+    /// `None` (the default): [`DEFAULT_PARTS`] for a large step (see
+    /// [`LARGE_STEP_BUDGET_BYTES`]), else 1.
+    pub fn set_parts(&mut self, parts: Option<usize>) {
+        self.parts = parts.map(|parts| parts.max(1));
+    }
+
+    /// Parts a step of `batch` runs in (see [`set_parts`](Self::set_parts)).
+    pub fn parts(&self, batch: &ShadowBatch) -> usize {
+        match (self.overlap, self.parts) {
+            (false, _) => 1,
+            (true, Some(parts)) => parts,
+            (true, None) if self.is_large(batch) => DEFAULT_PARTS,
+            (true, None) => 1,
+        }
+    }
+
+    /// Whether `batch`'s whole budget holds at least [`LARGE_STEP_BUDGET_BYTES`] of values.
+    fn is_large(&self, batch: &ShadowBatch) -> bool {
+        let config = &self.config;
+        let budget_bytes = batch.batch()
+            * config.kv_heads
+            * config.budget_chunks
+            * config.chunk_size
+            * config.head_dim
+            * std::mem::size_of::<bf16>();
+        budget_bytes >= LARGE_STEP_BUDGET_BYTES
     }
 
     /// With `true`, each step records a timing event after every stage (a diagnostic: the
@@ -323,14 +383,11 @@ impl DecodeStep {
         }
         // With the overlap, the batch runs in parts: part i's fetch (copy stream) overlaps the
         // scoring, top-k and plan of part i + 1 (compute stream).
-        let parts = if self.overlap {
-            batch_parts(batch, self.parts)?
-        } else {
-            vec![batch.whole()]
-        };
+        let parts = batch_parts(batch, self.parts(batch))?;
         while self.plan_done.len() < parts.len() {
             self.plan_done.push(gpu.new_event(false)?);
         }
+        let split = self.splits_attention(batch);
         let w = &mut self.workspace;
         let timeline = &mut self.timeline;
         if let Some(t) = timeline.as_mut() {
@@ -374,6 +431,8 @@ impl DecodeStep {
         };
         if self.overlap {
             self.fetch_done.record(&self.copy_stream)?;
+        }
+        if split {
             self.attention.launch(
                 gpu,
                 &stream,
@@ -390,6 +449,8 @@ impl DecodeStep {
         mark(timeline, gpu, "rebuild", &stream)?;
         if self.overlap {
             stream.wait(&self.fetch_done)?;
+        }
+        if split {
             self.attention.launch(
                 gpu,
                 &stream,
