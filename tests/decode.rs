@@ -6,6 +6,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::reference::decode_step::{decode_step, HostLayer};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::shadow::ShadowBatch;
@@ -24,6 +25,10 @@ fn main() {
         ("topk_with_many_ties_is_exact", topk_with_ties),
         ("topk_past_shared_memory_is_exact", topk_past_shared_memory),
         ("plan_matches_reference", plan_matches_reference),
+        (
+            "topk_with_plan_matches_reference",
+            topk_with_plan_matches_reference,
+        ),
         ("step_matches_reference_over_steps", step_over_steps),
         ("step_with_full_budget_equals_full_attention", full_budget),
         ("step_rejects_bad_input", rejects_bad_input),
@@ -322,6 +327,80 @@ fn plan_matches_reference(gpu: &Gpu) -> Result<(), String> {
         .map_err(s)
 }
 
+fn topk_with_plan_matches_reference(gpu: &Gpu) -> Result<(), String> {
+    runner()
+        .run(&case_strategy(), |(config, specs, seed)| {
+            check_topk_with_plan(gpu, &config, &specs, seed).map_err(TestCaseError::fail)
+        })
+        .map_err(s)
+}
+
+/// A resident set for one head: a random share of `selected` (hits), then other chunk ids
+/// (`others`, misses' freed slots) and empty slots, shuffled.
+fn random_resident(rng: &mut StdRng, selected: &[u32], others: &[u32], k: usize) -> Vec<u32> {
+    let keep = rng.gen_range(0..=k);
+    let mut slots: Vec<u32> = selected[..keep].to_vec();
+    slots.extend(others.iter().take(k - keep));
+    while slots.len() < k {
+        slots.push(EMPTY_SLOT);
+    }
+    slots.shuffle(rng);
+    slots
+}
+
+/// Poisoned plan outputs: misses, counts and fresh marks.
+type PlanOutputs = (CudaSlice<Miss>, CudaSlice<u32>, CudaSlice<u32>);
+
+fn poisoned_plan_outputs(gpu: &Gpu, batch: &ShadowBatch) -> Result<PlanOutputs, String> {
+    let stream = gpu.stream();
+    let heads = batch.batch() * batch.config().kv_heads;
+    Ok((
+        stream
+            .clone_htod(&vec![Miss { chunk: 7, slot: 7 }; batch.slot_entries()])
+            .map_err(s)?,
+        stream.clone_htod(&vec![u32::MAX; heads]).map_err(s)?,
+        stream
+            .clone_htod(&vec![7u32; batch.slot_entries()])
+            .map_err(s)?,
+    ))
+}
+
+/// The GPU's plan (`resident` after it, and `outputs`) against the reference plan of
+/// `selection` over `resident_before`, exactly.
+fn compare_plan(
+    gpu: &Gpu,
+    batch: &ShadowBatch,
+    selection: &[u32],
+    resident_before: &[u32],
+    resident: &CudaSlice<u32>,
+    (misses, counts, fresh): &PlanOutputs,
+) -> Result<(), String> {
+    let stream = gpu.stream();
+    let config = batch.config();
+    let k = config.budget_chunks;
+    let gpu_resident = stream.clone_dtoh(resident).map_err(s)?;
+    let gpu_misses = stream.clone_dtoh(misses).map_err(s)?;
+    let gpu_counts = stream.clone_dtoh(counts).map_err(s)?;
+    let gpu_fresh = stream.clone_dtoh(fresh).map_err(s)?;
+    for index in 0..batch.batch() * config.kv_heads {
+        let range = index * k..(index + 1) * k;
+        let mut want_resident = resident_before[range.clone()].to_vec();
+        let want = reference::plan::plan(&selection[range.clone()], &mut want_resident);
+        let count = gpu_counts[index] as usize;
+        if count != want.len()
+            || gpu_misses[index * k..index * k + count] != want[..]
+            || gpu_resident[range.clone()] != want_resident[..]
+            || gpu_fresh[range] != reference::plan::fresh_slots(&want, k)[..]
+        {
+            return Err(format!(
+                "head {index}: plan differs ({count} misses, reference {}) for {config:?}",
+                want.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The plan on random selections and resident sets (a random share of hits, other chunks and
 /// empty slots) against the reference: miss lists, counts, fresh marks and resident ids exactly.
 fn check_plan(
@@ -343,27 +422,12 @@ fn check_plan(
             let mut ids = host.chunk_ids[base..base + sequence.landmarks as usize].to_vec();
             ids.shuffle(&mut rng);
             selection.extend_from_slice(&ids[..k]);
-            let keep = rng.gen_range(0..=k);
-            let mut slots: Vec<u32> = ids[..keep].to_vec();
-            slots.extend(ids[k..].iter().take(k - keep));
-            while slots.len() < k {
-                slots.push(EMPTY_SLOT);
-            }
-            slots.shuffle(&mut rng);
-            resident.extend(slots);
+            resident.extend(random_resident(&mut rng, &ids[..k], &ids[k..], k));
         }
     }
     let d_selection = stream.clone_htod(&selection).map_err(s)?;
     let mut d_resident = stream.clone_htod(&resident).map_err(s)?;
-    let mut misses = stream
-        .clone_htod(&vec![Miss { chunk: 7, slot: 7 }; batch.slot_entries()])
-        .map_err(s)?;
-    let mut counts = stream
-        .clone_htod(&vec![u32::MAX; batch.batch() * config.kv_heads])
-        .map_err(s)?;
-    let mut fresh = stream
-        .clone_htod(&vec![7u32; batch.slot_entries()])
-        .map_err(s)?;
+    let mut outputs = poisoned_plan_outputs(gpu, &batch)?;
     plan::run(
         gpu,
         stream,
@@ -371,33 +435,117 @@ fn check_plan(
         batch.whole(),
         &d_selection,
         &mut d_resident,
-        &mut misses,
-        &mut counts,
-        &mut fresh,
+        &mut outputs.0,
+        &mut outputs.1,
+        &mut outputs.2,
         0,
     )
     .map_err(s)?;
-    let gpu_resident = stream.clone_dtoh(&d_resident).map_err(s)?;
-    let gpu_misses = stream.clone_dtoh(&misses).map_err(s)?;
-    let gpu_counts = stream.clone_dtoh(&counts).map_err(s)?;
-    let gpu_fresh = stream.clone_dtoh(&fresh).map_err(s)?;
-    for index in 0..batch.batch() * config.kv_heads {
-        let range = index * k..(index + 1) * k;
-        let mut want_resident = resident[range.clone()].to_vec();
-        let want = reference::plan::plan(&selection[range.clone()], &mut want_resident);
-        let count = gpu_counts[index] as usize;
-        if count != want.len()
-            || gpu_misses[index * k..index * k + count] != want[..]
-            || gpu_resident[range.clone()] != want_resident[..]
-            || gpu_fresh[range] != reference::plan::fresh_slots(&want, k)[..]
-        {
-            return Err(format!(
-                "head {index}: plan differs ({count} misses, reference {}) for {config:?}",
-                want.len()
-            ));
-        }
+    compare_plan(gpu, &batch, &selection, &resident, &d_resident, &outputs)
+}
+
+/// The top-k with the plan in the same launch (as the step runs them): the same scores and
+/// selection as the top-k alone, and the plan of that selection over a random resident set
+/// (a random share of it resident) against the reference, exactly.
+fn check_topk_with_plan(
+    gpu: &Gpu,
+    config: &ShadowConfig,
+    specs: &[SequenceSpec],
+    seed: u64,
+) -> Result<(), String> {
+    let stream = gpu.stream();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let host = random_layer(&mut rng, config, specs);
+    let q = random_q(&mut rng, config, specs.len(), 2.0);
+    let batch = ShadowBatch::new(stream, *config, &host.sequences).map_err(s)?;
+    let (dq, landmarks, chunk_ids) = (
+        stream.clone_htod(&q).map_err(s)?,
+        stream.clone_htod(&host.landmarks).map_err(s)?,
+        stream.clone_htod(&host.chunk_ids).map_err(s)?,
+    );
+    let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
+    let poisoned_selection = || {
+        stream
+            .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
+            .map_err(s)
+    };
+    let mut logits = nan(scoring::logits_len(&batch))?;
+    let mut tile_stats = nan(scoring::tile_stats_len(&batch))?;
+    let scale = 1.0 / (config.head_dim as f32).sqrt();
+    scoring::run(
+        gpu,
+        stream,
+        &batch,
+        batch.whole(),
+        &dq,
+        &landmarks,
+        &mut logits,
+        &mut tile_stats,
+        scale,
+    )
+    .map_err(s)?;
+    let (mut scores, mut selection) = (nan(batch.extents().landmark_rows)?, poisoned_selection()?);
+    topk::run(
+        gpu,
+        stream,
+        &batch,
+        batch.whole(),
+        &logits,
+        &tile_stats,
+        &chunk_ids,
+        &mut scores,
+        &mut selection,
+    )
+    .map_err(s)?;
+    let alone = (
+        stream.clone_dtoh(&scores).map_err(s)?,
+        stream.clone_dtoh(&selection).map_err(s)?,
+    );
+    let k = config.budget_chunks;
+    let mut resident = Vec::new();
+    for (index, chosen) in alone.1.chunks(k).enumerate() {
+        let sequence = &host.sequences[index / config.kv_heads];
+        let base = sequence.landmark_base((index % config.kv_heads) as u32) as usize;
+        let mut chosen = chosen.to_vec();
+        chosen.shuffle(&mut rng);
+        let others: Vec<u32> = host.chunk_ids[base..base + sequence.landmarks as usize]
+            .iter()
+            .copied()
+            .filter(|id| !chosen.contains(id))
+            .collect();
+        resident.extend(random_resident(&mut rng, &chosen, &others, k));
     }
-    Ok(())
+    let mut d_resident = stream.clone_htod(&resident).map_err(s)?;
+    let mut outputs = poisoned_plan_outputs(gpu, &batch)?;
+    let (mut scores, mut selection) = (nan(batch.extents().landmark_rows)?, poisoned_selection()?);
+    topk::run_and_plan(
+        gpu,
+        stream,
+        &batch,
+        batch.whole(),
+        &logits,
+        &tile_stats,
+        &chunk_ids,
+        &mut scores,
+        &mut selection,
+        &mut d_resident,
+        &mut outputs.0,
+        &mut outputs.1,
+        &mut outputs.2,
+        0,
+    )
+    .map_err(s)?;
+    let with_plan = (
+        stream.clone_dtoh(&scores).map_err(s)?,
+        stream.clone_dtoh(&selection).map_err(s)?,
+    );
+    let bits = |scores: &[f32]| scores.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    if bits(&with_plan.0) != bits(&alone.0) || with_plan.1 != alone.1 {
+        return Err(format!(
+            "top-k with the plan wrote other scores or another selection than alone for {config:?}"
+        ));
+    }
+    compare_plan(gpu, &batch, &alone.1, &resident, &d_resident, &outputs)
 }
 
 /// Runs `steps` decode steps on the GPU and the reference, with a query that drifts (so

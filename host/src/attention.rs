@@ -62,7 +62,9 @@ pub struct DecodeAttentionPlan {
     part_kernels: [KernelName; 2],
 }
 
-/// Shortest split: below this the partial-output traffic outweighs the extra parallelism.
+/// Shortest split: below this the partial-output traffic outweighs the extra parallelism
+/// (64 took the H100's sparse attention at batch 1 x 2.5K tokens from 13.0 to 14.5-15.1 µs:
+/// 320 blocks against 160).
 const MIN_SPLIT_LEN: u32 = 128;
 
 impl DecodeAttentionPlan {

@@ -1,20 +1,22 @@
-//! One ShadowKV decode step for one layer: scoring -> top-k -> plan -> value fetch on the copy
-//! stream, overlapped with the attention over the resident tokens and the key rebuild on the
-//! compute stream -> attention over the misses' tokens, merged with the resident part.
+//! One ShadowKV decode step for one layer: scoring -> top-k and plan -> value fetch on the
+//! copy stream, overlapped with the key rebuild (and, in a large step, the attention over the
+//! resident tokens) on the compute stream -> attention.
 //!
-//! The batch runs in parts (`P0`, `P1`, ...) so that the PCIe traffic starts after the first
-//! part's selection and the later parts' selection hides behind it:
+//! A large step (see [`LARGE_STEP_BUDGET_BYTES`]) runs the batch in parts (`P0`, `P1`, ...)
+//! so that the PCIe traffic starts after the first part's selection and the later parts'
+//! selection hides behind it, and splits the attention around the fetch:
 //! ```text
 //! compute: select(P0) [plan_done0] select(P1) [plan_done1] ... attention(resident), rebuild, wait(fetch_done), attention(fresh)
 //! copy:                wait(plan_done0) fetch(P0)  wait(plan_done1) fetch(P1) ... [fetch_done]
 //! ```
-//! (`select` = scoring, top-k, plan.) A small batch's fetch is short, and a second attention
-//! launch costs more than it hides: there only the rebuild runs beside the fetch, and one
-//! attention launch follows it (see [`DecodeStep::set_split_attention`]). With the overlap
-//! off, everything runs in order on the compute stream over the whole batch, with one
-//! attention launch.
+//! (`select` = scoring, then top-k with the plan in the same launch.) A smaller step's fetch
+//! is short, and a second part or attention launch costs more than it hides: it runs in one
+//! part, only the rebuild runs beside the fetch, and one attention launch follows it (see
+//! [`DecodeStep::set_split_attention`]). With the overlap off, everything runs in order on
+//! the compute stream over the whole batch, with one attention launch.
+//!
 //! Nothing in the step waits on the host: grids do not depend on the miss counts (kernels read
-//! them on the device) and the statistics reach mapped host memory from the plan kernel, read
+//! them on the device) and the statistics reach mapped host memory from the plan, read
 //! only by [`DecodeStep::stats`].
 use std::sync::Arc;
 
@@ -29,7 +31,7 @@ use crate::error::{check_len, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::pinned::PinnedBuffer;
 use crate::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
-use crate::{fetch, plan, rebuild, scoring, topk};
+use crate::{fetch, rebuild, scoring, topk};
 
 /// Where a layer keeps its values.
 pub enum LayerValues {
@@ -95,7 +97,7 @@ pub struct StepWorkspace {
     pub miss_counts: CudaSlice<u32>,
     /// `[batch, Hkv, budget_chunks]`: 1 for a slot filled this step (written by the plan).
     pub fresh: CudaSlice<u32>,
-    /// Mapped host copy of the miss counts (written by the plan kernel).
+    /// Mapped host copy of the miss counts (written by the plan).
     pub host_miss_counts: PinnedBuffer<u32>,
 }
 
@@ -566,7 +568,7 @@ fn select(
         scale,
     )?;
     mark(timeline, gpu, "scoring", stream)?;
-    topk::run(
+    topk::run_and_plan(
         gpu,
         stream,
         batch,
@@ -576,21 +578,13 @@ fn select(
         &layer.chunk_ids,
         &mut w.scores,
         &mut w.selection,
-    )?;
-    mark(timeline, gpu, "topk", stream)?;
-    plan::run(
-        gpu,
-        stream,
-        batch,
-        part,
-        &w.selection,
         &mut layer.resident,
         &mut w.misses,
         &mut w.miss_counts,
         &mut w.fresh,
         w.host_miss_counts.device_address(),
     )?;
-    mark(timeline, gpu, "plan", stream)
+    mark(timeline, gpu, "topk + plan", stream)
 }
 
 /// The keys of `part`'s misses in `w` (the latest plan), rebuilt into their slots on the

@@ -13,7 +13,9 @@ use crate::shadow::{BatchPart, Miss, ShadowBatch};
 /// one block may use.
 pub fn check_fits(gpu: &Gpu, batch: &ShadowBatch) -> Result<u32> {
     let words = layout::bitmap_words(batch.extents().max_chunks);
-    let bytes = layout::shared_bytes(words, batch.config().budget_chunks as u32);
+    // The plan runs in blocks of its own or of the top-k, whichever needs more flags.
+    let threads = layout::THREADS.max(crate::topk::kernel_layout::THREADS);
+    let bytes = layout::shared_bytes(words, batch.config().budget_chunks as u32, threads);
     if bytes > gpu.info().max_shared_per_block {
         return Err(invalid(
             "sequences",
@@ -46,27 +48,26 @@ pub fn run(
     host_miss_counts: u64,
 ) -> Result<()> {
     let config = batch.config();
-    let entries = batch.slot_entries();
-    check_reach("selection", selection.len(), entries)?;
-    check_reach("resident", resident.len(), entries)?;
-    check_reach("fresh", fresh.len(), entries)?;
-    batch.check_misses(misses.len(), miss_counts.len())?;
-    let bitmap_words = check_fits(gpu, batch)?;
-    let params = PlanParams {
-        shape: batch.shape_of(stream, part)?,
-        selection: address(selection, stream),
-        resident: resident.device_ptr_mut(stream).0,
-        misses: misses.device_ptr_mut(stream).0,
-        miss_counts: miss_counts.device_ptr_mut(stream).0,
-        fresh: fresh.device_ptr_mut(stream).0,
+    let params = params(
+        gpu,
+        stream,
+        batch,
+        part,
+        selection,
+        resident,
+        misses,
+        miss_counts,
+        fresh,
         host_miss_counts,
-        bitmap_words,
-        _reserved: 0,
-    };
+    )?;
     let launch = LaunchConfig {
         grid_dim: (config.kv_heads as u32, part.count() as u32, 1),
         block_dim: (layout::THREADS, 1, 1),
-        shared_mem_bytes: layout::shared_bytes(bitmap_words, config.budget_chunks as u32),
+        shared_mem_bytes: layout::shared_bytes(
+            params.bitmap_words,
+            config.budget_chunks as u32,
+            layout::THREADS,
+        ),
     };
     // SAFETY: the slot buffers hold `[batch, Hkv, budget_chunks]` entries and the counts
     // `[batch, Hkv]` (checked above); the bitmaps cover every sequence's chunks.
@@ -78,4 +79,38 @@ pub fn run(
             params,
         )
     }
+}
+
+/// The plan's parameters for `part`, its buffers validated as [`run`] does; for a launch on
+/// `stream` (the plan kernel's or the top-k's, see `topk::run_and_plan`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn params(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    part: BatchPart,
+    selection: &impl DevicePtr<u32>,
+    resident: &mut impl DevicePtrMut<u32>,
+    misses: &mut impl DevicePtrMut<Miss>,
+    miss_counts: &mut impl DevicePtrMut<u32>,
+    fresh: &mut impl DevicePtrMut<u32>,
+    host_miss_counts: u64,
+) -> Result<PlanParams> {
+    let entries = batch.slot_entries();
+    check_reach("selection", selection.len(), entries)?;
+    check_reach("resident", resident.len(), entries)?;
+    check_reach("fresh", fresh.len(), entries)?;
+    batch.check_misses(misses.len(), miss_counts.len())?;
+    let bitmap_words = check_fits(gpu, batch)?;
+    Ok(PlanParams {
+        shape: batch.shape_of(stream, part)?,
+        selection: address(selection, stream),
+        resident: resident.device_ptr_mut(stream).0,
+        misses: misses.device_ptr_mut(stream).0,
+        miss_counts: miss_counts.device_ptr_mut(stream).0,
+        fresh: fresh.device_ptr_mut(stream).0,
+        host_miss_counts,
+        bitmap_words,
+        _reserved: 0,
+    })
 }

@@ -1,13 +1,15 @@
 //! Landmark scoring, pass two, and top-k chunk selection (see `shadowkv_kernels::topk`).
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use shadowkv_kernels::plan::PlanParams;
 pub use shadowkv_kernels::topk as kernel_layout;
 use shadowkv_kernels::topk::{self as layout, TopkParams};
 
 use crate::error::{check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
+use crate::plan;
 use crate::scoring::{logits_len, tile_stats_len};
-use crate::shadow::{BatchPart, ShadowBatch};
+use crate::shadow::{BatchPart, Miss, ShadowBatch};
 
 /// Writes each landmark's `score` (max over the group of its softmax weight) and the chunk
 /// ids of the `budget_chunks` highest scores of every (sequence, KV head) into `selection`
@@ -23,6 +25,77 @@ pub fn run(
     chunk_ids: &impl DevicePtr<u32>,
     scores: &mut impl DevicePtrMut<f32>,
     selection: &mut impl DevicePtrMut<u32>,
+) -> Result<()> {
+    launch(
+        gpu,
+        stream,
+        batch,
+        part,
+        (logits, tile_stats, chunk_ids),
+        scores,
+        selection,
+        PlanParams::default(),
+    )
+}
+
+/// [`run`], then in the same blocks the cache-aware plan of the new selection
+/// ([`plan::run`](crate::plan::run) with the same buffers): one launch where the two take two.
+#[allow(clippy::too_many_arguments)]
+pub fn run_and_plan(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    part: BatchPart,
+    logits: &impl DevicePtr<f32>,
+    tile_stats: &impl DevicePtr<f32>,
+    chunk_ids: &impl DevicePtr<u32>,
+    scores: &mut impl DevicePtrMut<f32>,
+    selection: &mut (impl DevicePtr<u32> + DevicePtrMut<u32>),
+    resident: &mut impl DevicePtrMut<u32>,
+    misses: &mut impl DevicePtrMut<Miss>,
+    miss_counts: &mut impl DevicePtrMut<u32>,
+    fresh: &mut impl DevicePtrMut<u32>,
+    host_miss_counts: u64,
+) -> Result<()> {
+    let plan = plan::params(
+        gpu,
+        stream,
+        batch,
+        part,
+        selection,
+        resident,
+        misses,
+        miss_counts,
+        fresh,
+        host_miss_counts,
+    )?;
+    launch(
+        gpu,
+        stream,
+        batch,
+        part,
+        (logits, tile_stats, chunk_ids),
+        scores,
+        selection,
+        plan,
+    )
+}
+
+/// The top-k launch, with a plan unless `plan.resident` is 0.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    part: BatchPart,
+    (logits, tile_stats, chunk_ids): (
+        &impl DevicePtr<f32>,
+        &impl DevicePtr<f32>,
+        &impl DevicePtr<u32>,
+    ),
+    scores: &mut impl DevicePtrMut<f32>,
+    selection: &mut impl DevicePtrMut<u32>,
+    plan: PlanParams,
 ) -> Result<()> {
     let config = batch.config();
     let extents = batch.extents();
@@ -44,14 +117,26 @@ pub fn run(
         tile_len: batch.scoring_tile_len().get(),
         shared_scores,
         _reserved: 0,
+        plan,
+    };
+    let plan_bytes = if plan.resident == 0 {
+        0
+    } else {
+        plan::kernel_layout::shared_bytes(
+            plan.bitmap_words,
+            config.budget_chunks as u32,
+            layout::THREADS,
+        )
     };
     let launch = LaunchConfig {
         grid_dim: (config.kv_heads as u32, part.count() as u32, 1),
         block_dim: (layout::THREADS, 1, 1),
-        shared_mem_bytes: layout::shared_bytes(config.group() as u32, shared_scores),
+        shared_mem_bytes: layout::shared_bytes(config.group() as u32, shared_scores, plan_bytes),
     };
     // SAFETY: every buffer reaches the rows the validated layouts address (checked above);
-    // every sequence has at least `budget_chunks` landmarks (checked by the batch).
+    // every sequence has at least `budget_chunks` landmarks (checked by the batch); a plan's
+    // buffers were validated by `plan::params` for the same part, and its bitmaps fit the
+    // shared memory (`plan::check_fits`).
     unsafe {
         gpu.launch(
             stream,

@@ -6,6 +6,9 @@
 //!
 //! Membership uses two bitmaps over chunk ids in shared memory (selected, hit): one bit per
 //! chunk of the prompt, 16 KiB per 128K chunks (1M tokens at c = 8).
+//!
+//! The decode step runs the plan inside the top-k kernel, after each block's selection (one
+//! launch fewer per step: `topk`); the `cache_plan` kernel runs it alone.
 
 use crate::shadow::ShadowShape;
 
@@ -36,15 +39,15 @@ pub struct PlanParams {
     pub _reserved: u32,
 }
 
-/// Shared memory: two bitmaps, the freed-slot list, the flags (padded to whole blocks) and
-/// the block-scan scratch.
-pub const fn shared_bytes(bitmap_words: u32, budget_chunks: u32) -> u32 {
-    (2 * bitmap_words + budget_chunks + flag_words(budget_chunks) + 32) * 4
+/// Shared memory of a block of `threads`: two bitmaps, the freed-slot list, the flags
+/// (padded to whole blocks) and the block-scan scratch.
+pub const fn shared_bytes(bitmap_words: u32, budget_chunks: u32, threads: u32) -> u32 {
+    (2 * bitmap_words + budget_chunks + flag_words(budget_chunks, threads) + 32) * 4
 }
 
-/// Flags of one pass: one per slot, zero up to a whole number of blocks.
-pub const fn flag_words(budget_chunks: u32) -> u32 {
-    budget_chunks.next_multiple_of(THREADS)
+/// Flags of one pass: one per slot, zero up to a whole number of blocks of `threads`.
+pub const fn flag_words(budget_chunks: u32, threads: u32) -> u32 {
+    budget_chunks.next_multiple_of(threads)
 }
 
 /// Bitmap words that cover `chunks` chunk ids.
@@ -53,6 +56,9 @@ pub const fn bitmap_words(chunks: u32) -> u32 {
 }
 
 pub const KERNEL_NAME: &str = "cache_plan";
+
+#[cfg(target_arch = "nvptx64")]
+pub use kernel::plan_head;
 
 #[cfg(target_arch = "nvptx64")]
 mod kernel {
@@ -71,25 +77,41 @@ mod kernel {
     /// chunks) and launched `(kv_heads, sequences)` blocks of [`THREADS`] with [`shared_bytes`].
     #[no_mangle]
     pub unsafe extern "ptx-kernel" fn cache_plan(p: PlanParams) {
+        plan_head(
+            &p,
+            p.shape.first_sequence + block_idx_y(),
+            block_idx_x(),
+            dynamic_shared::<u32>(),
+        );
+    }
+
+    /// The plan of one (sequence, KV head), by the whole block; `shared` holds
+    /// [`shared_bytes`] for the block's size. The selection in global memory is complete and
+    /// visible to the block (a block barrier after the block's own writes will do).
+    ///
+    /// # Safety
+    /// As for [`cache_plan`], for this one (sequence, KV head); every thread of the block
+    /// calls it.
+    pub unsafe fn plan_head(p: &PlanParams, sequence_index: u32, kv_head: u32, shared: *mut u32) {
         let shape = &p.shape;
-        let kv_head = block_idx_x();
-        let sequence_index = shape.first_sequence + block_idx_y();
         let tid = thread_idx_x();
+        let threads = block_dim_x();
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let chunks = sequence.chunks;
         let k = shape.budget_chunks;
         let words = bitmap_words(chunks);
+        let padded_flags = flag_words(k, threads);
 
-        let selected = dynamic_shared::<u32>();
+        let selected = shared;
         let hit = selected.add(p.bitmap_words as usize);
         let freed = hit.add(p.bitmap_words as usize);
         let flags = freed.add(k as usize);
-        let scratch = flags.add(flag_words(k) as usize);
+        let scratch = flags.add(padded_flags as usize);
         let mut w = tid;
         while w < words {
             *selected.add(w as usize) = 0;
             *hit.add(w as usize) = 0;
-            w += THREADS;
+            w += threads;
         }
         sync_threads();
 
@@ -103,7 +125,7 @@ mod kernel {
             if chunk < chunks {
                 atomic_or_shared_u32(selected.add((chunk / 32) as usize), 1 << (chunk % 32));
             }
-            i += THREADS;
+            i += threads;
         }
         sync_threads();
 
@@ -112,7 +134,7 @@ mod kernel {
         // are padded with zeros to whole blocks and read unconditionally.
         // Pass 1: slots whose chunk stays are hits; the rest are freed, listed in slot order.
         let mut slot = tid;
-        while slot < flag_words(k) {
+        while slot < padded_flags {
             let mut is_freed = 0;
             if slot < k {
                 *fresh.add(slot as usize) = 0;
@@ -124,7 +146,7 @@ mod kernel {
                 }
             }
             *flags.add(slot as usize) = is_freed;
-            slot += THREADS;
+            slot += threads;
         }
         sync_threads();
         let mut freed_count = 0;
@@ -137,17 +159,17 @@ mod kernel {
                 *freed.add((freed_count + rank) as usize) = slot;
             }
             freed_count += total;
-            start += THREADS;
+            start += threads;
         }
 
         // Pass 2: selected chunks that were not hits are misses, in selection order. (The
         // barriers in `exclusive_count` order every read of `resident` above before the
         // updates below.)
         let mut i = tid;
-        while i < flag_words(k) {
+        while i < padded_flags {
             let is_miss = i < k && !contains(hit, *selection.add(i as usize), chunks);
             *flags.add(i as usize) = is_miss as u32;
-            i += THREADS;
+            i += threads;
         }
         sync_threads();
         let misses = (p.misses as *mut Miss).add(base);
@@ -167,7 +189,7 @@ mod kernel {
                 *fresh.add(slot as usize) = 1;
             }
             miss_count += total;
-            start += THREADS;
+            start += threads;
         }
         if tid == 0 {
             let at = (sequence_index * shape.kv_heads + kv_head) as usize;

@@ -16,7 +16,11 @@
 //!    output is deterministic and a CPU reference can match it exactly. Each thread owns a
 //!    contiguous run of landmarks, so one block-wide scan orders the whole output; the chunk
 //!    ids are then gathered by all threads at once.
+//! 4. When the launch carries a plan (the decode step's), the block then runs the cache-aware
+//!    plan of its (sequence, KV head) (`plan::plan_head`): one launch and one kernel boundary
+//!    fewer per step.
 
+use crate::plan::PlanParams;
 use crate::shadow::ShadowShape;
 
 /// A whole block of 32 warps (56 registers each fit): at batch 1 the 8 blocks of a step are
@@ -59,6 +63,9 @@ pub struct TopkParams {
     /// landmarks works on `scores` in global memory.
     pub shared_scores: u32,
     pub _reserved: u32,
+    /// The plan each block runs after its selection (see `plan`), for the same sequences;
+    /// none when `plan.resident` is 0.
+    pub plan: PlanParams,
 }
 
 /// Scores staged in shared memory for a batch whose longest sequence has `max_landmarks`.
@@ -71,9 +78,15 @@ pub const fn shared_scores(max_landmarks: u32) -> u32 {
 }
 
 /// Shared memory: the histogram, the block-scan scratch, the per-head normalisers
-/// (max, 1/sum), the selection state, then the staged scores.
-pub const fn shared_bytes(group: u32, shared_scores: u32) -> u32 {
-    (MAX_BINS + 32 + 2 * group + 4 + shared_scores) * 4
+/// (max, 1/sum), the selection state, then the staged scores; or, once the selection is
+/// written, the plan's (`plan_bytes`, 0 without a plan), whichever is larger.
+pub const fn shared_bytes(group: u32, shared_scores: u32, plan_bytes: u32) -> u32 {
+    let selection_bytes = (MAX_BINS + 32 + 2 * group + 4 + shared_scores) * 4;
+    if plan_bytes > selection_bytes {
+        plan_bytes
+    } else {
+        selection_bytes
+    }
 }
 
 /// Landmarks per thread whose logits (every head of the group) are loaded together.
@@ -98,6 +111,7 @@ mod kernel {
     use super::*;
     use crate::block::{clear_u32, exclusive_sum, radix_select, MAX_WARPS};
     use crate::device::*;
+    use crate::plan::plan_head;
     use crate::scoring::{tile_stat_index, tiles};
     use crate::shadow::{slot_base, ShadowSequence};
     use crate::tile::{merge_softmax_stats, warp_merge_softmax_stats};
@@ -147,7 +161,8 @@ mod kernel {
     /// # Safety
     /// The host launcher validated the layouts (every sequence has at least `budget_chunks`
     /// landmarks) and launched `(kv_heads, sequences)` blocks of [`THREADS`] with
-    /// [`shared_bytes`] for `shared_scores`, and `shape.group == G`.
+    /// [`shared_bytes`] for `shared_scores` and the plan, and `shape.group == G`; a plan's
+    /// parameters were validated as for the `cache_plan` kernel, for the same sequences.
     // The loops index register arrays by counters that unroll to constants (as in `attention`).
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
@@ -268,6 +283,14 @@ mod kernel {
         for position in (tid..min_u32(k, MAX_BINS)).step_by(THREADS as usize) {
             let j = *positions.add(position as usize);
             *selection.add(position as usize) = *chunk_ids.add(j as usize);
+        }
+
+        // 4. The plan of this (sequence, KV head), in place of a launch of its own. The
+        //    barrier makes the block's selection writes visible to the whole block and frees
+        //    the shared memory.
+        if p.plan.resident != 0 {
+            sync_threads();
+            plan_head(&p.plan, sequence_index, kv_head, dynamic_shared::<u32>());
         }
     }
 
