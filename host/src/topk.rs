@@ -39,7 +39,7 @@ pub fn run(
 }
 
 /// [`run`], then in the same blocks the cache-aware plan of the new selection
-/// ([`plan::run`](crate::plan::run) with the same buffers): one launch where the two take two.
+/// ([`plan::run`] with the same buffers): one launch where the two take two.
 #[allow(clippy::too_many_arguments)]
 pub fn run_and_plan(
     gpu: &Gpu,
