@@ -15,7 +15,9 @@
 //!    (lowest-index) scores `== T` until `budget_chunks` are taken, in landmark order, so the
 //!    output is deterministic and a CPU reference can match it exactly. Each thread owns a
 //!    contiguous run of landmarks, so one block-wide scan orders the whole output; the chunk
-//!    ids are then gathered by all threads at once.
+//!    ids are then gathered by all threads at once. (Warps ranking lane-consecutive steps of
+//!    a contiguous segment with ballots instead measured no faster on the H100: 19.6 against
+//!    19.2 µs at 1 x 122K, 25.5 against 24.1 at 16 x 122K.)
 //! 4. When the launch carries a plan (the decode step's), the block then runs the cache-aware
 //!    plan of its (sequence, KV head) (`plan::plan_head`): one launch and one kernel boundary
 //!    fewer per step.
