@@ -25,6 +25,8 @@ use shadowkv_suite::{random_bf16, shared_gpu};
 
 const CONFIG: ShadowConfig = ShadowConfig::LLAMA_3_8B;
 const CONTEXTS: [u32; 2] = [32_768, 122_880];
+/// Context of the top-k's long shape: about 128K landmarks per head at c = 8.
+const LONG_CONTEXT: u32 = 1 << 20;
 const BATCHES: [usize; 2] = [1, 16];
 /// Batches run only when `SHADOWKV_BENCH_ONLY` names them (e.g. `b2_ctx122880`): where the
 /// step's default arrangement changes (`DecodeStep::set_split_attention`).
@@ -78,8 +80,9 @@ fn pcie_bandwidth_at(gpu: &Gpu, bytes: usize) -> shadowkv::Result<f64> {
     Ok(2.0 * elements as f64 / (ms * 1e-3))
 }
 
-/// One layer of a batch at `context` tokens per sequence, on the device (random contents).
-fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<ShadowLayer> {
+/// The sequences of a batch at `context` tokens per sequence: 4 local and 48 outlier chunks,
+/// the rest landmarks, and a K/V block of local, outliers, slots and generated tokens.
+fn sequences(batch: usize, context: u32) -> Vec<ShadowSequence> {
     let (c, k, d) = (
         CONFIG.chunk_size as u32,
         CONFIG.budget_chunks as u32,
@@ -91,7 +94,7 @@ fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<S
     let local = context - chunks * c;
     let sparse_start = local + OUTLIER_CHUNKS * c;
     let len = sparse_start + k * c + GENERATED;
-    let sequences: Vec<ShadowSequence> = (0..batch as u64)
+    (0..batch as u64)
         .map(|b| ShadowSequence {
             landmark_row: b * (kv_heads as u64 * landmarks as u64),
             a_offset: b * context as u64 * CONFIG.rank as u64,
@@ -107,13 +110,29 @@ fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<S
                 len,
             },
         })
-        .collect();
+        .collect()
+}
+
+/// Chunk ids of every landmark row of `sequences`: landmark j of every head is chunk
+/// `OUTLIER_CHUNKS + j` (the first chunks are the outliers).
+fn chunk_ids(sequences: &[ShadowSequence]) -> Vec<u32> {
+    sequences
+        .iter()
+        .flat_map(|s| {
+            (0..CONFIG.kv_heads as u32 * s.landmarks).map(|row| OUTLIER_CHUNKS + row % s.landmarks)
+        })
+        .collect()
+}
+
+/// One layer of a batch at `context` tokens per sequence, on the device (random contents).
+fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<ShadowLayer> {
+    let (k, d) = (CONFIG.budget_chunks as u32, CONFIG.head_dim);
+    let kv_heads = CONFIG.kv_heads;
+    let sequences = sequences(batch, context);
+    let len = sequences[0].kv.capacity;
     let stream = gpu.stream();
-    let rows = batch * kv_heads * landmarks as usize;
-    // Landmark j of every head is chunk OUTLIER_CHUNKS + j (the first chunks are the outliers).
-    let chunk_ids: Vec<u32> = (0..rows as u32)
-        .map(|row| OUTLIER_CHUNKS + row % landmarks)
-        .collect();
+    let rows = batch * kv_heads * sequences[0].landmarks as usize;
+    let chunk_ids = chunk_ids(&sequences);
     let value_elements = batch * kv_heads * context as usize * d;
     let mut values = PinnedBuffer::<bf16>::new(gpu, value_elements)?;
     let block = random_bf16(&mut StdRng::seed_from_u64(seed), 1 << 20, 1.0);
@@ -620,6 +639,88 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             }
             group.finish();
         }
+    }
+
+    // The top-k's other shape: k = 256 of about 128K landmarks per head (a 1M-token context
+    // at c = 8; the scores no longer fit shared memory). Only what scoring and the top-k read
+    // is built.
+    for batch in BATCHES {
+        let label = format!("b{batch}_ctx{LONG_CONTEXT}");
+        if only.as_ref().is_some_and(|only| *only != label) {
+            continue;
+        }
+        let sequences = sequences(batch, LONG_CONTEXT);
+        let layer_batch = ShadowBatch::new(&stream, CONFIG, &sequences)?;
+        let landmark_rows = layer_batch.extents().landmark_rows;
+        let landmarks = filled(gpu, landmark_rows * CONFIG.head_dim, 77)?;
+        let ids = stream.clone_htod(&chunk_ids(&sequences))?;
+        let q_elements = batch * CONFIG.q_heads * CONFIG.head_dim;
+        let q = stream.clone_htod(&random_bf16(&mut q_rng, q_elements, 2.0))?;
+        let mut w = StepWorkspace::new(gpu, &stream, &layer_batch)?;
+        let scale = 1.0 / (CONFIG.head_dim as f32).sqrt();
+        let whole = layer_batch.whole();
+        let mut group = criterion.benchmark_group("decode_kernels");
+        let scoring_ms = measure(
+            gpu,
+            &stream,
+            &mut group,
+            BenchmarkId::new("scoring", &label),
+            || {
+                scoring::run(
+                    gpu,
+                    &stream,
+                    &layer_batch,
+                    whole,
+                    &q,
+                    &landmarks,
+                    &mut w.logits,
+                    &mut w.tile_stats,
+                    scale,
+                )
+            },
+        )?;
+        let (rate, of_ceiling) = read_columns(
+            gpu,
+            (landmark_rows * CONFIG.head_dim * 2) as f64,
+            scoring_ms,
+            copy,
+        )?;
+        rows.push(Row {
+            batch,
+            context: LONG_CONTEXT,
+            name: "scoring",
+            us: scoring_ms * 1e3,
+            rate,
+            of_ceiling,
+        });
+        let topk_ms = measure(
+            gpu,
+            &stream,
+            &mut group,
+            BenchmarkId::new("topk", &label),
+            || {
+                topk::run(
+                    gpu,
+                    &stream,
+                    &layer_batch,
+                    whole,
+                    &w.logits,
+                    &w.tile_stats,
+                    &ids,
+                    &mut w.scores,
+                    &mut w.selection,
+                )
+            },
+        )?;
+        rows.push(Row {
+            batch,
+            context: LONG_CONTEXT,
+            name: "topk",
+            us: topk_ms * 1e3,
+            rate: format!("k {} of {}", CONFIG.budget_chunks, sequences[0].landmarks),
+            of_ceiling: String::new(),
+        });
+        group.finish();
     }
 
     println!("\nkernels (CUDA-event medians of 20 back-to-back launches; Llama-3-8B heads, c 8, r 160, S 2048)");
