@@ -456,6 +456,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &mut w.miss_counts,
                     &mut w.fresh,
                     0,
+                    None,
                 )
             })? - restore_ms;
             row(

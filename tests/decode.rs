@@ -156,10 +156,6 @@ fn check_scoring(
     let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
     let mut logits = nan(scoring::logits_len(&batch))?;
     let mut tile_stats = nan(scoring::tile_stats_len(&batch))?;
-    let mut scores = nan(batch.extents().landmark_rows)?;
-    let mut selection = stream
-        .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
-        .map_err(s)?;
     let scale = 1.0 / (config.head_dim as f32).sqrt();
     scoring::run(
         gpu,
@@ -173,21 +169,53 @@ fn check_scoring(
         scale,
     )
     .map_err(s)?;
-    topk::run(
-        gpu,
-        stream,
-        &batch,
-        batch.whole(),
-        &logits,
-        &tile_stats,
-        &chunk_ids,
-        &mut scores,
-        &mut selection,
-    )
-    .map_err(s)?;
+    // The top-k as `run` launches it, then in clusters of 1, 3 and 8 blocks per head: the
+    // same scores and the same selection, each run on poisoned outputs.
+    let mut outputs = Vec::new();
+    for cluster_blocks in [None, Some(1), Some(3), Some(8)] {
+        if cluster_blocks.is_some_and(|blocks| blocks > 1) && !gpu.has_clusters() {
+            continue;
+        }
+        let mut scores = nan(batch.extents().landmark_rows)?;
+        let mut selection = stream
+            .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
+            .map_err(s)?;
+        let blocks =
+            cluster_blocks.unwrap_or_else(|| topk::cluster_blocks(gpu, &batch, batch.whole()));
+        topk::run_in_clusters(
+            gpu,
+            stream,
+            &batch,
+            batch.whole(),
+            &logits,
+            &tile_stats,
+            &chunk_ids,
+            &mut scores,
+            &mut selection,
+            blocks,
+        )
+        .map_err(s)?;
+        outputs.push((
+            blocks,
+            stream.clone_dtoh(&scores).map_err(s)?,
+            stream.clone_dtoh(&selection).map_err(s)?,
+        ));
+    }
+    let (_, first_scores, _) = &outputs[0];
+    for (blocks, scores, _) in &outputs {
+        if scores
+            .iter()
+            .map(|x| x.to_bits())
+            .ne(first_scores.iter().map(|x| x.to_bits()))
+        {
+            return Err(format!(
+                "top-k in clusters of {blocks} wrote other scores than in clusters of {}",
+                outputs[0].0
+            ));
+        }
+    }
     let gpu_logits = stream.clone_dtoh(&logits).map_err(s)?;
-    let gpu_scores = per_head(&host, config, &stream.clone_dtoh(&scores).map_err(s)?);
-    let gpu_selection = stream.clone_dtoh(&selection).map_err(s)?;
+    let gpu_scores = per_head(&host, config, first_scores);
     let (mut logit_error, mut score_error) = (0.0f64, 0.0f64);
     let k = config.budget_chunks;
     for (b, sequence) in host.sequences.iter().enumerate() {
@@ -216,12 +244,13 @@ fn check_scoring(
             let base = sequence.landmark_base(h as u32) as usize;
             let ids = &host.chunk_ids[base..base + sequence.landmarks as usize];
             let want = reference::topk::select(&gpu_scores[index], ids, k);
-            let got = &gpu_selection[index * k..(index + 1) * k];
-            if got != want.as_slice() {
-                return Err(format!(
-                    "sequence {b} head {h}: selection differs from the top-{k} of the GPU's scores ({} landmarks)",
-                    sequence.landmarks
-                ));
+            for (blocks, _, selection) in &outputs {
+                if selection[index * k..(index + 1) * k] != want[..] {
+                    return Err(format!(
+                        "sequence {b} head {h}: selection in clusters of {blocks} differs from the top-{k} of the GPU's scores ({} landmarks)",
+                        sequence.landmarks
+                    ));
+                }
             }
         }
     }
@@ -515,37 +544,46 @@ fn check_topk_with_plan(
             .collect();
         resident.extend(random_resident(&mut rng, &chosen, &others, k));
     }
-    let mut d_resident = stream.clone_htod(&resident).map_err(s)?;
-    let mut outputs = poisoned_plan_outputs(gpu, &batch)?;
-    let (mut scores, mut selection) = (nan(batch.extents().landmark_rows)?, poisoned_selection()?);
-    topk::run_and_plan(
-        gpu,
-        stream,
-        &batch,
-        batch.whole(),
-        &logits,
-        &tile_stats,
-        &chunk_ids,
-        &mut scores,
-        &mut selection,
-        &mut d_resident,
-        &mut outputs.0,
-        &mut outputs.1,
-        &mut outputs.2,
-        0,
-    )
-    .map_err(s)?;
-    let with_plan = (
-        stream.clone_dtoh(&scores).map_err(s)?,
-        stream.clone_dtoh(&selection).map_err(s)?,
-    );
-    let bits = |scores: &[f32]| scores.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    if bits(&with_plan.0) != bits(&alone.0) || with_plan.1 != alone.1 {
-        return Err(format!(
-            "top-k with the plan wrote other scores or another selection than alone for {config:?}"
-        ));
+    // As `run_and_plan` picks, and in clusters of 3 blocks per head.
+    for cluster_blocks in [None, Some(3)] {
+        if cluster_blocks.is_some() && !gpu.has_clusters() {
+            continue;
+        }
+        let mut d_resident = stream.clone_htod(&resident).map_err(s)?;
+        let mut outputs = poisoned_plan_outputs(gpu, &batch)?;
+        let (mut scores, mut selection) =
+            (nan(batch.extents().landmark_rows)?, poisoned_selection()?);
+        topk::run_and_plan(
+            gpu,
+            stream,
+            &batch,
+            batch.whole(),
+            &logits,
+            &tile_stats,
+            &chunk_ids,
+            &mut scores,
+            &mut selection,
+            &mut d_resident,
+            &mut outputs.0,
+            &mut outputs.1,
+            &mut outputs.2,
+            0,
+            cluster_blocks,
+        )
+        .map_err(s)?;
+        let with_plan = (
+            stream.clone_dtoh(&scores).map_err(s)?,
+            stream.clone_dtoh(&selection).map_err(s)?,
+        );
+        let bits = |scores: &[f32]| scores.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        if bits(&with_plan.0) != bits(&alone.0) || with_plan.1 != alone.1 {
+            return Err(format!(
+                "top-k with the plan (clusters {cluster_blocks:?}) wrote other scores or another selection than alone for {config:?}"
+            ));
+        }
+        compare_plan(gpu, &batch, &alone.1, &resident, &d_resident, &outputs)?;
     }
-    compare_plan(gpu, &batch, &alone.1, &resident, &d_resident, &outputs)
+    Ok(())
 }
 
 /// Runs `steps` decode steps on the GPU and the reference, with a query that drifts (so

@@ -583,6 +583,7 @@ fn select(
         &mut w.miss_counts,
         &mut w.fresh,
         w.host_miss_counts.device_address(),
+        None,
     )?;
     mark(timeline, gpu, "topk + plan", stream)
 }

@@ -242,6 +242,65 @@ impl Gpu {
         builder.launch(config)?;
         Ok(())
     }
+
+    /// Whether kernels may be launched in thread-block clusters (compute capability 9.0+).
+    pub fn has_clusters(&self) -> bool {
+        self.info.compute_capability.0 >= 9
+    }
+
+    /// [`launch`](Self::launch) in clusters of `cluster_blocks` consecutive blocks along x
+    /// (`cuLaunchKernelEx` with a cluster dimension); a plain launch for 1.
+    ///
+    /// # Safety
+    /// As for [`launch`](Self::launch); the grid's x is a multiple of `cluster_blocks`, at
+    /// most 8 (the portable cluster size), and the kernel expects clusters of that size.
+    pub(crate) unsafe fn launch_in_clusters<P: bytemuck::Pod>(
+        &self,
+        stream: &CudaStream,
+        kernel: KernelName,
+        config: LaunchConfig,
+        cluster_blocks: u32,
+        params: P,
+    ) -> Result<()> {
+        if cluster_blocks <= 1 {
+            // SAFETY: the caller's contract.
+            return unsafe { self.launch(stream, kernel, config, params) };
+        }
+        let function = self.function_with_shared(kernel, config.shared_mem_bytes)?;
+        let mut params = ByValue(params);
+        let mut arguments = [&mut params as *mut ByValue<P> as *mut std::ffi::c_void];
+        // SAFETY: a plain C struct and union of integers, valid when zeroed.
+        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attribute.value.clusterDim.x = cluster_blocks;
+        attribute.value.clusterDim.y = 1;
+        attribute.value.clusterDim.z = 1;
+        let launch = sys::CUlaunchConfig {
+            gridDimX: config.grid_dim.0,
+            gridDimY: config.grid_dim.1,
+            gridDimZ: config.grid_dim.2,
+            blockDimX: config.block_dim.0,
+            blockDimY: config.block_dim.1,
+            blockDimZ: config.block_dim.2,
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        // SAFETY: `arguments` holds the one parameter struct the kernel takes, alive for the
+        // call (the driver copies it); the config and attribute outlive the call; the
+        // caller's contract covers the grid and what the kernel does with the parameters.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &launch,
+                function.cu_function(),
+                arguments.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()?;
+        Ok(())
+    }
 }
 
 /// `cuMemcpyAsync` of `bytes` from `source` to `target` on `stream` (unified addressing: either

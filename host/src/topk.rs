@@ -4,7 +4,7 @@ use shadowkv_kernels::plan::PlanParams;
 pub use shadowkv_kernels::topk as kernel_layout;
 use shadowkv_kernels::topk::{self as layout, TopkParams};
 
-use crate::error::{check_reach, Result};
+use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
 use crate::plan;
@@ -26,6 +26,48 @@ pub fn run(
     scores: &mut impl DevicePtrMut<f32>,
     selection: &mut impl DevicePtrMut<u32>,
 ) -> Result<()> {
+    run_in_clusters(
+        gpu,
+        stream,
+        batch,
+        part,
+        logits,
+        tile_stats,
+        chunk_ids,
+        scores,
+        selection,
+        cluster_blocks(gpu, batch, part),
+    )
+}
+
+/// Blocks per (sequence, KV head) that [`run`] and [`run_and_plan`] use for `part` on `gpu`
+/// (see [`kernel_layout::cluster_blocks`]; 1 where clusters are not available).
+pub fn cluster_blocks(gpu: &Gpu, batch: &ShadowBatch, part: BatchPart) -> u32 {
+    if !gpu.has_clusters() {
+        return 1;
+    }
+    layout::cluster_blocks(
+        gpu.info().multiprocessors,
+        (part.count() * batch.config().kv_heads) as u32,
+        batch.extents().max_landmarks,
+    )
+}
+
+/// [`run`] with `cluster_blocks` blocks (1 to [`shadowkv_kernels::MAX_CLUSTER_BLOCKS`], in
+/// thread-block clusters when more than 1) per (sequence, KV head).
+#[allow(clippy::too_many_arguments)]
+pub fn run_in_clusters(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    part: BatchPart,
+    logits: &impl DevicePtr<f32>,
+    tile_stats: &impl DevicePtr<f32>,
+    chunk_ids: &impl DevicePtr<u32>,
+    scores: &mut impl DevicePtrMut<f32>,
+    selection: &mut impl DevicePtrMut<u32>,
+    cluster_blocks: u32,
+) -> Result<()> {
     launch(
         gpu,
         stream,
@@ -35,11 +77,13 @@ pub fn run(
         scores,
         selection,
         PlanParams::default(),
+        cluster_blocks,
     )
 }
 
 /// [`run`], then in the same blocks the cache-aware plan of the new selection
-/// ([`plan::run`] with the same buffers): one launch where the two take two.
+/// ([`plan::run`] with the same buffers): one launch where the two take two. `cluster_blocks`
+/// as for [`run_in_clusters`]; `None` picks as [`run`] does.
 #[allow(clippy::too_many_arguments)]
 pub fn run_and_plan(
     gpu: &Gpu,
@@ -56,7 +100,9 @@ pub fn run_and_plan(
     miss_counts: &mut impl DevicePtrMut<u32>,
     fresh: &mut impl DevicePtrMut<u32>,
     host_miss_counts: u64,
+    cluster_blocks: Option<u32>,
 ) -> Result<()> {
+    let cluster_blocks = cluster_blocks.unwrap_or_else(|| self::cluster_blocks(gpu, batch, part));
     let plan = plan::params(
         gpu,
         stream,
@@ -78,6 +124,7 @@ pub fn run_and_plan(
         scores,
         selection,
         plan,
+        cluster_blocks,
     )
 }
 
@@ -96,16 +143,29 @@ fn launch(
     scores: &mut impl DevicePtrMut<f32>,
     selection: &mut impl DevicePtrMut<u32>,
     plan: PlanParams,
+    cluster_blocks: u32,
 ) -> Result<()> {
     let config = batch.config();
     let extents = batch.extents();
+    let most = if gpu.has_clusters() {
+        shadowkv_kernels::MAX_CLUSTER_BLOCKS
+    } else {
+        1
+    };
+    if cluster_blocks == 0 || cluster_blocks > most {
+        return Err(invalid(
+            "cluster_blocks",
+            cluster_blocks,
+            format!("1 to {most} blocks per (sequence, KV head) on this GPU"),
+        ));
+    }
     let rows = extents.landmark_rows;
     check_reach("logits", logits.len(), logits_len(batch))?;
     check_reach("tile_stats", tile_stats.len(), tile_stats_len(batch))?;
     check_reach("chunk_ids", chunk_ids.len(), rows)?;
     check_reach("scores", scores.len(), rows)?;
     check_reach("selection", selection.len(), batch.slot_entries())?;
-    let shared_scores = layout::shared_scores(extents.max_landmarks);
+    let shared_scores = layout::shared_scores(extents.max_landmarks, cluster_blocks);
     let params = TopkParams {
         shape: batch.shape_of(stream, part)?,
         logits: address(logits, stream),
@@ -129,19 +189,25 @@ fn launch(
         )
     };
     let launch = LaunchConfig {
-        grid_dim: (config.kv_heads as u32, part.count() as u32, 1),
+        grid_dim: (
+            config.kv_heads as u32 * cluster_blocks,
+            part.count() as u32,
+            1,
+        ),
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: layout::shared_bytes(config.group() as u32, shared_scores, plan_bytes),
     };
     // SAFETY: every buffer reaches the rows the validated layouts address (checked above);
     // every sequence has at least `budget_chunks` landmarks (checked by the batch); a plan's
     // buffers were validated by `plan::params` for the same part, and its bitmaps fit the
-    // shared memory (`plan::check_fits`).
+    // shared memory (`plan::check_fits`); the grid is `cluster_blocks` blocks per KV head, at
+    // most the portable cluster size.
     unsafe {
-        gpu.launch(
+        gpu.launch_in_clusters(
             stream,
             KernelName::lookup(&layout::kernel_name(config.group() as u32))?,
             launch,
+            cluster_blocks,
             params,
         )
     }

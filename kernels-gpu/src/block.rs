@@ -4,6 +4,67 @@ use crate::device::*;
 /// Most warps in a block: the size of the scratch that [`exclusive_count`] needs.
 pub const MAX_WARPS: usize = 32;
 
+/// The blocks that share one block-wide operation: the blocks of a thread-block cluster, or
+/// one block alone. Their shared memory is read across blocks after [`Cluster::sync`].
+#[derive(Clone, Copy)]
+pub struct Cluster {
+    pub rank: u32,
+    pub blocks: u32,
+}
+
+impl Cluster {
+    /// This block's cluster (a cluster of one when launched without clusters).
+    #[inline(always)]
+    pub fn current() -> Self {
+        Cluster {
+            rank: cluster_rank(),
+            // Never 0; the bound lets the compiler drop division-by-zero checks.
+            blocks: cluster_blocks().max(1),
+        }
+    }
+
+    /// The block alone, whatever the launch.
+    pub const SINGLE: Cluster = Cluster { rank: 0, blocks: 1 };
+
+    /// A barrier over the cluster's blocks, none for one block (its callers' block barriers
+    /// order its own accesses). Every thread of every block calls it.
+    #[inline(always)]
+    pub fn sync(self) {
+        if self.blocks > 1 {
+            sync_cluster();
+        }
+    }
+
+    /// The sum over the cluster's blocks of rank below `below_rank` of the shared-memory
+    /// word that `pointer` names in each (every load issued before any is added).
+    ///
+    /// # Safety
+    /// `pointer` is a generic pointer into shared memory, and every block has written the
+    /// word before a [`Cluster::sync`] that this thread has passed.
+    #[inline(always)]
+    pub unsafe fn sum_below(self, pointer: *mut u32, below_rank: u32) -> u32 {
+        if self.blocks == 1 {
+            return if below_rank > 0 { *pointer } else { 0 };
+        }
+        let mut words = [0u32; crate::MAX_CLUSTER_BLOCKS as usize];
+        for (rank, word) in words.iter_mut().enumerate() {
+            if (rank as u32) < min_u32(below_rank, self.blocks) {
+                *word = *shared_in_block(pointer, rank as u32);
+            }
+        }
+        words.iter().sum()
+    }
+
+    /// [`sum_below`](Self::sum_below) over every block of the cluster.
+    ///
+    /// # Safety
+    /// As for [`sum_below`](Self::sum_below).
+    #[inline(always)]
+    pub unsafe fn sum(self, pointer: *mut u32) -> u32 {
+        self.sum_below(pointer, self.blocks)
+    }
+}
+
 /// Block-wide ordered count of a per-thread flag: `(set flags in lower threads, total)`.
 /// Ranks follow thread order, so a compaction that writes at `running + rank` keeps the
 /// input order (deterministic output). Every thread of the block must call it; `scratch` is
@@ -140,28 +201,29 @@ pub unsafe fn clear_u32(histogram: *mut u32, bins: u32) {
     }
 }
 
-/// Finds the digit of the `remaining`-th largest key among the `bins` counted: writes the
-/// digit to `state[0]` and the count in higher bins to `state[1]`. Every thread calls it;
-/// thread `t` scans bins `bins - 1 - per * t` downwards (`bins` is a multiple of the block
-/// size). Ends with a barrier.
+/// Finds the digit of the `remaining`-th largest key among the `bins` counted (summed over
+/// the cluster's histograms): writes the digit to `state[0]` and the count in higher bins to
+/// `state[1]`. Every thread calls it; thread `t` scans bins `bins - 1 - per * t` downwards
+/// (`bins` is a multiple of the block size). Ends with a barrier.
 #[inline(always)]
 unsafe fn find_digit(
-    histogram: *const u32,
+    histogram: *mut u32,
     bins: u32,
     remaining: u32,
     scratch: *mut u32,
     state: *mut u32,
+    cluster: Cluster,
 ) {
     let per = bins / block_dim_x();
     let top = bins - 1 - per * thread_idx_x();
     let mut total = 0;
     for i in 0..per {
-        total += *histogram.add((top - i) as usize);
+        total += cluster.sum(histogram.add((top - i) as usize));
     }
     let (mut above, _) = exclusive_sum(total, scratch);
     if above < remaining && remaining <= above + total {
         for i in 0..per {
-            let count = *histogram.add((top - i) as usize);
+            let count = cluster.sum(histogram.add((top - i) as usize));
             if above + count >= remaining {
                 *state = top - i;
                 *state.add(1) = above;
@@ -173,17 +235,21 @@ unsafe fn find_digit(
     sync_threads();
 }
 
-/// Block-wide radix select: the `k`-th largest of the `count` keys `key(0..count)`, whose
-/// significant bits are the top `digit_bits.iter().sum()` of the low 32 (keys must be below
-/// `1 << that sum`). Returns `(threshold, needed_equal)`: the selection is every key above
-/// `threshold` and `needed_equal` of the keys equal to it. The caller has built the
-/// histogram of the first digit (`key >> (bits - digit_bits[0])`) in `histogram`, which
-/// holds `1 << max(digit_bits)` words of shared memory; `scratch` is [`MAX_WARPS`] words and
-/// `state` two. `1 <= k <= count`. Every thread of the block calls it; ends with a barrier.
+/// Cluster-wide radix select: the `k`-th largest of the keys of the cluster's blocks, this
+/// block's being `key(0..count)`, whose significant bits are the top
+/// `digit_bits.iter().sum()` of the low 32 (keys must be below `1 << that sum`). Returns
+/// `(threshold, needed_equal)`, the same in every block: the selection is every key above
+/// `threshold` and `needed_equal` of the keys equal to it. Each block has built the
+/// histogram of the first digit of its keys (`key >> (bits - digit_bits[0])`) in
+/// `histogram`, which holds `1 << max(digit_bits)` words of shared memory; `scratch` is
+/// [`MAX_WARPS`] words and `state` two. `1 <= k <=` the cluster's keys. Every thread of every
+/// block of the cluster calls it; ends with a block barrier, after which the other blocks may
+/// still read this block's histogram until the next [`Cluster::sync`].
 ///
 /// # Safety
 /// The pointers are shared memory of the sizes above and `key` reads only valid memory for
 /// indices below `count`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub unsafe fn radix_select(
     key: impl Fn(u32) -> u32,
@@ -193,6 +259,7 @@ pub unsafe fn radix_select(
     histogram: *mut u32,
     scratch: *mut u32,
     state: *mut u32,
+    cluster: Cluster,
 ) -> (u32, u32) {
     let tid = thread_idx_x();
     let mut shift: u32 = digit_bits.iter().sum();
@@ -202,7 +269,9 @@ pub unsafe fn radix_select(
     for pass in 0..digit_bits.len() {
         let bins = 1u32 << digit_bits[pass];
         shift -= digit_bits[pass];
-        find_digit(histogram, bins, remaining, scratch, state);
+        // Every block's histogram is complete.
+        cluster.sync();
+        find_digit(histogram, bins, remaining, scratch, state, cluster);
         let digit = *state;
         remaining -= *state.add(1);
         prefix |= digit << shift;
@@ -213,7 +282,9 @@ pub unsafe fn radix_select(
         let next_bins = 1u32 << digit_bits[pass + 1];
         let next_shift = shift - digit_bits[pass + 1];
         // Every thread has read `state` (the barrier of the next `find_digit` or the one
-        // below orders its next write after these reads).
+        // below orders its next write after these reads), and every block of the cluster
+        // has read this block's histogram before it is cleared.
+        cluster.sync();
         clear_u32(histogram, next_bins);
         sync_threads();
         let mut j = tid;

@@ -80,6 +80,70 @@ pub fn trap() -> ! {
 }
 
 // ---------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90)
+// ---------------------------------------------------------------------------------------
+
+/// `mov.u32 %r, %cluster_ctarank`: this block's rank in its cluster (0 without clusters).
+#[inline(always)]
+pub fn cluster_rank() -> u32 {
+    let rank: u32;
+    // SAFETY: reads a special register.
+    unsafe { asm!("mov.u32 {r}, %cluster_ctarank;", r = out(reg32) rank, options(nostack)) }
+    rank
+}
+
+/// `mov.u32 %r, %cluster_nctarank`: blocks in this block's cluster (1 without clusters).
+#[inline(always)]
+pub fn cluster_blocks() -> u32 {
+    let blocks: u32;
+    // SAFETY: reads a special register.
+    unsafe { asm!("mov.u32 {r}, %cluster_nctarank;", r = out(reg32) blocks, options(nostack)) }
+    blocks
+}
+
+/// `barrier.cluster.arrive.aligned` then `barrier.cluster.wait.aligned` (release and acquire,
+/// their default semantics; PTX 7.8 cannot name them): every thread of every block of the
+/// cluster; orders the memory accesses before it, shared memory across the cluster's blocks
+/// included, with those after it.
+#[inline(always)]
+pub fn sync_cluster() {
+    arrive_cluster();
+    wait_cluster();
+}
+
+/// `barrier.cluster.arrive.aligned`: the first half of [`sync_cluster`], so that
+/// work can run before the matching [`wait_cluster`].
+#[inline(always)]
+pub fn arrive_cluster() {
+    // SAFETY: a cluster barrier arrival; callers reach it from block-uniform control flow in
+    // every block of the cluster and wait on it before arriving again.
+    unsafe { asm!("barrier.cluster.arrive.aligned;", options(nostack)) }
+}
+
+/// `barrier.cluster.wait.aligned`: waits until every thread of the cluster arrived.
+#[inline(always)]
+pub fn wait_cluster() {
+    // SAFETY: as for `arrive_cluster`, after this thread's arrival.
+    unsafe { asm!("barrier.cluster.wait.aligned;", options(nostack)) }
+}
+
+/// `mapa.u64 d, p, rank`: the generic address of the shared-memory word that `pointer` (a
+/// generic pointer into this block's shared memory) names in block `rank` of the cluster.
+#[inline(always)]
+pub fn shared_in_block<T>(pointer: *mut T, rank: u32) -> *mut T {
+    let mapped: u64;
+    // SAFETY: address arithmetic only.
+    unsafe {
+        asm!(
+            "mapa.u64 {d}, {p}, {r};",
+            d = out(reg64) mapped, p = in(reg64) pointer as u64, r = in(reg32) rank,
+            options(nostack)
+        );
+    }
+    mapped as *mut T
+}
+
+// ---------------------------------------------------------------------------------------
 // Warp shuffles
 // ---------------------------------------------------------------------------------------
 

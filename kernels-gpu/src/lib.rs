@@ -36,6 +36,9 @@ pub mod shadow_prefill;
 pub mod tile;
 pub mod topk;
 
+/// Most blocks in a thread-block cluster (the portable cluster size).
+pub const MAX_CLUSTER_BLOCKS: u32 = 8;
+
 #[cfg(target_arch = "nvptx64")]
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {

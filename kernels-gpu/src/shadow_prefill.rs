@@ -114,7 +114,7 @@ pub const EXACT_GATHER: &str = "exact_gather";
 #[cfg(target_arch = "nvptx64")]
 mod kernel {
     use super::*;
-    use crate::block::{clear_u32, exclusive_sum, radix_select, warp_sum_f32, MAX_WARPS};
+    use crate::block::{clear_u32, exclusive_sum, radix_select, warp_sum_f32, Cluster, MAX_WARPS};
     use crate::device::*;
     use crate::shadow::{slot_base, Miss, EMPTY_SLOT};
     use core::num::NonZeroU32;
@@ -227,7 +227,16 @@ mod kernel {
                 j += THREADS;
             }
             sync_threads();
-            radix_select(key, count, wanted, &DIGIT_BITS, histogram, scratch, state)
+            radix_select(
+                key,
+                count,
+                wanted,
+                &DIGIT_BITS,
+                histogram,
+                scratch,
+                state,
+                Cluster::SINGLE,
+            )
         };
 
         // Ordered compaction over each thread's contiguous run: outliers (keys above the

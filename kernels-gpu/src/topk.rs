@@ -1,7 +1,12 @@
-//! Landmark scoring, pass two, and top-k chunk selection: one block per (sequence, KV head).
-//! (Spreading a head over several blocks, with a global histogram and a last-block hand-off,
-//! measured slower at every benchmarked shape: the selection below, not the score pass, is
-//! the block's critical path.)
+//! Landmark scoring, pass two, and top-k chunk selection: one block per (sequence, KV head),
+//! or for long sequences at small batches one thread-block cluster of up to 8 blocks, each
+//! over a contiguous range of the landmarks (see [`cluster_blocks`]); the blocks of a cluster
+//! exchange their histograms and counts through distributed shared memory between cluster
+//! barriers. (A cluster barrier costs about a microsecond, a GPU-wide memory barrier included,
+//! and every block repeats the per-block fixed work, so a cluster pays only where the
+//! landmarks dominate: at 1 x 122K, 15K landmarks per head, eight blocks took 21.5 µs against
+//! 19.0 for one; `docs/experiments/topk-clusters-h100.log`. A global histogram with a
+//! last-block hand-off was slower still.)
 //!
 //! 1. Merges `scoring`'s per-tile (max, sum) into each query head's softmax normaliser (a
 //!    warp per head, a lane per tile) and writes `score = max over the group of
@@ -71,12 +76,48 @@ pub struct TopkParams {
     pub plan: PlanParams,
 }
 
-/// Scores staged in shared memory for a batch whose longest sequence has `max_landmarks`.
-pub const fn shared_scores(max_landmarks: u32) -> u32 {
-    if max_landmarks <= MAX_SHARED_SCORES {
-        max_landmarks
+/// Scores staged in shared memory by each block, for a batch whose longest sequence has
+/// `max_landmarks`, in clusters of `cluster_blocks`.
+pub const fn shared_scores(max_landmarks: u32, cluster_blocks: u32) -> u32 {
+    let most = block_landmarks(max_landmarks, cluster_blocks);
+    if most <= MAX_SHARED_SCORES {
+        most
     } else {
         0
+    }
+}
+
+/// Landmarks each block of a cluster of `cluster_blocks` takes of a sequence's `count`: block
+/// `r` takes the contiguous range from `r` times this (the last ranges may be short or empty).
+pub const fn block_landmarks(count: u32, cluster_blocks: u32) -> u32 {
+    count.div_ceil(if cluster_blocks == 0 {
+        1
+    } else {
+        cluster_blocks
+    })
+}
+
+/// Fewest landmarks per block worth a cluster: below this a block's fixed work and the cluster
+/// barriers outweigh what the split saves (see the module notes).
+pub const MIN_CLUSTER_BLOCK_LANDMARKS: u32 = 15 * 1024;
+
+/// Blocks per cluster for `rows` (sequence, KV head) pairs on `multiprocessors` SMs, the
+/// longest sequence having `max_landmarks`: as many as the idle SMs allow, up to
+/// [`MAX_CLUSTER_BLOCKS`](crate::MAX_CLUSTER_BLOCKS), each with at least
+/// [`MIN_CLUSTER_BLOCK_LANDMARKS`]; 1 (no cluster) for short sequences or large batches.
+pub const fn cluster_blocks(multiprocessors: u32, rows: u32, max_landmarks: u32) -> u32 {
+    let mut blocks = multiprocessors / if rows == 0 { 1 } else { rows };
+    let by_landmarks = max_landmarks / MIN_CLUSTER_BLOCK_LANDMARKS;
+    if by_landmarks < blocks {
+        blocks = by_landmarks;
+    }
+    if blocks > crate::MAX_CLUSTER_BLOCKS {
+        blocks = crate::MAX_CLUSTER_BLOCKS;
+    }
+    if blocks == 0 {
+        1
+    } else {
+        blocks
     }
 }
 
@@ -112,7 +153,7 @@ mod kernel {
     use core::num::NonZeroU32;
 
     use super::*;
-    use crate::block::{clear_u32, exclusive_sum, radix_select, MAX_WARPS};
+    use crate::block::{clear_u32, exclusive_sum, radix_select, Cluster, MAX_WARPS};
     use crate::device::*;
     use crate::plan::plan_head;
     use crate::scoring::{tile_stat_index, tiles};
@@ -163,20 +204,26 @@ mod kernel {
 
     /// # Safety
     /// The host launcher validated the layouts (every sequence has at least `budget_chunks`
-    /// landmarks) and launched `(kv_heads, sequences)` blocks of [`THREADS`] with
-    /// [`shared_bytes`] for `shared_scores` and the plan, and `shape.group == G`; a plan's
-    /// parameters were validated as for the `cache_plan` kernel, for the same sequences.
+    /// landmarks) and launched `(kv_heads * C, sequences)` blocks of [`THREADS`] in clusters
+    /// of `(C, 1, 1)` (`C` <= [`MAX_CLUSTER_BLOCKS`](crate::MAX_CLUSTER_BLOCKS); 1 without
+    /// clusters) with [`shared_bytes`] for `shared_scores` and the plan, and
+    /// `shape.group == G`; a plan's parameters were validated as for the `cache_plan` kernel,
+    /// for the same sequences.
     // The loops index register arrays by counters that unroll to constants (as in `attention`).
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn topk_select<const G: usize>(p: &TopkParams) {
         let shape = &p.shape;
-        let kv_head = block_idx_x();
+        let cluster = Cluster::current();
+        let kv_head = block_idx_x() / cluster.blocks;
         let sequence_index = shape.first_sequence + block_idx_y();
         let tid = thread_idx_x();
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
-        let count = sequence.landmarks;
         let k = shape.budget_chunks;
+        // This block's contiguous range of the sequence's landmarks (all of them alone).
+        let per_block = block_landmarks(sequence.landmarks, cluster.blocks);
+        let block_first = min_u32(cluster.rank * per_block, sequence.landmarks);
+        let count = min_u32(block_first + per_block, sequence.landmarks) - block_first;
 
         let histogram = dynamic_shared::<u32>();
         let scratch = histogram.add(MAX_BINS as usize);
@@ -184,11 +231,11 @@ mod kernel {
         let state = normaliser.add(2 * G) as *mut u32;
         let staged = state.add(4) as *mut f32;
 
-        // 1. The scores and the histogram of their top digit.
-        normalisers(p, sequence_index, kv_head, count, normaliser);
+        // 1. The scores of this block's landmarks and the histogram of their top digit.
+        normalisers(p, sequence_index, kv_head, sequence.landmarks, normaliser);
         clear_u32(histogram, MAX_BINS);
         sync_threads();
-        let base = sequence.landmark_base(kv_head) as usize;
+        let base = sequence.landmark_base(kv_head) as usize + block_first as usize;
         let scores = (p.scores as *mut f32).add(base);
         let in_shared = count <= p.shared_scores;
         let first_shift = 31 - DIGIT_BITS[0];
@@ -196,8 +243,9 @@ mod kernel {
         let mut max = [0.0f32; G];
         let mut inverse_sum = [0.0f32; G];
         for g in 0..G {
-            rows[g] = (p.logits as *const f32)
-                .add(sequence.logit_base(kv_head, G as u32, g as u32) as usize);
+            rows[g] = (p.logits as *const f32).add(
+                sequence.logit_base(kv_head, G as u32, g as u32) as usize + block_first as usize,
+            );
             max[g] = *normaliser.add(2 * g);
             inverse_sum[g] = *normaliser.add(2 * g + 1);
         }
@@ -237,17 +285,26 @@ mod kernel {
         let working = if in_shared { staged } else { scores };
         let score_bits = |j: u32| (*working.add(j as usize)).to_bits();
 
-        // 2. Radix select of the threshold over the 31 value bits (the first histogram is
-        //    already built).
-        let (threshold, needed_equal) =
-            radix_select(score_bits, count, k, &DIGIT_BITS, histogram, scratch, state);
+        // 2. Radix select of the threshold over the 31 value bits of the cluster's scores
+        //    (the first histogram is already built).
+        let (threshold, needed_equal) = radix_select(
+            score_bits,
+            count,
+            k,
+            &DIGIT_BITS,
+            histogram,
+            scratch,
+            state,
+            cluster,
+        );
 
         // 3. Ordered compaction: every score above the threshold, and the first
         //    `needed_equal` equal to it, in landmark order. Each warp owns a contiguous
         //    segment and walks it 32 landmarks at a time (lane-consecutive, so the loads are
         //    conflict-free in shared memory and coalesced in global memory); ballots rank a
-        //    step's landmarks, one block scan of the warps' totals orders the warps. The step
-        //    is branch-free up to the store, so every lane reaches every ballot.
+        //    step's landmarks, one block scan of the warps' totals orders the warps, and the
+        //    lower-ranked blocks of a cluster come first. The step is branch-free up to the
+        //    store, so every lane reaches every ballot.
         let lane = lane_id();
         let segment = count.div_ceil(WARPS).next_multiple_of(32);
         let warp_first = min_u32(warp_id() * segment, count);
@@ -273,10 +330,29 @@ mod kernel {
         // Lane 0 carries the warp's totals into the block scans; every lane takes lane 0's
         // prefix.
         let leader = lane == 0;
-        let (above_prefix, _) = exclusive_sum(if leader { warp_above } else { 0 }, scratch);
-        let (equal_prefix, _) = exclusive_sum(if leader { warp_equal } else { 0 }, scratch);
-        let mut above_before = shuffle_idx_u32(above_prefix, 0);
-        let mut equal_before = shuffle_idx_u32(equal_prefix, 0);
+        let (above_prefix, block_above) =
+            exclusive_sum(if leader { warp_above } else { 0 }, scratch);
+        let (equal_prefix, block_equal) =
+            exclusive_sum(if leader { warp_equal } else { 0 }, scratch);
+        let totals = state.add(2);
+        if tid == 0 {
+            *totals = block_above;
+            *totals.add(1) = block_equal;
+        }
+        // Every block has its totals, and has read every histogram for the last time.
+        cluster.sync();
+        let above_lower = cluster.sum_below(totals, cluster.rank);
+        let equal_lower = cluster.sum_below(totals.add(1), cluster.rank);
+        // No block leaves (taking its shared memory with it) before the others read it.
+        if cluster.blocks > 1 {
+            arrive_cluster();
+        }
+        let mut above_before = above_lower + shuffle_idx_u32(above_prefix, 0);
+        let mut equal_before = equal_lower + shuffle_idx_u32(equal_prefix, 0);
+        // This block's positions in the selection.
+        let block_position = above_lower + min_u32(equal_lower, needed_equal);
+        let block_end =
+            above_lower + block_above + min_u32(equal_lower + block_equal, needed_equal);
         let chunk_ids = (p.chunk_ids as *const u32).add(base);
         let selection =
             (p.selection as *mut u32).add(slot_base(sequence_index, kv_head, shape.kv_heads, k));
@@ -307,17 +383,27 @@ mod kernel {
             first += 32;
         }
         sync_threads();
-        for position in (tid..min_u32(k, MAX_BINS)).step_by(THREADS as usize) {
+        let gathered = min_u32(block_end, min_u32(k, MAX_BINS));
+        for position in (block_position + tid..gathered).step_by(THREADS as usize) {
             let j = *positions.add(position as usize);
             *selection.add(position as usize) = *chunk_ids.add(j as usize);
         }
+        if cluster.blocks > 1 {
+            wait_cluster();
+        }
 
-        // 4. The plan of this (sequence, KV head), in place of a launch of its own. The
-        //    barrier makes the block's selection writes visible to the whole block and frees
-        //    the shared memory.
+        // 4. The plan of this (sequence, KV head), in place of a launch of its own, by the
+        //    cluster's first block. The barrier makes every block's selection writes visible
+        //    to it and frees the shared memory.
         if p.plan.resident != 0 {
-            sync_threads();
-            plan_head(&p.plan, sequence_index, kv_head, dynamic_shared::<u32>());
+            if cluster.blocks > 1 {
+                sync_cluster();
+            } else {
+                sync_threads();
+            }
+            if cluster.rank == 0 {
+                plan_head(&p.plan, sequence_index, kv_head, dynamic_shared::<u32>());
+            }
         }
     }
 
