@@ -439,12 +439,28 @@ fn topk_clusters_only_long_sequences_at_small_batches() {
     use shadowkv::topk::kernel_layout::{block_landmarks, cluster_blocks, shared_scores};
     // H100: 132 SMs; Llama-3-8B has 8 KV heads per sequence.
     assert_eq!(cluster_blocks(132, 8, 15_304), 1, "122K tokens: one block");
-    assert_eq!(cluster_blocks(132, 8, 131_016), 8, "1M tokens at batch 1: eight");
-    assert_eq!(cluster_blocks(132, 32, 131_016), 4, "batch 4: the idle SMs allow four");
-    assert_eq!(cluster_blocks(132, 128, 131_016), 1, "batch 16: no idle SMs");
+    assert_eq!(
+        cluster_blocks(132, 8, 131_016),
+        8,
+        "1M tokens at batch 1: eight"
+    );
+    assert_eq!(
+        cluster_blocks(132, 32, 131_016),
+        4,
+        "batch 4: the idle SMs allow four"
+    );
+    assert_eq!(
+        cluster_blocks(132, 128, 131_016),
+        1,
+        "batch 16: no idle SMs"
+    );
     assert_eq!(cluster_blocks(132, 0, 0), 1);
     // Eight blocks of a 131,016-landmark sequence each stage their range in shared memory.
     assert_eq!(block_landmarks(131_016, 8), 16_377);
     assert_eq!(shared_scores(131_016, 8), 16_377);
-    assert_eq!(shared_scores(131_016, 1), 0, "past shared memory: scores stay global");
+    assert_eq!(
+        shared_scores(131_016, 1),
+        0,
+        "past shared memory: scores stay global"
+    );
 }
