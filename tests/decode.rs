@@ -135,18 +135,27 @@ fn scoring_and_topk(gpu: &Gpu) -> Result<(), String> {
     Ok(())
 }
 
-/// Scoring and top-k against the reference: logits and scores by relative error, the
-/// selection exactly (the reference selects from the GPU's own scores).
-fn check_scoring(
+/// A random layer and query, scored on the GPU: what the top-k reads.
+struct Scored {
+    host: HostLayer,
+    q: Vec<bf16>,
+    batch: ShadowBatch,
+    chunk_ids: CudaSlice<u32>,
+    logits: CudaSlice<f32>,
+    tile_stats: CudaSlice<f32>,
+    scale: f32,
+}
+
+/// Draws a layer and query from `rng` and runs `scoring` over it into poisoned buffers.
+fn scored(
     gpu: &Gpu,
     config: &ShadowConfig,
     specs: &[SequenceSpec],
-    seed: u64,
-) -> Result<(f64, f64), String> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let host = random_layer(&mut rng, config, specs);
-    let q = random_q(&mut rng, config, specs.len(), 2.0);
+    rng: &mut StdRng,
+) -> Result<Scored, String> {
     let stream = gpu.stream();
+    let host = random_layer(rng, config, specs);
+    let q = random_q(rng, config, specs.len(), 2.0);
     let batch = ShadowBatch::new(stream, *config, &host.sequences).map_err(s)?;
     let (dq, landmarks, chunk_ids) = (
         stream.clone_htod(&q).map_err(s)?,
@@ -169,6 +178,36 @@ fn check_scoring(
         scale,
     )
     .map_err(s)?;
+    Ok(Scored {
+        host,
+        q,
+        batch,
+        chunk_ids,
+        logits,
+        tile_stats,
+        scale,
+    })
+}
+
+/// Scoring and top-k against the reference: logits and scores by relative error, the
+/// selection exactly (the reference selects from the GPU's own scores).
+fn check_scoring(
+    gpu: &Gpu,
+    config: &ShadowConfig,
+    specs: &[SequenceSpec],
+    seed: u64,
+) -> Result<(f64, f64), String> {
+    let Scored {
+        host,
+        q,
+        batch,
+        chunk_ids,
+        logits,
+        tile_stats,
+        scale,
+    } = scored(gpu, config, specs, &mut StdRng::seed_from_u64(seed))?;
+    let stream = gpu.stream();
+    let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
     // The top-k as `run` launches it, then in clusters of 1, 3 and 8 blocks per head: the
     // same scores and the same selection, each run on poisoned outputs.
     let mut outputs = Vec::new();
@@ -484,35 +523,20 @@ fn check_topk_with_plan(
 ) -> Result<(), String> {
     let stream = gpu.stream();
     let mut rng = StdRng::seed_from_u64(seed);
-    let host = random_layer(&mut rng, config, specs);
-    let q = random_q(&mut rng, config, specs.len(), 2.0);
-    let batch = ShadowBatch::new(stream, *config, &host.sequences).map_err(s)?;
-    let (dq, landmarks, chunk_ids) = (
-        stream.clone_htod(&q).map_err(s)?,
-        stream.clone_htod(&host.landmarks).map_err(s)?,
-        stream.clone_htod(&host.chunk_ids).map_err(s)?,
-    );
+    let Scored {
+        host,
+        batch,
+        chunk_ids,
+        logits,
+        tile_stats,
+        ..
+    } = scored(gpu, config, specs, &mut rng)?;
     let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
     let poisoned_selection = || {
         stream
             .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
             .map_err(s)
     };
-    let mut logits = nan(scoring::logits_len(&batch))?;
-    let mut tile_stats = nan(scoring::tile_stats_len(&batch))?;
-    let scale = 1.0 / (config.head_dim as f32).sqrt();
-    scoring::run(
-        gpu,
-        stream,
-        &batch,
-        batch.whole(),
-        &dq,
-        &landmarks,
-        &mut logits,
-        &mut tile_stats,
-        scale,
-    )
-    .map_err(s)?;
     let (mut scores, mut selection) = (nan(batch.extents().landmark_rows)?, poisoned_selection()?);
     topk::run(
         gpu,
