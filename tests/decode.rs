@@ -1035,6 +1035,34 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             }
         }
     }
+    // Top-k clusters of 0 or more than 8 blocks per head.
+    let step_scratch = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
+    let w = step_scratch.scratch();
+    let (mut scores, mut selection) = (w.scores.clone(), w.selection.clone());
+    for blocks in [0, topk::MAX_CLUSTER_BLOCKS + 1] {
+        match topk::run_in_clusters(
+            gpu,
+            stream,
+            &layer.batch,
+            layer.batch.whole(),
+            &w.logits,
+            &w.tile_stats,
+            &layer.chunk_ids,
+            &mut scores,
+            &mut selection,
+            blocks,
+        ) {
+            Err(Error::InvalidArgument {
+                argument: "cluster_blocks",
+                ..
+            }) => {}
+            other => {
+                return Err(format!(
+                    "a top-k cluster of {blocks} blocks: expected an error naming `cluster_blocks`, got {other:?}"
+                ))
+            }
+        }
+    }
     let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
     let q = stream
         .clone_htod(&random_q(&mut rng, &config, 2, 1.0))

@@ -269,24 +269,8 @@ impl Gpu {
         let function = self.function_with_shared(kernel, config.shared_mem_bytes)?;
         let mut params = ByValue(params);
         let mut arguments = [&mut params as *mut ByValue<P> as *mut std::ffi::c_void];
-        // SAFETY: a plain C struct and union of integers, valid when zeroed.
-        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attribute.value.clusterDim.x = cluster_blocks;
-        attribute.value.clusterDim.y = 1;
-        attribute.value.clusterDim.z = 1;
-        let launch = sys::CUlaunchConfig {
-            gridDimX: config.grid_dim.0,
-            gridDimY: config.grid_dim.1,
-            gridDimZ: config.grid_dim.2,
-            blockDimX: config.block_dim.0,
-            blockDimY: config.block_dim.1,
-            blockDimZ: config.block_dim.2,
-            sharedMemBytes: config.shared_mem_bytes,
-            hStream: stream.cu_stream(),
-            attrs: &mut attribute,
-            numAttrs: 1,
-        };
+        let mut attribute = cluster_attribute(cluster_blocks);
+        let launch = cluster_launch_config(&config, stream.cu_stream(), &mut attribute);
         // SAFETY: `arguments` holds the one parameter struct the kernel takes, alive for the
         // call (the driver copies it); the config and attribute outlive the call; the
         // caller's contract covers the grid and what the kernel does with the parameters.
@@ -300,6 +284,60 @@ impl Gpu {
         }
         .result()?;
         Ok(())
+    }
+
+    /// Whether clusters of `cluster_blocks` blocks of `kernel`, launched as `config` says,
+    /// can run at all on this GPU (`cuOccupancyMaxActiveClusters` above 0): every block of a
+    /// cluster must be resident at once on one GPU processing cluster, which a partitioned
+    /// GPU (MIG) or a smaller one may not offer. Always true for 1 block.
+    pub fn clusters_fit(
+        &self,
+        kernel: KernelName,
+        config: LaunchConfig,
+        cluster_blocks: u32,
+    ) -> Result<bool> {
+        if cluster_blocks <= 1 {
+            return Ok(true);
+        }
+        let function = self.function_with_shared(kernel, config.shared_mem_bytes)?;
+        let mut attribute = cluster_attribute(cluster_blocks);
+        let query = cluster_launch_config(&config, std::ptr::null_mut(), &mut attribute);
+        let mut clusters = 0;
+        // SAFETY: the config and attribute outlive the call; `clusters` receives one int.
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, function.cu_function(), &query) }
+            .result()?;
+        Ok(clusters > 0)
+    }
+}
+
+/// The launch attribute for clusters of `cluster_blocks` blocks along x.
+fn cluster_attribute(cluster_blocks: u32) -> sys::CUlaunchAttribute {
+    // SAFETY: a plain C struct and union of integers, valid when zeroed.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attribute.value.clusterDim.x = cluster_blocks;
+    attribute.value.clusterDim.y = 1;
+    attribute.value.clusterDim.z = 1;
+    attribute
+}
+
+/// `config` as the driver's extended launch config, with one attribute.
+fn cluster_launch_config(
+    config: &LaunchConfig,
+    stream: sys::CUstream,
+    attribute: &mut sys::CUlaunchAttribute,
+) -> sys::CUlaunchConfig {
+    sys::CUlaunchConfig {
+        gridDimX: config.grid_dim.0,
+        gridDimY: config.grid_dim.1,
+        gridDimZ: config.grid_dim.2,
+        blockDimX: config.block_dim.0,
+        blockDimY: config.block_dim.1,
+        blockDimZ: config.block_dim.2,
+        sharedMemBytes: config.shared_mem_bytes,
+        hStream: stream,
+        attrs: attribute,
+        numAttrs: 1,
     }
 }
 

@@ -26,22 +26,26 @@ pub fn run(
     scores: &mut impl DevicePtrMut<f32>,
     selection: &mut impl DevicePtrMut<u32>,
 ) -> Result<()> {
-    run_in_clusters(
+    launch(
         gpu,
         stream,
         batch,
         part,
-        logits,
-        tile_stats,
-        chunk_ids,
+        (logits, tile_stats, chunk_ids),
         scores,
         selection,
-        cluster_blocks(gpu, batch, part),
+        PlanParams::default(),
+        None,
     )
 }
 
-/// Blocks per (sequence, KV head) that [`run`] and [`run_and_plan`] use for `part` on `gpu`
-/// (see [`kernel_layout::cluster_blocks`]; 1 where clusters are not available).
+/// Most blocks per (sequence, KV head) (the portable cluster size).
+pub const MAX_CLUSTER_BLOCKS: u32 = shadowkv_kernels::MAX_CLUSTER_BLOCKS;
+
+/// Blocks per (sequence, KV head) that [`run`] and [`run_and_plan`] pick for `part` on `gpu`
+/// (see [`kernel_layout::cluster_blocks`]; 1 where clusters are not available). They launch
+/// one block per head instead where the GPU cannot run such a cluster
+/// ([`Gpu::clusters_fit`]: a partitioned GPU, say).
 pub fn cluster_blocks(gpu: &Gpu, batch: &ShadowBatch, part: BatchPart) -> u32 {
     if !gpu.has_clusters() {
         return 1;
@@ -53,7 +57,7 @@ pub fn cluster_blocks(gpu: &Gpu, batch: &ShadowBatch, part: BatchPart) -> u32 {
     )
 }
 
-/// [`run`] with `cluster_blocks` blocks (1 to [`shadowkv_kernels::MAX_CLUSTER_BLOCKS`], in
+/// [`run`] with `cluster_blocks` blocks (1 to [`MAX_CLUSTER_BLOCKS`], in
 /// thread-block clusters when more than 1) per (sequence, KV head).
 #[allow(clippy::too_many_arguments)]
 pub fn run_in_clusters(
@@ -77,7 +81,7 @@ pub fn run_in_clusters(
         scores,
         selection,
         PlanParams::default(),
-        cluster_blocks,
+        Some(cluster_blocks),
     )
 }
 
@@ -102,7 +106,6 @@ pub fn run_and_plan(
     host_miss_counts: u64,
     cluster_blocks: Option<u32>,
 ) -> Result<()> {
-    let cluster_blocks = cluster_blocks.unwrap_or_else(|| self::cluster_blocks(gpu, batch, part));
     let plan = plan::params(
         gpu,
         stream,
@@ -143,19 +146,19 @@ fn launch(
     scores: &mut impl DevicePtrMut<f32>,
     selection: &mut impl DevicePtrMut<u32>,
     plan: PlanParams,
-    cluster_blocks: u32,
+    cluster_blocks: Option<u32>,
 ) -> Result<()> {
     let config = batch.config();
     let extents = batch.extents();
     let most = if gpu.has_clusters() {
-        shadowkv_kernels::MAX_CLUSTER_BLOCKS
+        MAX_CLUSTER_BLOCKS
     } else {
         1
     };
-    if cluster_blocks == 0 || cluster_blocks > most {
+    if let Some(blocks) = cluster_blocks.filter(|&blocks| blocks == 0 || blocks > most) {
         return Err(invalid(
             "cluster_blocks",
-            cluster_blocks,
+            blocks,
             format!("1 to {most} blocks per (sequence, KV head) on this GPU"),
         ));
     }
@@ -165,7 +168,52 @@ fn launch(
     check_reach("chunk_ids", chunk_ids.len(), rows)?;
     check_reach("scores", scores.len(), rows)?;
     check_reach("selection", selection.len(), batch.slot_entries())?;
-    let shared_scores = layout::shared_scores(extents.max_landmarks, cluster_blocks);
+    let plan_bytes = if plan.resident == 0 {
+        0
+    } else {
+        plan::kernel_layout::shared_bytes(
+            plan.bitmap_words,
+            config.budget_chunks as u32,
+            layout::THREADS,
+        )
+    };
+    let kernel = KernelName::lookup(&layout::kernel_name(config.group() as u32))?;
+    let launch_config = |blocks: u32| {
+        let shared_scores = layout::shared_scores(extents.max_landmarks, blocks);
+        let launch = LaunchConfig {
+            grid_dim: (config.kv_heads as u32 * blocks, part.count() as u32, 1),
+            block_dim: (layout::THREADS, 1, 1),
+            shared_mem_bytes: layout::shared_bytes(
+                config.group() as u32,
+                shared_scores,
+                plan_bytes,
+            ),
+        };
+        (launch, shared_scores)
+    };
+    // A cluster that cannot be co-scheduled here (a partitioned GPU, say): an error when
+    // asked for, one block per head when picked automatically.
+    let cluster_blocks = match cluster_blocks {
+        Some(blocks) => {
+            if !gpu.clusters_fit(kernel, launch_config(blocks).0, blocks)? {
+                return Err(invalid(
+                    "cluster_blocks",
+                    blocks,
+                    "fewer blocks per (sequence, KV head): this GPU cannot run such a cluster",
+                ));
+            }
+            blocks
+        }
+        None => {
+            let blocks = self::cluster_blocks(gpu, batch, part);
+            if gpu.clusters_fit(kernel, launch_config(blocks).0, blocks)? {
+                blocks
+            } else {
+                1
+            }
+        }
+    };
+    let (launch, shared_scores) = launch_config(cluster_blocks);
     let params = TopkParams {
         shape: batch.shape_of(stream, part)?,
         logits: address(logits, stream),
@@ -179,36 +227,10 @@ fn launch(
         _reserved: 0,
         plan,
     };
-    let plan_bytes = if plan.resident == 0 {
-        0
-    } else {
-        plan::kernel_layout::shared_bytes(
-            plan.bitmap_words,
-            config.budget_chunks as u32,
-            layout::THREADS,
-        )
-    };
-    let launch = LaunchConfig {
-        grid_dim: (
-            config.kv_heads as u32 * cluster_blocks,
-            part.count() as u32,
-            1,
-        ),
-        block_dim: (layout::THREADS, 1, 1),
-        shared_mem_bytes: layout::shared_bytes(config.group() as u32, shared_scores, plan_bytes),
-    };
     // SAFETY: every buffer reaches the rows the validated layouts address (checked above);
     // every sequence has at least `budget_chunks` landmarks (checked by the batch); a plan's
     // buffers were validated by `plan::params` for the same part, and its bitmaps fit the
     // shared memory (`plan::check_fits`); the grid is `cluster_blocks` blocks per KV head, at
     // most the portable cluster size.
-    unsafe {
-        gpu.launch_in_clusters(
-            stream,
-            KernelName::lookup(&layout::kernel_name(config.group() as u32))?,
-            launch,
-            cluster_blocks,
-            params,
-        )
-    }
+    unsafe { gpu.launch_in_clusters(stream, kernel, launch, cluster_blocks, params) }
 }
