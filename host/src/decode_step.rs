@@ -199,7 +199,8 @@ pub const LARGE_STEP_BUDGET_BYTES: usize = 32 << 20;
 /// the fetch of each part overlaps the selection of the next, so only the first part's
 /// selection is exposed before the PCIe traffic starts. Each part pays the top-k's latency
 /// (about 20 µs, whatever its size), so more parts stop paying: on the H100 at b16, 122K, 80%
-/// hits the step took 548.9, 473.4, 514.4 and 624.5 µs with 1, 2, 4 and 8 parts.
+/// hits the step took 546.2, 469.1, 508.4 and 627.4 µs with 1, 2, 4 and 8 parts
+/// (`docs/decode-bench-h100.log`).
 pub const DEFAULT_PARTS: usize = 2;
 
 /// `parts` contiguous parts of the batch, as even as they come (fewer if the batch is small).
