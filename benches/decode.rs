@@ -196,6 +196,7 @@ fn select(
         &layer.chunk_ids,
         &mut w.scores,
         &mut w.selection,
+        None,
     )
 }
 
@@ -710,6 +711,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &ids,
                     &mut w.scores,
                     &mut w.selection,
+                    None,
                 )
             },
         )?;

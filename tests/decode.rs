@@ -208,7 +208,7 @@ fn check_scoring(
     } = scored(gpu, config, specs, &mut StdRng::seed_from_u64(seed))?;
     let stream = gpu.stream();
     let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
-    // The top-k as `run` launches it, then in clusters of 1, 3 and 8 blocks per head: the
+    // The top-k as `run` picks it, then in clusters of 1, 3 and 8 blocks per head: the
     // same scores and the same selection, each run on poisoned outputs.
     let mut outputs = Vec::new();
     for cluster_blocks in [None, Some(1), Some(3), Some(8)] {
@@ -221,7 +221,7 @@ fn check_scoring(
             .map_err(s)?;
         let blocks =
             cluster_blocks.unwrap_or_else(|| topk::cluster_blocks(gpu, &batch, batch.whole()));
-        topk::run_in_clusters(
+        topk::run(
             gpu,
             stream,
             &batch,
@@ -231,7 +231,7 @@ fn check_scoring(
             &chunk_ids,
             &mut scores,
             &mut selection,
-            blocks,
+            cluster_blocks,
         )
         .map_err(s)?;
         outputs.push((
@@ -548,6 +548,7 @@ fn check_topk_with_plan(
         &chunk_ids,
         &mut scores,
         &mut selection,
+        None,
     )
     .map_err(s)?;
     let alone = (
@@ -1040,7 +1041,7 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
     let w = step_scratch.scratch();
     let (mut scores, mut selection) = (w.scores.clone(), w.selection.clone());
     for blocks in [0, topk::MAX_CLUSTER_BLOCKS + 1] {
-        match topk::run_in_clusters(
+        match topk::run(
             gpu,
             stream,
             &layer.batch,
@@ -1050,7 +1051,7 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             &layer.chunk_ids,
             &mut scores,
             &mut selection,
-            blocks,
+            Some(blocks),
         ) {
             Err(Error::InvalidArgument {
                 argument: "cluster_blocks",

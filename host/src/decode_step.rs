@@ -305,14 +305,8 @@ impl DecodeStep {
 
     /// Whether `batch`'s whole budget holds at least [`LARGE_STEP_BUDGET_BYTES`] of values.
     fn is_large(&self, batch: &ShadowBatch) -> bool {
-        let config = &self.config;
-        let budget_bytes = batch.batch()
-            * config.kv_heads
-            * config.budget_chunks
-            * config.chunk_size
-            * config.head_dim
-            * std::mem::size_of::<bf16>();
-        budget_bytes >= LARGE_STEP_BUDGET_BYTES
+        let chunk_bytes = self.config.chunk_size * self.config.head_dim * size_of::<bf16>();
+        batch.slot_entries() * chunk_bytes >= LARGE_STEP_BUDGET_BYTES
     }
 
     /// With `true`, each step records a timing event after every stage (a diagnostic: the

@@ -14,6 +14,8 @@ use crate::shadow::{BatchPart, Miss, ShadowBatch};
 /// Writes each landmark's `score` (max over the group of its softmax weight) and the chunk
 /// ids of the `budget_chunks` highest scores of every (sequence, KV head) into `selection`
 /// (`[batch, Hkv, budget_chunks]`, in landmark order), for the sequences in `part`.
+/// `cluster_blocks`: blocks per (sequence, KV head), 1 to [`MAX_CLUSTER_BLOCKS`] (in
+/// thread-block clusters when more than 1), or `None` for [`cluster_blocks`]'s pick.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: &Gpu,
@@ -25,6 +27,7 @@ pub fn run(
     chunk_ids: &impl DevicePtr<u32>,
     scores: &mut impl DevicePtrMut<f32>,
     selection: &mut impl DevicePtrMut<u32>,
+    cluster_blocks: Option<u32>,
 ) -> Result<()> {
     launch(
         gpu,
@@ -35,7 +38,7 @@ pub fn run(
         scores,
         selection,
         PlanParams::default(),
-        None,
+        cluster_blocks,
     )
 }
 
@@ -57,37 +60,9 @@ pub fn cluster_blocks(gpu: &Gpu, batch: &ShadowBatch, part: BatchPart) -> u32 {
     )
 }
 
-/// [`run`] with `cluster_blocks` blocks (1 to [`MAX_CLUSTER_BLOCKS`], in
-/// thread-block clusters when more than 1) per (sequence, KV head).
-#[allow(clippy::too_many_arguments)]
-pub fn run_in_clusters(
-    gpu: &Gpu,
-    stream: &CudaStream,
-    batch: &ShadowBatch,
-    part: BatchPart,
-    logits: &impl DevicePtr<f32>,
-    tile_stats: &impl DevicePtr<f32>,
-    chunk_ids: &impl DevicePtr<u32>,
-    scores: &mut impl DevicePtrMut<f32>,
-    selection: &mut impl DevicePtrMut<u32>,
-    cluster_blocks: u32,
-) -> Result<()> {
-    launch(
-        gpu,
-        stream,
-        batch,
-        part,
-        (logits, tile_stats, chunk_ids),
-        scores,
-        selection,
-        PlanParams::default(),
-        Some(cluster_blocks),
-    )
-}
-
 /// [`run`], then in the same blocks the cache-aware plan of the new selection
 /// ([`plan::run`] with the same buffers): one launch where the two take two. `cluster_blocks`
-/// as for [`run_in_clusters`]; `None` picks as [`run`] does.
+/// as for [`run`].
 #[allow(clippy::too_many_arguments)]
 pub fn run_and_plan(
     gpu: &Gpu,

@@ -107,24 +107,15 @@ pub fn cluster_blocks() -> u32 {
 /// included, with those after it.
 #[inline(always)]
 pub fn sync_cluster() {
-    arrive_cluster();
-    wait_cluster();
-}
-
-/// `barrier.cluster.arrive.aligned`: the first half of [`sync_cluster`], so that
-/// work can run before the matching [`wait_cluster`].
-#[inline(always)]
-pub fn arrive_cluster() {
-    // SAFETY: a cluster barrier arrival; callers reach it from block-uniform control flow in
-    // every block of the cluster and wait on it before arriving again.
-    unsafe { asm!("barrier.cluster.arrive.aligned;", options(nostack)) }
-}
-
-/// `barrier.cluster.wait.aligned`: waits until every thread of the cluster arrived.
-#[inline(always)]
-pub fn wait_cluster() {
-    // SAFETY: as for `arrive_cluster`, after this thread's arrival.
-    unsafe { asm!("barrier.cluster.wait.aligned;", options(nostack)) }
+    // SAFETY: a cluster-wide barrier; callers reach it from block-uniform control flow in
+    // every block of the cluster.
+    unsafe {
+        asm!(
+            "barrier.cluster.arrive.aligned;",
+            "barrier.cluster.wait.aligned;",
+            options(nostack)
+        )
+    }
 }
 
 /// `mapa.u64 d, p, rank`: the generic address of the shared-memory word that `pointer` (a

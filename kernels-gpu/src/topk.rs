@@ -343,10 +343,6 @@ mod kernel {
         cluster.sync();
         let above_lower = cluster.sum_below(totals, cluster.rank);
         let equal_lower = cluster.sum_below(totals.add(1), cluster.rank);
-        // No block leaves (taking its shared memory with it) before the others read it.
-        if cluster.blocks > 1 {
-            arrive_cluster();
-        }
         let mut above_before = above_lower + shuffle_idx_u32(above_prefix, 0);
         let mut equal_before = equal_lower + shuffle_idx_u32(equal_prefix, 0);
         // This block's positions in the selection.
@@ -388,19 +384,15 @@ mod kernel {
             let j = *positions.add(position as usize);
             *selection.add(position as usize) = *chunk_ids.add(j as usize);
         }
-        if cluster.blocks > 1 {
-            wait_cluster();
-        }
+        // Every block's part of the selection is written, and no block leaves (taking its
+        // shared memory with it) before the others have read its totals.
+        cluster.sync();
 
         // 4. The plan of this (sequence, KV head), in place of a launch of its own, by the
-        //    cluster's first block. The barrier makes every block's selection writes visible
-        //    to it and frees the shared memory.
+        //    cluster's first block. The block barrier makes a lone block's selection writes
+        //    visible to all its threads and frees the shared memory.
         if p.plan.resident != 0 {
-            if cluster.blocks > 1 {
-                sync_cluster();
-            } else {
-                sync_threads();
-            }
+            sync_threads();
             if cluster.rank == 0 {
                 plan_head(&p.plan, sequence_index, kv_head, dynamic_shared::<u32>());
             }
