@@ -178,12 +178,22 @@ fn score(
     )
 }
 
-/// `topk` over every sequence of `layer`, from the workspace's logits.
+/// Cluster sizes the batch-1 top-k is also timed at, with their rows' names.
+const CLUSTER_SWEEP: [(u32, &str); 4] = [
+    (1, "topk, 1 block per head"),
+    (2, "topk, clusters of 2"),
+    (4, "topk, clusters of 4"),
+    (8, "topk, clusters of 8"),
+];
+
+/// `topk` over every sequence of `layer`, from the workspace's logits, in clusters of
+/// `cluster_blocks` (`None`: the launcher's pick).
 fn select(
     gpu: &Gpu,
     stream: &CudaStream,
     layer: &ShadowLayer,
     w: &mut StepWorkspace,
+    cluster_blocks: Option<u32>,
 ) -> shadowkv::Result<()> {
     let batch = &layer.batch;
     topk::run(
@@ -196,7 +206,7 @@ fn select(
         &layer.chunk_ids,
         &mut w.scores,
         &mut w.selection,
-        None,
+        cluster_blocks,
     )
 }
 
@@ -398,7 +408,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             let mut templates: Vec<Vec<CudaSlice<u32>>> = Vec::new();
             for l in &layers {
                 score(gpu, &stream, l, &q, &mut w, scale)?;
-                select(gpu, &stream, l, &mut w)?;
+                select(gpu, &stream, l, &mut w, None)?;
                 let selection = stream.clone_dtoh(&w.selection)?;
                 templates.push(
                     HIT_RATES
@@ -409,16 +419,26 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             }
             let l = &mut layers[last];
             let topk_ms = measure(gpu, &stream, &mut group, id("topk"), || {
-                select(gpu, &stream, l, &mut w)
+                select(gpu, &stream, l, &mut w, None)
             })?;
+            let picked = topk::cluster_blocks(gpu, &l.batch, l.batch.whole());
             row(
                 "topk",
                 topk_ms,
                 (
                     format!("k {} of {landmarks}", CONFIG.budget_chunks),
-                    String::new(),
+                    format!("{picked} block(s) per head"),
                 ),
             );
+            // At batch 1 the heads leave most SMs idle: each cluster size, to show the pick.
+            if batch == 1 && gpu.has_clusters() {
+                for (blocks, name) in CLUSTER_SWEEP {
+                    let ms = steady_ms(gpu, &stream, || {
+                        select(gpu, &stream, l, &mut w, Some(blocks))
+                    })?;
+                    row(name, ms, (String::new(), String::new()));
+                }
+            }
             let restore = &templates[last][1];
             let restore_ms = steady_ms(gpu, &stream, || {
                 Ok(stream.memcpy_dtod(restore, &mut l.resident)?)

@@ -39,6 +39,10 @@ fn main() {
             .map(PathBuf::from)
             .unwrap_or_else(|| "rustc".into()),
         ptxas: shadowkv_codegen::find_ptxas(),
+        launch_bounds: shadowkv_kernels::LAUNCH_BOUNDS
+            .iter()
+            .map(|&(prefix, threads)| (prefix.to_owned(), threads))
+            .collect(),
     };
     match shadowkv_codegen::build(&config) {
         Ok(output) => match output.resources {

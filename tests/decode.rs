@@ -117,7 +117,7 @@ fn scoring_and_topk(gpu: &Gpu) -> Result<(), String> {
     runner()
         .run(&case_strategy(), |(config, specs, seed)| {
             let (logit_error, score_error) =
-                check_scoring(gpu, &config, &specs, seed).map_err(TestCaseError::fail)?;
+                check_scoring(gpu, &config, &specs, seed, None).map_err(TestCaseError::fail)?;
             eprintln!(
                 "  scoring/topk case ok: {config:?}, {} sequences",
                 specs.len()
@@ -152,9 +152,13 @@ fn scored(
     config: &ShadowConfig,
     specs: &[SequenceSpec],
     rng: &mut StdRng,
+    tied_rows: Option<usize>,
 ) -> Result<Scored, String> {
     let stream = gpu.stream();
-    let host = random_layer(rng, config, specs);
+    let mut host = random_layer(rng, config, specs);
+    if let Some(rows) = tied_rows {
+        tie_landmarks(rng, config, &mut host, rows);
+    }
     let q = random_q(rng, config, specs.len(), 2.0);
     let batch = ShadowBatch::new(stream, *config, &host.sequences).map_err(s)?;
     let (dq, landmarks, chunk_ids) = (
@@ -189,13 +193,25 @@ fn scored(
     })
 }
 
+/// Landmarks drawn from `rows` distinct random rows only: most scores tie, and the k-th
+/// falls inside a tie.
+fn tie_landmarks(rng: &mut StdRng, config: &ShadowConfig, host: &mut HostLayer, rows: usize) {
+    let d = config.head_dim;
+    let rows: Vec<Vec<bf16>> = (0..rows).map(|_| random_bf16(rng, d, 1.0)).collect();
+    for (i, landmark) in host.landmarks.chunks_mut(d).enumerate() {
+        landmark.copy_from_slice(&rows[(i * 7 + i / 5) % rows.len()]);
+    }
+}
+
 /// Scoring and top-k against the reference: logits and scores by relative error, the
-/// selection exactly (the reference selects from the GPU's own scores).
+/// selection exactly (the reference selects from the GPU's own scores). `tied_rows`: see
+/// [`tie_landmarks`].
 fn check_scoring(
     gpu: &Gpu,
     config: &ShadowConfig,
     specs: &[SequenceSpec],
     seed: u64,
+    tied_rows: Option<usize>,
 ) -> Result<(f64, f64), String> {
     let Scored {
         host,
@@ -205,7 +221,13 @@ fn check_scoring(
         logits,
         tile_stats,
         scale,
-    } = scored(gpu, config, specs, &mut StdRng::seed_from_u64(seed))?;
+    } = scored(
+        gpu,
+        config,
+        specs,
+        &mut StdRng::seed_from_u64(seed),
+        tied_rows,
+    )?;
     let stream = gpu.stream();
     let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
     // The top-k as `run` picks it, then in clusters of 1, 3 and 8 blocks per head: the
@@ -316,11 +338,7 @@ fn topk_with_ties(gpu: &Gpu) -> Result<(), String> {
     }];
     let mut rng = StdRng::seed_from_u64(11);
     let mut host = random_layer(&mut rng, &config, &specs);
-    let d = config.head_dim;
-    let rows: Vec<Vec<bf16>> = (0..3).map(|_| random_bf16(&mut rng, d, 1.0)).collect();
-    for (i, landmark) in host.landmarks.chunks_mut(d).enumerate() {
-        landmark.copy_from_slice(&rows[(i * 7 + i / 5) % 3]);
-    }
+    tie_landmarks(&mut rng, &config, &mut host, 3);
     let q = random_q(&mut rng, &config, 1, 2.0);
     let mut layer = upload(gpu, &config, &host, false).map_err(s)?;
     let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
@@ -344,6 +362,20 @@ fn topk_with_ties(gpu: &Gpu) -> Result<(), String> {
             return Err(format!("head {h}: tie-breaking selection differs"));
         }
     }
+    // A longer sequence of the same kind through the top-k alone, in one block per head
+    // too: a warp's segment then holds more ties than its list (`topk::WARP_LIST`), and it
+    // walks the segment a second time.
+    let config = ShadowConfig {
+        q_heads: 8,
+        kv_heads: 2,
+        budget_chunks: 300,
+        ..config
+    };
+    let long = SequenceSpec {
+        prompt_len: 8 * 20_000 + 3,
+        ..specs[0]
+    };
+    check_scoring(gpu, &config, &[long], 12, Some(3))?;
     Ok(())
 }
 
@@ -378,7 +410,7 @@ fn topk_past_shared_memory(gpu: &Gpu) -> Result<(), String> {
                 spare: 3,
             },
         ];
-        let (logits, scores) = check_scoring(gpu, &config, &specs, 100 + seed)?;
+        let (logits, scores) = check_scoring(gpu, &config, &specs, 100 + seed, None)?;
         eprintln!(
             "  {landmarks} landmarks (over {} in shared memory), 2 KV heads: logits {logits:.2e}, scores {scores:.2e}; selection exact",
             topk::kernel_layout::MAX_SHARED_SCORES
@@ -530,7 +562,7 @@ fn check_topk_with_plan(
         logits,
         tile_stats,
         ..
-    } = scored(gpu, config, specs, &mut rng)?;
+    } = scored(gpu, config, specs, &mut rng, None)?;
     let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
     let poisoned_selection = || {
         stream

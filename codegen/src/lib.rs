@@ -13,6 +13,10 @@ use std::process::Command;
 
 /// The GPU architecture every kernel is built and checked for.
 pub const TARGET_CPU: &str = "sm_90";
+/// PTX ISA version asked of LLVM: 8.6 names the cluster-scope fences restricted to shared
+/// memory (`fence.release.sync_restrict::shared::cta.cluster`) that a cheap cluster barrier
+/// needs; driver 570 and later (CUDA 12.8) load it.
+pub const PTX_FEATURE: &str = "+ptx86";
 const TARGET: &str = "nvptx64-nvidia-cuda";
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,8 @@ pub enum CodegenError {
         "ptxas reports local memory in kernels (a spill or stack frame is a bug to explain):\n{0}"
     )]
     LocalMemory(String),
+    #[error("the launch bound for entries starting with `{0}` names no kernel entry in the PTX")]
+    UnusedLaunchBound(String),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -98,6 +104,9 @@ pub struct BuildConfig {
     pub rustc: PathBuf,
     /// `ptxas` to check with, if any.
     pub ptxas: Option<PathBuf>,
+    /// Most threads per block of the entries starting with each prefix (`.maxntid`; see
+    /// [`apply_launch_bounds`]).
+    pub launch_bounds: Vec<(String, u32)>,
 }
 
 /// What a build produced.
@@ -119,6 +128,7 @@ pub fn build(config: &BuildConfig) -> Result<BuildOutput, CodegenError> {
         source,
     })?;
     check_no_unresolved_calls(&ptx)?;
+    let ptx = apply_launch_bounds(&ptx, &config.launch_bounds)?;
     let kernels = kernel_entries(&ptx);
     if kernels.is_empty() {
         return Err(CodegenError::NoKernels);
@@ -231,6 +241,7 @@ fn compile_ptx(config: &BuildConfig) -> Result<PathBuf, CodegenError> {
         .arg("--")
         .arg("--emit=asm")
         .arg(OsString::from(format!("-Ctarget-cpu={TARGET_CPU}")))
+        .arg(OsString::from(format!("-Ctarget-feature={PTX_FEATURE}")))
         // Register arrays must be indexed by constants: unroll the kernels' small fixed loops
         // (head groups, vector lanes) fully, or they fall back to local memory.
         .arg("-Cllvm-args=-unroll-threshold=2000");
@@ -255,19 +266,52 @@ fn newest_ptx(deps: &Path) -> Result<PathBuf, CodegenError> {
         .ok_or_else(|| CodegenError::PtxMissing(deps.to_owned()))
 }
 
+/// Writes `.maxntid threads, 1, 1` (the PTX of CUDA's `__launch_bounds__`) after the
+/// parameter list of every entry whose name starts with one of `bounds`' prefixes: ptxas and
+/// the driver's JIT then keep the kernel within the registers a block of that size can have.
+/// A prefix that names no entry is an error (a renamed kernel would lose its bound silently).
+pub fn apply_launch_bounds(ptx: &str, bounds: &[(String, u32)]) -> Result<String, CodegenError> {
+    let mut out = String::with_capacity(ptx.len() + 64 * bounds.len());
+    let mut used = vec![false; bounds.len()];
+    // The bound of the entry whose parameter list is open, until its closing `)`.
+    let mut pending = None;
+    for line in ptx.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if let Some(name) = entry_name(line) {
+            pending = bounds
+                .iter()
+                .position(|(prefix, _)| name.starts_with(prefix.as_str()));
+        }
+        if line.trim() == ")" {
+            if let Some(index) = pending.take() {
+                used[index] = true;
+                out.push_str(&format!(".maxntid {}, 1, 1\n", bounds[index].1));
+            }
+        }
+    }
+    match used.iter().position(|&used| !used) {
+        Some(index) => Err(CodegenError::UnusedLaunchBound(bounds[index].0.clone())),
+        None => Ok(out),
+    }
+}
+
+/// The kernel name of a PTX line that opens an `.entry`, if it is one.
+fn entry_name(line: &str) -> Option<&str> {
+    let rest = line.trim_start();
+    let rest = rest.strip_prefix(".visible ").unwrap_or(rest);
+    let rest = rest.strip_prefix(".entry ")?;
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+        .unwrap_or(rest.len());
+    (end > 0).then(|| &rest[..end])
+}
+
 /// Names of every `.entry` (kernel) in a PTX module, in order.
 pub fn kernel_entries(ptx: &str) -> Vec<String> {
     ptx.lines()
-        .filter_map(|line| {
-            let rest = line.trim_start();
-            let rest = rest.strip_prefix(".visible ").unwrap_or(rest);
-            let rest = rest.strip_prefix(".entry ")?;
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '$')
-                .collect();
-            (!name.is_empty()).then_some(name)
-        })
+        .filter_map(entry_name)
+        .map(str::to_owned)
         .collect()
 }
 
@@ -420,6 +464,18 @@ mod tests {
 {
 }
 ";
+
+    #[test]
+    fn launch_bounds_follow_the_parameter_list_of_matching_entries() {
+        let bounds = [("decode_".to_owned(), 1024)];
+        let bounded = apply_launch_bounds(PTX, &bounds).unwrap();
+        assert!(bounded.contains("_param_0[72]\n)\n.maxntid 1024, 1, 1\n{"));
+        assert_eq!(bounded.matches(".maxntid").count(), 1);
+        assert!(matches!(
+            apply_launch_bounds(PTX, &[("topk_".to_owned(), 1024)]),
+            Err(CodegenError::UnusedLaunchBound(prefix)) if prefix == "topk_"
+        ));
+    }
 
     #[test]
     fn finds_every_kernel_entry_and_no_functions() {

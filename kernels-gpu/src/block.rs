@@ -5,7 +5,8 @@ use crate::device::*;
 pub const MAX_WARPS: usize = 32;
 
 /// The blocks that share one block-wide operation: the blocks of a thread-block cluster, or
-/// one block alone. Their shared memory is read across blocks after [`Cluster::sync`].
+/// one block alone. Their shared memory is read across blocks after [`Cluster::sync`] or
+/// [`Cluster::sync_shared`].
 #[derive(Clone, Copy)]
 pub struct Cluster {
     pub rank: u32,
@@ -35,12 +36,22 @@ impl Cluster {
         }
     }
 
+    /// [`sync`](Self::sync) for exchanges of shared memory alone: it orders this block's
+    /// shared-memory accesses before it with the cluster's after it, not global memory.
+    #[inline(always)]
+    pub fn sync_shared(self) {
+        if self.blocks > 1 {
+            sync_cluster_shared();
+        }
+    }
+
     /// The sum over the cluster's blocks of rank below `below_rank` of the shared-memory
     /// word that `pointer` names in each (every load issued before any is added).
     ///
     /// # Safety
     /// `pointer` is a generic pointer into shared memory, and every block has written the
-    /// word before a [`Cluster::sync`] that this thread has passed.
+    /// word before a [`Cluster::sync_shared`] (or [`Cluster::sync`]) that this thread has
+    /// passed.
     #[inline(always)]
     pub unsafe fn sum_below(self, pointer: *mut u32, below_rank: u32) -> u32 {
         if self.blocks == 1 {
@@ -244,7 +255,7 @@ unsafe fn find_digit(
 /// `histogram`, which holds `1 << max(digit_bits)` words of shared memory; `scratch` is
 /// [`MAX_WARPS`] words and `state` two. `1 <= k <=` the cluster's keys. Every thread of every
 /// block of the cluster calls it; ends with a block barrier, after which the other blocks may
-/// still read this block's histogram until the next [`Cluster::sync`].
+/// still read this block's histogram until the next [`Cluster::sync_shared`].
 ///
 /// # Safety
 /// The pointers are shared memory of the sizes above and `key` reads only valid memory for
@@ -270,7 +281,7 @@ pub unsafe fn radix_select(
         let bins = 1u32 << digit_bits[pass];
         shift -= digit_bits[pass];
         // Every block's histogram is complete.
-        cluster.sync();
+        cluster.sync_shared();
         find_digit(histogram, bins, remaining, scratch, state, cluster);
         let digit = *state;
         remaining -= *state.add(1);
@@ -284,7 +295,7 @@ pub unsafe fn radix_select(
         // Every thread has read `state` (the barrier of the next `find_digit` or the one
         // below orders its next write after these reads), and every block of the cluster
         // has read this block's histogram before it is cleared.
-        cluster.sync();
+        cluster.sync_shared();
         clear_u32(histogram, next_bins);
         sync_threads();
         let mut j = tid;

@@ -102,9 +102,11 @@ pub fn cluster_blocks() -> u32 {
 }
 
 /// `barrier.cluster.arrive.aligned` then `barrier.cluster.wait.aligned` (release and acquire,
-/// their default semantics; PTX 7.8 cannot name them): every thread of every block of the
-/// cluster; orders the memory accesses before it, shared memory across the cluster's blocks
-/// included, with those after it.
+/// their default semantics): every thread of every block of the cluster; orders all the
+/// memory accesses before it, global included, with those after it. The release compiles to
+/// `MEMBAR.ALL.GPU` + `ERRBAR`, which wait for every store in flight: about a microsecond
+/// after a pass of global stores. Where only shared memory is exchanged, use
+/// [`sync_cluster_shared`].
 #[inline(always)]
 pub fn sync_cluster() {
     // SAFETY: a cluster-wide barrier; callers reach it from block-uniform control flow in
@@ -112,6 +114,25 @@ pub fn sync_cluster() {
     unsafe {
         asm!(
             "barrier.cluster.arrive.aligned;",
+            "barrier.cluster.wait.aligned;",
+            options(nostack)
+        )
+    }
+}
+
+/// `fence.release.sync_restrict::shared::cta.cluster`, `barrier.cluster.arrive.relaxed.aligned`,
+/// `barrier.cluster.wait.aligned`: a cluster barrier that orders only this block's
+/// shared-memory accesses before it with the cluster's accesses after it (the release fence
+/// covers shared memory alone: `MEMBAR.ALL.CTA`, no wait for global stores). Every thread of
+/// every block of the cluster calls it.
+#[inline(always)]
+pub fn sync_cluster_shared() {
+    // SAFETY: a cluster-wide barrier; callers reach it from block-uniform control flow in
+    // every block of the cluster.
+    unsafe {
+        asm!(
+            "fence.release.sync_restrict::shared::cta.cluster;",
+            "barrier.cluster.arrive.relaxed.aligned;",
             "barrier.cluster.wait.aligned;",
             options(nostack)
         )

@@ -36,6 +36,14 @@ pub mod shadow_prefill;
 pub mod tile;
 pub mod topk;
 
+/// Launch bounds: the most threads per block of the kernels whose entry names start with
+/// each prefix. The build step writes them into the PTX as `.maxntid` (CUDA's
+/// `__launch_bounds__`, which rustc cannot express), so that ptxas and the driver's JIT keep
+/// such a kernel within the registers a whole block can have (64 at 1024 threads); without
+/// it the launch fails for want of registers. Only the families whose blocks could exceed
+/// that need an entry.
+pub const LAUNCH_BOUNDS: &[(&str, u32)] = &[("topk_select_", topk::THREADS)];
+
 /// Most blocks in a thread-block cluster (the portable cluster size).
 pub const MAX_CLUSTER_BLOCKS: u32 = 8;
 

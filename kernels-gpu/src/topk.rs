@@ -2,11 +2,14 @@
 //! or for long sequences at small batches one thread-block cluster of up to 8 blocks, each
 //! over a contiguous range of the landmarks (see [`cluster_blocks`]); the blocks of a cluster
 //! exchange their histograms and counts through distributed shared memory between cluster
-//! barriers. (A cluster barrier costs about a microsecond, a GPU-wide memory barrier included,
-//! and every block repeats the per-block fixed work, so a cluster pays only where the
-//! landmarks dominate: at 1 x 122K, 15K landmarks per head, eight blocks took 21.5 µs against
-//! 19.0 for one; `docs/experiments/topk-clusters-h100.log`. A global histogram with a
-//! last-block hand-off was slower still.)
+//! barriers. The exchanges of shared memory use a barrier whose release covers shared memory
+//! only (`sync_cluster_shared`); the full barrier, whose release compiles to a GPU-wide memory
+//! barrier that waits for every score store in flight (about a microsecond each), is left
+//! for the one place that orders global memory (the selection, before the plan). Every block
+//! repeats the per-block fixed work, so a cluster pays only where the landmarks dominate
+//! (see [`MIN_CLUSTER_BLOCK_LANDMARKS`]). (With full barriers everywhere, eight blocks took
+//! 21.5 µs against 19.0 for one at 1 x 122K: `docs/experiments/topk-clusters-h100.log`. A
+//! global histogram with a last-block hand-off was slower still.)
 //!
 //! 1. Merges `scoring`'s per-tile (max, sum) into each query head's softmax normaliser (a
 //!    warp per head, a lane per tile) and writes `score = max over the group of
@@ -19,9 +22,10 @@
 //! 3. An ordered compaction writes the chunk ids of every score `> T` and of the first
 //!    (lowest-index) scores `== T` until `budget_chunks` are taken, in landmark order, so the
 //!    output is deterministic and a CPU reference can match it exactly. Each warp owns a
-//!    contiguous segment of landmarks and ranks 32 at a time with ballots, so one block-wide
-//!    scan of the warps' totals orders the whole output; the chunk ids are then gathered by
-//!    all threads at once. (Each thread walking a contiguous run of its own, as before, read
+//!    contiguous segment of landmarks and ranks 32 at a time with ballots, keeping the
+//!    landmarks at or above `T` in a list of its own ([`WARP_LIST`]), so one walk and one
+//!    block-wide scan of the warps' totals order the whole output; the chunk ids are then
+//!    gathered by all threads at once. (Each thread walking a contiguous run of its own, as before, read
 //!    global memory uncoalesced once the scores no longer fit shared memory: 233.7 against
 //!    144.8 µs at 1 x 128K landmarks on the H100; from shared memory the two are even.)
 //! 4. When the launch carries a plan (the decode step's), the block then runs the cache-aware
@@ -31,7 +35,7 @@
 use crate::plan::PlanParams;
 use crate::shadow::ShadowShape;
 
-/// A whole block of 32 warps (56 registers each fit): at batch 1 the 8 blocks of a step are
+/// A whole block of 32 warps (64 registers each fit; `LAUNCH_BOUNDS` holds ptxas to that): at batch 1 the 8 blocks of a step are
 /// the kernel, so more warps per block is its only parallelism (16 warps: 24.8 us at
 /// 1 x 122K, 32 warps: 23.1 us; `docs/topk-warps-h100.log`). At batch 1 the kernel is bound
 /// by its instructions on 8 SMs; the block scans' warp-total loop was a fifth of them
@@ -98,8 +102,11 @@ pub const fn block_landmarks(count: u32, cluster_blocks: u32) -> u32 {
 }
 
 /// Fewest landmarks per block worth a cluster: below this a block's fixed work and the cluster
-/// barriers outweigh what the split saves (see the module notes).
-pub const MIN_CLUSTER_BLOCK_LANDMARKS: u32 = 15 * 1024;
+/// barriers outweigh what the split saves. H100, top-k alone at batch 1
+/// (`docs/topk-cluster-barrier-h100.log`): 15,304 landmarks per head took 19.3 µs in one
+/// block, 17.4 in 2, 16.0 in 4 (3.8K each) and 18.4 in 8 (1.9K each); 4,040 took 11.6 in one
+/// block and 13.1 in 2 (2K each).
+pub const MIN_CLUSTER_BLOCK_LANDMARKS: u32 = 3584;
 
 /// Blocks per cluster for `rows` (sequence, KV head) pairs on `multiprocessors` SMs, the
 /// longest sequence having `max_landmarks`: as many as the idle SMs allow, up to
@@ -121,11 +128,16 @@ pub const fn cluster_blocks(multiprocessors: u32, rows: u32, max_landmarks: u32)
     }
 }
 
+/// Selected landmarks each warp keeps in shared memory from its one walk of the compaction;
+/// a warp that selects more walks its segment a second time.
+pub const WARP_LIST: u32 = 128;
+
 /// Shared memory: the histogram, the block-scan scratch, the per-head normalisers
-/// (max, 1/sum), the selection state, then the staged scores; or, once the selection is
-/// written, the plan's (`plan_bytes`, 0 without a plan), whichever is larger.
+/// (max, 1/sum), the selection state, the warps' lists of selected landmarks, then the staged
+/// scores; or, once the selection is written, the plan's (`plan_bytes`, 0 without a plan),
+/// whichever is larger.
 pub const fn shared_bytes(group: u32, shared_scores: u32, plan_bytes: u32) -> u32 {
-    let selection_bytes = (MAX_BINS + 32 + 2 * group + 4 + shared_scores) * 4;
+    let selection_bytes = (MAX_BINS + 32 + 2 * group + 4 + WARPS * WARP_LIST + shared_scores) * 4;
     if plan_bytes > selection_bytes {
         plan_bytes
     } else {
@@ -229,30 +241,22 @@ mod kernel {
         let scratch = histogram.add(MAX_BINS as usize);
         let normaliser = scratch.add(MAX_WARPS) as *mut f32;
         let state = normaliser.add(2 * G) as *mut u32;
-        let staged = state.add(4) as *mut f32;
+        let lists = state.add(4);
+        let staged = lists.add((WARPS * WARP_LIST) as usize) as *mut f32;
 
-        // 1. The scores of this block's landmarks and the histogram of their top digit.
-        normalisers(p, sequence_index, kv_head, sequence.landmarks, normaliser);
-        clear_u32(histogram, MAX_BINS);
-        sync_threads();
-        let base = sequence.landmark_base(kv_head) as usize + block_first as usize;
-        let scores = (p.scores as *mut f32).add(base);
-        let in_shared = count <= p.shared_scores;
-        let first_shift = 31 - DIGIT_BITS[0];
-        let mut rows = [core::ptr::null::<f32>(); G];
-        let mut max = [0.0f32; G];
-        let mut inverse_sum = [0.0f32; G];
-        for g in 0..G {
-            rows[g] = (p.logits as *const f32).add(
+        // 1. The scores of this block's landmarks and the histogram of their top digit. The
+        //    first logits are loaded before the barrier that publishes the normalisers, so
+        //    their latency overlaps the normalisers' merge (warps 0..G) and the other warps'
+        //    wait for it.
+        let rows: [*const f32; G] = core::array::from_fn(|g| {
+            (p.logits as *const f32).add(
                 sequence.logit_base(kv_head, G as u32, g as u32) as usize + block_first as usize,
-            );
-            max[g] = *normaliser.add(2 * g);
-            inverse_sum[g] = *normaliser.add(2 * g + 1);
-        }
+            )
+        });
         let per = landmarks_in_flight(G as u32) as usize;
-        let mut start = 0;
-        while start < count {
-            // Every head's logits of this thread's `per` landmarks are loaded before any is used.
+        // Every head's logits of this thread's `per` landmarks from `start`, loaded before any
+        // is used.
+        let load_logits = |start: u32| {
             let mut logit = [[f32::NEG_INFINITY; G]; LOADS_IN_FLIGHT as usize];
             for u in 0..per {
                 let j = start + u as u32 * THREADS + tid;
@@ -262,6 +266,24 @@ mod kernel {
                     }
                 }
             }
+            logit
+        };
+        let mut logit = load_logits(0);
+        normalisers(p, sequence_index, kv_head, sequence.landmarks, normaliser);
+        clear_u32(histogram, MAX_BINS);
+        sync_threads();
+        let base = sequence.landmark_base(kv_head) as usize + block_first as usize;
+        let scores = (p.scores as *mut f32).add(base);
+        let in_shared = count <= p.shared_scores;
+        let first_shift = 31 - DIGIT_BITS[0];
+        let mut max = [0.0f32; G];
+        let mut inverse_sum = [0.0f32; G];
+        for g in 0..G {
+            max[g] = *normaliser.add(2 * g);
+            inverse_sum[g] = *normaliser.add(2 * g + 1);
+        }
+        let mut start = 0;
+        while start < count {
             for u in 0..per {
                 let j = start + u as u32 * THREADS + tid;
                 if j < count {
@@ -278,6 +300,9 @@ mod kernel {
                 }
             }
             start += per as u32 * THREADS;
+            if start < count {
+                logit = load_logits(start);
+            }
         }
         sync_threads();
 
@@ -302,10 +327,12 @@ mod kernel {
         //    `needed_equal` equal to it, in landmark order. Each warp owns a contiguous
         //    segment and walks it 32 landmarks at a time (lane-consecutive, so the loads are
         //    conflict-free in shared memory and coalesced in global memory); ballots rank a
-        //    step's landmarks, one block scan of the warps' totals orders the warps, and the
-        //    lower-ranked blocks of a cluster come first. The step is branch-free up to the
-        //    store, so every lane reaches every ballot.
+        //    step's landmarks, and the warp keeps the landmarks above or equal to the
+        //    threshold, in order, in its list. One block scan of the warps' totals then orders
+        //    the warps (the lower-ranked blocks of a cluster first), and each warp places its
+        //    list. The step is branch-free up to the store, so every lane reaches every ballot.
         let lane = lane_id();
+        let lower_lanes = (1u32 << lane) - 1;
         let segment = count.div_ceil(WARPS).next_multiple_of(32);
         let warp_first = min_u32(warp_id() * segment, count);
         let warp_last = min_u32(warp_first + segment, count);
@@ -319,10 +346,18 @@ mod kernel {
                 ballot(valid & (bits == threshold)),
             )
         };
+        let list = lists.add((warp_id() * WARP_LIST) as usize);
         let (mut warp_above, mut warp_equal) = (0u32, 0u32);
         let mut first = warp_first;
         while first < warp_last {
-            let (_, above, equal) = step_votes(first);
+            let (j, above, equal) = step_votes(first);
+            let kept = above | equal;
+            let listed = warp_above + warp_equal;
+            // Warp-uniform: a full list stops growing (the warp walks again below).
+            if listed + popcount(kept) <= WARP_LIST && (kept >> lane) & 1 != 0 {
+                let equal_flag = ((equal >> lane) & 1) << 31;
+                *list.add((listed + popcount(kept & lower_lanes)) as usize) = j | equal_flag;
+            }
             warp_above += popcount(above);
             warp_equal += popcount(equal);
             first += 32;
@@ -340,7 +375,7 @@ mod kernel {
             *totals.add(1) = block_equal;
         }
         // Every block has its totals, and has read every histogram for the last time.
-        cluster.sync();
+        cluster.sync_shared();
         let above_lower = cluster.sum_below(totals, cluster.rank);
         let equal_lower = cluster.sum_below(totals.add(1), cluster.rank);
         let mut above_before = above_lower + shuffle_idx_u32(above_prefix, 0);
@@ -356,27 +391,63 @@ mod kernel {
         // histogram, so that their chunk ids are gathered by all threads at once below, not
         // one load after another by the lane that found it.
         let positions = histogram;
-        let lower_lanes = (1u32 << lane) - 1;
-        let mut first = warp_first;
-        while first < warp_last {
-            let (j, above, equal) = step_votes(first);
-            let is_above = (above >> lane) & 1 != 0;
-            let is_equal = (equal >> lane) & 1 != 0;
-            let my_above_before = above_before + popcount(above & lower_lanes);
-            let my_equal_before = equal_before + popcount(equal & lower_lanes);
-            // Selected landmarks before this one: the scores above it, and the equal ones
-            // before it that are taken.
-            let position = my_above_before + min_u32(my_equal_before, needed_equal);
-            if is_above || (is_equal && my_equal_before < needed_equal) {
-                if position < min_u32(k, MAX_BINS) {
-                    *positions.add(position as usize) = j;
-                } else if position < k {
-                    *selection.add(position as usize) = *chunk_ids.add(j as usize);
+        // Places a landmark ranked after `above_before` landmarks above the threshold and
+        // `equal_before` equal to it, if it is taken.
+        let place =
+            |j: u32, is_above: bool, is_equal: bool, above_before: u32, equal_before: u32| {
+                // Selected landmarks before this one: the scores above it, and the equal ones
+                // before it that are taken.
+                let position = above_before + min_u32(equal_before, needed_equal);
+                if is_above || (is_equal && equal_before < needed_equal) {
+                    if position < min_u32(k, MAX_BINS) {
+                        *positions.add(position as usize) = j;
+                    } else if position < k {
+                        *selection.add(position as usize) = *chunk_ids.add(j as usize);
+                    }
                 }
+            };
+        // Warp-uniform: from the list, 32 entries at a time, or (a warp that kept more than
+        // its list holds) from a second walk of the segment.
+        if warp_above + warp_equal <= WARP_LIST {
+            let mut entry = 0;
+            while entry < warp_above + warp_equal {
+                let listed = entry + lane < warp_above + warp_equal;
+                let word = if listed {
+                    *list.add((entry + lane) as usize)
+                } else {
+                    0
+                };
+                let is_equal = word >> 31 != 0;
+                let equal = ballot(listed & is_equal);
+                let above = ballot(listed & !is_equal);
+                if listed {
+                    place(
+                        word & !(1 << 31),
+                        !is_equal,
+                        is_equal,
+                        above_before + popcount(above & lower_lanes),
+                        equal_before + popcount(equal & lower_lanes),
+                    );
+                }
+                above_before += popcount(above);
+                equal_before += popcount(equal);
+                entry += 32;
             }
-            above_before += popcount(above);
-            equal_before += popcount(equal);
-            first += 32;
+        } else {
+            let mut first = warp_first;
+            while first < warp_last {
+                let (j, above, equal) = step_votes(first);
+                place(
+                    j,
+                    (above >> lane) & 1 != 0,
+                    (equal >> lane) & 1 != 0,
+                    above_before + popcount(above & lower_lanes),
+                    equal_before + popcount(equal & lower_lanes),
+                );
+                above_before += popcount(above);
+                equal_before += popcount(equal);
+                first += 32;
+            }
         }
         sync_threads();
         let gathered = min_u32(block_end, min_u32(k, MAX_BINS));
@@ -384,9 +455,14 @@ mod kernel {
             let j = *positions.add(position as usize);
             *selection.add(position as usize) = *chunk_ids.add(j as usize);
         }
-        // Every block's part of the selection is written, and no block leaves (taking its
-        // shared memory with it) before the others have read its totals.
-        cluster.sync();
+        // No block leaves (taking its shared memory with it) before the others have read its
+        // totals; with a plan, every block's part of the selection (global memory) is also
+        // written before the first block plans from it.
+        if p.plan.resident != 0 {
+            cluster.sync();
+        } else {
+            cluster.sync_shared();
+        }
 
         // 4. The plan of this (sequence, KV head), in place of a launch of its own, by the
         //    cluster's first block. The block barrier makes a lone block's selection writes
