@@ -172,6 +172,9 @@ mod kernel {
     use crate::shadow::{slot_base, ShadowSequence};
     use crate::tile::{merge_softmax_stats, warp_merge_softmax_stats};
 
+    /// Tile statistics each lane loads per round in [`normalisers`].
+    const NORMALISER_LOADS: usize = 4;
+
     /// Each query head's softmax `(max, 1/sum)` over every scoring tile of the sequence into
     /// `normaliser`: warp `g` merges head `g`'s tiles, a lane per tile.
     unsafe fn normalisers(
@@ -192,19 +195,30 @@ mod kernel {
         let g = warp;
         if g < shape.group {
             let mut merged = (crate::attention::NO_SCORE, 0.0f32);
-            let mut tile = lane;
-            while tile < tile_count {
-                let at = tile_stat_index(
-                    sequence_index,
-                    kv_head,
-                    tile,
-                    g,
-                    shape.kv_heads,
-                    p.max_tiles,
-                    shape.group,
-                );
-                merged = merge_softmax_stats(merged, (*stats.add(at), *stats.add(at + 1)));
-                tile += 32;
+            // Rounds of `NORMALISER_LOADS` tiles per lane, all loaded before any is merged
+            // (one latency per round, where a merge after each load made a chain of them).
+            let mut round = 0;
+            while round < tile_count {
+                let mut loaded = [(crate::attention::NO_SCORE, 0.0f32); NORMALISER_LOADS];
+                for (r, pair) in loaded.iter_mut().enumerate() {
+                    let tile = round + r as u32 * 32 + lane;
+                    if tile < tile_count {
+                        let at = tile_stat_index(
+                            sequence_index,
+                            kv_head,
+                            tile,
+                            g,
+                            shape.kv_heads,
+                            p.max_tiles,
+                            shape.group,
+                        );
+                        *pair = (*stats.add(at), *stats.add(at + 1));
+                    }
+                }
+                for pair in loaded {
+                    merged = merge_softmax_stats(merged, pair);
+                }
+                round += NORMALISER_LOADS as u32 * 32;
             }
             let (max, sum) = warp_merge_softmax_stats(merged, 1);
             if lane == 0 {
@@ -365,10 +379,19 @@ mod kernel {
         // Lane 0 carries the warp's totals into the block scans; every lane takes lane 0's
         // prefix.
         let leader = lane == 0;
-        let (above_prefix, block_above) =
-            exclusive_sum(if leader { warp_above } else { 0 }, scratch);
-        let (equal_prefix, block_equal) =
-            exclusive_sum(if leader { warp_equal } else { 0 }, scratch);
+        // Block-uniform: below 2^16 landmarks per block both counts share one scan (neither
+        // half can carry into the other), saving a scan's three barriers.
+        let (above_prefix, block_above, equal_prefix, block_equal) = if count < 1 << 16 {
+            let packed = warp_above | warp_equal << 16;
+            let (prefix, total) = exclusive_sum(if leader { packed } else { 0 }, scratch);
+            (prefix & 0xffff, total & 0xffff, prefix >> 16, total >> 16)
+        } else {
+            let (above_prefix, block_above) =
+                exclusive_sum(if leader { warp_above } else { 0 }, scratch);
+            let (equal_prefix, block_equal) =
+                exclusive_sum(if leader { warp_equal } else { 0 }, scratch);
+            (above_prefix, block_above, equal_prefix, block_equal)
+        };
         let totals = state.add(2);
         if tid == 0 {
             *totals = block_above;
