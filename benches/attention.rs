@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use shadowkv::attention::kernel_layout::{tokens_per_iteration, MAX_SPLITS, WARP_COUNTS};
+use shadowkv::attention::kernel_layout::MAX_SPLITS;
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, SequenceLayout};
 use shadowkv_suite::bench::{copy_bandwidth, filled, steady_ms};
@@ -59,7 +59,6 @@ fn plans(
     len: u32,
     capacity_elements: usize,
     split_len: Option<u32>,
-    warps: Option<u32>,
 ) -> shadowkv::Result<Vec<DecodeAttention>> {
     let shape = DecodeAttentionShape { batch, ..SHAPE };
     let per_sequence = SHAPE.kv_heads * len as usize * SHAPE.head_dim;
@@ -79,10 +78,6 @@ fn plans(
             let plan = match split_len {
                 Some(split_len) => DecodeAttentionPlan::with_split_len(shape, &layouts, split_len)?,
                 None => DecodeAttentionPlan::for_gpu(gpu, shape, &layouts)?,
-            };
-            let plan = match warps {
-                Some(warps) => plan.with_warps(warps)?,
-                None => plan,
             };
             DecodeAttention::new(gpu, plan)
         })
@@ -140,7 +135,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
     let mut rows = Vec::new();
     for batch in BATCHES {
         for len in LENS {
-            let mut attention = plans(gpu, batch, len, capacity, None, None)?;
+            let mut attention = plans(gpu, batch, len, capacity, None)?;
             let bytes = attention[0].plan().kv_bytes_read();
             let elements = batch * SHAPE.q_heads * SHAPE.head_dim;
             let (q, out) = (setup.q.slice(..elements), &mut setup.out);
@@ -174,49 +169,16 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
             ));
         }
     }
-    // Each warp count at every shape, the planner splitting for it (informs
-    // `block_warps`).
-    let mut by_warps = String::new();
-    for batch in BATCHES {
-        for len in LENS {
-            let elements = batch * SHAPE.q_heads * SHAPE.head_dim;
-            let q = setup.q.slice(..elements);
-            let mut out = setup.out.slice_mut(..elements);
-            let picked = plans(gpu, batch, len, capacity, None, None)?[0]
-                .plan()
-                .warps();
-            by_warps += &format!("{batch:>5} {len:>8} {picked:>7}");
-            for warps in WARP_COUNTS {
-                let mut attention = plans(gpu, batch, len, capacity, None, Some(warps))?;
-                let mut next = 0usize;
-                let ms = steady_ms(gpu, &stream, || {
-                    next = (next + 1) % attention.len();
-                    attention[next].run(gpu, &stream, &q, &setup.k, &setup.v, &mut out)
-                })?;
-                by_warps += &format!(" {:>11.1}", ms * 1e3);
-            }
-            by_warps += "\n";
-        }
-    }
-    println!("\nwarps per block (the planner's pick, then µs with 4 and with 8)");
-    println!("batch   tokens  picked     4 warps     8 warps");
-    print!("{by_warps}");
     // How the split length moves the two target points (informs the planner).
     let mut sweep = Vec::new();
     for (batch, len) in [(16usize, 2048u32), (16, 2560), (1, 2560), (1, 131_072)] {
         for split_len in [
-            128u32, 256, 512, 640, 704, 832, 1024, 1280, 2048, 2560, 2688, 4096,
+            128u32, 256, 512, 640, 704, 864, 1024, 1280, 2048, 2560, 2688, 4096,
         ] {
-            // Split lengths are whole loop iterations of either kernel (the larger block's
-            // iteration is a multiple of the smaller's).
-            let largest = WARP_COUNTS[WARP_COUNTS.len() - 1];
-            let iteration =
-                tokens_per_iteration(SHAPE.group() as u32, SHAPE.head_dim as u32, largest);
-            if split_len > len || len.div_ceil(split_len) > MAX_SPLITS || split_len % iteration != 0
-            {
+            if split_len > len || len.div_ceil(split_len) > MAX_SPLITS {
                 continue;
             }
-            let mut attention = plans(gpu, batch, len, capacity, Some(split_len), None)?;
+            let mut attention = plans(gpu, batch, len, capacity, Some(split_len))?;
             let elements = batch * SHAPE.q_heads * SHAPE.head_dim;
             let q = setup.q.slice(..elements);
             let mut out = setup.out.slice_mut(..elements);

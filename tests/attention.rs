@@ -4,7 +4,7 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::attention::kernel_layout::{block_warps, shortest_split_len, tokens_per_iteration};
+use shadowkv::attention::kernel_layout::{shortest_split_len, tokens_per_iteration};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout,
@@ -45,8 +45,6 @@ struct Case {
     spare: Vec<u32>,
     /// `Some(k)`: split length `k * tokens_per_iteration` instead of the planner's choice.
     split_multiple: Option<u32>,
-    /// `Some(w)`: the kernels of `w` warps per block instead of the planner's choice.
-    warps: Option<u32>,
     query_scale: f32,
     seed: u64,
 }
@@ -70,18 +68,16 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 prop::collection::vec(len.clone(), batch),
                 prop::collection::vec(0u32..17, batch),
                 prop::option::of(1u32..6),
-                prop::option::of(prop::sample::select(vec![4u32, 8])),
                 prop::sample::select(vec![0.5f32, 2.0, 8.0]),
                 any::<u64>(),
             )
         })
         .prop_map(
-            |(shape, lens, spare, split_multiple, warps, query_scale, seed)| Case {
+            |(shape, lens, spare, split_multiple, query_scale, seed)| Case {
                 shape,
                 lens,
                 spare,
                 split_multiple,
-                warps,
                 query_scale,
                 seed,
             },
@@ -134,27 +130,14 @@ fn run_case(gpu: &Gpu, case: &Case) -> Result<f64, String> {
     let plan = match case.split_multiple {
         Some(multiple) => {
             let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
-            let tokens: usize = case.lens.iter().map(|&len| len as usize).sum();
-            let kv_bytes = 4 * tokens * shape.kv_heads * shape.head_dim;
-            let warps = case.warps.unwrap_or(block_warps(kv_bytes as u64));
-            let step = tokens_per_iteration(group, head_dim, warps);
+            let step = tokens_per_iteration(group, head_dim);
             // Short splits, but no more of them than the merge holds (long sequences then
             // merge close to `MAX_SPLITS` splits).
             let longest = case.lens.iter().copied().max().unwrap_or(1);
-            let fewest = shortest_split_len(longest, group, head_dim, warps);
-            DecodeAttentionPlan::with_split_len_and_warps(
-                shape,
-                &layouts,
-                (multiple * step).max(fewest),
-                warps,
-            )
+            let fewest = shortest_split_len(longest, group, head_dim);
+            DecodeAttentionPlan::with_split_len(shape, &layouts, (multiple * step).max(fewest))
         }
-        None => {
-            DecodeAttentionPlan::for_gpu(gpu, shape, &layouts).and_then(|plan| match case.warps {
-                Some(warps) => plan.with_warps(warps),
-                None => Ok(plan),
-            })
-        }
+        None => DecodeAttentionPlan::for_gpu(gpu, shape, &layouts),
     }
     .map_err(|e| e.to_string())?;
     let scale = plan.scale() as f64;
@@ -221,31 +204,22 @@ fn llama3_long_context(gpu: &Gpu) -> Result<(), String> {
         lens: vec![122_880, 3_001],
         spare: vec![8, 5],
         split_multiple: None,
-        warps: None,
         query_scale: 4.0,
         seed: 7,
     };
-    // The planner's kernels, then each warp count.
-    for warps in [None, Some(4), Some(8)] {
-        let case = Case {
-            warps,
-            ..case.clone()
-        };
-        let error = run_case(gpu, &case)?;
-        eprintln!(
-            "Llama-3-8B shape at 122,880 + 3,001 tokens, warps {warps:?}: relative error {error:.3e}"
-        );
-        if error >= TOLERANCE {
-            return Err(format!("warps {warps:?}: relative error {error:.3e}"));
-        }
+    let error = run_case(gpu, &case)?;
+    eprintln!("Llama-3-8B shape at 122,880 + 3,001 tokens: relative error {error:.3e}");
+    if error < TOLERANCE {
+        Ok(())
+    } else {
+        Err(format!("relative error {error:.3e}"))
     }
-    Ok(())
 }
 
 fn never_reads_past_len(gpu: &Gpu) -> Result<(), String> {
     // Lengths one past and one short of every tile boundary; the spare rows hold NaN.
     for len in [1u32, 31, 33, 127, 129, 255, 257, 1023, 1025] {
-        for (split_multiple, warps) in [(None, None), (Some(1), Some(4)), (Some(1), Some(8))] {
+        for split_multiple in [None, Some(1)] {
             let case = Case {
                 shape: DecodeAttentionShape {
                     batch: 3,
@@ -256,7 +230,6 @@ fn never_reads_past_len(gpu: &Gpu) -> Result<(), String> {
                 lens: vec![len, len + 1, len.saturating_sub(1).max(1)],
                 spare: vec![16, 9, 1],
                 split_multiple,
-                warps,
                 query_scale: 2.0,
                 seed: u64::from(len),
             };

@@ -44,13 +44,9 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
     let mut names = Vec::new();
     for head_dim in kernel_layout::HEAD_DIMS {
         for group in 1..=kernel_layout::MAX_GROUP {
-            for warps in kernel_layout::WARP_COUNTS {
-                names.push(kernel_layout::kernel_name(group, head_dim, warps));
-                for part in [kernel_layout::RESIDENT_TOKENS, kernel_layout::FRESH_TOKENS] {
-                    names.push(kernel_layout::part_kernel_name(
-                        part, group, head_dim, warps,
-                    ));
-                }
+            names.push(kernel_layout::kernel_name(group, head_dim));
+            for part in [kernel_layout::RESIDENT_TOKENS, kernel_layout::FRESH_TOKENS] {
+                names.push(kernel_layout::part_kernel_name(part, group, head_dim));
             }
             names.push(shadowkv::scoring::kernel_layout::kernel_name(
                 group, head_dim,
@@ -157,14 +153,9 @@ fn bad_layouts_name_the_problem() {
     let split = DecodeAttentionPlan::with_split_len(LLAMA3, &[layout(0, 10, 10)], 33);
     assert_eq!(invalid_argument(split), "split_len");
     // More splits than the merge holds.
-    let long = layout(0, 300 * 64, 300 * 64);
-    let too_many = DecodeAttentionPlan::with_split_len(LLAMA3, &[long], 64);
+    let long = layout(0, 300 * 32, 300 * 32);
+    let too_many = DecodeAttentionPlan::with_split_len(LLAMA3, &[long], 32);
     assert_eq!(invalid_argument(too_many), "split_len");
-    // Warp counts without kernels.
-    let plan = DecodeAttentionPlan::with_split_len(LLAMA3, &[layout(0, 10, 10)], 64).unwrap();
-    assert_eq!(plan.warps(), 8);
-    assert_eq!(plan.clone().with_warps(4).unwrap().warps(), 4);
-    assert_eq!(invalid_argument(plan.with_warps(5)), "warps");
     let one_head = DecodeAttentionShape {
         q_heads: 4,
         kv_heads: 1,
@@ -186,7 +177,7 @@ fn planner_fills_the_gpu_with_whole_iterations() {
             .map(|b| layout((b * 8 * len as usize * 128) as u64, len, len))
             .collect();
         let plan = DecodeAttentionPlan::new(shape, &layouts, H100_RESIDENT).unwrap();
-        let step = tokens_per_iteration(4, 128, plan.warps());
+        let step = tokens_per_iteration(4, 128);
         assert_eq!(plan.split_len() % step, 0);
         assert_eq!(plan.max_splits(), len.div_ceil(plan.split_len()));
         let blocks = plan.max_splits() * 8 * batch as u32;
@@ -447,8 +438,7 @@ fn prefill_reference_of_the_last_query_is_decode_attention() {
 fn topk_clusters_only_long_sequences_at_small_batches() {
     use shadowkv::topk::kernel_layout::{block_landmarks, cluster_blocks, shared_scores};
     // H100: 132 SMs; Llama-3-8B has 8 KV heads per sequence.
-    assert_eq!(cluster_blocks(132, 8, 4_040), 1, "32K tokens: one block");
-    assert_eq!(cluster_blocks(132, 8, 15_304), 4, "122K tokens: four");
+    assert_eq!(cluster_blocks(132, 8, 15_304), 1, "122K tokens: one block");
     assert_eq!(
         cluster_blocks(132, 8, 131_016),
         8,

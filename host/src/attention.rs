@@ -57,8 +57,6 @@ pub struct DecodeAttentionPlan {
     max_splits: u32,
     kv_elements: usize,
     scale: f32,
-    /// Warps per block of its kernels (one of [`layout::WARP_COUNTS`]).
-    warps: u32,
     /// The plain kernel, then the two parts of a ShadowKV step (resident, fresh).
     kernel: KernelName,
     part_kernels: [KernelName; 2],
@@ -78,18 +76,16 @@ impl DecodeAttentionPlan {
     ) -> Result<Self> {
         shape.validate()?;
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
-        let warps = layout::block_warps(kv_bytes(&shape, layouts) as u64);
         let resident_blocks = gpu.resident_blocks(
-            KernelName::lookup(&layout::kernel_name(group, head_dim, warps))?,
-            layout::threads(warps),
-            layout::shared_bytes(group, head_dim, warps),
+            KernelName::lookup(&layout::kernel_name(group, head_dim))?,
+            layout::THREADS,
+            layout::shared_bytes(group, head_dim),
         )?;
         Self::new(shape, layouts, resident_blocks)
     }
 
     /// Validates the shape and layouts and splits the work into about `resident_blocks`
-    /// equal blocks: the blocks of the kernel the GPU runs at once ([`Gpu::resident_blocks`];
-    /// the kernel of [`layout::block_warps`] warps for these layouts' bytes),
+    /// equal blocks: the blocks of the kernel the GPU runs at once ([`Gpu::resident_blocks`]),
     /// so that one wave covers the batch with no tail (flash-decoding: one long sequence
     /// fills the GPU). On the H100 at batch 16 x 2,560 tokens, 3 splits (one wave of 384
     /// blocks at 3 per SM) reached 79.8% of copy bandwidth where 2 reached 74.4%
@@ -107,8 +103,7 @@ impl DecodeAttentionPlan {
             .map(|l| l.len as usize * shape.kv_heads)
             .sum();
         let target_blocks = resident_blocks.max(1) as usize;
-        let warps = layout::block_warps(kv_bytes(&shape, layouts) as u64);
-        let step = layout::tokens_per_iteration(group, head_dim, warps);
+        let step = layout::tokens_per_iteration(group, head_dim);
         let even_share = (token_heads.div_ceil(target_blocks) as u32).max(MIN_SPLIT_LEN);
         // The longest sequence sets the critical path: keep its number of splits but make
         // them equal (2528 tokens in splits of 1216 would leave a 96-token third split while
@@ -125,52 +120,16 @@ impl DecodeAttentionPlan {
     }
 
     /// As [`new`](Self::new) with a chosen split length (a positive multiple of the kernel's
-    /// tokens per iteration, [`layout::tokens_per_iteration`] for [`layout::block_warps`]
-    /// warps); tests use it to force many splits.
+    /// tokens per iteration); tests use it to force many splits.
     pub fn with_split_len(
         shape: DecodeAttentionShape,
         layouts: &[SequenceLayout],
         split_len: u32,
     ) -> Result<Self> {
-        let warps = layout::block_warps(kv_bytes(&shape, layouts) as u64);
-        Self::with_split_len_and_warps(shape, layouts, split_len, warps)
-    }
-
-    /// This plan on the kernels of `warps` warps per block (one of [`layout::WARP_COUNTS`])
-    /// instead of [`layout::block_warps`]'s; tests and benches use it to run both. The split
-    /// length rounds up to a whole number of the new kernel's iterations.
-    pub fn with_warps(self, warps: u32) -> Result<Self> {
-        let (group, head_dim) = (self.shape.group() as u32, self.shape.head_dim as u32);
-        let step = if layout::WARP_COUNTS.contains(&warps) {
-            layout::tokens_per_iteration(group, head_dim, warps)
-        } else {
-            1
-        };
-        let split_len = self.split_len.next_multiple_of(step);
-        Self::with_split_len_and_warps(self.shape, &self.layouts, split_len, warps)?
-            .with_scale(self.scale)
-    }
-
-    /// As [`with_split_len`](Self::with_split_len) on the kernels of `warps` warps per block
-    /// (one of [`layout::WARP_COUNTS`]); `split_len` is a positive multiple of their
-    /// [`layout::tokens_per_iteration`].
-    pub fn with_split_len_and_warps(
-        shape: DecodeAttentionShape,
-        layouts: &[SequenceLayout],
-        split_len: u32,
-        warps: u32,
-    ) -> Result<Self> {
         shape.validate()?;
-        if !layout::WARP_COUNTS.contains(&warps) {
-            return Err(invalid(
-                "warps",
-                format!("is {warps}"),
-                format!("one of {:?}", layout::WARP_COUNTS),
-            ));
-        }
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
         let kv_elements = validate_layouts(&shape, layouts)?;
-        let step = layout::tokens_per_iteration(group, head_dim, warps);
+        let step = layout::tokens_per_iteration(group, head_dim);
         let Some(split) =
             std::num::NonZeroU32::new(split_len).filter(|_| split_len.is_multiple_of(step))
         else {
@@ -193,7 +152,7 @@ impl DecodeAttentionPlan {
                 format!(
                     "at most {} splits per sequence (a split_len of at least {})",
                     layout::MAX_SPLITS,
-                    layout::shortest_split_len(longest, group, head_dim, warps)
+                    layout::shortest_split_len(longest, group, head_dim)
                 ),
             ));
         }
@@ -204,20 +163,17 @@ impl DecodeAttentionPlan {
             max_splits,
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
-            warps,
-            kernel: KernelName::lookup(&layout::kernel_name(group, head_dim, warps))?,
+            kernel: KernelName::lookup(&layout::kernel_name(group, head_dim))?,
             part_kernels: [
                 KernelName::lookup(&layout::part_kernel_name(
                     layout::RESIDENT_TOKENS,
                     group,
                     head_dim,
-                    warps,
                 ))?,
                 KernelName::lookup(&layout::part_kernel_name(
                     layout::FRESH_TOKENS,
                     group,
                     head_dim,
-                    warps,
                 ))?,
             ],
         })
@@ -245,10 +201,6 @@ impl DecodeAttentionPlan {
     pub fn split_len(&self) -> u32 {
         self.split_len
     }
-    /// Warps per block of the plan's kernels.
-    pub fn warps(&self) -> u32 {
-        self.warps
-    }
     pub fn max_splits(&self) -> u32 {
         self.max_splits
     }
@@ -261,14 +213,9 @@ impl DecodeAttentionPlan {
     }
     /// Bytes of K and V the kernel reads (the memory-bound floor of the step).
     pub fn kv_bytes_read(&self) -> usize {
-        kv_bytes(&self.shape, &self.layouts)
+        let tokens: usize = self.layouts.iter().map(|l| l.len as usize).sum();
+        2 * tokens * self.shape.kv_heads * self.shape.head_dim * std::mem::size_of::<bf16>()
     }
-}
-
-/// Bytes of K and V that attention over `layouts` reads (their valid tokens).
-fn kv_bytes(shape: &DecodeAttentionShape, layouts: &[SequenceLayout]) -> usize {
-    let tokens: usize = layouts.iter().map(|l| l.len as usize).sum();
-    2 * tokens * shape.kv_heads * shape.head_dim * std::mem::size_of::<bf16>()
 }
 
 /// Checks the heads of an attention launch: `q_heads` a positive multiple of `kv_heads`, the
@@ -456,14 +403,9 @@ impl DecodeAttention {
         if layouts == self.plan.layouts.as_slice() {
             return Ok(());
         }
-        // The same kernels: the workspace and split length were sized for them.
-        let plan = DecodeAttentionPlan::with_split_len_and_warps(
-            self.plan.shape,
-            layouts,
-            self.plan.split_len,
-            self.plan.warps,
-        )?
-        .with_scale(self.plan.scale)?;
+        let plan =
+            DecodeAttentionPlan::with_split_len(self.plan.shape, layouts, self.plan.split_len)?
+                .with_scale(self.plan.scale)?;
         if plan.max_splits > 1 && plan.max_splits > self.workspace_splits {
             return Err(invalid(
                 "layouts",
@@ -539,12 +481,11 @@ impl DecodeAttention {
                     (plan.part_kernels[0], plan.split_len, plan.max_splits)
                 }
                 Some((StepPart::Fresh, slots)) => {
-                    let step = layout::tokens_per_iteration(group, head_dim, plan.warps);
+                    let step = layout::tokens_per_iteration(group, head_dim);
                     let slot_tokens = slots.budget_chunks * slots.chunk_size;
                     // Short splits, but no more than the merge holds.
-                    let split_len = (FRESH_SPLIT_ITERATIONS * step).max(
-                        layout::shortest_split_len(slot_tokens, group, head_dim, plan.warps),
-                    );
+                    let split_len = (FRESH_SPLIT_ITERATIONS * step)
+                        .max(layout::shortest_split_len(slot_tokens, group, head_dim));
                     // Iterations hold at least one token, so the fallback is never taken.
                     let split =
                         std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
@@ -599,8 +540,8 @@ impl DecodeAttention {
         };
         let config = LaunchConfig {
             grid_dim: (splits, shape.kv_heads as u32, shape.batch as u32),
-            block_dim: (layout::threads(plan.warps), 1, 1),
-            shared_mem_bytes: layout::shared_bytes(group, head_dim, plan.warps),
+            block_dim: (layout::THREADS, 1, 1),
+            shared_mem_bytes: layout::shared_bytes(group, head_dim),
         };
         // SAFETY: q/out lengths equal the shape, K/V hold every layout's block (checked
         // above and in the plan), the workspace holds batch * splits * q_heads partials (grown

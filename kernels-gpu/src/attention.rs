@@ -17,32 +17,9 @@
 
 use core::num::NonZeroU32;
 
-/// Warps per block of the split kernel: each size has its kernels. Eight halve each warp's
-/// share of a split, which is what bounds a small launch (at batch 1 each SM holds about one
-/// block, and each warp's loop is a chain of dependent instructions); four let three blocks
-/// share an SM (eight take one: 168 registers), which a launch that streams hundreds of MB
-/// needs. See [`block_warps`].
-pub const WARP_COUNTS: [u32; 2] = [4, 8];
-/// K/V bytes up to which a launch takes eight warps per block. H100, four against eight warps
-/// at Llama-3-8B heads (`docs/attention-warps-h100.log`): 1 x 2.5K tokens (the ShadowKV
-/// step's buffer) 12.9 against 11.3 µs, 16 x 2K 60.0 against 50.3, 1 x 32K (134 MB) 61.8
-/// against 53.3, 4 x 8K (134 MB) 61.1 against 52.9; but 1 x 128K (537 MB) 188.6 against
-/// 197.4, 16 x 8K (537 MB) 184.5 against 194.0 and 16 x 128K 2760 against 2832.
-pub const EIGHT_WARPS_MAX_BYTES: u64 = 256 << 20;
-
-/// Warps per block for a launch that reads `kv_bytes` of keys and values.
-pub const fn block_warps(kv_bytes: u64) -> u32 {
-    if kv_bytes <= EIGHT_WARPS_MAX_BYTES {
-        8
-    } else {
-        4
-    }
-}
-
-/// Threads per block of the kernel with `warps` warps.
-pub const fn threads(warps: u32) -> u32 {
-    warps * 32
-}
+/// Threads per block of the split kernel: four warps.
+pub const WARPS: u32 = 4;
+pub const THREADS: u32 = WARPS * 32;
 /// bf16 values per 16-byte vector: the unit every thread loads.
 pub const VECTOR: u32 = 8;
 /// Largest GQA group (query heads per KV head) with a compiled kernel.
@@ -152,9 +129,9 @@ pub const fn unroll(group: u32) -> u32 {
     }
 }
 
-/// Tokens one block of `warps` warps covers per loop iteration.
-pub const fn tokens_per_iteration(group: u32, head_dim: u32, warps: u32) -> u32 {
-    warps * (32 / lanes_per_token(head_dim)) * unroll(group)
+/// Tokens one block covers per loop iteration.
+pub const fn tokens_per_iteration(group: u32, head_dim: u32) -> u32 {
+    WARPS * (32 / lanes_per_token(head_dim)) * unroll(group)
 }
 
 /// Most splits of one sequence: the merging block keeps a weight per split and head in
@@ -164,8 +141,8 @@ pub const MAX_SPLITS: u32 = 256;
 /// Words of the shared region the two phases reuse: per warp and head, `head_dim`
 /// accumulators plus the running max and sum; in the merge, each head's log-sum-exp and
 /// [`MAX_SPLITS`] weights per head.
-const fn shared_words(group: u32, head_dim: u32, warps: u32) -> u32 {
-    let accumulators = warps * group * (head_dim + 2);
+const fn shared_words(group: u32, head_dim: u32) -> u32 {
+    let accumulators = WARPS * group * (head_dim + 2);
     let merge = group * (1 + MAX_SPLITS);
     if accumulators > merge {
         accumulators
@@ -176,16 +153,16 @@ const fn shared_words(group: u32, head_dim: u32, warps: u32) -> u32 {
 
 /// Shortest split length (a whole number of iterations) that covers `tokens` in at most
 /// [`MAX_SPLITS`] splits.
-pub const fn shortest_split_len(tokens: u32, group: u32, head_dim: u32, warps: u32) -> u32 {
+pub const fn shortest_split_len(tokens: u32, group: u32, head_dim: u32) -> u32 {
     tokens
         .div_ceil(MAX_SPLITS)
-        .next_multiple_of(tokens_per_iteration(group, head_dim, warps))
+        .next_multiple_of(tokens_per_iteration(group, head_dim))
 }
 
 /// Dynamic shared memory of the split kernel: the region above, then one word telling the
 /// block whether it merges.
-pub const fn shared_bytes(group: u32, head_dim: u32, warps: u32) -> u32 {
-    shared_words(group, head_dim, warps) * 4 + 16
+pub const fn shared_bytes(group: u32, head_dim: u32) -> u32 {
+    shared_words(group, head_dim) * 4 + 16
 }
 
 /// Splits of a sequence of `len` tokens. (`NonZeroU32` division cannot panic, so the device
@@ -207,21 +184,21 @@ pub const fn partial_index(
         + q_head as usize
 }
 
-/// Entry-point name of the split kernel for a group size, head dimension and warps per block.
+/// Entry-point name of the split kernel for a group size and head dimension.
 #[cfg(not(target_arch = "nvptx64"))]
-pub fn kernel_name(group: u32, head_dim: u32, warps: u32) -> String {
-    format!("decode_attention_g{group}_d{head_dim}_w{warps}")
+pub fn kernel_name(group: u32, head_dim: u32) -> String {
+    format!("decode_attention_g{group}_d{head_dim}")
 }
 
 /// Entry-point name of a ShadowKV step's part ([`RESIDENT_TOKENS`] or [`FRESH_TOKENS`]).
 #[cfg(not(target_arch = "nvptx64"))]
-pub fn part_kernel_name(part: u32, group: u32, head_dim: u32, warps: u32) -> String {
+pub fn part_kernel_name(part: u32, group: u32, head_dim: u32) -> String {
     let part = if part == FRESH_TOKENS {
         "fresh"
     } else {
         "resident"
     };
-    format!("decode_attention_{part}_g{group}_d{head_dim}_w{warps}")
+    format!("decode_attention_{part}_g{group}_d{head_dim}")
 }
 
 // Register arrays are indexed by loop counters that unroll to constants; the index form keeps
@@ -241,24 +218,17 @@ mod kernel {
     /// ... from at most this many splits (more would cost the small groups registers, and
     /// with them blocks per SM, in the main loop).
     const MERGE_SPLITS: usize = 8;
-    /// Most output elements one thread merges: `MAX_GROUP * 128` over the threads of the
-    /// smaller block.
-    const MAX_MERGE_ELEMENTS: usize = (MAX_GROUP * 128 / threads(WARP_COUNTS[0])) as usize;
+    /// Most output elements one thread merges: `MAX_GROUP * 128 / THREADS`.
+    const MAX_MERGE_ELEMENTS: usize = (MAX_GROUP * 128 / THREADS) as usize;
 
     /// # Safety
     /// The host launcher validated every pointer and layout against the buffers' lengths,
     /// `group == G`, `head_dim == D`, and launched `(max_splits, kv_heads, batch)` blocks of
-    /// `threads(WARPS)` threads with [`shared_bytes`] (for `WARPS`) of dynamic shared memory.
+    /// [`THREADS`] threads with [`shared_bytes`] of dynamic shared memory.
     #[inline(always)]
-    pub unsafe fn decode_attention<
-        const G: usize,
-        const D: usize,
-        const PART: u32,
-        const WARPS: u32,
-    >(
+    pub unsafe fn decode_attention<const G: usize, const D: usize, const PART: u32>(
         p: &DecodeAttentionParams,
     ) {
-        let threads = threads(WARPS);
         let lanes = lanes_per_token(D as u32);
         let tokens_per_warp = 32 / lanes;
         let unroll_tokens = unroll(G as u32) as usize;
@@ -474,7 +444,7 @@ mod kernel {
                     *(p.partial_lse as *mut f32).add(at) = lse;
                 }
             }
-            index += threads as usize;
+            index += THREADS as usize;
         }
         if splits == 1 {
             return;
@@ -483,7 +453,7 @@ mod kernel {
         // The last block of this (sequence, kv_head) to finish merges every split.
         fence_gpu();
         sync_threads();
-        let merges = shared.add(shared_words(G as u32, D as u32, WARPS) as usize) as *mut u32;
+        let merges = shared.add(shared_words(G as u32, D as u32) as usize) as *mut u32;
         if thread_idx_x() == 0 {
             let counter = (p.counters as *mut u32).add((sequence * p.kv_heads + kv_head) as usize);
             let finished = atomic_add_u32(counter, 1) + 1;
@@ -539,10 +509,10 @@ mod kernel {
             g += WARPS as usize;
         }
         sync_threads();
-        // Each thread's elements (`index = tid + e * threads`) summed over the splits, with
+        // Each thread's elements (`index = tid + e * THREADS`) summed over the splits, with
         // up to `MERGE_LOADS` partial outputs in flight per thread: one L2 round trip per
         // `splits_per_round` splits for all of a thread's elements.
-        let elements = (G * D).div_ceil(threads as usize);
+        let elements = (G * D).div_ceil(THREADS as usize);
         let splits_per_round = (MERGE_LOADS / elements).clamp(1, MERGE_SPLITS);
         let partial_out = p.partial_out as *const f32;
         let tid = thread_idx_x() as usize;
@@ -555,7 +525,7 @@ mod kernel {
         while first < splits {
             let mut loaded = [[0.0f32; MERGE_LOADS]; MAX_MERGE_ELEMENTS];
             for e in 0..elements {
-                let index = min_usize(tid + e * threads as usize, last_index);
+                let index = min_usize(tid + e * THREADS as usize, last_index);
                 for u in 0..splits_per_round {
                     let split = min_u32(first + u as u32, last_split);
                     let at = lse_index(split, index / D) * D + index % D;
@@ -563,7 +533,7 @@ mod kernel {
                 }
             }
             for e in 0..elements {
-                let g = min_usize(tid + e * threads as usize, last_index) / D;
+                let g = min_usize(tid + e * THREADS as usize, last_index) / D;
                 for u in 0..splits_per_round {
                     let split = first + u as u32;
                     let weight = *weight_at(min_u32(split, last_split), g);
@@ -574,7 +544,7 @@ mod kernel {
             first += splits_per_round as u32;
         }
         for e in 0..elements {
-            let index = tid + e * threads as usize;
+            let index = tid + e * THREADS as usize;
             if index < G * D {
                 let (g, column) = (index / D, index % D);
                 let q_head = kv_head * G as u32 + g as u32;
@@ -618,109 +588,61 @@ mod kernel {
     /// One `extern "ptx-kernel"` entry per (part, group, head_dim) so the group's heads live
     /// in registers indexed by constants and the plain kernel carries no filter code.
     macro_rules! entries {
-        ($($name:ident = <$g:literal, $d:literal, $part:ident, $warps:literal>),* $(,)?) => {$(
+        ($($name:ident = <$g:literal, $d:literal, $part:ident>),* $(,)?) => {$(
             #[no_mangle]
             pub unsafe extern "ptx-kernel" fn $name(params: DecodeAttentionParams) {
-                decode_attention::<$g, $d, $part, $warps>(&params)
+                decode_attention::<$g, $d, $part>(&params)
             }
         )*};
     }
     entries! {
-        decode_attention_g1_d64_w4 = <1, 64, ALL_TOKENS, 4>,
-        decode_attention_g2_d64_w4 = <2, 64, ALL_TOKENS, 4>,
-        decode_attention_g3_d64_w4 = <3, 64, ALL_TOKENS, 4>,
-        decode_attention_g4_d64_w4 = <4, 64, ALL_TOKENS, 4>,
-        decode_attention_g5_d64_w4 = <5, 64, ALL_TOKENS, 4>,
-        decode_attention_g6_d64_w4 = <6, 64, ALL_TOKENS, 4>,
-        decode_attention_g7_d64_w4 = <7, 64, ALL_TOKENS, 4>,
-        decode_attention_g8_d64_w4 = <8, 64, ALL_TOKENS, 4>,
-        decode_attention_g1_d128_w4 = <1, 128, ALL_TOKENS, 4>,
-        decode_attention_g2_d128_w4 = <2, 128, ALL_TOKENS, 4>,
-        decode_attention_g3_d128_w4 = <3, 128, ALL_TOKENS, 4>,
-        decode_attention_g4_d128_w4 = <4, 128, ALL_TOKENS, 4>,
-        decode_attention_g5_d128_w4 = <5, 128, ALL_TOKENS, 4>,
-        decode_attention_g6_d128_w4 = <6, 128, ALL_TOKENS, 4>,
-        decode_attention_g7_d128_w4 = <7, 128, ALL_TOKENS, 4>,
-        decode_attention_g8_d128_w4 = <8, 128, ALL_TOKENS, 4>,
-        decode_attention_g1_d64_w8 = <1, 64, ALL_TOKENS, 8>,
-        decode_attention_g2_d64_w8 = <2, 64, ALL_TOKENS, 8>,
-        decode_attention_g3_d64_w8 = <3, 64, ALL_TOKENS, 8>,
-        decode_attention_g4_d64_w8 = <4, 64, ALL_TOKENS, 8>,
-        decode_attention_g5_d64_w8 = <5, 64, ALL_TOKENS, 8>,
-        decode_attention_g6_d64_w8 = <6, 64, ALL_TOKENS, 8>,
-        decode_attention_g7_d64_w8 = <7, 64, ALL_TOKENS, 8>,
-        decode_attention_g8_d64_w8 = <8, 64, ALL_TOKENS, 8>,
-        decode_attention_g1_d128_w8 = <1, 128, ALL_TOKENS, 8>,
-        decode_attention_g2_d128_w8 = <2, 128, ALL_TOKENS, 8>,
-        decode_attention_g3_d128_w8 = <3, 128, ALL_TOKENS, 8>,
-        decode_attention_g4_d128_w8 = <4, 128, ALL_TOKENS, 8>,
-        decode_attention_g5_d128_w8 = <5, 128, ALL_TOKENS, 8>,
-        decode_attention_g6_d128_w8 = <6, 128, ALL_TOKENS, 8>,
-        decode_attention_g7_d128_w8 = <7, 128, ALL_TOKENS, 8>,
-        decode_attention_g8_d128_w8 = <8, 128, ALL_TOKENS, 8>,
-        decode_attention_resident_g1_d64_w4 = <1, 64, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g2_d64_w4 = <2, 64, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g3_d64_w4 = <3, 64, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g4_d64_w4 = <4, 64, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g5_d64_w4 = <5, 64, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g6_d64_w4 = <6, 64, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g7_d64_w4 = <7, 64, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g8_d64_w4 = <8, 64, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g1_d128_w4 = <1, 128, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g2_d128_w4 = <2, 128, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g3_d128_w4 = <3, 128, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g4_d128_w4 = <4, 128, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g5_d128_w4 = <5, 128, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g6_d128_w4 = <6, 128, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g7_d128_w4 = <7, 128, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g8_d128_w4 = <8, 128, RESIDENT_TOKENS, 4>,
-        decode_attention_resident_g1_d64_w8 = <1, 64, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g2_d64_w8 = <2, 64, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g3_d64_w8 = <3, 64, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g4_d64_w8 = <4, 64, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g5_d64_w8 = <5, 64, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g6_d64_w8 = <6, 64, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g7_d64_w8 = <7, 64, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g8_d64_w8 = <8, 64, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g1_d128_w8 = <1, 128, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g2_d128_w8 = <2, 128, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g3_d128_w8 = <3, 128, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g4_d128_w8 = <4, 128, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g5_d128_w8 = <5, 128, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g6_d128_w8 = <6, 128, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g7_d128_w8 = <7, 128, RESIDENT_TOKENS, 8>,
-        decode_attention_resident_g8_d128_w8 = <8, 128, RESIDENT_TOKENS, 8>,
-        decode_attention_fresh_g1_d64_w4 = <1, 64, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g2_d64_w4 = <2, 64, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g3_d64_w4 = <3, 64, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g4_d64_w4 = <4, 64, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g5_d64_w4 = <5, 64, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g6_d64_w4 = <6, 64, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g7_d64_w4 = <7, 64, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g8_d64_w4 = <8, 64, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g1_d128_w4 = <1, 128, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g2_d128_w4 = <2, 128, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g3_d128_w4 = <3, 128, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g4_d128_w4 = <4, 128, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g5_d128_w4 = <5, 128, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g6_d128_w4 = <6, 128, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g7_d128_w4 = <7, 128, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g8_d128_w4 = <8, 128, FRESH_TOKENS, 4>,
-        decode_attention_fresh_g1_d64_w8 = <1, 64, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g2_d64_w8 = <2, 64, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g3_d64_w8 = <3, 64, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g4_d64_w8 = <4, 64, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g5_d64_w8 = <5, 64, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g6_d64_w8 = <6, 64, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g7_d64_w8 = <7, 64, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g8_d64_w8 = <8, 64, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g1_d128_w8 = <1, 128, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g2_d128_w8 = <2, 128, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g3_d128_w8 = <3, 128, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g4_d128_w8 = <4, 128, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g5_d128_w8 = <5, 128, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g6_d128_w8 = <6, 128, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g7_d128_w8 = <7, 128, FRESH_TOKENS, 8>,
-        decode_attention_fresh_g8_d128_w8 = <8, 128, FRESH_TOKENS, 8>,
+        decode_attention_g1_d64 = <1, 64, ALL_TOKENS>,
+        decode_attention_g2_d64 = <2, 64, ALL_TOKENS>,
+        decode_attention_g3_d64 = <3, 64, ALL_TOKENS>,
+        decode_attention_g4_d64 = <4, 64, ALL_TOKENS>,
+        decode_attention_g5_d64 = <5, 64, ALL_TOKENS>,
+        decode_attention_g6_d64 = <6, 64, ALL_TOKENS>,
+        decode_attention_g7_d64 = <7, 64, ALL_TOKENS>,
+        decode_attention_g8_d64 = <8, 64, ALL_TOKENS>,
+        decode_attention_g1_d128 = <1, 128, ALL_TOKENS>,
+        decode_attention_g2_d128 = <2, 128, ALL_TOKENS>,
+        decode_attention_g3_d128 = <3, 128, ALL_TOKENS>,
+        decode_attention_g4_d128 = <4, 128, ALL_TOKENS>,
+        decode_attention_g5_d128 = <5, 128, ALL_TOKENS>,
+        decode_attention_g6_d128 = <6, 128, ALL_TOKENS>,
+        decode_attention_g7_d128 = <7, 128, ALL_TOKENS>,
+        decode_attention_g8_d128 = <8, 128, ALL_TOKENS>,
+        decode_attention_resident_g1_d64 = <1, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g2_d64 = <2, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g3_d64 = <3, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g4_d64 = <4, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g5_d64 = <5, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g6_d64 = <6, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g7_d64 = <7, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g8_d64 = <8, 64, RESIDENT_TOKENS>,
+        decode_attention_resident_g1_d128 = <1, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g2_d128 = <2, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g3_d128 = <3, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g4_d128 = <4, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g5_d128 = <5, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g6_d128 = <6, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g7_d128 = <7, 128, RESIDENT_TOKENS>,
+        decode_attention_resident_g8_d128 = <8, 128, RESIDENT_TOKENS>,
+        decode_attention_fresh_g1_d64 = <1, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g2_d64 = <2, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g3_d64 = <3, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g4_d64 = <4, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g5_d64 = <5, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g6_d64 = <6, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g7_d64 = <7, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g8_d64 = <8, 64, FRESH_TOKENS>,
+        decode_attention_fresh_g1_d128 = <1, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g2_d128 = <2, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g3_d128 = <3, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g4_d128 = <4, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g5_d128 = <5, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g6_d128 = <6, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g7_d128 = <7, 128, FRESH_TOKENS>,
+        decode_attention_fresh_g8_d128 = <8, 128, FRESH_TOKENS>,
     }
 }
