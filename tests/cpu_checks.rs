@@ -438,7 +438,8 @@ fn prefill_reference_of_the_last_query_is_decode_attention() {
 fn topk_clusters_only_long_sequences_at_small_batches() {
     use shadowkv::topk::kernel_layout::{block_landmarks, cluster_blocks, shared_scores};
     // H100: 132 SMs; Llama-3-8B has 8 KV heads per sequence.
-    assert_eq!(cluster_blocks(132, 8, 15_304), 1, "122K tokens: one block");
+    assert_eq!(cluster_blocks(132, 8, 4_040), 1, "32K tokens: one block");
+    assert_eq!(cluster_blocks(132, 8, 15_304), 4, "122K tokens: four");
     assert_eq!(
         cluster_blocks(132, 8, 131_016),
         8,
