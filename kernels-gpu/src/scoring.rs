@@ -14,7 +14,9 @@ use core::num::NonZeroU32;
 
 pub const WARPS: u32 = 4;
 pub const THREADS: u32 = WARPS * 32;
-/// Landmarks per block, longest first: [`tile_len`] picks one per batch.
+/// Landmarks per block, longest first: [`tile_len`] picks one per batch. (64 as well: 1 x 32K
+/// took 7.1 µs against 7.4, but 1 x 122K then picks it too and went 16.3 -> 17.8 µs; H100,
+/// 2026-11-24.)
 pub const TILE_LENS: [u32; 3] = [512, 256, 128];
 /// Blocks a scoring launch aims for at least (about 8 per multiprocessor on an H100): each
 /// warp walks its rows one load latency at a time, so a small batch needs shorter tiles (more
