@@ -72,7 +72,23 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<KernelName, CudaFunction>>,
+    /// The dynamic shared memory each kernel was opted in to (the largest asked for so far):
+    /// a launch that needs no more skips the driver call.
+    shared_opt_ins: Mutex<HashMap<KernelName, u32>>,
+    /// [`Gpu::clusters_fit`]'s answers by kernel, block size, dynamic shared memory and
+    /// cluster size: one occupancy query each, not one per launch.
+    cluster_fits: Mutex<HashMap<ClusterFitKey, bool>>,
     info: DeviceInfo,
+}
+
+/// What decides whether a cluster fits: kernel, threads per block, dynamic shared memory and
+/// blocks per cluster.
+type ClusterFitKey = (KernelName, (u32, u32, u32), u32, u32);
+
+/// A map behind a mutex, usable after a panic elsewhere poisoned it (its entries are plain
+/// values, each written whole).
+fn locked<K, V>(map: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A kernel's parameter struct, passed by value as the kernel's single `.param` aggregate.
@@ -121,6 +137,8 @@ impl Gpu {
             stream,
             module,
             functions: Mutex::new(HashMap::new()),
+            shared_opt_ins: Mutex::new(HashMap::new()),
+            cluster_fits: Mutex::new(HashMap::new()),
             info,
         })
     }
@@ -163,10 +181,7 @@ impl Gpu {
 
     /// The loaded function of a kernel, cached.
     pub fn function(&self, kernel: KernelName) -> Result<CudaFunction> {
-        let mut functions = self
-            .functions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut functions = locked(&self.functions);
         if let Some(function) = functions.get(&kernel) {
             return Ok(function.clone());
         }
@@ -180,10 +195,17 @@ impl Gpu {
     fn function_with_shared(&self, kernel: KernelName, shared_bytes: u32) -> Result<CudaFunction> {
         let function = self.function(kernel)?;
         if shared_bytes > 48 * 1024 {
-            function.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_bytes as i32,
-            )?;
+            let mut opt_ins = locked(&self.shared_opt_ins);
+            if opt_ins
+                .get(&kernel)
+                .is_none_or(|&granted| granted < shared_bytes)
+            {
+                function.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )?;
+                opt_ins.insert(kernel, shared_bytes);
+            }
         }
         Ok(function)
     }
@@ -289,7 +311,9 @@ impl Gpu {
     /// Whether clusters of `cluster_blocks` blocks of `kernel`, launched as `config` says,
     /// can run at all on this GPU (`cuOccupancyMaxActiveClusters` above 0): every block of a
     /// cluster must be resident at once on one GPU processing cluster, which a partitioned
-    /// GPU (MIG) or a smaller one may not offer. Always true for 1 block.
+    /// GPU (MIG) or a smaller one may not offer. Always true for 1 block. The answer is kept
+    /// per kernel, block size, shared memory and cluster size (the top-k asks at every
+    /// clustered launch).
     pub fn clusters_fit(
         &self,
         kernel: KernelName,
@@ -299,6 +323,15 @@ impl Gpu {
         if cluster_blocks <= 1 {
             return Ok(true);
         }
+        let key = (
+            kernel,
+            config.block_dim,
+            config.shared_mem_bytes,
+            cluster_blocks,
+        );
+        if let Some(&fits) = locked(&self.cluster_fits).get(&key) {
+            return Ok(fits);
+        }
         let function = self.function_with_shared(kernel, config.shared_mem_bytes)?;
         let mut attribute = cluster_attribute(cluster_blocks);
         let query = cluster_launch_config(&config, std::ptr::null_mut(), &mut attribute);
@@ -306,6 +339,7 @@ impl Gpu {
         // SAFETY: the config and attribute outlive the call; `clusters` receives one int.
         unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, function.cu_function(), &query) }
             .result()?;
+        locked(&self.cluster_fits).insert(key, clusters > 0);
         Ok(clusters > 0)
     }
 }
