@@ -301,13 +301,9 @@ pub mod bench {
     pub fn steady_ms(
         gpu: &Gpu,
         stream: &shadowkv::cudarc::driver::CudaStream,
-        mut work: impl FnMut() -> shadowkv::Result<()>,
+        work: impl FnMut() -> shadowkv::Result<()>,
     ) -> shadowkv::Result<f64> {
-        let mut times = Vec::new();
-        for _ in 0..15 {
-            times.push(gpu.time_ms(stream, 20, &mut work)?);
-        }
-        Ok(median(&mut times) as f64)
+        Ok(median(&mut samples(gpu, stream, work)?) as f64)
     }
 
     /// A ceiling's device time of one call: as [`steady_ms`] after one warm-up sample, but
@@ -320,11 +316,21 @@ pub mod bench {
         mut work: impl FnMut() -> shadowkv::Result<()>,
     ) -> shadowkv::Result<f64> {
         gpu.time_ms(stream, 20, &mut work)?;
-        let mut best = f32::INFINITY;
-        for _ in 0..15 {
-            best = best.min(gpu.time_ms(stream, 20, &mut work)?);
-        }
-        Ok(best as f64)
+        let fastest = samples(gpu, stream, work)?
+            .into_iter()
+            .fold(f32::INFINITY, f32::min);
+        Ok(fastest as f64)
+    }
+
+    /// 15 samples of the device time of one call, each over 20 back-to-back calls.
+    fn samples(
+        gpu: &Gpu,
+        stream: &shadowkv::cudarc::driver::CudaStream,
+        mut work: impl FnMut() -> shadowkv::Result<()>,
+    ) -> shadowkv::Result<Vec<f32>> {
+        (0..15)
+            .map(|_| gpu.time_ms(stream, 20, &mut work))
+            .collect()
     }
 
     /// cuBLAS bf16 GEMM rate (FLOP/s) at 8192^3, f32 accumulate, median of 6: the tensor-core

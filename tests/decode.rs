@@ -193,6 +193,58 @@ fn scored(
     })
 }
 
+/// Poisoned top-k outputs for `batch`: NaN scores, and selection entries no chunk id has.
+fn poisoned_topk_outputs(
+    gpu: &Gpu,
+    batch: &ShadowBatch,
+) -> Result<(CudaSlice<f32>, CudaSlice<u32>), String> {
+    let stream = gpu.stream();
+    Ok((
+        stream
+            .clone_htod(&vec![f32::NAN; batch.extents().landmark_rows])
+            .map_err(s)?,
+        stream
+            .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
+            .map_err(s)?,
+    ))
+}
+
+/// The top-k alone over `scored`'s logits, in clusters of `cluster_blocks` (as `topk::run`
+/// takes it), on poisoned outputs: the scores and the selection it wrote.
+fn topk_alone(
+    gpu: &Gpu,
+    scored: &Scored,
+    cluster_blocks: Option<u32>,
+) -> Result<(Vec<f32>, Vec<u32>), String> {
+    let stream = gpu.stream();
+    let batch = &scored.batch;
+    let (mut scores, mut selection) = poisoned_topk_outputs(gpu, batch)?;
+    topk::run(
+        gpu,
+        stream,
+        batch,
+        batch.whole(),
+        &scored.logits,
+        &scored.tile_stats,
+        &scored.chunk_ids,
+        &mut scores,
+        &mut selection,
+        cluster_blocks,
+    )
+    .map_err(s)?;
+    Ok((
+        stream.clone_dtoh(&scores).map_err(s)?,
+        stream.clone_dtoh(&selection).map_err(s)?,
+    ))
+}
+
+/// Whether two score buffers hold the same floats, bit for bit.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.iter()
+        .map(|x| x.to_bits())
+        .eq(b.iter().map(|x| x.to_bits()))
+}
+
 /// Landmarks drawn from `rows` distinct random rows only: most scores tie, and the k-th
 /// falls inside a tie.
 fn tie_landmarks(rng: &mut StdRng, config: &ShadowConfig, host: &mut HostLayer, rows: usize) {
@@ -213,15 +265,7 @@ fn check_scoring(
     seed: u64,
     tied_rows: Option<usize>,
 ) -> Result<(f64, f64), String> {
-    let Scored {
-        host,
-        q,
-        batch,
-        chunk_ids,
-        logits,
-        tile_stats,
-        scale,
-    } = scored(
+    let scored = scored(
         gpu,
         config,
         specs,
@@ -229,7 +273,6 @@ fn check_scoring(
         tied_rows,
     )?;
     let stream = gpu.stream();
-    let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
     // The top-k as `run` picks it, then in clusters of 1, 3 and 8 blocks per head: the
     // same scores and the same selection, each run on poisoned outputs.
     let mut outputs = Vec::new();
@@ -237,46 +280,30 @@ fn check_scoring(
         if cluster_blocks.is_some_and(|blocks| blocks > 1) && !gpu.has_clusters() {
             continue;
         }
-        let mut scores = nan(batch.extents().landmark_rows)?;
-        let mut selection = stream
-            .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
-            .map_err(s)?;
-        let blocks =
-            cluster_blocks.unwrap_or_else(|| topk::cluster_blocks(gpu, &batch, batch.whole()));
-        topk::run(
-            gpu,
-            stream,
-            &batch,
-            batch.whole(),
-            &logits,
-            &tile_stats,
-            &chunk_ids,
-            &mut scores,
-            &mut selection,
-            cluster_blocks,
-        )
-        .map_err(s)?;
-        outputs.push((
-            blocks,
-            stream.clone_dtoh(&scores).map_err(s)?,
-            stream.clone_dtoh(&selection).map_err(s)?,
-        ));
+        let blocks = cluster_blocks
+            .unwrap_or_else(|| topk::cluster_blocks(gpu, &scored.batch, scored.batch.whole()));
+        let (scores, selection) = topk_alone(gpu, &scored, cluster_blocks)?;
+        outputs.push((blocks, scores, selection));
     }
     let (_, first_scores, _) = &outputs[0];
     for (blocks, scores, _) in &outputs {
-        if scores
-            .iter()
-            .map(|x| x.to_bits())
-            .ne(first_scores.iter().map(|x| x.to_bits()))
-        {
+        if !same_bits(scores, first_scores) {
             return Err(format!(
                 "top-k in clusters of {blocks} wrote other scores than in clusters of {}",
                 outputs[0].0
             ));
         }
     }
-    let gpu_logits = stream.clone_dtoh(&logits).map_err(s)?;
-    let gpu_scores = per_head(&host, config, first_scores);
+    let Scored {
+        host,
+        q,
+        logits,
+        scale,
+        ..
+    } = &scored;
+    let (q, scale) = (q.as_slice(), *scale);
+    let gpu_logits = stream.clone_dtoh(logits).map_err(s)?;
+    let gpu_scores = per_head(host, config, first_scores);
     let (mut logit_error, mut score_error) = (0.0f64, 0.0f64);
     let k = config.budget_chunks;
     for (b, sequence) in host.sequences.iter().enumerate() {
@@ -287,7 +314,7 @@ fn check_scoring(
                 sequence,
                 b,
                 h,
-                &q,
+                q,
                 &host.landmarks,
                 scale as f64,
             );
@@ -555,6 +582,8 @@ fn check_topk_with_plan(
 ) -> Result<(), String> {
     let stream = gpu.stream();
     let mut rng = StdRng::seed_from_u64(seed);
+    let scored = scored(gpu, config, specs, &mut rng, None)?;
+    let alone = topk_alone(gpu, &scored, None)?;
     let Scored {
         host,
         batch,
@@ -562,31 +591,7 @@ fn check_topk_with_plan(
         logits,
         tile_stats,
         ..
-    } = scored(gpu, config, specs, &mut rng, None)?;
-    let nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).map_err(s);
-    let poisoned_selection = || {
-        stream
-            .clone_htod(&vec![u32::MAX - 1; batch.slot_entries()])
-            .map_err(s)
-    };
-    let (mut scores, mut selection) = (nan(batch.extents().landmark_rows)?, poisoned_selection()?);
-    topk::run(
-        gpu,
-        stream,
-        &batch,
-        batch.whole(),
-        &logits,
-        &tile_stats,
-        &chunk_ids,
-        &mut scores,
-        &mut selection,
-        None,
-    )
-    .map_err(s)?;
-    let alone = (
-        stream.clone_dtoh(&scores).map_err(s)?,
-        stream.clone_dtoh(&selection).map_err(s)?,
-    );
+    } = &scored;
     let k = config.budget_chunks;
     let mut resident = Vec::new();
     for (index, chosen) in alone.1.chunks(k).enumerate() {
@@ -607,17 +612,16 @@ fn check_topk_with_plan(
             continue;
         }
         let mut d_resident = stream.clone_htod(&resident).map_err(s)?;
-        let mut outputs = poisoned_plan_outputs(gpu, &batch)?;
-        let (mut scores, mut selection) =
-            (nan(batch.extents().landmark_rows)?, poisoned_selection()?);
+        let mut outputs = poisoned_plan_outputs(gpu, batch)?;
+        let (mut scores, mut selection) = poisoned_topk_outputs(gpu, batch)?;
         topk::run_and_plan(
             gpu,
             stream,
-            &batch,
+            batch,
             batch.whole(),
-            &logits,
-            &tile_stats,
-            &chunk_ids,
+            logits,
+            tile_stats,
+            chunk_ids,
             &mut scores,
             &mut selection,
             &mut d_resident,
@@ -632,13 +636,12 @@ fn check_topk_with_plan(
             stream.clone_dtoh(&scores).map_err(s)?,
             stream.clone_dtoh(&selection).map_err(s)?,
         );
-        let bits = |scores: &[f32]| scores.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        if bits(&with_plan.0) != bits(&alone.0) || with_plan.1 != alone.1 {
+        if !same_bits(&with_plan.0, &alone.0) || with_plan.1 != alone.1 {
             return Err(format!(
                 "top-k with the plan (clusters {cluster_blocks:?}) wrote other scores or another selection than alone for {config:?}"
             ));
         }
-        compare_plan(gpu, &batch, &alone.1, &resident, &d_resident, &outputs)?;
+        compare_plan(gpu, batch, &alone.1, &resident, &d_resident, &outputs)?;
     }
     Ok(())
 }

@@ -7,8 +7,9 @@
 //! the flattened `[sequence, Hkv, budget_chunks]` miss lists, skipping those past their head's
 //! count. (Flattened miss-major instead, so that every warp has a miss, the fetch took 22.1
 //! µs against 21.2 at 1 x 122K and 283 against 271 at 16 x 122K, and the batch-16 step 495
-//! against 469 µs on the H100: more reads in flight only queue.) The host sizes the grid for just enough reads in flight to fill PCIe: more only
-//! queue in the memory system and slow the kernels that run beside the fetch.
+//! against 469 µs on the H100: more reads in flight only queue.) The host sizes the grid for
+//! just enough reads in flight to fill PCIe: more only queue in the memory system and slow
+//! the kernels that run beside the fetch.
 
 use crate::shadow::ShadowShape;
 
