@@ -13,6 +13,7 @@ use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use half::bf16;
 use rand::{rngs::StdRng, SeedableRng};
 use shadowkv::cudarc::driver::{CudaSlice, CudaStream};
+use shadowkv::plan::PlanBuffers;
 use shadowkv::{
     fetch, plan, rebuild, scoring, topk, DecodeAttention, DecodeAttentionPlan,
     DecodeAttentionShape, DecodeStep, Gpu, LayerValues, PinnedBuffer, RopeConfig, SequenceLayout,
@@ -453,11 +454,13 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &l.batch,
                     l.batch.whole(),
                     &w.selection,
-                    &mut l.resident,
-                    &mut w.misses,
-                    &mut w.miss_counts,
-                    &mut w.fresh,
-                    0,
+                    PlanBuffers {
+                        resident: &mut l.resident,
+                        misses: &mut w.misses,
+                        miss_counts: &mut w.miss_counts,
+                        fresh: &mut w.fresh,
+                        host_miss_counts: 0,
+                    },
                 )
             })? - restore_ms;
             row("plan (80% hits)", plan_ms, (String::new(), String::new()));
@@ -474,11 +477,13 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &l.chunk_ids,
                     &mut w.scores,
                     &mut w.selection,
-                    &mut l.resident,
-                    &mut w.misses,
-                    &mut w.miss_counts,
-                    &mut w.fresh,
-                    0,
+                    PlanBuffers {
+                        resident: &mut l.resident,
+                        misses: &mut w.misses,
+                        miss_counts: &mut w.miss_counts,
+                        fresh: &mut w.fresh,
+                        host_miss_counts: 0,
+                    },
                     None,
                 )
             })? - restore_ms;

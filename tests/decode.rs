@@ -7,6 +7,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::cudarc::driver::CudaSlice;
+use shadowkv::plan::PlanBuffers;
 use shadowkv::reference::decode_step::{decode_step, HostLayer};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::shadow::ShadowBatch;
@@ -492,6 +493,20 @@ fn poisoned_plan_outputs(gpu: &Gpu, batch: &ShadowBatch) -> Result<PlanOutputs, 
     ))
 }
 
+/// A plan's buffers: `resident` and `outputs`, no mapped host counts.
+fn plan_buffers<'a>(
+    resident: &'a mut CudaSlice<u32>,
+    (misses, miss_counts, fresh): &'a mut PlanOutputs,
+) -> PlanBuffers<'a> {
+    PlanBuffers {
+        resident,
+        misses,
+        miss_counts,
+        fresh,
+        host_miss_counts: 0,
+    }
+}
+
 /// The GPU's plan (`resident` after it, and `outputs`) against the reference plan of
 /// `selection` over `resident_before`, exactly.
 fn compare_plan(
@@ -561,11 +576,7 @@ fn check_plan(
         &batch,
         batch.whole(),
         &d_selection,
-        &mut d_resident,
-        &mut outputs.0,
-        &mut outputs.1,
-        &mut outputs.2,
-        0,
+        plan_buffers(&mut d_resident, &mut outputs),
     )
     .map_err(s)?;
     compare_plan(gpu, &batch, &selection, &resident, &d_resident, &outputs)
@@ -624,11 +635,7 @@ fn check_topk_with_plan(
             chunk_ids,
             &mut scores,
             &mut selection,
-            &mut d_resident,
-            &mut outputs.0,
-            &mut outputs.1,
-            &mut outputs.2,
-            0,
+            plan_buffers(&mut d_resident, &mut outputs),
             cluster_blocks,
         )
         .map_err(s)?;

@@ -30,6 +30,7 @@ use crate::attention::{
 use crate::error::{check_len, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::pinned::PinnedBuffer;
+use crate::plan::PlanBuffers;
 use crate::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
 use crate::{fetch, rebuild, scoring, topk};
 
@@ -573,11 +574,13 @@ fn select(
         &layer.chunk_ids,
         &mut w.scores,
         &mut w.selection,
-        &mut layer.resident,
-        &mut w.misses,
-        &mut w.miss_counts,
-        &mut w.fresh,
-        w.host_miss_counts.device_address(),
+        PlanBuffers {
+            resident: &mut layer.resident,
+            misses: &mut w.misses,
+            miss_counts: &mut w.miss_counts,
+            fresh: &mut w.fresh,
+            host_miss_counts: w.host_miss_counts.device_address(),
+        },
         None,
     )?;
     mark(timeline, gpu, "topk + plan", stream)

@@ -1,6 +1,6 @@
 //! Cache-aware plan (see `shadowkv_kernels::plan`): hits keep their slots, misses take the
 //! freed ones; writes the miss list and counts and updates the resident ids.
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 pub use shadowkv_kernels::plan as kernel_layout;
 use shadowkv_kernels::plan::{self as layout, PlanParams};
 
@@ -30,36 +30,31 @@ pub fn check_fits(gpu: &Gpu, batch: &ShadowBatch) -> Result<u32> {
     Ok(words)
 }
 
-/// Runs the plan for the sequences in `part`; `fresh` (`[batch, Hkv, budget_chunks]`) receives 1 for each slot filled by
-/// a miss and 0 elsewhere. `host_miss_counts`, if not 0, is the device address of `[batch, Hkv]` u32 in
-/// mapped host memory that also receives the counts (the step's statistics, read without a
-/// device-to-host copy).
-#[allow(clippy::too_many_arguments)]
+/// What a plan reads and writes besides the selection, for a batch's `[batch, Hkv,
+/// budget_chunks]` slots: `resident`, the chunk id in each slot (updated in place); `misses`
+/// and `miss_counts` (`[batch, Hkv]`), the miss list; `fresh`, 1 for each slot filled by a
+/// miss and 0 elsewhere; `host_miss_counts`, if not 0, the device address of `[batch, Hkv]`
+/// u32 in mapped host memory that also receives the counts (the step's statistics, read
+/// without a device-to-host copy).
+pub struct PlanBuffers<'a> {
+    pub resident: &'a mut CudaSlice<u32>,
+    pub misses: &'a mut CudaSlice<Miss>,
+    pub miss_counts: &'a mut CudaSlice<u32>,
+    pub fresh: &'a mut CudaSlice<u32>,
+    pub host_miss_counts: u64,
+}
+
+/// Runs the plan of `selection` for the sequences in `part` into `buffers`.
 pub fn run(
     gpu: &Gpu,
     stream: &CudaStream,
     batch: &ShadowBatch,
     part: BatchPart,
     selection: &impl DevicePtr<u32>,
-    resident: &mut impl DevicePtrMut<u32>,
-    misses: &mut impl DevicePtrMut<Miss>,
-    miss_counts: &mut impl DevicePtrMut<u32>,
-    fresh: &mut impl DevicePtrMut<u32>,
-    host_miss_counts: u64,
+    buffers: PlanBuffers,
 ) -> Result<()> {
     let config = batch.config();
-    let params = params(
-        gpu,
-        stream,
-        batch,
-        part,
-        selection,
-        resident,
-        misses,
-        miss_counts,
-        fresh,
-        host_miss_counts,
-    )?;
+    let params = params(gpu, stream, batch, part, selection, buffers)?;
     let launch = LaunchConfig {
         grid_dim: (config.kv_heads as u32, part.count() as u32, 1),
         block_dim: (layout::THREADS, 1, 1),
@@ -83,19 +78,21 @@ pub fn run(
 
 /// The plan's parameters for `part`, its buffers validated as [`run`] does; for a launch on
 /// `stream` (the plan kernel's or the top-k's, see `topk::run_and_plan`).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn params(
     gpu: &Gpu,
     stream: &CudaStream,
     batch: &ShadowBatch,
     part: BatchPart,
     selection: &impl DevicePtr<u32>,
-    resident: &mut impl DevicePtrMut<u32>,
-    misses: &mut impl DevicePtrMut<Miss>,
-    miss_counts: &mut impl DevicePtrMut<u32>,
-    fresh: &mut impl DevicePtrMut<u32>,
-    host_miss_counts: u64,
+    buffers: PlanBuffers,
 ) -> Result<PlanParams> {
+    let PlanBuffers {
+        resident,
+        misses,
+        miss_counts,
+        fresh,
+        host_miss_counts,
+    } = buffers;
     let entries = batch.slot_entries();
     check_reach("selection", selection.len(), entries)?;
     check_reach("resident", resident.len(), entries)?;

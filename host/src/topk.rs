@@ -7,9 +7,9 @@ use shadowkv_kernels::topk::{self as layout, TopkParams};
 use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::KernelName;
-use crate::plan;
+use crate::plan::{self, PlanBuffers};
 use crate::scoring::{logits_len, tile_stats_len};
-use crate::shadow::{BatchPart, Miss, ShadowBatch};
+use crate::shadow::{BatchPart, ShadowBatch};
 
 /// Writes each landmark's `score` (max over the group of its softmax weight) and the chunk
 /// ids of the `budget_chunks` highest scores of every (sequence, KV head) into `selection`
@@ -60,7 +60,7 @@ pub fn cluster_blocks(gpu: &Gpu, batch: &ShadowBatch, part: BatchPart) -> u32 {
     )
 }
 
-/// [`run`], then in the same blocks the cache-aware plan of the new selection
+/// [`run`], then in the same blocks the cache-aware plan of the new selection into `plan`
 /// ([`plan::run`] with the same buffers): one launch where the two take two. `cluster_blocks`
 /// as for [`run`].
 #[allow(clippy::too_many_arguments)]
@@ -74,25 +74,10 @@ pub fn run_and_plan(
     chunk_ids: &impl DevicePtr<u32>,
     scores: &mut impl DevicePtrMut<f32>,
     selection: &mut (impl DevicePtr<u32> + DevicePtrMut<u32>),
-    resident: &mut impl DevicePtrMut<u32>,
-    misses: &mut impl DevicePtrMut<Miss>,
-    miss_counts: &mut impl DevicePtrMut<u32>,
-    fresh: &mut impl DevicePtrMut<u32>,
-    host_miss_counts: u64,
+    plan: PlanBuffers,
     cluster_blocks: Option<u32>,
 ) -> Result<()> {
-    let plan = plan::params(
-        gpu,
-        stream,
-        batch,
-        part,
-        selection,
-        resident,
-        misses,
-        miss_counts,
-        fresh,
-        host_miss_counts,
-    )?;
+    let plan = plan::params(gpu, stream, batch, part, selection, plan)?;
     launch(
         gpu,
         stream,
