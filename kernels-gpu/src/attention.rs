@@ -496,7 +496,7 @@ mod kernel {
                 merged = merge_softmax_stats(merged, (split_lse, 1.0));
                 split += 32;
             }
-            let (max_lse, sum) = warp_merge_softmax_stats(merged, 1);
+            let (max_lse, sum) = warp_merge_softmax_stats(merged, 1, 32);
             let inverse_sum = reciprocal(sum);
             let mut split = lane;
             while split < splits {

@@ -5,8 +5,14 @@
 //! second pass over the landmarks.
 //!
 //! Blocks are `(tile, kv_head, sequence)`; a tile is `tile_len` landmarks (see [`tile_len`]),
-//! a quarter per warp, `32 / lanes_per_row` landmarks per warp row and [`UNROLL`] rows loaded
-//! ahead (double-buffered, as in `attention`).
+//! a quarter per warp. The products run on the tensor cores (`tile::group_dots`: the group's
+//! queries against 8 landmarks per `mma.m16n8k16`), [`UNROLL`] groups of 8 loaded ahead
+//! (double-buffered, as in `attention`). With the products on the CUDA cores (16 lanes per
+//! landmark, shuffle reductions) scoring was bound by its instructions (Nsight Compute, in
+//! `docs/experiments/scoring-bulk-ring-h100.log`: 2.5 instructions per cycle at 16 x 32K); on
+//! the tensor cores 1 x 122K issues in 16% of the cycles and waits on its loads. H100, against
+//! the last stop's bench: 1 x 122K 16.3 -> 14.9 µs, 1 x 32K 7.4 -> 6.8, 16 x 122K 81.7 ->
+//! 85.8% of copy, 16 x 32K 84.6 -> 91.6% (`docs/scoring-tensor-cores-h100.log`).
 
 use crate::shadow::ShadowShape;
 
@@ -24,16 +30,14 @@ pub const TILE_LENS: [u32; 3] = [512, 256, 128];
 /// (Tiles sized for exactly one wave, 528 blocks, measured 3% faster at 1 x 122K and 22%
 /// slower at 16 x 122K: `docs/scoring-one-wave-tiles-h100.log`.)
 pub const MIN_BLOCKS: usize = 1024;
-/// Rows of landmarks each lane group loads before using them. Measured on the H100 at batch
-/// 16 x 122K, before each lane kept one head's statistics (`docs/scoring-unroll*-h100.log`):
-/// 2 gave 75.8% of copy, 4 gave 79.1%, 8 gave
-/// 65.1% (its registers leave fewer blocks per SM). Streaming the rows through a 4-step
-/// `cp.async` ring per warp instead (`docs/experiments/scoring-cp-async.diff`, 104 registers)
-/// gave 79.3% there and 68.2% at 16 x 32K (`docs/scoring-cp-async-h100.log`): bytes in
-/// flight are not what holds it below copy speed.
-pub const UNROLL: u32 = 4;
-/// bf16 values per 16-byte vector.
-pub const VECTOR: u32 = 8;
+/// Groups of 8 landmarks each warp loads before using them (each lane holds 4 vectors of
+/// every group at head_dim 128). H100 (`docs/scoring-tensor-cores-h100.log`): 2 (116
+/// registers) against 1 (82): 1 x 122K 14.9 / 15.1 µs, 16 x 32K 91.6 / 87.8% of copy.
+/// Measured and not kept, both at 16 x 32K and 1 x 122K: the copy engine bringing each tile
+/// through a 4-stage shared-memory ring (`docs/experiments/scoring-bulk-ring*`; 75.7% and
+/// 52.8% of copy, before the tensor cores) and an L2 prefetch of each block's tile (77.6%
+/// and 63.2%, with them).
+pub const UNROLL: u32 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -110,7 +114,8 @@ mod kernel {
     use crate::device::*;
     use crate::shadow::ShadowSequence;
     use crate::tile::{
-        load_query, merge_softmax_stats, row_dots, scale_query, warp_merge_softmax_stats,
+        group_dots, load_group_query, load_mma_row, merge_softmax_stats, warp_merge_softmax_stats,
+        GROUP_ROWS, MMA_ROW_VECTORS,
     };
 
     /// # Safety
@@ -118,49 +123,46 @@ mod kernel {
     /// `(max_tiles, kv_heads, sequences)` blocks of [`THREADS`] with [`shared_bytes`].
     #[inline(always)]
     pub unsafe fn landmark_scoring<const G: usize, const D: usize>(p: &ScoringParams) {
-        let lanes = (D as u32) / VECTOR;
-        let rows_per_warp = 32 / lanes;
         let tile = block_idx_x();
         let kv_head = block_idx_y();
         let shape = &p.shape;
         let sequence_index = shape.first_sequence + block_idx_z();
         let (warp, lane) = (warp_id(), lane_id());
-        let lane_in_row = lane % lanes;
-        let row_in_warp = lane / lanes;
+        // Tensor-core layout (see `tile::group_dots`): this lane loads row `lane / 4` of each
+        // group of 8 landmarks, and holds head `lane / 4`'s logits of rows `2 t`, `2 t + 1`.
+        let (row_in_group, lane_in_row) = (lane / 4, lane % 4);
+        let head = row_in_group;
         let q_heads = shape.kv_heads * G as u32;
 
-        let q_raw = load_query::<G, D>(p.q, sequence_index, kv_head, q_heads, lane_in_row);
+        let q = load_group_query::<G, D>(p.q, sequence_index, kv_head, q_heads);
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let count = sequence.landmarks;
         let start = tile * p.tile_len;
         if start >= count {
             return;
         }
-        let q = scale_query(q_raw, p.scale_log2);
         // This warp's contiguous quarter of the tile.
         let warp_len = p.tile_len / WARPS;
         let warp_start = start + warp * warp_len;
         let warp_end = min_u32(warp_start + warp_len, count);
         let base = sequence.landmark_base(kv_head);
-        let column = (lane_in_row * VECTOR) as usize;
-        let landmarks = (p.landmarks as *const u16).add(base as usize * D + column);
-        let mut logit_rows = [core::ptr::null_mut::<f32>(); G];
-        for g in 0..G {
-            logit_rows[g] = (p.logits as *mut f32)
-                .add(sequence.logit_base(kv_head, G as u32, g as u32) as usize);
-        }
+        let landmarks = (p.landmarks as *const u16).add(base as usize * D);
+        // Head `head`'s logits (lanes of heads past the group write none).
+        let logit_row = (p.logits as *mut f32).add(sequence.logit_base(
+            kv_head,
+            G as u32,
+            min_u32(head, G as u32 - 1),
+        ) as usize);
+        let keeps_head = (head as usize) < G;
 
-        // Lane g of each row group keeps head g's softmax statistics (lanes >= G keep none):
-        // one head per lane instead of every head in every lane, which made scoring
-        // issue-bound (Nsight Compute: 0.82 warps issued per scheduler and cycle).
         let mut running = (NO_SCORE, 0.0f32);
-        let step = rows_per_warp * UNROLL;
+        let step = GROUP_ROWS * UNROLL;
         let load = |first: u32| {
-            let mut rows = [[0u32; 4]; UNROLL as usize];
+            let mut rows = [[[0u32; 4]; MMA_ROW_VECTORS]; UNROLL as usize];
             for u in 0..UNROLL as usize {
-                let landmark = first + u as u32 * rows_per_warp + row_in_warp;
+                let landmark = first + u as u32 * GROUP_ROWS + row_in_group;
                 if landmark < warp_end {
-                    rows[u] = load_stream_16(landmarks.add(landmark as usize * D) as *const Vec16);
+                    rows[u] = load_mma_row::<D>(landmarks.add(landmark as usize * D), lane_in_row);
                 }
             }
             rows
@@ -172,29 +174,28 @@ mod kernel {
             if first + step < warp_end {
                 next = load(first + step);
             }
-            let logits = row_dots(&q, &rows, UNROLL as usize, lanes);
-            // This lane's head's logit of each row (NO_SCORE past the warp's rows).
-            let mut mine = [NO_SCORE; UNROLL as usize];
             let mut step_max = NO_SCORE;
+            let mut mine = [[NO_SCORE; 2]; UNROLL as usize];
             for u in 0..UNROLL as usize {
-                let landmark = first + u as u32 * rows_per_warp + row_in_warp;
-                if landmark < warp_end {
-                    for g in 0..G {
-                        // Lane g of the row's lane group writes and keeps head g's logit.
-                        if lane_in_row == g as u32 {
-                            *logit_rows[g].add(landmark as usize) = logits[g][u];
-                            mine[u] = logits[g][u];
-                        }
+                let dots = group_dots::<D>(&q, &rows[u]);
+                for half in 0..2 {
+                    let landmark = first + u as u32 * GROUP_ROWS + 2 * lane_in_row + half as u32;
+                    if keeps_head && landmark < warp_end {
+                        let logit = dots[half] * p.scale_log2;
+                        *logit_row.add(landmark as usize) = logit;
+                        mine[u][half] = logit;
+                        step_max = max_f32(step_max, logit);
                     }
-                    step_max = max_f32(step_max, mine[u]);
                 }
             }
-            if (lane_in_row as usize) < G && step_max > NO_SCORE {
+            if step_max > NO_SCORE {
                 let max = max_f32(running.0, step_max);
                 let mut sum = running.1 * exp2(running.0 - max);
-                for x in mine {
-                    if x > NO_SCORE {
-                        sum += exp2(x - max);
+                for pair in mine {
+                    for x in pair {
+                        if x > NO_SCORE {
+                            sum += exp2(x - max);
+                        }
                     }
                 }
                 running = (max, sum);
@@ -202,13 +203,13 @@ mod kernel {
             first += step;
         }
 
-        // Merge the warp's rows (the lanes of the same head in the other row groups), then
-        // the warps: lane g (row group 0) holds head g's statistics of the warp.
-        running = warp_merge_softmax_stats(running, lanes);
+        // Merge the 4 lanes of each head, then the warps: lane 4 g holds head g's statistics
+        // of the warp.
+        running = warp_merge_softmax_stats(running, 1, 4);
         let shared = dynamic_shared::<f32>();
-        if (lane as usize) < G {
-            *shared.add((warp as usize * G + lane as usize) * 2) = running.0;
-            *shared.add((warp as usize * G + lane as usize) * 2 + 1) = running.1;
+        if keeps_head && lane_in_row == 0 {
+            *shared.add((warp as usize * G + head as usize) * 2) = running.0;
+            *shared.add((warp as usize * G + head as usize) * 2 + 1) = running.1;
         }
         sync_threads();
         let g = thread_idx_x() as usize;

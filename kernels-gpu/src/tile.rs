@@ -72,6 +72,80 @@ pub fn row_dots<const G: usize, const U: usize>(
     dots
 }
 
+/// Rows of keys in one tensor-core group: the `n` of `mma.m16n8k16`.
+pub const GROUP_ROWS: u32 = 8;
+/// Most 16-byte vectors of a row that one lane holds in the tensor-core layout (head_dim 128:
+/// each of the 4 lanes of a row holds 4 of its 16 vectors).
+pub const MMA_ROW_VECTORS: usize = 4;
+
+/// This lane's vectors of `row` (`D` bf16, `D` a multiple of 32, at most 128) in the
+/// tensor-core layout: lane `t` (`lane % 4`) of the row takes vectors `t`, `t + 4`, ..; the
+/// 4 lanes read each 64 bytes of the row together. Streams past L1.
+///
+/// # Safety
+/// `row` holds `D` bf16 and is 16-byte aligned.
+#[inline(always)]
+pub unsafe fn load_mma_row<const D: usize>(
+    row: *const u16,
+    lane_in_row: u32,
+) -> [Vec16; MMA_ROW_VECTORS] {
+    let mut vectors = [[0u32; 4]; MMA_ROW_VECTORS];
+    for (v, vector) in vectors.iter_mut().enumerate().take(D / 32) {
+        *vector = load_stream_16(row.add((v * 4 + lane_in_row as usize) * 8) as *const Vec16);
+    }
+    vectors
+}
+
+/// The group's query heads as the tensor cores' A operand: lane `4 g + t` holds head `g`'s
+/// vectors in the layout of [`load_mma_row`] (zero for `g >= G`: rows of A past the group).
+///
+/// # Safety
+/// As [`load_query`]; `G <= 8`.
+#[inline(always)]
+pub unsafe fn load_group_query<const G: usize, const D: usize>(
+    q: u64,
+    sequence: u32,
+    kv_head: u32,
+    q_heads: u32,
+) -> [Vec16; MMA_ROW_VECTORS] {
+    let lane = lane_id();
+    let head = lane / 4;
+    if head as usize >= G {
+        return [[0u32; 4]; MMA_ROW_VECTORS];
+    }
+    let q_head = kv_head * G as u32 + head;
+    let row = (q as *const u16).add((sequence * q_heads + q_head) as usize * D);
+    let mut vectors = [[0u32; 4]; MMA_ROW_VECTORS];
+    for (v, vector) in vectors.iter_mut().enumerate().take(D / 32) {
+        *vector = load_16(row.add((v * 4 + (lane % 4) as usize) * 8) as *const Vec16);
+    }
+    vectors
+}
+
+/// `q_g · row_n` for a group's query heads against 8 rows on the tensor cores
+/// (`mma.m16n8k16`, bf16 in, f32 accumulate): A is the queries (head `g` in row `g`, rows
+/// 8..16 zero), B the rows (`n = lane / 4`). Both take the K dimension in the same permuted
+/// order (lane `t` holds vectors `t`, `t + 4`, ..), which a dot product does not see. Returns
+/// this lane's two products: head `lane / 4` against rows `2 t` and `2 t + 1`. Every lane of
+/// the warp calls it.
+#[inline(always)]
+pub fn group_dots<const D: usize>(
+    q: &[Vec16; MMA_ROW_VECTORS],
+    rows: &[Vec16; MMA_ROW_VECTORS],
+) -> [f32; 2] {
+    let mut c = [0.0f32; 4];
+    for v in 0..D / 32 {
+        for half in 0..2 {
+            c = mma_bf16_m16n8k16(
+                [q[v][2 * half], 0, q[v][2 * half + 1], 0],
+                [rows[v][2 * half], rows[v][2 * half + 1]],
+                c,
+            );
+        }
+    }
+    [c[0], c[1]]
+}
+
 /// Merges two online-softmax statistics `(max, sum of exp2(x - max))` into one.
 #[inline(always)]
 pub fn merge_softmax_stats(a: (f32, f32), b: (f32, f32)) -> (f32, f32) {
@@ -80,16 +154,16 @@ pub fn merge_softmax_stats(a: (f32, f32), b: (f32, f32)) -> (f32, f32) {
 }
 
 /// Merges each lane's softmax statistics with those of the lanes `lane ^ mask`, for mask
-/// `first_mask`, `2 * first_mask`, .. 16: every lane ends with the merge over its lane set
-/// (the whole warp when `first_mask` is 1). All 32 lanes must call it.
+/// `first_mask`, `2 * first_mask`, .. below `end_mask`: every lane ends with the merge over
+/// its lane set (the whole warp for 1 and 32). All 32 lanes must call it.
 ///
 /// Never inlined, as `block::exclusive_count` and for the same reason: its shuffles must not
 /// be cloned into the divergent loops that compute `stats`.
 #[inline(never)]
-pub fn warp_merge_softmax_stats(stats: (f32, f32), first_mask: u32) -> (f32, f32) {
+pub fn warp_merge_softmax_stats(stats: (f32, f32), first_mask: u32, end_mask: u32) -> (f32, f32) {
     let mut merged = stats;
     let mut mask = first_mask;
-    while mask < 32 {
+    while mask < end_mask {
         let other = (
             shuffle_xor_f32(merged.0, mask),
             shuffle_xor_f32(merged.1, mask),

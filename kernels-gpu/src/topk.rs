@@ -220,7 +220,7 @@ mod kernel {
                 }
                 round += NORMALISER_LOADS as u32 * 32;
             }
-            let (max, sum) = warp_merge_softmax_stats(merged, 1);
+            let (max, sum) = warp_merge_softmax_stats(merged, 1, 32);
             if lane == 0 {
                 *normaliser.add(2 * g as usize) = max;
                 *normaliser.add(2 * g as usize + 1) = reciprocal(sum);
