@@ -331,6 +331,21 @@ pub unsafe fn load_stream_16(pointer: *const Vec16) -> Vec16 {
     [a, b, c, d]
 }
 
+/// `ld.global.nc.L1::no_allocate.L2::256B.v4.u32`: as [`load_stream_16`], and L2 fetches the
+/// whole 256-byte block around it from memory (for loads that touch part of a row each and
+/// the rest of it in the next few loads).
+#[inline(always)]
+pub unsafe fn load_stream_16_block(pointer: *const Vec16) -> Vec16 {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+        p = in(reg64) pointer as u64,
+        options(readonly, nostack),
+    );
+    [a, b, c, d]
+}
+
 /// `ld.global.nc.v4.u32`: a 16-byte read-only load that may be reused from L1.
 #[inline(always)]
 pub unsafe fn load_16(pointer: *const Vec16) -> Vec16 {
