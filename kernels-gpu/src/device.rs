@@ -317,60 +317,47 @@ pub unsafe fn atomic_or_shared_u32(pointer: *mut u32, bits: u32) {
 /// Sixteen bytes: eight bf16 values, or four f32.
 pub type Vec16 = [u32; 4];
 
-/// `ld.global.nc.L1::no_allocate.v4.u32`: a 16-byte read-only load that streams past L1
-/// (K/V rows are read once per step).
-#[inline(always)]
-pub unsafe fn load_stream_16(pointer: *const Vec16) -> Vec16 {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    asm!(
-        "ld.global.nc.L1::no_allocate.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
-        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
-        p = in(reg64) pointer as u64,
-        options(readonly, nostack),
-    );
-    [a, b, c, d]
+/// A 16-byte global load through the PTX instruction `$instruction` (`ld.global...v4.u32`);
+/// the loads below differ only in their cache qualifiers.
+macro_rules! load_16_with {
+    ($(#[$doc:meta])* $name:ident = $instruction:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name(pointer: *const Vec16) -> Vec16 {
+            let (a, b, c, d): (u32, u32, u32, u32);
+            asm!(
+                concat!($instruction, " {{{a}, {b}, {c}, {d}}}, [{p}];"),
+                a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+                p = in(reg64) pointer as u64,
+                options(readonly, nostack),
+            );
+            [a, b, c, d]
+        }
+    };
 }
 
-/// `ld.global.nc.L1::no_allocate.L2::256B.v4.u32`: as [`load_stream_16`], and L2 fetches the
-/// whole 256-byte block around it from memory (for loads that touch part of a row each and
-/// the rest of it in the next few loads).
-#[inline(always)]
-pub unsafe fn load_stream_16_block(pointer: *const Vec16) -> Vec16 {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    asm!(
-        "ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
-        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
-        p = in(reg64) pointer as u64,
-        options(readonly, nostack),
-    );
-    [a, b, c, d]
+load_16_with! {
+    /// `ld.global.nc.L1::no_allocate.v4.u32`: a 16-byte read-only load that streams past L1
+    /// (K/V rows are read once per step).
+    load_stream_16 = "ld.global.nc.L1::no_allocate.v4.u32"
 }
 
-/// `ld.global.nc.v4.u32`: a 16-byte read-only load that may be reused from L1.
-#[inline(always)]
-pub unsafe fn load_16(pointer: *const Vec16) -> Vec16 {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    asm!(
-        "ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
-        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
-        p = in(reg64) pointer as u64,
-        options(readonly, nostack),
-    );
-    [a, b, c, d]
+load_16_with! {
+    /// `ld.global.nc.L1::no_allocate.L2::256B.v4.u32`: as [`load_stream_16`], and L2 fetches
+    /// the whole 256-byte block around it from memory (for loads that touch part of a row
+    /// each and the rest of it in the next few loads).
+    load_stream_16_block = "ld.global.nc.L1::no_allocate.L2::256B.v4.u32"
 }
 
-/// `ld.global.cs.v4.u32`: a 16-byte load from pinned, device-mapped host memory, read once
-/// over PCIe (cache-streaming, evict first).
-#[inline(always)]
-pub unsafe fn load_host_mapped_16(pointer: *const Vec16) -> Vec16 {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    asm!(
-        "ld.global.cs.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
-        a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
-        p = in(reg64) pointer as u64,
-        options(readonly, nostack),
-    );
-    [a, b, c, d]
+load_16_with! {
+    /// `ld.global.nc.v4.u32`: a 16-byte read-only load that may be reused from L1.
+    load_16 = "ld.global.nc.v4.u32"
+}
+
+load_16_with! {
+    /// `ld.global.cs.v4.u32`: a 16-byte load from pinned, device-mapped host memory, read
+    /// once over PCIe (cache-streaming, evict first).
+    load_host_mapped_16 = "ld.global.cs.v4.u32"
 }
 
 /// `st.global.v4.u32`: a 16-byte store.
