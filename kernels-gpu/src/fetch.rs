@@ -66,37 +66,38 @@ mod kernel {
             let (row, m) = (entry / slots, entry % slots);
             let sequence_index = shape.first_sequence + row / shape.kv_heads.max(1);
             let kv_head = row % shape.kv_heads.max(1);
+            // The count, the miss entry and the sequence are loaded together, not each after
+            // the last: the miss list has room for every slot, so entry `m` can be read before
+            // the count says whether it is a miss (one device-memory latency fewer before the
+            // PCIe reads). The non-short-circuit `&` keeps every load ahead of the branch.
             let count = *(p.miss_counts as *const u32)
                 .add((sequence_index * shape.kv_heads + kv_head) as usize);
-            if m < min_u32(count, k) {
-                let sequence =
-                    &*(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
-                let miss = *(p.misses as *const Miss)
-                    .add(slot_base(sequence_index, kv_head, shape.kv_heads, k) + m as usize);
-                if miss.chunk < sequence.chunks && miss.slot < k {
-                    let source = (p.values as *const Vec16)
-                        .add((sequence.host_value_chunk(kv_head, miss.chunk, c, d) / 8) as usize);
-                    let target = (p.v as *mut Vec16).add(
-                        (sequence.kv_row(kv_head, sequence.sparse_start + miss.slot * c, d) / 8)
-                            as usize,
-                    );
-                    let mut first = lane;
-                    while first < vectors {
-                        let mut held = [[0u32; 4]; VECTORS_IN_FLIGHT as usize];
-                        for (i, vector) in held.iter_mut().enumerate() {
-                            let at = first + i as u32 * 32;
-                            if at < vectors {
-                                *vector = load_host_mapped_16(source.add(at as usize));
-                            }
+            let miss = *(p.misses as *const Miss)
+                .add(slot_base(sequence_index, kv_head, shape.kv_heads, k) + m as usize);
+            let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
+            if (m < min_u32(count, k)) & (miss.chunk < sequence.chunks) & (miss.slot < k) {
+                let source = (p.values as *const Vec16)
+                    .add((sequence.host_value_chunk(kv_head, miss.chunk, c, d) / 8) as usize);
+                let target = (p.v as *mut Vec16).add(
+                    (sequence.kv_row(kv_head, sequence.sparse_start + miss.slot * c, d) / 8)
+                        as usize,
+                );
+                let mut first = lane;
+                while first < vectors {
+                    let mut held = [[0u32; 4]; VECTORS_IN_FLIGHT as usize];
+                    for (i, vector) in held.iter_mut().enumerate() {
+                        let at = first + i as u32 * 32;
+                        if at < vectors {
+                            *vector = load_host_mapped_16(source.add(at as usize));
                         }
-                        for (i, vector) in held.iter().enumerate() {
-                            let at = first + i as u32 * 32;
-                            if at < vectors {
-                                store_16(target.add(at as usize), *vector);
-                            }
-                        }
-                        first += 32 * VECTORS_IN_FLIGHT;
                     }
+                    for (i, vector) in held.iter().enumerate() {
+                        let at = first + i as u32 * 32;
+                        if at < vectors {
+                            store_16(target.add(at as usize), *vector);
+                        }
+                    }
+                    first += 32 * VECTORS_IN_FLIGHT;
                 }
             }
             entry += grid_warps;
