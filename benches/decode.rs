@@ -454,13 +454,12 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &l.batch,
                     l.batch.whole(),
                     &w.selection,
-                    PlanBuffers {
-                        resident: &mut l.resident,
-                        misses: &mut w.misses,
-                        miss_counts: &mut w.miss_counts,
-                        fresh: &mut w.fresh,
-                        host_miss_counts: 0,
-                    },
+                    PlanBuffers::new(
+                        &mut l.resident,
+                        &mut w.misses,
+                        &mut w.miss_counts,
+                        &mut w.fresh,
+                    ),
                 )
             })? - restore_ms;
             row("plan (80% hits)", plan_ms, (String::new(), String::new()));
@@ -477,13 +476,12 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &l.chunk_ids,
                     &mut w.scores,
                     &mut w.selection,
-                    PlanBuffers {
-                        resident: &mut l.resident,
-                        misses: &mut w.misses,
-                        miss_counts: &mut w.miss_counts,
-                        fresh: &mut w.fresh,
-                        host_miss_counts: 0,
-                    },
+                    PlanBuffers::new(
+                        &mut l.resident,
+                        &mut w.misses,
+                        &mut w.miss_counts,
+                        &mut w.fresh,
+                    ),
                     None,
                 )
             })? - restore_ms;

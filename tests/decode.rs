@@ -498,13 +498,7 @@ fn plan_buffers<'a>(
     resident: &'a mut CudaSlice<u32>,
     (misses, miss_counts, fresh): &'a mut PlanOutputs,
 ) -> PlanBuffers<'a> {
-    PlanBuffers {
-        resident,
-        misses,
-        miss_counts,
-        fresh,
-        host_miss_counts: 0,
-    }
+    PlanBuffers::new(resident, misses, miss_counts, fresh)
 }
 
 /// The GPU's plan (`resident` after it, and `outputs`) against the reference plan of

@@ -44,6 +44,24 @@ pub struct PlanBuffers<'a> {
     pub host_miss_counts: u64,
 }
 
+impl<'a> PlanBuffers<'a> {
+    /// The buffers of a plan whose counts go to the GPU only (`host_miss_counts` 0).
+    pub fn new(
+        resident: &'a mut CudaSlice<u32>,
+        misses: &'a mut CudaSlice<Miss>,
+        miss_counts: &'a mut CudaSlice<u32>,
+        fresh: &'a mut CudaSlice<u32>,
+    ) -> Self {
+        PlanBuffers {
+            resident,
+            misses,
+            miss_counts,
+            fresh,
+            host_miss_counts: 0,
+        }
+    }
+}
+
 /// Runs the plan of `selection` for the sequences in `part` into `buffers`.
 pub fn run(
     gpu: &Gpu,

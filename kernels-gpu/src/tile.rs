@@ -19,11 +19,24 @@ pub unsafe fn load_query<const G: usize, const D: usize>(
 ) -> [Vec16; G] {
     let mut raw = [[0u32; 4]; G];
     for (g, slice) in raw.iter_mut().enumerate() {
-        let q_head = kv_head * G as u32 + g as u32;
-        let row = (q as *const u16).add((sequence * q_heads + q_head) as usize * D);
+        let row = query_row::<G, D>(q, sequence, kv_head, q_heads, g as u32);
         *slice = load_16(row.add((lane_in_row * 8) as usize) as *const Vec16);
     }
     raw
+}
+
+/// Query head `g` of the group of `kv_head` in `q` (`[batch, q_heads, D]` bf16), for
+/// `sequence`.
+#[inline(always)]
+unsafe fn query_row<const G: usize, const D: usize>(
+    q: u64,
+    sequence: u32,
+    kv_head: u32,
+    q_heads: u32,
+    g: u32,
+) -> *const u16 {
+    let q_head = kv_head * G as u32 + g;
+    (q as *const u16).add((sequence * q_heads + q_head) as usize * D)
 }
 
 /// The raw query slices in f32, times `scale` (the softmax scale in the log2 domain).
@@ -115,8 +128,7 @@ pub unsafe fn load_group_query<const G: usize, const D: usize>(
     if head as usize >= G {
         return [[0u32; 4]; MMA_ROW_VECTORS];
     }
-    let q_head = kv_head * G as u32 + head;
-    let row = (q as *const u16).add((sequence * q_heads + q_head) as usize * D);
+    let row = query_row::<G, D>(q, sequence, kv_head, q_heads, head);
     let mut vectors = [[0u32; 4]; MMA_ROW_VECTORS];
     for (v, vector) in vectors.iter_mut().enumerate().take(D / 32) {
         *vector = load_16(row.add((v * 4 + (lane % 4) as usize) * 8) as *const Vec16);
