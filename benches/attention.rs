@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use shadowkv::attention::kernel_layout::MAX_SPLITS;
 use shadowkv::cudarc::driver::CudaSlice;
+use shadowkv::kernels::attention::kernel_layout::MAX_SPLITS;
 use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, SequenceLayout};
 use shadowkv_suite::bench::{copy_bandwidth, filled, steady_ms};
 use shadowkv_suite::shared_gpu;

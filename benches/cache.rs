@@ -12,9 +12,9 @@
 use std::time::Instant;
 
 use shadowkv::cache::{CacheCapacity, CacheShape, ShadowKvCache, ShadowKvParams, ValueHome};
-use shadowkv::factorise::Factoriser;
+use shadowkv::kernels::factorise::Factoriser;
+use shadowkv::kernels::shadow_prefill::PrefillSource;
 use shadowkv::linear::Linear;
-use shadowkv::shadow_prefill::PrefillSource;
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, PinnedBuffer,
     PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape, QueryPlacement, SequenceLayout,

@@ -13,11 +13,12 @@ use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use half::bf16;
 use rand::{rngs::StdRng, SeedableRng};
 use shadowkv::cudarc::driver::{CudaSlice, CudaStream};
-use shadowkv::plan::PlanBuffers;
+use shadowkv::kernels::plan::PlanBuffers;
+use shadowkv::kernels::{fetch, plan, rebuild, scoring, topk};
 use shadowkv::{
-    fetch, plan, rebuild, scoring, topk, DecodeAttention, DecodeAttentionPlan,
-    DecodeAttentionShape, DecodeStep, Gpu, LayerValues, PinnedBuffer, RopeConfig, SequenceLayout,
-    ShadowBatch, ShadowConfig, ShadowLayer, ShadowSequence, StepWorkspace,
+    DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, DecodeStep, Gpu, LayerValues,
+    PinnedBuffer, RopeConfig, SequenceLayout, ShadowBatch, ShadowConfig, ShadowLayer,
+    ShadowSequence, StepWorkspace,
 };
 use shadowkv_suite::bench::{
     best_ms, copy_bandwidth, copy_bandwidth_at, filled, gemm_rate, median, steady_ms,

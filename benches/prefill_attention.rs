@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use shadowkv::prefill_attention::kernel_layout::WARP_COUNTS;
+use shadowkv::kernels::prefill_attention::kernel_layout::WARP_COUNTS;
 use shadowkv::{
     Gpu, PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape, QueryPlacement,
     SequenceLayout,

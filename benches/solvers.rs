@@ -13,7 +13,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::cudarc::cublas::{sys as blas, CudaBlas};
 use shadowkv::cudarc::cusolver::{safe::DnHandle, sys as solver};
 use shadowkv::cudarc::driver::{CudaSlice, DevicePtrMut};
-use shadowkv::factorise::{Factoriser, OVERSAMPLE, SUBSPACE_ITERATIONS};
+use shadowkv::kernels::factorise::{Factoriser, OVERSAMPLE, SUBSPACE_ITERATIONS};
 use shadowkv::Gpu;
 use shadowkv_suite::bench::median;
 use shadowkv_suite::shared_gpu;
@@ -245,7 +245,7 @@ fn run(gpu: &Gpu, label: &str, decay: f32) {
         &|| top_sum(&values, w),
     );
 
-    // The library's route (subspace iteration, see `shadowkv::factorise`), whole: Gram, pairs,
+    // The library's route (subspace iteration, see `shadowkv::kernels::factorise`), whole: Gram, pairs,
     // factors and A.
     let mut factoriser = Factoriser::new(&stream, w, 1).unwrap();
     let mut a = stream.alloc_zeros::<bf16>(len * r).unwrap();

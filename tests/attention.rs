@@ -4,7 +4,7 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::attention::kernel_layout::{shortest_split_len, tokens_per_iteration};
+use shadowkv::kernels::attention::kernel_layout::{shortest_split_len, tokens_per_iteration};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout,

@@ -10,10 +10,10 @@ use shadowkv::cache::{
 };
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::decode_step::inverse_frequencies;
-use shadowkv::factorise::Factoriser;
+use shadowkv::kernels::factorise::Factoriser;
+use shadowkv::kernels::shadow_prefill::PrefillSource;
 use shadowkv::reference::decode_step::{decode_step, HostLayer};
 use shadowkv::reference::{self, relative_error};
-use shadowkv::shadow_prefill::PrefillSource;
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, LayerValues, RopeConfig,
     SequenceLayout, EMPTY_SLOT,

@@ -1,8 +1,8 @@
 //! Checks that need no GPU: shape and layout validation, split planning, kernel naming and
 //! the CPU reference itself.
 use half::bf16;
-use shadowkv::attention::kernel_layout::{self, tokens_per_iteration, MAX_SPLITS};
-use shadowkv::kernels::{KernelName, ALL};
+use shadowkv::kernels::attention::kernel_layout::{self, tokens_per_iteration, MAX_SPLITS};
+use shadowkv::ptx::{KernelName, ALL};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{DecodeAttentionPlan, DecodeAttentionShape, Error, SequenceLayout};
 
@@ -48,37 +48,43 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
             for part in [kernel_layout::RESIDENT_TOKENS, kernel_layout::FRESH_TOKENS] {
                 names.push(kernel_layout::part_kernel_name(part, group, head_dim));
             }
-            names.push(shadowkv::scoring::kernel_layout::kernel_name(
+            names.push(shadowkv::kernels::scoring::kernel_layout::kernel_name(
                 group, head_dim,
             ));
             if head_dim == kernel_layout::HEAD_DIMS[0] {
-                names.push(shadowkv::topk::kernel_layout::kernel_name(group));
+                names.push(shadowkv::kernels::topk::kernel_layout::kernel_name(group));
             }
         }
-        names.push(shadowkv::rebuild::kernel_layout::kernel_name(head_dim));
-        names.push(shadowkv::shadow_prefill::kernel_layout::chunk_statistics_name(head_dim));
-        for warps in shadowkv::prefill_attention::kernel_layout::WARP_COUNTS {
+        names.push(shadowkv::kernels::rebuild::kernel_layout::kernel_name(
+            head_dim,
+        ));
+        names.push(
+            shadowkv::kernels::shadow_prefill::kernel_layout::chunk_statistics_name(head_dim),
+        );
+        for warps in shadowkv::kernels::prefill_attention::kernel_layout::WARP_COUNTS {
             for split_p in [true, false] {
-                names.push(shadowkv::prefill_attention::kernel_layout::kernel_name_for(
-                    head_dim, warps, split_p,
-                ));
+                names.push(
+                    shadowkv::kernels::prefill_attention::kernel_layout::kernel_name_for(
+                        head_dim, warps, split_p,
+                    ),
+                );
             }
         }
     }
     names.extend(
         [
-            shadowkv::plan::kernel_layout::KERNEL_NAME,
-            shadowkv::fetch::kernel_layout::KERNEL_NAME,
-            shadowkv::layer::kernel_layout::EMBEDDING_KERNEL,
-            shadowkv::layer::kernel_layout::RMS_NORM_KERNEL,
-            shadowkv::layer::kernel_layout::ROPE_QKV_KERNEL,
-            shadowkv::layer::kernel_layout::SILU_MUL_KERNEL,
-            shadowkv::sampling::kernel_layout::ARGMAX_KERNEL,
-            shadowkv::random::kernel_layout::KERNEL_NAME,
-            shadowkv::shadow_prefill::kernel_layout::OUTLIER_SELECT,
-            shadowkv::shadow_prefill::kernel_layout::LANDMARK_GATHER,
-            shadowkv::shadow_prefill::kernel_layout::EXACT_GATHER,
-            shadowkv::factorise::kernel_layout::KERNEL_NAME,
+            shadowkv::kernels::plan::kernel_layout::KERNEL_NAME,
+            shadowkv::kernels::fetch::kernel_layout::KERNEL_NAME,
+            shadowkv::kernels::layer::kernel_layout::EMBEDDING_KERNEL,
+            shadowkv::kernels::layer::kernel_layout::RMS_NORM_KERNEL,
+            shadowkv::kernels::layer::kernel_layout::ROPE_QKV_KERNEL,
+            shadowkv::kernels::layer::kernel_layout::SILU_MUL_KERNEL,
+            shadowkv::kernels::sampling::kernel_layout::ARGMAX_KERNEL,
+            shadowkv::kernels::random::kernel_layout::KERNEL_NAME,
+            shadowkv::kernels::shadow_prefill::kernel_layout::OUTLIER_SELECT,
+            shadowkv::kernels::shadow_prefill::kernel_layout::LANDMARK_GATHER,
+            shadowkv::kernels::shadow_prefill::kernel_layout::EXACT_GATHER,
+            shadowkv::kernels::factorise::kernel_layout::KERNEL_NAME,
             shadowkv::cache::kernel_layout::KERNEL_NAME,
         ]
         .map(String::from),
@@ -365,15 +371,16 @@ fn prefill_plan_counts_tiles_and_causal_flops() {
     let layouts = [layout(0, 4096, 4096), layout(8 * 4096 * 128, 64, 60)];
     let placements = [queries(0, 4096, 0), queries(4096, 10, 50)];
     let plan = shadowkv::PrefillAttentionPlan::new(shape, &layouts, &placements).unwrap();
-    let rows = shadowkv::prefill_attention::kernel_layout::block_rows(plan.warps()) as usize;
+    let rows =
+        shadowkv::kernels::prefill_attention::kernel_layout::block_rows(plan.warps()) as usize;
     assert_eq!(plan.tiles(), (4096 * 4usize).div_ceil(rows) + 1);
     let pairs = 4096.0 * 4097.0 / 2.0 + (10.0 * 50.0 + 10.0 * 11.0 / 2.0);
     assert_eq!(plan.causal_flops(), 4.0 * 128.0 * 32.0 * pairs);
     assert_eq!(plan.kv_elements(), 8 * 4096 * 128 + 8 * 64 * 128);
     // Either warp count: blocks of its rows.
-    for warps in shadowkv::prefill_attention::kernel_layout::WARP_COUNTS {
+    for warps in shadowkv::kernels::prefill_attention::kernel_layout::WARP_COUNTS {
         let plan = plan.clone().with_warps(warps).unwrap();
-        let rows = shadowkv::prefill_attention::kernel_layout::block_rows(warps) as usize;
+        let rows = shadowkv::kernels::prefill_attention::kernel_layout::block_rows(warps) as usize;
         assert_eq!(plan.warps(), warps);
         assert_eq!(plan.tiles(), (4096 * 4usize).div_ceil(rows) + 1);
     }
@@ -436,7 +443,7 @@ fn prefill_reference_of_the_last_query_is_decode_attention() {
 
 #[test]
 fn topk_clusters_only_long_sequences_at_small_batches() {
-    use shadowkv::topk::kernel_layout::{block_landmarks, cluster_blocks, shared_scores};
+    use shadowkv::kernels::topk::kernel_layout::{block_landmarks, cluster_blocks, shared_scores};
     // H100: 132 SMs; Llama-3-8B has 8 KV heads per sequence.
     assert_eq!(cluster_blocks(132, 8, 4_040), 1, "32K tokens: one block");
     assert_eq!(cluster_blocks(132, 8, 15_304), 4, "122K tokens: four");

@@ -7,13 +7,14 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::cudarc::driver::CudaSlice;
-use shadowkv::plan::PlanBuffers;
+use shadowkv::kernels::plan::PlanBuffers;
+use shadowkv::kernels::shadow::ShadowBatch;
+use shadowkv::kernels::{plan, scoring, topk};
 use shadowkv::reference::decode_step::{decode_step, HostLayer};
 use shadowkv::reference::{self, relative_error};
-use shadowkv::shadow::ShadowBatch;
 use shadowkv::{
-    plan, scoring, topk, DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, DecodeStep,
-    Error, Gpu, Miss, RopeConfig, SequenceLayout, ShadowConfig, EMPTY_SLOT,
+    DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, DecodeStep, Error, Gpu, Miss,
+    RopeConfig, SequenceLayout, ShadowConfig, EMPTY_SLOT,
 };
 use shadowkv_suite::layers::{random_layer, upload, SequenceSpec};
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64};

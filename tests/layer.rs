@@ -5,8 +5,8 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::layer::kernel_layout::TokenPlacement;
-use shadowkv::layer::{self, QkvShape, TokenPlan};
+use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
+use shadowkv::kernels::layer::{self, QkvShape, TokenPlan};
 use shadowkv::linear::Linear;
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{Error, Gpu, SequenceLayout};
@@ -330,7 +330,7 @@ fn argmax_cases(gpu: &Gpu) -> Result<(), String> {
                 }
                 let d_logits = stream.clone_htod(&logits).map_err(fail)?;
                 let mut d_out = stream.clone_htod(&vec![u32::MAX; rows]).map_err(fail)?;
-                shadowkv::sampling::argmax(gpu, stream, &d_logits, vocab, &mut d_out)
+                shadowkv::kernels::sampling::argmax(gpu, stream, &d_logits, vocab, &mut d_out)
                     .map_err(fail)?;
                 prop_assert_eq!(
                     stream.clone_dtoh(&d_out).map_err(fail)?,
@@ -353,7 +353,7 @@ fn random_fill(gpu: &Gpu) -> Result<(), String> {
         (3_000_001, 99, 2.5, 1.0),
     ] {
         let mut out = poisoned(gpu, len).map_err(s)?;
-        shadowkv::random::fill(gpu, stream, &mut out, seed, scale, offset).map_err(s)?;
+        shadowkv::kernels::random::fill(gpu, stream, &mut out, seed, scale, offset).map_err(s)?;
         let values = stream.clone_dtoh(&out).map_err(s)?;
         let expected = reference::random::fill(0, len, seed, scale, offset);
         if values
@@ -480,7 +480,7 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
     let mut ids_out = stream.clone_htod(&[0u32; 3]).map_err(s)?;
     expect_invalid(
         "logits not rows x vocab",
-        shadowkv::sampling::argmax(gpu, stream, &logits, 4, &mut ids_out),
+        shadowkv::kernels::sampling::argmax(gpu, stream, &logits, 4, &mut ids_out),
     )?;
     let linear = Linear::new(stream.clone()).map_err(s)?;
     let mut y = stream.clone_htod(&[0.0f32; 5]).map_err(s)?;

@@ -27,15 +27,16 @@ use shadowkv_kernels::cache::{self as layout, AppendParams};
 use shadowkv_kernels::shadow::{MAX_CHUNK_SIZE, MAX_RANK, RANK_STEP};
 use shadowkv_kernels::shadow_prefill::exact_rows;
 
-use crate::attention::SequenceLayout;
-use crate::decode_step::{DecodeStep, LayerValues, RopeConfig, ShadowLayer, StepStats};
+use crate::decode_step::{DecodeStep, RopeConfig, ShadowLayer, StepStats};
 use crate::error::{check_len, invalid, Error, Result};
-use crate::factorise::Factoriser;
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
+use crate::kernels::attention::SequenceLayout;
+use crate::kernels::factorise::Factoriser;
+use crate::kernels::fetch::LayerValues;
+use crate::kernels::shadow::{ShadowBatch, ShadowConfig, ShadowSequence};
+use crate::kernels::shadow_prefill::{self, PrefillScratch, PrefillSource};
 use crate::pinned::PinnedBuffer;
-use crate::shadow::{ShadowBatch, ShadowConfig, ShadowSequence};
-use crate::shadow_prefill::{self, PrefillScratch, PrefillSource};
+use crate::ptx::KernelName;
 
 fn parameter_error(problem: String) -> Error {
     invalid("params", problem, "ShadowKV parameters the kernels support")
@@ -488,7 +489,7 @@ impl ShadowKvCache {
                 (
                     "prefill scratch",
                     heads * longest_chunks * (d * 2 + 4)
-                        + crate::factorise::scratch_bytes(shape.kv_width())
+                        + crate::kernels::factorise::scratch_bytes(shape.kv_width())
                         + (capacity.max_sequences * shape.q_heads) as u64 * d * 2,
                 ),
                 (

@@ -24,33 +24,16 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 pub use shadowkv_kernels::rope::{inverse_frequencies, Llama3Scaling, RopeConfig};
 
-use crate::attention::{
-    DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout, SlotMarks, StepPart,
-};
 use crate::error::{check_len, invalid, Result};
 use crate::gpu::{address, Gpu};
+use crate::kernels::attention::{
+    DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout, SlotMarks, StepPart,
+};
+use crate::kernels::fetch::{self, LayerValues};
+use crate::kernels::plan::PlanBuffers;
+use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
+use crate::kernels::{rebuild, scoring, topk};
 use crate::pinned::PinnedBuffer;
-use crate::plan::PlanBuffers;
-use crate::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
-use crate::{fetch, rebuild, scoring, topk};
-
-/// Where a layer keeps its values.
-pub enum LayerValues {
-    /// Pinned, device-mapped host memory: ShadowKV's offload (fetched over PCIe).
-    Host(PinnedBuffer<bf16>),
-    /// Device memory, when the values fit on the GPU (no PCIe traffic).
-    Device(CudaSlice<bf16>),
-}
-
-impl LayerValues {
-    /// The address kernels read the values at, and their length in elements.
-    pub(crate) fn address(&self, stream: &CudaStream) -> (u64, usize) {
-        match self {
-            LayerValues::Host(buffer) => (buffer.device_address(), buffer.len()),
-            LayerValues::Device(slice) => (address(slice, stream), slice.len()),
-        }
-    }
-}
 
 /// The ShadowKV state of one layer for a batch (layouts in `shadowkv_kernels::shadow`).
 pub struct ShadowLayer {
@@ -66,7 +49,7 @@ pub struct ShadowLayer {
     pub k: CudaSlice<bf16>,
     pub v: CudaSlice<bf16>,
     pub values: LayerValues,
-    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::shadow::EMPTY_SLOT) if none).
+    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::kernels::shadow::EMPTY_SLOT) if none).
     pub resident: CudaSlice<u32>,
 }
 

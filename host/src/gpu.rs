@@ -9,7 +9,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
-use crate::kernels::{KernelName, PTX};
+use crate::ptx::{KernelName, PTX};
 
 /// Why no GPU can be used here, or `Ok(device count)`. Never panics: the driver library is
 /// looked for before cudarc would load it.

@@ -19,13 +19,13 @@ use shadowkv::cache::{
     CacheCapacity, CacheShape, MemoryReport, SequenceId, ShadowKvCache, ShadowKvParams, ValueHome,
 };
 use shadowkv::cudarc::driver::{CudaSlice, CudaStream};
-use shadowkv::layer::kernel_layout::TokenPlacement;
-use shadowkv::layer::{self, QkvShape, TokenPlan};
-use shadowkv::linear::Linear;
-use shadowkv::prefill_attention::{
+use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
+use shadowkv::kernels::layer::{self, QkvShape, TokenPlan};
+use shadowkv::kernels::prefill_attention::{
     kernel_layout::QueryPlacement, PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape,
 };
-use shadowkv::shadow_prefill::PrefillSource;
+use shadowkv::kernels::shadow_prefill::PrefillSource;
+use shadowkv::linear::Linear;
 use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, SequenceLayout};
 
 use crate::config::ModelConfig;
@@ -206,7 +206,7 @@ impl GpuKvCache {
             )));
         }
         for (index, buffer) in self.k.iter_mut().chain(self.v.iter_mut()).enumerate() {
-            shadowkv::random::fill(
+            shadowkv::kernels::random::fill(
                 gpu,
                 gpu.stream(),
                 buffer,
@@ -306,7 +306,8 @@ impl GpuModel {
         let mut uniform = |elements: usize, scale: f32| -> Result<CudaSlice<bf16>> {
             let mut buffer = stream.alloc_zeros::<bf16>(elements).gpu()?;
             next_seed = next_seed.wrapping_add(1);
-            shadowkv::random::fill(&gpu, &stream, &mut buffer, next_seed, scale, 0.0).gpu()?;
+            shadowkv::kernels::random::fill(&gpu, &stream, &mut buffer, next_seed, scale, 0.0)
+                .gpu()?;
             Ok(buffer)
         };
         // Uniform on [-a, a) has variance a^2 / 3: a = sqrt(3 / inputs) gives 1 / inputs.
@@ -531,7 +532,8 @@ impl GpuModel {
         let mut ids = stream
             .alloc_zeros::<u32>(logits.len() / self.config.vocab)
             .gpu()?;
-        shadowkv::sampling::argmax(&self.gpu, stream, logits, self.config.vocab, &mut ids).gpu()?;
+        shadowkv::kernels::sampling::argmax(&self.gpu, stream, logits, self.config.vocab, &mut ids)
+            .gpu()?;
         stream.clone_dtoh(&ids).gpu()
     }
 
@@ -698,8 +700,15 @@ impl GpuModel {
                     .into_iter()
                     .enumerate()
                 {
-                    shadowkv::random::fill(gpu, stream, buffer, layer_seed + i as u64, 1.0, 0.0)
-                        .gpu()?;
+                    shadowkv::kernels::random::fill(
+                        gpu,
+                        stream,
+                        buffer,
+                        layer_seed + i as u64,
+                        1.0,
+                        0.0,
+                    )
+                    .gpu()?;
                 }
                 let source = PrefillSource {
                     keys: &keys,

@@ -13,7 +13,7 @@ use shadowkv_model::{
 /// Deterministic values in [-scale, scale) (the library's random fill, in f32).
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     (0..n as u64)
-        .map(|i| shadowkv::random::kernel_layout::value(seed, i, scale, 0.0))
+        .map(|i| shadowkv::kernels::random::kernel_layout::value(seed, i, scale, 0.0))
         .collect()
 }
 

@@ -1,7 +1,7 @@
-//! Reference for [`crate::attention`]: exact softmax attention in f64.
+//! Reference for [`crate::kernels::attention`]: exact softmax attention in f64.
 use half::bf16;
 
-use crate::attention::{DecodeAttentionShape, SequenceLayout};
+use crate::kernels::attention::{DecodeAttentionShape, SequenceLayout};
 
 /// `[batch, q_heads, head_dim]` outputs of decode attention over each sequence's valid
 /// tokens, read through the same layouts as the kernel.

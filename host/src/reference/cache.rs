@@ -2,7 +2,7 @@
 //! row `kv.len` of its K/V block.
 use half::bf16;
 
-use crate::shadow::ShadowSequence;
+use crate::kernels::shadow::ShadowSequence;
 
 /// Writes `keys` and `values` (`[batch, Hkv, d]`) into `k` and `v` at each sequence's
 /// `kv.len` (the layouts before the append).

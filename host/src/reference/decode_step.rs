@@ -2,9 +2,9 @@
 //! references of its kernels.
 use half::bf16;
 
-use crate::attention::{DecodeAttentionShape, SequenceLayout};
+use crate::kernels::attention::{DecodeAttentionShape, SequenceLayout};
+use crate::kernels::shadow::{Miss, ShadowConfig, ShadowSequence};
 use crate::reference::{attention, fetch, plan, rebuild, scoring, topk};
-use crate::shadow::{Miss, ShadowConfig, ShadowSequence};
 
 /// Host copies of a layer's buffers, laid out as on the GPU.
 #[derive(Clone, Debug)]

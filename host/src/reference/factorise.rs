@@ -1,4 +1,4 @@
-//! Reference for [`crate::factorise`]: the rank-`r` factors of a key matrix in f64, from the
+//! Reference for [`crate::kernels::factorise`]: the rank-`r` factors of a key matrix in f64, from the
 //! eigenvectors of its Gram matrix (nalgebra's `SymmetricEigen`).
 use nalgebra::{DMatrix, SymmetricEigen};
 
@@ -72,7 +72,7 @@ mod tests {
     /// Deterministic values in [-1, 1) (the GPU random fill's, in f32).
     fn noise(seed: u64, n: usize) -> Vec<f32> {
         (0..n as u64)
-            .map(|i| crate::random::kernel_layout::value(seed, i, 1.0, 0.0))
+            .map(|i| crate::kernels::random::kernel_layout::value(seed, i, 1.0, 0.0))
             .collect()
     }
 

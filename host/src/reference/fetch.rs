@@ -1,7 +1,7 @@
-//! Reference for [`crate::fetch`]: each miss's values copied into its slot.
+//! Reference for [`crate::kernels::fetch`]: each miss's values copied into its slot.
 use half::bf16;
 
-use crate::shadow::{Miss, ShadowConfig, ShadowSequence};
+use crate::kernels::shadow::{Miss, ShadowConfig, ShadowSequence};
 
 /// Copies the `c * d` values of every miss of head `h` from `values` into `v`.
 pub fn fetch(

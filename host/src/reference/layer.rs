@@ -1,9 +1,9 @@
-//! Reference for [`crate::layer`]: the per-token decoder-layer kernels in f64.
+//! Reference for [`crate::kernels::layer`]: the per-token decoder-layer kernels in f64.
 use half::bf16;
 
-use crate::attention::SequenceLayout;
-use crate::layer::kernel_layout::TokenPlacement;
-use crate::layer::QkvShape;
+use crate::kernels::attention::SequenceLayout;
+use crate::kernels::layer::kernel_layout::TokenPlacement;
+use crate::kernels::layer::QkvShape;
 use crate::reference::rebuild::rope;
 
 /// Rows of the `[vocab, hidden]` table for each id.

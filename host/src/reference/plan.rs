@@ -1,7 +1,7 @@
-//! Reference for [`crate::plan`]: the kernel's rule, in order.
+//! Reference for [`crate::kernels::plan`]: the kernel's rule, in order.
 use std::collections::HashSet;
 
-use crate::shadow::Miss;
+use crate::kernels::shadow::Miss;
 
 /// The kernel's `fresh` marks: 1 for each slot a miss fills, else 0.
 pub fn fresh_slots(misses: &[Miss], budget_chunks: usize) -> Vec<u32> {

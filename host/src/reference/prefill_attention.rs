@@ -1,10 +1,10 @@
-//! Reference for [`crate::prefill_attention`]: exact causal softmax attention in f64.
+//! Reference for [`crate::kernels::prefill_attention`]: exact causal softmax attention in f64.
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use half::bf16;
 
-use crate::prefill_attention::{PrefillAttentionShape, QueryPlacement, SequenceLayout};
+use crate::kernels::prefill_attention::{PrefillAttentionShape, QueryPlacement, SequenceLayout};
 use crate::reference::attention::attend_row;
 
 /// Positions one work item of the reference covers.

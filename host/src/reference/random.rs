@@ -1,7 +1,7 @@
-//! Reference for [`crate::random`]: the same values, computed on the CPU.
+//! Reference for [`crate::kernels::random`]: the same values, computed on the CPU.
 use half::bf16;
 
-use crate::random::kernel_layout::value;
+use crate::kernels::random::kernel_layout::value;
 
 /// Elements `first..first + len` of the fill with `seed`, `scale` and `offset`.
 pub fn fill(first: u64, len: usize, seed: u64, scale: f32, offset: f32) -> Vec<bf16> {

@@ -1,7 +1,7 @@
-//! Reference for [`crate::rebuild`]: `A_rows · Bm_h` in f64, then RoPE in f64.
+//! Reference for [`crate::kernels::rebuild`]: `A_rows · Bm_h` in f64, then RoPE in f64.
 use half::bf16;
 
-use crate::shadow::{ShadowConfig, ShadowSequence};
+use crate::kernels::shadow::{ShadowConfig, ShadowSequence};
 
 /// Rotate-half RoPE of one row at `position`, with the kernels' inverse frequencies.
 pub fn rope(row: &mut [f64], position: usize, inverse_frequencies: &[f64]) {

@@ -1,4 +1,4 @@
-//! Reference for [`crate::sampling`].
+//! Reference for [`crate::kernels::sampling`].
 
 /// Per row of `vocab` logits: the index of the largest (the lowest among equals; NaN never
 /// wins; 0 if nothing beats -inf).

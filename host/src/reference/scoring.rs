@@ -1,7 +1,7 @@
-//! Reference for [`crate::scoring`] and the scoring half of [`crate::topk`], in f64.
+//! Reference for [`crate::kernels::scoring`] and the scoring half of [`crate::kernels::topk`], in f64.
 use half::bf16;
 
-use crate::shadow::{ShadowConfig, ShadowSequence};
+use crate::kernels::shadow::{ShadowConfig, ShadowSequence};
 
 /// Base-2 logits `q_g · landmark · scale · log2(e)` of (sequence `b`, KV head `h`), one
 /// vector per query head `g` of the group, over the head's landmarks.

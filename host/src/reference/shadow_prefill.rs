@@ -1,8 +1,8 @@
-//! Reference for [`crate::shadow_prefill`]: landmarks, minimum cosines, outliers and the exact
+//! Reference for [`crate::kernels::shadow_prefill`]: landmarks, minimum cosines, outliers and the exact
 //! rows of one sequence's prompt, in f64.
 use half::bf16;
 
-use crate::attention::SequenceLayout;
+use crate::kernels::attention::SequenceLayout;
 
 /// Per KV head: every chunk's landmark (`[chunks, d]`, the mean of its keys) and minimum
 /// cosine between that mean and each of its keys. `keys` is `[Hkv, capacity, d]` from

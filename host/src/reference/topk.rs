@@ -1,4 +1,4 @@
-//! Reference for [`crate::topk`]'s selection: exactly the kernel's rule.
+//! Reference for [`crate::kernels::topk`]'s selection: exactly the kernel's rule.
 /// The chunk ids of the `k` highest scores, in landmark order; of scores equal to the k-th
 /// highest, the lowest indices are taken. Scores compare as f32 bit patterns, as on the GPU
 /// (all scores are `>= 0`).

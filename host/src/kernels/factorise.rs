@@ -34,8 +34,8 @@ use shadowkv_kernels::shadow::{MAX_RANK, RANK_STEP};
 
 use crate::error::{check_len, check_reach, invalid, Error, Result};
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
 use crate::linear::{blas_error, gemm, GemmShape};
+use crate::ptx::KernelName;
 
 /// Widest key matrix (`Hkv * d`): the Gram matrix grows as its square (4 MiB at 1024).
 pub const MAX_WIDTH: usize = 8192;
@@ -147,7 +147,7 @@ impl Factoriser {
         let max_pairs = (MAX_RANK as usize + OVERSAMPLE).min(width);
         let block = width * max_pairs;
         let start: Vec<f32> = (0..block as u64)
-            .map(|i| crate::random::kernel_layout::value(START_SEED, i, 1.0, 0.0))
+            .map(|i| crate::kernels::random::kernel_layout::value(START_SEED, i, 1.0, 0.0))
             .collect();
         let mut blocks = [
             stream.alloc_zeros::<f32>(block)?,

@@ -16,7 +16,7 @@ use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams, SlotFil
 
 use crate::error::{check_len, check_range, invalid, Result};
 use crate::gpu::Gpu;
-use crate::kernels::KernelName;
+use crate::ptx::KernelName;
 
 /// Heads and dimensions of one decode-attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,15 +1,33 @@
 //! Value fetch (see `shadowkv_kernels::fetch`): each miss's values from pinned host memory
 //! (or device memory) into its slot of the GPU value buffer.
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 pub use shadowkv_kernels::fetch as kernel_layout;
 use shadowkv_kernels::fetch::{self as layout, FetchParams};
 
-use crate::decode_step::LayerValues;
 use crate::error::{check_reach, Result};
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
-use crate::shadow::{BatchPart, Miss, ShadowBatch};
+use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
+use crate::pinned::PinnedBuffer;
+use crate::ptx::KernelName;
+
+/// Where a layer keeps its values.
+pub enum LayerValues {
+    /// Pinned, device-mapped host memory: ShadowKV's offload (fetched over PCIe).
+    Host(PinnedBuffer<bf16>),
+    /// Device memory, when the values fit on the GPU (no PCIe traffic).
+    Device(CudaSlice<bf16>),
+}
+
+impl LayerValues {
+    /// The address kernels read the values at, and their length in elements.
+    pub(crate) fn address(&self, stream: &CudaStream) -> (u64, usize) {
+        match self {
+            LayerValues::Host(buffer) => (buffer.device_address(), buffer.len()),
+            LayerValues::Device(slice) => (address(slice, stream), slice.len()),
+        }
+    }
+}
 
 /// Warps of the grid, 2 KiB in flight each. Measured on the H100 (b16, 122K, 80% hits): the
 /// fetch alone reaches 27, 41, 46, 50 and 50 GB/s with 48, 128, 256, 512 and 1024 warps, and

@@ -6,7 +6,7 @@ use shadowkv_kernels::random::{self as layout, RandomParams};
 
 use crate::error::{invalid, Result};
 use crate::gpu::{grid_for, Gpu};
-use crate::kernels::KernelName;
+use crate::ptx::KernelName;
 
 /// Fills `out` with values uniform in `[offset - scale, offset + scale)`, element `i` a
 /// function of `(seed, i)` only ([`kernel_layout::value`], rounded to bf16).

@@ -6,8 +6,8 @@ use shadowkv_kernels::rebuild::{self as layout, RebuildParams};
 
 use crate::error::{check_len, check_reach, Result};
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
-use crate::shadow::{BatchPart, Miss, ShadowBatch};
+use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
+use crate::ptx::KernelName;
 
 /// Blocks the rebuild aims for: about two per multiprocessor.
 const BLOCKS_PER_MULTIPROCESSOR: u32 = 2;

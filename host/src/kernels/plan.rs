@@ -6,15 +6,15 @@ use shadowkv_kernels::plan::{self as layout, PlanParams};
 
 use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
-use crate::shadow::{BatchPart, Miss, ShadowBatch};
+use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
+use crate::ptx::KernelName;
 
 /// Most chunk ids a sequence may have: both bitmaps and the freed list fit the shared memory
 /// one block may use.
 pub fn check_fits(gpu: &Gpu, batch: &ShadowBatch) -> Result<u32> {
     let words = layout::bitmap_words(batch.extents().max_chunks);
     // The plan runs in blocks of its own or of the top-k, whichever needs more flags.
-    let threads = layout::THREADS.max(crate::topk::kernel_layout::THREADS);
+    let threads = layout::THREADS.max(shadowkv_kernels::topk::THREADS);
     let bytes = layout::shared_bytes(words, batch.config().budget_chunks as u32, threads);
     if bytes > gpu.info().max_shared_per_block {
         return Err(invalid(

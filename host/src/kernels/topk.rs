@@ -6,10 +6,10 @@ use shadowkv_kernels::topk::{self as layout, TopkParams};
 
 use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
-use crate::plan::{self, PlanBuffers};
-use crate::scoring::{logits_len, tile_stats_len};
-use crate::shadow::{BatchPart, ShadowBatch};
+use crate::kernels::plan::{self, PlanBuffers};
+use crate::kernels::scoring::{logits_len, tile_stats_len};
+use crate::kernels::shadow::{BatchPart, ShadowBatch};
+use crate::ptx::KernelName;
 
 /// Writes each landmark's `score` (max over the group of its softmax weight) and the chunk
 /// ids of the `budget_chunks` highest scores of every (sequence, KV head) into `selection`

@@ -1,7 +1,7 @@
 //! ShadowKV prefill kernels for one sequence of one layer (see `shadowkv_kernels::shadow_prefill`):
 //! [`build_landmarks`] (chunk statistics, outlier select, landmark gather) and, after the first
 //! selection's plan, [`gather_exact`] (local window and outliers, and the first selection's
-//! values). [`crate::cache::ShadowKvCache::prefill_layer`] runs the whole prefill.
+//! values). The cache's `prefill_layer` runs the whole prefill.
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
@@ -9,12 +9,12 @@ use half::bf16;
 pub use shadowkv_kernels::shadow_prefill as kernel_layout;
 use shadowkv_kernels::shadow_prefill::{self as layout, ShadowPrefillParams};
 
-use crate::attention::SequenceLayout;
 use crate::decode_step::{ShadowLayer, StepWorkspace};
 use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
-use crate::shadow::ShadowConfig;
+use crate::kernels::attention::SequenceLayout;
+use crate::kernels::shadow::ShadowConfig;
+use crate::ptx::KernelName;
 
 /// The prompt's post-RoPE keys and values on the GPU: `[Hkv, capacity, d]` from
 /// `layout.offset`, `layout.len` tokens (a model's K/V cache block, say).

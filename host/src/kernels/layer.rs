@@ -12,10 +12,10 @@ use shadowkv_kernels::layer::{
     self as layout, EmbeddingParams, RmsNormParams, RopeQkvParams, SiluMulParams, TokenPlacement,
 };
 
-use crate::attention::SequenceLayout;
 use crate::error::{check_len, check_reach, invalid, Result};
 use crate::gpu::{address, grid_for, Gpu};
-use crate::kernels::KernelName;
+use crate::kernels::attention::SequenceLayout;
+use crate::ptx::KernelName;
 
 fn rows_launch(rows: usize, shared_mem_bytes: u32) -> LaunchConfig {
     LaunchConfig {

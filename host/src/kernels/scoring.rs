@@ -7,8 +7,8 @@ use shadowkv_kernels::scoring::{self as layout, ScoringParams};
 
 use crate::error::{check_len, check_reach, Result};
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
-use crate::shadow::{BatchPart, ShadowBatch};
+use crate::kernels::shadow::{BatchPart, ShadowBatch};
+use crate::ptx::KernelName;
 
 /// f32 logits the batch needs: `G` per landmark row.
 pub fn logits_len(batch: &ShadowBatch) -> usize {

@@ -20,11 +20,11 @@ pub use shadowkv_kernels::prefill_attention as kernel_layout;
 pub use shadowkv_kernels::prefill_attention::QueryPlacement;
 use shadowkv_kernels::prefill_attention::{self as layout, PrefillAttentionParams, PrefillTile};
 
-pub use crate::attention::SequenceLayout;
-use crate::attention::{block_end, validate_heads};
 use crate::error::{check_len, check_range, invalid, Result};
 use crate::gpu::Gpu;
-use crate::kernels::KernelName;
+pub use crate::kernels::attention::SequenceLayout;
+use crate::kernels::attention::{block_end, validate_heads};
+use crate::ptx::KernelName;
 
 /// Heads and dimensions of one prefill-attention call; `tokens` rows of `q` and `out`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

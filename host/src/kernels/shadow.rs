@@ -48,7 +48,7 @@ impl ShadowConfig {
 
     pub fn validate(&self) -> Result<()> {
         // The heads: exactly what the attention kernel accepts.
-        crate::attention::DecodeAttentionShape {
+        crate::kernels::attention::DecodeAttentionShape {
             batch: 1,
             q_heads: self.q_heads,
             kv_heads: self.kv_heads,

@@ -5,7 +5,7 @@ use shadowkv_kernels::sampling::{self as layout, ArgmaxParams};
 
 use crate::error::{check_len, invalid, Result};
 use crate::gpu::{address, Gpu};
-use crate::kernels::KernelName;
+use crate::ptx::KernelName;
 
 /// `out[r]` = the index of the largest of `logits[r, ..vocab]` (lowest among equals).
 pub fn argmax(
