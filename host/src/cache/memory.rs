@@ -1,0 +1,348 @@
+//! What a cache takes: each sequence's geometry and per-buffer footprint from its prompt
+//! length, the buffers' sizes for a [`CacheCapacity`], the bytes by part, and the planner that
+//! finds how many sequences fit in given GPU and host memory.
+use shadowkv_kernels::shadow_prefill::exact_rows;
+
+use super::params::{CacheCapacity, CacheShape, ShadowKvParams, ValueHome};
+use crate::error::{invalid, Result};
+use crate::kernels::shadow::ShadowConfig;
+
+/// Bytes by part, on the GPU and in host memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    pub gpu: Vec<(&'static str, u64)>,
+    pub host: Vec<(&'static str, u64)>,
+}
+
+impl MemoryReport {
+    pub fn gpu_bytes(&self) -> u64 {
+        self.gpu.iter().map(|(_, b)| b).sum()
+    }
+    pub fn host_bytes(&self) -> u64 {
+        self.host.iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// How many sequences of one length fit (see [`plan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachePlan {
+    /// The cache for one such sequence.
+    pub per_sequence: MemoryReport,
+    /// Sequences that fit in the GPU and host bytes given (0 if not even one).
+    pub sequences: usize,
+    /// The whole K/V cache of one such sequence on the GPU (full attention), for comparison.
+    pub full_cache_bytes: u64,
+    /// Sequences that fit with full attention in the same GPU bytes.
+    pub full_cache_sequences: usize,
+}
+
+/// One sequence's sizes, from its prompt length and the parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Geometry {
+    pub(super) prompt_len: u32,
+    pub(super) chunks: u32,
+    pub(super) landmarks: u32,
+    /// Local window and outlier rows at the front of each K/V head.
+    pub(super) exact_rows: u32,
+    /// Rows of each K/V head: exact rows, sparse slots, generated tokens.
+    pub(super) kv_capacity: u32,
+}
+
+/// Element counts of one sequence in each per-layer buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Footprint {
+    pub(super) landmark_rows: usize,
+    pub(super) a: usize,
+    pub(super) bm: usize,
+    pub(super) kv: usize,
+    pub(super) values: usize,
+}
+
+impl Footprint {
+    /// The five counts in buffer order: landmarks, A, Bm, K/V, values.
+    pub(super) fn parts(&self) -> [usize; 5] {
+        [self.landmark_rows, self.a, self.bm, self.kv, self.values]
+    }
+
+    /// The inverse of [`parts`](Self::parts).
+    pub(super) fn from_parts([landmark_rows, a, bm, kv, values]: [usize; 5]) -> Footprint {
+        Footprint {
+            landmark_rows,
+            a,
+            bm,
+            kv,
+            values,
+        }
+    }
+}
+
+pub(super) fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Bytes of host memory the system says are available (`MemAvailable`), if it says.
+pub fn host_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The validated decode config for `shape` and `params`.
+pub(super) fn shadow_config(shape: &CacheShape, params: &ShadowKvParams) -> Result<ShadowConfig> {
+    params.validate(shape.kv_heads, shape.head_dim)?;
+    if shape.layers == 0 {
+        return Err(invalid("shape.layers", "is 0", "at least one layer"));
+    }
+    let config = ShadowConfig {
+        q_heads: shape.q_heads,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
+        chunk_size: params.chunk_size,
+        rank: params.rank,
+        budget_chunks: params.budget_chunks(),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+pub(super) fn geometry(
+    params: &ShadowKvParams,
+    prompt_len: usize,
+    max_generated: usize,
+) -> Result<Geometry> {
+    params.check_prompt(prompt_len)?;
+    let too_long = || {
+        invalid(
+            "prompt_len",
+            format!("{prompt_len} tokens plus {max_generated} generated"),
+            "fewer than 2^31 tokens",
+        )
+    };
+    let prompt = u32::try_from(prompt_len).map_err(|_| too_long())?;
+    let chunks = params.prompt_chunks(prompt_len) as u32;
+    let outliers = params.prompt_outliers(prompt_len) as u32;
+    let exact = exact_rows(prompt, chunks, params.chunk_size as u32, outliers);
+    let kv_capacity = (exact as usize + params.sparse_budget + max_generated)
+        .try_into()
+        .ok()
+        .filter(|&c: &u32| c < i32::MAX as u32)
+        .ok_or_else(too_long)?;
+    Ok(Geometry {
+        prompt_len: prompt,
+        chunks,
+        landmarks: chunks - outliers,
+        exact_rows: exact,
+        kv_capacity,
+    })
+}
+
+pub(super) fn footprint(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    geometry: &Geometry,
+) -> Footprint {
+    let (heads, d) = (shape.kv_heads, shape.head_dim);
+    Footprint {
+        landmark_rows: heads * geometry.landmarks as usize,
+        a: geometry.prompt_len as usize * params.rank,
+        bm: params.rank * shape.kv_width(),
+        kv: heads * geometry.kv_capacity as usize * d,
+        values: heads * geometry.prompt_len as usize * d,
+    }
+}
+
+/// Per-layer buffer sizes (elements) for `capacity`: the sum of the footprints of
+/// `max_sequences` sequences sharing `max_prompt_tokens`, the worst split (each buffer's
+/// own worst case: some grow with the prompt, the K/V blocks with the count).
+pub(super) fn buffer_sizes(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    capacity: &CacheCapacity,
+) -> Result<Footprint> {
+    if capacity.max_sequences == 0 || capacity.max_prompt_len == 0 {
+        return Err(invalid(
+            "capacity",
+            format!("{capacity:?}"),
+            "at least one sequence with a prompt",
+        ));
+    }
+    let longest = geometry(params, capacity.max_prompt_len, capacity.max_generated)?;
+    let tokens = capacity.max_prompt_tokens.max(capacity.max_prompt_len);
+
+    let longest_footprint = footprint(shape, params, &longest);
+    // A K/V block holds the local window (below `n_local + 8` chunks plus the remainder
+    // of the last chunk, whatever the prompt's length), the outliers, the slots and the
+    // generated tokens.
+    let c = params.chunk_size;
+    let exact_bound =
+        ((params.local_chunks + 9) * c).min(capacity.max_prompt_len) + params.outlier_chunks * c;
+    let per_sequence_kv =
+        shape.kv_width() * (exact_bound + params.sparse_budget + capacity.max_generated);
+    let sequences = capacity.max_sequences;
+    Ok(Footprint {
+        // Landmarks per head are at most a sequence's tokens over c, so in all at most
+        // Hkv * tokens / c rows.
+        landmark_rows: shape.kv_heads * (tokens / params.chunk_size),
+        a: tokens * params.rank,
+        bm: sequences * longest_footprint.bm,
+        kv: sequences * per_sequence_kv,
+        values: tokens * shape.kv_width(),
+    })
+}
+
+/// What a cache of `capacity` takes, by part (GPU and host).
+pub fn memory_for(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    values_home: ValueHome,
+    capacity: &CacheCapacity,
+) -> Result<MemoryReport> {
+    let config = shadow_config(shape, params)?;
+    let sizes = buffer_sizes(shape, params, capacity)?;
+    let layers = shape.layers as u64;
+    let d = shape.head_dim as u64;
+    let slots = (capacity.max_sequences * shape.kv_heads * config.budget_chunks) as u64;
+    let longest_chunks = params.prompt_chunks(capacity.max_prompt_len) as u64;
+    let heads = shape.kv_heads as u64;
+    let landmark_rows = sizes.landmark_rows as u64;
+    let values = layers * sizes.values as u64 * 2;
+    let mut report = MemoryReport {
+        gpu: vec![
+            ("landmarks", layers * landmark_rows * d * 2),
+            ("chunk ids", layers * landmark_rows * 4),
+            ("A", layers * sizes.a as u64 * 2),
+            ("Bm", layers * sizes.bm as u64 * 2),
+            ("K/V blocks", layers * sizes.kv as u64 * 2 * 2),
+            ("resident ids", layers * slots * 4),
+            (
+                "prefill scratch",
+                heads * longest_chunks * (d * 2 + 4)
+                    + crate::kernels::factorise::scratch_bytes(shape.kv_width())
+                    + (capacity.max_sequences * shape.q_heads) as u64 * d * 2,
+            ),
+            (
+                "decode scratch",
+                landmark_rows * (config.group() as u64 + 1) * 4 + slots * 16,
+            ),
+        ],
+        host: Vec::new(),
+    };
+    match values_home {
+        ValueHome::Host => report.host.push(("values (pinned)", values)),
+        ValueHome::Device => report.gpu.push(("values", values)),
+    }
+    Ok(report)
+}
+
+/// How many sequences of `prompt_len` tokens (each generating up to `max_generated`) fit
+/// in `gpu_bytes` of GPU memory and `host_bytes` of pinned host memory, and how many would
+/// with the whole K/V cache on the GPU.
+pub fn plan(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    values_home: ValueHome,
+    prompt_len: usize,
+    max_generated: usize,
+    gpu_bytes: u64,
+    host_bytes: u64,
+) -> Result<CachePlan> {
+    let report = |n: usize| {
+        memory_for(
+            shape,
+            params,
+            values_home,
+            &CacheCapacity::uniform(n, prompt_len, max_generated),
+        )
+    };
+    let one = report(1)?;
+    let fits = |r: &MemoryReport| r.gpu_bytes() <= gpu_bytes && r.host_bytes() <= host_bytes;
+    // The footprint grows with the count (the scratch barely), so search upwards.
+    let mut sequences = 0;
+    let (mut low, mut high) = (0usize, 1usize);
+    while fits(&report(high)?) {
+        low = high;
+        high *= 2;
+        if high > 1 << 20 {
+            break;
+        }
+    }
+    while low + 1 < high {
+        let middle = (low + high) / 2;
+        if fits(&report(middle)?) {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    if low > 0 {
+        sequences = low;
+    }
+    let full_cache_bytes =
+        shape.layers as u64 * 2 * shape.kv_width() as u64 * (prompt_len + max_generated) as u64 * 2;
+    Ok(CachePlan {
+        per_sequence: one,
+        sequences,
+        full_cache_bytes,
+        full_cache_sequences: (gpu_bytes / full_cache_bytes.max(1)) as usize,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The planner's count is the largest that fits: that many fit and one more does not.
+        #[test]
+        fn planner_finds_the_largest_batch(
+            prompt_len in 4096usize..200_000,
+            gpu_gib in 1u64..80,
+            host_gib in 1u64..200,
+            on_host in any::<bool>(),
+        ) {
+            let shape = CacheShape::LLAMA_3_8B;
+            let params = ShadowKvParams::default();
+            let home = if on_host { ValueHome::Host } else { ValueHome::Device };
+            let (gpu_bytes, host_bytes) = (gpu_gib << 30, host_gib << 30);
+            let plan = plan(&shape, &params, home, prompt_len, 256, gpu_bytes, host_bytes)
+                .unwrap();
+            let fits = |n: usize| {
+                let report = memory_for(
+                    &shape,
+                    &params,
+                    home,
+                    &CacheCapacity::uniform(n, prompt_len, 256),
+                )
+                .unwrap();
+                report.gpu_bytes() <= gpu_bytes && report.host_bytes() <= host_bytes
+            };
+            if plan.sequences > 0 {
+                prop_assert!(fits(plan.sequences));
+            }
+            prop_assert!(!fits(plan.sequences + 1));
+            prop_assert_eq!(plan.full_cache_sequences as u64, gpu_bytes / plan.full_cache_bytes);
+            // ShadowKV keeps less on the GPU per sequence than the whole cache.
+            let per_sequence = plan.per_sequence.gpu_bytes();
+            if on_host {
+                prop_assert!(per_sequence < plan.full_cache_bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn planner_rejects_a_short_prompt() {
+        let error = plan(
+            &CacheShape::LLAMA_3_8B,
+            &ShadowKvParams::default(),
+            ValueHome::Host,
+            100,
+            16,
+            1 << 36,
+            1 << 36,
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("prompt"), "{error}");
+    }
+}
