@@ -339,7 +339,11 @@ pub mod bench {
         use shadowkv::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
         let n = 8192usize;
         let blas = CudaBlas::new(gpu.stream().clone())
-            .map_err(|e| shadowkv::error::invalid("cublas", e.to_string(), "a loadable cuBLAS"))?;
+            .map_err(|e| shadowkv::Error::Library {
+                library: shadowkv::error::Library::Cublas,
+                call: "cublasCreate",
+                status: format!("{:?}", e.0),
+            })?;
         let a = filled(gpu, n * n, 21)?;
         let b = filled(gpu, n * n, 22)?;
         let mut c = filled(gpu, n * n, 23)?;

@@ -840,7 +840,7 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             ValueHome::Device,
             CacheCapacity::uniform(4096, 1 << 20, 0),
         ),
-        "of GPU memory",
+        "free GPU memory for the cache",
     )?;
     let mut cache = ShadowKvCache::new(gpu, shape, params, ValueHome::Host, capacity).map_err(s)?;
     // A prompt too short for the budget, and one past the capacity.

@@ -7,7 +7,7 @@ use cudarc::cublas::{result::gemm_ex, sys, CudaBlas};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use crate::error::{check_len, invalid, Error, Result};
+use crate::error::{check_len, invalid, Error, Library, Result};
 
 /// Element types cuBLAS may write as the product.
 pub trait LinearOutput {
@@ -28,17 +28,20 @@ pub struct Linear {
     stream: Arc<CudaStream>,
 }
 
-pub(crate) fn blas_error(error: impl std::fmt::Display) -> Error {
-    invalid(
-        "cublas",
-        error.to_string(),
-        "a successful cuBLAS call (is libcublas on LD_LIBRARY_PATH?)",
-    )
+/// A cuBLAS failure of `call`.
+pub(crate) fn blas_error(
+    call: &'static str,
+) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
+    move |error| Error::Library {
+        library: Library::Cublas,
+        call,
+        status: format!("{:?}", error.0),
+    }
 }
 
 impl Linear {
     pub fn new(stream: Arc<CudaStream>) -> Result<Linear> {
-        let blas = CudaBlas::new(stream.clone()).map_err(blas_error)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(blas_error("cublasCreate"))?;
         Ok(Linear { blas, stream })
     }
 
@@ -163,5 +166,5 @@ pub(crate) unsafe fn gemm(
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(blas_error)
+    .map_err(blas_error("cublasGemmEx"))
 }

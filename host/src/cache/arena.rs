@@ -1,7 +1,7 @@
 //! First-fit arenas: the ranges each sequence takes of every per-layer buffer (the same
 //! offsets in every layer).
 use super::memory::Footprint;
-use crate::error::{invalid, Result};
+use crate::error::{exhausted, Result};
 
 /// First-fit ranges of one buffer (element offsets); every size is a multiple of 8 elements
 /// where it must be, so offsets stay 16-byte aligned.
@@ -26,14 +26,7 @@ impl Arena {
         }
         let Some(index) = self.free.iter().position(|&(_, free)| free >= len) else {
             let largest = self.free.iter().map(|&(_, l)| l).max().unwrap_or(0);
-            return Err(invalid(
-                "sequence",
-                format!(
-                    "needs {len} elements of the cache's {} buffer, whose largest free range is {largest}",
-                    self.name
-                ),
-                "a cache sized for it (CacheCapacity) or fewer live sequences",
-            ));
+            return Err(exhausted(self.name, len as u64, largest as u64, "elements"));
         };
         let (start, free) = self.free[index];
         if free == len {
@@ -77,11 +70,20 @@ impl Arenas {
     /// Arenas over buffers of `sizes` elements.
     pub(super) fn new(sizes: &Footprint) -> Arenas {
         Arenas {
-            landmarks: Arena::new("landmarks", sizes.landmark_rows),
-            a: Arena::new("A", sizes.a),
-            bm: Arena::new("Bm", sizes.bm),
-            kv: Arena::new("K/V", sizes.kv),
-            values: Arena::new("values", sizes.values),
+            landmarks: Arena::new(
+                "the cache's landmark rows (a free range of the buffer)",
+                sizes.landmark_rows,
+            ),
+            a: Arena::new(
+                "the cache's rows of A (a free range of the buffer)",
+                sizes.a,
+            ),
+            bm: Arena::new("the cache's Bm buffer (a free range)", sizes.bm),
+            kv: Arena::new(
+                "the cache's K/V blocks (a free range of the buffer)",
+                sizes.kv,
+            ),
+            values: Arena::new("the cache's value buffer (a free range)", sizes.values),
         }
     }
 
@@ -158,7 +160,12 @@ mod tests {
                         Ok(_) => {}
                         Err(error) => {
                             prop_assert!(longest_run < len, "{error}: a run of {longest_run} was free");
-                            prop_assert!(error.to_string().contains("largest free range"));
+                            let exhausted = matches!(
+                                error,
+                                crate::Error::CapacityExhausted { needed, available, .. }
+                                    if needed == len as u64 && available == longest_run as u64
+                            );
+                            prop_assert!(exhausted, "{error}");
                         }
                     }
                 } else {

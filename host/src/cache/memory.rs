@@ -76,10 +76,6 @@ impl Footprint {
     }
 }
 
-pub(super) fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
 /// Bytes of host memory the system says are available (`MemAvailable`), if it says.
 pub fn host_available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;

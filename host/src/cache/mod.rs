@@ -26,7 +26,7 @@ pub use shadowkv_kernels::cache as kernel_layout;
 use shadowkv_kernels::cache::{self as layout, AppendParams};
 
 use crate::decode_step::{DecodeStep, ShadowLayer, StepStats};
-use crate::error::{check_len, invalid, Result};
+use crate::error::{check_len, exhausted, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::attention::SequenceLayout;
 use crate::kernels::factorise::Factoriser;
@@ -42,8 +42,8 @@ mod params;
 use crate::pinned::PinnedBuffer;
 use crate::ptx::KernelName;
 use arena::Arenas;
+use memory::Footprint;
 pub use memory::{host_available_bytes, CachePlan, MemoryReport};
-use memory::{gib, Footprint};
 use offload::offload_values;
 pub use params::{CacheCapacity, CacheShape, ShadowKvParams, ValueHome};
 
@@ -131,27 +131,20 @@ impl ShadowKvCache {
         let report = memory::memory_for(&shape, &params, values_home, &capacity)?;
         let (free, _) = gpu.context().mem_get_info()?;
         if report.gpu_bytes() > free as u64 {
-            return Err(invalid(
-                "capacity",
-                format!(
-                    "needs {} of GPU memory ({:?}) but {} is free",
-                    gib(report.gpu_bytes()),
-                    report.gpu,
-                    gib(free as u64)
-                ),
-                "a smaller CacheCapacity (ShadowKvCache::plan says what fits)",
+            return Err(exhausted(
+                "free GPU memory for the cache (ShadowKvCache::plan says what fits)",
+                report.gpu_bytes(),
+                free as u64,
+                "bytes",
             ));
         }
         if let Some(available) = host_available_bytes() {
             if report.host_bytes() > available {
-                return Err(invalid(
-                    "capacity",
-                    format!(
-                        "needs {} of pinned host memory but {} is available",
-                        gib(report.host_bytes()),
-                        gib(available)
-                    ),
-                    "a smaller CacheCapacity, or ValueHome::Device if the GPU has room",
+                return Err(exhausted(
+                    "available host memory for the pinned values (or use ValueHome::Device)",
+                    report.host_bytes(),
+                    available,
+                    "bytes",
                 ));
             }
         }
@@ -322,10 +315,11 @@ impl ShadowKvCache {
     /// changing nothing, if the prompt is too short for the budget or the cache has no room.
     pub fn add_sequence(&mut self, gpu: &Gpu, prompt_len: usize) -> Result<SequenceId> {
         if self.entries.len() == self.capacity.max_sequences {
-            return Err(invalid(
-                "sequence",
-                format!("would be number {}", self.entries.len() + 1),
-                format!("at most max_sequences = {}", self.capacity.max_sequences),
+            return Err(exhausted(
+                "the cache's sequences (CacheCapacity::max_sequences)",
+                self.entries.len() as u64 + 1,
+                self.capacity.max_sequences as u64,
+                "sequences",
             ));
         }
         if prompt_len > self.capacity.max_prompt_len {
@@ -554,16 +548,11 @@ impl ShadowKvCache {
             .iter()
             .find(|e| e.generated[layer] as usize >= self.capacity.max_generated)
         {
-            return Err(invalid(
-                "append",
-                format!(
-                    "{:?} has generated {} tokens in layer {layer}",
-                    full.id, full.generated[layer]
-                ),
-                format!(
-                    "at most the cache's max_generated = {}",
-                    self.capacity.max_generated
-                ),
+            return Err(exhausted(
+                "a sequence's generated tokens (CacheCapacity::max_generated)",
+                u64::from(full.generated[layer]) + 1,
+                self.capacity.max_generated as u64,
+                "tokens",
             ));
         }
         let stream = gpu.stream().clone();

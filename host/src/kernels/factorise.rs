@@ -32,7 +32,7 @@ pub use shadowkv_kernels::factorise as kernel_layout;
 use shadowkv_kernels::factorise::{self as layout, FactorParams};
 use shadowkv_kernels::shadow::{MAX_RANK, RANK_STEP};
 
-use crate::error::{check_len, check_reach, invalid, Error, Result};
+use crate::error::{check_len, check_reach, invalid, Error, Library, Result};
 use crate::gpu::{address, Gpu};
 use crate::linear::{blas_error, gemm, GemmShape};
 use crate::ptx::KernelName;
@@ -48,18 +48,18 @@ const START_SEED: u64 = 0x05ee_d0fc_a55e;
 
 const F32: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_32F;
 
-fn solver_error(what: &str, status: solver::cusolverStatus_t) -> Error {
-    invalid(
-        "cusolver",
-        format!("{what} returned {status:?}"),
-        "a successful cuSOLVER call (is libcusolver on LD_LIBRARY_PATH?)",
-    )
+fn solver_error(call: &'static str, status: solver::cusolverStatus_t) -> Error {
+    Error::Library {
+        library: Library::Cusolver,
+        call,
+        status: format!("{status:?}"),
+    }
 }
 
-fn solver_status(what: &str, status: solver::cusolverStatus_t) -> Result<()> {
+fn solver_status(call: &'static str, status: solver::cusolverStatus_t) -> Result<()> {
     match status {
         solver::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS => Ok(()),
-        status => Err(solver_error(what, status)),
+        status => Err(solver_error(call, status)),
     }
 }
 
@@ -141,9 +141,12 @@ impl Factoriser {
                 "the CUDA toolkit's lib64 on LD_LIBRARY_PATH",
             ));
         }
-        let blas = CudaBlas::new(stream.clone()).map_err(blas_error)?;
-        let solver_handle = DnHandle::new(stream.clone())
-            .map_err(|e| invalid("cusolver", e.to_string(), "a cuSOLVER handle"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(blas_error("cublasCreate"))?;
+        let solver_handle = DnHandle::new(stream.clone()).map_err(|e| Error::Library {
+            library: Library::Cusolver,
+            call: "cusolverDnCreate",
+            status: e.to_string(),
+        })?;
         let max_pairs = (MAX_RANK as usize + OVERSAMPLE).min(width);
         let block = width * max_pairs;
         let start: Vec<f32> = (0..block as u64)
@@ -445,14 +448,13 @@ impl Factoriser {
         let info = self.stream.clone_dtoh(&self.info)?;
         match info.iter().position(|&i| i != 0) {
             None => Ok(()),
-            Some(slot) => Err(invalid(
-                "factorisation",
-                format!(
-                    "cuSOLVER's eigen-decomposition for slot {slot} returned info {}",
+            Some(slot) => Err(Error::NotConverged {
+                what: "the factorisation's eigen-decomposition",
+                detail: format!(
+                    "cuSOLVER returned info {} for slot {slot} (a non-finite key?)",
                     info[slot]
                 ),
-                "a converged decomposition (a non-finite key?)",
-            )),
+            }),
         }
     }
 
