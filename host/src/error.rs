@@ -16,6 +16,18 @@ pub enum Error {
     },
     #[error("no compiled kernel `{name}`: {reason}")]
     MissingKernel { name: String, reason: String },
+    /// The device is older than any architecture the kernels are built for; found when the
+    /// [`Gpu`](crate::gpu::Gpu) opens it, before any launch.
+    #[error(
+        "{device} (compute capability {}.{}) cannot run the ShadowKV kernels: they need {needed}",
+        compute_capability.0,
+        compute_capability.1
+    )]
+    UnsupportedDevice {
+        device: String,
+        compute_capability: (i32, i32),
+        needed: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
