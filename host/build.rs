@@ -22,7 +22,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PTXAS");
     println!("cargo:rerun-if-env-changed=PATH");
 
-    // `<target>/<profile>/build/<pkg>/out` -> `<target>/shadowkv-ptx`, shared by every profile.
+    // `<target>/<profile>/build/<pkg>/out` -> `<target>/shadowkv-ptx`, shared by every profile
+    // (one directory per architecture below it).
     let target_dir = out_dir
         .ancestors()
         .nth(4)
@@ -45,17 +46,22 @@ fn main() {
             .collect(),
     };
     match shadowkv_codegen::build(&config) {
-        Ok(output) => match output.resources {
-            Some(resources) => {
-                for kernel in resources {
-                    println!("cargo:warning=ptxas {}: {kernel}", shadowkv_codegen::TARGET_CPU);
+        Ok(output) => {
+            for module in &output.modules {
+                match &module.resources {
+                    Some(resources) => {
+                        for kernel in resources {
+                            println!("cargo:warning=ptxas {}: {kernel}", module.target.cpu);
+                        }
+                    }
+                    None => println!(
+                        "cargo:warning=ptxas not found (set PTXAS or put it on PATH): the {} PTX of {} kernels was not checked for spills",
+                        module.target.cpu,
+                        output.kernels.len()
+                    ),
                 }
             }
-            None => println!(
-                "cargo:warning=ptxas not found (set PTXAS or put it on PATH): the PTX of {} kernels was not checked for spills",
-                output.kernels.len()
-            ),
-        },
+        }
         Err(error) => {
             eprintln!("error: building the GPU kernels failed: {error}");
             std::process::exit(1);

@@ -338,12 +338,11 @@ pub mod bench {
     pub fn gemm_rate(gpu: &Gpu) -> shadowkv::Result<f64> {
         use shadowkv::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
         let n = 8192usize;
-        let blas = CudaBlas::new(gpu.stream().clone())
-            .map_err(|e| shadowkv::Error::Library {
-                library: shadowkv::error::Library::Cublas,
-                call: "cublasCreate",
-                status: format!("{:?}", e.0),
-            })?;
+        let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| shadowkv::Error::Library {
+            library: shadowkv::error::Library::Cublas,
+            call: "cublasCreate",
+            status: format!("{:?}", e.0),
+        })?;
         let a = filled(gpu, n * n, 21)?;
         let b = filled(gpu, n * n, 22)?;
         let mut c = filled(gpu, n * n, 23)?;

@@ -1,22 +1,54 @@
 //! The build step that turns `kernels-gpu` into PTX (the role of rust-cuda's `cuda_builder`).
 //!
 //! [`build`] compiles the kernel crate with rustc's own `nvptx64-nvidia-cuda` backend
-//! (`-Zbuild-std=core --emit=asm`, `RUSTC_BOOTSTRAP=1`) in its own target directory, so the
-//! outer cargo is not blocked; checks that no kernel kept a panic path; assembles the PTX with
-//! `ptxas` when one is found (failing on any spill or stack frame); and writes a Rust file that
-//! embeds the PTX and names every kernel entry. `host/build.rs` calls it.
+//! (`-Zbuild-std=core --emit=asm`, `RUSTC_BOOTSTRAP=1`) once per GPU architecture of
+//! [`TARGETS`], each in its own target directory, so the outer cargo is not blocked and each
+//! build stays cached; checks that no kernel kept a panic path and that every architecture has
+//! the same kernels; assembles each PTX with `ptxas` for its architecture when one is found
+//! (failing on any spill or stack frame); and writes a Rust file that embeds the PTX modules
+//! and names every kernel entry. `host/build.rs` calls it.
 
 use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The GPU architecture every kernel is built and checked for.
-pub const TARGET_CPU: &str = "sm_90";
-/// PTX ISA version asked of LLVM: 8.6 names the cluster-scope fences restricted to shared
-/// memory (`fence.release.sync_restrict::shared::cta.cluster`) that a cheap cluster barrier
-/// needs; driver 570 and later (CUDA 12.8) load it.
-pub const PTX_FEATURE: &str = "+ptx86";
+/// One GPU architecture the kernels are built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PtxTarget {
+    /// rustc's `-Ctarget-cpu` and ptxas' `-arch` (`sm_90`).
+    pub cpu: &'static str,
+    /// Compute capability times ten (90), the number in the generated names (`PTX_SM90`).
+    pub arch: u32,
+    /// PTX ISA version asked of LLVM (`-Ctarget-feature`).
+    pub ptx_feature: &'static str,
+}
+
+/// Every architecture built, oldest first.
+///
+/// - sm_80 (A100) and sm_89 (L40S, RTX 4090) ask for PTX ISA 7.8, the lowest that names
+///   sm_89, so that any driver from CUDA 11.8 on (12.4 included) can JIT them; the kernels
+///   compile their thread-block-cluster code out for these (`target_feature = "sm_90"`).
+/// - sm_90 (H100, H200) asks for ISA 8.6: it names the cluster-scope fences restricted to
+///   shared memory (`fence.release.sync_restrict::shared::cta.cluster`) that a cheap cluster
+///   barrier needs; driver 570 and later (CUDA 12.8) load it.
+pub const TARGETS: [PtxTarget; 3] = [
+    PtxTarget {
+        cpu: "sm_80",
+        arch: 80,
+        ptx_feature: "+ptx78",
+    },
+    PtxTarget {
+        cpu: "sm_89",
+        arch: 89,
+        ptx_feature: "+ptx78",
+    },
+    PtxTarget {
+        cpu: "sm_90",
+        arch: 90,
+        ptx_feature: "+ptx86",
+    },
+];
 const TARGET: &str = "nvptx64-nvidia-cuda";
 
 #[derive(Debug, thiserror::Error)]
@@ -47,11 +79,35 @@ pub enum CodegenError {
     )]
     UnresolvedCalls(String),
     #[error(
-        "ptxas reports local memory in kernels (a spill or stack frame is a bug to explain):\n{0}"
+        "ptxas reports local memory in kernels for {target} (a spill or stack frame is a bug \
+         to explain):\n{kernels}"
     )]
-    LocalMemory(String),
+    LocalMemory {
+        target: &'static str,
+        kernels: String,
+    },
+    #[error(
+        "the {target} PTX does not have the kernels of the {reference} PTX: only in \
+         {reference}: [{missing}]; only in {target}: [{extra}]"
+    )]
+    KernelSetMismatch {
+        target: &'static str,
+        reference: &'static str,
+        missing: String,
+        extra: String,
+    },
+    #[error("building for {target}: {source}")]
+    ForTarget {
+        target: &'static str,
+        source: Box<CodegenError>,
+    },
     #[error("the launch bound for entries starting with `{0}` names no kernel entry in the PTX")]
     UnusedLaunchBound(String),
+    #[error(
+        "the kernels named `{0}_...` carry different parameters (`_g<group>`, `_d<head_dim>`): \
+         one lookup function cannot cover them"
+    )]
+    FamilyShape(String),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -112,45 +168,157 @@ pub struct BuildConfig {
 /// What a build produced.
 #[derive(Clone, Debug)]
 pub struct BuildOutput {
-    pub ptx: PathBuf,
+    /// One module per entry of [`TARGETS`], in that order.
+    pub modules: Vec<ModuleOutput>,
     pub bindings: PathBuf,
+    /// The kernel entries, the same in every module (in the sm_90 module's order).
     pub kernels: Vec<String>,
+}
+
+/// The PTX of one architecture.
+#[derive(Clone, Debug)]
+pub struct ModuleOutput {
+    pub target: PtxTarget,
+    /// `kernels_sm80.ptx` and so on, in `OUT_DIR`.
+    pub ptx: PathBuf,
     /// Per-kernel resources when ptxas ran.
     pub resources: Option<Vec<KernelResources>>,
 }
 
-/// Builds the kernels to PTX, checks them and writes the bindings file `kernels.rs`.
+/// Builds the kernels to PTX for every architecture of [`TARGETS`], checks them and writes
+/// the bindings file `kernels.rs`.
+///
+/// The three nested builds run at once, each in `target_dir/<cpu>` (a build per directory
+/// keeps every one cached: cargo would rebuild the kernel crate whenever the
+/// `-Ctarget-cpu` of one shared directory changed); the outer jobserver bounds their threads.
 pub fn build(config: &BuildConfig) -> Result<BuildOutput, CodegenError> {
     check_rust_src(&config.rustc)?;
-    let ptx_source = compile_ptx(config)?;
-    let ptx = std::fs::read_to_string(&ptx_source).map_err(|source| CodegenError::Io {
-        path: ptx_source.clone(),
-        source,
-    })?;
-    check_no_unresolved_calls(&ptx)?;
-    let ptx = apply_launch_bounds(&ptx, &config.launch_bounds)?;
-    let kernels = kernel_entries(&ptx);
-    if kernels.is_empty() {
-        return Err(CodegenError::NoKernels);
+    let results: Vec<Result<(ModuleOutput, Vec<String>), CodegenError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = TARGETS
+                .iter()
+                .map(|target| scope.spawn(move || build_module(config, target)))
+                .collect();
+            handles
+                .into_iter()
+                .zip(TARGETS)
+                .map(|(handle, target)| {
+                    handle.join().unwrap_or_else(|_| {
+                        Err(CodegenError::ForTarget {
+                            target: target.cpu,
+                            source: Box::new(CodegenError::NoKernels),
+                        })
+                    })
+                })
+                .collect()
+        });
+    let mut modules = Vec::with_capacity(TARGETS.len());
+    let mut kernel_sets = Vec::with_capacity(TARGETS.len());
+    for result in results {
+        let (module, kernels) = result?;
+        modules.push(module);
+        kernel_sets.push(kernels);
     }
-    let ptx_path = config.out_dir.join("kernels.ptx");
-    write(&ptx_path, &ptx)?;
-    let resources = match &config.ptxas {
-        Some(ptxas) => Some(check_with_ptxas(
-            ptxas,
-            &ptx_path,
-            &config.out_dir.join("kernels.cubin"),
-        )?),
-        None => None,
-    };
+    // The newest architecture is the reference: the host names kernels by its entries.
+    let reference = TARGETS.len() - 1;
+    for (index, kernels) in kernel_sets.iter().enumerate() {
+        check_same_kernels(
+            TARGETS[index].cpu,
+            kernels,
+            TARGETS[reference].cpu,
+            &kernel_sets[reference],
+        )?;
+    }
+    let kernels = kernel_sets.swap_remove(reference);
     let bindings = config.out_dir.join("kernels.rs");
-    write(&bindings, &generate_bindings(&kernels, &ptx_path))?;
+    let paths: Vec<(PtxTarget, &Path)> = modules
+        .iter()
+        .map(|module| (module.target, module.ptx.as_path()))
+        .collect();
+    write(&bindings, &generate_bindings(&kernels, &paths)?)?;
     Ok(BuildOutput {
-        ptx: ptx_path,
+        modules,
         bindings,
         kernels,
-        resources,
     })
+}
+
+/// Compiles, checks and writes the PTX of one architecture; errors name it.
+fn build_module(
+    config: &BuildConfig,
+    target: &PtxTarget,
+) -> Result<(ModuleOutput, Vec<String>), CodegenError> {
+    let in_target = |source| match source {
+        CodegenError::LocalMemory { .. } | CodegenError::ForTarget { .. } => source,
+        source => CodegenError::ForTarget {
+            target: target.cpu,
+            source: Box::new(source),
+        },
+    };
+    let ptx_source = compile_ptx(config, target).map_err(in_target)?;
+    let ptx = std::fs::read_to_string(&ptx_source).map_err(|source| {
+        in_target(CodegenError::Io {
+            path: ptx_source.clone(),
+            source,
+        })
+    })?;
+    check_no_unresolved_calls(&ptx).map_err(in_target)?;
+    let ptx = apply_launch_bounds(&ptx, &config.launch_bounds).map_err(in_target)?;
+    let kernels = kernel_entries(&ptx);
+    if kernels.is_empty() {
+        return Err(in_target(CodegenError::NoKernels));
+    }
+    let name = target.cpu.replace('_', "");
+    let ptx_path = config.out_dir.join(format!("kernels_{name}.ptx"));
+    write(&ptx_path, &ptx).map_err(in_target)?;
+    let resources = match &config.ptxas {
+        Some(ptxas) => Some(
+            check_with_ptxas(
+                ptxas,
+                target.cpu,
+                &ptx_path,
+                &config.out_dir.join(format!("kernels_{name}.cubin")),
+            )
+            .map_err(in_target)?,
+        ),
+        None => None,
+    };
+    Ok((
+        ModuleOutput {
+            target: *target,
+            ptx: ptx_path,
+            resources,
+        },
+        kernels,
+    ))
+}
+
+/// Fails unless `kernels` (of `target`) and `reference_kernels` name the same entries.
+pub fn check_same_kernels(
+    target: &'static str,
+    kernels: &[String],
+    reference: &'static str,
+    reference_kernels: &[String],
+) -> Result<(), CodegenError> {
+    let only_in = |a: &[String], b: &[String]| {
+        a.iter()
+            .filter(|name| !b.contains(name))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let missing = only_in(reference_kernels, kernels);
+    let extra = only_in(kernels, reference_kernels);
+    if missing.is_empty() && extra.is_empty() {
+        Ok(())
+    } else {
+        Err(CodegenError::KernelSetMismatch {
+            target,
+            reference,
+            missing,
+            extra,
+        })
+    }
 }
 
 fn write(path: &Path, contents: &str) -> Result<(), CodegenError> {
@@ -216,7 +384,8 @@ fn is_outer_build_variable(name: &str) -> bool {
         )
 }
 
-fn compile_ptx(config: &BuildConfig) -> Result<PathBuf, CodegenError> {
+fn compile_ptx(config: &BuildConfig, target: &PtxTarget) -> Result<PathBuf, CodegenError> {
+    let target_dir = config.target_dir.join(target.cpu);
     let mut command = Command::new(&config.cargo);
     for (name, _) in std::env::vars_os() {
         if is_outer_build_variable(&name.to_string_lossy()) {
@@ -234,19 +403,22 @@ fn compile_ptx(config: &BuildConfig) -> Result<PathBuf, CodegenError> {
         .arg("--manifest-path")
         .arg(config.kernel_crate.join("Cargo.toml"))
         .arg("--target-dir")
-        .arg(&config.target_dir)
+        .arg(&target_dir)
         .args(["--config", "profile.release.panic=\"abort\""])
         .args(["--config", "profile.release.codegen-units=1"])
         .args(["--config", "profile.release.debug=false"])
         .arg("--")
         .arg("--emit=asm")
-        .arg(OsString::from(format!("-Ctarget-cpu={TARGET_CPU}")))
-        .arg(OsString::from(format!("-Ctarget-feature={PTX_FEATURE}")))
+        .arg(OsString::from(format!("-Ctarget-cpu={}", target.cpu)))
+        .arg(OsString::from(format!(
+            "-Ctarget-feature={}",
+            target.ptx_feature
+        )))
         // Register arrays must be indexed by constants: unroll the kernels' small fixed loops
         // (head groups, vector lanes) fully, or they fall back to local memory.
         .arg("-Cllvm-args=-unroll-threshold=2000");
     run(&mut command)?;
-    newest_ptx(&config.target_dir.join(TARGET).join("release").join("deps"))
+    newest_ptx(&target_dir.join(TARGET).join("release").join("deps"))
 }
 
 fn newest_ptx(deps: &Path) -> Result<PathBuf, CodegenError> {
@@ -343,14 +515,15 @@ pub fn find_ptxas() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Assembles the PTX for [`TARGET_CPU`] and fails on any kernel that uses local memory.
+/// Assembles the PTX for `arch` (`sm_90`) and fails on any kernel that uses local memory.
 pub fn check_with_ptxas(
     ptxas: &Path,
+    arch: &'static str,
     ptx: &Path,
     cubin: &Path,
 ) -> Result<Vec<KernelResources>, CodegenError> {
     let output = run(Command::new(ptxas)
-        .arg(format!("-arch={TARGET_CPU}"))
+        .arg(format!("-arch={arch}"))
         .arg("-v")
         .arg(ptx)
         .arg("-o")
@@ -361,12 +534,15 @@ pub fn check_with_ptxas(
         String::from_utf8_lossy(&output.stderr)
     );
     let resources = parse_ptxas_report(&report);
-    check_local_memory(&resources)?;
+    check_local_memory(arch, &resources)?;
     Ok(resources)
 }
 
-/// Fails when any kernel spills or has a stack frame, naming each one.
-pub fn check_local_memory(resources: &[KernelResources]) -> Result<(), CodegenError> {
+/// Fails when any kernel spills or has a stack frame, naming each one and the architecture.
+pub fn check_local_memory(
+    target: &'static str,
+    resources: &[KernelResources],
+) -> Result<(), CodegenError> {
     let offenders: Vec<String> = resources
         .iter()
         .filter(|kernel| kernel.uses_local_memory())
@@ -375,7 +551,10 @@ pub fn check_local_memory(resources: &[KernelResources]) -> Result<(), CodegenEr
     if offenders.is_empty() {
         Ok(())
     } else {
-        Err(CodegenError::LocalMemory(offenders.join("\n")))
+        Err(CodegenError::LocalMemory {
+            target,
+            kernels: offenders.join("\n"),
+        })
     }
 }
 
@@ -421,28 +600,153 @@ fn number_before(line: &str, label: &str) -> u32 {
         .unwrap_or(0)
 }
 
-/// The Rust source that embeds the PTX and names each kernel; included by the host inside
-/// the module that defines `KernelName`.
-pub fn generate_bindings(kernels: &[String], ptx: &Path) -> String {
+/// A parameter that kernel names carry as a trailing `_<letter><number>` segment.
+struct FamilyParameter {
+    letter: char,
+    name: &'static str,
+}
+
+/// The parameters a kernel family's lookup function takes, in the order they appear in names
+/// (`decode_attention_g4_d128`).
+const FAMILY_PARAMETERS: [FamilyParameter; 2] = [
+    FamilyParameter {
+        letter: 'g',
+        name: "group",
+    },
+    FamilyParameter {
+        letter: 'd',
+        name: "head_dim",
+    },
+];
+
+/// A kernel name split into its family and the values of its trailing parameters (`None`
+/// for a parameter it does not carry), or `None` for a name with no parameter.
+fn split_family(kernel: &str) -> Option<(&str, [Option<u32>; 2])> {
+    let mut values = [None; 2];
+    let mut base = kernel;
+    for (index, parameter) in FAMILY_PARAMETERS.iter().enumerate().rev() {
+        let Some((rest, segment)) = base.rsplit_once('_') else {
+            break;
+        };
+        let Some(digits) = segment.strip_prefix(parameter.letter) else {
+            continue;
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        values[index] = digits.parse().ok();
+        base = rest;
+    }
+    values.iter().any(Option::is_some).then_some((base, values))
+}
+
+/// Lookup functions for the kernel families: every set of entries that differ only in their
+/// trailing `_g<group>` / `_d<head_dim>` segments gets `fn <family>(group, head_dim) ->
+/// Result<KernelName>` that matches over the compiled values and is a `MissingKernel` error
+/// (through the including module's `missing_kernel`) for the rest.
+fn generate_families(kernels: &[String]) -> Result<String, CodegenError> {
+    type Members<'a> = Vec<([Option<u32>; 2], &'a str)>;
+    let mut families: Vec<(&str, Members)> = Vec::new();
+    for kernel in kernels {
+        let Some((base, values)) = split_family(kernel) else {
+            continue;
+        };
+        match families.iter_mut().find(|(name, _)| *name == base) {
+            Some((_, members)) => {
+                let shape = |v: &[Option<u32>; 2]| v.map(|value| value.is_some());
+                if shape(&members[0].0) != shape(&values) {
+                    return Err(CodegenError::FamilyShape(base.to_owned()));
+                }
+                members.push((values, kernel));
+            }
+            None => families.push((base, vec![(values, kernel)])),
+        }
+    }
+    let mut source = String::new();
+    for (base, members) in families {
+        let used: Vec<&FamilyParameter> = FAMILY_PARAMETERS
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| members[0].0[*index].is_some())
+            .map(|(_, parameter)| parameter)
+            .collect();
+        let pattern: String = used
+            .iter()
+            .map(|p| format!("_{}{{{}}}", p.letter, p.name))
+            .collect();
+        let arguments: Vec<String> = used.iter().map(|p| format!("{}: u32", p.name)).collect();
+        let names: Vec<&str> = used.iter().map(|p| p.name).collect();
+        let scrutinee = if names.len() == 1 {
+            names[0].to_owned()
+        } else {
+            format!("({})", names.join(", "))
+        };
+        source.push_str(&format!(
+            "\n/// The `{base}{pattern}` kernel, or [`Error::MissingKernel`] for values not compiled.\n\
+             pub fn {base}({}) -> Result<KernelName> {{\n    match {scrutinee} {{\n",
+            arguments.join(", ")
+        ));
+        for (values, kernel) in &members {
+            let values: Vec<String> = values.iter().flatten().map(u32::to_string).collect();
+            let pattern_values = if values.len() == 1 {
+                values[0].clone()
+            } else {
+                format!("({})", values.join(", "))
+            };
+            source.push_str(&format!(
+                "        {pattern_values} => Ok({}),\n",
+                kernel.to_uppercase()
+            ));
+        }
+        source.push_str(&format!(
+            "        _ => Err(missing_kernel(format!(\"{base}{pattern}\"))),\n    }}\n}}\n"
+        ));
+    }
+    Ok(source)
+}
+
+/// The Rust source that embeds the PTX modules and names each kernel; included by the host
+/// inside the module that defines `KernelName`, `Result` and `missing_kernel(String) -> Error`.
+pub fn generate_bindings(
+    kernels: &[String],
+    modules: &[(PtxTarget, &Path)],
+) -> Result<String, CodegenError> {
     let mut source =
         String::from("// Generated by shadowkv-codegen from kernels-gpu. Do not edit.\n\n");
-    source.push_str(&format!(
-        "/// PTX of every kernel, built for {TARGET_CPU} by rustc's nvptx64 backend.\n\
-         pub const PTX: &str = include_str!({:?});\n\n",
-        ptx.display().to_string()
-    ));
+    for (target, ptx) in modules {
+        source.push_str(&format!(
+            "/// PTX of every kernel for {}, built by rustc's nvptx64 backend ({}).\n\
+             pub const PTX_SM{}: &str = include_str!({:?});\n\n",
+            target.cpu,
+            target.ptx_feature,
+            target.arch,
+            ptx.display().to_string()
+        ));
+    }
+    source.push_str(
+        "/// Every PTX module as (compute capability times ten, PTX), oldest architecture first.\n\
+         pub const MODULES: &[(u32, &str)] = &[\n",
+    );
+    for (target, _) in modules {
+        source.push_str(&format!("    ({0}, PTX_SM{0}),\n", target.arch));
+    }
+    source.push_str("];\n\n");
     for kernel in kernels {
         source.push_str(&format!(
             "pub const {}: KernelName = KernelName({kernel:?});\n",
             kernel.to_uppercase()
         ));
     }
-    source.push_str("\n/// Every kernel entry in [`PTX`].\npub const ALL: &[KernelName] = &[\n");
+    source.push_str(
+        "\n/// Every kernel entry, the same in each module of [`MODULES`].\n\
+         pub const ALL: &[KernelName] = &[\n",
+    );
     for kernel in kernels {
         source.push_str(&format!("    {},\n", kernel.to_uppercase()));
     }
     source.push_str("];\n");
-    source
+    source.push_str(&generate_families(kernels)?);
+    Ok(source)
 }
 
 #[cfg(test)]
@@ -486,13 +790,83 @@ mod tests {
     }
 
     #[test]
-    fn bindings_name_every_kernel() {
-        let source = generate_bindings(&kernel_entries(PTX), Path::new("/x/kernels.ptx"));
+    fn bindings_name_every_kernel_and_module() {
+        let modules = [
+            (TARGETS[0], Path::new("/x/kernels_sm80.ptx")),
+            (TARGETS[2], Path::new("/x/kernels_sm90.ptx")),
+        ];
+        let source = generate_bindings(&kernel_entries(PTX), &modules).unwrap();
         assert!(source.contains(
             "pub const DECODE_ATTENTION_G1_D64: KernelName = KernelName(\"decode_attention_g1_d64\");"
         ));
         assert!(source.contains("pub const PLAIN_ENTRY: KernelName"));
-        assert!(source.contains("include_str!(\"/x/kernels.ptx\")"));
+        assert!(source.contains("pub const PTX_SM80: &str = include_str!(\"/x/kernels_sm80.ptx\")"));
+        assert!(source.contains("pub const PTX_SM90: &str = include_str!(\"/x/kernels_sm90.ptx\")"));
+        assert!(source.contains("    (80, PTX_SM80),\n    (90, PTX_SM90),\n"));
+    }
+
+    #[test]
+    fn families_get_lookup_functions_over_their_parameters() {
+        let kernels: Vec<String> = [
+            "decode_attention_g1_d64",
+            "decode_attention_g2_d128",
+            "topk_select_g3",
+            "prefill_attention_bf16p_w4_d128",
+            "fill_random_bf16",
+        ]
+        .map(String::from)
+        .to_vec();
+        let source = generate_families(&kernels).unwrap();
+        assert!(
+            source.contains(
+                "pub fn decode_attention(group: u32, head_dim: u32) -> Result<KernelName> {\n    \
+             match (group, head_dim) {\n        (1, 64) => Ok(DECODE_ATTENTION_G1_D64),\n        \
+             (2, 128) => Ok(DECODE_ATTENTION_G2_D128),\n        \
+             _ => Err(missing_kernel(format!(\"decode_attention_g{group}_d{head_dim}\"))),"
+            ),
+            "{source}"
+        );
+        assert!(
+            source.contains("pub fn topk_select(group: u32)"),
+            "{source}"
+        );
+        assert!(
+            source.contains("        3 => Ok(TOPK_SELECT_G3),"),
+            "{source}"
+        );
+        assert!(
+            source.contains("pub fn prefill_attention_bf16p_w4(head_dim: u32)"),
+            "{source}"
+        );
+        assert!(!source.contains("fill_random"), "{source}");
+        let mixed = ["x_g1_d64".to_owned(), "x_d128".to_owned()];
+        assert!(matches!(
+            generate_families(&mixed),
+            Err(CodegenError::FamilyShape(family)) if family == "x"
+        ));
+    }
+
+    #[test]
+    fn kernel_sets_must_match_across_targets() {
+        let a = ["k1".to_owned(), "k2".to_owned()];
+        let b = ["k2".to_owned(), "k1".to_owned()];
+        assert!(check_same_kernels("sm_80", &a, "sm_90", &b).is_ok());
+        let error = check_same_kernels("sm_80", &a[..1], "sm_90", &b).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("sm_80") && message.contains("only in sm_90: [k2]"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn targets_keep_hopper_at_isa_8_6_and_the_rest_jit_able_by_cuda_12_4() {
+        assert_eq!(TARGETS[2].cpu, "sm_90");
+        assert_eq!(TARGETS[2].ptx_feature, "+ptx86");
+        for target in &TARGETS[..2] {
+            let version: u32 = target.ptx_feature["+ptx".len()..].parse().unwrap();
+            assert!(version <= 84, "{target:?}");
+        }
     }
 
     #[test]
@@ -550,8 +924,9 @@ ptxas info    : Used 255 registers, used 0 barriers, 48 bytes cumulative stack s
 
     #[test]
     fn spills_fail_the_check_and_name_the_kernel() {
-        let error = check_local_memory(&parse_ptxas_report(REPORT)).unwrap_err();
+        let error = check_local_memory("sm_89", &parse_ptxas_report(REPORT)).unwrap_err();
         let message = error.to_string();
+        assert!(message.contains("for sm_89"), "{message}");
         assert!(
             message.contains("spills: 255 registers, 48 B stack"),
             "{message}"
@@ -596,8 +971,8 @@ ptxas info    : Used 255 registers, used 0 barriers, 48 bytes cumulative stack s
 ",
         )
         .unwrap();
-        let error = check_with_ptxas(&ptxas, &ptx, &dir.join("local.cubin")).unwrap_err();
-        assert!(matches!(error, CodegenError::LocalMemory(_)), "{error}");
+        let error = check_with_ptxas(&ptxas, "sm_90", &ptx, &dir.join("local.cubin")).unwrap_err();
+        assert!(matches!(error, CodegenError::LocalMemory { .. }), "{error}");
         assert!(error.to_string().contains("uses_local"), "{error}");
         std::fs::remove_dir_all(&dir).ok();
     }

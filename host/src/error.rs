@@ -34,7 +34,11 @@ pub enum Error {
     #[error("no usable GPU: {0}")]
     NoGpu(String),
     /// The device or its driver lacks what the kernels need.
-    #[error("unsupported GPU {device} (compute capability {}.{}): {needed}", compute_capability.0, compute_capability.1)]
+    #[error(
+        "{device} (compute capability {}.{}) cannot run the ShadowKV kernels: they need {needed}",
+        compute_capability.0,
+        compute_capability.1
+    )]
     UnsupportedDevice {
         /// The device's name.
         device: String,

@@ -9,7 +9,67 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
-use crate::ptx::{KernelName, PTX};
+use crate::ptx::{KernelName, PtxTarget};
+
+/// The environment variable that forces a PTX module (`sm_80`, `sm_89` or `sm_90`), to run
+/// the non-Hopper code paths on a Hopper GPU.
+pub const PTX_TARGET_VARIABLE: &str = "SHADOWKV_PTX_TARGET";
+
+/// The PTX module for a device of `compute_capability` named `device`, or the one `forced`
+/// names (the value of [`PTX_TARGET_VARIABLE`], if set).
+///
+/// 8.0-8.8 get sm_80, 8.9 sm_89, 9.x sm_90; newer GPUs (Blackwell, 10.0+) get the newest
+/// module, sm_90, which the driver JIT-compiles for them. Below 8.0 is
+/// [`Error::UnsupportedDevice`] (the kernels use `cp.async`, bf16 `mma` and `redux`-era
+/// instructions of sm_80), even when forced. A forced name that is not a target, or a target
+/// newer than the device, is [`Error::InvalidArgument`].
+pub fn choose_ptx_target(
+    device: &str,
+    compute_capability: (i32, i32),
+    forced: Option<&str>,
+) -> Result<PtxTarget> {
+    let (major, minor) = compute_capability;
+    if major < 8 {
+        return Err(Error::UnsupportedDevice {
+            device: device.to_owned(),
+            compute_capability,
+            needed: "compute capability 8.0 or later (sm_80: A100, L40S, RTX 30xx/40xx, H100)"
+                .into(),
+        });
+    }
+    let native = match (major, minor) {
+        (8, 9..) => PtxTarget::Sm89,
+        (8, _) => PtxTarget::Sm80,
+        _ => PtxTarget::Sm90,
+    };
+    let Some(name) = forced else {
+        return Ok(native);
+    };
+    let names = || PtxTarget::ALL.map(PtxTarget::name).join(", ");
+    let Some(target) = PtxTarget::from_name(name.trim()) else {
+        return Err(crate::error::invalid(
+            PTX_TARGET_VARIABLE,
+            format!("is {name:?}"),
+            format!("one of {}", names()),
+        ));
+    };
+    // Only sm_80 code runs on sm_86/87 (sm_89 code does not), and only sm_90 code needs 9.0.
+    let runs =
+        target == PtxTarget::Sm80 || target.compute_capability() <= native.compute_capability();
+    if !runs {
+        return Err(crate::error::invalid(
+            PTX_TARGET_VARIABLE,
+            format!("is {name} on {device} (compute capability {major}.{minor})"),
+            format!("a target this device runs, up to {native}"),
+        ));
+    }
+    Ok(target)
+}
+
+/// Whether loading a module failed because the driver is too old for its PTX ISA version.
+fn is_unsupported_ptx_version(error: &cudarc::driver::DriverError) -> bool {
+    error.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+}
 
 /// Why no GPU can be used here, or `Ok(device count)`. Never panics: the driver library is
 /// looked for before cudarc would load it.
@@ -79,6 +139,7 @@ pub struct Gpu {
     /// cluster size: one occupancy query each, not one per launch.
     cluster_fits: Mutex<HashMap<ClusterFitKey, bool>>,
     info: DeviceInfo,
+    ptx_target: PtxTarget,
 }
 
 /// What decides whether a cluster fits: kernel, threads per block, dynamic shared memory and
@@ -100,8 +161,8 @@ struct ByValue<P>(P);
 unsafe impl<P: bytemuck::Pod> DeviceRepr for ByValue<P> {}
 
 impl Gpu {
-    /// Opens device `ordinal` and loads the kernel module (the driver JIT-compiles the PTX
-    /// once, about 0.1 s).
+    /// Opens device `ordinal` and loads the kernel module for its architecture (see
+    /// [`Gpu::ptx_target`]; the driver JIT-compiles the PTX once, about 0.1 s).
     pub fn new(ordinal: usize) -> Result<Self> {
         let count = probe()?;
         if ordinal >= count {
@@ -119,7 +180,14 @@ impl Gpu {
         unsafe { context.disable_event_tracking() };
         // A stream of our own, not the legacy NULL stream that would serialise with every other.
         let stream = context.new_stream()?;
-        let module = context.load_module(Ptx::from_src(PTX))?;
+        Self::load(context, stream)
+    }
+
+    /// Reads the device's properties, picks its PTX module ([`choose_ptx_target`], with
+    /// [`PTX_TARGET_VARIABLE`]) and loads it: everything a `Gpu` needs beyond a context and
+    /// a stream. An sm_90 module that the driver cannot JIT (ISA 8.6 needs CUDA 12.8) falls
+    /// back to sm_80 unless sm_90 was forced.
+    fn load(context: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Gpu> {
         let attribute = |a| context.attribute(a).map(|v| v as u32);
         let info = DeviceInfo {
             name: context.name()?,
@@ -132,6 +200,22 @@ impl Gpu {
                 sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )?,
         };
+        let forced = std::env::var(PTX_TARGET_VARIABLE)
+            .ok()
+            .filter(|value| !value.is_empty());
+        let mut ptx_target =
+            choose_ptx_target(&info.name, info.compute_capability, forced.as_deref())?;
+        let module = match context.load_module(Ptx::from_src(ptx_target.ptx())) {
+            Err(error)
+                if ptx_target == PtxTarget::Sm90
+                    && forced.is_none()
+                    && is_unsupported_ptx_version(&error) =>
+            {
+                ptx_target = PtxTarget::Sm80;
+                context.load_module(Ptx::from_src(ptx_target.ptx()))?
+            }
+            loaded => loaded?,
+        };
         Ok(Gpu {
             context,
             stream,
@@ -140,7 +224,15 @@ impl Gpu {
             shared_opt_ins: Mutex::new(HashMap::new()),
             cluster_fits: Mutex::new(HashMap::new()),
             info,
+            ptx_target,
         })
+    }
+
+    /// The architecture of the loaded kernel module: the device's own (sm_80 for 8.0-8.8,
+    /// sm_89, sm_90 for 9.0 and later), sm_80 on a Hopper whose driver cannot JIT the sm_90
+    /// module, or the one [`PTX_TARGET_VARIABLE`] forced.
+    pub fn ptx_target(&self) -> PtxTarget {
+        self.ptx_target
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -265,9 +357,11 @@ impl Gpu {
         Ok(())
     }
 
-    /// Whether kernels may be launched in thread-block clusters (compute capability 9.0+).
+    /// Whether kernels may be launched in thread-block clusters: the device has them
+    /// (compute capability 9.0+) and the loaded module was built with them (sm_90; the older
+    /// targets compile every cluster primitive to a block of its own).
     pub fn has_clusters(&self) -> bool {
-        self.info.compute_capability.0 >= 9
+        self.ptx_target.has_clusters() && self.info.compute_capability.0 >= 9
     }
 
     /// [`launch`](Self::launch) in clusters of `cluster_blocks` consecutive blocks along x
@@ -389,4 +483,78 @@ pub(crate) unsafe fn copy_async(
     // SAFETY: the caller's contract.
     unsafe { sys::cuMemcpyAsync(target, source, bytes, stream.cu_stream()) }.result()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choose(capability: (i32, i32), forced: Option<&str>) -> Result<PtxTarget> {
+        choose_ptx_target("Test GPU", capability, forced)
+    }
+
+    #[test]
+    fn each_architecture_gets_its_module() {
+        for (capability, target) in [
+            ((8, 0), PtxTarget::Sm80),
+            ((8, 6), PtxTarget::Sm80),
+            ((8, 7), PtxTarget::Sm80),
+            ((8, 9), PtxTarget::Sm89),
+            ((9, 0), PtxTarget::Sm90),
+            ((10, 0), PtxTarget::Sm90),
+            ((12, 0), PtxTarget::Sm90),
+        ] {
+            assert_eq!(choose(capability, None).unwrap(), target, "{capability:?}");
+        }
+    }
+
+    #[test]
+    fn devices_before_ampere_are_unsupported_even_when_forced() {
+        for forced in [None, Some("sm_80")] {
+            match choose((7, 5), forced) {
+                Err(Error::UnsupportedDevice {
+                    device,
+                    compute_capability,
+                    needed,
+                }) => {
+                    assert_eq!(device, "Test GPU");
+                    assert_eq!(compute_capability, (7, 5));
+                    assert!(needed.contains("8.0"), "{needed}");
+                }
+                other => panic!("expected UnsupportedDevice, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_variable_forces_any_target_the_device_runs() {
+        assert_eq!(choose((9, 0), Some("sm_80")).unwrap(), PtxTarget::Sm80);
+        assert_eq!(choose((9, 0), Some("sm_89")).unwrap(), PtxTarget::Sm89);
+        assert_eq!(choose((8, 9), Some("sm_90")).ok(), None);
+        assert_eq!(choose((8, 6), Some("sm_89")).ok(), None);
+        assert_eq!(choose((8, 6), Some("sm_80")).unwrap(), PtxTarget::Sm80);
+        assert_eq!(choose((10, 0), Some(" sm_90 ")).unwrap(), PtxTarget::Sm90);
+    }
+
+    #[test]
+    fn a_bad_value_is_an_invalid_argument_naming_the_variable() {
+        for bad in ["sm_70", "90", "SM_90", "hopper"] {
+            match choose((9, 0), Some(bad)) {
+                Err(Error::InvalidArgument {
+                    argument, expected, ..
+                }) => {
+                    assert_eq!(argument, PTX_TARGET_VARIABLE);
+                    assert!(expected.contains("sm_80, sm_89, sm_90"), "{expected}");
+                }
+                other => panic!("expected InvalidArgument for {bad:?}, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            choose((8, 9), Some("sm_90")),
+            Err(Error::InvalidArgument {
+                argument: PTX_TARGET_VARIABLE,
+                ..
+            })
+        ));
+    }
 }

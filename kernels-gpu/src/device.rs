@@ -82,8 +82,12 @@ pub fn trap() -> ! {
 // ---------------------------------------------------------------------------------------
 // Thread-block clusters (sm_90)
 // ---------------------------------------------------------------------------------------
+// Before sm_90 there are no clusters (the host never launches one there), so the same names
+// describe a block alone: rank 0 of 1, a block barrier, the block's own shared memory. With
+// the rank and count constant, the cluster code of the kernels folds away.
 
 /// `mov.u32 %r, %cluster_ctarank`: this block's rank in its cluster (0 without clusters).
+#[cfg(target_feature = "sm_90")]
 #[inline(always)]
 pub fn cluster_rank() -> u32 {
     let rank: u32;
@@ -93,6 +97,7 @@ pub fn cluster_rank() -> u32 {
 }
 
 /// `mov.u32 %r, %cluster_nctarank`: blocks in this block's cluster (1 without clusters).
+#[cfg(target_feature = "sm_90")]
 #[inline(always)]
 pub fn cluster_blocks() -> u32 {
     let blocks: u32;
@@ -107,6 +112,7 @@ pub fn cluster_blocks() -> u32 {
 /// `MEMBAR.ALL.GPU` + `ERRBAR`, which wait for every store in flight: about a microsecond
 /// after a pass of global stores. Where only shared memory is exchanged, use
 /// [`sync_cluster_shared`].
+#[cfg(target_feature = "sm_90")]
 #[inline(always)]
 pub fn sync_cluster() {
     // SAFETY: a cluster-wide barrier; callers reach it from block-uniform control flow in
@@ -125,6 +131,7 @@ pub fn sync_cluster() {
 /// shared-memory accesses before it with the cluster's accesses after it (the release fence
 /// covers shared memory alone: `MEMBAR.ALL.CTA`, no wait for global stores). Every thread of
 /// every block of the cluster calls it.
+#[cfg(target_feature = "sm_90")]
 #[inline(always)]
 pub fn sync_cluster_shared() {
     // SAFETY: a cluster-wide barrier; callers reach it from block-uniform control flow in
@@ -141,6 +148,7 @@ pub fn sync_cluster_shared() {
 
 /// `mapa.u64 d, p, rank`: the generic address of the shared-memory word that `pointer` (a
 /// generic pointer into this block's shared memory) names in block `rank` of the cluster.
+#[cfg(target_feature = "sm_90")]
 #[inline(always)]
 pub fn shared_in_block<T>(pointer: *mut T, rank: u32) -> *mut T {
     let mapped: u64;
@@ -153,6 +161,41 @@ pub fn shared_in_block<T>(pointer: *mut T, rank: u32) -> *mut T {
         );
     }
     mapped as *mut T
+}
+
+/// Rank 0: without clusters (before sm_90) every block is alone.
+#[cfg(not(target_feature = "sm_90"))]
+#[inline(always)]
+pub fn cluster_rank() -> u32 {
+    0
+}
+
+/// 1: without clusters (before sm_90) every block is alone.
+#[cfg(not(target_feature = "sm_90"))]
+#[inline(always)]
+pub fn cluster_blocks() -> u32 {
+    1
+}
+
+/// `bar.sync 0`: the barrier of a cluster of one block (before sm_90).
+#[cfg(not(target_feature = "sm_90"))]
+#[inline(always)]
+pub fn sync_cluster() {
+    sync_threads();
+}
+
+/// `bar.sync 0`: the barrier of a cluster of one block (before sm_90).
+#[cfg(not(target_feature = "sm_90"))]
+#[inline(always)]
+pub fn sync_cluster_shared() {
+    sync_threads();
+}
+
+/// `pointer` itself: block `rank` of a cluster of one is this block (before sm_90).
+#[cfg(not(target_feature = "sm_90"))]
+#[inline(always)]
+pub fn shared_in_block<T>(pointer: *mut T, _rank: u32) -> *mut T {
+    pointer
 }
 
 // ---------------------------------------------------------------------------------------
