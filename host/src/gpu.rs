@@ -118,9 +118,13 @@ pub(crate) fn grid_for(items: usize, threads: u32, max_blocks: u32) -> LaunchCon
 /// What the launchers need to know of the device.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
+    /// The device's name.
     pub name: String,
+    /// Compute capability (major, minor).
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors.
     pub multiprocessors: u32,
+    /// Device memory in bytes.
     pub total_memory: usize,
     /// Largest dynamic shared memory one block may opt into.
     pub max_shared_per_block: u32,
@@ -183,6 +187,70 @@ impl Gpu {
         Self::load(context, stream)
     }
 
+    /// A `Gpu` on an engine's own stream and its context: every launcher that is not given
+    /// another stream enqueues on `stream`, so the crate's work is ordered with the engine's
+    /// without synchronisation. The context is used as the engine configured it; with
+    /// cudarc's event tracking on, buffers allocated through cudarc on other streams are
+    /// ordered by cudarc's events as usual.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        probe()?;
+        let context = stream.context().clone();
+        context.bind_to_thread()?;
+        Self::load(context, stream)
+    }
+
+    /// A `Gpu` on raw driver handles, for an engine built on another cudarc version (or on
+    /// none): `context` must be its device's primary context, which the `Gpu` retains
+    /// (cudarc, candle and PyTorch all use the primary context), and `stream` a stream of it
+    /// (null for the legacy default stream). The crate runs its own buffers on this context
+    /// without cudarc's event tracking; the engine's buffers come in as
+    /// [`DeviceView`](crate::DeviceView)s.
+    ///
+    /// # Safety
+    /// `context` and `stream` are live driver handles, and the stream stays alive as long as
+    /// the returned `Gpu` and anything built on it.
+    pub unsafe fn from_raw(context: sys::CUcontext, stream: sys::CUstream) -> Result<Self> {
+        let count = probe()?;
+        let mut device: sys::CUdevice = 0;
+        // SAFETY: the caller's contract makes `context` live; it is pushed only to ask for its
+        // device and popped at once.
+        unsafe { sys::cuCtxPushCurrent_v2(context) }.result()?;
+        // SAFETY: `device` receives one int.
+        let asked = unsafe { sys::cuCtxGetDevice(&mut device) }.result();
+        let mut popped: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: pops the context pushed above.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut popped) }.result()?;
+        asked?;
+        let mut ordinal = None;
+        for candidate in 0..count {
+            if cudarc::driver::result::device::get(candidate as i32)? == device {
+                ordinal = Some(candidate);
+            }
+        }
+        let ordinal = ordinal.ok_or_else(|| {
+            crate::error::invalid(
+                "context",
+                "belongs to no device the driver lists",
+                "a context of a visible device",
+            )
+        })?;
+        let primary = CudaContext::new(ordinal)?;
+        if primary.cu_ctx() != context {
+            return Err(crate::error::invalid(
+                "context",
+                format!("is not the primary context of device {ordinal}"),
+                "the device's primary context (cuDevicePrimaryCtxRetain)",
+            ));
+        }
+        // SAFETY: this wrapper of the primary context has allocated nothing yet; the crate
+        // orders its own streams with its own events (see `Gpu::new`).
+        unsafe { primary.disable_event_tracking() };
+        // SAFETY: the caller's contract: `stream` is a live stream of this context that
+        // outlives the `Gpu`; its owner keeps it.
+        let stream = unsafe { primary.wrap_borrowed_stream(stream) };
+        Self::load(primary, stream)
+    }
+
     /// Reads the device's properties, picks its PTX module ([`choose_ptx_target`], with
     /// [`PTX_TARGET_VARIABLE`]) and loads it: everything a `Gpu` needs beyond a context and
     /// a stream. An sm_90 module that the driver cannot JIT (ISA 8.6 needs CUDA 12.8) falls
@@ -235,6 +303,7 @@ impl Gpu {
         self.ptx_target
     }
 
+    /// The CUDA context the kernels are loaded in.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.context
     }
@@ -267,6 +336,7 @@ impl Gpu {
         Ok(self.context.new_event(Some(flags))?)
     }
 
+    /// The device's properties.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
     }

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 pub struct KernelName(&'static str);
 
 impl KernelName {
+    /// The entry's name in the PTX.
     pub fn as_str(self) -> &'static str {
         self.0
     }

@@ -198,18 +198,23 @@ impl ShadowKvCache {
         })
     }
 
+    /// The model's attention shape.
     pub fn shape(&self) -> &CacheShape {
         &self.shape
     }
+    /// ShadowKV's parameters.
     pub fn params(&self) -> &ShadowKvParams {
         &self.params
     }
+    /// The decode kernels' configuration derived from the shape and the parameters.
     pub fn config(&self) -> &ShadowConfig {
         &self.config
     }
+    /// What the cache was sized for.
     pub fn capacity(&self) -> &CacheCapacity {
         &self.capacity
     }
+    /// Where the values live.
     pub fn values_home(&self) -> ValueHome {
         self.values_home
     }
@@ -623,6 +628,30 @@ impl ShadowKvCache {
     ) -> Result<()> {
         self.check_ready(layer)?;
         self.step.run(gpu, &mut self.layers[layer], q, out)
+    }
+
+    /// The common loop's call for one layer of one decode step: appends each live
+    /// sequence's newest key and value (`new_keys`, `new_values`: `[batch, Hkv, d]` bf16,
+    /// post-RoPE keys) and attends its query `q` (`[batch, q_heads, d]`, post-RoPE) over its
+    /// whole cache into `out` (same shape), all in [`sequences`](Self::sequences) order:
+    /// [`append`](Self::append) then [`decode_layer`](Self::decode_layer). Returns without
+    /// waiting for the GPU; a shape error changes nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        q: &impl DevicePtr<bf16>,
+        new_keys: &impl DevicePtr<bf16>,
+        new_values: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        self.check_ready(layer)?;
+        let q_elements = self.entries.len() * self.shape.q_heads * self.shape.head_dim;
+        check_len("q", q.len(), q_elements, "[batch, q_heads, head_dim]")?;
+        check_len("out", out.len(), q_elements, "[batch, q_heads, head_dim]")?;
+        self.append(gpu, layer, new_keys, new_values)?;
+        self.decode_layer(gpu, layer, q, out)
     }
 }
 
