@@ -37,6 +37,9 @@ use crate::pinned::PinnedBuffer;
 
 /// The ShadowKV state of one layer for a batch (layouts in `shadowkv_kernels::shadow`).
 pub struct ShadowLayer {
+    /// The config and each sequence's layout
+    /// ([`ShadowSequence`](crate::kernels::shadow::ShadowSequence)): where every sequence lies
+    /// in the buffers below.
     pub batch: ShadowBatch,
     /// bf16 landmarks (mean post-RoPE key of each non-outlier, non-local chunk).
     pub landmarks: CudaSlice<bf16>,
@@ -44,10 +47,16 @@ pub struct ShadowLayer {
     pub chunk_ids: CudaSlice<u32>,
     /// bf16 `A` (`[prompt_len, r]` per sequence) and `Bm` (`[r, Hkv*d]` per sequence).
     pub a: CudaSlice<bf16>,
+    /// bf16 `Bm` (`[r, Hkv*d]` per sequence, from its `bm_offset`): with [`a`](Self::a), the
+    /// rank-`r` factors of the pre-RoPE keys that the rebuild multiplies out for each miss.
     pub bm: CudaSlice<bf16>,
     /// The GPU K/V blocks: local window, outliers, sparse slots, generated tokens.
     pub k: CudaSlice<bf16>,
+    /// bf16 values, laid out as [`k`](Self::k); the fetch copies each miss's values into its
+    /// sparse slot.
     pub v: CudaSlice<bf16>,
+    /// Every prompt value of the layer (bf16 `[Hkv, prompt_len, d]` per sequence, from its
+    /// `host_value_offset`), in pinned host or device memory: what the fetch copies misses from.
     pub values: LayerValues,
     /// `[batch, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::kernels::shadow::EMPTY_SLOT) if none).
     pub resident: CudaSlice<u32>,
@@ -58,6 +67,7 @@ pub struct ShadowLayer {
 pub struct StepStats {
     /// `[batch, Hkv]` chunks fetched and rebuilt.
     pub misses_per_head: Vec<u32>,
+    /// Chunks fetched and rebuilt in all: the sum of [`misses_per_head`](Self::misses_per_head).
     pub misses: u64,
     /// Chunks selected in all: `batch * Hkv * budget_chunks`.
     pub selected: u64,
@@ -73,11 +83,22 @@ impl StepStats {
 /// The scratch of a step: what each kernel writes for the next one. [`DecodeStep`] keeps one,
 /// sized for the largest batch seen so far; the per-kernel launchers take its buffers too.
 pub struct StepWorkspace {
+    /// f32 base-2 logits of the scoring, `G` per landmark row
+    /// ([`logits_len`](crate::kernels::scoring::logits_len)).
     pub logits: CudaSlice<f32>,
+    /// f32 softmax statistics of the scoring: (max, sum) per tile, query head and sequence
+    /// ([`tile_stats_len`](crate::kernels::scoring::tile_stats_len)).
     pub tile_stats: CudaSlice<f32>,
+    /// f32 score of each landmark row (the max over the group of its softmax weight), written by
+    /// the top-k.
     pub scores: CudaSlice<f32>,
+    /// `[batch, Hkv, budget_chunks]` chunk ids the top-k selected, in landmark order.
     pub selection: CudaSlice<u32>,
+    /// `[batch, Hkv, budget_chunks]` miss list written by the plan: for each (sequence, KV head),
+    /// its first [`miss_counts`](Self::miss_counts) entries name a chunk to fetch and rebuild and
+    /// the slot it goes to.
     pub misses: CudaSlice<Miss>,
+    /// `[batch, Hkv]` misses of each (sequence, KV head), written by the plan.
     pub miss_counts: CudaSlice<u32>,
     /// `[batch, Hkv, budget_chunks]`: 1 for a slot filled this step (written by the plan).
     pub fresh: CudaSlice<u32>,
@@ -86,6 +107,9 @@ pub struct StepWorkspace {
 }
 
 impl StepWorkspace {
+    /// Allocates the scratch for `batch` on `stream` (uninitialised, but for the miss list and
+    /// counts, which start zeroed) and the mapped host counts on `gpu`. Errors if an allocation
+    /// fails.
     pub fn new(gpu: &Gpu, stream: &Arc<CudaStream>, batch: &ShadowBatch) -> Result<Self> {
         let heads = batch.batch() * batch.config().kv_heads;
         // SAFETY (all four): scratch that each kernel writes before the next one reads it.
@@ -326,6 +350,7 @@ impl DecodeStep {
             .collect()
     }
 
+    /// The config of the layers this step runs; a layer with another config is rejected.
     pub fn config(&self) -> &ShadowConfig {
         &self.config
     }

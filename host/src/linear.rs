@@ -11,6 +11,7 @@ use crate::error::{check_len, invalid, Error, Library, Result};
 
 /// Element types cuBLAS may write as the product.
 pub trait LinearOutput {
+    /// cuBLAS's name for the type.
     const DATA_TYPE: sys::cudaDataType;
 }
 
@@ -40,11 +41,13 @@ pub(crate) fn blas_error(
 }
 
 impl Linear {
+    /// A cuBLAS handle on `stream`. Errors with [`Error::Library`] if cuBLAS cannot create one.
     pub fn new(stream: Arc<CudaStream>) -> Result<Linear> {
         let blas = CudaBlas::new(stream.clone()).map_err(blas_error("cublasCreate"))?;
         Ok(Linear { blas, stream })
     }
 
+    /// The stream the products run on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

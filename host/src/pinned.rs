@@ -30,10 +30,12 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> PinnedBuffer<T> {
         })
     }
 
+    /// Elements in the buffer.
     pub fn len(&self) -> usize {
         self.slice.len()
     }
 
+    /// Whether the buffer holds no elements.
     pub fn is_empty(&self) -> bool {
         self.slice.is_empty()
     }
@@ -43,10 +45,14 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> PinnedBuffer<T> {
         self.device_address
     }
 
+    /// The elements on the host. Waits for the transfers cudarc scheduled on the buffer, not
+    /// for kernels that use it through [`device_address`](Self::device_address) (synchronise
+    /// their stream first). Errors if the wait fails.
     pub fn as_slice(&self) -> Result<&[T]> {
         Ok(self.slice.as_slice()?)
     }
 
+    /// As [`as_slice`](Self::as_slice), writable.
     pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
         Ok(self.slice.as_mut_slice()?)
     }

@@ -10,20 +10,25 @@ use crate::kernels::shadow::ShadowConfig;
 /// Bytes by part, on the GPU and in host memory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryReport {
+    /// GPU bytes by part, each with its label ("landmarks", "A", "K/V blocks", ...).
     pub gpu: Vec<(&'static str, u64)>,
+    /// Host bytes by part: the pinned values when they live in host memory.
     pub host: Vec<(&'static str, u64)>,
 }
 
 impl MemoryReport {
+    /// All GPU bytes: the sum of [`gpu`](Self::gpu).
     pub fn gpu_bytes(&self) -> u64 {
         self.gpu.iter().map(|(_, b)| b).sum()
     }
+    /// All host bytes: the sum of [`host`](Self::host).
     pub fn host_bytes(&self) -> u64 {
         self.host.iter().map(|(_, b)| b).sum()
     }
 }
 
-/// How many sequences of one length fit (see [`plan`]).
+/// How many sequences of one length fit (see
+/// [`ShadowKvCache::plan`](super::ShadowKvCache::plan)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CachePlan {
     /// The cache for one such sequence.

@@ -108,9 +108,13 @@ impl ShadowKvParams {
 /// The model's attention shape.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CacheShape {
+    /// Layers of the model; each has its own ShadowKV buffers.
     pub layers: usize,
+    /// Query heads per layer (`Hq`).
     pub q_heads: usize,
+    /// KV heads per layer (`Hkv`).
     pub kv_heads: usize,
+    /// Dimension of one head (`d`).
     pub head_dim: usize,
     /// The model's RoPE (keys are rebuilt before it and rotated at decode).
     pub rope: RopeConfig,

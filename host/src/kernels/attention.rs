@@ -21,9 +21,13 @@ use crate::ptx::KernelName;
 /// Heads and dimensions of one decode-attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeAttentionShape {
+    /// Sequences in the batch (1 to 65,535).
     pub batch: usize,
+    /// Query heads (`Hq`), a multiple of `kv_heads`.
     pub q_heads: usize,
+    /// KV heads (`Hkv`); the group `Hq / Hkv` is at most [`kernel_layout::MAX_GROUP`].
     pub kv_heads: usize,
+    /// Dimension of one head (`d`), one of [`kernel_layout::HEAD_DIMS`].
     pub head_dim: usize,
 }
 
@@ -38,6 +42,10 @@ impl DecodeAttentionShape {
         self.batch * self.q_heads * self.head_dim
     }
 
+    /// Checks the shape: `batch` and `kv_heads` in 1..=65,535, `q_heads` a positive multiple
+    /// of `kv_heads` with a group of at most [`kernel_layout::MAX_GROUP`], and `head_dim` one of
+    /// [`kernel_layout::HEAD_DIMS`]. Errors with
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the first that fails.
     pub fn validate(&self) -> Result<()> {
         check_range("batch", self.batch, 1..=65_535)?;
         validate_heads(
@@ -192,18 +200,25 @@ impl DecodeAttentionPlan {
         Ok(self)
     }
 
+    /// The shape the plan was validated for.
     pub fn shape(&self) -> DecodeAttentionShape {
         self.shape
     }
+    /// Each sequence's K/V layout, as validated.
     pub fn layouts(&self) -> &[SequenceLayout] {
         &self.layouts
     }
+    /// Tokens per split: one block covers this many of one sequence's tokens for one KV head
+    /// (a multiple of the kernel's tokens per iteration).
     pub fn split_len(&self) -> u32 {
         self.split_len
     }
+    /// Most splits of one sequence (those of the longest): the grid's `x` dimension.
     pub fn max_splits(&self) -> u32 {
         self.max_splits
     }
+    /// The softmax scale: `1/sqrt(head_dim)` unless [`with_scale`](Self::with_scale) replaced
+    /// it.
     pub fn scale(&self) -> f32 {
         self.scale
     }
@@ -363,6 +378,9 @@ fn partials(
 }
 
 impl DecodeAttention {
+    /// Binds `plan` to `gpu`: uploads its layouts and allocates, on the GPU's stream, the split
+    /// workspace (partial outputs and log-sum-exps), the merge counters and the carry of a
+    /// split ShadowKV step. Errors if an upload or allocation fails.
     pub fn new(gpu: &Gpu, plan: DecodeAttentionPlan) -> Result<Self> {
         let stream = gpu.stream();
         let layouts =
@@ -387,6 +405,7 @@ impl DecodeAttention {
         })
     }
 
+    /// The plan the launches follow (the latest, after [`update_layouts`](Self::update_layouts)).
     pub fn plan(&self) -> &DecodeAttentionPlan {
         &self.plan
     }

@@ -219,6 +219,7 @@ impl Factoriser {
         })
     }
 
+    /// Width of the keys this factoriser takes: `Hkv * d` columns.
     pub fn width(&self) -> usize {
         self.width
     }

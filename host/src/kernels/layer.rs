@@ -139,8 +139,11 @@ pub fn rms_norm(
 /// The heads of a fused Q/K/V projection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QkvShape {
+    /// Query heads (`Hq`), a multiple of `kv_heads`.
     pub heads: usize,
+    /// KV heads (`Hkv`).
     pub kv_heads: usize,
+    /// Dimension of one head (`d`); even, for RoPE's rotate-half pairs.
     pub head_dim: usize,
 }
 
@@ -221,6 +224,7 @@ impl TokenPlan {
         })
     }
 
+    /// Tokens of the launch: one per [`TokenPlacement`].
     pub fn tokens(&self) -> usize {
         self.tokens
     }

@@ -1,7 +1,7 @@
 //! The kernel families, one module each, named as in `shadowkv_kernels` (the device side) and
 //! [`crate::reference`] (the CPU references). Each has a typed launcher: its plan is checked
 //! on the CPU against the buffers, then its run enqueues on the stream it is given. An engine
-//! that composes its own step uses these; [`crate::ShadowKvCache`] composes them for the
+//! that composes its own step uses these; [`crate::cache::ShadowKvCache`] composes them for the
 //! common loop.
 pub mod attention;
 pub mod factorise;

@@ -37,10 +37,17 @@ pub fn check_fits(gpu: &Gpu, batch: &ShadowBatch) -> Result<u32> {
 /// u32 in mapped host memory that also receives the counts (the step's statistics, read
 /// without a device-to-host copy).
 pub struct PlanBuffers<'a> {
+    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot, updated in place.
     pub resident: &'a mut CudaSlice<u32>,
+    /// `[batch, Hkv, budget_chunks]` miss list: for each (sequence, KV head), its first
+    /// [`miss_counts`](Self::miss_counts) entries name a chunk and the slot it goes to.
     pub misses: &'a mut CudaSlice<Miss>,
+    /// `[batch, Hkv]` misses of each (sequence, KV head).
     pub miss_counts: &'a mut CudaSlice<u32>,
+    /// `[batch, Hkv, budget_chunks]`: 1 for each slot a miss filled, 0 elsewhere.
     pub fresh: &'a mut CudaSlice<u32>,
+    /// Device address of `[batch, Hkv]` u32 in mapped host memory that also receives the
+    /// counts, or 0 for none.
     pub host_miss_counts: u64,
 }
 

@@ -29,9 +29,14 @@ use crate::ptx::KernelName;
 /// Heads and dimensions of one prefill-attention call; `tokens` rows of `q` and `out`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillAttentionShape {
+    /// Query rows of `q` and `out` (`[tokens, q_heads, head_dim]`) over the whole batch; at
+    /// least 1.
     pub tokens: usize,
+    /// Query heads (`Hq`), a multiple of `kv_heads`.
     pub q_heads: usize,
+    /// KV heads (`Hkv`); the group `Hq / Hkv` is at most [`kernel_layout::MAX_GROUP`].
     pub kv_heads: usize,
+    /// Dimension of one head (`d`), one of [`kernel_layout::HEAD_DIMS`].
     pub head_dim: usize,
 }
 
@@ -46,6 +51,10 @@ impl PrefillAttentionShape {
         self.tokens * self.q_heads * self.head_dim
     }
 
+    /// Checks the shape: `tokens` in 1..=`u32::MAX`, `kv_heads` in 1..=65,535, `q_heads` a
+    /// positive multiple of `kv_heads` with a group of at most [`kernel_layout::MAX_GROUP`], and
+    /// `head_dim` one of [`kernel_layout::HEAD_DIMS`]. Errors with
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the first that fails.
     pub fn validate(&self) -> Result<()> {
         check_range("tokens", self.tokens, 1..=u32::MAX as usize)?;
         validate_heads(
@@ -144,15 +153,20 @@ impl PrefillAttentionPlan {
         Ok(self)
     }
 
+    /// The shape the plan was validated for.
     pub fn shape(&self) -> PrefillAttentionShape {
         self.shape
     }
+    /// Each sequence's K/V layout, as validated.
     pub fn layouts(&self) -> &[SequenceLayout] {
         &self.layouts
     }
+    /// Each sequence's query placement, as validated.
     pub fn queries(&self) -> &[QueryPlacement] {
         &self.queries
     }
+    /// The softmax scale: `1/sqrt(head_dim)` unless [`with_scale`](Self::with_scale) replaced
+    /// it.
     pub fn scale(&self) -> f32 {
         self.scale
     }
@@ -347,6 +361,8 @@ pub struct PrefillAttention {
 }
 
 impl PrefillAttention {
+    /// Binds `plan` to `gpu`: uploads its layouts, query placements and block table on the
+    /// GPU's stream. Errors if an upload or allocation fails.
     pub fn new(gpu: &Gpu, plan: PrefillAttentionPlan) -> Result<Self> {
         let stream = gpu.stream();
         let tiles = bytemuck::cast_slice::<PrefillTile, u32>(&plan.tiles);
@@ -365,6 +381,7 @@ impl PrefillAttention {
         })
     }
 
+    /// The plan the launches follow (the latest, after [`update`](Self::update)).
     pub fn plan(&self) -> &PrefillAttentionPlan {
         &self.plan
     }

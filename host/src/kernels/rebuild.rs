@@ -24,6 +24,11 @@ pub fn splits(gpu: &Gpu, batch: &ShadowBatch) -> u32 {
         .clamp(1, tiles.div_ceil(layout::WARPS).max(1))
 }
 
+/// Rebuilds the keys of the misses of the sequences in `part`: for each of the first
+/// `miss_counts` entries of `misses` per (sequence, KV head), the chunk's `c` rows of `a`
+/// times the head's columns of `bm`, rotated by RoPE at the chunk's positions
+/// (`inverse_frequencies`, f64 `[d / 2]`) and written as bf16 into its sparse slot of `k`.
+/// Errors if a buffer is shorter than the batch's layouts need.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: &Gpu,

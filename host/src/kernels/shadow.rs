@@ -14,8 +14,11 @@ use crate::gpu::address;
 /// A model's attention shape and ShadowKV's parameters: what every sequence of a batch shares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShadowConfig {
+    /// Query heads (`Hq`), a multiple of `kv_heads`.
     pub q_heads: usize,
+    /// KV heads (`Hkv`).
     pub kv_heads: usize,
+    /// Dimension of one head (`d`).
     pub head_dim: usize,
     /// Tokens per chunk (`c`).
     pub chunk_size: usize,
@@ -46,6 +49,11 @@ impl ShadowConfig {
         self.budget_chunks * self.chunk_size
     }
 
+    /// Checks the config: the heads as
+    /// [`DecodeAttentionShape::validate`](super::attention::DecodeAttentionShape::validate)
+    /// does, `chunk_size` in 1..=64, `rank` a multiple of 16 up to `min(256, Hkv*d)` and
+    /// `budget_chunks` in 1..=2^20. Errors with
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the first that fails.
     pub fn validate(&self) -> Result<()> {
         // The heads: exactly what the attention kernel accepts.
         crate::kernels::attention::DecodeAttentionShape {
@@ -82,9 +90,15 @@ impl ShadowConfig {
 pub struct Extents {
     /// Landmark rows: chunk ids and scores hold this many, landmarks this times `d`.
     pub landmark_rows: usize,
+    /// Elements of `A` (bf16 `[prompt_len, r]` per sequence, from `a_offset`).
     pub a: usize,
+    /// Elements of `Bm` (bf16 `[r, Hkv*d]` per sequence, from `bm_offset`).
     pub bm: usize,
+    /// Elements of the values (bf16 `[Hkv, prompt_len, d]` per sequence, from
+    /// `host_value_offset`).
     pub values: usize,
+    /// Elements of each of the K and V buffers (`[Hkv, capacity, d]` per sequence, from
+    /// `kv.offset`).
     pub kv: usize,
     /// Most landmarks of one sequence (per head).
     pub max_landmarks: u32,
@@ -141,15 +155,19 @@ impl ShadowBatch {
         Ok(())
     }
 
+    /// The config every sequence was validated against.
     pub fn config(&self) -> &ShadowConfig {
         &self.config
     }
+    /// Each sequence's layout, as validated (the host copy).
     pub fn sequences(&self) -> &[ShadowSequence] {
         &self.sequences
     }
+    /// Sequences in the batch.
     pub fn batch(&self) -> usize {
         self.sequences.len()
     }
+    /// How far each buffer must reach for these layouts.
     pub fn extents(&self) -> &Extents {
         &self.extents
     }
@@ -244,9 +262,11 @@ pub struct BatchPart {
 }
 
 impl BatchPart {
+    /// Index of the part's first sequence in its batch.
     pub fn first(&self) -> usize {
         self.first
     }
+    /// Sequences in the part (at least 1).
     pub fn count(&self) -> usize {
         self.count
     }

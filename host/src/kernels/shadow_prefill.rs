@@ -19,8 +19,12 @@ use crate::ptx::KernelName;
 /// The prompt's post-RoPE keys and values on the GPU: `[Hkv, capacity, d]` from
 /// `layout.offset`, `layout.len` tokens (a model's K/V cache block, say).
 pub struct PrefillSource<'a, T> {
+    /// bf16 post-RoPE keys, laid out as [`layout`](Self::layout) says.
     pub keys: &'a T,
+    /// bf16 values, laid out as the keys.
     pub values: &'a T,
+    /// The sequence's block in `keys` and `values`: `len` is the prompt length, `offset` a
+    /// multiple of 8.
     pub layout: SequenceLayout,
 }
 
@@ -35,6 +39,9 @@ pub struct PrefillScratch {
 }
 
 impl PrefillScratch {
+    /// Allocates the scratch on `stream` for prompts of up to `max_chunks` chunks and
+    /// `outlier_chunks` outlier chunks per KV head (uninitialised: each kernel writes it before
+    /// the next reads it). Errors if an allocation fails.
     pub fn new(
         stream: &Arc<CudaStream>,
         config: &ShadowConfig,

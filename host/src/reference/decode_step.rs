@@ -9,14 +9,24 @@ use crate::reference::{attention, fetch, plan, rebuild, scoring, topk};
 /// Host copies of a layer's buffers, laid out as on the GPU.
 #[derive(Clone, Debug)]
 pub struct HostLayer {
+    /// Each sequence's layout in the buffers below.
     pub sequences: Vec<ShadowSequence>,
+    /// bf16 landmarks: `d` per landmark row.
     pub landmarks: Vec<bf16>,
+    /// The chunk id of each landmark row.
     pub chunk_ids: Vec<u32>,
+    /// bf16 `A` (`[prompt_len, r]` per sequence).
     pub a: Vec<bf16>,
+    /// bf16 `Bm` (`[r, Hkv*d]` per sequence).
     pub bm: Vec<bf16>,
+    /// bf16 prompt values (`[Hkv, prompt_len, d]` per sequence), what the fetch copies misses
+    /// from.
     pub values: Vec<bf16>,
+    /// bf16 K blocks: local window, outliers, sparse slots, generated tokens.
     pub k: Vec<bf16>,
+    /// bf16 V blocks, laid out as [`k`](Self::k).
     pub v: Vec<bf16>,
+    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot.
     pub resident: Vec<u32>,
 }
 
@@ -25,8 +35,11 @@ pub struct HostLayer {
 pub struct StepOutput {
     /// `[batch, q_heads, head_dim]`.
     pub out: Vec<f64>,
+    /// Per (sequence, KV head): the f64 score of each of its landmarks.
     pub scores: Vec<Vec<f64>>,
+    /// Per (sequence, KV head): the `budget_chunks` chunk ids selected, in landmark order.
     pub selection: Vec<Vec<u32>>,
+    /// Per (sequence, KV head): the misses of the plan, each a chunk and the slot it went to.
     pub misses: Vec<Vec<Miss>>,
 }
 
