@@ -11,7 +11,7 @@
 //! The kernels are written in Rust (`kernels-gpu`), compiled to PTX by rustc's nvptx64
 //! backend at build time and loaded through `cudarc`, so building needs no CUDA toolkit.
 //! Every kernel family has a typed launcher under [`kernels`] (plan, then run), for engines
-//! that compose their own step, and a CPU reference under [`reference`].
+//! that compose their own step, and a CPU reference under [`reference`](mod@reference).
 //!
 //! The README follows; its examples are compiled as doctests.
 #![doc = include_str!("../../README.md")]
