@@ -622,7 +622,7 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                         step.run(gpu, l, &q, &mut out)
                     })? - restore_ms;
                     step.set_split_attention(None);
-                    let stats = step.stats(&layers[next].batch)?;
+                    let stats = step.stats()?;
                     steps.push((
                         batch,
                         context,

@@ -681,7 +681,7 @@ fn run_steps(
         step.set_overlap(overlap);
         step.set_split_attention(split);
         step.run(gpu, &mut layer, &dq, &mut out).map_err(s)?;
-        let stats = step.stats(&layer.batch).map_err(s)?;
+        let stats = step.stats().map_err(s)?;
         let actual = to_f64(&stream.clone_dtoh(&out).map_err(s)?);
         let scratch = step.scratch();
         let device_scores = per_head(

@@ -174,7 +174,10 @@ pub struct DecodeStep {
     /// One per part of the batch (see [`set_parts`](Self::set_parts)).
     plan_done: Vec<CudaEvent>,
     fetch_done: CudaEvent,
+    /// Recorded on the compute stream after every selection (a step's or a prefill's).
     stats_ready: CudaEvent,
+    /// The `(sequence, KV head)` rows whose miss counts the latest selection wrote.
+    selected_heads: Option<std::ops::Range<usize>>,
     inverse_frequencies: CudaSlice<f64>,
     workspace: StepWorkspace,
     attention: DecodeAttention,
@@ -241,6 +244,7 @@ impl DecodeStep {
             plan_done: Vec::new(),
             fetch_done: gpu.new_event(false)?,
             stats_ready: gpu.new_event(false)?,
+            selected_heads: None,
             inverse_frequencies,
             workspace: StepWorkspace::new(gpu, stream, layer_batch)?,
             attention: Self::attention_for(gpu, layer_batch)?,
@@ -371,6 +375,26 @@ impl DecodeStep {
         q: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        let result = self.enqueue(gpu, layer, q, out);
+        if result.is_err() {
+            // A failure after a fetch was queued skipped the compute stream's wait for it:
+            // order the copy stream's work before anything the caller queues next (the next
+            // step rewrites the miss list the fetch reads). Errors here come second to the
+            // one being returned.
+            let _ = self.fetch_done.record(&self.copy_stream);
+            let _ = gpu.stream().wait(&self.fetch_done);
+        }
+        result
+    }
+
+    /// The body of [`run`](Self::run), which keeps the streams ordered when it fails.
+    fn enqueue(
+        &mut self,
+        gpu: &Gpu,
+        layer: &mut ShadowLayer,
+        q: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> Result<()> {
         self.check_layer(layer)?;
         let batch = &layer.batch;
         let elements = batch.batch() * self.config.q_heads * self.config.head_dim;
@@ -394,6 +418,13 @@ impl DecodeStep {
             self.plan_done.push(gpu.new_event(false)?);
         }
         let split = self.splits_attention(batch);
+        if !self.overlap {
+            // The fetch runs on the compute stream: order it after the copy stream's value
+            // offloads (a prefill's), which the copy stream would otherwise order for it.
+            self.fetch_done.record(&self.copy_stream)?;
+            stream.wait(&self.fetch_done)?;
+        }
+        let heads = batch.batch() * self.config.kv_heads;
         let w = &mut self.workspace;
         let timeline = &mut self.timeline;
         if let Some(t) = timeline.as_mut() {
@@ -427,6 +458,7 @@ impl DecodeStep {
         }
         let batch = &layer.batch;
         self.stats_ready.record(&stream)?;
+        self.selected_heads = Some(0..heads);
         let slots = SlotMarks {
             sequences: batch.sequences_address(&stream),
             fresh: address(&w.fresh, &stream),
@@ -499,14 +531,25 @@ impl DecodeStep {
             &mut self.workspace,
             self.scale,
             &mut None,
-        )
+        )?;
+        self.stats_ready.record(&stream)?;
+        let kv_heads = self.config.kv_heads;
+        self.selected_heads =
+            Some(part.first() * kv_heads..(part.first() + part.count()) * kv_heads);
+        Ok(())
     }
 
     /// Grows the scratch to fit `batch` (the step does this itself; the prefill checks the
     /// scratch before its first selection).
     pub fn reserve(&mut self, gpu: &Gpu, batch: &ShadowBatch) -> Result<()> {
         if !self.workspace.fits(batch) {
+            // The kernels address the scratch by raw address, which cudarc's drop does not
+            // wait for: let the latest step's kernels and fetches finish before it is freed
+            // (the pinned counts are freed at once, not in stream order).
+            gpu.stream().synchronize()?;
+            self.copy_stream.synchronize()?;
             self.workspace = StepWorkspace::new(gpu, gpu.stream(), batch)?;
+            self.selected_heads = None;
         }
         Ok(())
     }
@@ -528,15 +571,30 @@ impl DecodeStep {
         Ok(())
     }
 
-    /// The statistics of the latest step: waits until its plan has run.
-    pub fn stats(&self, batch: &ShadowBatch) -> Result<StepStats> {
+    /// The statistics of the latest selection (a step's whole batch, or the part a prefill
+    /// selected for): waits until its plan has run. An error if no selection has run since
+    /// the scratch was sized.
+    pub fn stats(&self) -> Result<StepStats> {
+        let heads = self.selected_heads.clone().ok_or_else(|| {
+            invalid(
+                "stats",
+                "were asked for before any selection",
+                "a decode step (or a prefill) first",
+            )
+        })?;
         self.stats_ready.synchronize()?;
-        let heads = batch.batch() * self.config.kv_heads;
-        let counts = &self.workspace.host_miss_counts.as_slice()?[..heads];
+        let counts = self.workspace.host_miss_counts.as_slice()?;
+        let counts = counts.get(heads.clone()).ok_or_else(|| {
+            invalid(
+                "stats",
+                format!("cover rows {heads:?} of {} miss counts", counts.len()),
+                "rows of the scratch",
+            )
+        })?;
         Ok(StepStats {
             misses_per_head: counts.to_vec(),
             misses: counts.iter().map(|&c| c as u64).sum(),
-            selected: (heads * self.config.budget_chunks) as u64,
+            selected: (counts.len() * self.config.budget_chunks) as u64,
         })
     }
 
@@ -615,4 +673,12 @@ fn rebuild_misses(
         inverse_frequencies,
         &mut layer.k,
     )
+}
+
+impl Drop for DecodeStep {
+    /// Waits for the copy stream: its fetches read the scratch and the layers' values by raw
+    /// address, which the frees that follow do not wait for.
+    fn drop(&mut self) {
+        let _ = self.copy_stream.synchronize();
+    }
 }

@@ -243,11 +243,7 @@ impl ShadowKvCache {
     /// [`decode_layer`](Self::decode_layer): the layers share one step workspace (waits until
     /// its plan has run).
     pub fn step_stats(&self) -> Result<StepStats> {
-        let layer = self
-            .layers
-            .first()
-            .ok_or_else(|| invalid("cache", "has no layers", "a cache with layers"))?;
-        self.step.stats(&layer.batch)
+        self.step.stats()
     }
 
     /// The prefill kernels' scratch (the latest prefill's chunk statistics and outliers), for
