@@ -16,6 +16,8 @@
 //! The files, by concern: `weights` (the weights on the GPU), `model` ([`GpuModel`] and its
 //! loaders), `kv_cache` (the full KV cache), `shadow_cache` and `shadow` (ShadowKV's cache,
 //! its prefills and decode steps), `forward` (the layers of a pass and their attention).
+//!
+//! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
 mod forward;
 mod kv_cache;
 mod model;
