@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use shadowkv::cache::{CacheCapacity, ShadowKvParams, ValueHome};
 use shadowkv::reference::relative_error;
-use shadowkv::Gpu;
-use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelSource, Sampler};
+use shadowkv::{Gpu, LayerValues};
+use shadowkv_model::gpu::SyntheticLayerSeeds;
+use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelConfig, ModelSource, Sampler};
 use shadowkv_suite::{run_gpu_tests, shared_gpu};
 
 fn main() {
@@ -32,6 +33,10 @@ fn main() {
         (
             "gpu_shadowkv_ragged_batch_matches_sequences_alone",
             shadowkv_ragged_batch,
+        ),
+        (
+            "gpu_shadowkv_synthetic_prefill_offloads_each_layers_values",
+            synthetic_prefill_offload,
         ),
     ])
 }
@@ -709,6 +714,82 @@ fn shadowkv_ragged_batch(_: &Gpu) -> Result<(), String> {
                 "sequence {b}: {mine:?} in the batch, {expected:?} alone"
             ));
         }
+    }
+    Ok(())
+}
+
+/// A synthetic ShadowKV prefill of 64K tokens over 4 layers of Llama-3-8B's shape (128 MiB of
+/// values per layer): each layer's values in the cache, on the host and on the GPU, are the
+/// values that layer was sent, regenerated on the CPU from their seed. The layers share one
+/// source buffer whose offload runs on the cache's copy stream while the compute stream moves
+/// on, so a refill for the next layer that did not wait for the copy would show up here as
+/// (part of) a later layer's values in an earlier layer's place.
+fn synthetic_prefill_offload(_: &Gpu) -> Result<(), String> {
+    let _ = shared_gpu()?;
+    let gpu = Arc::new(Gpu::new(0).map_err(s)?);
+    let mut config = ModelConfig::named("llama-3-8b").map_err(s)?;
+    config.layers = 4;
+    // The synthetic prefill never reads the weights: a small vocabulary keeps them small.
+    config.vocab = 1024;
+    let model = GpuModel::synthetic(gpu, &config, 3).map_err(s)?;
+    let (len, seed) = (64 * 1024, 11);
+    let width = len * config.kv_dim();
+    for home in [ValueHome::Host, ValueHome::Device] {
+        let capacity = CacheCapacity::uniform(1, len, 1);
+        let mut shadow = model
+            .new_shadow_cache(ShadowKvParams::default(), home, capacity)
+            .map_err(s)?;
+        let id = model
+            .prefill_shadow_synthetic(&mut shadow, len, seed)
+            .map_err(s)?;
+        // The prefill has synchronised the copy stream: the values are all in place.
+        for layer in 0..config.layers {
+            let start = shadow
+                .cache()
+                .layout(layer, id)
+                .map_err(s)?
+                .host_value_offset as usize;
+            let kept = match &shadow.cache().layer(layer).map_err(s)?.values {
+                LayerValues::Host(buffer) => buffer
+                    .as_slice()
+                    .map_err(s)?
+                    .get(start..start + width)
+                    .ok_or("the sequence's values lie past the host buffer")?
+                    .to_vec(),
+                LayerValues::Device(buffer) => model
+                    .gpu()
+                    .stream()
+                    .clone_dtoh(&buffer.slice(start..start + width))
+                    .map_err(s)?,
+            };
+            // The source is `[kv_heads, len, head_dim]`, as the cache keeps it.
+            let value_seed = |l| SyntheticLayerSeeds::new(seed, l).values;
+            let sent = shadowkv::reference::random::fill(0, width, value_seed(layer), 1.0, 0.0);
+            let wrong = kept
+                .iter()
+                .zip(&sent)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            if let Some(first) = kept
+                .iter()
+                .zip(&sent)
+                .position(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                let from = (0..config.layers).find(|&l| {
+                    let other =
+                        shadowkv::reference::random::fill(first as u64, 1, value_seed(l), 1.0, 0.0);
+                    other[0].to_bits() == kept[first].to_bits()
+                });
+                return Err(format!(
+                    "values {home:?}, layer {layer}: {wrong} of {width} values differ from those sent, the first at {first} ({} instead of {}; layer {from:?} sent that value)",
+                    kept[first], sent[first]
+                ));
+            }
+        }
+        eprintln!(
+            "values {home:?}: {} layers x {len} tokens offloaded as sent",
+            config.layers
+        );
     }
     Ok(())
 }

@@ -5,8 +5,11 @@ use std::path::Path;
 
 use shadowkv_kernels::rope::{inverse_frequencies, Llama3Scaling, RopeConfig};
 
+use crate::error::ModelFileError;
 use crate::gguf::GgufFile;
-use crate::{ModelFileError, Result};
+
+/// Reading a model file fails only with a problem of the file.
+type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 
 /// The decoder variants this driver runs. They differ only in details of the same block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

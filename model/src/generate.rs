@@ -3,8 +3,8 @@
 //! or the token limit, timing both phases.
 use std::time::Instant;
 
+use crate::error::Result;
 use crate::sampling::Sampler;
-use crate::Result;
 
 /// What a run produced and how fast.
 #[derive(Clone, Debug, PartialEq)]

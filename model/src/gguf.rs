@@ -3,8 +3,11 @@
 //! truncated or malformed file is an error naming the file (and tensor), never a panic.
 use std::path::Path;
 
+use crate::error::ModelFileError;
 use crate::quant::GgmlType;
-use crate::{ModelFileError, Result};
+
+/// Reading a model file fails only with a problem of the file.
+type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Data alignment when `general.alignment` is absent.

@@ -1,8 +1,10 @@
-//! The ShadowKV model driver's model side (issue 5): model files (GGUF, Hugging Face
+//! The ShadowKV model driver's model side: model files (GGUF, Hugging Face
 //! checkpoints), the model's shape, its weights, sampling, and the f32 CPU reference path.
-//! Every failure names the file, the tensor where there is one, and why.
+//! Every failure names the file, the tensor where there is one, and why; a GPU failure keeps
+//! the `shadowkv` error as its `source()` ([`Error`]).
 pub mod config;
 pub mod cpu;
+pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod gpu;
@@ -15,25 +17,15 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig, NAMED_SHAPES};
 pub use cpu::shadowkv::ShadowKvParams;
 pub use cpu::{CpuCache, CpuModel};
+pub use error::{Error, ModelFileError, Result};
 pub use generate::{generate, Generation};
 pub use gguf::{GgufFile, MetadataValue, TensorInfo};
-pub use gpu::{GpuKvCache, GpuModel};
+pub use gpu::{GpuKvCache, GpuModel, GpuShadowCache};
 pub use quant::GgmlType;
 pub use sampling::Sampler;
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, TokenStream, Tokenizer};
 pub use weights::{LayerWeights, Matrix, ModelWeights, WeightFile};
-
-/// A model file that cannot be used, with where and why.
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("{file}{}: {reason}", tensor.as_ref().map(|t| format!(", tensor `{t}`")).unwrap_or_default())]
-pub struct ModelFileError {
-    pub file: String,
-    pub tensor: Option<String>,
-    pub reason: String,
-}
-
-pub type Result<T> = std::result::Result<T, ModelFileError>;
 
 /// File name of the built-in example model (SmolLM2-135M-Instruct, GGUF Q4_1).
 pub const BUILTIN_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -53,7 +45,7 @@ pub fn cache_dir() -> std::path::PathBuf {
 }
 
 /// The built-in example model's path, or an error that says to run `tools/setup.sh`.
-pub fn builtin_model_path() -> Result<std::path::PathBuf> {
+pub fn builtin_model_path() -> Result<std::path::PathBuf, ModelFileError> {
     let path = cache_dir().join(BUILTIN_MODEL_FILE);
     if path.is_file() {
         Ok(path)

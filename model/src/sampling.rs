@@ -2,7 +2,7 @@
 //! from a seeded generator, so a run can be repeated.
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::{ModelFileError, Result};
+use crate::error::{invalid_input, Result};
 
 /// How to pick the next token.
 #[derive(Clone, Debug)]
@@ -27,13 +27,11 @@ impl Sampler {
     /// probabilities add up to `top_p` (in (0, 1]).
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Result<Sampler> {
         if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
-            return Err(ModelFileError {
-                file: "sampling options".into(),
-                tensor: None,
-                reason: format!(
-                    "temperature {temperature} and top-p {top_p}: expected a temperature >= 0 and a top-p in (0, 1]"
-                ),
-            });
+            return Err(invalid_input(
+                "sampling",
+                format!("temperature {temperature}, top-p {top_p}"),
+                "a temperature >= 0 and a top-p in (0, 1]",
+            ));
         }
         Ok(Sampler {
             temperature,

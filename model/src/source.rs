@@ -3,10 +3,13 @@
 use std::path::Path;
 
 use crate::config::ModelConfig;
+use crate::error::ModelFileError;
 use crate::gguf::GgufFile;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::weights::{SafetensorsFiles, WeightFile};
-use crate::{ModelFileError, Result};
+
+/// Reading a model file fails only with a problem of the file.
+type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 
 /// Everything a run needs from the model's files; the weights are read when loaded.
 pub struct ModelSource {

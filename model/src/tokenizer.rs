@@ -14,8 +14,11 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
+use crate::error::ModelFileError;
 use crate::gguf::{GgufFile, MetadataValue};
-use crate::{ModelFileError, Result};
+
+/// Reading a model file fails only with a problem of the file.
+type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 
 /// `tokenizer.ggml.model` values this module builds.
 const SUPPORTED_MODELS: &str = "gpt2 (byte-level BPE)";

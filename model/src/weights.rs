@@ -9,8 +9,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Architecture, ModelConfig};
+use crate::error::ModelFileError;
 use crate::gguf::GgufFile;
-use crate::{ModelFileError, Result};
+
+/// Reading a model file fails only with a problem of the file.
+type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 
 /// A row-major `[rows, cols]` f32 matrix (a vector is one row).
 #[derive(Clone, Debug, PartialEq)]

@@ -4,29 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use shadowkv::cache::{CacheCapacity, ValueHome};
-use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelSource, Sampler, ShadowKvParams};
+use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelSource, Sampler};
 
-/// Where attention reads the KV cache from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AttentionMode {
-    /// The whole KV cache on the GPU, every token attended.
-    Full,
-    /// ShadowKV: low-rank keys on the GPU, values in pinned host memory, sparse attention.
-    Shadowkv,
-    /// ShadowKV with the values kept on the GPU (no PCIe traffic).
-    ShadowkvGpu,
-}
-
-impl AttentionMode {
-    /// Where ShadowKV keeps the values; `None` for full attention.
-    pub fn value_home(self) -> Option<ValueHome> {
-        match self {
-            AttentionMode::Full => None,
-            AttentionMode::Shadowkv => Some(ValueHome::Host),
-            AttentionMode::ShadowkvGpu => Some(ValueHome::Device),
-        }
-    }
-}
+use crate::args::{AttentionMode, ShadowKvArgs};
+use crate::prefill::{prefill, prefill_bar, PREFILL_CHUNK};
 
 /// Which processor runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -74,38 +55,6 @@ pub struct GenerateArgs {
     device: DeviceChoice,
     #[command(flatten)]
     shadowkv: ShadowKvArgs,
-}
-
-/// ShadowKV's parameters on the command line (defaults: the paper's).
-#[derive(Args, Debug, Clone)]
-pub struct ShadowKvArgs {
-    /// ShadowKV: tokens per chunk (c).
-    #[arg(long, default_value_t = ShadowKvParams::default().chunk_size)]
-    chunk_size: usize,
-    /// ShadowKV: tokens of selected chunks attended per step (S), a multiple of --chunk-size.
-    #[arg(long, default_value_t = ShadowKvParams::default().sparse_budget)]
-    sparse_budget: usize,
-    /// ShadowKV: rank of the pre-RoPE key factorisation (r), a multiple of 16 up to 256.
-    #[arg(long, default_value_t = ShadowKvParams::default().rank)]
-    rank: usize,
-    /// ShadowKV: chunks at the end of the prompt kept exact.
-    #[arg(long, default_value_t = ShadowKvParams::default().local_chunks)]
-    local_chunks: usize,
-    /// ShadowKV: outlier chunks per KV head kept exact.
-    #[arg(long, default_value_t = ShadowKvParams::default().outlier_chunks)]
-    outlier_chunks: usize,
-}
-
-impl ShadowKvArgs {
-    pub fn params(&self) -> ShadowKvParams {
-        ShadowKvParams {
-            chunk_size: self.chunk_size,
-            sparse_budget: self.sparse_budget,
-            rank: self.rank,
-            local_chunks: self.local_chunks,
-            outlier_chunks: self.outlier_chunks,
-        }
-    }
 }
 
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -185,15 +134,13 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 loading.elapsed().as_secs_f64()
             );
             // Long prompts prefill in passes, with a progress bar.
-            let bar = (tokens.len() > crate::bench::PREFILL_CHUNK)
-                .then(|| crate::bench::prefill_bar(tokens.len()));
+            let bar = (tokens.len() > PREFILL_CHUNK).then(|| prefill_bar(tokens.len()));
             let generation = match args.attention {
                 AttentionMode::Full => {
                     let mut cache = model.new_cache(&[(tokens.len() + args.max_tokens) as u32])?;
                     shadowkv_model::generate(
                         |ids| {
-                            let logits =
-                                crate::bench::prefill(&model, &mut cache, 0, ids, bar.as_ref());
+                            let logits = prefill(&model, &mut cache, 0, ids, bar.as_ref());
                             if let Some(bar) = bar.as_ref().filter(|_| ids.len() > 1) {
                                 bar.finish_and_clear();
                             }
@@ -222,7 +169,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                                 let (_, logits) = model.prefill_shadow(
                                     &mut shadow,
                                     ids,
-                                    crate::bench::PREFILL_CHUNK,
+                                    PREFILL_CHUNK,
                                     progress,
                                 )?;
                                 if let Some(bar) = bar.as_ref() {

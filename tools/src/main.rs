@@ -1,6 +1,8 @@
 //! `shadowkv`: the command-line driver of the ShadowKV kernels.
+mod args;
 mod bench;
 mod generate;
+mod prefill;
 
 use std::time::Instant;
 

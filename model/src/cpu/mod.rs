@@ -4,10 +4,15 @@
 //! Same arithmetic as the GPU path, in f32: RMSNorm, Q/K/V projections (plus Qwen2 biases),
 //! rotate-half RoPE with the angle reduced in f64, causal GQA attention with an f32 softmax,
 //! SwiGLU, and the (tied or untied) output head. Products are split over the machine's cores.
+mod math;
 pub mod shadowkv;
 
+pub use math::{dot, matmul, rms_norm, rope_rows, silu, softmax_in_place};
+
 use crate::config::ModelConfig;
+use crate::error::{invalid_input, Error, Result};
 use crate::weights::{Matrix, ModelWeights};
+use math::{add_assign, add_rows};
 use shadowkv::{ShadowKvParams, ShadowLayer};
 
 /// The model on the CPU.
@@ -43,7 +48,7 @@ impl CpuCache {
     }
 
     /// A cache in ShadowKV mode; the prompt must come in one `forward` call.
-    pub fn shadowkv(config: &ModelConfig, params: ShadowKvParams) -> crate::Result<CpuCache> {
+    pub fn shadowkv(config: &ModelConfig, params: ShadowKvParams) -> Result<CpuCache> {
         shadowkv::validate(&params, config)?;
         Ok(CpuCache {
             shadowkv: Some(params),
@@ -78,26 +83,19 @@ impl CpuModel {
 
     /// Runs `tokens` (the prompt, or one generated token) after what `cache` holds, appends
     /// their keys and values, and returns the last token's logits.
-    pub fn forward(&self, cache: &mut CpuCache, tokens: &[u32]) -> crate::Result<Vec<f32>> {
+    pub fn forward(&self, cache: &mut CpuCache, tokens: &[u32]) -> Result<Vec<f32>> {
         let config = &self.config;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= config.vocab) {
-            return Err(crate::ModelFileError {
-                file: "input".into(),
-                tensor: None,
-                reason: format!(
-                    "token id {bad} is past the vocabulary ({} tokens)",
-                    config.vocab
-                ),
-            });
+            return Err(invalid_input(
+                "tokens",
+                format!("holds id {bad}"),
+                format!("ids below the vocabulary size {}", config.vocab),
+            ));
         }
         let (count, hidden) = (tokens.len(), config.hidden);
         let start = cache.len;
         if count == 0 {
-            return Err(crate::ModelFileError {
-                file: "input".into(),
-                tensor: None,
-                reason: "no tokens to run".into(),
-            });
+            return Err(invalid_input("tokens", "is empty", "at least one token"));
         }
         // ShadowKV: the first call is the prompt, attended in full, from which each layer's
         // shadow is built; every later token attends through the shadows.
@@ -105,7 +103,7 @@ impl CpuModel {
             Some(params) if cache.shadows.is_empty() => {
                 params
                     .check_prompt(start + count)
-                    .map_err(shadowkv::invalid)?;
+                    .map_err(Error::Parameters)?;
                 Some(params)
             }
             _ => None,
@@ -227,120 +225,4 @@ impl CpuModel {
         }
         out
     }
-}
-
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// RMSNorm of each `weight.len()`-long row of `x`.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
-    let width = weight.len();
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(width) {
-        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-        let inverse = 1.0 / (mean_square + eps).sqrt();
-        out.extend(row.iter().zip(weight).map(|(v, w)| v * inverse * w));
-    }
-    out
-}
-
-/// Rotate-half RoPE of every `head_dim`-long head in `row`, at `position`.
-pub fn rope_rows(row: &mut [f32], head_dim: usize, position: u32, inverse_frequencies: &[f64]) {
-    let half = head_dim / 2;
-    for head in row.chunks_exact_mut(head_dim) {
-        for (i, &frequency) in inverse_frequencies.iter().enumerate().take(half) {
-            let (sin, cos) = (position as f64 * frequency).sin_cos();
-            let (sin, cos) = (sin as f32, cos as f32);
-            let (low, high) = (head[i], head[i + half]);
-            head[i] = low * cos - high * sin;
-            head[i + half] = high * cos + low * sin;
-        }
-    }
-}
-
-pub fn softmax_in_place(scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    for s in scores.iter_mut() {
-        *s /= sum;
-    }
-}
-
-fn add_assign(x: &mut [f32], y: &[f32]) {
-    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
-}
-
-fn add_rows(x: &mut [f32], bias: &[f32]) {
-    for row in x.chunks_exact_mut(bias.len()) {
-        add_assign(row, bias);
-    }
-}
-
-/// Dot product with eight independent sums, which the compiler vectorises.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0.0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for i in 0..8 {
-            sums[i] += x[i] * y[i];
-        }
-    }
-    sums.iter().sum::<f32>() + tail
-}
-
-/// `x [n, in] · Wᵀ` for `W [out, in]`: `[n, out]`, the output rows split over the cores.
-pub fn matmul(x: &[f32], weight: &Matrix) -> Vec<f32> {
-    let (inner, outputs) = (weight.cols, weight.rows);
-    let count = x.len() / inner;
-    let mut out = vec![0.0; count * outputs];
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(outputs.div_ceil(64));
-    let per_thread = outputs.div_ceil(threads.max(1));
-    // Each thread owns a range of output columns; gather them into column-major scratch and
-    // scatter afterwards so no two threads write the same memory.
-    let columns: Vec<Vec<f32>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..outputs)
-            .step_by(per_thread.max(1))
-            .map(|first| {
-                let last = (first + per_thread).min(outputs);
-                scope.spawn(move || {
-                    let mut part = Vec::with_capacity((last - first) * count);
-                    for o in first..last {
-                        let w = &weight.data[o * inner..(o + 1) * inner];
-                        part.extend(x.chunks_exact(inner).map(|row| dot(row, w)));
-                    }
-                    part
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
-    let mut o = 0;
-    for part in columns {
-        for column in part.chunks_exact(count.max(1)) {
-            for (t, &v) in column.iter().enumerate() {
-                out[t * outputs + o] = v;
-            }
-            o += 1;
-        }
-    }
-    out
 }

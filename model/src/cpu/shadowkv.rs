@@ -10,24 +10,15 @@
 pub use shadowkv::cache::ShadowKvParams;
 use shadowkv::reference::factorise::factorise;
 
-use super::{dot, rope_rows, softmax_in_place};
+use super::math::{dot, rope_rows, softmax_in_place};
 use crate::config::ModelConfig;
-use crate::{ModelFileError, Result};
-
-/// The parameters' errors as the model's (the CPU path names no file).
-pub(crate) fn invalid(error: shadowkv::Error) -> ModelFileError {
-    ModelFileError {
-        file: "ShadowKV parameters".into(),
-        tensor: None,
-        reason: error.to_string(),
-    }
-}
+use crate::error::{Error, Result};
 
 /// Checks `params` against the kernels' limits and the model's key width.
 pub fn validate(params: &ShadowKvParams, config: &ModelConfig) -> Result<()> {
     params
         .validate(config.kv_heads, config.head_dim)
-        .map_err(invalid)
+        .map_err(Error::Parameters)
 }
 
 /// One layer's shadow of one sequence's prompt.
@@ -56,7 +47,7 @@ impl ShadowLayer {
     ) -> Result<ShadowLayer> {
         let (kv_dim, head_dim, c) = (config.kv_dim(), config.head_dim, params.chunk_size);
         let prompt_len = pre_rope_keys.len() / kv_dim;
-        params.check_prompt(prompt_len).map_err(invalid)?;
+        params.check_prompt(prompt_len).map_err(Error::Parameters)?;
         let chunks = params.prompt_chunks(prompt_len);
         let outliers_per_head = params.outlier_chunks.min(chunks);
         let (a, bm) = factorise(pre_rope_keys, kv_dim, params.rank);

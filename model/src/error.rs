@@ -1,0 +1,102 @@
+//! The model driver's errors: a model file that cannot be used ([`ModelFileError`]), a GPU
+//! operation that failed (with the `shadowkv` or CUDA driver error as its `source()`), ShadowKV
+//! parameters that do not fit, and requests the model cannot run as given.
+use shadowkv::cudarc::driver::DriverError;
+
+/// A model file that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{file}{}: {reason}", tensor.as_ref().map(|t| format!(", tensor `{t}`")).unwrap_or_default())]
+pub struct ModelFileError {
+    /// The file (or named shape) at fault.
+    pub file: String,
+    /// The tensor at fault, where there is one.
+    pub tensor: Option<String>,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Everything that can go wrong in the model driver.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A model file (or named shape) that cannot be used.
+    #[error(transparent)]
+    File(#[from] ModelFileError),
+    /// A `shadowkv` operation on the GPU failed while the model was doing `what`.
+    #[error("{what}: {source}")]
+    Gpu {
+        /// What the model was doing ("uploading the weights", "attention").
+        what: &'static str,
+        /// The failure as the `shadowkv` crate reports it.
+        #[source]
+        source: shadowkv::Error,
+    },
+    /// A CUDA driver call of the model's own (an allocation, a copy) failed while it was
+    /// doing `what`.
+    #[error("{what}: CUDA driver error: {source}")]
+    Driver {
+        /// What the model was doing.
+        what: &'static str,
+        /// The driver's error.
+        #[source]
+        source: DriverError,
+    },
+    /// ShadowKV parameters that do not fit the kernels, the model or the prompt.
+    #[error("ShadowKV parameters: {0}")]
+    Parameters(#[source] shadowkv::Error),
+    /// A request the model cannot run as given: a token past the vocabulary, a full
+    /// sequence, a sampler setting out of range.
+    #[error("invalid `{argument}`: {problem}; expected {expected}")]
+    InvalidInput {
+        /// The argument at fault.
+        argument: &'static str,
+        /// What is wrong with it.
+        problem: String,
+        /// What was needed instead.
+        expected: String,
+    },
+    /// Not enough free GPU memory for `what`.
+    #[error("{what} needs {needed} bytes of GPU memory; {free} bytes are free")]
+    OutOfMemory {
+        /// What was to be allocated.
+        what: String,
+        /// Bytes it needs.
+        needed: usize,
+        /// Bytes of GPU memory free when it was asked for.
+        free: usize,
+    },
+}
+
+/// The model driver's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Builds an [`Error::InvalidInput`].
+pub(crate) fn invalid_input(
+    argument: &'static str,
+    problem: impl std::fmt::Display,
+    expected: impl std::fmt::Display,
+) -> Error {
+    Error::InvalidInput {
+        argument,
+        problem: problem.to_string(),
+        expected: expected.to_string(),
+    }
+}
+
+/// Attaches what the model was doing to a GPU-side failure, keeping the failure as the
+/// error's `source()`.
+pub(crate) trait OnGpu<T> {
+    /// The error as [`Error::Gpu`] or [`Error::Driver`], doing `what`.
+    fn on_gpu(self, what: &'static str) -> Result<T>;
+}
+
+impl<T> OnGpu<T> for std::result::Result<T, shadowkv::Error> {
+    fn on_gpu(self, what: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Gpu { what, source })
+    }
+}
+
+impl<T> OnGpu<T> for std::result::Result<T, DriverError> {
+    fn on_gpu(self, what: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Driver { what, source })
+    }
+}

@@ -1,0 +1,445 @@
+//! The forward pass: every layer of one pass over a ragged batch of tokens, the attention of
+//! each layer over the full cache or (a ShadowKV decode step) through the shadow cache, and
+//! the logits of each sequence's last token.
+use half::bf16;
+use shadowkv::cudarc::driver::CudaSlice;
+use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
+use shadowkv::kernels::layer::{self, TokenPlan};
+use shadowkv::kernels::prefill_attention::{
+    kernel_layout::QueryPlacement, PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape,
+};
+use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout};
+
+use super::kv_cache::GpuKvCache;
+use super::model::GpuModel;
+use super::shadow_cache::GpuShadowCache;
+use crate::error::{invalid_input, OnGpu, Result};
+
+/// The attention kernel of one forward pass.
+pub(super) enum AttentionPass {
+    Decode(DecodeAttention),
+    Prefill(PrefillAttention),
+}
+
+/// What one prefill pass keeps for ShadowKV: each layer's keys before RoPE (`[prompt,
+/// kv_dim]`, filled `rows_before..` by this pass) and its last query (`[layers, q_dim]`).
+pub(super) struct PrefillTaps<'a> {
+    pub(super) pre_rope_keys: &'a mut [CudaSlice<bf16>],
+    pub(super) last_queries: &'a mut CudaSlice<bf16>,
+    pub(super) rows_before: usize,
+}
+
+/// Where a pass's keys and values go and how it attends.
+pub(super) enum PassCache<'a> {
+    /// The full cache; with taps during a ShadowKV prefill.
+    Full {
+        cache: &'a mut GpuKvCache,
+        attention: Box<AttentionPass>,
+        taps: Option<PrefillTaps<'a>>,
+    },
+    /// A ShadowKV decode step: one token per live sequence.
+    Shadow(&'a mut GpuShadowCache),
+}
+
+impl GpuModel {
+    /// Runs `tokens[i]` of `sequences[i]` (each sequence's tokens in order, after what the cache
+    /// holds), appends their keys and values, and returns the f32 logits `[rows, vocab]` of the
+    /// last token of each sequence named, in the order of first appearance.
+    pub fn forward(
+        &self,
+        cache: &mut GpuKvCache,
+        sequences: &[usize],
+        tokens: &[u32],
+    ) -> Result<Vec<f32>> {
+        let logits = self.forward_full(cache, sequences, tokens, None)?;
+        self.stream()
+            .clone_dtoh(&logits)
+            .on_gpu("reading the logits back")
+    }
+
+    /// [`forward`](Self::forward) with greedy sampling on the GPU: the most likely next token
+    /// of each sequence named (4 bytes each come back instead of a vocabulary of logits).
+    pub fn forward_greedy(
+        &self,
+        cache: &mut GpuKvCache,
+        sequences: &[usize],
+        tokens: &[u32],
+    ) -> Result<Vec<u32>> {
+        let logits = self.forward_full(cache, sequences, tokens, None)?;
+        self.argmax_rows(&logits)
+    }
+
+    /// The most likely token of each row of `logits` (`[rows, vocab]`), picked on the GPU.
+    pub(super) fn argmax_rows(&self, logits: &CudaSlice<f32>) -> Result<Vec<u32>> {
+        const WHAT: &str = "picking the most likely tokens";
+        let stream = self.stream();
+        let mut ids = stream
+            .alloc_zeros::<u32>(logits.len() / self.config.vocab)
+            .on_gpu(WHAT)?;
+        shadowkv::kernels::sampling::argmax(&self.gpu, stream, logits, self.config.vocab, &mut ids)
+            .on_gpu(WHAT)?;
+        stream.clone_dtoh(&ids).on_gpu(WHAT)
+    }
+
+    /// A pass over the full cache: places the tokens, runs the layers, advances the lengths;
+    /// the logits stay on the GPU.
+    pub(super) fn forward_full(
+        &self,
+        cache: &mut GpuKvCache,
+        sequences: &[usize],
+        tokens: &[u32],
+        taps: Option<PrefillTaps<'_>>,
+    ) -> Result<CudaSlice<f32>> {
+        if sequences.len() != tokens.len() || tokens.is_empty() {
+            return Err(invalid_input(
+                "sequences",
+                format!(
+                    "holds {} indices for {} tokens",
+                    sequences.len(),
+                    tokens.len()
+                ),
+                "one sequence index per token, at least one token",
+            ));
+        }
+        // Place every token at the next free position of its sequence.
+        let mut next = cache.lens.clone();
+        let mut placements = Vec::with_capacity(tokens.len());
+        let mut last_row: Vec<(usize, usize)> = Vec::new();
+        for (row, &sequence) in sequences.iter().enumerate() {
+            let Some(layout) = cache.layouts.get(sequence) else {
+                return Err(invalid_input(
+                    "sequences",
+                    format!("names sequence {sequence}"),
+                    format!("a sequence of the cache (it holds {})", cache.layouts.len()),
+                ));
+            };
+            if next[sequence] >= layout.capacity {
+                return Err(invalid_input(
+                    "tokens",
+                    format!(
+                        "go past the end of sequence {sequence} ({} tokens)",
+                        next[sequence]
+                    ),
+                    format!("at most its capacity {}", layout.capacity),
+                ));
+            }
+            placements.push(TokenPlacement::new(sequence as u32, next[sequence]));
+            next[sequence] += 1;
+            match last_row.iter_mut().find(|(s, _)| *s == sequence) {
+                Some(entry) => entry.1 = row,
+                None => last_row.push((sequence, row)),
+            }
+        }
+        let plan = TokenPlan::new(self.stream(), self.qkv_shape(), &placements, &cache.layouts)
+            .on_gpu("placing the tokens")?;
+        let attention = Box::new(self.attention_pass(cache, &placements, &next)?);
+        let rows: Vec<usize> = last_row.iter().map(|&(_, row)| row).collect();
+        let mode = PassCache::Full {
+            cache: &mut *cache,
+            attention,
+            taps,
+        };
+        let logits = self.run_layers(tokens, &plan, mode, &rows)?;
+        cache.lens = next;
+        Ok(logits)
+    }
+
+    /// The causal attention of a pass: the decode kernel (split over the context) when every
+    /// token is the only one of its sequence, else the tiled prefill kernel, which needs each
+    /// sequence's tokens side by side.
+    fn attention_pass(
+        &self,
+        cache: &GpuKvCache,
+        placements: &[TokenPlacement],
+        next: &[u32],
+    ) -> Result<AttentionPass> {
+        const WHAT: &str = "planning the attention";
+        let (config, gpu) = (&self.config, &*self.gpu);
+        // One new token per sequence (a decode step): `next` counts each sequence's tokens.
+        let single = next
+            .iter()
+            .zip(&cache.lens)
+            .all(|(&after, &before)| after - before <= 1);
+        if single || !self.tiled_prefill {
+            // Each query row attends over its sequence's block up to itself.
+            let layouts: Vec<SequenceLayout> = placements
+                .iter()
+                .map(|p| SequenceLayout {
+                    len: p.position + 1,
+                    ..cache.layouts[p.sequence as usize]
+                })
+                .collect();
+            let shape = DecodeAttentionShape {
+                batch: placements.len(),
+                q_heads: config.heads,
+                kv_heads: config.kv_heads,
+                head_dim: config.head_dim,
+            };
+            let plan = DecodeAttentionPlan::for_gpu(gpu, shape, &layouts).on_gpu(WHAT)?;
+            return Ok(AttentionPass::Decode(
+                DecodeAttention::new(gpu, plan).on_gpu(WHAT)?,
+            ));
+        }
+        let mut queries = vec![QueryPlacement::default(); cache.layouts.len()];
+        for (row, p) in placements.iter().enumerate() {
+            let query = &mut queries[p.sequence as usize];
+            if query.query_len == 0 {
+                *query = QueryPlacement {
+                    query_offset: row as u32,
+                    query_len: 0,
+                    start: p.position,
+                };
+            }
+            if query.query_offset + query.query_len != row as u32 {
+                return Err(invalid_input(
+                    "sequences",
+                    format!(
+                        "places token {row} of sequence {} apart from the sequence's earlier tokens",
+                        p.sequence
+                    ),
+                    "each sequence's tokens side by side",
+                ));
+            }
+            query.query_len += 1;
+        }
+        let layouts: Vec<SequenceLayout> = cache
+            .layouts
+            .iter()
+            .zip(next)
+            .map(|(layout, &len)| SequenceLayout {
+                len: len.max(1),
+                ..*layout
+            })
+            .collect();
+        let shape = PrefillAttentionShape {
+            tokens: placements.len(),
+            q_heads: config.heads,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+        };
+        let plan = PrefillAttentionPlan::new(shape, &layouts, &queries).on_gpu(WHAT)?;
+        Ok(AttentionPass::Prefill(
+            PrefillAttention::new(gpu, plan).on_gpu(WHAT)?,
+        ))
+    }
+
+    /// The layers of one pass over `tokens` (placed by `plan`), attending through `mode`;
+    /// returns the f32 logits of `rows` (each sequence's last token), left on the GPU.
+    pub(super) fn run_layers(
+        &self,
+        tokens: &[u32],
+        plan: &TokenPlan,
+        mut mode: PassCache<'_>,
+        rows: &[usize],
+    ) -> Result<CudaSlice<f32>> {
+        let config = &self.config;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= config.vocab) {
+            return Err(invalid_input(
+                "tokens",
+                format!("holds id {bad}"),
+                format!("ids below the vocabulary size {}", config.vocab),
+            ));
+        }
+        const WHAT: &str = "running the layers";
+        let (gpu, stream) = (&*self.gpu, self.stream());
+        let count = tokens.len();
+        let shape = self.qkv_shape();
+        let alloc_bf16 = |n: usize| stream.alloc_zeros::<bf16>(n).on_gpu(WHAT);
+        let alloc_f32 = |n: usize| stream.alloc_zeros::<f32>(n).on_gpu(WHAT);
+        let (hidden, ffn) = (config.hidden, config.ffn);
+        let ids = stream.clone_htod(tokens).on_gpu(WHAT)?;
+        let mut x = alloc_f32(count * hidden)?;
+        let mut normed = alloc_bf16(count * hidden)?;
+        let mut qkv = alloc_f32(count * shape.width())?;
+        let mut q = alloc_bf16(count * config.q_dim())?;
+        let mut attended = alloc_bf16(count * config.q_dim())?;
+        let mut projected = alloc_f32(count * hidden)?;
+        let mut gate_up = alloc_f32(count * 2 * ffn)?;
+        let mut activated = alloc_bf16(count * ffn)?;
+        let mut mlp_out = alloc_f32(count * hidden)?;
+
+        layer::embedding(
+            gpu,
+            stream,
+            &self.weights.embedding,
+            hidden,
+            tokens,
+            &ids,
+            &mut x,
+        )
+        .on_gpu(WHAT)?;
+        for (index, weights) in self.weights.layers.iter().enumerate() {
+            // The previous block's MLP output joins the residual stream here.
+            let delta = (index > 0).then_some(&mlp_out);
+            layer::rms_norm(
+                gpu,
+                stream,
+                &mut x,
+                delta,
+                &weights.attn_norm,
+                config.rms_eps,
+                &mut normed,
+            )
+            .on_gpu(WHAT)?;
+            self.linear
+                .forward(&normed, &weights.qkv, hidden, &mut qkv)
+                .on_gpu(WHAT)?;
+            self.attend(&mut mode, index, plan, &qkv, &mut q, &mut attended)?;
+            self.linear
+                .forward(&attended, &weights.o, config.q_dim(), &mut projected)
+                .on_gpu(WHAT)?;
+            layer::rms_norm(
+                gpu,
+                stream,
+                &mut x,
+                Some(&projected),
+                &weights.ffn_norm,
+                config.rms_eps,
+                &mut normed,
+            )
+            .on_gpu(WHAT)?;
+            self.linear
+                .forward(&normed, &weights.gate_up, hidden, &mut gate_up)
+                .on_gpu(WHAT)?;
+            layer::silu_mul(gpu, stream, &gate_up, &mut activated, ffn).on_gpu(WHAT)?;
+            self.linear
+                .forward(&activated, &weights.down, ffn, &mut mlp_out)
+                .on_gpu(WHAT)?;
+        }
+        layer::rms_norm(
+            gpu,
+            stream,
+            &mut x,
+            Some(&mlp_out),
+            &self.weights.output_norm,
+            config.rms_eps,
+            &mut normed,
+        )
+        .on_gpu(WHAT)?;
+        // Logits only for each sequence's last token.
+        let head = self.weights.head();
+        let mut logits = stream
+            .alloc_zeros::<f32>(rows.len() * config.vocab)
+            .on_gpu(WHAT)?;
+        if let [row] = rows[..] {
+            let last = normed.slice(row * hidden..(row + 1) * hidden);
+            self.linear
+                .forward(&last, head, hidden, &mut logits)
+                .on_gpu(WHAT)?;
+        } else if rows.iter().enumerate().all(|(i, &r)| i == r) && rows.len() == count {
+            self.linear
+                .forward(&normed, head, hidden, &mut logits)
+                .on_gpu(WHAT)?;
+        } else {
+            // Several sequences' prompts in one pass: gather their last rows on the device.
+            let mut last_rows = alloc_bf16(rows.len() * hidden)?;
+            for (i, &row) in rows.iter().enumerate() {
+                stream
+                    .memcpy_dtod(
+                        &normed.slice(row * hidden..(row + 1) * hidden),
+                        &mut last_rows.slice_mut(i * hidden..(i + 1) * hidden),
+                    )
+                    .on_gpu(WHAT)?;
+            }
+            self.linear
+                .forward(&last_rows, head, hidden, &mut logits)
+                .on_gpu(WHAT)?;
+        }
+        Ok(logits)
+    }
+
+    /// Layer `index`'s attention in a pass: rotates `qkv` into `q` and the keys and values
+    /// into `mode`'s cache, then attends into `attended`.
+    fn attend(
+        &self,
+        mode: &mut PassCache<'_>,
+        index: usize,
+        plan: &TokenPlan,
+        qkv: &CudaSlice<f32>,
+        q: &mut CudaSlice<bf16>,
+        attended: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        let (gpu, stream) = (&*self.gpu, self.stream());
+        let bias = self.weights.layers[index].qkv_bias.as_ref();
+        let frequencies = &self.weights.inverse_frequencies;
+        const WHAT: &str = "attending over the full KV cache";
+        const SHADOW: &str = "a ShadowKV decode step";
+        match mode {
+            PassCache::Full {
+                cache,
+                attention,
+                taps,
+            } => {
+                let (k_cache, v_cache) = (&mut cache.k[index], &mut cache.v[index]);
+                let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.q_dim());
+                let tokens = plan.tokens();
+                {
+                    let mut pre_rope = taps.as_mut().map(|taps| {
+                        let rows = taps.rows_before..taps.rows_before + tokens;
+                        taps.pre_rope_keys[index].slice_mut(rows.start * kv_dim..rows.end * kv_dim)
+                    });
+                    layer::rope_qkv(
+                        gpu,
+                        stream,
+                        plan,
+                        qkv,
+                        bias,
+                        frequencies,
+                        q,
+                        (&mut *k_cache, &mut *v_cache),
+                        pre_rope.as_mut(),
+                    )
+                    .on_gpu(WHAT)?;
+                }
+                if let Some(taps) = taps {
+                    // The pass's last token is the prompt's last so far.
+                    stream
+                        .memcpy_dtod(
+                            &q.slice((tokens - 1) * q_dim..tokens * q_dim),
+                            &mut taps
+                                .last_queries
+                                .slice_mut(index * q_dim..(index + 1) * q_dim),
+                        )
+                        .on_gpu(WHAT)?;
+                }
+                match &mut **attention {
+                    AttentionPass::Decode(decode) => {
+                        decode.run(gpu, stream, q, k_cache, v_cache, attended)
+                    }
+                    AttentionPass::Prefill(prefill) => {
+                        prefill.run(gpu, stream, q, k_cache, v_cache, attended)
+                    }
+                }
+                .on_gpu(WHAT)
+            }
+            PassCache::Shadow(shadow) => {
+                let staged = plan.tokens() * self.config.kv_dim();
+                layer::rope_qkv(
+                    gpu,
+                    stream,
+                    plan,
+                    qkv,
+                    bias,
+                    frequencies,
+                    q,
+                    (&mut shadow.staged_keys, &mut shadow.staged_values),
+                    None,
+                )
+                .on_gpu(SHADOW)?;
+                shadow
+                    .cache
+                    .append(
+                        gpu,
+                        index,
+                        &shadow.staged_keys.slice(..staged),
+                        &shadow.staged_values.slice(..staged),
+                    )
+                    .on_gpu(SHADOW)?;
+                shadow
+                    .cache
+                    .decode_layer(gpu, index, q, attended)
+                    .on_gpu(SHADOW)
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The model on the GPU: bf16 weights, cuBLAS GEMMs, the `layer` kernels around them and
+//! causal attention over a full KV cache, for a ragged batch of sequences.
+//!
+//! Every forward pass places its tokens in their sequences ([`TokenPlacement`]), appends their
+//! keys and values to the cache and attends causally: a pass with one token per sequence (a
+//! decode step) through the decode-attention kernel, split over the context; a pass with
+//! prompts (several tokens of a sequence, side by side) through the tiled tensor-core prefill
+//! kernel (or, [`GpuModel::set_tiled_prefill`], the decode kernel with one row per token).
+//!
+//! With ShadowKV ([`GpuShadowCache`]), a prompt prefills as above into a full cache that lives
+//! only for the prefill, whose passes also keep each layer's keys before RoPE and its last
+//! query; each layer's shadow (`ShadowKvCache::prefill_layer`) is then built from them. A
+//! decode step rotates the new token's key into a one-row staging block per sequence,
+//! appends it to the shadow cache and runs ShadowKV's sparse step (`decode_layer`).
+//!
+//! The files, by concern: `weights` (the weights on the GPU), `model` ([`GpuModel`] and its
+//! loaders), `kv_cache` (the full KV cache), `shadow_cache` and `shadow` (ShadowKV's cache,
+//! its prefills and decode steps), `forward` (the layers of a pass and their attention).
+//!
+//! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
+mod forward;
+mod kv_cache;
+mod model;
+mod shadow;
+mod shadow_cache;
+mod weights;
+
+pub use kv_cache::GpuKvCache;
+pub use model::GpuModel;
+pub use shadow::SyntheticLayerSeeds;
+pub use shadow_cache::GpuShadowCache;

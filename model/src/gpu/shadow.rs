@@ -1,0 +1,303 @@
+//! ShadowKV on the GPU model: a cache for the model's shape, a prompt's prefill (full
+//! attention in passes, then each layer's shadow built from the full cache), a synthetic
+//! prefill for throughput runs, and the decode steps through the shadow cache.
+//!
+//! `ShadowKvCache::prefill_layer` offloads a layer's values on the cache's copy stream, which
+//! reads the source values after the compute stream has moved on. So a source buffer is
+//! neither refilled nor freed until that copy has passed: a refill waits on
+//! `offload_done()`, and every path out of a prefill (the error paths too) synchronises the
+//! copy stream before its buffers drop.
+use half::bf16;
+use shadowkv::cache::{
+    CacheCapacity, CacheShape, SequenceId, ShadowKvCache, ShadowKvParams, ValueHome,
+};
+use shadowkv::cudarc::driver::CudaSlice;
+use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
+use shadowkv::kernels::layer::TokenPlan;
+use shadowkv::kernels::shadow_prefill::PrefillSource;
+use shadowkv::SequenceLayout;
+
+use super::forward::{PassCache, PrefillTaps};
+use super::model::GpuModel;
+use super::shadow_cache::GpuShadowCache;
+use crate::error::{invalid_input, OnGpu, Result};
+
+/// The seeds of one layer's random buffers in [`GpuModel::prefill_shadow_synthetic`]: each
+/// buffer is `shadowkv::kernels::random::fill` with its seed, scale 1 and offset 0 (so
+/// `shadowkv::reference::random::fill` regenerates it on the CPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyntheticLayerSeeds {
+    /// Post-RoPE keys, `[kv_heads, len, head_dim]`.
+    pub keys: u64,
+    /// Values, `[kv_heads, len, head_dim]`.
+    pub values: u64,
+    /// Pre-RoPE keys, `[len, kv_heads * head_dim]` (unrelated to `keys`).
+    pub pre_rope_keys: u64,
+    /// The last query, `[heads, head_dim]`.
+    pub query: u64,
+}
+
+impl SyntheticLayerSeeds {
+    /// The seeds of `layer` in a synthetic prefill with `seed`.
+    pub fn new(seed: u64, layer: usize) -> SyntheticLayerSeeds {
+        let base = seed.wrapping_mul(31).wrapping_add(4 * layer as u64);
+        SyntheticLayerSeeds {
+            keys: base,
+            values: base.wrapping_add(1),
+            pre_rope_keys: base.wrapping_add(2),
+            query: base.wrapping_add(3),
+        }
+    }
+}
+
+impl GpuModel {
+    /// A ShadowKV cache for this model: `params` (checked against the model's shape), the
+    /// values on the host or the GPU, sized for `capacity` (all allocated now; the error says
+    /// how much was needed and free).
+    pub fn new_shadow_cache(
+        &self,
+        params: ShadowKvParams,
+        values_home: ValueHome,
+        capacity: CacheCapacity,
+    ) -> Result<GpuShadowCache> {
+        const WHAT: &str = "creating the ShadowKV cache";
+        let config = &self.config;
+        if config.rope_factors.is_some() {
+            return Err(invalid_input(
+                "model",
+                "scales RoPE by a rope_freqs tensor, which the ShadowKV key rebuild does not apply",
+                "a model without rope_freqs, or full attention (--attention full)",
+            ));
+        }
+        let shape = CacheShape {
+            layers: config.layers,
+            q_heads: config.heads,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+            rope: config.rope,
+        };
+        let cache =
+            ShadowKvCache::new(&self.gpu, shape, params, values_home, capacity).on_gpu(WHAT)?;
+        let staged = capacity.max_sequences * config.kv_dim();
+        let stream = self.stream();
+        Ok(GpuShadowCache {
+            cache,
+            lens: Vec::new(),
+            staged_keys: stream.alloc_zeros::<bf16>(staged).on_gpu(WHAT)?,
+            staged_values: stream.alloc_zeros::<bf16>(staged).on_gpu(WHAT)?,
+        })
+    }
+
+    /// Adds `prompt` as a new sequence of `shadow`: runs it with full attention in passes of
+    /// `pass_tokens` (calling `progress` with the tokens done after each), then builds every
+    /// layer's shadow. Returns the sequence and its last token's logits.
+    pub fn prefill_shadow(
+        &self,
+        shadow: &mut GpuShadowCache,
+        prompt: &[u32],
+        pass_tokens: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(SequenceId, Vec<f32>)> {
+        if prompt.is_empty() {
+            return Err(invalid_input("prompt", "is empty", "at least one token"));
+        }
+        if pass_tokens == 0 {
+            return Err(invalid_input(
+                "pass_tokens",
+                "is 0",
+                "at least one token per pass",
+            ));
+        }
+        shadow.add_built(self.gpu(), prompt.len(), |shadow, id| {
+            self.build_shadow(shadow, id, prompt, pass_tokens, &mut progress)
+        })
+    }
+
+    /// The prompt through full attention into a full cache of its own (keeping each layer's
+    /// pre-RoPE keys and last query), then each layer's shadow built from that cache.
+    fn build_shadow(
+        &self,
+        shadow: &mut GpuShadowCache,
+        id: SequenceId,
+        prompt: &[u32],
+        pass_tokens: usize,
+        progress: &mut impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        const WHAT: &str = "building the ShadowKV prefill";
+        let (config, gpu, stream) = (&self.config, &*self.gpu, self.stream());
+        let mut full = self.new_cache(&[prompt.len() as u32])?;
+        let mut pre_rope_keys = (0..config.layers)
+            .map(|_| {
+                stream
+                    .alloc_zeros::<bf16>(prompt.len() * config.kv_dim())
+                    .on_gpu(WHAT)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut last_queries = stream
+            .alloc_zeros::<bf16>(config.layers * config.q_dim())
+            .on_gpu(WHAT)?;
+        let mut logits = None;
+        let mut done = 0;
+        for pass in prompt.chunks(pass_tokens) {
+            let taps = PrefillTaps {
+                pre_rope_keys: &mut pre_rope_keys,
+                last_queries: &mut last_queries,
+                rows_before: done,
+            };
+            logits = Some(self.forward_full(&mut full, &vec![0; pass.len()], pass, Some(taps))?);
+            done += pass.len();
+            progress(done);
+        }
+        let layout = SequenceLayout {
+            len: prompt.len() as u32,
+            ..full.layouts[0]
+        };
+        let q_dim = config.q_dim();
+        // Every layer has buffers of its own in `full`, so no layer waits for another's
+        // offload; only dropping `full` must wait for all of them.
+        let queued = (|| -> Result<()> {
+            let layers = full.k.iter().zip(&full.v).zip(&pre_rope_keys).enumerate();
+            for (layer, ((keys, values), pre_rope)) in layers {
+                let source = PrefillSource {
+                    keys,
+                    values,
+                    layout,
+                };
+                let last_query = last_queries.slice(layer * q_dim..(layer + 1) * q_dim);
+                shadow
+                    .cache
+                    .prefill_layer(gpu, layer, id, pre_rope, &source, &last_query)
+                    .on_gpu(WHAT)?;
+            }
+            Ok(())
+        })();
+        // The offload reads `full` on the copy stream: wait for it before `full` drops,
+        // whether or not every layer was queued, and check the factorisations.
+        let finished = shadow.cache.check_prefill().on_gpu(WHAT);
+        queued.and(finished)?;
+        let logits = logits.ok_or_else(|| invalid_input("prompt", "is empty", "one token"))?;
+        stream.clone_dtoh(&logits).on_gpu("reading the logits back")
+    }
+
+    /// One ShadowKV decode step: `tokens[b]` is the next token of live sequence `b` (in
+    /// [`GpuShadowCache::sequences`] order); returns the logits `[sequences, vocab]`.
+    pub fn decode_shadow(&self, shadow: &mut GpuShadowCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.decode_shadow_on_device(shadow, tokens)?;
+        self.stream()
+            .clone_dtoh(&logits)
+            .on_gpu("reading the logits back")
+    }
+
+    /// [`decode_shadow`](Self::decode_shadow) with greedy sampling on the GPU.
+    pub fn decode_shadow_greedy(
+        &self,
+        shadow: &mut GpuShadowCache,
+        tokens: &[u32],
+    ) -> Result<Vec<u32>> {
+        let logits = self.decode_shadow_on_device(shadow, tokens)?;
+        self.argmax_rows(&logits)
+    }
+
+    /// Adds a sequence of `len` tokens whose every layer is SYNTHETIC: random keys (before
+    /// and after RoPE, unrelated), values and last query ([`SyntheticLayerSeeds`]), sent
+    /// through the normal ShadowKV prefill (factorisation, landmarks, outliers, offload,
+    /// first selection) without running the model over a prompt: for decode-throughput runs
+    /// at long context. One layer's buffers at a time.
+    pub fn prefill_shadow_synthetic(
+        &self,
+        shadow: &mut GpuShadowCache,
+        len: usize,
+        seed: u64,
+    ) -> Result<SequenceId> {
+        const WHAT: &str = "the synthetic ShadowKV prefill";
+        let (config, gpu, stream) = (&self.config, &*self.gpu, self.stream());
+        let built = shadow.add_built(gpu, len, |shadow, id| {
+            let (kv_dim, q_dim) = (config.kv_dim(), config.q_dim());
+            let alloc = |n: usize| stream.alloc_zeros::<bf16>(n).on_gpu(WHAT);
+            let (mut keys, mut values) = (alloc(len * kv_dim)?, alloc(len * kv_dim)?);
+            let (mut pre_rope, mut query) = (alloc(len * kv_dim)?, alloc(q_dim)?);
+            let layout = SequenceLayout {
+                offset: 0,
+                capacity: len as u32,
+                len: len as u32,
+            };
+            let fill = |buffer: &mut CudaSlice<bf16>, seed: u64| {
+                shadowkv::kernels::random::fill(gpu, stream, buffer, seed, 1.0, 0.0).on_gpu(WHAT)
+            };
+            let queued = (|| -> Result<()> {
+                for layer in 0..config.layers {
+                    let seeds = SyntheticLayerSeeds::new(seed, layer);
+                    fill(&mut keys, seeds.keys)?;
+                    fill(&mut pre_rope, seeds.pre_rope_keys)?;
+                    fill(&mut query, seeds.query)?;
+                    if layer > 0 {
+                        // The previous layer's values are still being copied out of `values`
+                        // on the copy stream: the refill waits for that copy (the fills above
+                        // and the previous layer's factorisation still overlap it).
+                        stream.wait(shadow.cache.offload_done()).on_gpu(WHAT)?;
+                    }
+                    fill(&mut values, seeds.values)?;
+                    let source = PrefillSource {
+                        keys: &keys,
+                        values: &values,
+                        layout,
+                    };
+                    shadow
+                        .cache
+                        .prefill_layer(gpu, layer, id, &pre_rope, &source, &query)
+                        .on_gpu(WHAT)?;
+                }
+                Ok(())
+            })();
+            // The last offload still reads `values`: wait for it before the buffers drop,
+            // whether or not every layer was queued, and check the factorisations.
+            let finished = shadow.cache.check_prefill().on_gpu(WHAT);
+            queued.and(finished)
+        });
+        built.map(|(id, ())| id)
+    }
+
+    /// A decode step's layers through the shadow cache; the logits stay on the GPU.
+    fn decode_shadow_on_device(
+        &self,
+        shadow: &mut GpuShadowCache,
+        tokens: &[u32],
+    ) -> Result<CudaSlice<f32>> {
+        let (config, stream) = (&self.config, self.stream());
+        if tokens.len() != shadow.lens.len() || tokens.is_empty() {
+            return Err(invalid_input(
+                "tokens",
+                format!(
+                    "holds {} tokens for {} live sequences",
+                    tokens.len(),
+                    shadow.lens.len()
+                ),
+                "one token per live sequence, at least one sequence",
+            ));
+        }
+        // Each token's RoPE position is its sequence's length; its key and value go to the
+        // one row of the sequence's staging block, `[b, kv_heads, head_dim]`.
+        let kv_dim = config.kv_dim();
+        let layouts: Vec<SequenceLayout> = (0..tokens.len())
+            .map(|b| SequenceLayout {
+                offset: (b * kv_dim) as u64,
+                capacity: 1,
+                len: 1,
+            })
+            .collect();
+        let placements: Vec<TokenPlacement> = shadow
+            .lens
+            .iter()
+            .enumerate()
+            .map(|(b, &(_, len))| TokenPlacement::new(b as u32, len).with_cache_row(0))
+            .collect();
+        let plan = TokenPlan::new(stream, self.qkv_shape(), &placements, &layouts)
+            .on_gpu("placing the tokens")?;
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        let logits = self.run_layers(tokens, &plan, PassCache::Shadow(shadow), &rows)?;
+        for entry in &mut shadow.lens {
+            entry.1 += 1;
+        }
+        Ok(logits)
+    }
+}

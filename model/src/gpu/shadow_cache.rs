@@ -1,0 +1,81 @@
+//! [`GpuShadowCache`]: ShadowKV's cache as the GPU model holds it. How a prompt gets into it
+//! and how a decode step reads it is in `shadow` and `forward`.
+use half::bf16;
+use shadowkv::cache::{MemoryReport, SequenceId, ShadowKvCache};
+use shadowkv::cudarc::driver::CudaSlice;
+use shadowkv::Gpu;
+
+use crate::error::{OnGpu, Result};
+
+/// ShadowKV's cache for the GPU model: the shadow of every layer (`ShadowKvCache`), each live
+/// sequence's length, and the one-row blocks that stage a decode step's new keys and values.
+pub struct GpuShadowCache {
+    pub(super) cache: ShadowKvCache,
+    /// `(sequence, tokens so far)`, in the cache's sequence order.
+    pub(super) lens: Vec<(SequenceId, u32)>,
+    /// `[max_sequences, kv_heads, head_dim]` each.
+    pub(super) staged_keys: CudaSlice<bf16>,
+    pub(super) staged_values: CudaSlice<bf16>,
+}
+
+impl GpuShadowCache {
+    /// The live sequences, in the order [`GpuModel::decode_shadow`] takes their tokens.
+    ///
+    /// [`GpuModel::decode_shadow`]: super::GpuModel::decode_shadow
+    pub fn sequences(&self) -> Vec<SequenceId> {
+        self.lens.iter().map(|&(id, _)| id).collect()
+    }
+
+    /// Tokens so far (prompt and generated) of each live sequence, in the same order.
+    pub fn lens(&self) -> Vec<u32> {
+        self.lens.iter().map(|&(_, len)| len).collect()
+    }
+
+    /// Adds a sequence of `len` tokens and runs `build` on it; keeps it only if `build`
+    /// succeeds (otherwise the cache is left as it was). The cache appends new sequences
+    /// last, so `lens` stays in its order.
+    pub(super) fn add_built<T>(
+        &mut self,
+        gpu: &Gpu,
+        len: usize,
+        build: impl FnOnce(&mut Self, SequenceId) -> Result<T>,
+    ) -> Result<(SequenceId, T)> {
+        let id = self
+            .cache
+            .add_sequence(gpu, len)
+            .on_gpu("adding a sequence to the ShadowKV cache")?;
+        match build(self, id) {
+            Ok(value) => {
+                self.lens.push((id, len as u32));
+                Ok((id, value))
+            }
+            Err(error) => {
+                // The build's error is the one to report; a failed removal leaves nothing
+                // more to undo.
+                let _ = self.cache.remove_sequence(gpu, id);
+                Err(error)
+            }
+        }
+    }
+
+    /// Frees a finished sequence's place.
+    pub fn remove_sequence(&mut self, gpu: &Gpu, id: SequenceId) -> Result<()> {
+        self.cache
+            .remove_sequence(gpu, id)
+            .on_gpu("removing a sequence from the ShadowKV cache")?;
+        self.lens.retain(|&(live, _)| live != id);
+        Ok(())
+    }
+
+    /// GPU and host bytes of the cache, by part.
+    pub fn memory_report(&self) -> Result<MemoryReport> {
+        self.cache
+            .memory_report()
+            .on_gpu("sizing the ShadowKV cache")
+    }
+
+    /// The shadow cache itself (its last step's statistics, layouts).
+    pub fn cache(&self) -> &ShadowKvCache {
+        &self.cache
+    }
+}
