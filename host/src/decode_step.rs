@@ -178,6 +178,8 @@ pub struct DecodeStep {
     stats_ready: CudaEvent,
     /// The `(sequence, KV head)` rows whose miss counts the latest selection wrote.
     selected_heads: Option<std::ops::Range<usize>>,
+    /// Set by [`fail_next_step_after_fetch`](Self::fail_next_step_after_fetch).
+    fail_after_fetch: bool,
     inverse_frequencies: CudaSlice<f64>,
     workspace: StepWorkspace,
     attention: DecodeAttention,
@@ -245,6 +247,7 @@ impl DecodeStep {
             fetch_done: gpu.new_event(false)?,
             stats_ready: gpu.new_event(false)?,
             selected_heads: None,
+            fail_after_fetch: false,
             inverse_frequencies,
             workspace: StepWorkspace::new(gpu, stream, layer_batch)?,
             attention: Self::attention_for(gpu, layer_batch)?,
@@ -379,12 +382,22 @@ impl DecodeStep {
         if result.is_err() {
             // A failure after a fetch was queued skipped the compute stream's wait for it:
             // order the copy stream's work before anything the caller queues next (the next
-            // step rewrites the miss list the fetch reads). Errors here come second to the
-            // one being returned.
+            // step rewrites the miss list the fetch reads). The plan may have given slots to
+            // chunks whose keys were not rebuilt: empty every slot, so the next step fetches
+            // and rebuilds what it selects. Errors here come second to the one returned.
             let _ = self.fetch_done.record(&self.copy_stream);
-            let _ = gpu.stream().wait(&self.fetch_done);
+            let stream = gpu.stream();
+            let _ = stream.wait(&self.fetch_done);
+            let _ = empty_slots(stream, &mut layer.resident);
         }
         result
+    }
+
+    /// Makes the next [`run`](Self::run) fail once its value fetch is queued, before the
+    /// rebuild and the attention: for tests of the error path's stream ordering.
+    #[doc(hidden)]
+    pub fn fail_next_step_after_fetch(&mut self) {
+        self.fail_after_fetch = true;
     }
 
     /// The body of [`run`](Self::run), which keeps the streams ordered when it fails.
@@ -459,6 +472,13 @@ impl DecodeStep {
         let batch = &layer.batch;
         self.stats_ready.record(&stream)?;
         self.selected_heads = Some(0..heads);
+        if std::mem::take(&mut self.fail_after_fetch) {
+            return Err(invalid(
+                "step",
+                "failed on request after its fetch was queued",
+                "no injected failure (fail_next_step_after_fetch tests the error path)",
+            ));
+        }
         let slots = SlotMarks {
             sequences: batch.sequences_address(&stream),
             fresh: address(&w.fresh, &stream),
@@ -673,6 +693,20 @@ fn rebuild_misses(
         inverse_frequencies,
         &mut layer.k,
     )
+}
+
+const _: () = assert!(crate::kernels::shadow::EMPTY_SLOT == u32::MAX);
+
+/// Marks every slot of `resident` empty ([`EMPTY_SLOT`](crate::kernels::shadow::EMPTY_SLOT),
+/// all bits set) on `stream`.
+fn empty_slots(stream: &CudaStream, resident: &mut CudaSlice<u32>) -> Result<()> {
+    let bytes = resident.len() * std::mem::size_of::<u32>();
+    let (address, _guard) = resident.device_ptr_mut(stream);
+    // SAFETY: `bytes` covers exactly the live allocation behind `address`, written in order on
+    // `stream`; the guard is held until the memset is queued.
+    unsafe { cudarc::driver::sys::cuMemsetD8Async(address, 0xff, bytes, stream.cu_stream()) }
+        .result()?;
+    Ok(())
 }
 
 impl Drop for DecodeStep {

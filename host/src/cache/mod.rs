@@ -69,6 +69,8 @@ pub struct ShadowKvCache {
     capacity: CacheCapacity,
     values_home: ValueHome,
     layers: Vec<ShadowLayer>,
+    /// The compute stream the cache was built on (the `Gpu`'s), waited for on drop.
+    compute_stream: Arc<CudaStream>,
     step: DecodeStep,
     factoriser: Factoriser,
     scratch: PrefillScratch,
@@ -193,6 +195,7 @@ impl ShadowKvCache {
             capacity,
             values_home,
             layers,
+            compute_stream: stream,
             entries: Vec::new(),
             next_id: 0,
         })
@@ -410,8 +413,29 @@ impl ShadowKvCache {
     /// and `last_query` (`[q_heads, d]` bf16, post-RoPE: the last prompt token's query).
     /// Nothing waits for the GPU. The values are copied to the cache on the copy stream, so
     /// `source.values` must stay unchanged until the copy stream has passed this call (any
-    /// later `decode_layer` orders after it; `gpu.stream()` does not).
+    /// later `decode_layer` orders after it, with the overlap on or off; other work on
+    /// `gpu.stream()` does not).
     pub fn prefill_layer<T: DevicePtr<bf16>>(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        id: SequenceId,
+        pre_rope_keys: &impl DevicePtr<bf16>,
+        source: &PrefillSource<'_, T>,
+        last_query: &impl DevicePtr<bf16>,
+    ) -> Result<()> {
+        let result = self.enqueue_prefill(gpu, layer, id, pre_rope_keys, source, last_query);
+        if result.is_err() {
+            // The offload may have been queued before the failure: the caller frees the
+            // source on an error, so let the copy stream finish reading it first.
+            let _ = self.step.copy_stream().synchronize();
+        }
+        result
+    }
+
+    /// The body of [`prefill_layer`](Self::prefill_layer), which waits for the offload when
+    /// it fails.
+    fn enqueue_prefill<T: DevicePtr<bf16>>(
         &mut self,
         gpu: &Gpu,
         layer: usize,
@@ -666,5 +690,15 @@ fn placeholder(config: &ShadowConfig) -> ShadowSequence {
             len: tokens,
         },
         ..ShadowSequence::default()
+    }
+}
+
+impl Drop for ShadowKvCache {
+    /// Waits for the work queued on the cache's buffers: the kernels and value fetches address
+    /// them (and the pinned values) by raw address, which the frees that follow do not wait
+    /// for.
+    fn drop(&mut self) {
+        let _ = self.compute_stream.synchronize();
+        let _ = self.step.copy_stream().synchronize();
     }
 }
