@@ -34,7 +34,7 @@ pub struct DeviceViewMut<'a, T> {
 /// Checks that a raw view's address is non-null and aligned for `T`.
 fn check_address<T>(address: sys::CUdeviceptr) -> Result<()> {
     let align = std::mem::align_of::<T>() as u64;
-    if address == 0 || address % align != 0 {
+    if address == 0 || !address.is_multiple_of(align) {
         return Err(invalid(
             "address",
             format!("is {address:#x}"),
