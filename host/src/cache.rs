@@ -36,7 +36,7 @@ use crate::kernels::fetch::LayerValues;
 use crate::kernels::shadow::{ShadowBatch, ShadowConfig, ShadowSequence};
 use crate::kernels::shadow_prefill::{self, PrefillScratch, PrefillSource};
 use crate::pinned::PinnedBuffer;
-use crate::ptx::KernelName;
+use crate::ptx;
 
 fn parameter_error(problem: String) -> Error {
     invalid("params", problem, "ShadowKV parameters the kernels support")
@@ -1058,14 +1058,7 @@ impl ShadowKvCache {
         // SAFETY: every sequence has room for one more row (checked above: its K/V block was
         // sized for max_generated tokens), `keys` and `values` hold [batch, Hkv, d], and the
         // batch's device copy is the layouts the rows are computed from.
-        unsafe {
-            gpu.launch(
-                &stream,
-                KernelName::lookup(layout::KERNEL_NAME)?,
-                launch,
-                params,
-            )?
-        };
+        unsafe { gpu.launch(&stream, ptx::KV_APPEND, launch, params)? };
         for entry in &mut self.entries {
             entry.generated[layer] += 1;
         }
