@@ -100,6 +100,55 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
     ));
 }
 
+/// The generated family functions that the launchers use name the same kernels as the
+/// naming functions of the kernel crate.
+#[test]
+fn family_functions_agree_with_the_kernel_names() {
+    use shadowkv::kernels::{prefill_attention, rebuild, scoring, shadow_prefill, topk};
+    use shadowkv::ptx;
+    for head_dim in kernel_layout::HEAD_DIMS {
+        for group in 1..=kernel_layout::MAX_GROUP {
+            let name = |kernel: shadowkv::Result<KernelName>| kernel.unwrap().as_str();
+            assert_eq!(
+                name(ptx::decode_attention(group, head_dim)),
+                kernel_layout::kernel_name(group, head_dim)
+            );
+            assert_eq!(
+                name(ptx::decode_attention_resident(group, head_dim)),
+                kernel_layout::part_kernel_name(kernel_layout::RESIDENT_TOKENS, group, head_dim)
+            );
+            assert_eq!(
+                name(ptx::decode_attention_fresh(group, head_dim)),
+                kernel_layout::part_kernel_name(kernel_layout::FRESH_TOKENS, group, head_dim)
+            );
+            assert_eq!(
+                name(ptx::landmark_scoring(group, head_dim)),
+                scoring::kernel_layout::kernel_name(group, head_dim)
+            );
+            assert_eq!(
+                name(ptx::topk_select(group)),
+                topk::kernel_layout::kernel_name(group)
+            );
+        }
+        assert_eq!(
+            ptx::key_rebuild(head_dim).unwrap().as_str(),
+            rebuild::kernel_layout::kernel_name(head_dim)
+        );
+        assert_eq!(
+            ptx::chunk_statistics(head_dim).unwrap().as_str(),
+            shadow_prefill::kernel_layout::chunk_statistics_name(head_dim)
+        );
+        assert_eq!(
+            ptx::prefill_attention(head_dim).unwrap().as_str(),
+            prefill_attention::kernel_layout::kernel_name(head_dim)
+        );
+    }
+    assert!(matches!(
+        ptx::decode_attention(1, 96),
+        Err(Error::MissingKernel { .. })
+    ));
+}
+
 #[test]
 fn bad_shapes_name_the_argument() {
     let one = [layout(0, 10, 10)];

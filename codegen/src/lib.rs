@@ -733,7 +733,7 @@ pub fn generate_bindings(
     source.push_str("];\n\n");
     for kernel in kernels {
         source.push_str(&format!(
-            "pub const {}: KernelName = KernelName({kernel:?});\n",
+            "/// The kernel entry `{kernel}`.\npub const {}: KernelName = KernelName({kernel:?});\n",
             kernel.to_uppercase()
         ));
     }

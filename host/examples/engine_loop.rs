@@ -163,7 +163,7 @@ fn engine_loop(gpu: &Gpu, buffers: Buffers) -> shadowkv::Result<Vec<u64>> {
         ids.push(id);
     }
     let mut step = 0;
-    for phase in 0..3 {
+    for (phase, &steps) in STEPS.iter().enumerate() {
         if phase == 1 {
             let id = cache.add_sequence(gpu, PROMPTS[2])?;
             prefill(gpu, &mut cache, id, PROMPTS[2], 2)?;
@@ -172,7 +172,7 @@ fn engine_loop(gpu: &Gpu, buffers: Buffers) -> shadowkv::Result<Vec<u64>> {
         if phase == 2 {
             cache.remove_sequence(gpu, ids.remove(0))?;
         }
-        for _ in 0..STEPS[phase] {
+        for _ in 0..steps {
             hashes.push(decode_step(gpu, &mut cache, step, &buffers)?);
             step += 1;
         }

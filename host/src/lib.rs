@@ -15,7 +15,7 @@
 //!
 //! The README follows; its examples are compiled as doctests.
 #![doc = include_str!("../../README.md")]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod cache;
 pub mod decode_step;

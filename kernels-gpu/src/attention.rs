@@ -29,18 +29,9 @@ pub const HEAD_DIMS: [u32; 2] = [64, 128];
 /// Running max before any token is seen: finite, so `exp2(m_old - m_new)` never forms inf - inf.
 pub const NO_SCORE: f32 = -1.0e30;
 
-/// Placement of one sequence's K/V block in the K and V buffers.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct SequenceLayout {
-    /// First element of the sequence's block; a multiple of [`VECTOR`].
-    pub offset: u64,
-    /// Tokens per KV head in the block (the head stride, in rows).
-    pub capacity: u32,
-    /// Valid tokens per KV head, `1..=capacity`.
-    pub len: u32,
-}
+// The K/V block layout is shared with `shadow` (whose state names each sequence's block), so
+// it lives in a module of its own that both import; re-exported here, where it is read.
+pub use crate::kv::SequenceLayout;
 
 /// Kernel part: every valid token (the plain kernel).
 pub const ALL_TOKENS: u32 = 0;

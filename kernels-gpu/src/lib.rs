@@ -22,6 +22,7 @@ pub mod block;
 pub mod cache;
 pub mod factorise;
 pub mod fetch;
+pub mod kv;
 pub mod layer;
 pub mod plan;
 pub mod prefill_attention;

@@ -11,7 +11,7 @@
 //!   `sparse_start + s * chunk_size ..` of each head;
 //! - resident ids, selection and miss list `[B, Hkv, budget_chunks]`.
 
-use crate::attention::SequenceLayout;
+use crate::kv::SequenceLayout;
 
 /// A resident slot that holds no chunk yet.
 pub const EMPTY_SLOT: u32 = u32::MAX;

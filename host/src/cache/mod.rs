@@ -40,7 +40,7 @@ mod offload;
 mod params;
 
 use crate::pinned::PinnedBuffer;
-use crate::ptx::KernelName;
+use crate::ptx;
 use arena::Arenas;
 use memory::Footprint;
 pub use memory::{host_available_bytes, CachePlan, MemoryReport};
@@ -599,14 +599,7 @@ impl ShadowKvCache {
         // SAFETY: every sequence has room for one more row (checked above: its K/V block was
         // sized for max_generated tokens), `keys` and `values` hold [batch, Hkv, d], and the
         // batch's device copy is the layouts the rows are computed from.
-        unsafe {
-            gpu.launch(
-                &stream,
-                KernelName::lookup(layout::KERNEL_NAME)?,
-                launch,
-                params,
-            )?
-        };
+        unsafe { gpu.launch(&stream, ptx::KV_APPEND, launch, params)? };
         for entry in &mut self.entries {
             entry.generated[layer] += 1;
         }

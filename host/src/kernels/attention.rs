@@ -16,7 +16,7 @@ use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams, SlotFil
 
 use crate::error::{check_len, check_range, invalid, Result};
 use crate::gpu::Gpu;
-use crate::ptx::KernelName;
+use crate::ptx::{self, KernelName};
 
 /// Heads and dimensions of one decode-attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,7 +85,7 @@ impl DecodeAttentionPlan {
         shape.validate()?;
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
         let resident_blocks = gpu.resident_blocks(
-            KernelName::lookup(&layout::kernel_name(group, head_dim))?,
+            ptx::decode_attention(group, head_dim)?,
             layout::THREADS,
             layout::shared_bytes(group, head_dim),
         )?;
@@ -171,18 +171,10 @@ impl DecodeAttentionPlan {
             max_splits,
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
-            kernel: KernelName::lookup(&layout::kernel_name(group, head_dim))?,
+            kernel: ptx::decode_attention(group, head_dim)?,
             part_kernels: [
-                KernelName::lookup(&layout::part_kernel_name(
-                    layout::RESIDENT_TOKENS,
-                    group,
-                    head_dim,
-                ))?,
-                KernelName::lookup(&layout::part_kernel_name(
-                    layout::FRESH_TOKENS,
-                    group,
-                    head_dim,
-                ))?,
+                ptx::decode_attention_resident(group, head_dim)?,
+                ptx::decode_attention_fresh(group, head_dim)?,
             ],
         })
     }

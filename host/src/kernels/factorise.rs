@@ -35,7 +35,7 @@ use shadowkv_kernels::shadow::{MAX_RANK, RANK_STEP};
 use crate::error::{check_len, check_reach, invalid, Error, Library, Result};
 use crate::gpu::{address, Gpu};
 use crate::linear::{blas_error, gemm, GemmShape};
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// Widest key matrix (`Hkv * d`): the Gram matrix grows as its square (4 MiB at 1024).
 pub const MAX_WIDTH: usize = 8192;
@@ -304,14 +304,7 @@ impl Factoriser {
         };
         // SAFETY: the eigen buffers are [p] and [w, p], Bm and the projection [rank, w] with
         // rank <= p <= w (checked above).
-        unsafe {
-            gpu.launch(
-                &stream,
-                KernelName::lookup(layout::KERNEL_NAME)?,
-                launch,
-                params,
-            )?
-        };
+        unsafe { gpu.launch(&stream, ptx::FACTOR_ROWS, launch, params)? };
         // 4. A = K_pre · projectionᵀ: column-major Aᵀ [r, L] = P [r, w] · Xᵀ... with P stored
         //    row-major [r, w] (a column-major [w, r] used transposed) and X = K_preᵀ [w, L].
         let a_shape = GemmShape {

@@ -9,7 +9,7 @@ use crate::error::{check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
 use crate::pinned::PinnedBuffer;
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// Where a layer keeps its values.
 pub enum LayerValues {
@@ -72,12 +72,5 @@ pub fn run(
     // SAFETY: the values and the value buffer reach every chunk and slot the validated
     // layouts address (checked above); the kernel skips misses naming chunks or slots out of
     // range.
-    unsafe {
-        gpu.launch(
-            stream,
-            KernelName::lookup(layout::KERNEL_NAME)?,
-            launch,
-            params,
-        )
-    }
+    unsafe { gpu.launch(stream, ptx::VALUE_FETCH, launch, params) }
 }

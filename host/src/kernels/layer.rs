@@ -15,7 +15,7 @@ use shadowkv_kernels::layer::{
 use crate::error::{check_len, check_reach, invalid, Result};
 use crate::gpu::{address, grid_for, Gpu};
 use crate::kernels::attention::SequenceLayout;
-use crate::ptx::KernelName;
+use crate::ptx;
 
 fn rows_launch(rows: usize, shared_mem_bytes: u32) -> LaunchConfig {
     LaunchConfig {
@@ -80,7 +80,7 @@ pub fn embedding(
     unsafe {
         gpu.launch(
             stream,
-            KernelName::lookup(layout::EMBEDDING_KERNEL)?,
+            ptx::EMBEDDING_GATHER,
             rows_launch(ids_host.len(), 0),
             params,
         )
@@ -129,7 +129,7 @@ pub fn rms_norm(
     unsafe {
         gpu.launch(
             stream,
-            KernelName::lookup(layout::RMS_NORM_KERNEL)?,
+            ptx::RMS_NORM,
             rows_launch(rows, layout::RMS_NORM_SHARED_BYTES),
             params,
         )
@@ -303,14 +303,7 @@ pub fn rope_qkv(
     // SAFETY: the plan checked every placement against its layout and the caches reach every
     // layout's block; `qkv`, `q`, `pre_rope_keys` and the frequency table match the shape
     // (checked above).
-    unsafe {
-        gpu.launch(
-            stream,
-            KernelName::lookup(layout::ROPE_QKV_KERNEL)?,
-            rows_launch(plan.tokens, 0),
-            params,
-        )
-    }
+    unsafe { gpu.launch(stream, ptx::ROPE_QKV, rows_launch(plan.tokens, 0), params) }
 }
 
 /// `out = silu(gate) * up` for the fused `gate_up` (`[rows, 2 * width]`, gate columns
@@ -340,12 +333,5 @@ pub fn silu_mul(
     };
     let launch = grid_for(out.len(), layout::THREADS, 65_535);
     // SAFETY: `gate_up` holds `rows * 2 * width` and `out` `rows * width` elements (checked).
-    unsafe {
-        gpu.launch(
-            stream,
-            KernelName::lookup(layout::SILU_MUL_KERNEL)?,
-            launch,
-            params,
-        )
-    }
+    unsafe { gpu.launch(stream, ptx::SILU_MUL, launch, params) }
 }

@@ -7,7 +7,7 @@ use shadowkv_kernels::plan::{self as layout, PlanParams};
 use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// Most chunk ids a sequence may have: both bitmaps and the freed list fit the shared memory
 /// one block may use.
@@ -91,14 +91,7 @@ pub fn run(
     };
     // SAFETY: the slot buffers hold `[batch, Hkv, budget_chunks]` entries and the counts
     // `[batch, Hkv]` (checked above); the bitmaps cover every sequence's chunks.
-    unsafe {
-        gpu.launch(
-            stream,
-            KernelName::lookup(layout::KERNEL_NAME)?,
-            launch,
-            params,
-        )
-    }
+    unsafe { gpu.launch(stream, ptx::CACHE_PLAN, launch, params) }
 }
 
 /// The plan's parameters for `part`, its buffers validated as [`run`] does; for a launch on

@@ -20,11 +20,11 @@ pub use shadowkv_kernels::prefill_attention as kernel_layout;
 pub use shadowkv_kernels::prefill_attention::QueryPlacement;
 use shadowkv_kernels::prefill_attention::{self as layout, PrefillAttentionParams, PrefillTile};
 
-use crate::error::{check_len, check_range, invalid, Result};
+use crate::error::{check_len, check_range, invalid, Error, Result};
 use crate::gpu::Gpu;
 pub use crate::kernels::attention::SequenceLayout;
 use crate::kernels::attention::{block_end, validate_heads};
-use crate::ptx::KernelName;
+use crate::ptx::{self, KernelName};
 
 /// Heads and dimensions of one prefill-attention call; `tokens` rows of `q` and `out`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,11 +131,7 @@ impl PrefillAttentionPlan {
     /// mma: about 20% faster, but its worst rows carry 1.5-1.8x the error of the bf16 output's
     /// own rounding on attention-sink inputs, and a model's logits drift about twice as far).
     pub fn with_split_p(mut self, split_p: bool) -> Result<Self> {
-        self.kernel = KernelName::lookup(&layout::kernel_name_for(
-            self.shape.head_dim as u32,
-            self.warps,
-            split_p,
-        ))?;
+        self.kernel = prefill_kernel(self.shape.head_dim as u32, self.warps, split_p)?;
         self.split_p = split_p;
         Ok(self)
     }
@@ -201,6 +197,25 @@ impl PrefillAttentionPlan {
     }
 }
 
+/// The compiled kernel for a head dimension, a warp count and a P precision: the entries
+/// `layout::kernel_name_for` names (`prefill_attention[_bf16p][_w<warps>]_d<head_dim>`,
+/// `_w` only off the default warp count), as generated constants.
+fn prefill_kernel(head_dim: u32, warps: u32, split_p: bool) -> Result<KernelName> {
+    let default_warps = warps == layout::warps(head_dim);
+    match (split_p, default_warps, warps) {
+        (true, true, _) => ptx::prefill_attention(head_dim),
+        (false, true, _) => ptx::prefill_attention_bf16p(head_dim),
+        (true, false, 4) => ptx::prefill_attention_w4(head_dim),
+        (true, false, 8) => ptx::prefill_attention_w8(head_dim),
+        (false, false, 4) => ptx::prefill_attention_bf16p_w4(head_dim),
+        (false, false, 8) => ptx::prefill_attention_bf16p_w8(head_dim),
+        _ => Err(Error::MissingKernel {
+            name: layout::kernel_name_for(head_dim, warps, split_p),
+            reason: format!("no kernel has {warps} warps"),
+        }),
+    }
+}
+
 /// The block table of validated placements for blocks of `warps` warps, heaviest tiles
 /// first, and the kernel compiled for them (with P split or not).
 fn block_table(
@@ -241,7 +256,7 @@ fn block_table(
             format!("at most {} (fewer tokens per call)", i32::MAX),
         ));
     }
-    let kernel = KernelName::lookup(&layout::kernel_name_for(head_dim, warps, split_p))?;
+    let kernel = prefill_kernel(head_dim, warps, split_p)?;
     Ok((tiles, kernel))
 }
 

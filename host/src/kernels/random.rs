@@ -6,7 +6,7 @@ use shadowkv_kernels::random::{self as layout, RandomParams};
 
 use crate::error::{invalid, Result};
 use crate::gpu::{grid_for, Gpu};
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// Fills `out` with values uniform in `[offset - scale, offset + scale)`, element `i` a
 /// function of `(seed, i)` only ([`kernel_layout::value`], rounded to bf16).
@@ -38,12 +38,5 @@ pub fn fill(
     };
     let launch = grid_for(len, layout::THREADS, 4 * 65_536);
     // SAFETY: the kernel writes elements below `len`, the length of `out`.
-    unsafe {
-        gpu.launch(
-            stream,
-            KernelName::lookup(layout::KERNEL_NAME)?,
-            launch,
-            params,
-        )
-    }
+    unsafe { gpu.launch(stream, ptx::FILL_RANDOM_BF16, launch, params) }
 }

@@ -7,7 +7,7 @@ use shadowkv_kernels::rebuild::{self as layout, RebuildParams};
 use crate::error::{check_len, check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// Blocks the rebuild aims for: about two per multiprocessor.
 const BLOCKS_PER_MULTIPROCESSOR: u32 = 2;
@@ -70,7 +70,7 @@ pub fn run(
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: layout::shared_bytes(config.rank as u32, config.head_dim as u32),
     };
-    let kernel = KernelName::lookup(&layout::kernel_name(config.head_dim as u32))?;
+    let kernel = ptx::key_rebuild(config.head_dim as u32)?;
     // SAFETY: A, Bm and the key buffer reach every row the validated layouts address
     // (checked above), rank is a multiple of 16 up to MAX_RANK (checked by the config) and the
     // kernel is the one compiled for this head_dim; bad chunk ids or slots are skipped.

@@ -5,7 +5,7 @@ use shadowkv_kernels::sampling::{self as layout, ArgmaxParams};
 
 use crate::error::{check_len, invalid, Result};
 use crate::gpu::{address, Gpu};
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// `out[r]` = the index of the largest of `logits[r, ..vocab]` (lowest among equals).
 pub fn argmax(
@@ -41,12 +41,5 @@ pub fn argmax(
         shared_mem_bytes: layout::ARGMAX_SHARED_BYTES,
     };
     // SAFETY: `logits` holds `rows * vocab` values and `out` one per row (checked above).
-    unsafe {
-        gpu.launch(
-            stream,
-            KernelName::lookup(layout::ARGMAX_KERNEL)?,
-            launch,
-            params,
-        )
-    }
+    unsafe { gpu.launch(stream, ptx::ARGMAX_ROWS, launch, params) }
 }

@@ -8,7 +8,7 @@ use shadowkv_kernels::scoring::{self as layout, ScoringParams};
 use crate::error::{check_len, check_reach, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::shadow::{BatchPart, ShadowBatch};
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// f32 logits the batch needs: `G` per landmark row.
 pub fn logits_len(batch: &ShadowBatch) -> usize {
@@ -65,7 +65,7 @@ pub fn run(
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: layout::shared_bytes(group),
     };
-    let kernel = KernelName::lookup(&layout::kernel_name(group, head_dim))?;
+    let kernel = ptx::landmark_scoring(group, head_dim)?;
     // SAFETY: q, landmarks, logits and tile_stats reach every index the batch's validated
     // layouts address (checked above); the grid covers the tiles the stats are sized for.
     unsafe { gpu.launch(stream, kernel, config, params) }

@@ -14,7 +14,7 @@ use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{address, Gpu};
 use crate::kernels::attention::SequenceLayout;
 use crate::kernels::shadow::ShadowConfig;
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// The prompt's post-RoPE keys and values on the GPU: `[Hkv, capacity, d]` from
 /// `layout.offset`, `layout.len` tokens (a model's K/V cache block, say).
@@ -194,22 +194,17 @@ pub fn build_landmarks<T: DevicePtr<bf16>>(
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: layout::outlier_shared_bytes(),
     };
-    let statistics_kernel = KernelName::lookup(&layout::chunk_statistics_name(params.head_dim))?;
+    let statistics_kernel = ptx::chunk_statistics(params.head_dim)?;
     // SAFETY (all three): `params` checked every buffer against the layouts it addresses
     // (source, scratch, landmark rows, resident slots); the statistics kernel is the one
     // compiled for this head_dim (the config allows only compiled ones); the grids are the
     // ones each kernel's contract names.
     unsafe {
         gpu.launch(stream, statistics_kernel, statistics, params)?;
+        gpu.launch(stream, ptx::OUTLIER_SELECT, select, params)?;
         gpu.launch(
             stream,
-            KernelName::lookup(layout::OUTLIER_SELECT)?,
-            select,
-            params,
-        )?;
-        gpu.launch(
-            stream,
-            KernelName::lookup(layout::LANDMARK_GATHER)?,
+            ptx::LANDMARK_GATHER,
             rows_grid(params.sequence.landmarks, params.head_dim, heads),
             params,
         )
@@ -235,7 +230,7 @@ pub fn gather_exact<T: DevicePtr<bf16>>(
     unsafe {
         gpu.launch(
             stream,
-            KernelName::lookup(layout::EXACT_GATHER)?,
+            ptx::EXACT_GATHER,
             rows_grid(rows, params.head_dim, params.kv_heads),
             params,
         )

@@ -9,7 +9,7 @@ use crate::gpu::{address, Gpu};
 use crate::kernels::plan::{self, PlanBuffers};
 use crate::kernels::scoring::{logits_len, tile_stats_len};
 use crate::kernels::shadow::{BatchPart, ShadowBatch};
-use crate::ptx::KernelName;
+use crate::ptx;
 
 /// Writes each landmark's `score` (max over the group of its softmax weight) and the chunk
 /// ids of the `budget_chunks` highest scores of every (sequence, KV head) into `selection`
@@ -137,7 +137,7 @@ fn launch(
             layout::THREADS,
         )
     };
-    let kernel = KernelName::lookup(&layout::kernel_name(config.group() as u32))?;
+    let kernel = ptx::topk_select(config.group() as u32)?;
     let launch_config = |blocks: u32| {
         let shared_scores = layout::shared_scores(extents.max_landmarks, blocks);
         let launch = LaunchConfig {
