@@ -126,6 +126,26 @@ pub const SILU_MUL_KERNEL: &str = "silu_mul";
 /// Shared memory of [`RMS_NORM_KERNEL`]: one partial sum per warp.
 pub const RMS_NORM_SHARED_BYTES: u32 = THREADS / 32 * 4;
 
+/// Element index of the start of row `row` of a row-major matrix `width` elements wide,
+/// computed in 64 bits: `row * width` passes 2^32 within reach of long prompts (about 4.2M
+/// tokens of 1024-wide keys, 700K tokens of a 6144-wide fused Q/K/V row).
+pub const fn row_start(row: u32, width: u32) -> usize {
+    row as usize * width as usize
+}
+
+/// Element index of row `cache_row` of KV head `kv_head` in a `[Hkv, capacity, d]` cache block
+/// that starts at element `offset`, in 64 bits (see [`row_start`]).
+pub const fn cache_row_start(
+    offset: u64,
+    kv_head: u32,
+    capacity: u32,
+    cache_row: u32,
+    head_dim: u32,
+) -> usize {
+    offset as usize
+        + (kv_head as usize * capacity as usize + cache_row as usize) * head_dim as usize
+}
+
 #[cfg(target_arch = "nvptx64")]
 mod kernel {
     use super::*;
@@ -145,7 +165,7 @@ mod kernel {
             return;
         }
         let id = *(p.ids as *const u32).add(token as usize);
-        let out = (p.out as *mut f32).add((token * p.hidden) as usize);
+        let out = (p.out as *mut f32).add(row_start(token, p.hidden));
         let row = (p.table as *const u16).add(id as usize * p.hidden as usize);
         let mut i = thread_idx_x();
         while i < p.hidden {
@@ -167,7 +187,7 @@ mod kernel {
         if row >= p.rows {
             return;
         }
-        let base = (row * p.hidden) as usize;
+        let base = row_start(row, p.hidden);
         let residual = (p.residual as *mut f32).add(base);
         let mut squares = 0.0f32;
         let mut i = thread_idx_x();
@@ -215,7 +235,7 @@ mod kernel {
         // head_dim = 2 * half, non-zero: divisions by it cannot fault.
         let d = half.saturating_mul(NonZeroU32::MIN.saturating_add(1));
         let row_width = (p.heads + 2 * p.kv_heads) * d.get();
-        let row = (p.qkv as *const f32).add((token * row_width) as usize);
+        let row = (p.qkv as *const f32).add(row_start(token, row_width));
         let value = |column: u32| {
             let bias = if p.bias != 0 {
                 *(p.bias as *const f32).add(column as usize)
@@ -225,7 +245,7 @@ mod kernel {
             *row.add(column as usize) + bias
         };
         let cache_row = |kv_head: u32| {
-            layout.offset as usize + ((kv_head * layout.capacity + cache_row) * d.get()) as usize
+            cache_row_start(layout.offset, kv_head, layout.capacity, cache_row, d.get())
         };
         let (q_pairs, k_pairs) = (p.heads * half.get(), p.kv_heads * half.get());
         let work = q_pairs + k_pairs + p.kv_heads * d.get();
@@ -240,7 +260,7 @@ mod kernel {
                 let frequency = *(p.inverse_frequencies as *const f64).add(i as usize);
                 let (before_low, before_high) = (value(column), value(column + half.get()));
                 if is_key && p.pre_rope_keys != 0 {
-                    let at = ((token * p.kv_heads + head) * d.get() + i) as usize;
+                    let at = row_start(token, p.kv_heads * d.get()) + (head * d.get() + i) as usize;
                     let pre = p.pre_rope_keys as *mut u16;
                     *pre.add(at) = f32_to_bf16(before_low);
                     *pre.add(at + half.get() as usize) = f32_to_bf16(before_high);
@@ -251,7 +271,7 @@ mod kernel {
                 } else {
                     (
                         p.q as *mut u16,
-                        ((token * p.heads + head) * d.get() + i) as usize,
+                        row_start(token, p.heads * d.get()) + (head * d.get() + i) as usize,
                     )
                 };
                 if !is_key || writes_cache {
@@ -290,5 +310,25 @@ mod kernel {
             *(p.out as *mut u16).add(element as usize) = f32_to_bf16(silu * up);
             element += stride;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Past 2^32 elements the indices are exact (in u32 they would wrap and write other rows).
+    #[test]
+    fn indices_past_four_billion_elements_are_exact() {
+        let (tokens, width) = (700_001u32, 6144u32);
+        assert!(u64::from(tokens) * u64::from(width) > u64::from(u32::MAX));
+        assert_eq!(row_start(tokens, width) as u128, 700_001u128 * 6144);
+        let (capacity, d) = (4_200_000u32, 128u32);
+        let expected = 40u128 + (7u128 * 4_200_000 + 4_199_999) * 128;
+        assert!(expected > u128::from(u32::MAX));
+        assert_eq!(
+            cache_row_start(40, 7, capacity, capacity - 1, d) as u128,
+            expected
+        );
     }
 }
