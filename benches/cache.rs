@@ -1,4 +1,4 @@
-//! ShadowKV prefill cost and cache memory (issue 4), at Llama-3-8B shapes (32/8 heads, d 128,
+//! ShadowKV prefill cost and cache memory, at Llama-3-8B shapes (32/8 heads, d 128,
 //! the paper's defaults), timed with CUDA events:
 //! - per layer and sequence at 32K and 122K tokens: the factorisation, the rest of the
 //!   prefill (landmarks, outliers, exact rows, first selection), the value offload on the copy

@@ -1,5 +1,5 @@
 //! Which route gives the rank-r eigenpairs of the 1024² Gram matrix of 32K keys fastest, and
-//! does it block the host (issue 4)? cuSOLVER's `syevd` (all pairs), `syevdx` (the top r) and
+//! does it block the host? cuSOLVER's `syevd` (all pairs), `syevdx` (the top r) and
 //! `syevj` (Jacobi) against the library's subspace iteration (`Factoriser::run`, whole), on
 //! the GPU (events) and on the host (the call's return), with the energy each captures
 //! against the best rank-r (syevd's). Keys: a decaying spectrum like real keys', and a flat one

@@ -1,4 +1,4 @@
-//! GPU tests of the ShadowKV prefill and cache (issue 4): the factorisation (`factorise`), the
+//! GPU tests of the ShadowKV prefill and cache: the factorisation (`factorise`), the
 //! prefill kernels (`shadow_prefill`) and `ShadowKvCache` against their CPU references, the
 //! whole cache against full attention on structured keys, and bad input.
 //! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).

@@ -99,7 +99,8 @@ fn widen(values: &[f32]) -> Vec<f64> {
 /// The GPU rounds what its GEMMs read (normed rows, attention output, activations) and the
 /// K/V cache to bf16; over 30 layers that moves the logits by 0.4-1.2e-2 of their norm against
 /// the same weights in f32, and up to 3e-2 at the steps where rounding the weights alone
-/// moves them most (measured on the H100: `docs/model-h100.log`).
+/// moves them most (measured on the H100; the current worst is in
+/// `docs/logs/gpu-tests-h100.log`).
 const LOGIT_TOLERANCE: f64 = 3e-2;
 
 /// The CPU path with the weights the GPU holds: each rounded to bf16, so that what is compared

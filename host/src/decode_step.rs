@@ -197,7 +197,7 @@ pub struct DecodeStep {
 /// it. Parts and the split pay when the fetch outlasts what they add: each part pays the
 /// selection's latency again, the split a second attention launch (about 14 µs on the H100
 /// however small). On the H100 at Llama-3-8B shapes (4 MiB per sequence), 122K tokens, 80%
-/// hits (`docs/decode-step-arrangements-h100.log`), step µs:
+/// hits, step µs (commit `fe5af9c`; see Step arrangements in `docs/EXPERIMENTS.md`):
 ///
 /// | batch | one part, one attention | one part, split | two parts, split |
 /// | ---: | ---: | ---: | ---: |
@@ -212,8 +212,8 @@ pub const LARGE_STEP_BUDGET_BYTES: usize = 32 << 20;
 /// the fetch of each part overlaps the selection of the next, so only the first part's
 /// selection is exposed before the PCIe traffic starts. Each part pays the top-k's latency
 /// (about 20 µs, whatever its size), so more parts stop paying: on the H100 at b16, 122K, 80%
-/// hits the step took 546.2, 469.1, 508.4 and 627.4 µs with 1, 2, 4 and 8 parts
-/// (`docs/decode-bench-h100.log`).
+/// hits the step takes 548.5, 490.7, 520.9 and 579.5 µs with 1, 2, 4 and 8 parts
+/// (`docs/logs/decode-bench-h100.log`).
 pub const DEFAULT_PARTS: usize = 2;
 
 /// `parts` contiguous parts of the batch, as even as they come (fewer if the batch is small).

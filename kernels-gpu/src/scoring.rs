@@ -8,11 +8,9 @@
 //! a quarter per warp. The products run on the tensor cores (`tile::group_dots`: the group's
 //! queries against 8 landmarks per `mma.m16n8k16`), [`UNROLL`] groups of 8 loaded ahead
 //! (double-buffered, as in `attention`). With the products on the CUDA cores (16 lanes per
-//! landmark, shuffle reductions) scoring was bound by its instructions (Nsight Compute, in
-//! `docs/experiments/scoring-bulk-ring-h100.log`: 2.5 instructions per cycle at 16 x 32K); on
-//! the tensor cores 1 x 122K issues in 16% of the cycles and waits on its loads. H100, against
-//! the last stop's bench: 1 x 122K 16.3 -> 14.9 µs, 1 x 32K 7.4 -> 6.8, 16 x 122K 81.7 ->
-//! 85.8% of copy, 16 x 32K 84.6 -> 91.6% (`docs/scoring-tensor-cores-h100.log`).
+//! landmark, shuffle reductions) scoring was bound by its instructions (2.5 instructions per
+//! cycle at 16 x 32K in Nsight Compute); on the tensor cores 1 x 122K issues in 16% of the
+//! cycles and waits on its loads (the two compared in `docs/EXPERIMENTS.md`, Scoring).
 
 use crate::shadow::ShadowShape;
 
@@ -20,23 +18,19 @@ use core::num::NonZeroU32;
 
 pub const WARPS: u32 = 4;
 pub const THREADS: u32 = WARPS * 32;
-/// Landmarks per block, longest first: [`tile_len`] picks one per batch. (64 as well: 1 x 32K
-/// took 7.1 µs against 7.4, but 1 x 122K then picks it too and went 16.3 -> 17.8 µs; H100,
-/// 2026-11-24.)
+/// Landmarks per block, longest first: [`tile_len`] picks one per batch. (64 helped 1 x 32K
+/// but slowed 1 x 122K, which then picks it too: `docs/EXPERIMENTS.md`.)
 pub const TILE_LENS: [u32; 3] = [512, 256, 128];
 /// Blocks a scoring launch aims for at least (about 8 per multiprocessor on an H100): each
 /// warp walks its rows one load latency at a time, so a small batch needs shorter tiles (more
 /// warps) to keep enough loads in flight (b1 x 122K: 240 blocks of 512 reached 53% of copy).
-/// (Tiles sized for exactly one wave, 528 blocks, measured 3% faster at 1 x 122K and 22%
-/// slower at 16 x 122K: `docs/scoring-one-wave-tiles-h100.log`.)
+/// (Tiles sized for exactly one wave were 22% slower at 16 x 122K: `docs/EXPERIMENTS.md`.)
 pub const MIN_BLOCKS: usize = 1024;
 /// Groups of 8 landmarks each warp loads before using them (each lane holds 4 vectors of
-/// every group at head_dim 128). H100 (`docs/scoring-tensor-cores-h100.log`): 2 (116
-/// registers) against 1 (82): 1 x 122K 14.9 / 15.1 µs, 16 x 32K 91.6 / 87.8% of copy.
-/// Measured and not kept, both at 16 x 32K and 1 x 122K: the copy engine bringing each tile
-/// through a 4-stage shared-memory ring (`docs/experiments/scoring-bulk-ring*`; 75.7% and
-/// 52.8% of copy, before the tensor cores) and an L2 prefetch of each block's tile (77.6%
-/// and 63.2%, with them).
+/// every group at head_dim 128): 2 (116 registers) kept more loads in flight than 1 (82),
+/// 91.6% of copy against 87.8% at 16 x 32K on the H100. Other ways to hide the loads (a
+/// bulk-copy ring through shared memory, an L2 prefetch of each tile) were slower at the
+/// shapes that matter: `docs/EXPERIMENTS.md`, Scoring.
 pub const UNROLL: u32 = 2;
 
 #[repr(C)]

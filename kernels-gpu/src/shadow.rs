@@ -2,7 +2,7 @@
 //! landmarks, chunk ids, low-rank factors, host values and GPU K/V block live, and the index
 //! math every decode family shares (`scoring`, `topk`, `plan`, `fetch`, `rebuild`).
 //!
-//! Per sequence `b` and KV head `h` (see `docs/decode-step.md`):
+//! Per sequence `b` and KV head `h` (see `docs/ARCHITECTURE.md`, The decode step):
 //! - landmarks `[Hkv, landmarks, d]` and chunk ids / scores `[Hkv, landmarks]`, from row
 //!   `landmark_row`; logits `[Hkv, G, landmarks]` from row `landmark_row * G`;
 //! - `A` `[prompt_len, rank]` at `a_offset`, `Bm` `[rank, Hkv * d]` at `bm_offset`;

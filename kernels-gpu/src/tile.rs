@@ -94,8 +94,8 @@ pub const MMA_ROW_VECTORS: usize = 4;
 /// This lane's vectors of `row` (`D` bf16, `D` a multiple of 32, at most 128) in the
 /// tensor-core layout: lane `t` (`lane % 4`) of the row takes vectors `t`, `t + 4`, ..; the
 /// 4 lanes read each 64 bytes of the row together, so each load asks L2 for the whole
-/// 256-byte block (`load_stream_16_block`: 1 x 122K 14.8 -> 14.5 µs, 16 x 32K 90.5 -> 94.0%
-/// of copy in scoring, `docs/scoring-tensor-cores-h100.log`). Streams past L1.
+/// 256-byte block (`load_stream_16_block`; scoring at 16 x 32K went from 90.5% to 94.0% of
+/// copy on the H100, `docs/EXPERIMENTS.md`). Streams past L1.
 ///
 /// # Safety
 /// `row` holds `D` bf16 and is 16-byte aligned.

@@ -7,9 +7,9 @@
 //! barrier that waits for every score store in flight (about a microsecond each), is left
 //! for the one place that orders global memory (the selection, before the plan). Every block
 //! repeats the per-block fixed work, so a cluster pays only where the landmarks dominate
-//! (see [`MIN_CLUSTER_BLOCK_LANDMARKS`]). (With full barriers everywhere, eight blocks took
-//! 21.5 µs against 19.0 for one at 1 x 122K: `docs/experiments/topk-clusters-h100.log`. A
-//! global histogram with a last-block hand-off was slower still.)
+//! (see [`MIN_CLUSTER_BLOCK_LANDMARKS`]). (With full barriers everywhere, and with a global
+//! histogram and a last-block hand-off instead of a cluster, spreading a head over several
+//! blocks was slower than one block at every shape: `docs/EXPERIMENTS.md`, Top-k.)
 //!
 //! 1. Merges `scoring`'s per-tile (max, sum) into each query head's softmax normaliser (a
 //!    warp per head, a lane per tile) and writes `score = max over the group of
@@ -36,10 +36,10 @@ use crate::plan::PlanParams;
 use crate::shadow::ShadowShape;
 
 /// A whole block of 32 warps (64 registers each fit; `LAUNCH_BOUNDS` holds ptxas to that): at batch 1 the 8 blocks of a step are
-/// the kernel, so more warps per block is its only parallelism (16 warps: 24.8 us at
-/// 1 x 122K, 32 warps: 23.1 us; `docs/topk-warps-h100.log`). At batch 1 the kernel is bound
-/// by its instructions on 8 SMs; the block scans' warp-total loop was a fifth of them
-/// (19.2 us once warp 0 scans the totals: `docs/topk-warp-scan-h100.log`).
+/// the kernel, so more warps per block is its only parallelism (16 warps were 7% slower:
+/// `docs/EXPERIMENTS.md`). At batch 1 the kernel is bound by its instructions on 8 SMs, so
+/// the block scans leave the warp totals to warp 0 (every thread summing them was a fifth of
+/// the instructions).
 pub const WARPS: u32 = 32;
 pub const THREADS: u32 = WARPS * 32;
 /// Bits of each radix pass, from the top of the 31 value bits of a score.
@@ -103,9 +103,9 @@ pub const fn block_landmarks(count: u32, cluster_blocks: u32) -> u32 {
 
 /// Fewest landmarks per block worth a cluster: below this a block's fixed work and the cluster
 /// barriers outweigh what the split saves. H100, top-k alone at batch 1
-/// (`docs/topk-cluster-barrier-h100.log`): 15,304 landmarks per head took 19.3 µs in one
-/// block, 17.4 in 2, 16.0 in 4 (3.8K each) and 18.4 in 8 (1.9K each); 4,040 took 11.6 in one
-/// block and 13.1 in 2 (2K each).
+/// (`docs/logs/decode-bench-h100.log`): 15,304 landmarks per head take 18.5 µs in one block,
+/// 16.7 in 2, 15.3 in 4 (3.8K each) and 17.4 in 8 (1.9K each); 4,040 take 11.2 in one block
+/// and 12.5 in 2 (2K each).
 pub const MIN_CLUSTER_BLOCK_LANDMARKS: u32 = 3584;
 
 /// Blocks per cluster for `rows` (sequence, KV head) pairs on `multiprocessors` SMs, the

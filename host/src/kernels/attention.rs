@@ -96,8 +96,8 @@ impl DecodeAttentionPlan {
     /// equal blocks: the blocks of the kernel the GPU runs at once ([`Gpu::resident_blocks`]),
     /// so that one wave covers the batch with no tail (flash-decoding: one long sequence
     /// fills the GPU). On the H100 at batch 16 x 2,560 tokens, 3 splits (one wave of 384
-    /// blocks at 3 per SM) reached 79.8% of copy bandwidth where 2 reached 74.4%
-    /// (`docs/attention-bench-h100.log`).
+    /// blocks at 3 per SM) reach 81.7% of copy bandwidth where 2 reach 76.3%
+    /// (`docs/logs/attention-bench-h100.log`, split-length sweep).
     pub fn new(
         shape: DecodeAttentionShape,
         layouts: &[SequenceLayout],
