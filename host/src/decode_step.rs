@@ -25,7 +25,7 @@ use half::bf16;
 pub use shadowkv_kernels::rope::{inverse_frequencies, Llama3Scaling, RopeConfig};
 
 use crate::error::{check_len, invalid, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::attention::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout, SlotMarks, StepPart,
 };
@@ -479,18 +479,12 @@ impl DecodeStep {
                 "no injected failure (fail_next_step_after_fetch tests the error path)",
             ));
         }
-        let slots = SlotMarks {
-            sequences: batch.sequences_address(&stream),
-            fresh: address(&w.fresh, &stream),
-            misses: address(&w.misses, &stream),
-            miss_counts: address(&w.miss_counts, &stream),
-            chunk_size: self.config.chunk_size as u32,
-            budget_chunks: self.config.budget_chunks as u32,
-        };
         if self.overlap {
             self.fetch_done.record(&self.copy_stream)?;
         }
         if split {
+            let mut used = LaunchBuffers::new(&stream);
+            let slots = slot_marks(&mut used, batch, w, &self.config);
             self.attention.launch(
                 gpu,
                 &stream,
@@ -500,6 +494,7 @@ impl DecodeStep {
                 out,
                 Some((StepPart::Resident, slots)),
             )?;
+            drop(used);
             mark(timeline, gpu, "attention (resident)", &stream)?;
         }
         let whole = layer.batch.whole();
@@ -509,6 +504,8 @@ impl DecodeStep {
             stream.wait(&self.fetch_done)?;
         }
         if split {
+            let mut used = LaunchBuffers::new(&stream);
+            let slots = slot_marks(&mut used, &layer.batch, w, &self.config);
             self.attention.launch(
                 gpu,
                 &stream,
@@ -518,6 +515,7 @@ impl DecodeStep {
                 out,
                 Some((StepPart::Fresh, slots)),
             )?;
+            drop(used);
             mark(timeline, gpu, "attention (fresh)", &stream)
         } else {
             self.attention
@@ -670,6 +668,24 @@ fn select(
         None,
     )?;
     mark(timeline, gpu, "topk + plan", stream)
+}
+
+/// Where `batch`'s slots are for the two attention launches of a step: the latest plan's
+/// marks and miss list in `w`, held in `used` until the launch is queued.
+fn slot_marks<'a>(
+    used: &mut LaunchBuffers<'a>,
+    batch: &'a ShadowBatch,
+    w: &'a StepWorkspace,
+    config: &ShadowConfig,
+) -> SlotMarks {
+    SlotMarks {
+        sequences: batch.sequences_address(used),
+        fresh: used.read(&w.fresh),
+        misses: used.read(&w.misses),
+        miss_counts: used.read(&w.miss_counts),
+        chunk_size: config.chunk_size as u32,
+        budget_chunks: config.budget_chunks as u32,
+    }
 }
 
 /// The keys of `part`'s misses in `w` (the latest plan), rebuilt into their slots on the

@@ -3,8 +3,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -93,10 +93,56 @@ pub fn gpu_available() -> bool {
     probe().is_ok()
 }
 
-/// The device address of a buffer, for a kernel's parameter struct. The context runs without
-/// cudarc's per-buffer event tracking (see [`Gpu::new`]), so the guard has nothing to record.
-pub(crate) fn address<T>(buffer: &impl DevicePtr<T>, stream: &CudaStream) -> u64 {
-    buffer.device_ptr(stream).0
+/// The device addresses of the buffers one launch (or copy) uses, with cudarc's guards held
+/// until it is dropped: build the parameters through it, queue the work, then let it go.
+///
+/// cudarc's [`DevicePtr::device_ptr`] makes `stream` wait for the buffer's last write (and
+/// [`DevicePtrMut::device_ptr_mut`] for its last read and write too) and returns a guard whose
+/// drop records this use on `stream`. Where the context tracks events (an engine's, through
+/// [`Gpu::from_stream`]), a guard dropped before the launch records the event before the
+/// kernel, and another stream waiting on it would not wait for the kernel. Guards with
+/// nothing to record (buffers of the contexts the crate creates, which do not track, see
+/// [`Gpu::new`]) are dropped at once. Each buffer stays borrowed as long as the collector, so
+/// none can be changed or freed before the work is queued.
+pub(crate) struct LaunchBuffers<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> LaunchBuffers<'a> {
+    /// An empty collector for work queued on `stream`.
+    pub(crate) fn new(stream: &'a CudaStream) -> Self {
+        LaunchBuffers {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    /// The stream the work is queued on.
+    pub(crate) fn stream(&self) -> &'a CudaStream {
+        self.stream
+    }
+
+    /// The address of `buffer`, which the work reads; its guard is kept.
+    pub(crate) fn read<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> u64 {
+        let (address, guard) = buffer.device_ptr(self.stream);
+        self.keep(guard);
+        address
+    }
+
+    /// The address of `buffer`, which the work writes (and may read); its guard is kept.
+    pub(crate) fn write<T>(&mut self, buffer: &'a mut impl DevicePtrMut<T>) -> u64 {
+        let (address, guard) = buffer.device_ptr_mut(self.stream);
+        self.keep(guard);
+        address
+    }
+
+    fn keep(&mut self, guard: SyncOnDrop<'a>) {
+        // A guard with no event and no stream does nothing on drop: no need to keep it.
+        if !matches!(guard, SyncOnDrop::Record(None) | SyncOnDrop::Sync(None)) {
+            self.guards.push(guard);
+        }
+    }
 }
 
 /// A 1-D grid of `threads`-thread blocks, one thread per work item up to `max_blocks` blocks
@@ -191,7 +237,8 @@ impl Gpu {
     /// another stream enqueues on `stream`, so the crate's work is ordered with the engine's
     /// without synchronisation. The context is used as the engine configured it; with
     /// cudarc's event tracking on, buffers allocated through cudarc on other streams are
-    /// ordered by cudarc's events as usual.
+    /// ordered by cudarc's events as usual: every launch and copy records its buffers' events
+    /// after it is queued.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
         probe()?;
         let context = stream.context().clone();

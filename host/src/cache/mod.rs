@@ -27,7 +27,7 @@ use shadowkv_kernels::cache::{self as layout, AppendParams};
 
 use crate::decode_step::{DecodeStep, ShadowLayer, StepStats};
 use crate::error::{check_len, exhausted, invalid, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::attention::SequenceLayout;
 use crate::kernels::factorise::Factoriser;
 use crate::kernels::fetch::LayerValues;
@@ -581,25 +581,27 @@ impl ShadowKvCache {
             ));
         }
         let stream = gpu.stream().clone();
-        let shadow = &mut self.layers[layer];
-        let params = AppendParams {
-            sequences: shadow.batch.sequences_address(&stream),
-            keys: address(keys, &stream),
-            values: address(values, &stream),
-            k: shadow.k.device_ptr_mut(&stream).0,
-            v: shadow.v.device_ptr_mut(&stream).0,
-            kv_heads: heads as u32,
-            head_dim: d as u32,
-        };
         let launch = LaunchConfig {
             grid_dim: (self.entries.len() as u32, heads as u32, 1),
             block_dim: (layout::THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let shadow = &mut self.layers[layer];
+        let mut used = LaunchBuffers::new(&stream);
+        let params = AppendParams {
+            sequences: shadow.batch.sequences_address(&mut used),
+            keys: used.read(keys),
+            values: used.read(values),
+            k: used.write(&mut shadow.k),
+            v: used.write(&mut shadow.v),
+            kv_heads: heads as u32,
+            head_dim: d as u32,
+        };
         // SAFETY: every sequence has room for one more row (checked above: its K/V block was
         // sized for max_generated tokens), `keys` and `values` hold [batch, Hkv, d], and the
         // batch's device copy is the layouts the rows are computed from.
         unsafe { gpu.launch(&stream, ptx::KV_APPEND, launch, params)? };
+        drop(used);
         for entry in &mut self.entries {
             entry.generated[layer] += 1;
         }

@@ -6,6 +6,7 @@ use cudarc::driver::{CudaEvent, CudaStream, DevicePtr};
 use half::bf16;
 
 use crate::error::Result;
+use crate::gpu::LaunchBuffers;
 use crate::kernels::fetch::LayerValues;
 use crate::kernels::shadow::ShadowSequence;
 use crate::kernels::shadow_prefill::PrefillSource;
@@ -24,7 +25,9 @@ pub(super) fn offload_values<T: DevicePtr<bf16>>(
 ) -> Result<()> {
     let layout = source.layout;
     let prompt = sequence.prompt_len as usize;
-    let (target, target_len) = values.address(copy_stream);
+    // Held until the copies are queued, so each buffer's use is recorded after them.
+    let mut used = LaunchBuffers::new(copy_stream);
+    let (target, target_len) = values.address_mut(&mut used);
     let target_start = sequence.host_value_offset as usize;
     crate::error::check_reach(
         "values",
@@ -32,8 +35,7 @@ pub(super) fn offload_values<T: DevicePtr<bf16>>(
         target_start + kv_heads * prompt * head_dim,
     )?;
     copy_stream.wait(ready)?;
-    // Held until the copies are queued, so the source's use is recorded after them.
-    let (source_address, _source_use) = source.values.device_ptr(copy_stream);
+    let source_address = used.read(source.values);
     let row_bytes = head_dim * 2;
     let contiguous = layout.capacity as usize == prompt;
     let (copies, bytes) = match contiguous {

@@ -15,7 +15,7 @@ pub use shadowkv_kernels::attention::SequenceLayout;
 use shadowkv_kernels::attention::{self as layout, DecodeAttentionParams, SlotFilter};
 
 use crate::error::{check_len, check_range, invalid, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::ptx::{self, KernelName};
 
 /// Heads and dimensions of one decode-attention call.
@@ -319,7 +319,8 @@ pub enum StepPart {
     Fresh,
 }
 
-/// Where a ShadowKV batch's slots are, for [`DecodeAttention::launch`]: device addresses.
+/// Where a ShadowKV batch's slots are, for [`DecodeAttention::launch`]: device addresses,
+/// taken through a [`LaunchBuffers`] that the caller keeps until the launch is queued.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SlotMarks {
     /// The batch's `[batch]` `ShadowSequence`.
@@ -511,14 +512,7 @@ impl DecodeAttention {
             (self.partial_out, self.partial_lse) = partials(gpu.stream(), &shape, splits)?;
             self.workspace_splits = splits;
         }
-        let (q_address, _q_guard) = q.device_ptr(stream);
-        let (k_address, _k_guard) = k.device_ptr(stream);
-        let (v_address, _v_guard) = v.device_ptr(stream);
-        let (layouts_address, _layouts_guard) = self.layouts.device_ptr(stream);
-        let (partial_out_address, _partial_out_guard) = self.partial_out.device_ptr_mut(stream);
-        let (partial_lse_address, _partial_lse_guard) = self.partial_lse.device_ptr_mut(stream);
-        let (counters_address, _counters_guard) = self.counters.device_ptr_mut(stream);
-        let (out_address, _out_guard) = out.device_ptr_mut(stream);
+        let mut used = LaunchBuffers::new(stream);
         let filter = match filter {
             None => SlotFilter::default(),
             Some((_, slots)) => SlotFilter {
@@ -526,21 +520,21 @@ impl DecodeAttention {
                 fresh: slots.fresh,
                 misses: slots.misses,
                 miss_counts: slots.miss_counts,
-                carry_out: self.carry_out.device_ptr_mut(stream).0,
-                carry_lse: self.carry_lse.device_ptr_mut(stream).0,
+                carry_out: used.write(&mut self.carry_out),
+                carry_lse: used.write(&mut self.carry_lse),
                 chunk_size: slots.chunk_size,
                 budget_chunks: slots.budget_chunks,
             },
         };
         let params = DecodeAttentionParams {
-            q: q_address,
-            k: k_address,
-            v: v_address,
-            layouts: layouts_address,
-            out: out_address,
-            partial_out: partial_out_address,
-            partial_lse: partial_lse_address,
-            counters: counters_address,
+            q: used.read(q),
+            k: used.read(k),
+            v: used.read(v),
+            layouts: used.read(&self.layouts),
+            out: used.write(out),
+            partial_out: used.write(&mut self.partial_out),
+            partial_lse: used.write(&mut self.partial_lse),
+            counters: used.write(&mut self.counters),
             batch: shape.batch as u32,
             kv_heads: shape.kv_heads as u32,
             split_len,

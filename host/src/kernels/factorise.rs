@@ -33,7 +33,7 @@ use shadowkv_kernels::factorise::{self as layout, FactorParams};
 use shadowkv_kernels::shadow::{MAX_RANK, RANK_STEP};
 
 use crate::error::{check_len, check_reach, invalid, Error, Library, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::linear::{blas_error, gemm, GemmShape};
 use crate::ptx;
 
@@ -94,6 +94,21 @@ pub fn scratch_bytes(width: usize) -> u64 {
     );
     let workspace = (64 * w).max(1 + 6 * p + 2 * p * p);
     4 * (w * w + 3 * w * p + p * p + 2 * p + workspace) + 2 * MAX_RANK as u64 * w
+}
+
+/// The device addresses of a [`Factoriser`]'s scratch for one run (`info` at the run's slot),
+/// taken through the run's [`LaunchBuffers`].
+#[derive(Clone, Copy)]
+struct Scratch {
+    gram: u64,
+    start: u64,
+    blocks: [u64; 2],
+    small: u64,
+    eigenvalues: u64,
+    tau: u64,
+    workspace: u64,
+    workspace_len: i32,
+    info: u64,
 }
 
 /// The handles and scratch of the factorisation for one key width, reused across layers and
@@ -162,10 +177,12 @@ impl Factoriser {
         let (n, p) = (width as i32, max_pairs as i32);
         let handle = solver_handle.cu();
         let (mut qr, mut orthonormal, mut eigen) = (0i32, 0i32, 0i32);
-        let q = blocks[0].device_ptr_mut(stream).0 as *mut f32;
-        let tau_address = tau.device_ptr_mut(stream).0 as *const f32;
-        let t = small.device_ptr_mut(stream).0 as *const f32;
-        let w = eigenvalues.device_ptr_mut(stream).0 as *const f32;
+        // The queries queue no work; the guards only keep the buffers borrowed meanwhile.
+        let mut used = LaunchBuffers::new(stream);
+        let q = used.write(&mut blocks[0]) as *mut f32;
+        let tau_address = used.write(&mut tau) as *const f32;
+        let t = used.write(&mut small) as *const f32;
+        let w = used.write(&mut eigenvalues) as *const f32;
         // SAFETY: FFI queries on a live handle; the pointers address buffers of the sizes
         // given (`[w, p]`, `[p]`, `[p, p]`, `[p]`).
         unsafe {
@@ -200,6 +217,7 @@ impl Factoriser {
                 ),
             )?;
         }
+        drop(used);
         let workspace_len = qr.max(orthonormal).max(eigen).max(1) as usize;
         Ok(Factoriser {
             stream: stream.clone(),
@@ -258,8 +276,24 @@ impl Factoriser {
         check_len("bm", bm.len(), rank * width, "[rank, Hkv * d]")?;
         check_reach("slot", self.info.len(), slot + 1)?;
         let stream = self.stream.clone();
-        let keys_address = address(keys, &stream);
-        let gram = self.gram.device_ptr_mut(&stream).0;
+        let Factoriser {
+            blas,
+            solver,
+            gram,
+            start,
+            blocks: [first, second],
+            small,
+            eigenvalues,
+            pairs: latest_pairs,
+            tau,
+            workspace,
+            info,
+            projection,
+            ..
+        } = self;
+        let mut used = LaunchBuffers::new(&stream);
+        let keys_address = used.read(keys);
+        let gram = used.write(gram);
         // 1. G = K_preᵀ K_pre: with X = K_preᵀ (column-major [w, L]), G = X · Xᵀ.
         let gram_shape = GemmShape {
             transpose_a: false,
@@ -275,7 +309,7 @@ impl Factoriser {
         // SAFETY: keys hold [L, w] and the Gram buffer [w, w] (checked above), on this stream.
         unsafe {
             gemm(
-                &self.blas,
+                blas,
                 gram_shape,
                 (keys_address, keys_address, bf16_type),
                 (gram, F32),
@@ -283,14 +317,25 @@ impl Factoriser {
         };
         // 2. The leading p eigenpairs of G, ascending, into `eigenvalues` and blocks[1].
         let pairs = (rank + OVERSAMPLE).min(width);
-        self.pairs = pairs;
-        let vectors = self.leading_eigenpairs(pairs, slot)?;
+        *latest_pairs = pairs;
+        let scratch = Scratch {
+            gram,
+            start: used.write(start),
+            blocks: [used.write(first), used.write(second)],
+            small: used.write(small),
+            eigenvalues: used.write(eigenvalues),
+            tau: used.write(tau),
+            workspace_len: workspace.len() as i32,
+            workspace: used.write(workspace),
+            info: used.write(info) + (slot * 4) as u64,
+        };
+        let vectors = Self::leading_eigenpairs(blas, solver.cu(), width, pairs, scratch)?;
         // 3. Bm and the projection, largest eigenvalue first.
-        let projection_address = self.projection.device_ptr_mut(&stream).0;
+        let projection_address = used.write(projection);
         let params = FactorParams {
-            eigenvalues: self.eigenvalues.device_ptr_mut(&stream).0,
+            eigenvalues: scratch.eigenvalues,
             eigenvectors: vectors,
-            bm: bm.device_ptr_mut(&stream).0,
+            bm: used.write(bm),
             projection: projection_address,
             width: width as u32,
             pairs: pairs as u32,
@@ -317,11 +362,11 @@ impl Factoriser {
             ldb: width,
             ldc: rank,
         };
-        let a_address = a.device_ptr_mut(&stream).0;
+        let a_address = used.write(a);
         // SAFETY: the projection holds [rank, w], the keys [L, w] and A [L, rank] (checked).
         unsafe {
             gemm(
-                &self.blas,
+                blas,
                 a_shape,
                 (projection_address, keys_address, bf16_type),
                 (a_address, bf16_type),
@@ -329,27 +374,28 @@ impl Factoriser {
         }
     }
 
-    /// Subspace iteration with Rayleigh–Ritz on the Gram matrix (see the module's notes):
-    /// `pairs` Ritz values into `eigenvalues` (ascending) and their vectors, column-major
-    /// `[w, pairs]`, into the returned block's address.
-    fn leading_eigenpairs(&mut self, pairs: usize, slot: usize) -> Result<u64> {
-        let stream = self.stream.clone();
-        let (w, p) = (self.width, pairs);
-        let gram = self.gram.device_ptr_mut(&stream).0;
-        let start = self.start.device_ptr_mut(&stream).0;
-        let [first, second] = &mut self.blocks;
-        let mut blocks = [
-            first.device_ptr_mut(&stream).0,
-            second.device_ptr_mut(&stream).0,
-        ];
-        let small = self.small.device_ptr_mut(&stream).0;
-        let eigenvalues = self.eigenvalues.device_ptr_mut(&stream).0;
-        let tau = self.tau.device_ptr_mut(&stream).0;
-        let workspace = self.workspace.device_ptr_mut(&stream).0;
-        let workspace_len = self.workspace.len() as i32;
-        let info = self.info.device_ptr_mut(&stream).0 + (slot * 4) as u64;
-        let handle = self.solver.cu();
-        let blas = &self.blas;
+    /// Subspace iteration with Rayleigh–Ritz on the Gram matrix (see the module's notes) on
+    /// the handles' stream, in `scratch`: `pairs` Ritz values into `eigenvalues` (ascending)
+    /// and their vectors, column-major `[w, pairs]`, into the returned block's address.
+    fn leading_eigenpairs(
+        blas: &CudaBlas,
+        handle: solver::cusolverDnHandle_t,
+        width: usize,
+        pairs: usize,
+        scratch: Scratch,
+    ) -> Result<u64> {
+        let (w, p) = (width, pairs);
+        let Scratch {
+            gram,
+            start,
+            mut blocks,
+            small,
+            eigenvalues,
+            tau,
+            workspace,
+            workspace_len,
+            info,
+        } = scratch;
         // C [m, n] = op(A) [m, k] · B [k, n], all f32 and leading dimension = rows.
         let product = |transpose_a: bool, (m, n, k): (usize, usize, usize), a, b, c| {
             let shape = GemmShape {

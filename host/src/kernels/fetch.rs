@@ -6,7 +6,7 @@ pub use shadowkv_kernels::fetch as kernel_layout;
 use shadowkv_kernels::fetch::{self as layout, FetchParams};
 
 use crate::error::{check_reach, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
 use crate::pinned::PinnedBuffer;
 use crate::ptx;
@@ -20,11 +20,24 @@ pub enum LayerValues {
 }
 
 impl LayerValues {
-    /// The address kernels read the values at, and their length in elements.
-    pub(crate) fn address(&self, stream: &CudaStream) -> (u64, usize) {
+    /// The address kernels read the values at (device memory held in `used`), and their
+    /// length in elements.
+    pub(crate) fn address<'a>(&'a self, used: &mut LaunchBuffers<'a>) -> (u64, usize) {
         match self {
             LayerValues::Host(buffer) => (buffer.device_address(), buffer.len()),
-            LayerValues::Device(slice) => (address(slice, stream), slice.len()),
+            LayerValues::Device(slice) => (used.read(slice), slice.len()),
+        }
+    }
+
+    /// The address a copy writes the values at (device memory held in `used`), and their
+    /// length in elements.
+    pub(crate) fn address_mut<'a>(&'a mut self, used: &mut LaunchBuffers<'a>) -> (u64, usize) {
+        match self {
+            LayerValues::Host(buffer) => (buffer.device_address(), buffer.len()),
+            LayerValues::Device(slice) => {
+                let len = slice.len();
+                (used.write(slice), len)
+            }
         }
     }
 }
@@ -49,18 +62,19 @@ pub fn run(
 ) -> Result<()> {
     let config = batch.config();
     batch.check_misses(misses.len(), miss_counts.len())?;
-    let (values_address, values_len) = values.address(stream);
+    let mut used = LaunchBuffers::new(stream);
+    let (values_address, values_len) = values.address(&mut used);
     check_reach("values", values_len, batch.extents().values)?;
     check_reach("v", v.len(), batch.extents().kv)?;
     // No more warps than entries in the part's miss lists.
     let entries = (part.count() * config.kv_heads * config.budget_chunks) as u32;
     let blocks = GRID_WARPS.min(entries).div_ceil(layout::WARPS).max(1);
     let params = FetchParams {
-        shape: batch.shape_of(stream, part)?,
-        misses: address(misses, stream),
-        miss_counts: address(miss_counts, stream),
+        shape: batch.shape_of(&mut used, part)?,
+        misses: used.read(misses),
+        miss_counts: used.read(miss_counts),
         values: values_address,
-        v: v.device_ptr_mut(stream).0,
+        v: used.write(v),
         sequences: part.count() as u32,
         _reserved: 0,
     };

@@ -13,7 +13,7 @@ use shadowkv_kernels::layer::{
 };
 
 use crate::error::{check_len, check_reach, invalid, Result};
-use crate::gpu::{address, grid_for, Gpu};
+use crate::gpu::{grid_for, Gpu, LaunchBuffers};
 use crate::kernels::attention::SequenceLayout;
 use crate::ptx;
 
@@ -66,10 +66,11 @@ pub fn embedding(
         ids_host.len() * hidden,
         "[tokens, hidden]",
     )?;
+    let mut used = LaunchBuffers::new(stream);
     let params = EmbeddingParams {
-        table: address(table, stream),
-        ids: address(ids, stream),
-        out: out.device_ptr_mut(stream).0,
+        table: used.read(table),
+        ids: used.read(ids),
+        out: used.write(out),
         tokens: ids_host.len() as u32,
         hidden: hidden as u32,
         vocab: vocab as u32,
@@ -115,11 +116,12 @@ pub fn rms_norm(
     if !(eps >= 0.0 && eps.is_finite()) {
         return Err(invalid("eps", format!("is {eps}"), "a finite value >= 0"));
     }
+    let mut used = LaunchBuffers::new(stream);
     let params = RmsNormParams {
-        residual: residual.device_ptr_mut(stream).0,
-        delta: delta.map_or(0, |d| address(d, stream)),
-        weight: address(weight, stream),
-        out: out.device_ptr_mut(stream).0,
+        residual: used.write(residual),
+        delta: delta.map_or(0, |d| used.read(d)),
+        weight: used.read(weight),
+        out: used.write(out),
         rows: rows as u32,
         hidden: hidden as u32,
         eps,
@@ -283,16 +285,17 @@ pub fn rope_qkv(
             "[tokens, kv_heads * head_dim]",
         )?;
     }
+    let mut used = LaunchBuffers::new(stream);
     let params = RopeQkvParams {
-        qkv: address(qkv, stream),
-        bias: bias.map_or(0, |b| address(b, stream)),
-        inverse_frequencies: address(inverse_frequencies, stream),
-        placements: address(&plan.placements, stream),
-        layouts: address(&plan.layouts, stream),
-        q: q.device_ptr_mut(stream).0,
-        k_cache: k_cache.device_ptr_mut(stream).0,
-        v_cache: v_cache.device_ptr_mut(stream).0,
-        pre_rope_keys: pre_rope_keys.map_or(0, |pre| pre.device_ptr_mut(stream).0),
+        qkv: used.read(qkv),
+        bias: bias.map_or(0, |b| used.read(b)),
+        inverse_frequencies: used.read(inverse_frequencies),
+        placements: used.read(&plan.placements),
+        layouts: used.read(&plan.layouts),
+        q: used.write(q),
+        k_cache: used.write(k_cache),
+        v_cache: used.write(v_cache),
+        pre_rope_keys: pre_rope_keys.map_or(0, |pre| used.write(pre)),
         tokens: plan.tokens as u32,
         heads: shape.heads as u32,
         kv_heads: shape.kv_heads as u32,
@@ -325,13 +328,14 @@ pub fn silu_mul(
     let rows = out.len() / width;
     check_rows(rows)?;
     check_len("gate_up", gate_up.len(), 2 * out.len(), "[rows, 2 * width]")?;
+    let launch = grid_for(out.len(), layout::THREADS, 65_535);
+    let mut used = LaunchBuffers::new(stream);
     let params = SiluMulParams {
-        gate_up: address(gate_up, stream),
-        out: out.device_ptr_mut(stream).0,
+        gate_up: used.read(gate_up),
+        out: used.write(out),
         rows: rows as u32,
         width: width as u32,
     };
-    let launch = grid_for(out.len(), layout::THREADS, 65_535);
     // SAFETY: `gate_up` holds `rows * 2 * width` and `out` `rows * width` elements (checked).
     unsafe { gpu.launch(stream, ptx::SILU_MUL, launch, params) }
 }

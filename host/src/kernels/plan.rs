@@ -1,11 +1,11 @@
 //! Cache-aware plan (see `shadowkv_kernels::plan`): hits keep their slots, misses take the
 //! freed ones; writes the miss list and counts and updates the resident ids.
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 pub use shadowkv_kernels::plan as kernel_layout;
 use shadowkv_kernels::plan::{self as layout, PlanParams};
 
 use crate::error::{check_reach, invalid, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
 use crate::ptx;
 
@@ -79,7 +79,9 @@ pub fn run(
     buffers: PlanBuffers,
 ) -> Result<()> {
     let config = batch.config();
-    let params = params(gpu, stream, batch, part, selection, buffers)?;
+    let mut used = LaunchBuffers::new(stream);
+    let selection = (used.read(selection), selection.len());
+    let params = params(gpu, &mut used, batch, part, selection, buffers)?;
     let launch = LaunchConfig {
         grid_dim: (config.kv_heads as u32, part.count() as u32, 1),
         block_dim: (layout::THREADS, 1, 1),
@@ -94,15 +96,17 @@ pub fn run(
     unsafe { gpu.launch(stream, ptx::CACHE_PLAN, launch, params) }
 }
 
-/// The plan's parameters for `part`, its buffers validated as [`run`] does; for a launch on
-/// `stream` (the plan kernel's or the top-k's, see `topk::run_and_plan`).
-pub(crate) fn params(
+/// The plan's parameters for `part`, its buffers validated as [`run`] does and held in
+/// `used` until the launch is queued (the plan kernel's or the top-k's, see
+/// `topk::run_and_plan`). `selection` is the address and length of the selection it reads,
+/// already in `used` (the top-k writes it in the same launch).
+pub(crate) fn params<'a>(
     gpu: &Gpu,
-    stream: &CudaStream,
-    batch: &ShadowBatch,
+    used: &mut LaunchBuffers<'a>,
+    batch: &'a ShadowBatch,
     part: BatchPart,
-    selection: &impl DevicePtr<u32>,
-    buffers: PlanBuffers,
+    (selection, selection_len): (u64, usize),
+    buffers: PlanBuffers<'a>,
 ) -> Result<PlanParams> {
     let PlanBuffers {
         resident,
@@ -112,18 +116,18 @@ pub(crate) fn params(
         host_miss_counts,
     } = buffers;
     let entries = batch.slot_entries();
-    check_reach("selection", selection.len(), entries)?;
+    check_reach("selection", selection_len, entries)?;
     check_reach("resident", resident.len(), entries)?;
     check_reach("fresh", fresh.len(), entries)?;
     batch.check_misses(misses.len(), miss_counts.len())?;
     let bitmap_words = check_fits(gpu, batch)?;
     Ok(PlanParams {
-        shape: batch.shape_of(stream, part)?,
-        selection: address(selection, stream),
-        resident: resident.device_ptr_mut(stream).0,
-        misses: misses.device_ptr_mut(stream).0,
-        miss_counts: miss_counts.device_ptr_mut(stream).0,
-        fresh: fresh.device_ptr_mut(stream).0,
+        shape: batch.shape_of(used, part)?,
+        selection,
+        resident: used.write(resident),
+        misses: used.write(misses),
+        miss_counts: used.write(miss_counts),
+        fresh: used.write(fresh),
         host_miss_counts,
         bitmap_words,
         _reserved: 0,

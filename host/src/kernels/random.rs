@@ -5,7 +5,7 @@ pub use shadowkv_kernels::random as kernel_layout;
 use shadowkv_kernels::random::{self as layout, RandomParams};
 
 use crate::error::{invalid, Result};
-use crate::gpu::{grid_for, Gpu};
+use crate::gpu::{grid_for, Gpu, LaunchBuffers};
 use crate::ptx;
 
 /// Fills `out` with values uniform in `[offset - scale, offset + scale)`, element `i` a
@@ -29,8 +29,9 @@ pub fn fill(
     if len == 0 {
         return Ok(());
     }
+    let mut used = LaunchBuffers::new(stream);
     let params = RandomParams {
-        out: out.device_ptr_mut(stream).0,
+        out: used.write(out),
         len: len as u64,
         seed,
         scale,

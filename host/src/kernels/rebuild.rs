@@ -5,7 +5,7 @@ pub use shadowkv_kernels::rebuild as kernel_layout;
 use shadowkv_kernels::rebuild::{self as layout, RebuildParams};
 
 use crate::error::{check_len, check_reach, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
 use crate::ptx;
 
@@ -54,14 +54,15 @@ pub fn run(
     )?;
     check_reach("k", k.len(), batch.extents().kv)?;
     let splits = splits(gpu, batch);
+    let mut used = LaunchBuffers::new(stream);
     let params = RebuildParams {
-        shape: batch.shape_of(stream, part)?,
-        misses: address(misses, stream),
-        miss_counts: address(miss_counts, stream),
-        a: address(a, stream),
-        bm: address(bm, stream),
-        inverse_frequencies: address(inverse_frequencies, stream),
-        k: k.device_ptr_mut(stream).0,
+        shape: batch.shape_of(&mut used, part)?,
+        misses: used.read(misses),
+        miss_counts: used.read(miss_counts),
+        a: used.read(a),
+        bm: used.read(bm),
+        inverse_frequencies: used.read(inverse_frequencies),
+        k: used.write(k),
         splits,
         _reserved: 0,
     };

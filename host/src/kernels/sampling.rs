@@ -4,7 +4,7 @@ pub use shadowkv_kernels::sampling as kernel_layout;
 use shadowkv_kernels::sampling::{self as layout, ArgmaxParams};
 
 use crate::error::{check_len, invalid, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::ptx;
 
 /// `out[r]` = the index of the largest of `logits[r, ..vocab]` (lowest among equals).
@@ -29,9 +29,10 @@ pub fn argmax(
         rows * vocab,
         "[rows, vocab] with one output per row",
     )?;
+    let mut used = LaunchBuffers::new(stream);
     let params = ArgmaxParams {
-        logits: address(logits, stream),
-        out: out.device_ptr_mut(stream).0,
+        logits: used.read(logits),
+        out: used.write(out),
         rows: rows as u32,
         vocab: vocab as u32,
     };

@@ -6,7 +6,7 @@ pub use shadowkv_kernels::scoring as kernel_layout;
 use shadowkv_kernels::scoring::{self as layout, ScoringParams};
 
 use crate::error::{check_len, check_reach, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::shadow::{BatchPart, ShadowBatch};
 use crate::ptx;
 
@@ -45,12 +45,13 @@ pub fn run(
     check_reach("logits", logits.len(), logits_len(batch))?;
     check_reach("tile_stats", tile_stats.len(), tile_stats_len(batch))?;
     let (group, head_dim) = (config.group() as u32, config.head_dim as u32);
+    let mut used = LaunchBuffers::new(stream);
     let params = ScoringParams {
-        shape: batch.shape_of(stream, part)?,
-        q: address(q, stream),
-        landmarks: address(landmarks, stream),
-        logits: logits.device_ptr_mut(stream).0,
-        tile_stats: tile_stats.device_ptr_mut(stream).0,
+        shape: batch.shape_of(&mut used, part)?,
+        q: used.read(q),
+        landmarks: used.read(landmarks),
+        logits: used.write(logits),
+        tile_stats: used.write(tile_stats),
         max_tiles: batch.scoring_tiles(),
         tile_len: batch.scoring_tile_len().get(),
         scale_log2: scale * std::f32::consts::LOG2_E,

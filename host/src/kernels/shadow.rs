@@ -9,7 +9,7 @@ use shadowkv_kernels::shadow::{self as layout, ShadowShape};
 pub use shadowkv_kernels::shadow::{Miss, ShadowSequence, EMPTY_SLOT};
 
 use crate::error::{check_range, check_reach, invalid, Result};
-use crate::gpu::address;
+use crate::gpu::LaunchBuffers;
 
 /// A model's attention shape and ShadowKV's parameters: what every sequence of a batch shares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,21 +224,25 @@ impl ShadowBatch {
     }
 
     /// The kernels' view of the batch for a launch over `part` (which may come from another
-    /// batch, so it is checked against this one).
-    pub(crate) fn shape_of(&self, stream: &CudaStream, part: BatchPart) -> Result<ShadowShape> {
+    /// batch, so it is checked against this one), the batch's device copy held in `used`.
+    pub(crate) fn shape_of<'a>(
+        &'a self,
+        used: &mut LaunchBuffers<'a>,
+        part: BatchPart,
+    ) -> Result<ShadowShape> {
         self.part(part.first..part.first + part.count)?;
-        Ok(self.shape_at(stream, part.first))
+        Ok(self.shape_at(used, part.first))
     }
 
-    /// Device address of the batch's `[batch]` [`ShadowSequence`] copy.
-    pub(crate) fn sequences_address(&self, stream: &CudaStream) -> u64 {
-        address(&self.device, stream)
+    /// Device address of the batch's `[batch]` [`ShadowSequence`] copy, held in `used`.
+    pub(crate) fn sequences_address<'a>(&'a self, used: &mut LaunchBuffers<'a>) -> u64 {
+        used.read(&self.device)
     }
 
-    fn shape_at(&self, stream: &CudaStream, first_sequence: usize) -> ShadowShape {
+    fn shape_at<'a>(&'a self, used: &mut LaunchBuffers<'a>, first_sequence: usize) -> ShadowShape {
         let c = &self.config;
         ShadowShape {
-            sequences: self.sequences_address(stream),
+            sequences: self.sequences_address(used),
             batch: self.batch() as u32,
             kv_heads: c.kv_heads as u32,
             group: c.group() as u32,

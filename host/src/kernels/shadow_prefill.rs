@@ -4,14 +4,14 @@
 //! values). The cache's `prefill_layer` runs the whole prefill.
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use half::bf16;
 pub use shadowkv_kernels::shadow_prefill as kernel_layout;
 use shadowkv_kernels::shadow_prefill::{self as layout, ShadowPrefillParams};
 
 use crate::decode_step::{ShadowLayer, StepWorkspace};
 use crate::error::{check_reach, invalid, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::attention::SequenceLayout;
 use crate::kernels::shadow::ShadowConfig;
 use crate::ptx;
@@ -60,14 +60,15 @@ impl PrefillScratch {
     }
 }
 
-/// Checks everything the prefill kernels address and builds their parameters.
-fn params<T: DevicePtr<bf16>>(
-    stream: &CudaStream,
-    layer: &mut ShadowLayer,
+/// Checks everything the prefill kernels address and builds their parameters, the buffers
+/// held in `used` until the launches are queued.
+fn params<'a, T: DevicePtr<bf16>>(
+    used: &mut LaunchBuffers<'a>,
+    layer: &'a mut ShadowLayer,
     sequence_index: usize,
-    source: &PrefillSource<'_, T>,
-    scratch: &mut PrefillScratch,
-    workspace: &StepWorkspace,
+    source: &PrefillSource<'a, T>,
+    scratch: &'a mut PrefillScratch,
+    workspace: &'a StepWorkspace,
 ) -> Result<(ShadowPrefillParams, u32)> {
     let config = *layer.batch.config();
     let Some(&sequence) = layer.batch.sequences().get(sequence_index) else {
@@ -132,18 +133,18 @@ fn params<T: DevicePtr<bf16>>(
         ShadowPrefillParams {
             sequence,
             source: source_layout,
-            keys: address(source.keys, stream),
-            values: address(source.values, stream),
-            chunk_means: scratch.chunk_means.device_ptr_mut(stream).0,
-            min_cosine: scratch.min_cosine.device_ptr_mut(stream).0,
-            outliers: scratch.outliers.device_ptr_mut(stream).0,
-            landmarks: layer.landmarks.device_ptr_mut(stream).0,
-            chunk_ids: layer.chunk_ids.device_ptr_mut(stream).0,
-            resident: layer.resident.device_ptr_mut(stream).0,
-            k: layer.k.device_ptr_mut(stream).0,
-            v: layer.v.device_ptr_mut(stream).0,
-            misses: address(&workspace.misses, stream),
-            miss_counts: address(&workspace.miss_counts, stream),
+            keys: used.read(source.keys),
+            values: used.read(source.values),
+            chunk_means: used.write(&mut scratch.chunk_means),
+            min_cosine: used.write(&mut scratch.min_cosine),
+            outliers: used.write(&mut scratch.outliers),
+            landmarks: used.write(&mut layer.landmarks),
+            chunk_ids: used.write(&mut layer.chunk_ids),
+            resident: used.write(&mut layer.resident),
+            k: used.write(&mut layer.k),
+            v: used.write(&mut layer.v),
+            misses: used.read(&workspace.misses),
+            miss_counts: used.read(&workspace.miss_counts),
             kv_heads: heads as u32,
             head_dim: d as u32,
             chunk_size: c,
@@ -182,7 +183,8 @@ pub fn build_landmarks<T: DevicePtr<bf16>>(
     scratch: &mut PrefillScratch,
     workspace: &StepWorkspace,
 ) -> Result<()> {
-    let (params, _) = params(stream, layer, sequence_index, source, scratch, workspace)?;
+    let mut used = LaunchBuffers::new(stream);
+    let (params, _) = params(&mut used, layer, sequence_index, source, scratch, workspace)?;
     let heads = params.kv_heads;
     let statistics = LaunchConfig {
         grid_dim: (params.sequence.chunks.div_ceil(layout::WARPS), heads, 1),
@@ -223,7 +225,8 @@ pub fn gather_exact<T: DevicePtr<bf16>>(
     scratch: &mut PrefillScratch,
     workspace: &StepWorkspace,
 ) -> Result<()> {
-    let (params, exact) = params(stream, layer, sequence_index, source, scratch, workspace)?;
+    let mut used = LaunchBuffers::new(stream);
+    let (params, exact) = params(&mut used, layer, sequence_index, source, scratch, workspace)?;
     let rows = layout::gather_rows(exact, params.budget_chunks, params.chunk_size);
     // SAFETY: as in `build_landmarks`; slot rows land inside the block because the layout's
     // sparse slots fit below its len (checked by ShadowBatch) and bad misses are skipped.

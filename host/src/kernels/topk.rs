@@ -5,7 +5,7 @@ pub use shadowkv_kernels::topk as kernel_layout;
 use shadowkv_kernels::topk::{self as layout, TopkParams};
 
 use crate::error::{check_reach, invalid, Result};
-use crate::gpu::{address, Gpu};
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::plan::{self, PlanBuffers};
 use crate::kernels::scoring::{logits_len, tile_stats_len};
 use crate::kernels::shadow::{BatchPart, ShadowBatch};
@@ -29,9 +29,12 @@ pub fn run(
     selection: &mut impl DevicePtrMut<u32>,
     cluster_blocks: Option<u32>,
 ) -> Result<()> {
+    let mut used = LaunchBuffers::new(stream);
+    let selection_len = selection.len();
+    let selection = (used.write(selection), selection_len);
     launch(
         gpu,
-        stream,
+        &mut used,
         batch,
         part,
         (logits, tile_stats, chunk_ids),
@@ -73,14 +76,17 @@ pub fn run_and_plan(
     tile_stats: &impl DevicePtr<f32>,
     chunk_ids: &impl DevicePtr<u32>,
     scores: &mut impl DevicePtrMut<f32>,
-    selection: &mut (impl DevicePtr<u32> + DevicePtrMut<u32>),
+    selection: &mut impl DevicePtrMut<u32>,
     plan: PlanBuffers,
     cluster_blocks: Option<u32>,
 ) -> Result<()> {
-    let plan = plan::params(gpu, stream, batch, part, selection, plan)?;
+    let mut used = LaunchBuffers::new(stream);
+    let selection_len = selection.len();
+    let selection = (used.write(selection), selection_len);
+    let plan = plan::params(gpu, &mut used, batch, part, selection, plan)?;
     launch(
         gpu,
-        stream,
+        &mut used,
         batch,
         part,
         (logits, tile_stats, chunk_ids),
@@ -91,23 +97,26 @@ pub fn run_and_plan(
     )
 }
 
-/// The top-k launch, with a plan unless `plan.resident` is 0.
+/// The top-k launch, with a plan unless `plan.resident` is 0, on `used`'s stream; `selection`
+/// is the address and length of the selection, already in `used` (which holds every buffer's
+/// guard until the launch is queued).
 #[allow(clippy::too_many_arguments)]
-fn launch(
+fn launch<'a>(
     gpu: &Gpu,
-    stream: &CudaStream,
-    batch: &ShadowBatch,
+    used: &mut LaunchBuffers<'a>,
+    batch: &'a ShadowBatch,
     part: BatchPart,
     (logits, tile_stats, chunk_ids): (
-        &impl DevicePtr<f32>,
-        &impl DevicePtr<f32>,
-        &impl DevicePtr<u32>,
+        &'a impl DevicePtr<f32>,
+        &'a impl DevicePtr<f32>,
+        &'a impl DevicePtr<u32>,
     ),
-    scores: &mut impl DevicePtrMut<f32>,
-    selection: &mut impl DevicePtrMut<u32>,
+    scores: &'a mut impl DevicePtrMut<f32>,
+    (selection, selection_len): (u64, usize),
     plan: PlanParams,
     cluster_blocks: Option<u32>,
 ) -> Result<()> {
+    let stream = used.stream();
     let config = batch.config();
     let extents = batch.extents();
     let most = if gpu.has_clusters() {
@@ -127,7 +136,7 @@ fn launch(
     check_reach("tile_stats", tile_stats.len(), tile_stats_len(batch))?;
     check_reach("chunk_ids", chunk_ids.len(), rows)?;
     check_reach("scores", scores.len(), rows)?;
-    check_reach("selection", selection.len(), batch.slot_entries())?;
+    check_reach("selection", selection_len, batch.slot_entries())?;
     let plan_bytes = if plan.resident == 0 {
         0
     } else {
@@ -175,12 +184,12 @@ fn launch(
     };
     let (launch, shared_scores) = launch_config(cluster_blocks);
     let params = TopkParams {
-        shape: batch.shape_of(stream, part)?,
-        logits: address(logits, stream),
-        tile_stats: address(tile_stats, stream),
-        chunk_ids: address(chunk_ids, stream),
-        scores: scores.device_ptr_mut(stream).0,
-        selection: selection.device_ptr_mut(stream).0,
+        shape: batch.shape_of(used, part)?,
+        logits: used.read(logits),
+        tile_stats: used.read(tile_stats),
+        chunk_ids: used.read(chunk_ids),
+        scores: used.write(scores),
+        selection,
         max_tiles: batch.scoring_tiles(),
         tile_len: batch.scoring_tile_len().get(),
         shared_scores,
