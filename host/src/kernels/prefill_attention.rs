@@ -54,7 +54,7 @@ impl PrefillAttentionShape {
     /// Checks the shape: `tokens` in 1..=`u32::MAX`, `kv_heads` in 1..=65,535, `q_heads` a
     /// positive multiple of `kv_heads` with a group of at most [`kernel_layout::MAX_GROUP`], and
     /// `head_dim` one of [`kernel_layout::HEAD_DIMS`]. Errors with
-    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the first that fails.
+    /// [`Error::InvalidArgument`] naming the first that fails.
     pub fn validate(&self) -> Result<()> {
         check_range("tokens", self.tokens, 1..=u32::MAX as usize)?;
         validate_heads(
