@@ -1,6 +1,9 @@
-//! GPU tests of the stream ordering around the cache's copy stream: a decode right after a
-//! long value offload with the overlap off, a step that fails after its fetch was queued
-//! followed by a normal one, and the facade on an engine's own stream with raw views.
+//! GPU tests of the stream ordering and lifetimes around the cache's copy stream: a decode
+//! right after a long value offload with the overlap off, a step that fails after its fetch
+//! was queued followed by a normal one, the facade on an engine's own stream (a context with
+//! cudarc's event tracking on) with raw views, a cache dropped while its offload runs, the
+//! step's scratch replaced while a step is in flight, and statistics asked for too early.
+//! Run them under `compute-sanitizer` (`gpu-bundle/run.sh sanitize`) too.
 //! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).
 use half::bf16;
 use shadowkv::cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
@@ -25,6 +28,18 @@ fn main() {
         (
             "the_facade_on_an_engine_stream_with_raw_views",
             engine_stream,
+        ),
+        (
+            "dropping_a_cache_while_its_offload_runs",
+            drop_during_offload,
+        ),
+        (
+            "the_step_scratch_regrows_while_a_step_is_in_flight",
+            scratch_regrows,
+        ),
+        (
+            "step_stats_before_any_selection_is_an_error",
+            stats_before_selection,
         ),
     ])
 }
@@ -68,11 +83,27 @@ fn prefilled_cache(
     let capacity = CacheCapacity::uniform(1, prompt_len, 8);
     let mut cache =
         ShadowKvCache::new(gpu, SHAPE, params(), ValueHome::Host, capacity).map_err(s)?;
+    let sources = prefill_sequence(gpu, &mut cache, prompt_len, 0)?;
+    if wait {
+        cache.check_prefill().map_err(s)?;
+    }
+    Ok((cache, sources))
+}
+
+/// Adds a `prompt_len`-token sequence to `cache` and prefills its every layer from seeded
+/// random tensors (seeds shifted by `seed`); returns the source buffers, which must outlive the
+/// offload.
+fn prefill_sequence(
+    gpu: &Gpu,
+    cache: &mut ShadowKvCache,
+    prompt_len: usize,
+    seed: u64,
+) -> Result<Vec<CudaSlice<bf16>>, String> {
     let id = cache.add_sequence(gpu, prompt_len).map_err(s)?;
     let kv = SHAPE.kv_heads * prompt_len * SHAPE.head_dim;
     let mut sources = Vec::new();
     for layer in 0..SHAPE.layers {
-        let seed = 7000 + 10 * layer as u64;
+        let seed = 7000 + 1000 * seed + 10 * layer as u64;
         let keys = random_buffer(gpu, kv, seed)?;
         let values = random_buffer(gpu, kv, seed + 1)?;
         let pre_rope = random_buffer(gpu, kv, seed + 2)?;
@@ -91,10 +122,7 @@ fn prefilled_cache(
             .map_err(s)?;
         sources.extend([keys, values, pre_rope, query]);
     }
-    if wait {
-        cache.check_prefill().map_err(s)?;
-    }
-    Ok((cache, sources))
+    Ok(sources)
 }
 
 /// One decode step of every layer with seeded inputs; the outputs, layer by layer.
@@ -231,6 +259,115 @@ fn engine_stream(gpu: &Gpu) -> Result<(), String> {
                 relative_error(&got, expected)
             ));
         }
+    }
+    Ok(())
+}
+
+/// Dropping a cache waits for the offload still writing its value buffer (here on the GPU),
+/// and the GPU stays usable. Under memcheck, a free before the copy ends would be reported.
+fn drop_during_offload(gpu: &Gpu) -> Result<(), String> {
+    let prompt_len = 262_144;
+    let capacity = CacheCapacity::uniform(1, prompt_len, 8);
+    let mut cache =
+        ShadowKvCache::new(gpu, SHAPE, params(), ValueHome::Device, capacity).map_err(s)?;
+    let sources = prefill_sequence(gpu, &mut cache, prompt_len, 0)?;
+    drop(cache);
+    drop(sources);
+    gpu.stream().synchronize().map_err(s)?;
+    gpu.context().check_err().map_err(s)?;
+    // The device still works: a fresh cache decodes.
+    let (mut cache, _sources) = prefilled_cache(gpu, 8_192, true)?;
+    decode(gpu, &mut cache, 0)?;
+    Ok(())
+}
+
+/// A second and third sequence join after a step was queued (no synchronisation): the step's
+/// scratch grows for the larger batch while the first step may still run. The outputs of the
+/// next step must equal those of a cache that held the three sequences from the start.
+fn scratch_regrows(gpu: &Gpu) -> Result<(), String> {
+    let lens = [4_096usize, 6_144, 8_192];
+    let capacity = CacheCapacity::uniform(lens.len(), 8_192, 8);
+    let mut growing =
+        ShadowKvCache::new(gpu, SHAPE, params(), ValueHome::Host, capacity).map_err(s)?;
+    let mut sources = prefill_sequence(gpu, &mut growing, lens[0], 0)?;
+    growing.check_prefill().map_err(s)?;
+    decode_batch(gpu, &mut growing, 0, 1)?;
+    for (seed, &len) in lens.iter().enumerate().skip(1) {
+        sources.extend(prefill_sequence(gpu, &mut growing, len, seed as u64)?);
+    }
+    growing.check_prefill().map_err(s)?;
+    let got = decode_batch(gpu, &mut growing, 1, lens.len())?;
+    let mut whole =
+        ShadowKvCache::new(gpu, SHAPE, params(), ValueHome::Host, capacity).map_err(s)?;
+    for (seed, &len) in lens.iter().enumerate() {
+        sources.extend(prefill_sequence(gpu, &mut whole, len, seed as u64)?);
+    }
+    whole.check_prefill().map_err(s)?;
+    let expected = decode_batch(gpu, &mut whole, 1, lens.len())?;
+    // Only the sequences that joined are compared: the first one's slots in `growing` carry
+    // the earlier step's selection.
+    let rows = SHAPE.q_heads * SHAPE.head_dim;
+    for (layer, (got, expected)) in got.iter().zip(&expected).enumerate() {
+        let error = relative_error(&got[rows..], &expected[rows..]);
+        if error > 1e-2 {
+            return Err(format!(
+                "layer {layer}: after the scratch regrew the joined sequences' outputs differ \
+                 (relative error {error:.3e})"
+            ));
+        }
+    }
+    drop(growing);
+    drop(whole);
+    drop(sources);
+    Ok(())
+}
+
+/// One decode step of every layer for a batch of `batch` sequences with seeded inputs.
+fn decode_batch(
+    gpu: &Gpu,
+    cache: &mut ShadowKvCache,
+    step: u64,
+    batch: usize,
+) -> Result<Vec<Vec<f64>>, String> {
+    let (q_len, kv_len) = (
+        batch * SHAPE.q_heads * SHAPE.head_dim,
+        batch * SHAPE.kv_heads * SHAPE.head_dim,
+    );
+    let mut outs = Vec::new();
+    for layer in 0..SHAPE.layers {
+        let seed = 50_000 + 100 * step + 10 * layer as u64;
+        let q = random_buffer(gpu, q_len, seed)?;
+        let keys = random_buffer(gpu, kv_len, seed + 1)?;
+        let values = random_buffer(gpu, kv_len, seed + 2)?;
+        let mut out = poisoned(gpu, q_len).map_err(s)?;
+        cache
+            .attend(gpu, layer, &q, &keys, &values, &mut out)
+            .map_err(s)?;
+        outs.push(to_f64(&gpu.stream().clone_dtoh(&out).map_err(s)?));
+    }
+    Ok(outs)
+}
+
+/// Statistics asked for before any step, or after a sequence joined but before it was
+/// prefilled, are an error or cover only what the latest selection wrote: never a panic.
+fn stats_before_selection(gpu: &Gpu) -> Result<(), String> {
+    let capacity = CacheCapacity::uniform(2, 8_192, 8);
+    let mut cache =
+        ShadowKvCache::new(gpu, SHAPE, params(), ValueHome::Host, capacity).map_err(s)?;
+    if cache.step_stats().is_ok() {
+        return Err("statistics before any selection should be an error".into());
+    }
+    let _sources = prefill_sequence(gpu, &mut cache, 8_192, 0)?;
+    cache.check_prefill().map_err(s)?;
+    decode(gpu, &mut cache, 0)?;
+    cache.add_sequence(gpu, 4_096).map_err(s)?;
+    let stats = cache.step_stats().map_err(s)?;
+    let heads = SHAPE.kv_heads;
+    if stats.misses_per_head.len() != heads {
+        return Err(format!(
+            "statistics cover {} heads, the latest step selected for {heads}",
+            stats.misses_per_head.len()
+        ));
     }
     Ok(())
 }
