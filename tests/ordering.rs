@@ -125,11 +125,13 @@ fn prefill_sequence(
     Ok(sources)
 }
 
-/// One decode step of every layer with seeded inputs; the outputs, layer by layer.
+/// One decode step of every layer for every live sequence, with inputs seeded by the step and
+/// layer; the outputs, layer by layer.
 fn decode(gpu: &Gpu, cache: &mut ShadowKvCache, step: u64) -> Result<Vec<Vec<f64>>, String> {
+    let batch = cache.sequences().len();
     let (q_len, kv_len) = (
-        SHAPE.q_heads * SHAPE.head_dim,
-        SHAPE.kv_heads * SHAPE.head_dim,
+        batch * SHAPE.q_heads * SHAPE.head_dim,
+        batch * SHAPE.kv_heads * SHAPE.head_dim,
     );
     let mut outs = Vec::new();
     for layer in 0..SHAPE.layers {
@@ -291,19 +293,19 @@ fn scratch_regrows(gpu: &Gpu) -> Result<(), String> {
         ShadowKvCache::new(gpu, SHAPE, params(), ValueHome::Host, capacity).map_err(s)?;
     let mut sources = prefill_sequence(gpu, &mut growing, lens[0], 0)?;
     growing.check_prefill().map_err(s)?;
-    decode_batch(gpu, &mut growing, 0, 1)?;
+    decode(gpu, &mut growing, 0)?;
     for (seed, &len) in lens.iter().enumerate().skip(1) {
         sources.extend(prefill_sequence(gpu, &mut growing, len, seed as u64)?);
     }
     growing.check_prefill().map_err(s)?;
-    let got = decode_batch(gpu, &mut growing, 1, lens.len())?;
+    let got = decode(gpu, &mut growing, 1)?;
     let mut whole =
         ShadowKvCache::new(gpu, SHAPE, params(), ValueHome::Host, capacity).map_err(s)?;
     for (seed, &len) in lens.iter().enumerate() {
         sources.extend(prefill_sequence(gpu, &mut whole, len, seed as u64)?);
     }
     whole.check_prefill().map_err(s)?;
-    let expected = decode_batch(gpu, &mut whole, 1, lens.len())?;
+    let expected = decode(gpu, &mut whole, 1)?;
     // Only the sequences that joined are compared: the first one's slots in `growing` carry
     // the earlier step's selection.
     let rows = SHAPE.q_heads * SHAPE.head_dim;
@@ -320,32 +322,6 @@ fn scratch_regrows(gpu: &Gpu) -> Result<(), String> {
     drop(whole);
     drop(sources);
     Ok(())
-}
-
-/// One decode step of every layer for a batch of `batch` sequences with seeded inputs.
-fn decode_batch(
-    gpu: &Gpu,
-    cache: &mut ShadowKvCache,
-    step: u64,
-    batch: usize,
-) -> Result<Vec<Vec<f64>>, String> {
-    let (q_len, kv_len) = (
-        batch * SHAPE.q_heads * SHAPE.head_dim,
-        batch * SHAPE.kv_heads * SHAPE.head_dim,
-    );
-    let mut outs = Vec::new();
-    for layer in 0..SHAPE.layers {
-        let seed = 50_000 + 100 * step + 10 * layer as u64;
-        let q = random_buffer(gpu, q_len, seed)?;
-        let keys = random_buffer(gpu, kv_len, seed + 1)?;
-        let values = random_buffer(gpu, kv_len, seed + 2)?;
-        let mut out = poisoned(gpu, q_len).map_err(s)?;
-        cache
-            .attend(gpu, layer, &q, &keys, &values, &mut out)
-            .map_err(s)?;
-        outs.push(to_f64(&gpu.stream().clone_dtoh(&out).map_err(s)?));
-    }
-    Ok(outs)
 }
 
 /// Statistics asked for before any step, or after a sequence joined but before it was
