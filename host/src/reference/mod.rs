@@ -13,6 +13,7 @@ pub mod sampling;
 pub mod scoring;
 pub mod shadow_prefill;
 pub mod topk;
+pub mod values;
 
 /// `‖out − reference‖ / ‖reference‖`; NaN or a length mismatch gives infinity.
 pub fn relative_error(out: &[f64], reference: &[f64]) -> f64 {

@@ -1,0 +1,284 @@
+//! Reference for compressed values on the host: the formats the offload writes and the fetch
+//! reads back into bf16 slots, so PCIe carries 2x (fp8) or about 3.6x (int4) fewer bytes.
+//!
+//! - **fp8 (e4m3)**: one f32 scale per (chunk, KV head), `amax / 448`; each value divided by
+//!   it (IEEE f32 division) and rounded to the nearest e4m3 value, ties to even, saturating at
+//!   ±448 (PTX `cvt.rn.satfinite.e4m3x2.f32`). A finite input never gives NaN.
+//! - **int4**: per token, groups of [`INT4_GROUP`] channels, each with an f16 minimum and an
+//!   f16 step `(max - min) / 15` (asymmetric, as KIVI quantises values); codes
+//!   `round((x - min) / step)` clamped to 0..=15, two per byte, the lower channel in the low
+//!   nibble. The minimum and the step are rounded to f16 before the codes are computed, so
+//!   decoding with the stored pair reproduces exactly what the encoder aimed at.
+use half::f16;
+
+/// Largest finite e4m3 value.
+pub const FP8_MAX: f32 = 448.0;
+/// The e4m3 code of NaN with the sign bit clear (`S.1111.111`).
+pub const FP8_NAN: u8 = 0x7f;
+/// Channels per int4 group: 64 codes (32 bytes) share 4 bytes of f16 minimum and step, 3.56x
+/// fewer bytes than bf16.
+pub const INT4_GROUP: usize = 64;
+
+/// A value format on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueFormat {
+    /// bf16 as computed (2 bytes a value).
+    Bf16,
+    /// e4m3 with one f32 scale per (chunk, KV head).
+    Fp8,
+    /// 4-bit codes with an f16 minimum and step per token and [`INT4_GROUP`] channels.
+    Int4,
+}
+
+impl ValueFormat {
+    /// Bytes the format takes for one chunk of one KV head: `chunk_size` tokens of `head_dim`
+    /// values, scales included.
+    pub fn chunk_bytes(self, chunk_size: usize, head_dim: usize) -> usize {
+        let values = chunk_size * head_dim;
+        match self {
+            ValueFormat::Bf16 => values * 2,
+            ValueFormat::Fp8 => values + 4,
+            ValueFormat::Int4 => values / 2 + chunk_size * head_dim.div_ceil(INT4_GROUP) * 4,
+        }
+    }
+}
+
+/// `x` rounded half to even to an integer.
+fn round_half_even(x: f64) -> f64 {
+    let rounded = x.round();
+    if (x - x.trunc()).abs() == 0.5 && rounded % 2.0 != 0.0 {
+        rounded - x.signum()
+    } else {
+        rounded
+    }
+}
+
+/// The e4m3 code nearest `x` (ties to even), saturating at ±[`FP8_MAX`]; NaN gives
+/// [`FP8_NAN`].
+pub fn fp8_encode(x: f32) -> u8 {
+    if x.is_nan() {
+        return FP8_NAN;
+    }
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let magnitude = f64::from(x.abs());
+    if magnitude >= f64::from(FP8_MAX) {
+        return sign | 0x7e;
+    }
+    let smallest_normal = 2f64.powi(-6);
+    if magnitude < smallest_normal {
+        // Subnormals are multiples of 2^-9; 8 of them is the smallest normal, whose code is 8.
+        return sign | round_half_even(magnitude * 512.0) as u8;
+    }
+    let mut exponent = magnitude.log2().floor() as i32;
+    // log2 can land one off at exact powers of two in floating point.
+    if 2f64.powi(exponent) > magnitude {
+        exponent -= 1;
+    } else if 2f64.powi(exponent + 1) <= magnitude {
+        exponent += 1;
+    }
+    let mut mantissa = round_half_even((magnitude / 2f64.powi(exponent) - 1.0) * 8.0) as i32;
+    if mantissa == 8 {
+        exponent += 1;
+        mantissa = 0;
+    }
+    // Below 448 the largest exponent (8) never rounds to mantissa 7 (480, the NaN code).
+    sign | (((exponent + 7) as u8) << 3) | mantissa as u8
+}
+
+/// The value of e4m3 code `code` (NaN for `S.1111.111`).
+pub fn fp8_decode(code: u8) -> f32 {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exponent = i32::from((code >> 3) & 0xf);
+    let mantissa = f64::from(code & 0x7);
+    if exponent == 15 && mantissa == 7.0 {
+        return f32::NAN;
+    }
+    let magnitude = if exponent == 0 {
+        mantissa / 8.0 * 2f64.powi(-6)
+    } else {
+        (1.0 + mantissa / 8.0) * 2f64.powi(exponent - 7)
+    };
+    (sign * magnitude) as f32
+}
+
+/// One (chunk, KV head)'s values in fp8: the codes and the scale.
+pub fn fp8_quantise(values: &[f32]) -> (Vec<u8>, f32) {
+    let amax = values
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f32, |m, x| m.max(x.abs()));
+    let scale = if amax > 0.0 { amax / FP8_MAX } else { 1.0 };
+    let codes = values.iter().map(|&x| fp8_encode(x / scale)).collect();
+    (codes, scale)
+}
+
+/// The values `fp8_quantise` encoded.
+pub fn fp8_dequantise(codes: &[u8], scale: f32) -> Vec<f32> {
+    codes.iter().map(|&c| fp8_decode(c) * scale).collect()
+}
+
+/// One token's values (`head_dim` of them, a multiple of 2) in int4: the packed codes and, per
+/// group of [`INT4_GROUP`] channels (the last may be shorter), its f16 minimum and step.
+pub fn int4_quantise(values: &[f32]) -> (Vec<u8>, Vec<(f16, f16)>) {
+    let mut codes = vec![0u8; values.len().div_ceil(2)];
+    let mut groups = Vec::new();
+    for (g, group) in values.chunks(INT4_GROUP).enumerate() {
+        let finite = || group.iter().copied().filter(|x| x.is_finite());
+        let min = finite().fold(f32::INFINITY, f32::min);
+        let max = finite().fold(f32::NEG_INFINITY, f32::max);
+        let (min, max) = if min.is_finite() {
+            (min, max)
+        } else {
+            (0.0, 0.0)
+        };
+        let min = f16::from_f32(min);
+        let step = f16::from_f32((max - min.to_f32()) / 15.0);
+        let divisor = if step.to_f32() > 0.0 {
+            step.to_f32()
+        } else {
+            1.0
+        };
+        for (i, &x) in group.iter().enumerate() {
+            let level = round_half_even(f64::from((x - min.to_f32()) / divisor));
+            let code = if level.is_nan() {
+                0
+            } else {
+                level.clamp(0.0, 15.0) as u8
+            };
+            let at = g * INT4_GROUP + i;
+            codes[at / 2] |= code << (4 * (at % 2));
+        }
+        groups.push((min, step));
+    }
+    (codes, groups)
+}
+
+/// The `len` values `int4_quantise` encoded.
+pub fn int4_dequantise(codes: &[u8], groups: &[(f16, f16)], len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|at| {
+            let code = (codes[at / 2] >> (4 * (at % 2))) & 0xf;
+            let (min, step) = groups[at / INT4_GROUP];
+            min.to_f32() + f32::from(code) * step.to_f32()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn fp8_codes_decode_to_the_e4m3_values() {
+        assert_eq!(fp8_decode(0x00), 0.0);
+        assert_eq!(fp8_decode(0x01), 2f32.powi(-9));
+        assert_eq!(fp8_decode(0x08), 2f32.powi(-6));
+        assert_eq!(fp8_decode(0x38), 1.0);
+        assert_eq!(fp8_decode(0x7e), 448.0);
+        assert_eq!(fp8_decode(0xfe), -448.0);
+        assert!(fp8_decode(FP8_NAN).is_nan() && fp8_decode(0xff).is_nan());
+    }
+
+    #[test]
+    fn every_finite_code_round_trips() {
+        for code in 0..=255u8 {
+            let value = fp8_decode(code);
+            if value.is_nan() {
+                continue;
+            }
+            let back = fp8_encode(value);
+            // Zero's two codes both decode to zero.
+            assert!(
+                back == code || value == 0.0,
+                "code {code:#x}: {value} -> {back:#x}"
+            );
+        }
+    }
+
+    /// Codes that ml_dtypes' `float8_e4m3fn` gives for the same inputs (inside the range,
+    /// where its conversion and the saturating one agree).
+    #[test]
+    fn fp8_matches_an_independent_encoder() {
+        let cases = [
+            (1.0625f32, 0x38u8),
+            (1.1875, 0x3a),
+            (1.5 * 2f32.powi(-9), 0x02),
+            (447.9, 0x7e),
+            (0.3, 0x2a),
+            (-0.0137, 0x87),
+            (2f32.powi(-10), 0x00),
+            (3.0 * 2f32.powi(-11), 0x01),
+        ];
+        for (x, code) in cases {
+            assert_eq!(fp8_encode(x), code, "{x}");
+        }
+    }
+
+    #[test]
+    fn fp8_rounds_ties_to_even_and_saturates() {
+        // 1 + 1/16 lies halfway between 1 (mantissa 0) and 1.125 (mantissa 1): even is 0.
+        assert_eq!(fp8_decode(fp8_encode(1.0625)), 1.0);
+        // 1.1875 lies halfway between 1.125 (1) and 1.25 (2): even is 2.
+        assert_eq!(fp8_decode(fp8_encode(1.1875)), 1.25);
+        // Halfway between subnormals 2^-9 and 2 * 2^-9: even is 2.
+        assert_eq!(fp8_encode(1.5 * 2f32.powi(-9)), 0x02);
+        assert_eq!(fp8_decode(fp8_encode(460.0)), 448.0);
+        assert_eq!(fp8_decode(fp8_encode(1e30)), 448.0);
+        assert_eq!(fp8_decode(fp8_encode(f32::INFINITY)), 448.0);
+        assert_eq!(fp8_decode(fp8_encode(-1e30)), -448.0);
+        assert!(fp8_decode(fp8_encode(f32::NAN)).is_nan());
+    }
+
+    #[test]
+    fn chunk_bytes_count_the_scales() {
+        assert_eq!(ValueFormat::Bf16.chunk_bytes(8, 128), 2048);
+        assert_eq!(ValueFormat::Fp8.chunk_bytes(8, 128), 1028);
+        assert_eq!(ValueFormat::Int4.chunk_bytes(8, 128), 512 + 64);
+    }
+
+    proptest! {
+        /// The nearest e4m3 value: no other finite code is closer to the input.
+        #[test]
+        fn fp8_picks_the_nearest_value(x in -500.0f32..500.0) {
+            let chosen = fp8_decode(fp8_encode(x));
+            prop_assert!(chosen.is_finite());
+            let distance = (f64::from(chosen) - f64::from(x.clamp(-FP8_MAX, FP8_MAX))).abs();
+            for code in 0..=255u8 {
+                let other = fp8_decode(code);
+                if other.is_finite() {
+                    let clamped = f64::from(x.clamp(-FP8_MAX, FP8_MAX));
+                    prop_assert!((f64::from(other) - clamped).abs() >= distance);
+                }
+            }
+        }
+
+        /// A chunk's values come back within half an e4m3 step of their magnitude (relative
+        /// 2^-4 for normals, 2^-10 of the scale below them), and never as NaN.
+        #[test]
+        fn fp8_chunks_round_trip(values in prop::collection::vec(-1e4f32..1e4, 1..1024)) {
+            let (codes, scale) = fp8_quantise(&values);
+            for (x, y) in values.iter().zip(fp8_dequantise(&codes, scale)) {
+                prop_assert!(y.is_finite());
+                let bound = x.abs() / 16.0 + scale * 2f32.powi(-10);
+                prop_assert!((x - y).abs() <= bound * 1.0001, "{x} -> {y}, scale {scale}");
+            }
+        }
+
+        /// A token's values come back within half a step, plus the f16 rounding of the
+        /// minimum and the step.
+        #[test]
+        fn int4_tokens_round_trip(values in prop::collection::vec(-8.0f32..8.0, 128)) {
+            let (codes, groups) = int4_quantise(&values);
+            prop_assert_eq!(codes.len(), 64);
+            prop_assert_eq!(groups.len(), 128 / INT4_GROUP);
+            let back = int4_dequantise(&codes, &groups, values.len());
+            for (at, (x, y)) in values.iter().zip(&back).enumerate() {
+                let (_, step) = groups[at / INT4_GROUP];
+                // f16 rounding: the minimum by up to 2^-8 here, the step by 2^-11 of it.
+                let bound = step.to_f32() / 2.0 + 1.5 * 2f32.powi(-7);
+                prop_assert!((x - y).abs() <= bound, "{x} -> {y}, step {step}");
+            }
+        }
+    }
+}
