@@ -189,9 +189,11 @@ impl GgufFile {
         for (tensor, dims, type_id, offset) in directory {
             let fail = |reason: String| tensor_error(&name, &tensor, reason);
             let Some(ggml_type) = GgmlType::from_id(type_id) else {
+                let supported: Vec<&str> = GgmlType::SUPPORTED.iter().map(|t| t.name()).collect();
                 return Err(fail(format!(
-                    "has type {} (id {type_id}), which this reader does not dequantise (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)",
-                    GgmlType::id_name(type_id)
+                    "has type {} (id {type_id}), which this reader does not dequantise ({})",
+                    GgmlType::id_name(type_id),
+                    supported.join(", ")
                 )));
             };
             let elements = dims

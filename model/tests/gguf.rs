@@ -19,13 +19,29 @@ fn hex(text: &str) -> Vec<u8> {
 #[test]
 fn quantised_blocks_match_the_reference_dequantiser() {
     use known_blocks::*;
-    let cases: [(GgmlType, &str, &[f32]); 5] = [
+    let cases: [(GgmlType, &str, &[f32]); 12] = [
         (GgmlType::Q4_0, Q40_BYTES, &Q40_VALUES),
         (GgmlType::Q4_1, Q41_BYTES, &Q41_VALUES),
+        (GgmlType::Q5_0, Q50_BYTES, &Q50_VALUES),
+        (GgmlType::Q5_1, Q51_BYTES, &Q51_VALUES),
         (GgmlType::Q8_0, Q80_BYTES, &Q80_VALUES),
+        (GgmlType::Q2K, Q2K_BYTES, &Q2K_VALUES),
+        (GgmlType::Q3K, Q3K_BYTES, &Q3K_VALUES),
         (GgmlType::Q4K, Q4K_BYTES, &Q4K_VALUES),
+        (GgmlType::Q5K, Q5K_BYTES, &Q5K_VALUES),
         (GgmlType::Q6K, Q6K_BYTES, &Q6K_VALUES),
+        (GgmlType::IQ4NL, IQ4NL_BYTES, &IQ4NL_VALUES),
+        (GgmlType::IQ4XS, IQ4XS_BYTES, &IQ4XS_VALUES),
     ];
+    // Every quantised type the reader accepts has a case.
+    for ggml_type in GgmlType::SUPPORTED {
+        let plain = [GgmlType::F32, GgmlType::F16, GgmlType::BF16].contains(&ggml_type);
+        assert!(
+            plain || cases.iter().any(|(t, _, _)| *t == ggml_type),
+            "{ggml_type:?} has no known blocks"
+        );
+        assert_eq!(GgmlType::from_id(ggml_type.id()), Some(ggml_type));
+    }
     for (ggml_type, bytes, expected) in cases {
         let bytes = hex(bytes);
         assert_eq!(bytes.len(), 2 * ggml_type.block_bytes(), "{ggml_type:?}");
@@ -176,10 +192,19 @@ fn bad_files_say_what_and_where() {
     let error = GgufFile::parse("m.gguf".into(), wrong_magic).err().unwrap();
     assert!(error.reason.contains("magic"), "{error}");
 
-    let q5 = write_gguf(&[], &[("blk.0.attn_q.weight", vec![32], 6, vec![0; 22])]);
-    let error = GgufFile::parse("q5.gguf".into(), q5).err().unwrap();
+    // IQ2_XXS (id 16): 256 elements in 66 bytes, a type the reader does not dequantise.
+    let iq2 = write_gguf(&[], &[("blk.0.attn_q.weight", vec![256], 16, vec![0; 66])]);
+    let error = GgufFile::parse("iq2.gguf".into(), iq2).err().unwrap();
     assert_eq!(error.tensor.as_deref(), Some("blk.0.attn_q.weight"));
-    assert!(error.reason.contains("Q5_0"), "{error}");
+    assert!(error.reason.contains("IQ2_XXS (id 16)"), "{error}");
+    // The message lists what the reader does take.
+    assert!(
+        error
+            .reason
+            .contains("Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K"),
+        "{error}"
+    );
+    assert!(error.reason.contains("IQ4_NL, IQ4_XS, BF16"), "{error}");
 
     let ragged = write_gguf(&[], &[("t", vec![33], 8, vec![0; 68])]);
     let error = GgufFile::parse("r.gguf".into(), ragged).err().unwrap();

@@ -1,6 +1,7 @@
 # Independent reference: SmolLM2 forward in numpy (float64) straight from the GGUF, with
 # llama.cpp's own RoPE convention (adjacent pairs on the permuted Q/K rows), no un-permutation.
-import sys, numpy as np, gguf
+# With NUMPY_LOGITS_OUT=path it also writes every logit there as little-endian f64.
+import os, sys, numpy as np, gguf
 from gguf.quants import dequantize
 r = gguf.GGUFReader(sys.argv[1])
 T = {t.name: t for t in r.tensors}
@@ -40,6 +41,7 @@ for l in range(L):
     x = x + ((gt / (1 + np.exp(-gt))) * (h @ W(p+'ffn_up.weight').T)) @ W(p+'ffn_down.weight').T
 h = rms(x[-1], W('output_norm.weight'))
 logits = h @ W('token_embd.weight').T
+if os.environ.get('NUMPY_LOGITS_OUT'): logits.astype('<f8').tofile(os.environ['NUMPY_LOGITS_OUT'])
 o = np.argsort(-logits)[:8]
 print("top", [(int(i), round(float(logits[i]),4)) for i in o])
 probe = [0, 1, 2, 17, 999, 4096, 12345, 30000, 49151]
