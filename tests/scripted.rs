@@ -248,7 +248,8 @@ fn check_scripted(
 /// the statistics say so, and the outputs are finite.
 fn step_with_script(gpu: &Gpu) -> Result<(), String> {
     let stream = gpu.stream();
-    for (kv_heads, group, k, batch, rate) in [(2, 4, 32, 3, 0.6), (3, 3, 7, 2, 0.8), (1, 1, 100, 4, 0.0)]
+    for (kv_heads, group, k, batch, rate) in
+        [(2, 4, 32, 3, 0.6), (3, 3, 7, 2, 0.8), (1, 1, 100, 4, 0.0)]
     {
         let config = ShadowConfig {
             q_heads: kv_heads * group,
@@ -317,12 +318,20 @@ fn rejects_bad_rates(gpu: &Gpu) -> Result<(), String> {
     let layer = upload(gpu, &config, &host, false).map_err(s)?;
     let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
     let named = |result: shadowkv::Result<()>, what: &str| match result {
-        Err(Error::InvalidArgument { argument, .. }) if argument == "hit_rate" => Ok(()),
-        Err(other) => Err(format!("{what}: expected an error naming hit_rate, got {other}")),
+        Err(Error::InvalidArgument {
+            argument: "hit_rate",
+            ..
+        }) => Ok(()),
+        Err(other) => Err(format!(
+            "{what}: expected an error naming hit_rate, got {other}"
+        )),
         Ok(()) => Err(format!("{what}: expected an error, got Ok")),
     };
     for bad in [-0.1, 1.0 + 1e-9, f64::NAN, f64::INFINITY] {
-        named(step.set_scripted_hit_rate(Some(bad)), &format!("step, {bad}"))?;
+        named(
+            step.set_scripted_hit_rate(Some(bad)),
+            &format!("step, {bad}"),
+        )?;
         let stream = gpu.stream();
         let ids = stream.clone_htod(&host.chunk_ids).map_err(s)?;
         let mut selection = stream.clone_htod(&host.resident).map_err(s)?;

@@ -472,7 +472,9 @@ impl DecodeStep {
         }
         for (part, plan_done) in parts.iter().zip(&self.plan_done) {
             let script = self.scripted_hit_rate;
-            select(gpu, &stream, layer, *part, q, w, self.scale, script, timeline)?;
+            select(
+                gpu, &stream, layer, *part, q, w, self.scale, script, timeline,
+            )?;
             let batch = &layer.batch;
             // The fetch runs on the copy stream beside the next part's selection, the
             // resident attention and the rebuild, or in order on the compute stream when the

@@ -87,10 +87,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         if fit.batch == 0 {
             return Err(format!("not even one sequence fits: {}", fit.limit).into());
         }
-        eprintln!(
-            "batch {} (the largest that fits; {})",
-            fit.batch, fit.limit
-        );
+        eprintln!("batch {} (the largest that fits; {})", fit.batch, fit.limit);
         args.batch = Some(fit.batch);
     }
     let batch = args.batch.unwrap_or(1);
@@ -278,6 +275,9 @@ fn report(mode: AttentionMode, hit_rate: Option<f64>, run: &Run, per_step: f64) 
     );
 }
 
+/// A scripted hit rate (`None`: the real selection) and the seconds per step it gave.
+pub type RateTime = (Option<f64>, f64);
+
 /// The ShadowKV decode: a cache for the batch, each sequence prefilled (a random-token prompt,
 /// or SYNTHETIC layers through ShadowKV's prefill), then timed greedy steps for each of
 /// `hit_rates` in turn (`None`: the real selection; `Some`: SYNTHETIC SELECTION) on the same
@@ -288,7 +288,7 @@ pub fn run_shadowkv(
     params: ShadowKvParams,
     home: shadowkv::cache::ValueHome,
     hit_rates: &[Option<f64>],
-) -> Result<Vec<(Option<f64>, f64)>, Box<dyn std::error::Error>> {
+) -> Result<Vec<RateTime>, Box<dyn std::error::Error>> {
     let config = &model.config;
     let mut random_token = run.tokens(config.vocab);
     shadowkv_model::cpu::shadowkv::validate(&params, config)?;

@@ -118,7 +118,10 @@ pub fn run(args: HitRatesArgs) -> Result<(), Box<dyn std::error::Error>> {
         args.tokens,
         params.budget_chunks()
     );
-    println!("{:>5} {:>8} {:>8} {:>9}", "layer", "mean %", "std %", "min step %");
+    println!(
+        "{:>5} {:>8} {:>8} {:>9}",
+        "layer", "mean %", "std %", "min step %"
+    );
     let mut means = Vec::new();
     for (layer, rates) in per_layer.iter().enumerate() {
         let (mean, std) = mean_std(rates);
@@ -132,11 +135,15 @@ pub fn run(args: HitRatesArgs) -> Result<(), Box<dyn std::error::Error>> {
         means.push(mean);
     }
     let (mean, std) = mean_std(&means);
-    let (worst, worst_rate) = means
-        .iter()
-        .copied()
-        .enumerate()
-        .fold((0, f64::INFINITY), |a, (l, m)| if m < a.1 { (l, m) } else { a });
+    let (worst, worst_rate) =
+        means
+            .iter()
+            .copied()
+            .enumerate()
+            .fold(
+                (0, f64::INFINITY),
+                |a, (l, m)| if m < a.1 { (l, m) } else { a },
+            );
     let best = means.iter().copied().fold(0.0f64, f64::max);
     println!(
         "all layers: mean {:.1}%, spread across layers {:.1}% (std), best {:.1}%, worst layer {worst} at {:.1}%",
@@ -156,9 +163,18 @@ mod tests {
     fn hit_rates_are_the_shared_share_of_adjacent_selections() {
         // Two layers, two heads, three steps of 4 chunks.
         let steps = vec![
-            vec![vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]], vec![vec![0, 1, 2, 3]; 2]],
-            vec![vec![vec![0, 1, 2, 9], vec![4, 5, 8, 9]], vec![vec![0, 1, 2, 3]; 2]],
-            vec![vec![vec![0, 1, 2, 9], vec![4, 5, 8, 9]], vec![vec![4, 5, 6, 7]; 2]],
+            vec![
+                vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]],
+                vec![vec![0, 1, 2, 3]; 2],
+            ],
+            vec![
+                vec![vec![0, 1, 2, 9], vec![4, 5, 8, 9]],
+                vec![vec![0, 1, 2, 3]; 2],
+            ],
+            vec![
+                vec![vec![0, 1, 2, 9], vec![4, 5, 8, 9]],
+                vec![vec![4, 5, 6, 7]; 2],
+            ],
         ];
         let rates = step_hit_rates(&steps);
         assert_eq!(rates, vec![vec![0.625, 1.0], vec![1.0, 0.0]]);

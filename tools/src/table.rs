@@ -298,6 +298,7 @@ pub fn render_chart(
         .disable_x_mesh()
         .x_labels(0)
         .y_desc("tokens/s")
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .label_style(("sans-serif", 18))
         .axis_desc_style(("sans-serif", 20))
         .draw()?;
@@ -308,21 +309,27 @@ pub fn render_chart(
             .iter()
             .filter(|r| r.label() == *name)
             .filter_map(|r| {
-                let g = groups.iter().position(|g| *g == (r.model.clone(), r.context))?;
+                let g = groups
+                    .iter()
+                    .position(|g| *g == (r.model.clone(), r.context))?;
                 Some((g as f64 + 0.1 + s as f64 * width, r.tokens_per_s.max(0.0)))
             })
             .collect();
         chart
-            .draw_series(bars.iter().map(|&(x, y)| {
-                Rectangle::new([(x, 0.0), (x + width * 0.92, y)], colour.filled())
-            }))?
+            .draw_series(
+                bars.iter().map(|&(x, y)| {
+                    Rectangle::new([(x, 0.0), (x + width * 0.92, y)], colour.filled())
+                }),
+            )?
             .label(name.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 7), (x + 16, y + 7)], colour.filled()));
         let ratios: Vec<(f64, f64, String)> = rows
             .iter()
             .filter(|r| r.label() == *name && r.hit_rate.is_some() && r.ratio.is_finite())
             .filter_map(|r| {
-                let g = groups.iter().position(|g| *g == (r.model.clone(), r.context))?;
+                let g = groups
+                    .iter()
+                    .position(|g| *g == (r.model.clone(), r.context))?;
                 let x = g as f64 + 0.1 + s as f64 * width + width * 0.46;
                 Some((x, r.tokens_per_s, format!("{:.1}x", r.ratio)))
             })
@@ -382,7 +389,10 @@ mod tests {
                     error: None,
                 };
                 rows.push(row(AttentionMode::Full, None, 7, full));
-                for (mode, gain) in [(AttentionMode::Shadowkv, 3.0), (AttentionMode::ShadowkvGpu, 2.0)] {
+                for (mode, gain) in [
+                    (AttentionMode::Shadowkv, 3.0),
+                    (AttentionMode::ShadowkvGpu, 2.0),
+                ] {
                     for rate in TABLE_HIT_RATES {
                         rows.push(row(mode, Some(rate), 40, full * gain * (0.5 + rate)));
                     }
@@ -398,7 +408,9 @@ mod tests {
         if bytes.len() < 24 || bytes[..8] != SIGNATURE || &bytes[12..16] != b"IHDR" {
             return None;
         }
-        let word = |at: usize| u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let word = |at: usize| {
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
         Some((word(16), word(20)))
     }
 
