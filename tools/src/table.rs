@@ -360,7 +360,7 @@ pub fn render_chart(
     for (g, (model, context)) in groups.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
         root.draw(&Text::new(model.clone(), (x, y + 10), style.clone()))?;
-        let tokens = format!("{}K tokens", context / 1024);
+        let tokens = format!("{context} tokens");
         root.draw(&Text::new(tokens, (x, y + 34), style.clone()))?;
     }
     root.present()?;
