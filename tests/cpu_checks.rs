@@ -74,6 +74,7 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
     names.extend(
         [
             shadowkv::kernels::plan::kernel_layout::KERNEL_NAME,
+            shadowkv::kernels::scripted_selection::kernel_layout::KERNEL_NAME,
             shadowkv::kernels::fetch::kernel_layout::KERNEL_NAME,
             shadowkv::kernels::layer::kernel_layout::EMBEDDING_KERNEL,
             shadowkv::kernels::layer::kernel_layout::RMS_NORM_KERNEL,

@@ -9,7 +9,9 @@
 //! compute: select(P0) [plan_done0] select(P1) [plan_done1] ... attention(resident), rebuild, wait(fetch_done), attention(fresh)
 //! copy:                wait(plan_done0) fetch(P0)  wait(plan_done1) fetch(P1) ... [fetch_done]
 //! ```
-//! (`select` = scoring, then top-k with the plan in the same launch.) A smaller step's fetch
+//! (`select` = scoring, then top-k with the plan in the same launch; with a scripted hit rate,
+//! the top-k, the scripted selection and the plan, see
+//! [`DecodeStep::set_scripted_hit_rate`].) A smaller step's fetch
 //! is short, and a second part or attention launch costs more than it hides: it runs in one
 //! part, only the rebuild runs beside the fetch, and one attention launch follows it (see
 //! [`DecodeStep::set_split_attention`]). With the overlap off, everything runs in order on
@@ -32,7 +34,7 @@ use crate::kernels::attention::{
 use crate::kernels::fetch::{self, LayerValues};
 use crate::kernels::plan::PlanBuffers;
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
-use crate::kernels::{rebuild, scoring, topk};
+use crate::kernels::{plan, rebuild, scoring, scripted_selection, topk};
 use crate::pinned::PinnedBuffer;
 
 /// The ShadowKV state of one layer for a batch (layouts in `shadowkv_kernels::shadow`).
@@ -188,6 +190,7 @@ pub struct DecodeStep {
     split_attention: Option<bool>,
     parts: Option<usize>,
     timeline: Option<Timeline>,
+    scripted_hit_rate: Option<f64>,
 }
 
 /// Value bytes of a batch's whole budget (every selected chunk a miss) from which a step is
@@ -256,6 +259,7 @@ impl DecodeStep {
             split_attention: None,
             parts: None,
             timeline: None,
+            scripted_hit_rate: None,
         })
     }
 
@@ -299,6 +303,28 @@ impl DecodeStep {
     /// [`set_split_attention`](Self::set_split_attention)).
     pub fn splits_attention(&self, batch: &ShadowBatch) -> bool {
         self.overlap && self.split_attention.unwrap_or(self.is_large(batch))
+    }
+
+    /// SYNTHETIC SELECTION, for throughput benchmarks on random data: with `Some(rate)`, each
+    /// selection runs the top-k alone, then rewrites every (sequence, KV head)'s selection so
+    /// that `rate` of its chunks (rounded) were resident from the previous step and the rest
+    /// were not (`kernels::scripted_selection`), then runs the plan on it, all on the GPU.
+    /// Random keys and queries keep only a few percent of the chunks between steps, where real
+    /// models keep most; the attention then reads chunks the query did not select, so the
+    /// outputs are no longer ShadowKV's. `None` (the default) selects as usual. A rate outside
+    /// `[0, 1]` (or NaN) is an [`InvalidArgument`](crate::Error::InvalidArgument).
+    pub fn set_scripted_hit_rate(&mut self, rate: Option<f64>) -> Result<()> {
+        if let Some(rate) = rate {
+            scripted_selection::check_hit_rate(rate)?;
+        }
+        self.scripted_hit_rate = rate;
+        Ok(())
+    }
+
+    /// The scripted hit rate (see [`set_scripted_hit_rate`](Self::set_scripted_hit_rate)), if
+    /// any.
+    pub fn scripted_hit_rate(&self) -> Option<f64> {
+        self.scripted_hit_rate
     }
 
     /// Parts the batch runs in when the overlap is on (at least 1, at most the batch size);
@@ -445,7 +471,10 @@ impl DecodeStep {
             t.recorded = 0;
         }
         for (part, plan_done) in parts.iter().zip(&self.plan_done) {
-            select(gpu, &stream, layer, *part, q, w, self.scale, timeline)?;
+            let script = self.scripted_hit_rate;
+            select(
+                gpu, &stream, layer, *part, q, w, self.scale, script, timeline,
+            )?;
             let batch = &layer.batch;
             // The fetch runs on the copy stream beside the next part's selection, the
             // resident attention and the rebuild, or in order on the compute stream when the
@@ -548,6 +577,7 @@ impl DecodeStep {
             q,
             &mut self.workspace,
             self.scale,
+            self.scripted_hit_rate,
             &mut None,
         )?;
         self.stats_ready.record(&stream)?;
@@ -623,7 +653,9 @@ impl DecodeStep {
     }
 }
 
-/// Scoring, top-k and plan of `part` on `stream`, into `w`.
+/// Scoring, top-k and plan of `part` on `stream`, into `w`; with a scripted hit rate, the
+/// top-k alone, the scripted selection, then the plan (see
+/// [`DecodeStep::set_scripted_hit_rate`]).
 #[allow(clippy::too_many_arguments)]
 fn select(
     gpu: &Gpu,
@@ -633,6 +665,7 @@ fn select(
     q: &impl DevicePtr<bf16>,
     w: &mut StepWorkspace,
     scale: f32,
+    scripted_hit_rate: Option<f64>,
     timeline: &mut Option<Timeline>,
 ) -> Result<()> {
     let batch = &layer.batch;
@@ -648,7 +681,30 @@ fn select(
         scale,
     )?;
     mark(timeline, gpu, "scoring", stream)?;
-    topk::run_and_plan(
+    let plan_buffers = PlanBuffers {
+        resident: &mut layer.resident,
+        misses: &mut w.misses,
+        miss_counts: &mut w.miss_counts,
+        fresh: &mut w.fresh,
+        host_miss_counts: w.host_miss_counts.device_address(),
+    };
+    let Some(hit_rate) = scripted_hit_rate else {
+        topk::run_and_plan(
+            gpu,
+            stream,
+            batch,
+            part,
+            &w.logits,
+            &w.tile_stats,
+            &layer.chunk_ids,
+            &mut w.scores,
+            &mut w.selection,
+            plan_buffers,
+            None,
+        )?;
+        return mark(timeline, gpu, "topk + plan", stream);
+    };
+    topk::run(
         gpu,
         stream,
         batch,
@@ -658,16 +714,22 @@ fn select(
         &layer.chunk_ids,
         &mut w.scores,
         &mut w.selection,
-        PlanBuffers {
-            resident: &mut layer.resident,
-            misses: &mut w.misses,
-            miss_counts: &mut w.miss_counts,
-            fresh: &mut w.fresh,
-            host_miss_counts: w.host_miss_counts.device_address(),
-        },
         None,
     )?;
-    mark(timeline, gpu, "topk + plan", stream)
+    mark(timeline, gpu, "topk", stream)?;
+    scripted_selection::run(
+        gpu,
+        stream,
+        batch,
+        part,
+        &layer.chunk_ids,
+        &*plan_buffers.resident,
+        &mut w.selection,
+        hit_rate,
+    )?;
+    mark(timeline, gpu, "scripted selection", stream)?;
+    plan::run(gpu, stream, batch, part, &w.selection, plan_buffers)?;
+    mark(timeline, gpu, "plan", stream)
 }
 
 /// Where `batch`'s slots are for the two attention launches of a step: the latest plan's

@@ -31,6 +31,7 @@ pub mod rebuild;
 pub mod rope;
 pub mod sampling;
 pub mod scoring;
+pub mod scripted_selection;
 pub mod shadow;
 pub mod shadow_prefill;
 #[cfg(target_arch = "nvptx64")]

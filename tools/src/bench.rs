@@ -6,6 +6,7 @@ use clap::Args;
 use shadowkv_model::{GpuModel, ModelConfig, ModelSource, Sampler, NAMED_SHAPES};
 
 use shadowkv::cache::CacheCapacity;
+use shadowkv_model::ShadowKvParams;
 
 use crate::args::{AttentionMode, ShadowKvArgs};
 use crate::prefill::{prefill, prefill_bar, PREFILL_CHUNK};
@@ -16,9 +17,10 @@ pub struct BenchArgs {
     /// yi-9b, qwen2-7b, smollm2-135m), or a .gguf file / Hugging Face folder.
     #[arg(long, default_value = "smollm2-135m")]
     model: String,
-    /// Sequences decoded together.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Sequences decoded together (default: the largest batch the mode fits, as `shadowkv
+    /// plan` finds it from the GPU's free memory and the host's available memory).
+    #[arg(long)]
+    batch: Option<usize>,
     /// Tokens of context per sequence before decoding starts.
     #[arg(long, default_value_t = 4096)]
     context: usize,
@@ -37,106 +39,200 @@ pub struct BenchArgs {
     attention: AttentionMode,
     #[command(flatten)]
     shadowkv: ShadowKvArgs,
+    /// SYNTHETIC SELECTION (ShadowKV modes): each decode step rewrites every (sequence, KV
+    /// head)'s selection on the GPU so that this share of it (0 to 1) stays resident from the
+    /// step before and the rest is fetched and rebuilt. Random contexts keep only a few
+    /// percent of their chunks between steps; real text keeps most (see `shadowkv hit-rates`).
+    #[arg(long)]
+    hit_rate: Option<f64>,
+    /// The throughput table: Llama-3-8B, Llama-3.1-8B, Yi-9B and Qwen2-7B shapes (random
+    /// weights, SYNTHETIC context) at 60K and 122K tokens; full attention and each ShadowKV
+    /// mode at its largest batch, ShadowKV at 60% and 80% SYNTHETIC SELECTION hits. Writes
+    /// `--out`.json and `--out`.png.
+    #[arg(long)]
+    table: bool,
+    /// The table's output files, without extension.
+    #[arg(long, default_value = "bench-table")]
+    out: std::path::PathBuf,
     /// Seed of the synthetic weights, context and prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
-pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if args.batch == 0 || args.context == 0 || args.steps == 0 {
+pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.table {
+        return crate::table::run(&args.table_options());
+    }
+    if args.batch == Some(0) || args.context == 0 || args.steps == 0 {
         return Err("--batch, --context and --steps must be at least 1".into());
     }
+    if let Some(rate) = args.hit_rate {
+        if args.attention.value_home().is_none() {
+            return Err("--hit-rate scripts ShadowKV's selection: give --attention shadowkv or shadowkv-gpu".into());
+        }
+        shadowkv::kernels::scripted_selection::check_hit_rate(rate)?;
+    }
     let gpu = Arc::new(shadowkv::Gpu::new(0)?);
+    if args.batch.is_none() {
+        let config = crate::plan::model_config(&args.model)?;
+        let budget = crate::plan::Budget::for_gpu(&gpu, None)?;
+        let fit = crate::plan::fit(
+            &config,
+            &args.shadowkv.params(),
+            args.attention,
+            args.context,
+            args.steps + 3,
+            budget,
+        )?;
+        if fit.batch == 0 {
+            return Err(format!("not even one sequence fits: {}", fit.limit).into());
+        }
+        eprintln!("batch {} (the largest that fits; {})", fit.batch, fit.limit);
+        args.batch = Some(fit.batch);
+    }
+    let batch = args.batch.unwrap_or(1);
     let started = Instant::now();
-    let model = if NAMED_SHAPES.contains(&args.model.as_str()) {
-        let config = ModelConfig::named(&args.model)?;
-        eprintln!(
-            "model {} (SYNTHETIC random weights), {:.2}B parameters",
-            args.model,
-            config.parameters() as f64 / 1e9
-        );
-        GpuModel::synthetic(gpu.clone(), &config, args.seed)?
-    } else {
-        let source = ModelSource::open(std::path::Path::new(&args.model))?;
-        GpuModel::load(gpu.clone(), &source.config, &source.weights)?
-    };
-    let config = model.config.clone();
+    let model = load_model(&gpu, &args.model, args.seed)?;
     eprintln!(
         "weights: {:.2} GB on {} in {:.1} s",
         model.weight_bytes() as f64 / 1e9,
         gpu.info().name,
         started.elapsed().as_secs_f64()
     );
-    let mut rng_state = args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut random_token = || {
-        rng_state ^= rng_state << 13;
-        rng_state ^= rng_state >> 7;
-        rng_state ^= rng_state << 17;
-        (rng_state % config.vocab as u64) as u32
+    let run = Run {
+        batch,
+        context: args.context,
+        steps: args.steps,
+        synthetic_context: args.synthetic_context,
+        seed: args.seed,
     };
     if let Some(home) = args.attention.value_home() {
-        return run_shadowkv(&args, &model, home, &mut random_token);
+        let params = args.shadowkv.params();
+        let results = run_shadowkv(&run, &model, params, home, &[args.hit_rate])?;
+        for (rate, per_step) in results {
+            report(args.attention, rate, &run, per_step);
+        }
+        return Ok(());
     }
+    let per_step = run_full(&run, &model)?;
+    report(args.attention, None, &run, per_step);
+    Ok(())
+}
+
+impl BenchArgs {
+    fn table_options(&self) -> crate::table::TableOptions {
+        crate::table::TableOptions {
+            steps: self.steps,
+            params: self.shadowkv.params(),
+            seed: self.seed,
+            out: self.out.clone(),
+            models: None,
+            contexts: None,
+        }
+    }
+}
+
+/// A named shape with random weights generated on the GPU, or a model file / folder.
+pub fn load_model(
+    gpu: &Arc<shadowkv::Gpu>,
+    name: &str,
+    seed: u64,
+) -> Result<GpuModel, Box<dyn std::error::Error>> {
+    Ok(if NAMED_SHAPES.contains(&name) {
+        let config = ModelConfig::named(name)?;
+        eprintln!(
+            "model {name} (SYNTHETIC random weights), {:.2}B parameters",
+            config.parameters() as f64 / 1e9
+        );
+        GpuModel::synthetic(gpu.clone(), &config, seed)?
+    } else {
+        let source = ModelSource::open(std::path::Path::new(name))?;
+        GpuModel::load(gpu.clone(), &source.config, &source.weights)?
+    })
+}
+
+/// One timed decode run's shape.
+pub struct Run {
+    pub batch: usize,
+    pub context: usize,
+    pub steps: usize,
+    pub synthetic_context: bool,
+    pub seed: u64,
+}
+
+impl Run {
+    /// A xorshift stream of token ids below `vocab`, from the seed.
+    fn tokens(&self, vocab: usize) -> impl FnMut() -> u32 {
+        let mut state = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % vocab as u64) as u32
+        }
+    }
+}
+
+/// Full attention: the cache, the context (SYNTHETIC or prefilled) and the timed greedy steps;
+/// seconds per step.
+pub fn run_full(run: &Run, model: &GpuModel) -> Result<f64, Box<dyn std::error::Error>> {
+    let config = model.config.clone();
+    let mut random_token = run.tokens(config.vocab);
     // The context, the first token after it, two warm-up steps and the timed steps.
-    let capacity = (args.context + args.steps + 3) as u32;
-    let mut cache = model.new_cache(&vec![capacity; args.batch])?;
+    let capacity = (run.context + run.steps + 3) as u32;
+    let mut cache = model.new_cache(&vec![capacity; run.batch])?;
     eprintln!(
         "KV cache (full attention): {:.2} GB for {} x {} tokens",
         cache.bytes() as f64 / 1e9,
-        args.batch,
+        run.batch,
         capacity
     );
-    let last_logits = if args.synthetic_context {
-        cache.fill_synthetic(
-            model.gpu(),
-            &vec![args.context as u32; args.batch],
-            args.seed,
-        )?;
+    let last_logits = if run.synthetic_context {
+        cache.fill_synthetic(model.gpu(), &vec![run.context as u32; run.batch], run.seed)?;
         eprintln!(
             "context: SYNTHETIC random keys and values, {} tokens per sequence",
-            args.context
+            run.context
         );
         model.forward(
             &mut cache,
-            &(0..args.batch).collect::<Vec<_>>(),
-            &(0..args.batch).map(|_| random_token()).collect::<Vec<_>>(),
+            &(0..run.batch).collect::<Vec<_>>(),
+            &(0..run.batch).map(|_| random_token()).collect::<Vec<_>>(),
         )?
     } else {
-        let bar = prefill_bar(args.batch * args.context);
+        let bar = prefill_bar(run.batch * run.context);
         let started_prefill = Instant::now();
         let mut rows = Vec::new();
-        for sequence in 0..args.batch {
-            let prompt: Vec<u32> = (0..args.context).map(|_| random_token()).collect();
-            rows.extend(prefill(&model, &mut cache, sequence, &prompt, Some(&bar))?);
+        for sequence in 0..run.batch {
+            let prompt: Vec<u32> = (0..run.context).map(|_| random_token()).collect();
+            rows.extend(prefill(model, &mut cache, sequence, &prompt, Some(&bar))?);
         }
         bar.finish_and_clear();
         eprintln!(
             "context: prefilled {} random-token prompts of {} tokens in {:.2} s ({:.0} tokens/s)",
-            args.batch,
-            args.context,
+            run.batch,
+            run.context,
             started_prefill.elapsed().as_secs_f64(),
-            (args.batch * args.context) as f64 / started_prefill.elapsed().as_secs_f64()
+            (run.batch * run.context) as f64 / started_prefill.elapsed().as_secs_f64()
         );
         rows
     };
-    let sequences: Vec<usize> = (0..args.batch).collect();
+    let sequences: Vec<usize> = (0..run.batch).collect();
     let first: Vec<u32> = last_logits
         .chunks_exact(config.vocab)
         .map(|row| Sampler::greedy().sample(row))
         .collect();
     // Greedy decoding with the argmax on the GPU: each step returns one id per sequence.
-    let per_step = time_steps(&args, first, |next| {
+    let (per_step, _) = time_steps(run.steps, first, |next| {
         model.forward_greedy(&mut cache, &sequences, next)
     })?;
     // What a step must read at least: every weight once and every cached key and value.
-    let kv_bytes = kv_cache_bytes(&config, args.batch, args.context + args.steps / 2);
+    let kv_bytes = kv_cache_bytes(&config, run.batch, run.context + run.steps / 2);
     let bytes = model.weight_bytes() + kv_bytes;
-    report(&args, per_step);
-    println!(
+    eprintln!(
         "  full attention reads weights + KV at {:.0} GB/s",
         bytes as f64 / per_step / 1e9
     );
-    Ok(())
+    Ok(per_step)
 }
 
 /// Bytes of the bf16 keys and values of `sequences` x `tokens` in every layer.
@@ -144,99 +240,114 @@ fn kv_cache_bytes(config: &ModelConfig, sequences: usize, tokens: usize) -> usiz
     2 * 2 * config.layers * config.kv_dim() * sequences * tokens
 }
 
-/// Two untimed warm-up steps, then `args.steps` timed ones; seconds per step.
+/// Two untimed warm-up steps, then `steps` timed ones; seconds per step and the last ids.
 fn time_steps(
-    args: &BenchArgs,
+    steps: usize,
     mut next: Vec<u32>,
     mut step: impl FnMut(&[u32]) -> shadowkv_model::Result<Vec<u32>>,
-) -> shadowkv_model::Result<f64> {
+) -> shadowkv_model::Result<(f64, Vec<u32>)> {
     for _ in 0..2 {
         next = step(&next)?;
     }
     let timed = Instant::now();
-    for _ in 0..args.steps {
+    for _ in 0..steps {
         next = step(&next)?;
     }
-    Ok(timed.elapsed().as_secs_f64() / args.steps as f64)
+    Ok((timed.elapsed().as_secs_f64() / steps as f64, next))
 }
 
-fn report(args: &BenchArgs, per_step: f64) {
+/// The label of a ShadowKV run with a scripted hit rate.
+pub fn synthetic_selection_label(rate: f64) -> String {
+    format!("SYNTHETIC SELECTION ({:.0}% hits)", 100.0 * rate)
+}
+
+fn report(mode: AttentionMode, hit_rate: Option<f64>, run: &Run, per_step: f64) {
+    let selection = hit_rate
+        .map(|rate| format!(", {}", synthetic_selection_label(rate)))
+        .unwrap_or_default();
     println!(
-        "decode ({:?}): batch {} at {} tokens of context: {:.3} ms per step, {:.1} tokens/s ({:.1} per sequence)",
-        args.attention,
-        args.batch,
-        args.context,
+        "decode ({mode:?}{selection}): batch {} at {} tokens of context: {:.3} ms per step, {:.1} tokens/s ({:.1} per sequence)",
+        run.batch,
+        run.context,
         per_step * 1e3,
-        args.batch as f64 / per_step,
+        run.batch as f64 / per_step,
         1.0 / per_step,
     );
 }
 
+/// A scripted hit rate (`None`: the real selection) and the seconds per step it gave.
+pub type RateTime = (Option<f64>, f64);
+
 /// The ShadowKV decode: a cache for the batch, each sequence prefilled (a random-token prompt,
-/// or SYNTHETIC layers through ShadowKV's prefill), then timed greedy steps.
-fn run_shadowkv(
-    args: &BenchArgs,
+/// or SYNTHETIC layers through ShadowKV's prefill), then timed greedy steps for each of
+/// `hit_rates` in turn (`None`: the real selection; `Some`: SYNTHETIC SELECTION) on the same
+/// cache. Seconds per step for each.
+pub fn run_shadowkv(
+    run: &Run,
     model: &GpuModel,
+    params: ShadowKvParams,
     home: shadowkv::cache::ValueHome,
-    random_token: &mut impl FnMut() -> u32,
-) -> Result<(), Box<dyn std::error::Error>> {
+    hit_rates: &[Option<f64>],
+) -> Result<Vec<RateTime>, Box<dyn std::error::Error>> {
     let config = &model.config;
-    let params = args.shadowkv.params();
+    let mut random_token = run.tokens(config.vocab);
     shadowkv_model::cpu::shadowkv::validate(&params, config)?;
-    let capacity = CacheCapacity::uniform(args.batch, args.context, args.steps + 3);
+    let generated = hit_rates.len() * (run.steps + 2) + 1;
+    let capacity = CacheCapacity::uniform(run.batch, run.context, generated);
     let mut shadow = model.new_shadow_cache(params, home, capacity)?;
     let memory = shadow.memory_report()?;
     eprintln!(
         "ShadowKV cache ({params:?}, values {home:?}): {:.2} GB on the GPU, {:.2} GB pinned on the host; the full KV cache would be {:.2} GB",
         memory.gpu_bytes() as f64 / 1e9,
         memory.host_bytes() as f64 / 1e9,
-        kv_cache_bytes(config, args.batch, args.context + args.steps + 3) as f64
-            / 1e9
+        kv_cache_bytes(config, run.batch, run.context + generated) as f64 / 1e9
     );
     let started = Instant::now();
-    let mut first = Vec::new();
-    if args.synthetic_context {
-        for sequence in 0..args.batch {
-            model.prefill_shadow_synthetic(
-                &mut shadow,
-                args.context,
-                args.seed + sequence as u64,
-            )?;
-            first.push(random_token());
+    let mut next = Vec::new();
+    if run.synthetic_context {
+        for sequence in 0..run.batch {
+            model.prefill_shadow_synthetic(&mut shadow, run.context, run.seed + sequence as u64)?;
+            next.push(random_token());
         }
         eprintln!(
             "context: SYNTHETIC random keys and values through ShadowKV's prefill, {} x {} tokens in {:.2} s",
-            args.batch,
-            args.context,
+            run.batch,
+            run.context,
             started.elapsed().as_secs_f64()
         );
     } else {
-        let bar = prefill_bar(args.batch * args.context);
-        for sequence in 0..args.batch {
-            let prompt: Vec<u32> = (0..args.context).map(|_| random_token()).collect();
-            let done = sequence * args.context;
+        let bar = prefill_bar(run.batch * run.context);
+        for sequence in 0..run.batch {
+            let prompt: Vec<u32> = (0..run.context).map(|_| random_token()).collect();
+            let done = sequence * run.context;
             let (_, logits) = model.prefill_shadow(&mut shadow, &prompt, PREFILL_CHUNK, |n| {
                 bar.set_position((done + n) as u64)
             })?;
-            first.push(Sampler::greedy().sample(&logits));
+            next.push(Sampler::greedy().sample(&logits));
         }
         bar.finish_and_clear();
         eprintln!(
             "context: prefilled {} random-token prompts of {} tokens in {:.2} s",
-            args.batch,
-            args.context,
+            run.batch,
+            run.context,
             started.elapsed().as_secs_f64()
         );
     }
-    let per_step = time_steps(args, first, |next| {
-        model.decode_shadow_greedy(&mut shadow, next)
-    })?;
-    report(args, per_step);
-    let stats = shadow.cache().step_stats()?;
-    println!(
-        "  ShadowKV: the last step's hit rate (last layer) {:.1}%, {} chunks fetched and rebuilt",
-        100.0 * stats.hit_rate(),
-        stats.misses
-    );
-    Ok(())
+    let mut results = Vec::new();
+    for &rate in hit_rates {
+        shadow.set_scripted_hit_rate(rate)?;
+        let (per_step, last) = time_steps(run.steps, next, |tokens| {
+            model.decode_shadow_greedy(&mut shadow, tokens)
+        })?;
+        next = last;
+        let stats = shadow.cache().step_stats()?;
+        let label = rate.map_or("real selection".to_owned(), synthetic_selection_label);
+        eprintln!(
+            "  ShadowKV ({label}): the last step's hit rate (last layer) {:.1}%, {} chunks fetched and rebuilt",
+            100.0 * stats.hit_rate(),
+            stats.misses
+        );
+        results.push((rate, per_step));
+    }
+    Ok(results)
 }

@@ -2,7 +2,10 @@
 mod args;
 mod bench;
 mod generate;
+mod hit_rates;
+mod plan;
 mod prefill;
+mod table;
 
 use std::time::Instant;
 
@@ -54,6 +57,14 @@ enum Command {
     /// Decode throughput (tokens/s) of a model, real or synthetic, for a batch size and a
     /// context length, on the GPU.
     Bench(bench::BenchArgs),
+    /// The largest batch each attention mode fits (full attention, ShadowKV with the values
+    /// on the host, ShadowKV with the values on the GPU) for a model and a context length,
+    /// and what limits it. Works without a GPU given --gpu-gib and --host-gib.
+    Plan(plan::PlanArgs),
+    /// How many of ShadowKV's selected chunks stay selected between adjacent decode steps,
+    /// per layer, on real text (CPU reference model, no GPU): the cache hit rate a real
+    /// model sees, to calibrate `bench --hit-rate`.
+    HitRates(hit_rates::HitRatesArgs),
 }
 
 fn main() {
@@ -79,6 +90,8 @@ fn main() {
         .map_err(|e| e.into()),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::HitRates(args) => hit_rates::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

@@ -13,6 +13,7 @@ pub mod random;
 pub mod rebuild;
 pub mod sampling;
 pub mod scoring;
+pub mod scripted_selection;
 pub mod shadow;
 pub mod shadow_prefill;
 pub mod topk;

@@ -11,6 +11,7 @@ pub mod random;
 pub mod rebuild;
 pub mod sampling;
 pub mod scoring;
+pub mod scripted_selection;
 pub mod shadow_prefill;
 pub mod topk;
 pub mod values;

@@ -34,6 +34,9 @@ pub struct CpuCache {
     /// first `forward` call); later tokens attend through it.
     shadowkv: Option<ShadowKvParams>,
     shadows: Vec<ShadowLayer>,
+    /// ShadowKV mode, when recording: per layer, per KV head, the chunks the latest token
+    /// selected (see [`CpuCache::record_selections`]).
+    selections: Option<Vec<Vec<Vec<usize>>>>,
 }
 
 impl CpuCache {
@@ -54,6 +57,19 @@ impl CpuCache {
             shadowkv: Some(params),
             ..CpuCache::new(config)
         })
+    }
+
+    /// ShadowKV mode: with `true`, each later `forward` keeps the chunks its last token
+    /// selected per layer and KV head ([`selections`](Self::selections)), to measure how many
+    /// stay selected from one decode step to the next.
+    pub fn record_selections(&mut self, on: bool) {
+        self.selections = on.then(Vec::new);
+    }
+
+    /// Per layer, per KV head, the chunks (ids, ascending) the latest token selected, when
+    /// recording (empty before the first token after the prompt).
+    pub fn selections(&self) -> &[Vec<Vec<usize>>] {
+        self.selections.as_deref().unwrap_or(&[])
     }
 
     /// Tokens cached.
@@ -158,6 +174,19 @@ impl CpuModel {
             }
             let attended = match (cache.shadowkv, cache.shadows.get(layer)) {
                 (Some(params), Some(shadow)) if build_shadows.is_none() => {
+                    if let Some(selections) = cache.selections.as_mut() {
+                        let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
+                        let width = config.group() * config.head_dim;
+                        selections.truncate(layer);
+                        selections.push(
+                            (0..config.kv_heads)
+                                .map(|h| {
+                                    let queries = &last[h * width..(h + 1) * width];
+                                    shadow.select(config, &params, h, queries)
+                                })
+                                .collect(),
+                        );
+                    }
                     let mut out = Vec::with_capacity(count * config.q_dim());
                     for t in 0..count {
                         let query = &q[t * config.q_dim()..(t + 1) * config.q_dim()];

@@ -74,6 +74,17 @@ impl GpuShadowCache {
             .on_gpu("sizing the ShadowKV cache")
     }
 
+    /// SYNTHETIC SELECTION, for throughput benchmarks on random data: every later decode
+    /// step keeps `rate` of each (sequence, KV head)'s selected chunks resident from the step
+    /// before and fetches the rest (`DecodeStep::set_scripted_hit_rate`); the outputs are then
+    /// no longer ShadowKV's. `None` selects as usual. A rate outside `[0, 1]` is an error.
+    pub fn set_scripted_hit_rate(&mut self, rate: Option<f64>) -> Result<()> {
+        self.cache
+            .decode_step()
+            .set_scripted_hit_rate(rate)
+            .on_gpu("setting the scripted hit rate")
+    }
+
     /// The shadow cache itself (its last step's statistics, layouts).
     pub fn cache(&self) -> &ShadowKvCache {
         &self.cache

@@ -1,0 +1,316 @@
+//! `shadowkv plan`: the largest batch each attention mode fits for a model and a context
+//! length, from the GPU's free memory and the host's available memory (or sizes given).
+use clap::Args;
+use shadowkv::cache::{CacheShape, ShadowKvCache, ValueHome};
+use shadowkv_model::{ModelConfig, ModelSource, ShadowKvParams, NAMED_SHAPES};
+
+use crate::args::{AttentionMode, ShadowKvArgs};
+
+/// GPU bytes kept back beside the weights and the cache: the cuBLAS workspace, a decode
+/// step's activations and logits, the allocator's slack.
+pub const GPU_RESERVE_BYTES: u64 = 1 << 30;
+/// Host bytes kept back from what the system says is available (the process itself, the
+/// model files' page cache).
+pub const HOST_RESERVE_BYTES: u64 = 4 << 30;
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// A named shape (llama-3-8b, llama-3.1-8b, yi-9b, qwen2-7b, smollm2-135m), or a .gguf
+    /// file / Hugging Face folder (only its config is read).
+    #[arg(long, default_value = "llama-3-8b")]
+    model: String,
+    /// Tokens of context per sequence.
+    #[arg(long, default_value_t = 122_880)]
+    context: usize,
+    /// Tokens each sequence may generate after its context.
+    #[arg(long, default_value_t = 256)]
+    generated: usize,
+    /// Only this mode (default: all three).
+    #[arg(long, value_enum)]
+    attention: Option<AttentionMode>,
+    /// GPU memory to plan for, in GiB (default: the free memory of GPU 0).
+    #[arg(long)]
+    gpu_gib: Option<f64>,
+    /// Pinned host memory to plan for, in GiB (default: the available memory less 4 GiB).
+    #[arg(long)]
+    host_gib: Option<f64>,
+    #[command(flatten)]
+    shadowkv: ShadowKvArgs,
+}
+
+/// The memory a plan is made for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    /// GPU bytes for the weights, the cache and [`GPU_RESERVE_BYTES`].
+    pub gpu_bytes: u64,
+    /// Pinned host bytes for ShadowKV's values.
+    pub host_bytes: u64,
+}
+
+impl Budget {
+    /// The sizes given (GiB), else GPU 0's free memory and the host's available memory.
+    pub fn measure(gpu_gib: Option<f64>, host_gib: Option<f64>) -> Result<Budget, String> {
+        let gpu_bytes = match gpu_gib {
+            Some(g) if g.is_finite() && g > 0.0 => gib(g),
+            Some(g) => return Err(format!("--gpu-gib is {g}: a positive size")),
+            None => {
+                let gpu = shadowkv::Gpu::new(0).map_err(|e| {
+                    format!("no GPU to measure ({e}): give --gpu-gib (and --host-gib)")
+                })?;
+                return Budget::for_gpu(&gpu, host_gib);
+            }
+        };
+        Ok(Budget {
+            gpu_bytes,
+            host_bytes: host_budget(host_gib)?,
+        })
+    }
+
+    /// `gpu`'s free memory now, and the host's as [`measure`](Self::measure) takes it.
+    pub fn for_gpu(gpu: &shadowkv::Gpu, host_gib: Option<f64>) -> Result<Budget, String> {
+        let (free, _) = gpu
+            .context()
+            .mem_get_info()
+            .map_err(|e| format!("reading the GPU's free memory: {e}"))?;
+        Ok(Budget {
+            gpu_bytes: free as u64,
+            host_bytes: host_budget(host_gib)?,
+        })
+    }
+}
+
+/// Host bytes: `host_gib` if given, else the available memory less [`HOST_RESERVE_BYTES`].
+fn host_budget(host_gib: Option<f64>) -> Result<u64, String> {
+    match host_gib {
+        Some(g) if g.is_finite() && g >= 0.0 => Ok(gib(g)),
+        Some(g) => Err(format!("--host-gib is {g}: a size of at least 0")),
+        None => Ok(shadowkv::cache::host_available_bytes()
+            .ok_or("the host's available memory is unknown: give --host-gib")?
+            .saturating_sub(HOST_RESERVE_BYTES)),
+    }
+}
+
+/// Bytes in `gib` GiB.
+fn gib(gib: f64) -> u64 {
+    (gib * (1u64 << 30) as f64) as u64
+}
+
+/// The largest batch of one mode and what stops it growing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModeFit {
+    pub mode: AttentionMode,
+    /// Sequences that fit (0: not even one).
+    pub batch: usize,
+    /// What limits the batch ("GPU memory: ...", "host memory: ...").
+    pub limit: String,
+    /// GPU and host bytes of the cache at that batch.
+    pub cache_gpu_bytes: u64,
+    pub cache_host_bytes: u64,
+}
+
+/// The cache's view of a model's attention shape.
+pub fn cache_shape(config: &ModelConfig) -> CacheShape {
+    CacheShape {
+        layers: config.layers,
+        q_heads: config.heads,
+        kv_heads: config.kv_heads,
+        head_dim: config.head_dim,
+        rope: config.rope,
+    }
+}
+
+/// bf16 weight bytes of a model on the GPU (every parameter once).
+pub fn weight_bytes(config: &ModelConfig) -> u64 {
+    config.parameters() as u64 * 2
+}
+
+/// The model's config: a named shape, or a model file's / folder's.
+pub fn model_config(model: &str) -> Result<ModelConfig, Box<dyn std::error::Error>> {
+    if NAMED_SHAPES.contains(&model) {
+        Ok(ModelConfig::named(model)?)
+    } else {
+        Ok(ModelSource::open(std::path::Path::new(model))?.config)
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The largest batch of `mode` for `context` tokens per sequence plus `generated`, in
+/// `budget` after the weights and [`GPU_RESERVE_BYTES`]. A ShadowKV prefill also holds one
+/// sequence's keys, values and pre-RoPE keys of one layer while it builds the shadow.
+pub fn fit(
+    config: &ModelConfig,
+    params: &ShadowKvParams,
+    mode: AttentionMode,
+    context: usize,
+    generated: usize,
+    budget: Budget,
+) -> Result<ModeFit, Box<dyn std::error::Error>> {
+    let weights = weight_bytes(config);
+    let room = budget.gpu_bytes.saturating_sub(weights + GPU_RESERVE_BYTES);
+    let kv_row = config.kv_dim() as u64 * 2;
+    let Some(home) = mode.value_home() else {
+        let per_sequence = 2 * config.layers as u64 * kv_row * (context + generated) as u64;
+        let batch = (room / per_sequence.max(1)) as usize;
+        return Ok(ModeFit {
+            mode,
+            batch,
+            limit: format!(
+                "GPU memory: {:.2} GiB of KV cache per sequence in {:.2} GiB left after {:.2} GiB of weights",
+                per_sequence as f64 / GIB,
+                room as f64 / GIB,
+                weights as f64 / GIB
+            ),
+            cache_gpu_bytes: per_sequence * batch as u64,
+            cache_host_bytes: 0,
+        });
+    };
+    let shape = cache_shape(config);
+    let transient = 3 * kv_row * context as u64;
+    let gpu_room = room.saturating_sub(transient);
+    let host = match home {
+        ValueHome::Host => budget.host_bytes,
+        ValueHome::Device => u64::MAX,
+    };
+    let plan = ShadowKvCache::plan(&shape, params, home, context, generated, gpu_room, host)?;
+    let batch = plan.sequences;
+    let memory = |n: usize| {
+        ShadowKvCache::memory_for(
+            &shape,
+            params,
+            home,
+            &shadowkv::cache::CacheCapacity::uniform(n.max(1), context, generated),
+        )
+    };
+    let next = memory(batch + 1)?;
+    let at = memory(batch)?;
+    let limit = if next.gpu_bytes() > gpu_room {
+        format!(
+            "GPU memory: {} sequences take {:.2} GiB of the {:.2} GiB left after {:.2} GiB of weights and the prefill's {:.2} GiB",
+            batch + 1,
+            next.gpu_bytes() as f64 / GIB,
+            gpu_room as f64 / GIB,
+            weights as f64 / GIB,
+            transient as f64 / GIB
+        )
+    } else {
+        format!(
+            "host memory: {} sequences pin {:.2} GiB of values, {:.2} GiB available",
+            batch + 1,
+            next.host_bytes() as f64 / GIB,
+            budget.host_bytes as f64 / GIB
+        )
+    };
+    Ok(ModeFit {
+        mode,
+        batch,
+        limit,
+        cache_gpu_bytes: if batch == 0 { 0 } else { at.gpu_bytes() },
+        cache_host_bytes: if batch == 0 { 0 } else { at.host_bytes() },
+    })
+}
+
+/// Every mode (or only `only`), for the `plan` command, `bench`'s default batch and the table.
+pub fn fits(
+    config: &ModelConfig,
+    params: &ShadowKvParams,
+    only: Option<AttentionMode>,
+    context: usize,
+    generated: usize,
+    budget: Budget,
+) -> Result<Vec<ModeFit>, Box<dyn std::error::Error>> {
+    let modes = [
+        AttentionMode::Full,
+        AttentionMode::Shadowkv,
+        AttentionMode::ShadowkvGpu,
+    ];
+    modes
+        .into_iter()
+        .filter(|m| only.is_none_or(|o| o == *m))
+        .map(|mode| fit(config, params, mode, context, generated, budget))
+        .collect()
+}
+
+/// A mode's name as the tables print it.
+pub fn mode_label(mode: AttentionMode) -> &'static str {
+    match mode {
+        AttentionMode::Full => "full attention",
+        AttentionMode::Shadowkv => "ShadowKV, values on host",
+        AttentionMode::ShadowkvGpu => "ShadowKV, values on GPU",
+    }
+}
+
+pub fn run(args: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = model_config(&args.model)?;
+    let params = args.shadowkv.params();
+    let budget = Budget::measure(args.gpu_gib, args.host_gib)?;
+    println!(
+        "{} at {} tokens of context (+{} generated): {:.2} GiB GPU ({:.2} GiB of bf16 weights, {:.2} GiB kept back), {:.2} GiB pinned host",
+        args.model,
+        args.context,
+        args.generated,
+        budget.gpu_bytes as f64 / GIB,
+        weight_bytes(&config) as f64 / GIB,
+        GPU_RESERVE_BYTES as f64 / GIB,
+        budget.host_bytes as f64 / GIB
+    );
+    for fit in fits(
+        &config,
+        &params,
+        args.attention,
+        args.context,
+        args.generated,
+        budget,
+    )? {
+        println!(
+            "  {:<26} batch {:>4}  (cache {:.2} GiB GPU, {:.2} GiB host); limit: {}",
+            mode_label(fit.mode),
+            fit.batch,
+            fit.cache_gpu_bytes as f64 / GIB,
+            fit.cache_host_bytes as f64 / GIB,
+            fit.limit
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_llama_3_8b_on_an_h200_without_a_gpu() {
+        let config = ModelConfig::named("llama-3-8b").unwrap();
+        let budget = Budget::measure(Some(139.0), Some(1000.0)).unwrap();
+        let fits = fits(
+            &config,
+            &ShadowKvParams::default(),
+            None,
+            122_880,
+            256,
+            budget,
+        )
+        .unwrap();
+        let batch = |mode| fits.iter().find(|f| f.mode == mode).unwrap().batch;
+        // 15 GiB of weights, 15.03 GiB of KV cache per sequence: 8 in the 123 GiB left.
+        assert_eq!(batch(AttentionMode::Full), 8);
+        assert!(batch(AttentionMode::ShadowkvGpu) > batch(AttentionMode::Full));
+        assert!(batch(AttentionMode::Shadowkv) > batch(AttentionMode::ShadowkvGpu));
+        for fit in &fits {
+            assert!(fit.limit.starts_with("GPU memory"), "{fit:?}");
+        }
+        // Little host memory: the values on the host limit the batch.
+        let small = Budget::measure(Some(139.0), Some(40.0)).unwrap();
+        let host = fit(
+            &config,
+            &ShadowKvParams::default(),
+            AttentionMode::Shadowkv,
+            122_880,
+            256,
+            small,
+        )
+        .unwrap();
+        assert!(host.limit.starts_with("host memory"), "{host:?}");
+        assert!(host.cache_host_bytes <= 40 << 30);
+    }
+}
