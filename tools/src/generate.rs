@@ -117,7 +117,7 @@ fn split_prompts(text: &str) -> Vec<String> {
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut prompts = prompts(&args)?;
     let params = args.shadowkv.params();
-    let path = match args.model {
+    let path = match args.model.clone() {
         Some(path) => path,
         None => shadowkv_model::builtin_model_path()?,
     };
@@ -148,7 +148,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             )
             .into());
         }
-        return run_many(&args, &source, &prompts);
+        return run_many(&args, &path, &source, &prompts);
     }
     let prompt = prompts.remove(0);
     if gpu.is_none() && args.attention == AttentionMode::ShadowkvGpu {
@@ -300,6 +300,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
 /// streams as `[N] text` lines, then a summary per request.
 fn run_many(
     args: &GenerateArgs,
+    path: &std::path::Path,
     source: &ModelSource,
     prompts: &[String],
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -323,9 +324,7 @@ fn run_many(
     eprintln!(
         "model {} ({:.0}M parameters); {} prompts ({} tokens in all); attention {:?}; CPU reference \
          path (f32), continuous batching with {} prompt tokens per step",
-        args.model
-            .as_deref()
-            .map_or("built-in".into(), |p| p.display().to_string()),
+        path.display(),
         config.parameters() as f64 / 1e6,
         prompts.len(),
         requests.iter().map(|r| r.prompt.len()).sum::<usize>(),
