@@ -41,7 +41,9 @@ pub struct GenerateArgs {
     /// lines). Several prompts in all are served together by the continuous-batching
     /// scheduler, on the CPU path only for now (--device cpu, or auto without a GPU): every
     /// output line starts with `[N]`, the prompt's index from 0 (the --prompt ones, then the
-    /// --prompt-file ones, then these), and a summary per prompt follows on stderr.
+    /// --prompt-file ones, then these), and a summary per prompt follows on stderr. With
+    /// ShadowKV, a prompt too short for the sparse budget keeps exact attention (a single
+    /// prompt that short is refused instead).
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
     /// Several prompts: prompt tokens fed per scheduler step, so long prompts are prefilled
@@ -373,10 +375,16 @@ fn run_many(
             continue;
         };
         generated += stats.generated_tokens;
+        let exact = match mode {
+            CacheMode::ShadowKv(params) if params.check_prompt(stats.prompt_tokens).is_err() => {
+                "; exact attention, the prompt being too short for the sparse budget"
+            }
+            _ => "",
+        };
         let decode_seconds = (stats.total_time - stats.time_to_first_token).as_secs_f64();
         eprintln!(
             "[{i}] prompt {} tokens; generated {} tokens ({}); first token after {:.3} s, done \
-             after {:.3} s ({:.1} tokens/s after the first)",
+             after {:.3} s ({:.1} tokens/s after the first){exact}",
             stats.prompt_tokens,
             stats.generated_tokens,
             match reason {
