@@ -54,6 +54,15 @@ pub enum Error {
         /// What was needed instead.
         expected: String,
     },
+    /// A scheduler call naming a request it cannot act on (see [`crate::serve`]); the
+    /// scheduler is left as it was.
+    #[error("request {id}: {problem}")]
+    Request {
+        /// The request's id.
+        id: u64,
+        /// Why the call cannot act on it.
+        problem: RequestProblem,
+    },
     /// Not enough free GPU memory for `what`.
     #[error("{what} needs {needed} bytes of GPU memory; {free} bytes are free")]
     OutOfMemory {
@@ -64,6 +73,42 @@ pub enum Error {
         /// Bytes of GPU memory free when it was asked for.
         free: usize,
     },
+}
+
+/// Why a scheduler call cannot act on the request it names.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestProblem {
+    /// No request was given this id.
+    #[error("no such request")]
+    Unknown,
+    /// The request has finished or was cancelled.
+    #[error("the request has finished")]
+    Finished,
+    /// A prompt piece after the prompt was declared complete.
+    #[error("its prompt is already complete")]
+    PromptComplete,
+    /// A prompt piece that goes past the prompt length the request declared.
+    #[error("a piece ending at token {given} goes past the declared prompt length {declared}")]
+    PastPromptLength {
+        /// The declared prompt length.
+        declared: usize,
+        /// Where the piece would end.
+        given: usize,
+    },
+    /// The prompt was declared complete before reaching its declared length.
+    #[error("the prompt ends at token {given}, short of the declared prompt length {declared}")]
+    ShortOfPromptLength {
+        /// The declared prompt length.
+        declared: usize,
+        /// Where the prompt ends.
+        given: usize,
+    },
+    /// A decode naming a request whose prompt is not complete and prefilled yet.
+    #[error("its prompt is not prefilled yet")]
+    Prefilling,
+    /// A decode naming the same request twice.
+    #[error("named twice in one decode")]
+    Repeated,
 }
 
 /// The model driver's result.

@@ -1,7 +1,8 @@
 //! The ShadowKV model driver's model side: model files (GGUF, Hugging Face
 //! checkpoints), the model's shape, its weights, sampling, and the f32 CPU reference path.
 //! Every failure names the file, the tensor where there is one, and why; a GPU failure keeps
-//! the `shadowkv` error as its `source()` ([`Error`]).
+//! the `shadowkv` error as its `source()` ([`Error`]). [`serve`] serves many requests at once
+//! (continuous batching) over a [`Backend`].
 pub mod config;
 pub mod cpu;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod gguf;
 pub mod gpu;
 pub mod quant;
 pub mod sampling;
+pub mod serve;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;
@@ -17,12 +19,16 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig, NAMED_SHAPES};
 pub use cpu::shadowkv::ShadowKvParams;
 pub use cpu::{CpuCache, CpuModel};
-pub use error::{Error, ModelFileError, Result};
+pub use error::{Error, ModelFileError, RequestProblem, Result};
 pub use generate::{generate, Generation};
 pub use gguf::{GgufFile, MetadataValue, TensorInfo};
 pub use gpu::{GpuKvCache, GpuModel, GpuShadowCache};
 pub use quant::GgmlType;
 pub use sampling::Sampler;
+pub use serve::{
+    Backend, CacheMode, CpuBackend, Event, FinishReason, PromptEnd, Request, RequestId,
+    RequestStats, Scheduler,
+};
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, TokenStream, Tokenizer};
 pub use weights::{LayerWeights, Matrix, ModelWeights, WeightFile};

@@ -251,6 +251,11 @@ impl Tokenizer {
         self.end_ids.binary_search(&id).is_ok()
     }
 
+    /// The end-of-generation ids, sorted.
+    pub fn end_of_generation_ids(&self) -> &[u32] {
+        &self.end_ids
+    }
+
     /// The vocabulary entry of `id` as stored (byte-level BPE writes a space as `Ġ`).
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

@@ -1,10 +1,14 @@
-//! `shadowkv generate`: run a Llama-family model on a prompt, streaming the tokens.
+//! `shadowkv generate`: run a Llama-family model on a prompt, streaming the tokens; several
+//! prompts are served together by the continuous-batching scheduler on the CPU path.
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use shadowkv::cache::{CacheCapacity, ValueHome};
-use shadowkv_model::{CpuCache, CpuModel, GpuModel, ModelSource, Sampler};
+use shadowkv_model::{
+    CacheMode, CpuBackend, CpuCache, CpuModel, Event, FinishReason, GpuModel, ModelSource, Request,
+    RequestId, Sampler, Scheduler,
+};
 
 use crate::args::{AttentionMode, ShadowKvArgs};
 use crate::prefill::{prefill, prefill_bar, PREFILL_CHUNK};
@@ -26,12 +30,26 @@ pub struct GenerateArgs {
     /// Default: the built-in SmolLM2-135M-Instruct that tools/setup.sh fetches.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The prompt text.
-    #[arg(long, conflicts_with = "prompt_file")]
-    prompt: Option<String>,
-    /// Read the prompt from this file instead.
+    /// The prompt text. Repeat it (or add --prompt-file, --prompts) for several prompts,
+    /// served together: see --prompts.
     #[arg(long)]
-    prompt_file: Option<PathBuf>,
+    prompt: Vec<String>,
+    /// Read a prompt from this file (the whole file is one prompt). Repeatable.
+    #[arg(long)]
+    prompt_file: Vec<PathBuf>,
+    /// Read several prompts from this file, separated by blank lines (a prompt may span
+    /// lines). Several prompts in all are served together by the continuous-batching
+    /// scheduler, on the CPU path only for now (--device cpu, or auto without a GPU): every
+    /// output line starts with `[N]`, the prompt's index from 0 (the --prompt ones, then the
+    /// --prompt-file ones, then these), and a summary per prompt follows on stderr. With
+    /// ShadowKV, a prompt too short for the sparse budget keeps exact attention (a single
+    /// prompt that short is refused instead).
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// Several prompts: prompt tokens fed per scheduler step, so long prompts are prefilled
+    /// a piece at a time while the others keep decoding.
+    #[arg(long, default_value_t = 64)]
+    prefill_budget: usize,
     /// Send the prompt as is, without the model's chat template.
     #[arg(long)]
     raw: bool,
@@ -44,7 +62,7 @@ pub struct GenerateArgs {
     /// Nucleus sampling: keep the most likely tokens whose probabilities add up to this.
     #[arg(long, default_value_t = 0.9)]
     top_p: f32,
-    /// Seed of the sampler.
+    /// Seed of the sampler (prompt N of several: this seed plus N).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Attention over the KV cache.
@@ -57,17 +75,51 @@ pub struct GenerateArgs {
     shadowkv: ShadowKvArgs,
 }
 
-pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let prompt = match (&args.prompt, &args.prompt_file) {
-        (Some(text), _) => text.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| format!("--prompt-file {}: {e}", path.display()))?,
-        (None, None) => {
-            return Err("give the prompt with --prompt TEXT or --prompt-file FILE".into())
+/// The prompts of the command line, in order: the `--prompt` ones, the `--prompt-file` ones,
+/// then those of `--prompts`.
+fn prompts(args: &GenerateArgs) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let mut prompts = args.prompt.clone();
+    for path in &args.prompt_file {
+        prompts.push(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--prompt-file {}: {e}", path.display()))?,
+        );
+    }
+    if let Some(path) = &args.prompts {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--prompts {}: {e}", path.display()))?;
+        prompts.extend(split_prompts(&text));
+    }
+    if prompts.is_empty() {
+        return Err(
+            "give the prompt with --prompt TEXT or --prompt-file FILE (several: --prompts FILE)"
+                .into(),
+        );
+    }
+    Ok(prompts)
+}
+
+/// Prompts separated by blank lines (lines of whitespace only), each trimmed.
+fn split_prompts(text: &str) -> Vec<String> {
+    let mut prompts = Vec::new();
+    let mut current: Vec<&str> = Vec::new();
+    for line in text.lines().chain([""]) {
+        if line.trim().is_empty() {
+            if !current.is_empty() {
+                prompts.push(current.join("\n").trim().to_owned());
+                current.clear();
+            }
+        } else {
+            current.push(line);
         }
-    };
+    }
+    prompts
+}
+
+pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut prompts = prompts(&args)?;
     let params = args.shadowkv.params();
-    let path = match args.model {
+    let path = match args.model.clone() {
         Some(path) => path,
         None => shadowkv_model::builtin_model_path()?,
     };
@@ -87,6 +139,20 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
         },
     };
+    if prompts.len() > 1 {
+        if let Some(gpu) = gpu {
+            return Err(format!(
+                "{} prompts: several prompts are served by the continuous-batching scheduler, \
+                 which runs on the CPU path only for now (found GPU {}): pass --device cpu, or \
+                 one prompt at a time for the GPU",
+                prompts.len(),
+                gpu.info().name
+            )
+            .into());
+        }
+        return run_many(&args, &path, &source, &prompts);
+    }
+    let prompt = prompts.remove(0);
     if gpu.is_none() && args.attention == AttentionMode::ShadowkvGpu {
         eprintln!(
             "note: on the CPU path every value is in memory, so shadowkv-gpu runs as shadowkv"
@@ -230,4 +296,154 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         generation.decode_tokens_per_second()
     );
     Ok(())
+}
+
+/// Several prompts on the CPU path, served together by the scheduler: each request's text
+/// streams as `[N] text` lines, then a summary per request.
+fn run_many(
+    args: &GenerateArgs,
+    path: &std::path::Path,
+    source: &ModelSource,
+    prompts: &[String],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let config = &source.config;
+    let mode = match args.attention {
+        AttentionMode::Full => CacheMode::Full,
+        _ => CacheMode::ShadowKv(args.shadowkv.params()),
+    };
+    let tokenizer = &source.tokenizer;
+    let mut requests = Vec::with_capacity(prompts.len());
+    for (index, prompt) in prompts.iter().enumerate() {
+        let tokens = source.prompt_tokens(prompt, !args.raw)?;
+        let sampler = Sampler::new(args.temperature, args.top_p, args.seed + index as u64)?;
+        requests.push(
+            Request::new(tokens, args.max_tokens)
+                .with_sampler(sampler)
+                .with_end_ids(tokenizer.end_of_generation_ids().iter().copied())
+                .with_mode(mode),
+        );
+    }
+    eprintln!(
+        "model {} ({:.0}M parameters); {} prompts ({} tokens in all); attention {:?}; CPU reference \
+         path (f32), continuous batching with {} prompt tokens per step",
+        path.display(),
+        config.parameters() as f64 / 1e6,
+        prompts.len(),
+        requests.iter().map(|r| r.prompt.len()).sum::<usize>(),
+        args.attention,
+        args.prefill_budget,
+    );
+    let weights = source.weights.load(config, Ok)?;
+    let model = CpuModel::new(config.clone(), weights);
+    let started = std::time::Instant::now();
+    let mut scheduler = Scheduler::new(CpuBackend::new(&model), args.prefill_budget);
+    let mut index = std::collections::HashMap::<RequestId, usize>::new();
+    for (i, request) in requests.into_iter().enumerate() {
+        index.insert(scheduler.submit(request)?, i);
+    }
+    let mut streams: Vec<_> = prompts.iter().map(|_| tokenizer.stream()).collect();
+    let mut pending = vec![String::new(); prompts.len()];
+    let mut summaries = vec![None; prompts.len()];
+    let mut stdout = std::io::stdout();
+    while !scheduler.is_idle() {
+        for event in scheduler.step()? {
+            match event {
+                Event::Token { id, token } => {
+                    let i = index[&id];
+                    if tokenizer.is_end_of_generation(token) {
+                        continue;
+                    }
+                    if let Some(text) = streams[i].push(token)? {
+                        pending[i].push_str(&text);
+                        print_ready(&mut stdout, i, &mut pending[i], false);
+                    }
+                }
+                Event::Finished { id, reason, stats } => {
+                    let i = index[&id];
+                    let stream = std::mem::replace(&mut streams[i], tokenizer.stream());
+                    pending[i].push_str(&stream.finish()?);
+                    print_ready(&mut stdout, i, &mut pending[i], true);
+                    summaries[i] = Some((reason, stats));
+                }
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut generated = 0;
+    for (i, summary) in summaries.iter().enumerate() {
+        let Some((reason, stats)) = summary else {
+            continue;
+        };
+        generated += stats.generated_tokens;
+        let exact = match mode {
+            CacheMode::ShadowKv(params) if params.check_prompt(stats.prompt_tokens).is_err() => {
+                "; exact attention, the prompt being too short for the sparse budget"
+            }
+            _ => "",
+        };
+        let decode_seconds = (stats.total_time - stats.time_to_first_token).as_secs_f64();
+        eprintln!(
+            "[{i}] prompt {} tokens; generated {} tokens ({}); first token after {:.3} s, done \
+             after {:.3} s ({:.1} tokens/s after the first){exact}",
+            stats.prompt_tokens,
+            stats.generated_tokens,
+            match reason {
+                FinishReason::EndOfGeneration => "end of generation",
+                FinishReason::MaxTokens => "token limit",
+            },
+            stats.time_to_first_token.as_secs_f64(),
+            stats.total_time.as_secs_f64(),
+            stats.generated_tokens.saturating_sub(1) as f64 / decode_seconds.max(1e-9)
+        );
+    }
+    eprintln!(
+        "CPU reference path (f32): {} prompts, {generated} tokens generated in {elapsed:.3} s \
+         ({:.1} tokens/s over all prompts)",
+        prompts.len(),
+        generated as f64 / elapsed.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Prints request `index`'s buffered text as `[index] ...` lines: every complete line, and
+/// when the rest has grown long (or `all`) the rest up to its last space (or all of it), so
+/// the text streams without splitting words.
+fn print_ready(out: &mut impl Write, index: usize, text: &mut String, all: bool) {
+    const LONG: usize = 48;
+    let mut cut = text.rfind('\n').map(|newline| newline + 1);
+    if all {
+        cut = Some(text.len());
+    } else if text.len() - cut.unwrap_or(0) >= LONG {
+        cut = cut.max(text.rfind(' ').map(|space| space + 1));
+    }
+    let Some(cut) = cut else {
+        return;
+    };
+    let ready: String = text.drain(..cut).collect();
+    for line in ready.lines() {
+        let line = line.trim_end();
+        if !line.is_empty() {
+            let _ = writeln!(out, "[{index}] {line}");
+        }
+    }
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_prompts;
+
+    #[test]
+    fn prompts_are_separated_by_blank_lines() {
+        let text = "First prompt,\non two lines.\n\n  \nSecond.\nThird line of it.\n\n\nLast";
+        assert_eq!(
+            split_prompts(text),
+            [
+                "First prompt,\non two lines.",
+                "Second.\nThird line of it.",
+                "Last"
+            ]
+        );
+        assert!(split_prompts("\n \n").is_empty());
+    }
 }

@@ -35,6 +35,54 @@ fn generate_on_the_cpu_path_answers_and_reports_its_rates() {
 }
 
 #[test]
+fn several_prompts_are_served_together_with_prefixed_lines() {
+    let dir = std::env::temp_dir().join(format!("shadowkv-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "What is the capital of France?\n\nWhat is the capital\nof Italy?\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = shadowkv(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--prompt",
+        "Say hello.",
+        "--max-tokens",
+        "8",
+        "--prefill-budget",
+        "16",
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(ok, "{stderr}");
+    // Index 0 is the --prompt one; the file's prompts follow.
+    let text = |index: usize| -> String {
+        let prefix = format!("[{index}] ");
+        stdout
+            .lines()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(text(1).contains("Paris"), "{stdout}");
+    // The two-line prompt arrives whole: SmolLM2 answers it (in its own way) about Italy.
+    assert!(text(2).contains("Italy"), "{stdout}");
+    assert!(!text(0).is_empty(), "{stdout}");
+    assert!(stdout.lines().all(|line| line.starts_with('[')), "{stdout}");
+    for index in 0..3 {
+        assert!(
+            stderr.contains(&format!("[{index}] prompt ")),
+            "no summary of {index}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("3 prompts"), "{stderr}");
+}
+
+#[test]
 fn help_explains_every_option() {
     let (ok, stdout, _) = shadowkv(&["generate", "--help"]);
     assert!(ok);
@@ -42,6 +90,8 @@ fn help_explains_every_option() {
         "--model",
         "--prompt",
         "--prompt-file",
+        "--prompts",
+        "--prefill-budget",
         "--raw",
         "--max-tokens",
         "--temperature",

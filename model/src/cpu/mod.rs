@@ -24,19 +24,29 @@ pub struct CpuModel {
 
 /// One sequence's KV cache: per layer, post-RoPE keys and values `[kv_heads, len, head_dim]`
 /// grown token by token, and in ShadowKV mode each layer's shadow of the prompt.
-#[derive(Clone, Debug, Default)]
+///
+/// The prompt may arrive in pieces ([`CpuModel::prefill_piece`]), each attended in full as it
+/// comes; [`CpuModel::finish_prompt`] closes it. In ShadowKV mode the shadows are built then,
+/// from the whole prompt, so the result does not depend on how the prompt was split.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CpuCache {
     /// Per layer, per KV head: `len * head_dim` keys and values.
     keys: Vec<Vec<Vec<f32>>>,
     values: Vec<Vec<Vec<f32>>>,
     len: usize,
-    /// ShadowKV mode: its parameters, and per layer the shadow built from the prompt (the
-    /// first `forward` call); later tokens attend through it.
+    /// ShadowKV mode: its parameters, and per layer the shadow built from the prompt; later
+    /// tokens attend through it. Empty while the prompt is open, and for good when the prompt
+    /// was too short for the sparse budget (the sequence then keeps exact attention).
     shadowkv: Option<ShadowKvParams>,
     shadows: Vec<ShadowLayer>,
     /// ShadowKV mode, when recording: per layer, per KV head, the chunks the latest token
     /// selected (see [`CpuCache::record_selections`]).
     selections: Option<Vec<Vec<Vec<usize>>>>,
+    /// ShadowKV mode, while the prompt is open: per layer, the prompt's pre-RoPE keys so far
+    /// (`[len, kv_dim]`), which the factorisation needs and the cache does not otherwise keep.
+    pre_rope_keys: Vec<Vec<f32>>,
+    /// Whether the prompt is closed: no more pieces, shadows built where they fit.
+    prompt_complete: bool,
 }
 
 impl CpuCache {
@@ -50,11 +60,13 @@ impl CpuCache {
         }
     }
 
-    /// A cache in ShadowKV mode; the prompt must come in one `forward` call.
+    /// A cache in ShadowKV mode. The prompt comes in one [`CpuModel::forward`] call, or in
+    /// pieces ([`CpuModel::prefill_piece`]) closed by [`CpuModel::finish_prompt`].
     pub fn shadowkv(config: &ModelConfig, params: ShadowKvParams) -> Result<CpuCache> {
         shadowkv::validate(&params, config)?;
         Ok(CpuCache {
             shadowkv: Some(params),
+            pre_rope_keys: vec![Vec::new(); config.layers],
             ..CpuCache::new(config)
         })
     }
@@ -85,6 +97,22 @@ impl CpuCache {
     pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32]) {
         (&self.keys[layer][head], &self.values[layer][head])
     }
+
+    /// ShadowKV's parameters, in ShadowKV mode.
+    pub fn shadowkv_params(&self) -> Option<ShadowKvParams> {
+        self.shadowkv
+    }
+
+    /// Whether the prompt is closed (by [`CpuModel::finish_prompt`] or a `forward` call).
+    pub fn prompt_complete(&self) -> bool {
+        self.prompt_complete
+    }
+
+    /// Whether tokens after the prompt attend through ShadowKV's shadows: a ShadowKV cache
+    /// whose prompt is complete and was long enough for the sparse budget.
+    pub fn uses_shadows(&self) -> bool {
+        !self.shadows.is_empty()
+    }
 }
 
 impl CpuModel {
@@ -99,31 +127,100 @@ impl CpuModel {
 
     /// Runs `tokens` (the prompt, or one generated token) after what `cache` holds, appends
     /// their keys and values, and returns the last token's logits.
+    ///
+    /// This closes the prompt. In ShadowKV mode the first call is the whole prompt (or, after
+    /// [`CpuModel::prefill_piece`] calls, its last piece), and a prompt too short for the
+    /// sparse budget is an error that leaves the cache as it was; use
+    /// [`CpuModel::finish_prompt`] to keep such a sequence on exact attention instead.
     pub fn forward(&self, cache: &mut CpuCache, tokens: &[u32]) -> Result<Vec<f32>> {
-        let config = &self.config;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= config.vocab) {
+        match cache.shadowkv {
+            Some(params) if !cache.prompt_complete => {
+                self.check_tokens(tokens)?;
+                params
+                    .check_prompt(cache.len + tokens.len())
+                    .map_err(Error::Parameters)?;
+                let logits = self.run(cache, tokens)?;
+                self.finish_prompt(cache)?;
+                Ok(logits)
+            }
+            _ => {
+                let logits = self.run(cache, tokens)?;
+                cache.prompt_complete = true;
+                Ok(logits)
+            }
+        }
+    }
+
+    /// Runs one piece of the prompt after what `cache` holds, with full attention, and returns
+    /// its last token's logits. In ShadowKV mode the piece's pre-RoPE keys are kept for the
+    /// shadows that [`CpuModel::finish_prompt`] builds. Splitting a prompt into pieces gives
+    /// bit for bit the cache and logits of one call.
+    pub fn prefill_piece(&self, cache: &mut CpuCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        if cache.prompt_complete {
+            return Err(invalid_input(
+                "cache",
+                "holds a complete prompt",
+                "a cache whose prompt is still open for another piece",
+            ));
+        }
+        self.run(cache, tokens)
+    }
+
+    /// Closes the prompt: no more pieces. In ShadowKV mode each layer's shadow is built from
+    /// the whole prompt, and later tokens attend through it; a prompt too short for the sparse
+    /// budget keeps exact attention for the whole sequence instead (see
+    /// [`CpuCache::uses_shadows`]). Closing a closed prompt is an error.
+    pub fn finish_prompt(&self, cache: &mut CpuCache) -> Result<()> {
+        if cache.prompt_complete {
+            return Err(invalid_input(
+                "cache",
+                "holds a complete prompt",
+                "a cache whose prompt is still open",
+            ));
+        }
+        let pre_rope_keys = std::mem::take(&mut cache.pre_rope_keys);
+        if let Some(params) = cache.shadowkv {
+            if params.check_prompt(cache.len).is_ok() {
+                let shadows = pre_rope_keys
+                    .iter()
+                    .zip(&cache.keys)
+                    .map(|(pre_rope, post_rope)| {
+                        let post_rope: Vec<&[f32]> =
+                            post_rope.iter().map(|k| k.as_slice()).collect();
+                        ShadowLayer::build(&self.config, &params, pre_rope, &post_rope)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                cache.shadows = shadows;
+            }
+        }
+        cache.prompt_complete = true;
+        Ok(())
+    }
+
+    /// Rejects an empty token list and ids past the vocabulary.
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(invalid_input(
                 "tokens",
                 format!("holds id {bad}"),
-                format!("ids below the vocabulary size {}", config.vocab),
+                format!("ids below the vocabulary size {vocab}"),
             ));
         }
-        let (count, hidden) = (tokens.len(), config.hidden);
-        let start = cache.len;
-        if count == 0 {
+        if tokens.is_empty() {
             return Err(invalid_input("tokens", "is empty", "at least one token"));
         }
-        // ShadowKV: the first call is the prompt, attended in full, from which each layer's
-        // shadow is built; every later token attends through the shadows.
-        let build_shadows = match cache.shadowkv {
-            Some(params) if cache.shadows.is_empty() => {
-                params
-                    .check_prompt(start + count)
-                    .map_err(Error::Parameters)?;
-                Some(params)
-            }
-            _ => None,
-        };
+        Ok(())
+    }
+
+    /// Runs `tokens` after what `cache` holds: full attention while the prompt is open or
+    /// when the cache has no shadows, ShadowKV attention through the shadows otherwise.
+    fn run(&self, cache: &mut CpuCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        let config = &self.config;
+        let (count, hidden) = (tokens.len(), config.hidden);
+        let start = cache.len;
+        let keep_pre_rope = cache.shadowkv.is_some() && !cache.prompt_complete;
         let mut x: Vec<f32> = tokens
             .iter()
             .flat_map(|&t| {
@@ -143,7 +240,9 @@ impl CpuModel {
                 add_rows(&mut k, k_bias);
                 add_rows(&mut v, v_bias);
             }
-            let pre_rope_keys = build_shadows.map(|_| k.clone());
+            if keep_pre_rope {
+                cache.pre_rope_keys[layer].extend_from_slice(&k);
+            }
             for t in 0..count {
                 let position = (start + t) as u32;
                 rope_rows(
@@ -166,14 +265,8 @@ impl CpuModel {
                     cache.values[layer][head].extend_from_slice(&v[row..row + config.head_dim]);
                 }
             }
-            if let (Some(params), Some(pre_rope_keys)) = (build_shadows, pre_rope_keys) {
-                let post_rope: Vec<&[f32]> =
-                    cache.keys[layer].iter().map(|k| k.as_slice()).collect();
-                let shadow = ShadowLayer::build(config, &params, &pre_rope_keys, &post_rope)?;
-                cache.shadows.push(shadow);
-            }
             let attended = match (cache.shadowkv, cache.shadows.get(layer)) {
-                (Some(params), Some(shadow)) if build_shadows.is_none() => {
+                (Some(params), Some(shadow)) => {
                     if let Some(selections) = cache.selections.as_mut() {
                         let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
                         let width = config.group() * config.head_dim;

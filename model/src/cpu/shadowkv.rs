@@ -22,7 +22,7 @@ pub fn validate(params: &ShadowKvParams, config: &ModelConfig) -> Result<()> {
 }
 
 /// One layer's shadow of one sequence's prompt.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ShadowLayer {
     prompt_len: usize,
     /// Chunks outside the local window (`n_chunks`).
