@@ -108,6 +108,8 @@ fn sequences(batch: usize, context: u32) -> Vec<ShadowSequence> {
             chunks,
             prompt_len: context,
             sparse_start,
+            resident_row: b as u32,
+            _reserved: 0,
             kv: SequenceLayout {
                 offset: b * (kv_heads as u64 * len as u64 * d as u64),
                 capacity: len,

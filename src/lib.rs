@@ -128,7 +128,7 @@ pub mod layers {
         let mut sequences = Vec::new();
         let (mut landmark_row, mut a_offset, mut bm_offset, mut values_offset, mut kv_offset) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
-        for spec in specs {
+        for (b, spec) in specs.iter().enumerate() {
             let chunks = spec.prompt_len / c - spec.local_chunks;
             let landmarks = chunks - spec.outlier_chunks;
             let local = spec.prompt_len - chunks * c;
@@ -144,6 +144,8 @@ pub mod layers {
                 chunks,
                 prompt_len: spec.prompt_len,
                 sparse_start,
+                resident_row: b as u32,
+                _reserved: 0,
                 kv: SequenceLayout {
                     offset: kv_offset,
                     capacity,

@@ -174,14 +174,21 @@ fn prefill(
     Ok(())
 }
 
-/// The cache's layer as the references see it.
+/// The cache's layer as the references see it: every live sequence's layout, in
+/// `sequences()` order, and the whole resident buffer (each sequence at its row).
 fn host_layer(gpu: &Gpu, cache: &ShadowKvCache, layer: usize) -> Result<HostLayer, String> {
     cache.check_prefill().map_err(s)?;
     let l = cache.layer(layer).map_err(s)?;
     let stream = gpu.stream();
     stream.synchronize().map_err(s)?;
+    let sequences = cache
+        .sequences()
+        .into_iter()
+        .map(|id| cache.layout(layer, id))
+        .collect::<shadowkv::Result<Vec<_>>>()
+        .map_err(s)?;
     Ok(HostLayer {
-        sequences: l.batch.sequences().to_vec(),
+        sequences,
         landmarks: stream.clone_dtoh(&l.landmarks).map_err(s)?,
         chunk_ids: stream.clone_dtoh(&l.chunk_ids).map_err(s)?,
         a: stream.clone_dtoh(&l.a).map_err(s)?,
@@ -460,7 +467,7 @@ fn check_prefill(
             let scores = reference::scoring::scores(&logits);
             let rounded: Vec<f32> = scores.iter().map(|&x| x as f32).collect();
             let selection = reference::topk::select(&rounded, ids, config.budget_chunks);
-            let slots = (b * heads + h) * config.budget_chunks;
+            let slots = sequence.resident_base(h as u32, heads as u32, config.budget_chunks as u32);
             let resident = &host.resident[slots..slots + config.budget_chunks];
             let mut expected_resident = vec![EMPTY_SLOT; config.budget_chunks];
             reference::plan::plan(&selection, &mut expected_resident);

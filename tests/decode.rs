@@ -1114,6 +1114,38 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             ))
         }
     }
+    // A resident row past the layer's resident ids (one row here), and two sequences on one
+    // row: refused by the plan, naming the sequence.
+    let beyond = shadowkv::ShadowSequence {
+        resident_row: 1,
+        ..sequence
+    };
+    for (layouts, what) in [
+        (vec![beyond], "a resident row past the buffer"),
+        (
+            vec![sequence, sequence],
+            "two sequences on one resident row",
+        ),
+    ] {
+        layer.batch.set_sequences(stream, &layouts).map_err(s)?;
+        let q = stream
+            .clone_htod(&random_q(&mut rng, &config, layouts.len(), 1.0))
+            .map_err(s)?;
+        let mut out = poisoned(gpu, q.len()).map_err(s)?;
+        match step.run(gpu, &mut layer, &q, &mut out) {
+            Err(Error::InvalidArgument {
+                argument: "sequences",
+                problem,
+                ..
+            }) if problem.contains("resident_row") && problem.contains("sequence") => {}
+            other => {
+                return Err(format!(
+                    "{what}: expected an error naming `sequences` and the row, got {other:?}"
+                ))
+            }
+        }
+    }
+    layer.batch.set_sequences(stream, &[sequence]).map_err(s)?;
     let needed = layer.batch.extents().a;
     layer.a = stream.clone_htod(&host.a[..needed - 1]).map_err(s)?;
     let q = stream

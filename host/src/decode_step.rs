@@ -60,7 +60,7 @@ pub struct ShadowLayer {
     /// Every prompt value of the layer (bf16 `[Hkv, prompt_len, d]` per sequence, from its
     /// `host_value_offset`), in pinned host or device memory: what the fetch copies misses from.
     pub values: LayerValues,
-    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::kernels::shadow::EMPTY_SLOT) if none).
+    /// `[rows, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::kernels::shadow::EMPTY_SLOT) if none), each sequence's at its `resident_row`.
     pub resident: CudaSlice<u32>,
 }
 

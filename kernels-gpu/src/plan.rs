@@ -22,7 +22,8 @@ pub struct PlanParams {
     pub shape: ShadowShape,
     /// u32 `[batch, Hkv, budget_chunks]` from `topk`.
     pub selection: u64,
-    /// u32 `[batch, Hkv, budget_chunks]` chunk id per slot (`EMPTY_SLOT` if none); updated.
+    /// u32 `[rows, Hkv, budget_chunks]` chunk id per slot (`EMPTY_SLOT` if none), each
+    /// sequence at its `resident_row`; updated.
     pub resident: u64,
     /// `[batch, Hkv, budget_chunks]` [`Miss`](crate::shadow::Miss) out; the first
     /// `miss_counts` entries of each (sequence, head) are valid.
@@ -74,7 +75,7 @@ mod kernel {
 
     /// # Safety
     /// The host launcher validated the layouts (`bitmap_words` covers every sequence's
-    /// chunks) and launched `(kv_heads, sequences)` blocks of [`THREADS`] with [`shared_bytes`].
+    /// chunks; the resident rows are distinct and within `resident`) and launched `(kv_heads, sequences)` blocks of [`THREADS`] with [`shared_bytes`].
     #[no_mangle]
     pub unsafe extern "ptx-kernel" fn cache_plan(p: PlanParams) {
         plan_head(
@@ -117,7 +118,8 @@ mod kernel {
 
         let base = slot_base(sequence_index, kv_head, shape.kv_heads, k);
         let selection = (p.selection as *const u32).add(base);
-        let resident = (p.resident as *mut u32).add(base);
+        let resident =
+            (p.resident as *mut u32).add(sequence.resident_base(kv_head, shape.kv_heads, k));
         let fresh = (p.fresh as *mut u32).add(base);
         let mut i = tid;
         while i < k {

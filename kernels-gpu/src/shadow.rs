@@ -9,7 +9,9 @@
 //! - values `[Hkv, prompt_len, d]` at `host_value_offset` (a chunk of a head is contiguous);
 //! - the GPU K/V block (`kv`), whose sparse slot `s` holds tokens
 //!   `sparse_start + s * chunk_size ..` of each head;
-//! - resident ids, selection and miss list `[B, Hkv, budget_chunks]`.
+//! - resident ids `[rows, Hkv, budget_chunks]` from row `resident_row` (the sequence's own row,
+//!   kept while it lives, whatever its place in the batch of a step);
+//! - selection and miss list `[B, Hkv, budget_chunks]` at the sequence's place `b` in the batch.
 
 use crate::kv::SequenceLayout;
 
@@ -37,9 +39,21 @@ pub struct ShadowSequence {
     pub prompt_len: u32,
     /// First token of sparse slot 0 in each head of the K/V block.
     pub sparse_start: u32,
+    /// The sequence's row of the layer's resident ids (`[rows, Hkv, budget_chunks]`): the
+    /// chunk each of its sparse slots holds, kept from one step to the next. Distinct among
+    /// the sequences of a batch; not its index in the batch, so a step may run any subset of
+    /// the sequences, in any order.
+    pub resident_row: u32,
+    /// Zero: keeps `kv` 8-byte aligned with no implicit padding.
+    pub _reserved: u32,
     /// The GPU K/V block that attention reads.
     pub kv: SequenceLayout,
 }
+
+// The layout both sides agree on: 8-byte fields first, `kv` on an 8-byte boundary, no
+// implicit padding (`Pod` on the host checks the same).
+const _: () = assert!(core::mem::size_of::<ShadowSequence>() == 72);
+const _: () = assert!(core::mem::offset_of!(ShadowSequence, kv) == 56);
 
 impl ShadowSequence {
     /// First landmark row of head `kv_head` (index into chunk ids and scores; times `d`
@@ -61,6 +75,12 @@ impl ShadowSequence {
         self.kv.offset + (kv_head as u64 * self.kv.capacity as u64 + token as u64) * head_dim as u64
     }
 
+    /// First resident id of head `kv_head` (the sequence's row of the resident ids).
+    #[inline(always)]
+    pub fn resident_base(&self, kv_head: u32, kv_heads: u32, budget_chunks: u32) -> usize {
+        slot_base(self.resident_row, kv_head, kv_heads, budget_chunks)
+    }
+
     /// First value of chunk `chunk` of head `kv_head` in the (host) value buffer.
     #[inline(always)]
     pub fn host_value_chunk(
@@ -77,7 +97,8 @@ impl ShadowSequence {
 }
 
 /// Index of the first entry of (`sequence`, `kv_head`) in the `[B, Hkv, budget_chunks]`
-/// buffers (resident ids, selection, miss list).
+/// buffers (selection, miss list: `sequence` is the place in the batch) and of the resident
+/// ids (`sequence` is a [`ShadowSequence::resident_row`]).
 #[inline(always)]
 pub fn slot_base(sequence: u32, kv_head: u32, kv_heads: u32, budget_chunks: u32) -> usize {
     (sequence as usize * kv_heads as usize + kv_head as usize) * budget_chunks as usize

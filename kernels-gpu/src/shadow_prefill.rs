@@ -51,7 +51,8 @@ pub struct ShadowPrefillParams {
     /// bf16 landmarks and u32 chunk ids of the layer (rows from `sequence.landmark_row`).
     pub landmarks: u64,
     pub chunk_ids: u64,
-    /// u32 `[batch, Hkv, budget_chunks]` resident ids of the layer.
+    /// u32 `[rows, Hkv, budget_chunks]` resident ids of the layer (the sequence's at its
+    /// `resident_row`).
     pub resident: u64,
     /// bf16 GPU K/V buffers of the layer (the sequence's block at `sequence.kv`).
     pub k: u64,
@@ -66,7 +67,8 @@ pub struct ShadowPrefillParams {
     /// Outlier chunks per head: `chunks - landmarks`.
     pub outlier_chunks: u32,
     pub budget_chunks: u32,
-    /// The sequence's index in the batch (its rows of `resident`).
+    /// The sequence's index in the batch of the first selection (its rows of `misses` and
+    /// `miss_counts`).
     pub sequence_index: u32,
 }
 
@@ -200,12 +202,8 @@ mod kernel {
         let state = scratch.add(MAX_WARPS);
 
         // The sequence starts with empty slots: the first selection fetches every chunk.
-        let resident = (p.resident as *mut u32).add(slot_base(
-            p.sequence_index,
-            head,
-            p.kv_heads,
-            p.budget_chunks,
-        ));
+        let resident =
+            (p.resident as *mut u32).add(sequence.resident_base(head, p.kv_heads, p.budget_chunks));
         let mut slot = tid;
         while slot < p.budget_chunks {
             *resident.add(slot as usize) = EMPTY_SLOT;

@@ -219,8 +219,7 @@ pub fn memory_for(
             (
                 "prefill scratch",
                 heads * longest_chunks * (d * 2 + 4)
-                    + crate::kernels::factorise::scratch_bytes(shape.kv_width())
-                    + (capacity.max_sequences * shape.q_heads) as u64 * d * 2,
+                    + crate::kernels::factorise::scratch_bytes(shape.kv_width()),
             ),
             (
                 "decode scratch",

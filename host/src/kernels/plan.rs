@@ -31,13 +31,16 @@ pub fn check_fits(gpu: &Gpu, batch: &ShadowBatch) -> Result<u32> {
 }
 
 /// What a plan reads and writes besides the selection, for a batch's `[batch, Hkv,
-/// budget_chunks]` slots: `resident`, the chunk id in each slot (updated in place); `misses`
+/// budget_chunks]` slots: `resident`, the chunk id in each slot (`[rows, Hkv, budget_chunks]`,
+/// each sequence at its `resident_row`; updated in place); `misses`
 /// and `miss_counts` (`[batch, Hkv]`), the miss list; `fresh`, 1 for each slot filled by a
 /// miss and 0 elsewhere; `host_miss_counts`, if not 0, the device address of `[batch, Hkv]`
 /// u32 in mapped host memory that also receives the counts (the step's statistics, read
 /// without a device-to-host copy).
 pub struct PlanBuffers<'a> {
-    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot, updated in place.
+    /// `[rows, Hkv, budget_chunks]` chunk id held by each slot, each sequence's at its
+    /// [`resident_row`](crate::kernels::shadow::ShadowSequence::resident_row); updated in
+    /// place.
     pub resident: &'a mut CudaSlice<u32>,
     /// `[batch, Hkv, budget_chunks]` miss list: for each (sequence, KV head), its first
     /// [`miss_counts`](Self::miss_counts) entries name a chunk and the slot it goes to.
@@ -92,7 +95,8 @@ pub fn run(
         ),
     };
     // SAFETY: the slot buffers hold `[batch, Hkv, budget_chunks]` entries and the counts
-    // `[batch, Hkv]` (checked above); the bitmaps cover every sequence's chunks.
+    // `[batch, Hkv]`, the resident ids every sequence's distinct row (checked above); the
+    // bitmaps cover every sequence's chunks.
     unsafe { gpu.launch(stream, ptx::CACHE_PLAN, launch, params) }
 }
 
@@ -117,7 +121,7 @@ pub(crate) fn params<'a>(
     } = buffers;
     let entries = batch.slot_entries();
     check_reach("selection", selection_len, entries)?;
-    check_reach("resident", resident.len(), entries)?;
+    batch.check_resident(resident.len())?;
     check_reach("fresh", fresh.len(), entries)?;
     batch.check_misses(misses.len(), miss_counts.len())?;
     let bitmap_words = check_fits(gpu, batch)?;

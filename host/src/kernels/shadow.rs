@@ -104,6 +104,8 @@ pub struct Extents {
     pub max_landmarks: u32,
     /// Most chunks of one sequence.
     pub max_chunks: u32,
+    /// Rows of the resident ids the layouts reach: the largest `resident_row` plus one.
+    pub resident_rows: usize,
 }
 
 /// A validated batch: the config, each sequence's layout and their device copy.
@@ -111,6 +113,11 @@ pub struct ShadowBatch {
     config: ShadowConfig,
     sequences: Vec<ShadowSequence>,
     extents: Extents,
+    /// The first sequence whose `resident_row` an earlier one has too, if any: such a batch
+    /// may not run a plan (both would update the same row).
+    repeated_row: Option<usize>,
+    /// The layouts on the device: the first `batch()` entries (it keeps the largest size
+    /// [`set_sequences`](Self::set_sequences) asked for).
     device: CudaSlice<ShadowSequence>,
 }
 
@@ -127,8 +134,34 @@ impl ShadowBatch {
             config,
             sequences: sequences.to_vec(),
             extents,
+            repeated_row: repeated_row(sequences),
             device,
         })
+    }
+
+    /// Replaces the layouts with `sequences`, of any batch size, re-validated and uploaded
+    /// on `stream` if they changed. The device copy is reused while it is large enough (it
+    /// grows to the largest batch asked for and never shrinks), so a caller that runs subsets
+    /// of a fixed set of sequences allocates at most once per new largest size. On an error
+    /// the batch is unchanged.
+    pub fn set_sequences(
+        &mut self,
+        stream: &std::sync::Arc<CudaStream>,
+        sequences: &[ShadowSequence],
+    ) -> Result<()> {
+        let extents = validate(&self.config, sequences)?;
+        if sequences != self.sequences {
+            if sequences.len() > self.device.len() {
+                self.device = stream.clone_htod(sequences)?;
+            } else {
+                stream.memcpy_htod(sequences, &mut self.device)?;
+            }
+            self.sequences.clear();
+            self.sequences.extend_from_slice(sequences);
+            self.repeated_row = repeated_row(sequences);
+        }
+        self.extents = extents;
+        Ok(())
     }
 
     /// Replaces the layouts (same batch size), re-validated and re-uploaded on `stream`.
@@ -147,12 +180,7 @@ impl ShadowBatch {
                 ),
             ));
         }
-        self.extents = validate(&self.config, sequences)?;
-        if sequences != self.sequences {
-            stream.memcpy_htod(sequences, &mut self.device)?;
-            self.sequences = sequences.to_vec();
-        }
-        Ok(())
+        self.set_sequences(stream, sequences)
     }
 
     /// The config every sequence was validated against.
@@ -172,7 +200,7 @@ impl ShadowBatch {
         &self.extents
     }
 
-    /// `[batch, Hkv, budget_chunks]` entries: resident ids, selection and miss list.
+    /// `[batch, Hkv, budget_chunks]` entries: selection and miss list.
     pub fn slot_entries(&self) -> usize {
         self.batch() * self.config.kv_heads * self.config.budget_chunks
     }
@@ -180,6 +208,44 @@ impl ShadowBatch {
     /// (sequence, KV head) pairs: entries of the miss counts.
     pub fn heads(&self) -> usize {
         self.batch() * self.config.kv_heads
+    }
+
+    /// Checks a layer's resident ids (`[rows, Hkv, budget_chunks]`, `resident_len` entries)
+    /// against the layouts: every sequence's `resident_row` is one of its rows, and no two
+    /// sequences share one (a plan updates each sequence's row). The error names the first
+    /// sequence that fails.
+    pub fn check_resident(&self, resident_len: usize) -> Result<()> {
+        let per_row = self.config.kv_heads * self.config.budget_chunks;
+        let rows = resident_len / per_row.max(1);
+        let past = (self.extents.resident_rows > rows)
+            .then(|| {
+                self.sequences
+                    .iter()
+                    .enumerate()
+                    .find(|(_, s)| s.resident_row as usize >= rows)
+            })
+            .flatten();
+        if let Some((b, s)) = past {
+            return Err(invalid(
+                "sequences",
+                format!(
+                    "sequence {b}: resident_row {} is past the {rows} rows of the resident ids ({resident_len} entries of {per_row} per row)",
+                    s.resident_row
+                ),
+                "a resident_row below the rows of the layer's resident ids",
+            ));
+        }
+        if let Some(b) = self.repeated_row {
+            return Err(invalid(
+                "sequences",
+                format!(
+                    "sequence {b}: resident_row {} is an earlier sequence's too",
+                    self.sequences[b].resident_row
+                ),
+                "a distinct resident_row for each sequence of the batch",
+            ));
+        }
+        Ok(())
     }
 
     /// Checks the miss list and counts that `plan` writes and `fetch` and `rebuild` read.
@@ -276,6 +342,23 @@ impl BatchPart {
     }
 }
 
+/// The first sequence whose `resident_row` an earlier one has too, if any.
+fn repeated_row(sequences: &[ShadowSequence]) -> Option<usize> {
+    if sequences.len() < 2 {
+        return None;
+    }
+    let mut rows: Vec<(u32, usize)> = sequences
+        .iter()
+        .enumerate()
+        .map(|(b, s)| (s.resident_row, b))
+        .collect();
+    rows.sort_unstable();
+    rows.windows(2)
+        .filter(|pair| pair[0].0 == pair[1].0)
+        .map(|pair| pair[1].1)
+        .min()
+}
+
 /// Checks each layout against the config; returns how far every buffer must reach.
 pub fn validate(config: &ShadowConfig, sequences: &[ShadowSequence]) -> Result<Extents> {
     config.validate()?;
@@ -369,6 +452,7 @@ pub fn validate(config: &ShadowConfig, sequences: &[ShadowSequence]) -> Result<E
         extents.kv = extents.kv.max(fits(b, "K/V block", kv_end)?);
         extents.max_landmarks = extents.max_landmarks.max(s.landmarks);
         extents.max_chunks = extents.max_chunks.max(s.chunks);
+        extents.resident_rows = extents.resident_rows.max(s.resident_row as usize + 1);
     }
     Ok(extents)
 }

@@ -125,7 +125,18 @@ fn params<'a, T: DevicePtr<bf16>>(
     check_reach("chunk_ids", layer.chunk_ids.len(), extents.landmark_rows)?;
     check_reach("k", layer.k.len(), extents.kv)?;
     check_reach("v", layer.v.len(), extents.kv)?;
-    check_reach("resident", layer.resident.len(), layer.batch.slot_entries())?;
+    let per_row = config.kv_heads * config.budget_chunks;
+    let rows = layer.resident.len() / per_row.max(1);
+    if sequence.resident_row as usize >= rows {
+        return Err(invalid(
+            "sequence",
+            format!(
+                "sequence {sequence_index}: resident_row {} is past the {rows} rows of the resident ids",
+                sequence.resident_row
+            ),
+            "a resident_row below the rows of the layer's resident ids",
+        ));
+    }
     layer
         .batch
         .check_misses(workspace.misses.len(), workspace.miss_counts.len())?;

@@ -26,7 +26,8 @@ pub struct HostLayer {
     pub k: Vec<bf16>,
     /// bf16 V blocks, laid out as [`k`](Self::k).
     pub v: Vec<bf16>,
-    /// `[batch, Hkv, budget_chunks]` chunk id held by each slot.
+    /// `[rows, Hkv, budget_chunks]` chunk id held by each slot, each sequence's at its
+    /// `resident_row` (as on the GPU).
     pub resident: Vec<u32>,
 }
 
@@ -82,7 +83,7 @@ pub fn decode_step(
                     topk::select(&rounded, chunk_ids, k)
                 }
             };
-            let slots = (b * kv_heads + h) * k;
+            let slots = sequence.resident_base(h as u32, kv_heads as u32, k as u32);
             let misses = plan::plan(&selection, &mut layer.resident[slots..slots + k]);
             fetch::fetch(config, sequence, h, &misses, &layer.values, &mut layer.v);
             for miss in &misses {
