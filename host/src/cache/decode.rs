@@ -325,6 +325,7 @@ fn pick(entries: &[Entry], layer: usize, ids: &[SequenceId]) -> Result<Vec<usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::memory::Footprint;
     use proptest::prelude::*;
 
     /// Live entries with the given ids (ascending) and, per entry, whether layer 0 and 1 were
