@@ -34,6 +34,11 @@ fn s(error: impl std::fmt::Display) -> String {
     error.to_string()
 }
 
+/// An error's message prefixed with the call that returned it.
+fn at<E: std::fmt::Display>(call: &'static str) -> impl Fn(E) -> String {
+    move |error| format!("{call}: {error}")
+}
+
 fn fail(error: impl std::fmt::Display) -> proptest::test_runner::TestCaseError {
     proptest::test_runner::TestCaseError::fail(error.to_string())
 }
@@ -734,8 +739,9 @@ fn accuracy(gpu: &Gpu) -> Result<(), String> {
             capacity: full_len as u32,
             len: full_len as u32,
         };
-        let plan = DecodeAttentionPlan::for_gpu(gpu, attention_shape, &[full_layout]).map_err(s)?;
-        let mut attention = DecodeAttention::new(gpu, plan).map_err(s)?;
+        let plan = DecodeAttentionPlan::for_gpu(gpu, attention_shape, &[full_layout])
+            .map_err(at("full attention plan"))?;
+        let mut attention = DecodeAttention::new(gpu, plan).map_err(at("full attention"))?;
         let q_gpu = stream.clone_htod(&q).map_err(s)?;
         let (k_gpu, v_gpu) = (
             stream.clone_htod(&full_k).map_err(s)?,
@@ -744,7 +750,7 @@ fn accuracy(gpu: &Gpu) -> Result<(), String> {
         let mut full_out = poisoned(gpu, q.len()).map_err(s)?;
         attention
             .run(gpu, &stream, &q_gpu, &k_gpu, &v_gpu, &mut full_out)
-            .map_err(s)?;
+            .map_err(at("full attention run"))?;
         let full_out = to_f64(&stream.clone_dtoh(&full_out).map_err(s)?);
         drop((k_gpu, v_gpu));
         for &(budget, rank) in &[(1024usize, 96usize), (2048, 96), (2048, 160)] {
@@ -754,17 +760,19 @@ fn accuracy(gpu: &Gpu) -> Result<(), String> {
                 ..ShadowKvParams::default()
             };
             let capacity = CacheCapacity::uniform(1, len, 4);
-            let mut cache =
-                ShadowKvCache::new(gpu, shape, params, ValueHome::Host, capacity).map_err(s)?;
-            let id = cache.add_sequence(gpu, len).map_err(s)?;
-            prefill(gpu, &mut cache, id, &prompt)?;
+            let mut cache = ShadowKvCache::new(gpu, shape, params, ValueHome::Host, capacity)
+                .map_err(at("ShadowKvCache::new"))?;
+            let id = cache.add_sequence(gpu, len).map_err(at("add_sequence"))?;
+            prefill(gpu, &mut cache, id, &prompt).map_err(|e| format!("prefill: {e}"))?;
             let (k_new, v_new) = (
                 stream.clone_htod(&new_k).map_err(s)?,
                 stream.clone_htod(&new_v).map_err(s)?,
             );
-            cache.append(gpu, 0, &k_new, &v_new).map_err(s)?;
+            cache.append(gpu, 0, &k_new, &v_new).map_err(at("append"))?;
             let mut out = poisoned(gpu, q.len()).map_err(s)?;
-            cache.decode_layer(gpu, 0, &q_gpu, &mut out).map_err(s)?;
+            cache
+                .decode_layer(gpu, 0, &q_gpu, &mut out)
+                .map_err(at("decode_layer"))?;
             let out = to_f64(&stream.clone_dtoh(&out).map_err(s)?);
             let error = relative_error(&out, &full_out);
             let layer = cache.layer(0).map_err(s)?;
