@@ -172,10 +172,10 @@ fn prefill(
     for layer in 0..cache.shape().layers {
         cache
             .prefill_layer(gpu, layer, id, pre, &source, query)
-            .map_err(s)?;
+            .map_err(at("prefill_layer"))?;
     }
     // The source buffers must outlive the offload: wait before they drop.
-    cache.check_prefill().map_err(s)?;
+    cache.check_prefill().map_err(at("check_prefill"))?;
     Ok(())
 }
 
