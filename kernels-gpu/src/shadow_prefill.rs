@@ -1,4 +1,4 @@
-//! ShadowKV prefill for one sequence of one layer (`../shared/SHADOWKV.md`, "Prefill"): from
+//! ShadowKV prefill for one sequence of one layer (`docs/ARCHITECTURE.md`, "Prefill"): from
 //! the prompt's post-RoPE keys and values (`[Hkv, L, d]`, laid out as a [`SequenceLayout`]),
 //! build what the decode kernels read (see `shadow`):
 //!

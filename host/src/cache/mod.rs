@@ -1,4 +1,4 @@
-//! [`ShadowKvCache`]: the ShadowKV cache an engine links against (`../shared/SHADOWKV.md`).
+//! [`ShadowKvCache`]: the ShadowKV cache an engine links against (`docs/ARCHITECTURE.md`).
 //!
 //! Configured by the model's attention shape ([`CacheShape`]) and ShadowKV's parameters
 //! ([`ShadowKvParams`], the paper's defaults), and sized once ([`CacheCapacity`]): every GPU

@@ -1,4 +1,4 @@
-//! Low-rank key factorisation on the GPU (`../shared/SHADOWKV.md`, prefill step 1): the
+//! Low-rank key factorisation on the GPU (`docs/ARCHITECTURE.md`, prefill step 1): the
 //! rank-`r` approximation `K_pre ≈ A · Bm` of one sequence's pre-RoPE keys (`[L, Hkv*d]`),
 //! with `A = U_r` (`[L, r]`) and `Bm = Σ_r V_rᵀ` (`[r, Hkv*d]`), both stored bf16.
 //!

@@ -1,4 +1,4 @@
-//! ShadowKV on the CPU (`../shared/SHADOWKV.md`), written for clarity, in f32 with the
+//! ShadowKV on the CPU (`docs/ARCHITECTURE.md`), written for clarity, in f32 with the
 //! factorisation in f64: the reference the GPU cache is compared with, and the CPU path's
 //! `shadowkv` attention mode.
 //!
