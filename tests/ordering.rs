@@ -7,6 +7,7 @@
 //! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).
 use half::bf16;
 use shadowkv::cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
+use shadowkv::kernels::attention::{DecodeAttentionPlan, DecodeAttentionShape};
 use shadowkv::kernels::random;
 use shadowkv::reference::relative_error;
 use shadowkv::{
@@ -40,6 +41,10 @@ fn main() {
         (
             "step_stats_before_any_selection_is_an_error",
             stats_before_selection,
+        ),
+        (
+            "planning_first_on_a_thread_without_a_current_context",
+            fresh_thread,
         ),
     ])
 }
@@ -346,4 +351,33 @@ fn stats_before_selection(gpu: &Gpu) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// An engine's worker thread (or a test harness's) has no current CUDA context until
+/// something binds one: the crate's first call there, a plan that queries the occupancy
+/// calculator, must bind it itself instead of failing with an invalid context.
+fn fresh_thread(gpu: &Gpu) -> Result<(), String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<(), String> {
+                let shape = DecodeAttentionShape {
+                    batch: 1,
+                    q_heads: SHAPE.q_heads,
+                    kv_heads: SHAPE.kv_heads,
+                    head_dim: SHAPE.head_dim,
+                };
+                let layout = SequenceLayout {
+                    offset: 0,
+                    capacity: 4096,
+                    len: 4096,
+                };
+                DecodeAttentionPlan::for_gpu(gpu, shape, &[layout])
+                    .map_err(|e| format!("the first call on a new thread: {e}"))?;
+                let (mut cache, _sources) = prefilled_cache(gpu, 8_192, true)?;
+                decode(gpu, &mut cache, 0)?;
+                Ok(())
+            })
+            .join()
+            .map_err(|_| "the thread panicked".to_string())?
+    })
 }

@@ -779,6 +779,7 @@ const _: () = assert!(crate::kernels::shadow::EMPTY_SLOT == u32::MAX);
 /// all bits set) on `stream`.
 fn empty_slots(stream: &CudaStream, resident: &mut CudaSlice<u32>) -> Result<()> {
     let bytes = resident.len() * std::mem::size_of::<u32>();
+    stream.context().bind_to_thread()?;
     let (address, _guard) = resident.device_ptr_mut(stream);
     // SAFETY: `bytes` covers exactly the live allocation behind `address`, written in order on
     // `stream`; the guard is held until the memset is queued.

@@ -394,6 +394,9 @@ impl Gpu {
         if let Some(function) = functions.get(&kernel) {
             return Ok(function.clone());
         }
+        // The driver's module and function queries need the context current on the calling
+        // thread, which an engine's (or a test harness's) worker thread may not have yet.
+        self.context.bind_to_thread()?;
         let function = self.module.load_function(kernel.as_str())?;
         functions.insert(kernel, function.clone());
         Ok(function)
@@ -409,6 +412,7 @@ impl Gpu {
                 .get(&kernel)
                 .is_none_or(|&granted| granted < shared_bytes)
             {
+                self.context.bind_to_thread()?;
                 function.set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     shared_bytes as i32,
@@ -428,6 +432,7 @@ impl Gpu {
         shared_bytes: u32,
     ) -> Result<u32> {
         let function = self.function_with_shared(kernel, shared_bytes)?;
+        self.context.bind_to_thread()?;
         let per_multiprocessor = function.occupancy_max_active_blocks_per_multiprocessor(
             threads,
             shared_bytes as usize,
@@ -500,6 +505,7 @@ impl Gpu {
             return unsafe { self.launch(stream, kernel, config, params) };
         }
         let function = self.function_with_shared(kernel, config.shared_mem_bytes)?;
+        self.context.bind_to_thread()?;
         let mut params = ByValue(params);
         let mut arguments = [&mut params as *mut ByValue<P> as *mut std::ffi::c_void];
         let mut attribute = cluster_attribute(cluster_blocks);
@@ -544,6 +550,7 @@ impl Gpu {
             return Ok(fits);
         }
         let function = self.function_with_shared(kernel, config.shared_mem_bytes)?;
+        self.context.bind_to_thread()?;
         let mut attribute = cluster_attribute(cluster_blocks);
         let query = cluster_launch_config(&config, std::ptr::null_mut(), &mut attribute);
         let mut clusters = 0;
@@ -597,6 +604,7 @@ pub(crate) unsafe fn copy_async(
     source: u64,
     bytes: usize,
 ) -> Result<()> {
+    stream.context().bind_to_thread()?;
     // SAFETY: the caller's contract.
     unsafe { sys::cuMemcpyAsync(target, source, bytes, stream.cu_stream()) }.result()?;
     Ok(())
