@@ -149,17 +149,19 @@ impl ShadowBatch {
         stream: &std::sync::Arc<CudaStream>,
         sequences: &[ShadowSequence],
     ) -> Result<()> {
-        let extents = validate(&self.config, sequences)?;
-        if sequences != self.sequences {
-            if sequences.len() > self.device.len() {
-                self.device = stream.clone_htod(sequences)?;
-            } else {
-                stream.memcpy_htod(sequences, &mut self.device)?;
-            }
-            self.sequences.clear();
-            self.sequences.extend_from_slice(sequences);
-            self.repeated_row = repeated_row(sequences);
+        if sequences == self.sequences {
+            // Validated and uploaded when they were set (a step's three calls on a layer).
+            return Ok(());
         }
+        let extents = validate(&self.config, sequences)?;
+        if sequences.len() > self.device.len() {
+            self.device = stream.clone_htod(sequences)?;
+        } else {
+            stream.memcpy_htod(sequences, &mut self.device)?;
+        }
+        self.sequences.clear();
+        self.sequences.extend_from_slice(sequences);
+        self.repeated_row = repeated_row(sequences);
         self.extents = extents;
         Ok(())
     }
