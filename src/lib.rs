@@ -111,6 +111,25 @@ pub mod layers {
         pub spare: u32,
     }
 
+    /// A small layer of one sequence (budget 16 chunks, rank 32, a 320-token prompt with two
+    /// local and three outlier chunks), for the bad-input tests.
+    pub fn small_layer(rng: &mut impl Rng) -> (ShadowConfig, HostLayer) {
+        let config = ShadowConfig {
+            budget_chunks: 16,
+            rank: 32,
+            ..ShadowConfig::LLAMA_3_8B
+        };
+        let spec = SequenceSpec {
+            prompt_len: 8 * 40,
+            local_chunks: 2,
+            outlier_chunks: 3,
+            generated: 2,
+            spare: 0,
+        };
+        let host = random_layer(rng, &config, &[spec]);
+        (config, host)
+    }
+
     /// Builds a layer: random landmarks, `A`, `Bm`, values and exact K/V rows, each head's
     /// landmark chunk ids a random subset of the chunks (the rest are its outliers), every
     /// slot empty. Unused K/V rows hold NaN so a read past a layout shows.

@@ -16,7 +16,7 @@ use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, DecodeStep, Error, Gpu, Miss,
     RopeConfig, SequenceLayout, ShadowConfig, EMPTY_SLOT,
 };
-use shadowkv_suite::layers::{random_layer, upload, SequenceSpec};
+use shadowkv_suite::layers::{random_layer, small_layer, upload, SequenceSpec};
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64};
 
 const TOLERANCE: f64 = 1e-2;
@@ -953,20 +953,8 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
 }
 
 fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
-    let config = ShadowConfig {
-        budget_chunks: 16,
-        rank: 32,
-        ..ShadowConfig::LLAMA_3_8B
-    };
-    let spec = SequenceSpec {
-        prompt_len: 8 * 40,
-        local_chunks: 2,
-        outlier_chunks: 3,
-        generated: 2,
-        spare: 0,
-    };
     let mut rng = StdRng::seed_from_u64(3);
-    let host = random_layer(&mut rng, &config, &[spec]);
+    let (config, host) = small_layer(&mut rng);
     let stream = gpu.stream();
     let expect_invalid = |result: shadowkv::Result<ShadowBatch>, argument: &str| match result {
         Err(Error::InvalidArgument {

@@ -10,7 +10,7 @@ use shadowkv::kernels::scripted_selection::{self, hits_per_head};
 use shadowkv::reference;
 use shadowkv::reference::decode_step::HostLayer;
 use shadowkv::{DecodeStep, Error, Gpu, RopeConfig, ShadowBatch, ShadowConfig, EMPTY_SLOT};
-use shadowkv_suite::layers::{random_layer, upload, SequenceSpec};
+use shadowkv_suite::layers::{random_layer, small_layer, upload, SequenceSpec};
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests};
 
 fn main() {
@@ -301,20 +301,8 @@ fn step_with_script(gpu: &Gpu) -> Result<(), String> {
 }
 
 fn rejects_bad_rates(gpu: &Gpu) -> Result<(), String> {
-    let config = ShadowConfig {
-        budget_chunks: 16,
-        rank: 32,
-        ..ShadowConfig::LLAMA_3_8B
-    };
-    let spec = SequenceSpec {
-        prompt_len: 8 * 40,
-        local_chunks: 2,
-        outlier_chunks: 3,
-        generated: 2,
-        spare: 0,
-    };
     let mut rng = StdRng::seed_from_u64(5);
-    let host = random_layer(&mut rng, &config, &[spec]);
+    let (config, host) = small_layer(&mut rng);
     let layer = upload(gpu, &config, &host, false).map_err(s)?;
     let mut step = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
     let named = |result: shadowkv::Result<()>, what: &str| match result {
