@@ -75,6 +75,27 @@ pub fn run_peak(args: PrefillPeakArgs) -> Result<(), Box<dyn std::error::Error>>
             "prefill-peak measures a ShadowKV prefill: --attention shadowkv or shadowkv-gpu".into(),
         );
     };
+    // The bound needs no GPU: print it first (bf16 weights, every parameter once).
+    let planned = crate::plan::model_config(&args.model)?;
+    let bound = PrefillMemory::layerwise(
+        &planned,
+        crate::plan::weight_bytes(&planned),
+        args.context,
+        args.pass_tokens,
+    );
+    println!(
+        "{} at {} prompt tokens, passes of {}: layer-wise bound {bound}; the all-layers route about {:.2} GB",
+        args.model,
+        args.context,
+        args.pass_tokens,
+        PrefillMemory::all_layers(
+            &planned,
+            crate::plan::weight_bytes(&planned),
+            args.context,
+            args.pass_tokens
+        ) as f64
+            / 1e9
+    );
     let gpu = Arc::new(shadowkv::Gpu::new(0)?);
     let model = crate::bench::load_model(&gpu, &args.model, args.seed)?;
     let config = &model.config;
@@ -86,16 +107,6 @@ pub fn run_peak(args: PrefillPeakArgs) -> Result<(), Box<dyn std::error::Error>>
         .collect();
     let capacity = CacheCapacity::uniform(1, args.context, 1);
     let mut shadow = model.new_shadow_cache(params, home, capacity)?;
-    let bound = PrefillMemory::layerwise(
-        config,
-        model.weight_bytes() as u64,
-        args.context,
-        args.pass_tokens,
-    );
-    println!(
-        "{} at {} prompt tokens, passes of {}: layer-wise bound {bound}",
-        args.model, args.context, args.pass_tokens
-    );
     let (id, layerwise_logits, peak) =
         model.prefill_shadow_measured(&mut shadow, &prompt, args.pass_tokens, |_| {})?;
     println!("layer-wise {peak}");
@@ -103,16 +114,9 @@ pub fn run_peak(args: PrefillPeakArgs) -> Result<(), Box<dyn std::error::Error>>
         shadow.remove_sequence(model.gpu(), id)?;
         let (_, logits, peak) =
             model.prefill_shadow_all_layers(&mut shadow, &prompt, args.pass_tokens, |_| {})?;
-        let estimate = PrefillMemory::all_layers(
-            config,
-            model.weight_bytes() as u64,
-            args.context,
-            args.pass_tokens,
-        );
         println!(
-            "all-layers {} (estimate {:.2} GB)",
-            peak.to_string().replace("; bound", "; layer-wise bound"),
-            estimate as f64 / 1e9
+            "all-layers {}",
+            peak.to_string().replace("; bound", "; layer-wise bound")
         );
         let same = logits
             .iter()
