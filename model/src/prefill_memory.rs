@@ -17,8 +17,9 @@ use crate::config::ModelConfig;
 pub const DEFAULT_PASS_TOKENS: usize = 2048;
 
 /// Room in the workspace for what the formula does not itemise: the passes' token and
-/// attention plans, the allocator's rounding, library workspaces that grow on first use.
-pub const WORKSPACE_SLACK_BYTES: u64 = 64 << 20;
+/// attention plans, the allocator's rounding, library workspaces that grow on first use (the
+/// cuBLAS workspace of a handle is up to 32 MiB on Hopper).
+pub const WORKSPACE_SLACK_BYTES: u64 = 128 << 20;
 
 /// The parts of a prefill's peak GPU memory, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,13 +141,13 @@ mod tests {
         let longer = PrefillMemory::layerwise(&config, weights, 4 * prompt, DEFAULT_PASS_TOKENS);
         assert_eq!(longer.workspace, memory.workspace);
         assert_eq!(longer.layer_kv, 4 * memory.layer_kv);
-        // A pass of 2,048 tokens at Llama-3-8B: about 0.5 GB of activations.
+        // A pass of 2,048 tokens at Llama-3-8B: about 0.46 GB of activations, and the slack.
         assert!(memory.workspace < 700 << 20, "{memory:?}");
         // The all-layers route holds 1.5 full caches: 24 GB at 122,880 tokens, against about
-        // 3.5 GB beyond the weights here (2.0 of hidden states, 1.0 of K/V, 0.5 of workspace).
+        // 3.6 GB beyond the weights here (2.0 of hidden states, 1.0 of K/V, 0.6 of workspace).
         let all = PrefillMemory::all_layers(&config, weights, prompt, DEFAULT_PASS_TOKENS);
         assert!(all - weights > 24_000_000_000, "{all}");
-        assert!(memory.transient() < 3_600_000_000, "{memory:?}");
+        assert!(memory.transient() < 3_700_000_000, "{memory:?}");
         let text = memory.to_string();
         assert!(
             text.contains("hidden states 2.01 GB") && text.contains("one layer's K/V 0.50 GB"),
