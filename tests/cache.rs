@@ -910,6 +910,33 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
         cache.decode_layer(gpu, 1, &q, &mut poisoned(gpu, 4 * 64).map_err(s)?),
         "not prefilled",
     )?;
+    // The prefill in two halves: `finish` with nothing pending; a second `start`, or a decode
+    // step, while a layer is pending; `finish` with another keys buffer. Each is refused and
+    // leaves the pending layer to finish; after it the layer decodes again.
+    expect_error(cache.prefill_layer_finish(gpu, pre), "no layer pending")?;
+    cache
+        .prefill_layer_start(gpu, 0, id, pre, &source, query)
+        .map_err(s)?;
+    expect_error(
+        cache.prefill_layer_start(gpu, 1, id, pre, &source, query),
+        "prefill_layer_finish for the pending layer",
+    )?;
+    expect_error(
+        cache.decode_layer(gpu, 0, &q, &mut poisoned(gpu, 4 * 64).map_err(s)?),
+        "between prefill_layer_start and prefill_layer_finish",
+    )?;
+    let other_keys = poisoned(gpu, pre.len()).map_err(s)?;
+    expect_error(
+        cache.prefill_layer_finish(gpu, &other_keys),
+        "pre_rope_keys",
+    )?;
+    if cache.pending_prefill().map(|p| (p.layer, p.id)) != Some((0, id)) {
+        return Err(format!("pending: {:?}", cache.pending_prefill()));
+    }
+    cache.prefill_layer_finish(gpu, pre).map_err(s)?;
+    if cache.pending_prefill().is_some() {
+        return Err("a finished layer is still pending".into());
+    }
     // Appending past max_generated, and with the wrong batch.
     let kv = stream
         .clone_htod(&random_bf16(&mut rng, 2 * 64, 1.0))

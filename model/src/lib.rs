@@ -9,6 +9,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod gpu;
+pub mod prefill_memory;
 pub mod quant;
 pub mod sampling;
 pub mod serve;
@@ -22,7 +23,8 @@ pub use cpu::{CpuCache, CpuModel};
 pub use error::{Error, ModelFileError, RequestProblem, Result};
 pub use generate::{generate, Generation};
 pub use gguf::{GgufFile, MetadataValue, TensorInfo};
-pub use gpu::{GpuKvCache, GpuModel, GpuShadowCache};
+pub use gpu::{GpuKvCache, GpuModel, GpuShadowCache, PrefillPeak};
+pub use prefill_memory::PrefillMemory;
 pub use quant::GgmlType;
 pub use sampling::Sampler;
 pub use serve::{

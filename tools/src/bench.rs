@@ -320,9 +320,13 @@ pub fn run_shadowkv(
         for sequence in 0..run.batch {
             let prompt: Vec<u32> = (0..run.context).map(|_| random_token()).collect();
             let done = sequence * run.context;
-            let (_, logits) = model.prefill_shadow(&mut shadow, &prompt, PREFILL_CHUNK, |n| {
-                bar.set_position((done + n) as u64)
-            })?;
+            let (_, logits, peak) =
+                model.prefill_shadow_measured(&mut shadow, &prompt, PREFILL_CHUNK, |n| {
+                    bar.set_position((done + n) as u64)
+                })?;
+            if sequence == 0 {
+                bar.suspend(|| eprintln!("{peak}"));
+            }
             next.push(Sampler::greedy().sample(&logits));
         }
         bar.finish_and_clear();

@@ -232,7 +232,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                                         bar.set_position(done as u64);
                                     }
                                 };
-                                let (_, logits) = model.prefill_shadow(
+                                let (_, logits, peak) = model.prefill_shadow_measured(
                                     &mut shadow,
                                     ids,
                                     PREFILL_CHUNK,
@@ -241,6 +241,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                                 if let Some(bar) = bar.as_ref() {
                                     bar.finish_and_clear();
                                 }
+                                eprintln!("{peak}");
                                 return Ok(logits);
                             }
                             let logits = model.decode_shadow(&mut shadow, ids)?;

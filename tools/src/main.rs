@@ -65,6 +65,10 @@ enum Command {
     /// per layer, on real text (CPU reference model, no GPU): the cache hit rate a real
     /// model sees, to calibrate `bench --hit-rate`.
     HitRates(hit_rates::HitRatesArgs),
+    /// The peak GPU memory of a ShadowKV prefill of a random-token prompt (layer-wise, and
+    /// with --all-layers the route that held every layer's K/V), against the bound weights +
+    /// hidden states + 2 x one layer's K/V + workspace.
+    PrefillPeak(prefill::PrefillPeakArgs),
 }
 
 fn main() {
@@ -92,6 +96,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Plan(args) => plan::run(args),
         Command::HitRates(args) => hit_rates::run(args),
+        Command::PrefillPeak(args) => prefill::run_peak(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

@@ -2,7 +2,8 @@
 //! length, from the GPU's free memory and the host's available memory (or sizes given).
 use clap::Args;
 use shadowkv::cache::{CacheShape, ShadowKvCache, ValueHome};
-use shadowkv_model::{ModelConfig, ModelSource, ShadowKvParams, NAMED_SHAPES};
+use shadowkv_model::prefill_memory::DEFAULT_PASS_TOKENS;
+use shadowkv_model::{ModelConfig, ModelSource, PrefillMemory, ShadowKvParams, NAMED_SHAPES};
 
 use crate::args::{AttentionMode, ShadowKvArgs};
 
@@ -136,8 +137,10 @@ pub fn model_config(model: &str) -> Result<ModelConfig, Box<dyn std::error::Erro
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// The largest batch of `mode` for `context` tokens per sequence plus `generated`, in
-/// `budget` after the weights and [`GPU_RESERVE_BYTES`]. A ShadowKV prefill also holds one
-/// sequence's keys, values and pre-RoPE keys of one layer while it builds the shadow.
+/// `budget` after the weights and [`GPU_RESERVE_BYTES`]. A ShadowKV prefill (layer-wise, in
+/// passes of [`DEFAULT_PASS_TOKENS`]) also holds one prompt's hidden states, about two
+/// layers' K/V of it and a pass's activations while it builds the shadow:
+/// [`prefill_transient_bytes`].
 pub fn fit(
     config: &ModelConfig,
     params: &ShadowKvParams,
@@ -166,7 +169,7 @@ pub fn fit(
         });
     };
     let shape = cache_shape(config);
-    let transient = 3 * kv_row * context as u64;
+    let transient = prefill_transient_bytes(config, context);
     let gpu_room = room.saturating_sub(transient);
     let host = match home {
         ValueHome::Host => budget.host_bytes,
@@ -208,6 +211,12 @@ pub fn fit(
         cache_gpu_bytes: if batch == 0 { 0 } else { at.gpu_bytes() },
         cache_host_bytes: if batch == 0 { 0 } else { at.host_bytes() },
     })
+}
+
+/// What a layer-wise ShadowKV prefill of a `context`-token prompt holds on the GPU beyond the
+/// weights and the cache it fills ([`PrefillMemory::layerwise`]'s transient part).
+pub fn prefill_transient_bytes(config: &ModelConfig, context: usize) -> u64 {
+    PrefillMemory::layerwise(config, 0, context, DEFAULT_PASS_TOKENS).transient()
 }
 
 /// Every mode (or only `only`), for the `plan` command, `bench`'s default batch and the table.
@@ -277,6 +286,7 @@ pub fn run(args: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shadowkv::cache::CacheCapacity;
 
     #[test]
     fn plans_llama_3_8b_on_an_h200_without_a_gpu() {
@@ -312,5 +322,34 @@ mod tests {
         .unwrap();
         assert!(host.limit.starts_with("host memory"), "{host:?}");
         assert!(host.cache_host_bytes <= 40 << 30);
+    }
+
+    #[test]
+    fn shadowkv_batches_leave_room_for_the_layerwise_prefill() {
+        let config = ModelConfig::named("llama-3-8b").unwrap();
+        let params = ShadowKvParams::default();
+        let (context, generated) = (122_880, 256);
+        let transient = prefill_transient_bytes(&config, context);
+        let memory = PrefillMemory::layerwise(&config, weight_bytes(&config), context, 2048);
+        assert_eq!(transient, memory.bound() - weight_bytes(&config));
+        // Hidden states (2.01 GB), two layers' K/V (1.01 GB) and a pass's activations.
+        assert!(
+            (3_000_000_000..3_800_000_000).contains(&transient),
+            "{transient}"
+        );
+        let budget = Budget::measure(Some(139.0), Some(1000.0)).unwrap();
+        for mode in [AttentionMode::Shadowkv, AttentionMode::ShadowkvGpu] {
+            let fit = fit(&config, &params, mode, context, generated, budget).unwrap();
+            let used = weight_bytes(&config) + GPU_RESERVE_BYTES + transient;
+            // The batch and its prefill fit; one more sequence would not.
+            assert!(fit.cache_gpu_bytes + used <= budget.gpu_bytes, "{fit:?}");
+            let shape = cache_shape(&config);
+            let home = mode.value_home().unwrap();
+            let capacity = CacheCapacity::uniform(fit.batch + 1, context, generated);
+            let next = ShadowKvCache::memory_for(&shape, &params, home, &capacity).unwrap();
+            assert!(next.gpu_bytes() + used > budget.gpu_bytes, "{fit:?}");
+            let prefill = format!("the prefill's {:.2} GiB", transient as f64 / GIB);
+            assert!(fit.limit.contains(&prefill), "{}", fit.limit);
+        }
     }
 }

@@ -33,6 +33,7 @@ impl ShadowKvCache {
     /// prefilled in `layer`).
     pub(super) fn picked(&self, layer: usize, ids: Option<&[SequenceId]>) -> Result<Vec<usize>> {
         self.check_layer(layer)?;
+        self.check_no_pending_prefill()?;
         match ids {
             Some(ids) => pick(&self.entries, layer, ids),
             None => {

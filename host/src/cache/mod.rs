@@ -54,6 +54,7 @@ use memory::Footprint;
 pub use memory::{host_available_bytes, CachePlan, MemoryReport};
 use offload::offload_values;
 pub use params::{CacheCapacity, CacheShape, ShadowKvParams, ValueHome};
+pub use prefill::PendingPrefill;
 use rows::Rows;
 
 /// A live sequence.
@@ -91,6 +92,10 @@ pub struct ShadowKvCache {
     source_ready: CudaEvent,
     /// Recorded on the copy stream after the latest prefill's value offload.
     offload_done: CudaEvent,
+    /// Recorded on the factoriser's stream after the latest prefill's factorisation.
+    factor_done: CudaEvent,
+    /// The layer between `prefill_layer_start` and `prefill_layer_finish`, if any.
+    pending_prefill: Option<PendingPrefill>,
     /// The live sequences in the order they were added (ids ascending).
     entries: Vec<Entry>,
     next_id: u64,
@@ -193,12 +198,16 @@ impl ShadowKvCache {
         let longest_chunks = params.prompt_chunks(capacity.max_prompt_len);
         Ok(ShadowKvCache {
             step: DecodeStep::new(gpu, shape.rope, &placeholder)?,
-            factoriser: Factoriser::new(&stream, shape.kv_width(), shape.layers)?,
+            // A stream of its own, so a prefill's factorisation runs beside the next layer's
+            // forward pass (see `prefill`).
+            factoriser: Factoriser::new(&gpu.new_stream()?, shape.kv_width(), shape.layers)?,
             scratch: PrefillScratch::new(&stream, &config, longest_chunks, params.outlier_chunks)?,
             arenas: Arenas::new(&sizes),
             rows: Rows::new(resident_rows(&capacity)?),
             source_ready: gpu.new_event(false)?,
             offload_done: gpu.new_event(true)?,
+            factor_done: gpu.new_event(false)?,
+            pending_prefill: None,
             shape,
             params,
             config,
@@ -397,6 +406,11 @@ impl ShadowKvCache {
     pub fn remove_sequence(&mut self, _gpu: &Gpu, id: SequenceId) -> Result<()> {
         let index = self.index_of(id)?;
         self.remove_entry(index);
+        // A pending layer of this sequence is abandoned (the factorisation it would have
+        // queued writes only the sequence's own, now free, ranges, and was never queued).
+        if self.pending_prefill.is_some_and(|pending| pending.id == id) {
+            self.pending_prefill = None;
+        }
         Ok(())
     }
 }
@@ -442,5 +456,6 @@ impl Drop for ShadowKvCache {
     fn drop(&mut self) {
         let _ = self.compute_stream.synchronize();
         let _ = self.step.copy_stream().synchronize();
+        let _ = self.factoriser.stream().synchronize();
     }
 }

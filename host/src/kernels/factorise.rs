@@ -237,6 +237,11 @@ impl Factoriser {
         })
     }
 
+    /// The stream every run is queued on (its cuBLAS and cuSOLVER handles are bound to it).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// Width of the keys this factoriser takes: `Hkv * d` columns.
     pub fn width(&self) -> usize {
         self.width

@@ -2,7 +2,7 @@
 //! each layer over the full cache or (a ShadowKV decode step) through the shadow cache, and
 //! the logits of each sequence's last token.
 use half::bf16;
-use shadowkv::cudarc::driver::CudaSlice;
+use shadowkv::cudarc::driver::{CudaSlice, CudaViewMut};
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
 use shadowkv::kernels::layer::{self, TokenPlan};
 use shadowkv::kernels::prefill_attention::{
@@ -39,6 +39,13 @@ pub(super) enum PassCache<'a> {
     },
     /// A ShadowKV decode step: one token per live sequence.
     Shadow(&'a mut GpuShadowCache),
+    /// One layer of a layer-wise prefill: `cache` and `taps` hold that layer alone (their
+    /// slot 0), whichever layer runs.
+    Layer {
+        cache: &'a mut GpuKvCache,
+        attention: Box<AttentionPass>,
+        taps: Option<PrefillTaps<'a>>,
+    },
 }
 
 impl GpuModel {
@@ -364,19 +371,29 @@ impl GpuModel {
         let frequencies = &self.weights.inverse_frequencies;
         const WHAT: &str = "attending over the full KV cache";
         const SHADOW: &str = "a ShadowKV decode step";
+        // The cache's and the taps' buffers of this layer: a one-layer cache has only slot 0.
+        let slot = match mode {
+            PassCache::Layer { .. } => 0,
+            _ => index,
+        };
         match mode {
             PassCache::Full {
                 cache,
                 attention,
                 taps,
+            }
+            | PassCache::Layer {
+                cache,
+                attention,
+                taps,
             } => {
-                let (k_cache, v_cache) = (&mut cache.k[index], &mut cache.v[index]);
+                let (k_cache, v_cache) = (&mut cache.k[slot], &mut cache.v[slot]);
                 let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.q_dim());
                 let tokens = plan.tokens();
                 {
                     let mut pre_rope = taps.as_mut().map(|taps| {
                         let rows = taps.rows_before..taps.rows_before + tokens;
-                        taps.pre_rope_keys[index].slice_mut(rows.start * kv_dim..rows.end * kv_dim)
+                        taps.pre_rope_keys[slot].slice_mut(rows.start * kv_dim..rows.end * kv_dim)
                     });
                     layer::rope_qkv(
                         gpu,
@@ -398,7 +415,7 @@ impl GpuModel {
                             &q.slice((tokens - 1) * q_dim..tokens * q_dim),
                             &mut taps
                                 .last_queries
-                                .slice_mut(index * q_dim..(index + 1) * q_dim),
+                                .slice_mut(slot * q_dim..(slot + 1) * q_dim),
                         )
                         .on_gpu(WHAT)?;
                 }
@@ -441,5 +458,135 @@ impl GpuModel {
                     .on_gpu(SHADOW)
             }
         }
+    }
+
+    /// Layer `index` over one pass of a prompt, for a layer-wise prefill: `x` holds the pass's
+    /// rows of the prompt's f32 hidden states (`[tokens, hidden]`, layer `index`'s input, the
+    /// residual stream with every earlier layer's output added) and becomes layer `index + 1`'s
+    /// input. The pass's keys and values go after the `cache.lens[0]` tokens already in
+    /// `cache`, a one-sequence cache of this layer alone; `taps` keep the pre-RoPE keys and
+    /// the pass's last query. Returns the next norm of the new `x` (layer `index + 1`'s input
+    /// norm, or the output norm after the last layer), `[tokens, hidden]` bf16. The same
+    /// kernels and GEMM shapes as [`run_layers`](Self::run_layers) on the same pass, so the
+    /// same numbers; only the order of the work differs.
+    pub(super) fn layer_pass(
+        &self,
+        index: usize,
+        x: &mut CudaViewMut<'_, f32>,
+        cache: &mut GpuKvCache,
+        taps: PrefillTaps<'_>,
+    ) -> Result<CudaSlice<bf16>> {
+        const WHAT: &str = "running a layer of a layer-wise prefill";
+        let config = &self.config;
+        let (hidden, ffn) = (config.hidden, config.ffn);
+        let Some(weights) = self.weights.layers.get(index) else {
+            return Err(invalid_input(
+                "index",
+                format!("is {index}"),
+                format!("a layer below {}", config.layers),
+            ));
+        };
+        if cache.layouts.len() != 1 || cache.k.len() != 1 || cache.v.len() != 1 {
+            return Err(invalid_input(
+                "cache",
+                format!(
+                    "holds {} sequences and {} layers",
+                    cache.layouts.len(),
+                    cache.k.len()
+                ),
+                "one sequence of one layer",
+            ));
+        }
+        let count = x.len() / hidden;
+        if count == 0 || count * hidden != x.len() {
+            return Err(invalid_input(
+                "x",
+                format!("has {} elements", x.len()),
+                format!("whole rows of hidden = {hidden}, at least one"),
+            ));
+        }
+        let (gpu, stream) = (&*self.gpu, self.stream());
+        let before = cache.lens[0];
+        if before as usize + count > cache.layouts[0].capacity as usize {
+            return Err(invalid_input(
+                "x",
+                format!("holds {count} tokens after {before}"),
+                format!("at most the cache's capacity {}", cache.layouts[0].capacity),
+            ));
+        }
+        let placements: Vec<TokenPlacement> = (0..count as u32)
+            .map(|i| TokenPlacement::new(0, before + i))
+            .collect();
+        let next = [before + count as u32];
+        let plan = TokenPlan::new(stream, self.qkv_shape(), &placements, &cache.layouts)
+            .on_gpu("placing the tokens")?;
+        let attention = Box::new(self.attention_pass(cache, &placements, &next)?);
+        let alloc_bf16 = |n: usize| stream.alloc_zeros::<bf16>(n).on_gpu(WHAT);
+        let alloc_f32 = |n: usize| stream.alloc_zeros::<f32>(n).on_gpu(WHAT);
+        let mut normed = alloc_bf16(count * hidden)?;
+        let mut qkv = alloc_f32(count * self.qkv_shape().width())?;
+        let mut q = alloc_bf16(count * config.q_dim())?;
+        let mut attended = alloc_bf16(count * config.q_dim())?;
+        let mut projected = alloc_f32(count * hidden)?;
+        let mut gate_up = alloc_f32(count * 2 * ffn)?;
+        let mut activated = alloc_bf16(count * ffn)?;
+        let mut mlp_out = alloc_f32(count * hidden)?;
+        layer::rms_norm(
+            gpu,
+            stream,
+            x,
+            None,
+            &weights.attn_norm,
+            config.rms_eps,
+            &mut normed,
+        )
+        .on_gpu(WHAT)?;
+        self.linear
+            .forward(&normed, &weights.qkv, hidden, &mut qkv)
+            .on_gpu(WHAT)?;
+        let mut mode = PassCache::Layer {
+            cache: &mut *cache,
+            attention,
+            taps: Some(taps),
+        };
+        self.attend(&mut mode, index, &plan, &qkv, &mut q, &mut attended)?;
+        self.linear
+            .forward(&attended, &weights.o, config.q_dim(), &mut projected)
+            .on_gpu(WHAT)?;
+        layer::rms_norm(
+            gpu,
+            stream,
+            x,
+            Some(&projected),
+            &weights.ffn_norm,
+            config.rms_eps,
+            &mut normed,
+        )
+        .on_gpu(WHAT)?;
+        self.linear
+            .forward(&normed, &weights.gate_up, hidden, &mut gate_up)
+            .on_gpu(WHAT)?;
+        layer::silu_mul(gpu, stream, &gate_up, &mut activated, ffn).on_gpu(WHAT)?;
+        self.linear
+            .forward(&activated, &weights.down, ffn, &mut mlp_out)
+            .on_gpu(WHAT)?;
+        // The MLP output joins the residual stream now (the all-layers pass adds it at the
+        // next layer's input norm, with the same kernel and the same norm weight).
+        let next_norm = match self.weights.layers.get(index + 1) {
+            Some(next) => &next.attn_norm,
+            None => &self.weights.output_norm,
+        };
+        layer::rms_norm(
+            gpu,
+            stream,
+            x,
+            Some(&mlp_out),
+            next_norm,
+            config.rms_eps,
+            &mut normed,
+        )
+        .on_gpu(WHAT)?;
+        cache.lens[0] = next[0];
+        Ok(normed)
     }
 }

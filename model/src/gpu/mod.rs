@@ -7,25 +7,30 @@
 //! prompts (several tokens of a sequence, side by side) through the tiled tensor-core prefill
 //! kernel (or, [`GpuModel::set_tiled_prefill`], the decode kernel with one row per token).
 //!
-//! With ShadowKV ([`GpuShadowCache`]), a prompt prefills as above into a full cache that lives
-//! only for the prefill, whose passes also keep each layer's keys before RoPE and its last
-//! query; each layer's shadow (`ShadowKvCache::prefill_layer`) is then built from them. A
-//! decode step rotates the new token's key into a one-row staging block per sequence,
+//! With ShadowKV ([`GpuShadowCache`]), a prompt prefills layer by layer: the whole prompt
+//! runs through one layer (in passes, its hidden states in one buffer) into a one-layer cache
+//! whose passes also keep the layer's keys before RoPE and its last query, and that layer's
+//! shadow (`ShadowKvCache::prefill_layer_start` / `_finish`) is built before the next layer
+//! runs (`layer_prefill`; [`PrefillPeak`] measures the peak). A decode step rotates the new
+//! token's key into a one-row staging block per sequence,
 //! appends it to the shadow cache and runs ShadowKV's sparse step (`decode_layer`).
 //!
 //! The files, by concern: `weights` (the weights on the GPU), `model` ([`GpuModel`] and its
 //! loaders), `kv_cache` (the full KV cache), `shadow_cache` and `shadow` (ShadowKV's cache,
-//! its prefills and decode steps), `forward` (the layers of a pass and their attention).
+//! its prefills and decode steps), `layer_prefill` (the layer-wise prefill), `forward` (the
+//! layers of a pass and their attention).
 //!
 //! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
 mod forward;
 mod kv_cache;
+mod layer_prefill;
 mod model;
 mod shadow;
 mod shadow_cache;
 mod weights;
 
 pub use kv_cache::GpuKvCache;
+pub use layer_prefill::PrefillPeak;
 pub use model::GpuModel;
 pub use shadow::SyntheticLayerSeeds;
 pub use shadow_cache::GpuShadowCache;

@@ -1,6 +1,7 @@
-//! ShadowKV on the GPU model: a cache for the model's shape, a prompt's prefill (full
-//! attention in passes, then each layer's shadow built from the full cache), a synthetic
-//! prefill for throughput runs, and the decode steps through the shadow cache.
+//! ShadowKV on the GPU model: a cache for the model's shape, a prompt's prefill (layer-wise,
+//! in `layer_prefill`; the all-layers route kept here to compare against: full attention in
+//! passes, then each layer's shadow built from the full cache), a synthetic prefill for
+//! throughput runs, and the decode steps through the shadow cache.
 //!
 //! `ShadowKvCache::prefill_layer` offloads a layer's values on the cache's copy stream, which
 //! reads the source values after the compute stream has moved on. So a source buffer is
@@ -18,9 +19,11 @@ use shadowkv::kernels::shadow_prefill::PrefillSource;
 use shadowkv::SequenceLayout;
 
 use super::forward::{PassCache, PrefillTaps};
+use super::layer_prefill::{check_prompt, PeakSampler, PrefillPeak};
 use super::model::GpuModel;
 use super::shadow_cache::GpuShadowCache;
 use crate::error::{invalid_input, OnGpu, Result};
+use crate::prefill_memory::PrefillMemory;
 
 /// The seeds of one layer's random buffers in [`GpuModel::prefill_shadow_synthetic`]: each
 /// buffer is `shadowkv::kernels::random::fill` with its seed, scale 1 and offset 0 (so
@@ -88,29 +91,49 @@ impl GpuModel {
         })
     }
 
-    /// Adds `prompt` as a new sequence of `shadow`: runs it with full attention in passes of
-    /// `pass_tokens` (calling `progress` with the tokens done after each), then builds every
-    /// layer's shadow. Returns the sequence and its last token's logits.
+    /// Adds `prompt` as a new sequence of `shadow` and returns it with its last token's
+    /// logits. Layer-wise (`layer_prefill`): the whole prompt runs through each layer with
+    /// full attention, in passes of `pass_tokens`, before the next, and each layer's shadow is
+    /// built right after it, so the prefill holds one layer's keys and values
+    /// ([`PrefillMemory::layerwise`] is its peak). `progress` gets the prompt tokens done so
+    /// far, counted across the layers (the prompt's length at the end).
+    ///
+    /// [`PrefillMemory::layerwise`]: crate::PrefillMemory::layerwise
     pub fn prefill_shadow(
         &self,
         shadow: &mut GpuShadowCache,
         prompt: &[u32],
         pass_tokens: usize,
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<(SequenceId, Vec<f32>)> {
-        if prompt.is_empty() {
-            return Err(invalid_input("prompt", "is empty", "at least one token"));
-        }
-        if pass_tokens == 0 {
-            return Err(invalid_input(
-                "pass_tokens",
-                "is 0",
-                "at least one token per pass",
-            ));
-        }
-        shadow.add_built(self.gpu(), prompt.len(), |shadow, id| {
-            self.build_shadow(shadow, id, prompt, pass_tokens, &mut progress)
-        })
+        self.prefill_layerwise(shadow, prompt, pass_tokens, progress, None)
+            .map(|(id, logits, _)| (id, logits))
+    }
+
+    /// The all-layers route [`prefill_shadow`](Self::prefill_shadow) replaced, kept to compare
+    /// against (the same logits; about 1.5 full caches at its peak): every pass runs every
+    /// layer into a full cache of the prompt, then every layer's shadow is built from it.
+    /// Returns the sequence, its last token's logits and the measured peak (against the
+    /// layer-wise bound).
+    pub fn prefill_shadow_all_layers(
+        &self,
+        shadow: &mut GpuShadowCache,
+        prompt: &[u32],
+        pass_tokens: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(SequenceId, Vec<f32>, PrefillPeak)> {
+        check_prompt(self, prompt, pass_tokens)?;
+        let expected = PrefillMemory::layerwise(
+            &self.config,
+            self.weight_bytes() as u64,
+            prompt.len(),
+            pass_tokens,
+        );
+        let mut sampler = PeakSampler::new(self)?;
+        let (id, logits) = shadow.add_built(self.gpu(), prompt.len(), |shadow, id| {
+            self.build_shadow(shadow, id, prompt, pass_tokens, &mut progress, &mut sampler)
+        })?;
+        Ok((id, logits, sampler.peak(expected)))
     }
 
     /// The prompt through full attention into a full cache of its own (keeping each layer's
@@ -122,6 +145,7 @@ impl GpuModel {
         prompt: &[u32],
         pass_tokens: usize,
         progress: &mut impl FnMut(usize),
+        sampler: &mut PeakSampler<'_>,
     ) -> Result<Vec<f32>> {
         const WHAT: &str = "building the ShadowKV prefill";
         let (config, gpu, stream) = (&self.config, &*self.gpu, self.stream());
@@ -145,6 +169,7 @@ impl GpuModel {
                 rows_before: done,
             };
             logits = Some(self.forward_full(&mut full, &vec![0; pass.len()], pass, Some(taps))?);
+            sampler.sample()?;
             done += pass.len();
             progress(done);
         }
@@ -168,6 +193,7 @@ impl GpuModel {
                     .cache
                     .prefill_layer(gpu, layer, id, pre_rope, &source, &last_query)
                     .on_gpu(WHAT)?;
+                sampler.sample()?;
             }
             Ok(())
         })();
