@@ -13,18 +13,26 @@
 //! decode step rotates the new token's key into a one-row staging block per sequence,
 //! appends it to the shadow cache and runs ShadowKV's sparse step (`decode_layer`).
 //!
+//! [`GpuBackend`] serves many sequences at once (continuous batching, `crate::serve`): any
+//! subset of the live sequences decodes in one step (`GpuModel::forward` over the full
+//! cache, `GpuModel::decode_shadow_for` through the shadow cache) while others prefill.
+//!
 //! The files, by concern: `weights` (the weights on the GPU), `model` ([`GpuModel`] and its
 //! loaders), `kv_cache` (the full KV cache), `shadow_cache` and `shadow` (ShadowKV's cache,
-//! its prefills and decode steps), `forward` (the layers of a pass and their attention).
+//! its prefills and decode steps), `shadow_subset` (ShadowKV steps of any subset of the
+//! sequences), `backend` ([`GpuBackend`]), `forward` (the layers of a pass and their attention).
 //!
 //! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
+mod backend;
 mod forward;
 mod kv_cache;
 mod model;
 mod shadow;
 mod shadow_cache;
+mod shadow_subset;
 mod weights;
 
+pub use backend::{GpuBackend, GpuServeCapacity};
 pub use kv_cache::GpuKvCache;
 pub use model::GpuModel;
 pub use shadow::SyntheticLayerSeeds;
