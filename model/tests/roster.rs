@@ -54,7 +54,10 @@ fn long_shadowkv_prompts_get_shadows_and_the_rest_stay_exact() {
         (long.build_shadow, short.build_shadow, full.build_shadow),
         (true, false, false)
     );
-    assert_eq!(roster.seat(RequestId(0)).unwrap().placement, Placement::Shadow);
+    assert_eq!(
+        roster.seat(RequestId(0)).unwrap().placement,
+        Placement::Shadow
+    );
     // The shadow sequence gave its block back when its prompt closed; the lowest free block
     // goes first.
     assert_eq!(
@@ -80,7 +83,10 @@ fn long_shadowkv_prompts_get_shadows_and_the_rest_stay_exact() {
 fn pieces_go_after_what_the_block_holds_and_blocks_are_reused() {
     let mut roster = roster();
     let id = RequestId(0);
-    assert_eq!(roster.add(id, CacheMode::Full, Some(SLOT_TOKENS)).unwrap(), 0);
+    assert_eq!(
+        roster.add(id, CacheMode::Full, Some(SLOT_TOKENS)).unwrap(),
+        0
+    );
     for (start, tokens) in [(0, 5), (5, 1), (6, 10)] {
         assert_eq!(
             roster.plan_piece(id, tokens).unwrap(),
@@ -172,13 +178,25 @@ fn bad_pieces_and_closes_are_refused_and_change_nothing() {
     assert_eq!(roster.seat(id).unwrap().tokens, 60);
     let finish = roster.plan_finish(id).unwrap();
     roster.finish_done(id, finish.build_shadow);
-    assert_eq!(problem(roster.plan_piece(id, 1)), RequestProblem::PromptComplete);
-    assert_eq!(problem(roster.plan_finish(id)), RequestProblem::PromptComplete);
+    assert_eq!(
+        problem(roster.plan_piece(id, 1)),
+        RequestProblem::PromptComplete
+    );
+    assert_eq!(
+        problem(roster.plan_finish(id)),
+        RequestProblem::PromptComplete
+    );
     roster.remove(id);
     // A lower id than the newest that is not live has finished; a higher one is unknown.
     assert_eq!(problem(roster.plan_piece(id, 1)), RequestProblem::Finished);
-    assert_eq!(problem(roster.plan_piece(RequestId(0), 1)), RequestProblem::Finished);
-    assert_eq!(problem(roster.plan_piece(RequestId(2), 1)), RequestProblem::Unknown);
+    assert_eq!(
+        problem(roster.plan_piece(RequestId(0), 1)),
+        RequestProblem::Finished
+    );
+    assert_eq!(
+        problem(roster.plan_piece(RequestId(2), 1)),
+        RequestProblem::Unknown
+    );
 }
 
 #[test]
@@ -229,11 +247,7 @@ fn a_mixed_batch_splits_by_kind_and_merges_in_the_batch_order() {
     );
     // Each row's logits are its token's id repeated: the merge must put them back in order.
     let vocab = 3;
-    let rows = |rows: Vec<u32>| -> Vec<f32> {
-        rows.iter()
-            .flat_map(|&t| [t as f32; 3])
-            .collect()
-    };
+    let rows = |rows: Vec<u32>| -> Vec<f32> { rows.iter().flat_map(|&t| [t as f32; 3]).collect() };
     let exact = rows(plan.exact.iter().map(|r| r.token).collect());
     let shadowed = rows(plan.shadow.iter().map(|r| r.token).collect());
     let merged = plan.merge(vocab, &exact, &shadowed).unwrap();
@@ -253,7 +267,10 @@ fn a_mixed_batch_splits_by_kind_and_merges_in_the_batch_order() {
     // A batch of one kind has nothing of the other.
     let plan = roster.plan_decode(&[(RequestId(1), 4)]).unwrap();
     assert!(plan.shadow.is_empty());
-    assert_eq!(plan.merge(vocab, &[1.0, 2.0, 3.0], &[]).unwrap(), [vec![1.0, 2.0, 3.0]]);
+    assert_eq!(
+        plan.merge(vocab, &[1.0, 2.0, 3.0], &[]).unwrap(),
+        [vec![1.0, 2.0, 3.0]]
+    );
 }
 
 #[test]

@@ -306,7 +306,11 @@ impl Backend for GpuBackend<'_> {
         let mut shadow_logits = Vec::new();
         if !shadow_batch.is_empty() {
             let shadow = self.shadow.as_mut().ok_or_else(|| {
-                invalid_input("batch", "holds ShadowKV rows", "a backend made with ShadowKV")
+                invalid_input(
+                    "batch",
+                    "holds ShadowKV rows",
+                    "a backend made with ShadowKV",
+                )
             })?;
             shadow_logits = self.model.decode_shadow_for(shadow, &shadow_batch)?;
             self.roster.shadow_done(&plan);

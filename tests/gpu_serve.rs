@@ -1,0 +1,742 @@
+//! Continuous batching on the GPU model ([`GpuBackend`]): sequences decoded in subsets and in
+//! any order, prompts arriving in pieces while others decode, and short prompts in a ShadowKV
+//! batch each give the greedy tokens they give alone (SmolLM2-135M-Instruct, fetched by
+//! tools/setup.sh); GPU and host memory stay flat over 10,000 scheduler steps with sequences
+//! joining and leaving, and bad calls are typed errors that leave the backend usable (a small
+//! model with synthetic weights). Without a GPU every test here is reported as ignored (see
+//! `run_gpu_tests`).
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use shadowkv::cache::{CacheCapacity, ShadowKvParams, ValueHome};
+use shadowkv::Gpu;
+use shadowkv_model::{
+    Backend, CacheMode, Error, Event, GpuBackend, GpuModel, GpuServeCapacity, ModelConfig,
+    ModelSource, Placement, PromptEnd, Request, RequestId, RequestProblem, Sampler, Scheduler,
+};
+use shadowkv_suite::{run_gpu_tests, shared_gpu};
+
+fn main() {
+    run_gpu_tests(&[
+        (
+            "gpu_serve_full_attention_subsets_and_interleaved_prefill_match_alone",
+            full_subsets,
+        ),
+        (
+            "gpu_serve_shadowkv_subsets_and_interleaved_prefill_match_alone",
+            shadowkv_subsets,
+        ),
+        (
+            "gpu_serve_short_prompts_join_a_shadowkv_batch_with_exact_attention",
+            short_prompts,
+        ),
+        (
+            "gpu_serve_memory_flat_over_10000_steps_of_joining_and_leaving",
+            memory_flat,
+        ),
+        ("gpu_serve_rejects_bad_input_and_stays_usable", bad_input),
+    ])
+}
+
+fn s(error: impl std::fmt::Display) -> String {
+    error.to_string()
+}
+
+fn source() -> Result<ModelSource, String> {
+    ModelSource::open(&shadowkv_model::builtin_model_path().map_err(s)?).map_err(s)
+}
+
+fn new_gpu() -> Result<Arc<Gpu>, String> {
+    // The harness's GPU is a process-wide static; a model shares a GPU through an Arc of its own.
+    let _ = shared_gpu()?;
+    Ok(Arc::new(Gpu::new(0).map_err(s)?))
+}
+
+fn smollm2(source: &ModelSource) -> Result<GpuModel, String> {
+    GpuModel::load(new_gpu()?, &source.config, &source.weights).map_err(s)
+}
+
+/// SmolLM2's shape with 2 layers and random weights: for the tests that need many steps or
+/// exact repeatability, not meaningful text.
+fn small_synthetic() -> Result<GpuModel, String> {
+    let config = ModelConfig {
+        layers: 2,
+        ..ModelConfig::named("smollm2-135m").map_err(s)?
+    };
+    GpuModel::synthetic(new_gpu()?, &config, 7).map_err(s)
+}
+
+/// Prompt tokens per piece: a prompt arrives in pieces of this size (the last shorter), and
+/// the sequences alone prefill in passes of the same size, so both run the same passes.
+const PIECE: usize = 128;
+
+/// SmolLM2's ShadowKV parameters in these tests: a prompt needs 352 tokens for the budget.
+const SMOLLM2_SPARSE: ShadowKvParams = ShadowKvParams {
+    chunk_size: 8,
+    sparse_budget: 256,
+    rank: 160,
+    local_chunks: 4,
+    outlier_chunks: 6,
+};
+
+/// The synthetic model's ShadowKV parameters: a prompt needs 160 tokens for the budget.
+const SMALL_SPARSE: ShadowKvParams = ShadowKvParams {
+    chunk_size: 8,
+    sparse_budget: 64,
+    rank: 32,
+    local_chunks: 4,
+    outlier_chunks: 4,
+};
+
+/// Two candidates closer than this may swap between two GPU runs that sum in different orders
+/// (the attention's split follows the batch's longest sequence; the GEMMs' algorithms follow
+/// the batch's rows): as in the model tests.
+const NEAR_TIE: f32 = 0.15;
+
+/// A prompt of `repeats` filler sentences around a fact and a question about it.
+fn filler_prompt(source: &ModelSource, repeats: usize, fact: &str) -> Result<Vec<u32>, String> {
+    let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    let half = repeats / 2;
+    let text = format!(
+        "Read the text and answer the question.\n{}{fact}\n{}\nWhat was the fact in the text?",
+        filler.repeat(half),
+        filler.repeat(repeats - half)
+    );
+    source.prompt_tokens(&text, true).map_err(s)
+}
+
+/// One sequence driven through a backend: its prompt, the greedy tokens it generated, and the
+/// logits each was picked from.
+struct Served {
+    prompt: Vec<u32>,
+    fed: usize,
+    logits: Option<Vec<f32>>,
+    tokens: Vec<u32>,
+    picked_from: Vec<Vec<f32>>,
+}
+
+/// A scripted run over a [`GpuBackend`]: sequence `i` is request `i`.
+struct Driver<'m> {
+    backend: GpuBackend<'m>,
+    mode: CacheMode,
+    sequences: Vec<Served>,
+}
+
+impl<'m> Driver<'m> {
+    fn new(model: &'m GpuModel, mode: CacheMode, home: ValueHome) -> Result<Self, String> {
+        let shadowkv = match mode {
+            CacheMode::Full => None,
+            CacheMode::ShadowKv(params) => Some((params, home)),
+        };
+        let capacity = GpuServeCapacity {
+            max_sequences: 4,
+            max_tokens: 2048,
+            max_generated: 64,
+        };
+        Ok(Driver {
+            backend: GpuBackend::new(model, capacity, shadowkv).map_err(s)?,
+            mode,
+            sequences: Vec::new(),
+        })
+    }
+
+    /// A new sequence of `prompt` in `mode` (the driver's when `None`); returns its index.
+    fn add(&mut self, prompt: &[u32], mode: Option<CacheMode>) -> Result<usize, String> {
+        let i = self.sequences.len();
+        self.backend
+            .add_sequence(RequestId(i as u64), mode.unwrap_or(self.mode), None)
+            .map_err(s)?;
+        self.sequences.push(Served {
+            prompt: prompt.to_vec(),
+            fed: 0,
+            logits: None,
+            tokens: Vec::new(),
+            picked_from: Vec::new(),
+        });
+        Ok(i)
+    }
+
+    /// Feeds sequence `i`'s next piece; closes the prompt (and picks the first token) when
+    /// that was the last.
+    fn piece(&mut self, i: usize) -> Result<(), String> {
+        let sequence = &mut self.sequences[i];
+        let end = (sequence.fed + PIECE).min(sequence.prompt.len());
+        let logits = self
+            .backend
+            .prefill(RequestId(i as u64), &sequence.prompt[sequence.fed..end])
+            .map_err(s)?;
+        sequence.fed = end;
+        sequence.logits = Some(logits);
+        if end == sequence.prompt.len() {
+            self.backend.finish_prompt(RequestId(i as u64)).map_err(s)?;
+            let sequence = &mut self.sequences[i];
+            let logits = sequence.logits.take().expect("set above");
+            sequence.tokens.push(Sampler::greedy().sample(&logits));
+            sequence.picked_from.push(logits);
+        }
+        Ok(())
+    }
+
+    /// Feeds the rest of sequence `i`'s prompt.
+    fn prefill(&mut self, i: usize) -> Result<(), String> {
+        while self.sequences[i].fed < self.sequences[i].prompt.len() {
+            self.piece(i)?;
+        }
+        Ok(())
+    }
+
+    /// One decode step of the sequences `ids`, in that order.
+    fn decode(&mut self, ids: &[usize]) -> Result<(), String> {
+        let batch: Vec<(RequestId, u32)> = ids
+            .iter()
+            .map(|&i| {
+                (
+                    RequestId(i as u64),
+                    *self.sequences[i].tokens.last().unwrap(),
+                )
+            })
+            .collect();
+        let logits = self.backend.decode(&batch).map_err(s)?;
+        for (&i, logits) in ids.iter().zip(logits) {
+            let sequence = &mut self.sequences[i];
+            sequence.tokens.push(Sampler::greedy().sample(&logits));
+            sequence.picked_from.push(logits);
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.backend.remove_sequence(RequestId(i as u64));
+    }
+}
+
+/// Greedy tokens of `prompt` alone with full attention (the model's own cache, the prompt in
+/// passes of [`PIECE`]), and the logits each was picked from.
+fn full_alone(
+    model: &GpuModel,
+    prompt: &[u32],
+    tokens: usize,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>), String> {
+    let mut cache = model
+        .new_cache(&[(prompt.len() + tokens) as u32])
+        .map_err(s)?;
+    let mut logits = Vec::new();
+    for pass in prompt.chunks(PIECE) {
+        logits = model
+            .forward(&mut cache, &vec![0; pass.len()], pass)
+            .map_err(s)?;
+    }
+    let (mut picked, mut picked_from) = (Vec::new(), Vec::new());
+    for step in 0..tokens {
+        let token = Sampler::greedy().sample(&logits);
+        picked.push(token);
+        if step + 1 < tokens {
+            let next = model.forward(&mut cache, &[0], &[token]).map_err(s)?;
+            picked_from.push(std::mem::replace(&mut logits, next));
+        } else {
+            picked_from.push(std::mem::take(&mut logits));
+        }
+    }
+    Ok((picked, picked_from))
+}
+
+/// Greedy tokens of `prompt` alone with ShadowKV (the model's own shadow prefill in passes of
+/// [`PIECE`], then its whole-cache decode steps), and the logits each was picked from.
+fn shadow_alone(
+    model: &GpuModel,
+    prompt: &[u32],
+    tokens: usize,
+    params: ShadowKvParams,
+    home: ValueHome,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>), String> {
+    let capacity = CacheCapacity::uniform(1, prompt.len(), tokens);
+    let mut shadow = model.new_shadow_cache(params, home, capacity).map_err(s)?;
+    let (_, mut logits) = model
+        .prefill_shadow(&mut shadow, prompt, PIECE, |_| {})
+        .map_err(s)?;
+    let (mut picked, mut picked_from) = (Vec::new(), Vec::new());
+    for step in 0..tokens {
+        let token = Sampler::greedy().sample(&logits);
+        picked.push(token);
+        if step + 1 < tokens {
+            let next = model.decode_shadow(&mut shadow, &[token]).map_err(s)?;
+            picked_from.push(std::mem::replace(&mut logits, next));
+        } else {
+            picked_from.push(std::mem::take(&mut logits));
+        }
+    }
+    Ok((picked, picked_from))
+}
+
+/// Sequence `name`'s tokens in the batch against alone: equal, or equal up to a step where
+/// the two picks were a near-tie alone (from there on they may differ).
+fn compare(
+    name: &str,
+    together: &[u32],
+    alone: &[u32],
+    alone_logits: &[Vec<f32>],
+) -> Result<(), String> {
+    for (step, (&mine, &theirs)) in together.iter().zip(alone).enumerate() {
+        if mine == theirs {
+            continue;
+        }
+        let logits = &alone_logits[step];
+        let margin = logits[theirs as usize] - logits[mine as usize];
+        if margin <= NEAR_TIE {
+            eprintln!(
+                "{name}: step {step} picks {mine} in the batch, {theirs} alone: a near-tie \
+                 ({margin:.3}); the rest is not compared"
+            );
+            return Ok(());
+        }
+        return Err(format!(
+            "{name}: step {step} picks {mine} in the batch, {theirs} alone (margin {margin:.3}); \
+             batch {together:?}, alone {alone:?}"
+        ));
+    }
+    eprintln!("{name}: {} tokens as alone", together.len());
+    Ok(())
+}
+
+/// Three prompts: each arrives in pieces while the others decode, the batches name subsets of
+/// the sequences in varying orders, one sequence leaves and its block is taken by the next.
+/// Each sequence's greedy tokens are the ones it gets alone through the model's own paths.
+fn interleaved(
+    source: &ModelSource,
+    model: &GpuModel,
+    mode: CacheMode,
+    home: ValueHome,
+) -> Result<(), String> {
+    let prompts = [
+        filler_prompt(source, 30, "The pass key is 68231.")?,
+        filler_prompt(source, 45, "The cat is called Pebble.")?,
+        filler_prompt(source, 38, "The train leaves at nine.")?,
+        filler_prompt(source, 33, "The lake is frozen in January.")?,
+    ];
+    let mut driver = Driver::new(model, mode, home)?;
+    let a = driver.add(&prompts[0], None)?;
+    driver.piece(a)?;
+    driver.prefill(a)?;
+    let b = driver.add(&prompts[1], None)?;
+    driver.piece(b)?;
+    driver.decode(&[a])?;
+    driver.piece(b)?;
+    driver.decode(&[a])?;
+    driver.prefill(b)?;
+    for order in [[b, a], [a, b]] {
+        driver.decode(&order)?;
+    }
+    driver.decode(&[b])?;
+    let c = driver.add(&prompts[2], None)?;
+    driver.piece(c)?;
+    driver.decode(&[a, b])?;
+    driver.piece(c)?;
+    driver.decode(&[b])?;
+    driver.prefill(c)?;
+    driver.decode(&[c, a, b])?;
+    driver.decode(&[b, c])?;
+    driver.remove(a);
+    let d = driver.add(&prompts[3], None)?;
+    driver.piece(d)?;
+    for _ in 0..3 {
+        driver.decode(&[c, b])?;
+    }
+    driver.prefill(d)?;
+    for order in [[d, b, c], [b, c, d], [c, d, b]] {
+        driver.decode(&order)?;
+    }
+    for (i, sequence) in driver.sequences.iter().enumerate() {
+        let (alone, logits) = match mode {
+            CacheMode::Full => full_alone(model, &sequence.prompt, sequence.tokens.len())?,
+            CacheMode::ShadowKv(params) => {
+                shadow_alone(model, &sequence.prompt, sequence.tokens.len(), params, home)?
+            }
+        };
+        let name = format!(
+            "{mode:?} {home:?}, sequence {i} ({} prompt tokens)",
+            sequence.prompt.len()
+        );
+        compare(&name, &sequence.tokens, &alone, &logits)?;
+        eprintln!(
+            "  {:?}",
+            source.tokenizer.decode(&sequence.tokens).map_err(s)?
+        );
+    }
+    Ok(())
+}
+
+fn full_subsets(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = smollm2(&source)?;
+    interleaved(&source, &model, CacheMode::Full, ValueHome::Host)
+}
+
+fn shadowkv_subsets(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = smollm2(&source)?;
+    for home in [ValueHome::Host, ValueHome::Device] {
+        interleaved(&source, &model, CacheMode::ShadowKv(SMOLLM2_SPARSE), home)?;
+    }
+    Ok(())
+}
+
+/// A ShadowKV batch with prompts too short for the budget (a chat turn, 200 tokens) beside
+/// long ones: the short ones decode with exact attention in the same steps and give the
+/// tokens of full attention alone; the long ones give ShadowKV's alone.
+fn short_prompts(_: &Gpu) -> Result<(), String> {
+    let source = source()?;
+    let model = smollm2(&source)?;
+    let params = SMOLLM2_SPARSE;
+    let prompts = [
+        filler_prompt(&source, 30, "The pass key is 68231.")?,
+        source
+            .prompt_tokens("What is the capital of France?", true)
+            .map_err(s)?,
+        filler_prompt(&source, 8, "The cat is called Pebble.")?,
+        filler_prompt(&source, 40, "The train leaves at nine.")?,
+    ];
+    let mut driver = Driver::new(&model, CacheMode::ShadowKv(params), ValueHome::Host)?;
+    let ids: Vec<usize> = prompts
+        .iter()
+        .map(|prompt| driver.add(prompt, None))
+        .collect::<Result<_, _>>()?;
+    driver.prefill(ids[0])?;
+    driver.piece(ids[3])?;
+    driver.prefill(ids[1])?;
+    driver.decode(&[ids[1], ids[0]])?;
+    driver.prefill(ids[2])?;
+    driver.decode(&[ids[2], ids[0], ids[1]])?;
+    driver.prefill(ids[3])?;
+    for step in 0..12 {
+        let mut order = ids.clone();
+        order.rotate_left(step % 4);
+        driver.decode(&order)?;
+    }
+    for (i, sequence) in driver.sequences.iter().enumerate() {
+        let long = params.check_prompt(sequence.prompt.len()).is_ok();
+        let placement = driver.backend.placement(RequestId(i as u64));
+        let placed = match placement {
+            Some(Placement::Shadow) => long,
+            Some(Placement::Exact { .. }) => !long,
+            _ => false,
+        };
+        if !placed {
+            return Err(format!(
+                "sequence {i} ({} tokens) is at {placement:?}",
+                sequence.prompt.len()
+            ));
+        }
+        let (alone, logits) = if long {
+            shadow_alone(
+                &model,
+                &sequence.prompt,
+                sequence.tokens.len(),
+                params,
+                ValueHome::Host,
+            )?
+        } else {
+            full_alone(&model, &sequence.prompt, sequence.tokens.len())?
+        };
+        let name = format!(
+            "sequence {i} ({} prompt tokens, {})",
+            sequence.prompt.len(),
+            if long { "ShadowKV" } else { "exact" }
+        );
+        compare(&name, &sequence.tokens, &alone, &logits)?;
+    }
+    if (0..4).all(|i| driver.backend.placement(RequestId(i)) == Some(Placement::Shadow)) {
+        return Err("no prompt was short enough to stay exact".into());
+    }
+    Ok(())
+}
+
+/// Resident host memory of the process, from /proc/self/status (0 where there is none).
+fn resident_host_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .unwrap_or(0)
+}
+
+/// 10,000 scheduler steps on the synthetic model, about four requests live at a time, each
+/// joining with a random prompt (some too short for ShadowKV's budget, some in full-attention
+/// mode), a random length and random tokens, and leaving when done. Every 1,000 steps it
+/// prints the GPU memory in use (`mem_get_info`), the pinned host memory the caches hold and
+/// the process's resident host memory; after a warm-up of 2,000 steps none may grow.
+fn memory_flat(_: &Gpu) -> Result<(), String> {
+    const STEPS: usize = 10_000;
+    const WARM_UP: usize = 2_000;
+    /// What the readings may move by after the warm-up: the allocator's pools shift by a few
+    /// MiB with the batch shapes, while a leak of one block or shadow per request would pass
+    /// this within a few hundred requests.
+    const GPU_SLACK: u64 = 16 << 20;
+    const HOST_SLACK: u64 = 64 << 20;
+    let model = small_synthetic()?;
+    let gpu = model.gpu();
+    let vocab = model.config.vocab as u32;
+    // Room for twice the live requests, so that the caches' first-fit ranges never run out.
+    let capacity = GpuServeCapacity {
+        max_sequences: 8,
+        max_tokens: 1024,
+        max_generated: 256,
+    };
+    let backend =
+        GpuBackend::new(&model, capacity, Some((SMALL_SPARSE, ValueHome::Host))).map_err(s)?;
+    let mut scheduler = Scheduler::new(backend, 256);
+    let mut rng = StdRng::seed_from_u64(11);
+    let (mut joined, mut finished, mut shadows, mut exact) = (0usize, 0usize, 0usize, 0usize);
+    let mut baseline: Option<(u64, u64)> = None;
+    let used_gpu = || -> Result<u64, String> {
+        gpu.stream().synchronize().map_err(s)?;
+        let (free, total) = gpu.context().mem_get_info().map_err(s)?;
+        Ok((total - free) as u64)
+    };
+    for step in 1..=STEPS {
+        while scheduler.live().len() < 4 {
+            let len = if rng.gen_bool(0.3) {
+                rng.gen_range(8..160)
+            } else {
+                rng.gen_range(160..700)
+            };
+            let prompt: Vec<u32> = (0..len).map(|_| rng.gen_range(0..vocab)).collect();
+            let mode = if rng.gen_bool(0.25) {
+                CacheMode::Full
+            } else {
+                CacheMode::ShadowKv(SMALL_SPARSE)
+            };
+            let request = Request::new(prompt, rng.gen_range(16..256)).with_mode(mode);
+            scheduler.submit(request).map_err(s)?;
+            joined += 1;
+        }
+        for event in scheduler.step().map_err(s)? {
+            if let Event::Finished { .. } = event {
+                finished += 1;
+            }
+        }
+        for id in scheduler.live() {
+            if scheduler.is_decoding(id) {
+                match scheduler.backend().placement(id) {
+                    Some(Placement::Shadow) => shadows += 1,
+                    Some(Placement::Exact { .. }) => exact += 1,
+                    _ => {}
+                }
+            }
+        }
+        if step % 1_000 == 0 {
+            let pinned = scheduler
+                .backend()
+                .shadow_cache()
+                .map(|shadow| shadow.memory_report().map(|r| r.host_bytes()))
+                .transpose()
+                .map_err(s)?
+                .unwrap_or(0);
+            let (gpu_bytes, host_bytes) = (used_gpu()?, resident_host_bytes());
+            eprintln!(
+                "step {step}: {joined} joined, {finished} finished; sequence-steps {shadows} \
+                 through shadows, {exact} exact; GPU in use {:.1} MiB, pinned host {:.1} MiB, \
+                 resident host {:.1} MiB",
+                gpu_bytes as f64 / 1048576.0,
+                pinned as f64 / 1048576.0,
+                host_bytes as f64 / 1048576.0
+            );
+            match baseline {
+                None if step >= WARM_UP => baseline = Some((gpu_bytes, host_bytes)),
+                Some((gpu_base, host_base)) => {
+                    if gpu_bytes > gpu_base + GPU_SLACK || host_bytes > host_base + HOST_SLACK {
+                        return Err(format!(
+                            "memory grew after the warm-up: GPU {gpu_base} -> {gpu_bytes} bytes, \
+                             host {host_base} -> {host_bytes} bytes"
+                        ));
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    if shadows == 0 || exact == 0 || finished < 50 {
+        return Err(format!(
+            "the run did not exercise both kinds: {shadows} shadow and {exact} exact \
+             sequence-steps, {finished} requests finished"
+        ));
+    }
+    Ok(())
+}
+
+fn request_problem<T>(result: Result<T, Error>) -> Option<RequestProblem> {
+    match result {
+        Err(Error::Request { problem, .. }) => Some(problem),
+        _ => None,
+    }
+}
+
+/// Bad calls on the synthetic model — a decode naming an unknown sequence, a finished one,
+/// one still prefilling, one twice, a token past the vocabulary, a piece past a sequence's
+/// room, a ShadowKV sequence past its generated tokens, a prompt piece past the declared
+/// length through the scheduler — are each a typed error. Run between normal calls, they
+/// change nothing: the sequences give bit for bit the tokens of the same script without them.
+fn bad_input(_: &Gpu) -> Result<(), String> {
+    let model = small_synthetic()?;
+    let mut rng = StdRng::seed_from_u64(3);
+    let vocab = model.config.vocab as u32;
+    let mut prompt =
+        |len: usize| -> Vec<u32> { (0..len).map(|_| rng.gen_range(0..vocab)).collect() };
+    let (long, middle, later) = (prompt(300), prompt(150), prompt(200));
+    let mode = CacheMode::ShadowKv(SMALL_SPARSE);
+    let script = |bad: bool| -> Result<Vec<Vec<u32>>, String> {
+        let mut driver = Driver::new(&model, mode, ValueHome::Host)?;
+        let check = |what: &str, got: Option<RequestProblem>, expected: RequestProblem| {
+            if bad && got != Some(expected.clone()) {
+                return Err(format!("{what}: {got:?}, expected {expected:?}"));
+            }
+            Ok(())
+        };
+        let a = driver.add(&long, None)?;
+        driver.prefill(a)?;
+        let b = driver.add(&middle, Some(CacheMode::Full))?;
+        driver.piece(b)?;
+        if bad {
+            let token = *driver.sequences[a].tokens.last().unwrap();
+            let backend = &mut driver.backend;
+            let unknown = backend.decode(&[(RequestId(a as u64), token), (RequestId(9), 1)]);
+            check(
+                "an unknown sequence",
+                request_problem(unknown),
+                RequestProblem::Unknown,
+            )?;
+            let prefilling =
+                backend.decode(&[(RequestId(a as u64), token), (RequestId(b as u64), 1)]);
+            check(
+                "a prefilling sequence",
+                request_problem(prefilling),
+                RequestProblem::Prefilling,
+            )?;
+            let twice =
+                backend.decode(&[(RequestId(a as u64), token), (RequestId(a as u64), token)]);
+            check(
+                "a sequence twice",
+                request_problem(twice),
+                RequestProblem::Repeated,
+            )?;
+            if !matches!(
+                backend.decode(&[(RequestId(a as u64), vocab)]),
+                Err(Error::InvalidInput { .. })
+            ) {
+                return Err("a token past the vocabulary was not refused".into());
+            }
+            let past = backend.prefill(RequestId(b as u64), &vec![1; 2048]);
+            check(
+                "a piece past the block",
+                request_problem(past),
+                RequestProblem::PastCapacity {
+                    capacity: 2048,
+                    given: 2048 + PIECE,
+                },
+            )?;
+        }
+        driver.decode(&[a])?;
+        driver.prefill(b)?;
+        driver.decode(&[b, a])?;
+        driver.remove(b);
+        if bad {
+            let finished = driver.backend.decode(&[(RequestId(b as u64), 1)]);
+            check(
+                "a finished sequence",
+                request_problem(finished),
+                RequestProblem::Finished,
+            )?;
+        }
+        let c = driver.add(&later, None)?;
+        driver.prefill(c)?;
+        for _ in 0..6 {
+            driver.decode(&[c, a])?;
+        }
+        if bad {
+            // Sequence `a` generates up to max_generated (64) tokens, then is refused.
+            while driver.sequences[a].tokens.len() <= 64 {
+                driver.decode(&[a])?;
+            }
+            let token = *driver.sequences[a].tokens.last().unwrap();
+            let full = driver.backend.decode(&[(RequestId(a as u64), token)]);
+            if !matches!(
+                request_problem(full),
+                Some(RequestProblem::PastCapacity { .. })
+            ) {
+                return Err("a step past max_generated was not refused".into());
+            }
+        }
+        driver.decode(&[c])?;
+        Ok(driver.sequences.iter().map(|s| s.tokens.clone()).collect())
+    };
+    // The bad run decodes `a` further at the end: compare what both runs did.
+    let clean = script(false)?;
+    let with_bad_calls = script(true)?;
+    let same = clean.len() == with_bad_calls.len()
+        && clean
+            .iter()
+            .zip(&with_bad_calls)
+            .all(|(clean, bad)| bad.starts_with(clean));
+    if !same {
+        return Err(format!(
+            "the bad calls changed the tokens: {with_bad_calls:?} against {clean:?}"
+        ));
+    }
+    // Through the scheduler: a piece past the declared prompt length is refused and the
+    // request still gets the tokens of its prompt given whole.
+    let capacity = GpuServeCapacity {
+        max_sequences: 2,
+        max_tokens: 512,
+        max_generated: 16,
+    };
+    let run = |pieces: bool| -> Result<Vec<u32>, String> {
+        let backend =
+            GpuBackend::new(&model, capacity, Some((SMALL_SPARSE, ValueHome::Host))).map_err(s)?;
+        // Pieces of 64 tokens whether the prompt came whole or in two parts (the first 128
+        // tokens long), so both runs make the same passes.
+        let mut scheduler = Scheduler::new(backend, 64);
+        let request = Request::new(long.clone(), 6).with_mode(mode);
+        let id = if pieces {
+            let id = scheduler
+                .submit(Request {
+                    prompt: long[..128].to_vec(),
+                    prompt_end: PromptEnd::Length(long.len()),
+                    ..request
+                })
+                .map_err(s)?;
+            scheduler.step().map_err(s)?;
+            let past = scheduler.push_prompt(id, &vec![1; long.len()], false);
+            if !matches!(
+                request_problem(past),
+                Some(RequestProblem::PastPromptLength { .. })
+            ) {
+                return Err("a piece past the declared prompt length was not refused".into());
+            }
+            scheduler.push_prompt(id, &long[128..], false).map_err(s)?;
+            id
+        } else {
+            scheduler.submit(request).map_err(s)?
+        };
+        let mut tokens = Vec::new();
+        while !scheduler.is_idle() {
+            for event in scheduler.step().map_err(s)? {
+                if let Event::Token { id: of, token } = event {
+                    if of == id {
+                        tokens.push(token);
+                    }
+                }
+            }
+        }
+        Ok(tokens)
+    };
+    let (whole, in_pieces) = (run(false)?, run(true)?);
+    if whole != in_pieces || whole.len() != 6 {
+        return Err(format!(
+            "the prompt given whole gives {whole:?}, in pieces with a refused one {in_pieces:?}"
+        ));
+    }
+    Ok(())
+}
