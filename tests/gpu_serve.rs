@@ -546,15 +546,15 @@ fn memory_flat(_: &Gpu) -> Result<(), String> {
             );
             match baseline {
                 None if step >= WARM_UP => baseline = Some((gpu_bytes, host_bytes)),
-                Some((gpu_base, host_base)) => {
-                    if gpu_bytes > gpu_base + GPU_SLACK || host_bytes > host_base + HOST_SLACK {
-                        return Err(format!(
-                            "memory grew after the warm-up: GPU {gpu_base} -> {gpu_bytes} bytes, \
-                             host {host_base} -> {host_bytes} bytes"
-                        ));
-                    }
+                Some((gpu_base, host_base))
+                    if gpu_bytes > gpu_base + GPU_SLACK || host_bytes > host_base + HOST_SLACK =>
+                {
+                    return Err(format!(
+                        "memory grew after the warm-up: GPU {gpu_base} -> {gpu_bytes} bytes, \
+                         host {host_base} -> {host_bytes} bytes"
+                    ));
                 }
-                None => {}
+                _ => {}
             }
         }
     }
