@@ -490,7 +490,7 @@ fn memory_flat(_: &Gpu) -> Result<(), String> {
     let mut scheduler = Scheduler::new(backend, 256);
     let mut rng = StdRng::seed_from_u64(11);
     let (mut joined, mut finished, mut shadows, mut exact) = (0usize, 0usize, 0usize, 0usize);
-    let mut baseline: Option<(u64, u64)> = None;
+    let mut baseline: Option<(u64, u64, u64)> = None;
     let used_gpu = || -> Result<u64, String> {
         gpu.stream().synchronize().map_err(s)?;
         let (free, total) = gpu.context().mem_get_info().map_err(s)?;
@@ -545,13 +545,16 @@ fn memory_flat(_: &Gpu) -> Result<(), String> {
                 host_bytes as f64 / 1048576.0
             );
             match baseline {
-                None if step >= WARM_UP => baseline = Some((gpu_bytes, host_bytes)),
-                Some((gpu_base, host_base))
-                    if gpu_bytes > gpu_base + GPU_SLACK || host_bytes > host_base + HOST_SLACK =>
+                None if step >= WARM_UP => baseline = Some((gpu_bytes, pinned, host_bytes)),
+                Some((gpu_base, pinned_base, host_base))
+                    if gpu_bytes > gpu_base + GPU_SLACK
+                        || pinned != pinned_base
+                        || host_bytes > host_base + HOST_SLACK =>
                 {
                     return Err(format!(
                         "memory grew after the warm-up: GPU {gpu_base} -> {gpu_bytes} bytes, \
-                         host {host_base} -> {host_bytes} bytes"
+                         pinned host {pinned_base} -> {pinned} bytes, resident host {host_base} \
+                         -> {host_bytes} bytes"
                     ));
                 }
                 _ => {}
