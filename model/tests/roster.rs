@@ -327,3 +327,177 @@ fn bad_decode_batches_are_refused_and_change_nothing() {
     );
     assert_eq!(roster.seat(RequestId(1)).unwrap().tokens, SLOT_TOKENS);
 }
+
+/// A stand-in for the GPU backend on the CPU: the [`Roster`]'s bookkeeping around a "model"
+/// whose logits pick `next(token, position, kind)`, with a different kind for the exact and the
+/// shadow calls, so that a token mixed up between rows or kinds shows in the output.
+struct FakeBackend {
+    roster: Roster,
+}
+
+const VOCAB: usize = 97;
+
+/// The token picked after `token` at `position`; `shadow` for the shadow call's rows.
+fn next(token: u32, position: usize, shadow: bool) -> u32 {
+    ((token as usize * 7 + position * 3 + shadow as usize * 50) % VOCAB) as u32
+}
+
+fn one_hot(token: u32) -> Vec<f32> {
+    let mut logits = vec![0.0; VOCAB];
+    logits[token as usize] = 1.0;
+    logits
+}
+
+impl shadowkv_model::Backend for FakeBackend {
+    fn vocab(&self) -> usize {
+        VOCAB
+    }
+
+    fn add_sequence(
+        &mut self,
+        id: RequestId,
+        mode: CacheMode,
+        max_len: Option<usize>,
+    ) -> shadowkv_model::Result<()> {
+        self.roster.add(id, mode, max_len).map(|_| ())
+    }
+
+    fn prefill(&mut self, id: RequestId, tokens: &[u32]) -> shadowkv_model::Result<Vec<f32>> {
+        let piece = self.roster.plan_piece(id, tokens.len())?;
+        self.roster.piece_done(id, tokens.len());
+        let last = piece.start + tokens.len() - 1;
+        Ok(one_hot(next(tokens[tokens.len() - 1], last, false)))
+    }
+
+    fn finish_prompt(&mut self, id: RequestId) -> shadowkv_model::Result<()> {
+        let finish = self.roster.plan_finish(id)?;
+        self.roster.finish_done(id, finish.build_shadow);
+        Ok(())
+    }
+
+    fn decode(&mut self, batch: &[(RequestId, u32)]) -> shadowkv_model::Result<Vec<Vec<f32>>> {
+        let plan = self.roster.plan_decode(batch)?;
+        let position = |roster: &Roster, id| roster.seat(id).unwrap().tokens;
+        let exact: Vec<f32> = plan
+            .exact
+            .iter()
+            .flat_map(|row| one_hot(next(row.token, position(&self.roster, row.id), false)))
+            .collect();
+        let shadow: Vec<f32> = plan
+            .shadow
+            .iter()
+            .flat_map(|row| one_hot(next(row.token, position(&self.roster, row.id), true)))
+            .collect();
+        self.roster.exact_done(&plan);
+        self.roster.shadow_done(&plan);
+        plan.merge(VOCAB, &exact, &shadow)
+    }
+
+    fn remove_sequence(&mut self, id: RequestId) {
+        self.roster.remove(id);
+    }
+}
+
+/// The tokens a request gets alone: the first from its prompt's last token, then one per step
+/// through its kind of call.
+fn alone(prompt: &[u32], mode: CacheMode, tokens: usize) -> Vec<u32> {
+    let shadow = matches!(mode, CacheMode::ShadowKv(p) if p.check_prompt(prompt.len()).is_ok());
+    let mut out = vec![next(prompt[prompt.len() - 1], prompt.len() - 1, false)];
+    while out.len() < tokens {
+        let position = prompt.len() + out.len() - 1;
+        out.push(next(out[out.len() - 1], position, shadow));
+    }
+    out
+}
+
+/// The scheduler over the roster: requests of both modes (long and short ShadowKV prompts)
+/// join over time, prompts arrive in pieces while others decode, steps decode subsets in
+/// rotating orders, requests leave and their blocks are taken again; each gets the tokens it
+/// gets alone.
+#[test]
+fn the_scheduler_over_the_roster_keeps_every_row_with_its_sequence() {
+    use shadowkv_model::{Event, PromptEnd, Request, Scheduler};
+    let backend = FakeBackend {
+        roster: Roster::new(4, 64, Some(SPARSE), 40),
+    };
+    let mut scheduler = Scheduler::new(backend, 7);
+    let shadow = CacheMode::ShadowKv(SPARSE);
+    let prompt = |len: usize, seed: u32| -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| (i * 13 + seed) % VOCAB as u32)
+            .collect()
+    };
+    let specs = [
+        (prompt(30, 1), shadow, 12),
+        (prompt(9, 2), CacheMode::Full, 9),
+        (prompt(17, 3), shadow, 15),
+        (prompt(25, 4), shadow, 5),
+        (prompt(40, 5), CacheMode::Full, 10),
+        (prompt(20, 6), shadow, 20),
+    ];
+    let mut expected = std::collections::BTreeMap::new();
+    let mut got: std::collections::BTreeMap<RequestId, Vec<u32>> = Default::default();
+    let mut submitted = 0;
+    let mut open: Option<(RequestId, usize)> = None;
+    for step in 0..200 {
+        // A new request every 5 steps while there is room; every other one streams its
+        // prompt in pieces of 6.
+        if step % 5 == 0 && submitted < specs.len() && scheduler.live().len() < 4 {
+            let (prompt, mode, tokens) = &specs[submitted];
+            let request = Request::new(prompt.clone(), *tokens).with_mode(*mode);
+            let id = if submitted % 2 == 1 && open.is_none() {
+                let id = scheduler
+                    .submit(Request {
+                        prompt: prompt[..6].to_vec(),
+                        prompt_end: PromptEnd::Open,
+                        ..request
+                    })
+                    .unwrap();
+                open = Some((id, 6));
+                id
+            } else {
+                scheduler.submit(request).unwrap()
+            };
+            expected.insert(id, alone(prompt, *mode, *tokens));
+            submitted += 1;
+        }
+        if let Some((id, fed)) = open {
+            let prompt = &specs[id.0 as usize].0;
+            let end = (fed + 6).min(prompt.len());
+            scheduler
+                .push_prompt(id, &prompt[fed..end], end == prompt.len())
+                .unwrap();
+            open = (end < prompt.len()).then_some((id, end));
+        }
+        // Alternate whole steps with a prefill and a decode of a rotated subset.
+        let events = if step % 3 == 2 {
+            let mut events = scheduler.prefill(7).unwrap();
+            let mut decoding: Vec<RequestId> = scheduler
+                .live()
+                .into_iter()
+                .filter(|&id| scheduler.is_decoding(id))
+                .collect();
+            if !decoding.is_empty() {
+                let count = decoding.len();
+                decoding.rotate_left(step % count);
+                decoding.truncate(count.div_ceil(2));
+                events.extend(scheduler.decode(&decoding).unwrap());
+            }
+            events
+        } else {
+            scheduler.step().unwrap()
+        };
+        for event in events {
+            if let Event::Token { id, token } = event {
+                got.entry(id).or_default().push(token);
+            }
+        }
+        if submitted == specs.len() && scheduler.is_idle() {
+            break;
+        }
+    }
+    assert!(scheduler.is_idle(), "requests left: {:?}", scheduler.live());
+    assert_eq!(got, expected);
+    // Every block is free again.
+    assert_eq!(scheduler.backend().roster.free_slots(), 4);
+}
