@@ -44,7 +44,7 @@ pub struct GenerateArgs {
     /// starts with `[N]`, the prompt's index from 0 (the --prompt ones, then the
     /// --prompt-file ones, then these), and a summary per prompt follows on stderr. With
     /// ShadowKV, a prompt too short for the sparse budget keeps exact attention (a single
-    /// prompt that short is refused instead).
+    /// prompt that short goes through the scheduler too).
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
     /// Several prompts: prompt tokens fed per scheduler step, so long prompts are prefilled
@@ -150,6 +150,16 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let tokens = source.prompt_tokens(&prompt, !args.raw)?;
+    if args.attention != AttentionMode::Full && params.check_prompt(tokens.len()).is_err() {
+        // The single-sequence ShadowKV paths need the budget's chunks; the scheduler serves a
+        // prompt that short with exact attention instead.
+        eprintln!(
+            "note: the prompt ({} tokens) is too short for the sparse budget: served with exact \
+             attention by the scheduler",
+            tokens.len()
+        );
+        return run_many(&args, &path, &source, &[prompt], gpu);
+    }
     eprintln!(
         "model {}: {} layers, {} heads / {} KV heads, d {}, {:.0}M parameters; prompt {} tokens; attention {:?}",
         path.display(),
