@@ -36,6 +36,10 @@ fn main() {
             memory_flat,
         ),
         ("gpu_serve_rejects_bad_input_and_stays_usable", bad_input),
+        (
+            "gpu_decode_shadow_for_any_order_matches_the_whole_cache_step",
+            shadow_subset_api,
+        ),
     ])
 }
 
@@ -741,5 +745,105 @@ fn bad_input(_: &Gpu) -> Result<(), String> {
             "the prompt given whole gives {whole:?}, in pieces with a refused one {in_pieces:?}"
         ));
     }
+    Ok(())
+}
+
+fn widen(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
+}
+
+/// `GpuModel::decode_shadow_for` on the synthetic model: two sequences stepped in reversed
+/// order give, row for row, the logits of `decode_shadow` over the whole cache (a copy built
+/// from the same prompts); a step of one of them leaves the other's length alone; an empty
+/// batch, a sequence named twice and a removed sequence are refused and change nothing.
+fn shadow_subset_api(_: &Gpu) -> Result<(), String> {
+    let model = small_synthetic()?;
+    let vocab = model.config.vocab;
+    let mut rng = StdRng::seed_from_u64(5);
+    let prompts: Vec<Vec<u32>> = [300usize, 420]
+        .iter()
+        .map(|&len| (0..len).map(|_| rng.gen_range(0..vocab as u32)).collect())
+        .collect();
+    let capacity = CacheCapacity {
+        max_sequences: 3,
+        max_prompt_len: 420,
+        max_prompt_tokens: 720,
+        max_generated: 8,
+    };
+    let cache = || {
+        model
+            .new_shadow_cache(SMALL_SPARSE, ValueHome::Host, capacity)
+            .map_err(s)
+    };
+    let (mut whole, mut subset) = (cache()?, cache()?);
+    let (mut ids, mut next) = (Vec::new(), Vec::new());
+    for prompt in &prompts {
+        let (_, logits) = model
+            .prefill_shadow(&mut whole, prompt, PIECE, |_| {})
+            .map_err(s)?;
+        let (id, _) = model
+            .prefill_shadow(&mut subset, prompt, PIECE, |_| {})
+            .map_err(s)?;
+        ids.push(id);
+        next.push(Sampler::greedy().sample(&logits));
+    }
+    let lens = subset.lens();
+    for (what, batch) in [
+        ("an empty batch", vec![]),
+        ("a sequence twice", vec![(ids[0], 1), (ids[0], 2)]),
+    ] {
+        if model.decode_shadow_for(&mut subset, &batch).is_ok() {
+            return Err(format!("{what} was accepted"));
+        }
+    }
+    if subset.lens() != lens {
+        return Err(format!(
+            "refused steps moved the lengths to {:?}",
+            subset.lens()
+        ));
+    }
+    let mut worst = 0.0f64;
+    for step in 0..4 {
+        let together = model.decode_shadow(&mut whole, &next).map_err(s)?;
+        let reversed = model
+            .decode_shadow_for(&mut subset, &[(ids[1], next[1]), (ids[0], next[0])])
+            .map_err(s)?;
+        for b in 0..2 {
+            let mine = &reversed[(1 - b) * vocab..(2 - b) * vocab];
+            let theirs = &together[b * vocab..(b + 1) * vocab];
+            let error = shadowkv::reference::relative_error(&widen(mine), &widen(theirs));
+            worst = worst.max(error);
+            if error > 1e-2 {
+                return Err(format!(
+                    "step {step}, sequence {b}: relative error {error:.3e} against the whole-cache step"
+                ));
+            }
+        }
+        next = together
+            .chunks_exact(vocab)
+            .map(|row| Sampler::greedy().sample(row))
+            .collect();
+    }
+    eprintln!("reversed subset steps against whole-cache steps: worst relative error {worst:.3e}");
+    let before = subset.lens();
+    model
+        .decode_shadow_for_greedy(&mut subset, &[(ids[1], next[1])])
+        .map_err(s)?;
+    if subset.lens() != [before[0], before[1] + 1] {
+        return Err(format!(
+            "a step of the second sequence moved the lengths from {before:?} to {:?}",
+            subset.lens()
+        ));
+    }
+    subset.remove_sequence(model.gpu(), ids[0]).map_err(s)?;
+    if model
+        .decode_shadow_for(&mut subset, &[(ids[0], next[0])])
+        .is_ok()
+    {
+        return Err("a removed sequence was accepted".into());
+    }
+    model
+        .decode_shadow_for(&mut subset, &[(ids[1], next[1])])
+        .map_err(s)?;
     Ok(())
 }
