@@ -110,14 +110,13 @@ fn filler_prompt(source: &ModelSource, repeats: usize, fact: &str) -> Result<Vec
     source.prompt_tokens(&text, true).map_err(s)
 }
 
-/// One sequence driven through a backend: its prompt, the greedy tokens it generated, and the
-/// logits each was picked from.
+/// One sequence driven through a backend: its prompt, how much of it was fed, the last
+/// piece's logits, and the greedy tokens it generated.
 struct Served {
     prompt: Vec<u32>,
     fed: usize,
     logits: Option<Vec<f32>>,
     tokens: Vec<u32>,
-    picked_from: Vec<Vec<f32>>,
 }
 
 /// A scripted run over a [`GpuBackend`]: sequence `i` is request `i`.
@@ -156,7 +155,6 @@ impl<'m> Driver<'m> {
             fed: 0,
             logits: None,
             tokens: Vec::new(),
-            picked_from: Vec::new(),
         });
         Ok(i)
     }
@@ -177,7 +175,6 @@ impl<'m> Driver<'m> {
             let sequence = &mut self.sequences[i];
             let logits = sequence.logits.take().expect("set above");
             sequence.tokens.push(Sampler::greedy().sample(&logits));
-            sequence.picked_from.push(logits);
         }
         Ok(())
     }
@@ -205,7 +202,6 @@ impl<'m> Driver<'m> {
         for (&i, logits) in ids.iter().zip(logits) {
             let sequence = &mut self.sequences[i];
             sequence.tokens.push(Sampler::greedy().sample(&logits));
-            sequence.picked_from.push(logits);
         }
         Ok(())
     }
