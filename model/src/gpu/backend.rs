@@ -1,15 +1,5 @@
-//! [`GpuBackend`]: the GPU model as a continuous-batching [`Backend`].
-//!
-//! Two caches hold the sequences. A full KV cache of one block per place holds every prompt
-//! while it arrives (each piece runs with full attention, so a prompt may come in pieces
-//! while the others decode) and, for good, the sequences with exact attention: full-attention
-//! requests and ShadowKV prompts too short for the sparse budget. In ShadowKV mode each
-//! piece's keys before RoPE and its last query are kept beside the block, and when the prompt
-//! closes each layer's shadow is built from the block (`ShadowKvCache::prefill_layer`); the
-//! block is then free for the next prompt. A decode batch may hold both kinds of sequence:
-//! one pass over the full cache for the exact ones, one ShadowKV step over the others, the
-//! logits merged back into the batch's order. Which sequence is where, and every check of a
-//! call's ids and lengths, is the [`Roster`]'s, decided before any GPU work.
+//! [`GpuBackend`]: the GPU model as a continuous-batching `Backend`, over a full KV cache
+//! and a ShadowKV cache.
 use std::collections::BTreeMap;
 
 use half::bf16;
@@ -75,7 +65,20 @@ impl PromptTaps {
     }
 }
 
-/// The GPU model as a [`Backend`]; see the [module](self) documentation.
+/// The GPU model as a [`Backend`].
+///
+/// Two caches hold the sequences. A full KV cache of one block per place holds every prompt
+/// while it arrives (each piece runs with full attention, so a prompt may come in pieces
+/// while the others decode) and, for good, the sequences with exact attention: full-attention
+/// requests and ShadowKV prompts too short for the sparse budget. In ShadowKV mode each
+/// piece's keys before RoPE and its last query are kept beside the block, and when the prompt
+/// closes each layer's shadow is built from the block (`ShadowKvCache::prefill_layer`); the
+/// block is then free for the next prompt. A decode batch may hold both kinds of sequence:
+/// one pass over the full cache for the exact ones, one ShadowKV step over the others, the
+/// logits merged back into the batch's order. Which sequence is where, and every check of a
+/// call's ids and lengths, is the [`Roster`]'s, decided before any GPU work: a refused call
+/// changes nothing. A GPU failure in the middle of a mixed batch (after the exact pass, in the
+/// ShadowKV step) leaves the exact rows advanced by one token.
 pub struct GpuBackend<'m> {
     model: &'m GpuModel,
     roster: Roster,
