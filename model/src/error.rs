@@ -109,6 +109,33 @@ pub enum RequestProblem {
     /// A decode naming the same request twice.
     #[error("named twice in one decode")]
     Repeated,
+    /// A prompt piece or a decoded token that goes past the tokens the backend holds for the
+    /// sequence (its cache block, or the generated tokens its shadow has room for).
+    #[error("token {given} goes past the {capacity} tokens the backend holds for it")]
+    PastCapacity {
+        /// Tokens the backend holds for the sequence.
+        capacity: usize,
+        /// Where the sequence would end.
+        given: usize,
+    },
+    /// A new sequence while every place of the backend is taken.
+    #[error("all {places} places of the backend are taken")]
+    NoRoom {
+        /// Sequences the backend holds at once.
+        places: usize,
+    },
+    /// A new sequence under an id that is live already.
+    #[error("the id is live already")]
+    Live,
+    /// A request whose cache mode the backend does not serve (ShadowKV parameters other
+    /// than the backend's).
+    #[error("its cache mode {mode} is not served here; expected {expected}")]
+    Mode {
+        /// The request's mode.
+        mode: String,
+        /// The modes served.
+        expected: String,
+    },
 }
 
 /// The model driver's result.

@@ -2,7 +2,8 @@
 //! checkpoints), the model's shape, its weights, sampling, and the f32 CPU reference path.
 //! Every failure names the file, the tensor where there is one, and why; a GPU failure keeps
 //! the `shadowkv` error as its `source()` ([`Error`]). [`serve`] serves many requests at once
-//! (continuous batching) over a [`Backend`].
+//! (continuous batching) over a [`Backend`]: the CPU
+//! reference path ([`CpuBackend`]) or the GPU model ([`GpuBackend`]).
 pub mod config;
 pub mod cpu;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod gguf;
 pub mod gpu;
 pub mod prefill_memory;
 pub mod quant;
+pub mod roster;
 pub mod sampling;
 pub mod serve;
 pub mod source;
@@ -23,9 +25,12 @@ pub use cpu::{CpuCache, CpuModel};
 pub use error::{Error, ModelFileError, RequestProblem, Result};
 pub use generate::{generate, Generation};
 pub use gguf::{GgufFile, MetadataValue, TensorInfo};
-pub use gpu::{GpuKvCache, GpuModel, GpuShadowCache, PrefillPeak};
+pub use gpu::{
+    GpuBackend, GpuKvCache, GpuModel, GpuServeCapacity, GpuShadowCache, PrefillPeak,
+};
 pub use prefill_memory::PrefillMemory;
 pub use quant::GgmlType;
+pub use roster::{Placement, Roster};
 pub use sampling::Sampler;
 pub use serve::{
     Backend, CacheMode, CpuBackend, Event, FinishReason, PromptEnd, Request, RequestId,

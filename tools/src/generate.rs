@@ -1,13 +1,14 @@
 //! `shadowkv generate`: run a Llama-family model on a prompt, streaming the tokens; several
-//! prompts are served together by the continuous-batching scheduler on the CPU path.
+//! prompts are served together by the continuous-batching scheduler, on the GPU or the CPU
+//! reference path.
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use shadowkv::cache::{CacheCapacity, ValueHome};
 use shadowkv_model::{
-    CacheMode, CpuBackend, CpuCache, CpuModel, Event, FinishReason, GpuModel, ModelSource, Request,
-    RequestId, Sampler, Scheduler,
+    Backend, CacheMode, CpuBackend, CpuCache, CpuModel, Event, FinishReason, GpuBackend, GpuModel,
+    GpuServeCapacity, ModelSource, Request, RequestId, Sampler, Scheduler,
 };
 
 use crate::args::{AttentionMode, ShadowKvArgs};
@@ -39,11 +40,11 @@ pub struct GenerateArgs {
     prompt_file: Vec<PathBuf>,
     /// Read several prompts from this file, separated by blank lines (a prompt may span
     /// lines). Several prompts in all are served together by the continuous-batching
-    /// scheduler, on the CPU path only for now (--device cpu, or auto without a GPU): every
-    /// output line starts with `[N]`, the prompt's index from 0 (the --prompt ones, then the
+    /// scheduler (on the GPU, or on the CPU path with --device cpu): every output line
+    /// starts with `[N]`, the prompt's index from 0 (the --prompt ones, then the
     /// --prompt-file ones, then these), and a summary per prompt follows on stderr. With
     /// ShadowKV, a prompt too short for the sparse budget keeps exact attention (a single
-    /// prompt that short is refused instead).
+    /// prompt that short goes through the scheduler too).
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
     /// Several prompts: prompt tokens fed per scheduler step, so long prompts are prefilled
@@ -140,17 +141,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
     };
     if prompts.len() > 1 {
-        if let Some(gpu) = gpu {
-            return Err(format!(
-                "{} prompts: several prompts are served by the continuous-batching scheduler, \
-                 which runs on the CPU path only for now (found GPU {}): pass --device cpu, or \
-                 one prompt at a time for the GPU",
-                prompts.len(),
-                gpu.info().name
-            )
-            .into());
-        }
-        return run_many(&args, &path, &source, &prompts);
+        return run_many(&args, &path, &source, &prompts, gpu);
     }
     let prompt = prompts.remove(0);
     if gpu.is_none() && args.attention == AttentionMode::ShadowkvGpu {
@@ -159,6 +150,16 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let tokens = source.prompt_tokens(&prompt, !args.raw)?;
+    if args.attention != AttentionMode::Full && params.check_prompt(tokens.len()).is_err() {
+        // The single-sequence ShadowKV paths need the budget's chunks; the scheduler serves a
+        // prompt that short with exact attention instead.
+        eprintln!(
+            "note: the prompt ({} tokens) is too short for the sparse budget: served with exact \
+             attention by the scheduler",
+            tokens.len()
+        );
+        return run_many(&args, &path, &source, &[prompt], gpu);
+    }
     eprintln!(
         "model {}: {} layers, {} heads / {} KV heads, d {}, {:.0}M parameters; prompt {} tokens; attention {:?}",
         path.display(),
@@ -299,13 +300,15 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Several prompts on the CPU path, served together by the scheduler: each request's text
-/// streams as `[N] text` lines, then a summary per request.
+/// Several prompts served together by the continuous-batching scheduler, on the GPU when
+/// there is one (a [`GpuBackend`] in the chosen mode) or on the CPU reference path: each
+/// request's text streams as `[N] text` lines, then a summary per request.
 fn run_many(
     args: &GenerateArgs,
     path: &std::path::Path,
     source: &ModelSource,
     prompts: &[String],
+    gpu: Option<shadowkv::Gpu>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let config = &source.config;
     let mode = match args.attention {
@@ -324,9 +327,13 @@ fn run_many(
                 .with_mode(mode),
         );
     }
+    let path_name = match &gpu {
+        Some(gpu) => format!("GPU {} (bf16)", gpu.info().name),
+        None => "CPU reference path (f32)".to_owned(),
+    };
     eprintln!(
-        "model {} ({:.0}M parameters); {} prompts ({} tokens in all); attention {:?}; CPU reference \
-         path (f32), continuous batching with {} prompt tokens per step",
+        "model {} ({:.0}M parameters); {} prompts ({} tokens in all); attention {:?}; {path_name}, \
+         continuous batching with {} prompt tokens per step",
         path.display(),
         config.parameters() as f64 / 1e6,
         prompts.len(),
@@ -334,17 +341,55 @@ fn run_many(
         args.attention,
         args.prefill_budget,
     );
-    let weights = source.weights.load(config, Ok)?;
-    let model = CpuModel::new(config.clone(), weights);
+    match gpu {
+        Some(gpu) => {
+            let model = GpuModel::load(std::sync::Arc::new(gpu), config, &source.weights)?;
+            // Every prompt is served at once; a block holds its prompt and its tokens.
+            let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+            let capacity = GpuServeCapacity {
+                max_sequences: requests.len(),
+                max_tokens: longest + args.max_tokens,
+                max_generated: args.max_tokens,
+            };
+            let shadowkv = match mode {
+                CacheMode::Full => None,
+                CacheMode::ShadowKv(params) => Some((
+                    params,
+                    args.attention.value_home().unwrap_or(ValueHome::Host),
+                )),
+            };
+            let backend = GpuBackend::new(&model, capacity, shadowkv)?;
+            let scheduler = Scheduler::new(backend, args.prefill_budget);
+            serve(scheduler, source, requests, mode, &path_name)
+        }
+        None => {
+            let weights = source.weights.load(config, Ok)?;
+            let model = CpuModel::new(config.clone(), weights);
+            let scheduler = Scheduler::new(CpuBackend::new(&model), args.prefill_budget);
+            serve(scheduler, source, requests, mode, &path_name)
+        }
+    }
+}
+
+/// Runs `requests` on `scheduler` to the end, streaming each one's text and then a summary
+/// per request and one for the whole run.
+fn serve<B: Backend>(
+    mut scheduler: Scheduler<B>,
+    source: &ModelSource,
+    requests: Vec<Request>,
+    mode: CacheMode,
+    path_name: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let tokenizer = &source.tokenizer;
+    let count = requests.len();
     let started = std::time::Instant::now();
-    let mut scheduler = Scheduler::new(CpuBackend::new(&model), args.prefill_budget);
     let mut index = std::collections::HashMap::<RequestId, usize>::new();
     for (i, request) in requests.into_iter().enumerate() {
         index.insert(scheduler.submit(request)?, i);
     }
-    let mut streams: Vec<_> = prompts.iter().map(|_| tokenizer.stream()).collect();
-    let mut pending = vec![String::new(); prompts.len()];
-    let mut summaries = vec![None; prompts.len()];
+    let mut streams: Vec<_> = (0..count).map(|_| tokenizer.stream()).collect();
+    let mut pending = vec![String::new(); count];
+    let mut summaries = vec![None; count];
     let mut stdout = std::io::stdout();
     while !scheduler.is_idle() {
         for event in scheduler.step()? {
@@ -398,9 +443,8 @@ fn run_many(
         );
     }
     eprintln!(
-        "CPU reference path (f32): {} prompts, {generated} tokens generated in {elapsed:.3} s \
+        "{path_name}: {count} prompts, {generated} tokens generated in {elapsed:.3} s \
          ({:.1} tokens/s over all prompts)",
-        prompts.len(),
         generated as f64 / elapsed.max(1e-9)
     );
     Ok(())

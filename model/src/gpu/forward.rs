@@ -2,6 +2,7 @@
 //! each layer over the full cache or (a ShadowKV decode step) through the shadow cache, and
 //! the logits of each sequence's last token.
 use half::bf16;
+use shadowkv::cache::SequenceId;
 use shadowkv::cudarc::driver::{CudaSlice, CudaViewMut};
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
 use shadowkv::kernels::layer::{self, TokenPlan};
@@ -39,6 +40,11 @@ pub(super) enum PassCache<'a> {
     },
     /// A ShadowKV decode step: one token per live sequence.
     Shadow(&'a mut GpuShadowCache),
+    /// A ShadowKV decode step of the sequences `ids`, one token each, in that order.
+    ShadowSubset {
+        shadow: &'a mut GpuShadowCache,
+        ids: &'a [SequenceId],
+    },
     /// One layer of a layer-wise prefill: `cache` and `taps` hold that layer alone (their
     /// slot 0), whichever layer runs.
     Layer {
@@ -455,6 +461,33 @@ impl GpuModel {
                 shadow
                     .cache
                     .decode_layer(gpu, index, q, attended)
+                    .on_gpu(SHADOW)
+            }
+            PassCache::ShadowSubset { shadow, ids } => {
+                let staged = plan.tokens() * self.config.kv_dim();
+                layer::rope_qkv(
+                    gpu,
+                    stream,
+                    plan,
+                    qkv,
+                    bias,
+                    frequencies,
+                    q,
+                    (&mut shadow.staged_keys, &mut shadow.staged_values),
+                    None,
+                )
+                .on_gpu(SHADOW)?;
+                shadow
+                    .cache
+                    .attend_for(
+                        gpu,
+                        index,
+                        ids,
+                        &*q,
+                        &shadow.staged_keys.slice(..staged),
+                        &shadow.staged_values.slice(..staged),
+                        attended,
+                    )
                     .on_gpu(SHADOW)
             }
         }

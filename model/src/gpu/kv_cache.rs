@@ -61,6 +61,26 @@ impl GpuKvCache {
         Ok(())
     }
 
+    /// Forgets sequence `index`'s tokens, so that a new sequence can take its block (the
+    /// other sequences keep theirs). Nothing runs on the GPU: a later pass overwrites the
+    /// block from its start.
+    pub fn clear_sequence(&mut self, index: usize) -> Result<()> {
+        let Some(len) = self.lens.get_mut(index) else {
+            return Err(invalid_input(
+                "index",
+                format!("is {index}"),
+                format!("a sequence of the cache (it holds {})", self.layouts.len()),
+            ));
+        };
+        *len = 0;
+        Ok(())
+    }
+
+    /// Tokens each sequence's block holds.
+    pub fn capacities(&self) -> Vec<u32> {
+        self.layouts.iter().map(|layout| layout.capacity).collect()
+    }
+
     /// Bytes of the cache on the GPU.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|b| b.len() * 2).sum()

@@ -15,20 +15,28 @@
 //! token's key into a one-row staging block per sequence,
 //! appends it to the shadow cache and runs ShadowKV's sparse step (`decode_layer`).
 //!
+//! [`GpuBackend`] serves many sequences at once (continuous batching, `crate::serve`): any
+//! subset of the live sequences decodes in one step (`GpuModel::forward` over the full
+//! cache, `GpuModel::decode_shadow_for` through the shadow cache) while others prefill.
+//!
 //! The files, by concern: `weights` (the weights on the GPU), `model` ([`GpuModel`] and its
 //! loaders), `kv_cache` (the full KV cache), `shadow_cache` and `shadow` (ShadowKV's cache,
-//! its prefills and decode steps), `layer_prefill` (the layer-wise prefill), `forward` (the
+//! its prefills and decode steps), `layer_prefill` (the layer-wise prefill), `shadow_subset`
+//! (ShadowKV steps of any subset of the sequences), `backend` ([`GpuBackend`]), `forward` (the
 //! layers of a pass and their attention).
 //!
 //! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
+mod backend;
 mod forward;
 mod kv_cache;
 mod layer_prefill;
 mod model;
 mod shadow;
 mod shadow_cache;
+mod shadow_subset;
 mod weights;
 
+pub use backend::{GpuBackend, GpuServeCapacity};
 pub use kv_cache::GpuKvCache;
 pub use layer_prefill::PrefillPeak;
 pub use model::GpuModel;
