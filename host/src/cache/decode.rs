@@ -133,7 +133,12 @@ impl ShadowKvCache {
     ) -> Result<()> {
         let (heads, d) = (self.shape.kv_heads, self.shape.head_dim);
         let stream = gpu.stream().clone();
+        self.check_device_batch(picked)?;
         self.set_batch(&stream, layer, picked)?;
+        if let Some(device) = self.device_layouts {
+            // SAFETY: `read_step_layouts_from`'s caller keeps `before` valid for this step.
+            unsafe { self.layers[layer].batch.read_layouts_from(Some(device.before)) };
+        }
         let launch = LaunchConfig {
             grid_dim: (picked.len() as u32, heads as u32, 1),
             block_dim: (layout::THREADS, 1, 1),
@@ -157,6 +162,10 @@ impl ShadowKvCache {
         drop(used);
         for &index in picked {
             self.entries[index].generated[layer] += 1;
+        }
+        if let Some(device) = self.device_layouts {
+            // SAFETY: as above, for `after`.
+            unsafe { self.layers[layer].batch.read_layouts_from(Some(device.after)) };
         }
         self.set_batch(&stream, layer, picked)
     }
@@ -221,6 +230,7 @@ impl ShadowKvCache {
         q: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.check_device_batch(picked)?;
         self.set_batch(gpu.stream(), layer, picked)?;
         self.step.run(gpu, &mut self.layers[layer], q, out)
     }

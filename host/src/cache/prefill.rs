@@ -27,6 +27,10 @@ impl ShadowKvCache {
         source: &PrefillSource<'_, T>,
         last_query: &impl DevicePtr<bf16>,
     ) -> Result<()> {
+        // A prefill's batch is the one sequence it builds: its launches read uploaded
+        // layouts, not a replayed step's device copies.
+        // SAFETY: `None` points at nothing.
+        unsafe { self.read_step_layouts_from(None) };
         let result = self.enqueue_prefill(gpu, layer, id, pre_rope_keys, source, last_query);
         if result.is_err() {
             // The offload may have been queued before the failure: the caller frees the

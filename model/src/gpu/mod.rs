@@ -18,14 +18,24 @@
 //! its prefills and decode steps), `forward` (the layers of a pass and their attention).
 //!
 //! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
+mod decode_runner;
 mod forward;
 mod kv_cache;
 mod model;
 mod shadow;
 mod shadow_cache;
+pub mod step_inputs;
 mod weights;
 
+pub use decode_runner::{DecodeRunner, StepMode, StepTiming};
 pub use kv_cache::GpuKvCache;
 pub use model::GpuModel;
 pub use shadow::SyntheticLayerSeeds;
 pub use shadow_cache::GpuShadowCache;
+
+/// A number no other cache of this process has: what a captured decode step is keyed by
+/// (its launches hold the addresses of one cache's buffers).
+pub(crate) fn next_cache_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
