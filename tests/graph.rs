@@ -32,14 +32,8 @@ fn main() {
             "graph_replay_matches_eager_steps_shadowkv_values_on_gpu",
             shadowkv_device,
         ),
-        (
-            "graph_replay_matches_eager_steps_on_smollm2",
-            smollm2,
-        ),
-        (
-            "a_batch_shape_change_captures_again",
-            shape_change,
-        ),
+        ("graph_replay_matches_eager_steps_on_smollm2", smollm2),
+        ("a_batch_shape_change_captures_again", shape_change),
         (
             "a_batch_past_the_captured_shapes_is_an_error_that_leaves_the_model_usable",
             past_captured_shapes,
@@ -116,7 +110,10 @@ fn full_cache(
     prompts: &[Vec<u32>],
     steps: usize,
 ) -> Result<(GpuKvCache, Vec<u32>), String> {
-    let capacities: Vec<u32> = prompts.iter().map(|p| (p.len() + steps + 1) as u32).collect();
+    let capacities: Vec<u32> = prompts
+        .iter()
+        .map(|p| (p.len() + steps + 1) as u32)
+        .collect();
     let mut cache = model.new_cache(&capacities).map_err(s)?;
     let mut first = Vec::new();
     for (b, prompt) in prompts.iter().enumerate() {
@@ -240,9 +237,7 @@ fn shadow_cache(
         max_prompt_tokens: prompts.iter().map(Vec::len).sum(),
         max_generated: steps + 1,
     };
-    let mut shadow = model
-        .new_shadow_cache(params, home, capacity)
-        .map_err(s)?;
+    let mut shadow = model.new_shadow_cache(params, home, capacity).map_err(s)?;
     let mut first = Vec::new();
     for prompt in prompts {
         let (_, logits) = model
@@ -285,8 +280,8 @@ fn compare_shadow(
     })?;
     check_replayed(&graph, steps)?;
     let stats = graph_cache.cache().step_stats().map_err(s)?;
-    let expected = (prompts.len() * model.config.kv_heads * params.sparse_budget
-        / params.chunk_size) as u64;
+    let expected =
+        (prompts.len() * model.config.kv_heads * params.sparse_budget / params.chunk_size) as u64;
     if stats.selected != expected || stats.misses > stats.selected {
         return Err(format!("replayed step's statistics {stats:?}"));
     }
@@ -296,7 +291,11 @@ fn compare_shadow(
     let today = decode(steps, &first, |next| {
         model.decode_shadow_greedy(&mut old_cache, next)
     })?;
-    same_tokens(&format!("ShadowKV {home:?}, graph against eager"), &replayed, &launched)?;
+    same_tokens(
+        &format!("ShadowKV {home:?}, graph against eager"),
+        &replayed,
+        &launched,
+    )?;
     same_tokens(
         &format!("ShadowKV {home:?}, eager against decode_shadow_greedy"),
         &launched,
@@ -304,7 +303,11 @@ fn compare_shadow(
     )?;
     for cache in [&graph_cache, &eager_cache] {
         if cache.lens() != old_cache.lens() {
-            return Err(format!("lengths {:?} against {:?}", cache.lens(), old_cache.lens()));
+            return Err(format!(
+                "lengths {:?} against {:?}",
+                cache.lens(),
+                old_cache.lens()
+            ));
         }
     }
     eprintln!(
@@ -326,7 +329,10 @@ fn smollm2(_: &Gpu) -> Result<(), String> {
     let model = GpuModel::load(gpu, &source.config, &source.weights).map_err(s)?;
     let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. ";
     let mut prompts = Vec::new();
-    for (repeats, question) in [(40, "What colour is the sky?"), (55, "What colour is the sun?")] {
+    for (repeats, question) in [
+        (40, "What colour is the sky?"),
+        (55, "What colour is the sun?"),
+    ] {
         let text = format!("{}{question}", filler.repeat(repeats));
         prompts.push(source.prompt_tokens(&text, true).map_err(s)?);
     }
@@ -353,7 +359,10 @@ fn shape_change(_: &Gpu) -> Result<(), String> {
     let mut graph = DecodeRunner::new(StepMode::Graph, StepLimits::default());
     let mut eager = DecodeRunner::new(StepMode::Eager, StepLimits::default());
     let mut runs = Vec::new();
-    for (runner, cache) in [(&mut graph, &mut graph_cache), (&mut eager, &mut eager_cache)] {
+    for (runner, cache) in [
+        (&mut graph, &mut graph_cache),
+        (&mut eager, &mut eager_cache),
+    ] {
         let mut tokens = decode(steps / 2, &first, |next| {
             model.decode_shadow_step(runner, cache, next)
         })?;
@@ -382,9 +391,12 @@ fn shape_change(_: &Gpu) -> Result<(), String> {
         let prompts = self::prompts(lengths, model.config.vocab);
         let (mut a, first) = full_cache(&model, &prompts, 8)?;
         let (mut b, _) = full_cache(&model, &prompts, 8)?;
-        let replayed = decode(8, &first, |next| model.decode_full_step(&mut full, &mut a, next))?;
-        let launched =
-            decode(8, &first, |next| model.decode_full_step(&mut reference, &mut b, next))?;
+        let replayed = decode(8, &first, |next| {
+            model.decode_full_step(&mut full, &mut a, next)
+        })?;
+        let launched = decode(8, &first, |next| {
+            model.decode_full_step(&mut reference, &mut b, next)
+        })?;
         same_tokens("full attention after a shape change", &replayed, &launched)?;
     }
     if full.captures() != 2 {
@@ -443,6 +455,8 @@ fn past_captured_shapes(_: &Gpu) -> Result<(), String> {
     same_tokens("full attention after a refused step", &after, &expected)?;
     // The small runner still serves a batch it keeps.
     let (mut two, first) = full_cache(&model, &prompts[..2], steps)?;
-    decode(steps, &first, |next| model.decode_full_step(&mut small, &mut two, next))?;
+    decode(steps, &first, |next| {
+        model.decode_full_step(&mut small, &mut two, next)
+    })?;
     Ok(())
 }

@@ -137,7 +137,11 @@ impl ShadowKvCache {
         self.set_batch(&stream, layer, picked)?;
         if let Some(device) = self.device_layouts {
             // SAFETY: `read_step_layouts_from`'s caller keeps `before` valid for this step.
-            unsafe { self.layers[layer].batch.read_layouts_from(Some(device.before)) };
+            unsafe {
+                self.layers[layer]
+                    .batch
+                    .read_layouts_from(Some(device.before))
+            };
         }
         let launch = LaunchConfig {
             grid_dim: (picked.len() as u32, heads as u32, 1),
@@ -165,7 +169,11 @@ impl ShadowKvCache {
         }
         if let Some(device) = self.device_layouts {
             // SAFETY: as above, for `after`.
-            unsafe { self.layers[layer].batch.read_layouts_from(Some(device.after)) };
+            unsafe {
+                self.layers[layer]
+                    .batch
+                    .read_layouts_from(Some(device.after))
+            };
         }
         self.set_batch(&stream, layer, picked)
     }

@@ -361,9 +361,11 @@ impl GpuModel {
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .on_gpu(WHAT)?;
         let queued = enqueue(state, context);
-        // The capture ends whatever happened, so the stream leaves capture mode.
+        // The capture ends whatever happened, so the stream leaves capture mode. The value
+        // fetch was captured from the high-priority copy stream: its nodes keep that priority
+        // in the replay only with USE_NODE_PRIORITY.
         let ended = stream
-            .end_capture(CUgraphInstantiate_flags(0))
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY)
             .on_gpu(WHAT);
         queued?;
         ended?.ok_or_else(|| invalid_input("graph", "captured nothing", "a step's launches"))
@@ -572,7 +574,12 @@ impl GpuModel {
         let stream = self.stream();
         let result = runner
             .state(key, || {
-                self.shape_state(StepInputLayout::new(batch, true), &placements, &staged, None)
+                self.shape_state(
+                    StepInputLayout::new(batch, true),
+                    &placements,
+                    &staged,
+                    None,
+                )
             })
             .and_then(|state| {
                 let layout = &state.buffers.layout;
@@ -606,12 +613,7 @@ impl GpuModel {
                         let mut pass = PassCache::Shadow(&mut *shadow);
                         self.enqueue_step(&mut state.buffers, tokens, &mut pass)
                     },
-                    |shadow| {
-                        shadow
-                            .cache
-                            .restore_step_snapshot(&snapshot)
-                            .on_gpu(WHAT)
-                    },
+                    |shadow| shadow.cache.restore_step_snapshot(&snapshot).on_gpu(WHAT),
                 );
                 let ran = match ran {
                     Ok(ran) => ran,

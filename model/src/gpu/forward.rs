@@ -349,16 +349,8 @@ impl GpuModel {
             activated,
             mlp_out,
         } = activations;
-        layer::embedding(
-            gpu,
-            stream,
-            &self.weights.embedding,
-            hidden,
-            tokens,
-            ids,
-            x,
-        )
-        .on_gpu(WHAT)?;
+        layer::embedding(gpu, stream, &self.weights.embedding, hidden, tokens, ids, x)
+            .on_gpu(WHAT)?;
         for (index, weights) in self.weights.layers.iter().enumerate() {
             // The previous block's MLP output joins the residual stream here.
             let delta = (index > 0).then_some(&*mlp_out);

@@ -98,7 +98,12 @@ impl StepInputLayout {
             bytes[start..start + data.len()].copy_from_slice(data);
             Ok(())
         };
-        put(&self.ids, tokens.len(), bytemuck::cast_slice(tokens), "tokens")?;
+        put(
+            &self.ids,
+            tokens.len(),
+            bytemuck::cast_slice(tokens),
+            "tokens",
+        )?;
         put(
             &self.placements,
             placements.len(),
@@ -331,7 +336,12 @@ mod tests {
             "shadow"
         );
         assert_eq!(
-            problem(with_shadow.fill(&[1, 2], &placements, &layouts, Some((&shadow[..1], &shadow)))),
+            problem(with_shadow.fill(
+                &[1, 2],
+                &placements,
+                &layouts,
+                Some((&shadow[..1], &shadow))
+            )),
             "before"
         );
     }
@@ -353,7 +363,10 @@ mod tests {
             }
         }
         let message = limits.check(5).unwrap_err().to_string();
-        assert!(message.contains('5') && message.contains("1 to 4"), "{message}");
+        assert!(
+            message.contains('5') && message.contains("1 to 4"),
+            "{message}"
+        );
     }
 
     #[test]
