@@ -86,6 +86,7 @@ impl ShadowKvCache {
         keys: &impl DevicePtr<bf16>,
         values: &impl DevicePtr<bf16>,
     ) -> Result<()> {
+        self.leave_device_layouts();
         let picked = self.picked(layer, Some(ids))?;
         self.check_append(layer, &picked, Some(ids), keys, values)?;
         self.enqueue_append(gpu, layer, &picked, keys, values)
@@ -210,6 +211,7 @@ impl ShadowKvCache {
         q: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.leave_device_layouts();
         let picked = self.picked(layer, Some(ids))?;
         self.check_queries(&picked, true, q, out)?;
         self.enqueue_decode(gpu, layer, &picked, q, out)
@@ -281,6 +283,7 @@ impl ShadowKvCache {
         new_values: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.leave_device_layouts();
         let picked = self.picked(layer, Some(ids))?;
         self.check_queries(&picked, true, q, out)?;
         self.check_append(layer, &picked, Some(ids), new_keys, new_values)?;

@@ -91,8 +91,9 @@ impl ShadowKvCache {
     /// (a step replayed from a CUDA graph keeps its launches' addresses): the append reads
     /// `before`, the decode kernels `after` and the attention `attention`. Steps must then
     /// cover every live sequence in order ([`append`](Self::append),
-    /// [`decode_layer`](Self::decode_layer), [`attend`](Self::attend)); the `_for` forms are
-    /// refused. `None` goes back to uploaded layouts.
+    /// [`decode_layer`](Self::decode_layer), [`attend`](Self::attend)); the `_for` forms and
+    /// a prefill go back to uploaded layouts by themselves. `None` goes back to uploaded
+    /// layouts.
     ///
     /// # Safety
     /// Until the next call, the addresses must hold the [`step_layouts`](Self::step_layouts)
@@ -176,6 +177,14 @@ impl ShadowKvCache {
             entry.generated.clone_from(generated);
         }
         Ok(())
+    }
+
+    /// Goes back to uploaded layouts: a step of chosen sequences (the `_for` forms) never
+    /// reads a replayed step's device copies, which hold the whole batch of the latest
+    /// replayed step.
+    pub(super) fn leave_device_layouts(&mut self) {
+        // SAFETY: `None` points at nothing.
+        unsafe { self.read_step_layouts_from(None) };
     }
 
     /// Refuses a step of `picked` while layouts come from device copies, unless it covers
