@@ -1,12 +1,12 @@
 //! GPU tests of decode steps replayed from CUDA graphs (`DecodeRunner`): over 64 greedy steps,
 //! graph replay gives the same tokens as the same steps launched eagerly, in full attention
 //! and both ShadowKV modes (values on the host, values on the GPU), on a small synthetic model
-//! and on the built-in SmolLM2 if present; the eager steps (per-step inputs in device memory)
-//! give today's tokens (`decode_shadow_greedy`; full attention, whose runner plans the
-//! attention at the capacity, agrees with `forward_greedy` step by step); a batch shape change
-//! captures again; a batch past the captured shapes is a typed error that leaves the model and
-//! the cache usable. Without a GPU every test here is reported as ignored (see
-//! `run_gpu_tests`).
+//! and on the built-in SmolLM2 if present, and with SYNTHETIC SELECTION (scripted hits); the
+//! eager steps (per-step inputs in device memory) give today's tokens (`decode_shadow_greedy`;
+//! full attention, whose runner plans the attention at the capacity, agrees with
+//! `forward_greedy` step by step); a batch shape change captures again; a batch past the
+//! captured shapes is a typed error that leaves the model and the cache usable. Without a GPU
+//! every test here is reported as ignored (see `run_gpu_tests`).
 use std::sync::Arc;
 
 use shadowkv::cache::{CacheCapacity, ShadowKvParams, ValueHome};
@@ -31,6 +31,10 @@ fn main() {
         (
             "graph_replay_matches_eager_steps_shadowkv_values_on_gpu",
             shadowkv_device,
+        ),
+        (
+            "graph_replay_matches_eager_steps_with_synthetic_selection",
+            scripted_selection,
         ),
         ("graph_replay_matches_eager_steps_on_smollm2", smollm2),
         ("a_batch_shape_change_captures_again", shape_change),
@@ -315,6 +319,48 @@ fn compare_shadow(
         prompts.len(),
         100.0 * stats.hit_rate()
     );
+    Ok(())
+}
+
+/// SYNTHETIC SELECTION (the scripted top-k, scripted selection and plan kernels) replayed
+/// from a graph against eager steps, each cache at 80% scripted hits, then the real selection
+/// again (a new capture: the rate is part of the shape's key).
+fn scripted_selection(_: &Gpu) -> Result<(), String> {
+    let model = small_model()?;
+    let prompts = prompts(&[512, 600], model.config.vocab);
+    let (params, home, steps) = (small_params(), ValueHome::Host, 16);
+    let (mut graph_cache, first) = shadow_cache(&model, &prompts, params, home, 2 * steps)?;
+    let (mut eager_cache, _) = shadow_cache(&model, &prompts, params, home, 2 * steps)?;
+    let mut graph = DecodeRunner::new(StepMode::Graph, StepLimits::default());
+    let mut eager = DecodeRunner::new(StepMode::Eager, StepLimits::default());
+    let mut runs = Vec::new();
+    for (runner, cache) in [
+        (&mut graph, &mut graph_cache),
+        (&mut eager, &mut eager_cache),
+    ] {
+        cache.set_scripted_hit_rate(Some(0.8)).map_err(s)?;
+        let mut tokens = decode(steps, &first, |next| {
+            model.decode_shadow_step(runner, cache, next)
+        })?;
+        let hit_rate = cache.cache().step_stats().map_err(s)?.hit_rate();
+        if !(0.75..=0.85).contains(&hit_rate) {
+            return Err(format!("scripted 80% hits gave {:.1}%", 100.0 * hit_rate));
+        }
+        cache.set_scripted_hit_rate(None).map_err(s)?;
+        let last = tokens.last().cloned().unwrap_or_default();
+        tokens.extend(decode(steps, &last, |next| {
+            model.decode_shadow_step(runner, cache, next)
+        })?);
+        runs.push(tokens);
+    }
+    same_tokens("ShadowKV with SYNTHETIC SELECTION", &runs[0], &runs[1])?;
+    if graph.captures() != 2 || !graph.capture_errors().is_empty() {
+        return Err(format!(
+            "{} captures ({:?}) for two selection modes",
+            graph.captures(),
+            graph.capture_errors()
+        ));
+    }
     Ok(())
 }
 

@@ -271,6 +271,7 @@ pub fn run_full(run: &Run, model: &GpuModel) -> Result<f64, Box<dyn std::error::
     let (per_step, last) = time_steps(run.steps, first, |next| {
         model.decode_full_step(&mut runner, &mut cache, next)
     })?;
+    report_capture_errors(&runner);
     if run.overhead {
         let overhead = measure_overhead(model, &mut runner, last, |runner, next| {
             model.decode_full_step(runner, &mut cache, next)
@@ -306,6 +307,15 @@ fn time_steps(
         next = step(&next)?;
     }
     Ok((timed.elapsed().as_secs_f64() / steps as f64, next))
+}
+
+/// Says on stderr why a capture failed, if one did (those steps ran eagerly).
+fn report_capture_errors(runner: &DecodeRunner) {
+    for error in runner.capture_errors() {
+        eprintln!(
+            "  the decode step could not be captured in a CUDA graph (launched eagerly): {error}"
+        );
+    }
 }
 
 /// Tokens per sequence that [`measure_overhead`] decodes: two untimed and
@@ -501,6 +511,7 @@ pub fn run_shadowkv(
             model.decode_shadow_step(&mut runner, &mut shadow, tokens)
         })?;
         next = last;
+        report_capture_errors(&runner);
         if run.overhead && results.is_empty() {
             let overhead = measure_overhead(model, &mut runner, next, |runner, tokens| {
                 model.decode_shadow_step(runner, &mut shadow, tokens)

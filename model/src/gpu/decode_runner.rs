@@ -373,6 +373,13 @@ impl GpuModel {
 
     /// Checks a step's tokens: one per sequence of the batch, each in the vocabulary.
     fn check_step_tokens(&self, limits: StepLimits, tokens: &[u32], batch: usize) -> Result<()> {
+        if batch == 0 {
+            return Err(invalid_input(
+                "cache",
+                "has no sequence",
+                "at least one sequence to decode",
+            ));
+        }
         limits.check(batch)?;
         if tokens.len() != batch {
             return Err(invalid_input(
