@@ -15,7 +15,9 @@
 //!
 //! The files, by concern: `weights` (the weights on the GPU), `model` ([`GpuModel`] and its
 //! loaders), `kv_cache` (the full KV cache), `shadow_cache` and `shadow` (ShadowKV's cache,
-//! its prefills and decode steps), `forward` (the layers of a pass and their attention).
+//! its prefills and decode steps), `forward` (the layers of a pass and their attention),
+//! `step_inputs` and `decode_runner` (decode steps with per-step inputs in device memory,
+//! captured per batch shape in CUDA graphs and replayed: [`DecodeRunner`]).
 //!
 //! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
 mod decode_runner;
