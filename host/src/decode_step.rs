@@ -191,6 +191,9 @@ pub struct DecodeStep {
     parts: Option<usize>,
     timeline: Option<Timeline>,
     scripted_hit_rate: Option<f64>,
+    /// Where the attention reads its layouts, if not from its own copy (see
+    /// [`read_attention_layouts_from`](Self::read_attention_layouts_from)).
+    attention_layouts: Option<u64>,
 }
 
 /// Value bytes of a batch's whole budget (every selected chunk a miss) from which a step is
@@ -260,6 +263,7 @@ impl DecodeStep {
             parts: None,
             timeline: None,
             scripted_hit_rate: None,
+            attention_layouts: None,
         })
     }
 
@@ -383,6 +387,43 @@ impl DecodeStep {
             .collect()
     }
 
+    /// With `Some(address)`, the attention reads each sequence's K/V layout (after the
+    /// append) from `address`, launched over the splits of the sequences' capacities (see
+    /// `DecodeAttention::read_layouts_from`): for a step replayed from a CUDA graph.
+    ///
+    /// # Safety
+    /// Until the next call, `address` must hold the K/V layouts (`ShadowSequence::kv`) of the
+    /// batch of every later step, in batch order, whenever that step's attention runs.
+    pub unsafe fn read_attention_layouts_from(&mut self, address: Option<u64>) {
+        self.attention_layouts = address;
+        // SAFETY: the caller's contract.
+        unsafe { self.attention.read_layouts_from(address) };
+    }
+
+    /// Whether a step may be captured into a CUDA graph: the overlap on (the fetch then forks
+    /// from and joins the compute stream through events recorded in the capture) and no
+    /// timeline (its events are read by the host).
+    pub fn capturable(&self) -> bool {
+        self.overlap && self.timeline.is_none()
+    }
+
+    /// Orders `stream` after the work queued on the copy stream (a prefill's value offload):
+    /// a step replayed from a graph forks the copy stream inside the graph, which does not
+    /// wait for work queued outside it.
+    pub fn order_after_copies(&self, stream: &CudaStream) -> Result<()> {
+        self.fetch_done.record(&self.copy_stream)?;
+        stream.wait(&self.fetch_done)?;
+        Ok(())
+    }
+
+    /// After a replayed step of `heads` (sequence, KV head) pairs queued on `stream`: the
+    /// statistics ([`stats`](Self::stats)) are those the replay's last selection writes.
+    pub fn note_replayed_step(&mut self, stream: &CudaStream, heads: usize) -> Result<()> {
+        self.stats_ready.record(stream)?;
+        self.selected_heads = Some(0..heads);
+        Ok(())
+    }
+
     /// The config of the layers this step runs; a layer with another config is rejected.
     pub fn config(&self) -> &ShadowConfig {
         &self.config
@@ -450,6 +491,8 @@ impl DecodeStep {
             self.attention = Self::attention_for(gpu, batch).map_err(|_| error)?;
             self.attention.update_layouts(&stream, &layouts)?;
         }
+        // SAFETY: the caller of `read_attention_layouts_from` keeps the copy valid.
+        unsafe { self.attention.read_layouts_from(self.attention_layouts) };
         // With the overlap, the batch runs in parts: part i's fetch (copy stream) overlaps the
         // scoring, top-k and plan of part i + 1 (compute stream).
         let parts = batch_parts(batch, self.parts(batch))?;

@@ -63,6 +63,15 @@ pub enum Error {
         /// Why the call cannot act on it.
         problem: RequestProblem,
     },
+    /// A decode step whose batch is past the largest the decode runner captures steps for
+    /// (`StepLimits::max_batch`), or empty; nothing was run or changed.
+    #[error("a decode step of {batch} sequences is past the captured batch shapes (1 to {max_batch} sequences)")]
+    PastCapturedShapes {
+        /// Sequences in the step.
+        batch: usize,
+        /// The largest batch the runner captures.
+        max_batch: usize,
+    },
     /// Not enough free GPU memory for `what`.
     #[error("{what} needs {needed} bytes of GPU memory; {free} bytes are free")]
     OutOfMemory {

@@ -2,7 +2,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use shadowkv_model::gpu::step_inputs::StepLimits;
+use shadowkv_model::gpu::{DecodeRunner, StepMode};
 use shadowkv_model::{GpuModel, ModelConfig, ModelSource, Sampler, NAMED_SHAPES};
 
 use shadowkv::cache::CacheCapacity;
@@ -57,6 +59,20 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights, context and prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The timed steps replayed from a CUDA graph captured once per batch shape (`on`), or
+    /// launched one by one (`off`, the fallback). Either way the host overhead is then
+    /// measured both ways.
+    #[arg(long, value_enum, default_value_t = GraphSwitch::On)]
+    graph: GraphSwitch,
+}
+
+/// `--graph on|off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphSwitch {
+    /// Replay each step from a CUDA graph (falls back to eager launches if a capture fails).
+    On,
+    /// Launch each step's kernels one by one.
+    Off,
 }
 
 pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -81,7 +97,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             &args.shadowkv.params(),
             args.attention,
             args.context,
-            args.steps + 3,
+            args.steps + 3 + OVERHEAD_TOKENS,
             budget,
         )?;
         if fit.batch == 0 {
@@ -105,6 +121,8 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         steps: args.steps,
         synthetic_context: args.synthetic_context,
         seed: args.seed,
+        graph: args.graph == GraphSwitch::On,
+        overhead: true,
     };
     if let Some(home) = args.attention.value_home() {
         let params = args.shadowkv.params();
@@ -158,9 +176,37 @@ pub struct Run {
     pub steps: usize,
     pub synthetic_context: bool,
     pub seed: u64,
+    /// Timed steps replayed from CUDA graphs (else launched eagerly).
+    pub graph: bool,
+    /// After the timed steps, measure the host overhead with and without the graph
+    /// ([`OVERHEAD_TOKENS`] more tokens per sequence).
+    pub overhead: bool,
 }
 
 impl Run {
+    /// A runner for this run's timed steps.
+    fn runner(&self) -> DecodeRunner {
+        let mode = if self.graph {
+            StepMode::Graph
+        } else {
+            StepMode::Eager
+        };
+        let limits = StepLimits {
+            max_batch: self.batch.max(1),
+            max_shapes: 1,
+        };
+        DecodeRunner::new(mode, limits)
+    }
+
+    /// Tokens per sequence the overhead measurement adds.
+    fn overhead_tokens(&self) -> usize {
+        if self.overhead {
+            OVERHEAD_TOKENS
+        } else {
+            0
+        }
+    }
+
     /// A xorshift stream of token ids below `vocab`, from the seed.
     fn tokens(&self, vocab: usize) -> impl FnMut() -> u32 {
         let mut state = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -179,7 +225,7 @@ pub fn run_full(run: &Run, model: &GpuModel) -> Result<f64, Box<dyn std::error::
     let config = model.config.clone();
     let mut random_token = run.tokens(config.vocab);
     // The context, the first token after it, two warm-up steps and the timed steps.
-    let capacity = (run.context + run.steps + 3) as u32;
+    let capacity = (run.context + run.steps + 3 + run.overhead_tokens()) as u32;
     let mut cache = model.new_cache(&vec![capacity; run.batch])?;
     eprintln!(
         "KV cache (full attention): {:.2} GB for {} x {} tokens",
@@ -216,15 +262,22 @@ pub fn run_full(run: &Run, model: &GpuModel) -> Result<f64, Box<dyn std::error::
         );
         rows
     };
-    let sequences: Vec<usize> = (0..run.batch).collect();
     let first: Vec<u32> = last_logits
         .chunks_exact(config.vocab)
         .map(|row| Sampler::greedy().sample(row))
         .collect();
     // Greedy decoding with the argmax on the GPU: each step returns one id per sequence.
-    let (per_step, _) = time_steps(run.steps, first, |next| {
-        model.forward_greedy(&mut cache, &sequences, next)
+    let mut runner = run.runner();
+    let (per_step, last) = time_steps(run.steps, first, |next| {
+        model.decode_full_step(&mut runner, &mut cache, next)
     })?;
+    report_capture_errors(&runner);
+    if run.overhead {
+        let overhead = measure_overhead(model, &mut runner, last, |runner, next| {
+            model.decode_full_step(runner, &mut cache, next)
+        })?;
+        overhead.print();
+    }
     // What a step must read at least: every weight once and every cached key and value.
     let kv_bytes = kv_cache_bytes(&config, run.batch, run.context + run.steps / 2);
     let bytes = model.weight_bytes() + kv_bytes;
@@ -254,6 +307,123 @@ fn time_steps(
         next = step(&next)?;
     }
     Ok((timed.elapsed().as_secs_f64() / steps as f64, next))
+}
+
+/// Says on stderr why a capture failed, if one did (those steps ran eagerly).
+fn report_capture_errors(runner: &DecodeRunner) {
+    for error in runner.capture_errors() {
+        eprintln!(
+            "  the decode step could not be captured in a CUDA graph (launched eagerly): {error}"
+        );
+    }
+}
+
+/// Tokens per sequence that [`measure_overhead`] decodes: two untimed and
+/// [`OVERHEAD_STEPS`] timed steps in each mode.
+pub const OVERHEAD_TOKENS: usize = 2 * (OVERHEAD_STEPS + 2);
+
+/// Timed steps per mode in [`measure_overhead`].
+const OVERHEAD_STEPS: usize = 8;
+
+/// Mean wall and GPU time per step of one mode, from the runner's timing events.
+#[derive(Clone, Copy, Debug)]
+struct ModeTime {
+    wall: f64,
+    device: f64,
+}
+
+/// The host overhead of a step with and without the graph (see [`measure_overhead`]).
+struct Overhead {
+    graph: Option<ModeTime>,
+    eager: ModeTime,
+    capture_errors: Vec<String>,
+    next: Vec<u32>,
+}
+
+impl Overhead {
+    fn print(&self) {
+        let us = |seconds: f64| seconds * 1e6;
+        let eager = self.eager;
+        match self.graph {
+            Some(graph) => {
+                // The replay runs the kernels back to back: its GPU time is their sum.
+                let kernels = graph.device;
+                println!(
+                    "host overhead per step (wall time minus the kernels' {:.1} us, the graph replay's GPU time): with the graph {:.1} us (wall {:.1} us), without {:.1} us (wall {:.1} us; the eager step's own GPU span {:.1} us includes launch gaps)",
+                    us(kernels),
+                    us(graph.wall - kernels),
+                    us(graph.wall),
+                    us(eager.wall - kernels),
+                    us(eager.wall),
+                    us(eager.device)
+                );
+            }
+            None => println!(
+                "host overhead per step without the graph: at least {:.1} us (wall {:.1} us minus the step's GPU span {:.1} us, which includes launch gaps); the graph could not be captured: {}",
+                us(eager.wall - eager.device),
+                us(eager.wall),
+                us(eager.device),
+                self.capture_errors.join("; ")
+            ),
+        }
+    }
+}
+
+/// The host overhead of a step (its wall time minus the sum of its kernels), with the step
+/// replayed from a graph and launched eagerly: per mode, two untimed steps (a capture, or the
+/// switch) then [`OVERHEAD_STEPS`] steps with timing events around each. The graph replay's GPU
+/// time stands for the sum of the kernels (nothing waits for the host inside a replay).
+fn measure_overhead(
+    model: &GpuModel,
+    runner: &mut DecodeRunner,
+    mut next: Vec<u32>,
+    mut step: impl FnMut(&mut DecodeRunner, &[u32]) -> shadowkv_model::Result<Vec<u32>>,
+) -> shadowkv_model::Result<Overhead> {
+    let mode = runner.mode();
+    let mut times = Vec::new();
+    for measured in [StepMode::Graph, StepMode::Eager] {
+        runner.set_mode(measured);
+        for _ in 0..2 {
+            next = step(runner, &next)?;
+        }
+        runner.set_timing(model, true)?;
+        let (mut wall, mut device, mut replayed) = (0.0, 0.0, true);
+        for _ in 0..OVERHEAD_STEPS {
+            next = step(runner, &next)?;
+            if let Some(timing) = runner.last_timing() {
+                wall += timing.wall.as_secs_f64();
+                device += timing.device.as_secs_f64();
+                replayed &= timing.replayed;
+            }
+        }
+        runner.set_timing(model, false)?;
+        let time = ModeTime {
+            wall: wall / OVERHEAD_STEPS as f64,
+            device: device / OVERHEAD_STEPS as f64,
+        };
+        times.push((measured, time, replayed));
+    }
+    runner.set_mode(mode);
+    let graph = times
+        .iter()
+        .find(|(mode, _, replayed)| *mode == StepMode::Graph && *replayed)
+        .map(|&(_, time, _)| time);
+    let eager = times
+        .iter()
+        .find(|(mode, _, _)| *mode == StepMode::Eager)
+        .map_or(
+            ModeTime {
+                wall: 0.0,
+                device: 0.0,
+            },
+            |&(_, time, _)| time,
+        );
+    Ok(Overhead {
+        graph,
+        eager,
+        capture_errors: runner.capture_errors().to_vec(),
+        next,
+    })
 }
 
 /// The label of a ShadowKV run with a scripted hit rate.
@@ -292,7 +462,7 @@ pub fn run_shadowkv(
     let config = &model.config;
     let mut random_token = run.tokens(config.vocab);
     shadowkv_model::cpu::shadowkv::validate(&params, config)?;
-    let generated = hit_rates.len() * (run.steps + 2) + 1;
+    let generated = hit_rates.len() * (run.steps + 2) + 1 + run.overhead_tokens();
     let capacity = CacheCapacity::uniform(run.batch, run.context, generated);
     let mut shadow = model.new_shadow_cache(params, home, capacity)?;
     let memory = shadow.memory_report()?;
@@ -338,12 +508,21 @@ pub fn run_shadowkv(
         );
     }
     let mut results = Vec::new();
+    let mut runner = run.runner();
     for &rate in hit_rates {
         shadow.set_scripted_hit_rate(rate)?;
         let (per_step, last) = time_steps(run.steps, next, |tokens| {
-            model.decode_shadow_greedy(&mut shadow, tokens)
+            model.decode_shadow_step(&mut runner, &mut shadow, tokens)
         })?;
         next = last;
+        report_capture_errors(&runner);
+        if run.overhead && results.is_empty() {
+            let overhead = measure_overhead(model, &mut runner, next, |runner, tokens| {
+                model.decode_shadow_step(runner, &mut shadow, tokens)
+            })?;
+            next = overhead.next.clone();
+            overhead.print();
+        }
         let stats = shadow.cache().step_stats()?;
         let label = rate.map_or("real selection".to_owned(), synthetic_selection_label);
         eprintln!(

@@ -84,6 +84,8 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
                 steps,
                 synthetic_context: true,
                 seed: options.seed,
+                graph: true,
+                overhead: false,
             };
             let full = fit(
                 &config,

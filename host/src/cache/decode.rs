@@ -87,6 +87,7 @@ impl ShadowKvCache {
         keys: &impl DevicePtr<bf16>,
         values: &impl DevicePtr<bf16>,
     ) -> Result<()> {
+        self.leave_device_layouts();
         let picked = self.picked(layer, Some(ids))?;
         self.check_append(layer, &picked, Some(ids), keys, values)?;
         self.enqueue_append(gpu, layer, &picked, keys, values)
@@ -134,7 +135,16 @@ impl ShadowKvCache {
     ) -> Result<()> {
         let (heads, d) = (self.shape.kv_heads, self.shape.head_dim);
         let stream = gpu.stream().clone();
+        self.check_device_batch(picked)?;
         self.set_batch(&stream, layer, picked)?;
+        if let Some(device) = self.device_layouts {
+            // SAFETY: `read_step_layouts_from`'s caller keeps `before` valid for this step.
+            unsafe {
+                self.layers[layer]
+                    .batch
+                    .read_layouts_from(Some(device.before))
+            };
+        }
         let launch = LaunchConfig {
             grid_dim: (picked.len() as u32, heads as u32, 1),
             block_dim: (layout::THREADS, 1, 1),
@@ -158,6 +168,14 @@ impl ShadowKvCache {
         drop(used);
         for &index in picked {
             self.entries[index].generated[layer] += 1;
+        }
+        if let Some(device) = self.device_layouts {
+            // SAFETY: as above, for `after`.
+            unsafe {
+                self.layers[layer]
+                    .batch
+                    .read_layouts_from(Some(device.after))
+            };
         }
         self.set_batch(&stream, layer, picked)
     }
@@ -194,6 +212,7 @@ impl ShadowKvCache {
         q: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.leave_device_layouts();
         let picked = self.picked(layer, Some(ids))?;
         self.check_queries(&picked, true, q, out)?;
         self.enqueue_decode(gpu, layer, &picked, q, out)
@@ -222,6 +241,7 @@ impl ShadowKvCache {
         q: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.check_device_batch(picked)?;
         self.set_batch(gpu.stream(), layer, picked)?;
         self.step.run(gpu, &mut self.layers[layer], q, out)
     }
@@ -264,6 +284,7 @@ impl ShadowKvCache {
         new_values: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<()> {
+        self.leave_device_layouts();
         let picked = self.picked(layer, Some(ids))?;
         self.check_queries(&picked, true, q, out)?;
         self.check_append(layer, &picked, Some(ids), new_keys, new_values)?;

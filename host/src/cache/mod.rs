@@ -46,6 +46,7 @@ mod memory;
 mod offload;
 mod params;
 mod prefill;
+mod replay;
 mod rows;
 
 use crate::pinned::PinnedBuffer;
@@ -55,6 +56,7 @@ pub use memory::{host_available_bytes, CachePlan, MemoryReport};
 use offload::offload_values;
 pub use params::{CacheCapacity, CacheShape, ShadowKvParams, ValueHome};
 pub use prefill::PendingPrefill;
+pub use replay::{DeviceStepLayouts, StepLayouts, StepSnapshot};
 use rows::Rows;
 
 /// A live sequence.
@@ -99,6 +101,9 @@ pub struct ShadowKvCache {
     /// The live sequences in the order they were added (ids ascending).
     entries: Vec<Entry>,
     next_id: u64,
+    /// Where steps read their layouts, if from device copies (see
+    /// [`read_step_layouts_from`](Self::read_step_layouts_from)).
+    device_layouts: Option<DeviceStepLayouts>,
 }
 
 impl ShadowKvCache {
@@ -217,6 +222,7 @@ impl ShadowKvCache {
             compute_stream: stream,
             entries: Vec::new(),
             next_id: 0,
+            device_layouts: None,
         })
     }
 

@@ -86,6 +86,10 @@ impl ShadowKvCache {
                 "prefill_layer_finish for the pending layer first",
             ));
         }
+        // A prefill's batch is the one sequence it builds: its launches read uploaded
+        // layouts, not a replayed step's device copies.
+        // SAFETY: `None` points at nothing.
+        unsafe { self.read_step_layouts_from(None) };
         let result = self.enqueue_prefill_start(gpu, layer, id, pre_rope_keys, source, last_query);
         if result.is_err() {
             // The offload may have been queued before the failure: the caller frees the

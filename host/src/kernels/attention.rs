@@ -351,6 +351,11 @@ pub struct DecodeAttention {
     /// The resident part's output and log-sum-exp, for [`StepPart::Fresh`] to merge.
     carry_out: CudaSlice<f32>,
     carry_lse: CudaSlice<f32>,
+    /// Where launches read the layouts instead of `layouts`, while set (see
+    /// [`read_layouts_from`](Self::read_layouts_from)).
+    external: Option<u64>,
+    /// `layouts` missed an update while `external` was set.
+    stale: bool,
 }
 
 /// Partial outputs and log-sum-exps for `splits` splits per sequence (none for one split).
@@ -395,6 +400,8 @@ impl DecodeAttention {
             counters,
             carry_out,
             carry_lse,
+            external: None,
+            stale: false,
         })
     }
 
@@ -412,7 +419,8 @@ impl DecodeAttention {
         stream: &Arc<CudaStream>,
         layouts: &[SequenceLayout],
     ) -> Result<()> {
-        if layouts == self.plan.layouts.as_slice() {
+        let upload = self.external.is_none();
+        if layouts == self.plan.layouts.as_slice() && !(upload && self.stale) {
             return Ok(());
         }
         let plan =
@@ -431,12 +439,49 @@ impl DecodeAttention {
                 ),
             ));
         }
-        stream.memcpy_htod(
-            bytemuck::cast_slice::<SequenceLayout, u64>(layouts),
-            &mut self.layouts,
-        )?;
+        if upload {
+            stream.memcpy_htod(
+                bytemuck::cast_slice::<SequenceLayout, u64>(layouts),
+                &mut self.layouts,
+            )?;
+        }
+        self.stale = !upload;
         self.plan = plan;
         Ok(())
+    }
+
+    /// With `Some(address)`, launches read the layouts from `address` (the caller's device
+    /// copy, rewritten on the device between steps), [`update_layouts`](Self::update_layouts)
+    /// validates without uploading, and every launch covers the splits of the workspace (the
+    /// first plan's, at the capacities) whatever the current lengths: a launch replayed from
+    /// a CUDA graph keeps the grid and addresses it was captured with, and the kernel's blocks
+    /// past a sequence's splits return at once. `None` goes back to the plan's own copy
+    /// (re-uploaded at the next `update_layouts`).
+    ///
+    /// # Safety
+    /// Until the next call, `address` must hold the plan's `batch` layouts, each with the
+    /// offset and capacity of the latest plan's and a `len` in `1..=capacity` that needs at
+    /// most the workspace's splits, whenever a launch that reads them runs.
+    pub unsafe fn read_layouts_from(&mut self, address: Option<u64>) {
+        if address.is_none() && self.external.is_some() {
+            self.stale = true;
+        }
+        self.external = address;
+    }
+
+    /// Splits per sequence the workspace holds: the grid of a launch reading layouts from the
+    /// caller's copy (see [`read_layouts_from`](Self::read_layouts_from)).
+    pub fn workspace_splits(&self) -> u32 {
+        self.workspace_splits.max(1)
+    }
+
+    /// The grid's splits of a launch over every token: the plan's, or the workspace's while
+    /// the layouts come from the caller's copy (their lengths are not known here).
+    fn whole_splits(&self) -> u32 {
+        match self.external {
+            Some(_) => self.workspace_splits().max(self.plan.max_splits),
+            None => self.plan.max_splits,
+        }
     }
 
     /// `out[b, h] = softmax(q[b, h] · Kᵀ · scale) · V` over each sequence's valid tokens, with
@@ -488,9 +533,9 @@ impl DecodeAttention {
         // This launch's kernel, split length and grid of splits.
         let (kernel, split_len, splits) =
             match filter {
-                None => (plan.kernel, plan.split_len, plan.max_splits),
+                None => (plan.kernel, plan.split_len, self.whole_splits()),
                 Some((StepPart::Resident, _)) => {
-                    (plan.part_kernels[0], plan.split_len, plan.max_splits)
+                    (plan.part_kernels[0], plan.split_len, self.whole_splits())
                 }
                 Some((StepPart::Fresh, slots)) => {
                     let step = layout::tokens_per_iteration(group, head_dim);
@@ -530,7 +575,10 @@ impl DecodeAttention {
             q: used.read(q),
             k: used.read(k),
             v: used.read(v),
-            layouts: used.read(&self.layouts),
+            layouts: match self.external {
+                Some(address) => address,
+                None => used.read(&self.layouts),
+            },
             out: used.write(out),
             partial_out: used.write(&mut self.partial_out),
             partial_lse: used.write(&mut self.partial_lse),

@@ -167,6 +167,9 @@ pub struct TokenPlan {
     /// [`TokenPlacement`]s and [`SequenceLayout`]s as their 32- and 64-bit words.
     placements: CudaSlice<u32>,
     layouts: CudaSlice<u64>,
+    /// Where launches read the placements instead of `placements`, while set (see
+    /// [`read_placements_from`](Self::read_placements_from)).
+    external_placements: Option<u64>,
 }
 
 impl TokenPlan {
@@ -223,12 +226,26 @@ impl TokenPlan {
             placements: stream
                 .clone_htod(bytemuck::cast_slice::<TokenPlacement, u32>(placements))?,
             layouts: stream.clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(layouts))?,
+            external_placements: None,
         })
     }
 
     /// Tokens of the launch: one per [`TokenPlacement`].
     pub fn tokens(&self) -> usize {
         self.tokens
+    }
+
+    /// With `Some(address)`, launches read the placements from `address` (the caller's
+    /// device copy, rewritten on the device between launches) instead of the checked upload:
+    /// a decode step replayed from a CUDA graph keeps the addresses it was captured with, so
+    /// each step's positions come from device memory. `None` goes back to the upload.
+    ///
+    /// # Safety
+    /// Until the next call, `address` must hold [`tokens`](Self::tokens) placements, each
+    /// naming one of the plan's sequences with a `cache_row` below its capacity (what
+    /// [`new`](Self::new) checks), whenever a launch that reads them runs.
+    pub unsafe fn read_placements_from(&mut self, address: Option<u64>) {
+        self.external_placements = address;
     }
 }
 
@@ -290,7 +307,10 @@ pub fn rope_qkv(
         qkv: used.read(qkv),
         bias: bias.map_or(0, |b| used.read(b)),
         inverse_frequencies: used.read(inverse_frequencies),
-        placements: used.read(&plan.placements),
+        placements: match plan.external_placements {
+            Some(address) => address,
+            None => used.read(&plan.placements),
+        },
         layouts: used.read(&plan.layouts),
         q: used.write(q),
         k_cache: used.write(k_cache),

@@ -119,6 +119,12 @@ pub struct ShadowBatch {
     /// The layouts on the device: the first `batch()` entries (it keeps the largest size
     /// [`set_sequences`](Self::set_sequences) asked for).
     device: CudaSlice<ShadowSequence>,
+    /// Where the kernels read the layouts instead of `device`, while set (see
+    /// [`read_layouts_from`](Self::read_layouts_from)).
+    external: Option<u64>,
+    /// `device` missed an update while `external` was set: the next
+    /// [`set_sequences`](Self::set_sequences) uploads even unchanged layouts.
+    stale: bool,
 }
 
 impl ShadowBatch {
@@ -136,6 +142,8 @@ impl ShadowBatch {
             extents,
             repeated_row: repeated_row(sequences),
             device,
+            external: None,
+            stale: false,
         })
     }
 
@@ -149,15 +157,21 @@ impl ShadowBatch {
         stream: &std::sync::Arc<CudaStream>,
         sequences: &[ShadowSequence],
     ) -> Result<()> {
-        if sequences == self.sequences {
+        let upload = self.external.is_none();
+        if sequences == self.sequences && !(upload && self.stale) {
             // Validated and uploaded when they were set (a step's three calls on a layer).
             return Ok(());
         }
         let extents = validate(&self.config, sequences)?;
-        if sequences.len() > self.device.len() {
+        if !upload {
+            // The kernels read the caller's device copy: validate and keep the host copy only.
+            self.stale = true;
+        } else if sequences.len() > self.device.len() {
             self.device = stream.clone_htod(sequences)?;
+            self.stale = false;
         } else {
             stream.memcpy_htod(sequences, &mut self.device)?;
+            self.stale = false;
         }
         self.sequences.clear();
         self.sequences.extend_from_slice(sequences);
@@ -302,9 +316,31 @@ impl ShadowBatch {
         Ok(self.shape_at(used, part.first))
     }
 
-    /// Device address of the batch's `[batch]` [`ShadowSequence`] copy, held in `used`.
+    /// Device address of the batch's `[batch]` [`ShadowSequence`] copy, held in `used` (or
+    /// the caller's copy, see [`read_layouts_from`](Self::read_layouts_from)).
     pub(crate) fn sequences_address<'a>(&'a self, used: &mut LaunchBuffers<'a>) -> u64 {
-        used.read(&self.device)
+        match self.external {
+            Some(address) => address,
+            None => used.read(&self.device),
+        }
+    }
+
+    /// With `Some(address)`, launches read the layouts from `address` (the caller's device
+    /// copy, which it rewrites on the device between steps) and
+    /// [`set_sequences`](Self::set_sequences) validates without uploading: a decode step
+    /// replayed from a CUDA graph keeps the addresses it was captured with, so the per-step
+    /// lengths must come from device memory. `None` goes back to the batch's own copy
+    /// (re-uploaded at the next `set_sequences`).
+    ///
+    /// # Safety
+    /// Until the next call, `address` must hold [`batch`](Self::batch) layouts, each as
+    /// `validate` accepts for this config with the extents of the host copy (same offsets and
+    /// capacities, `len` within the capacity), whenever a launch that reads them runs.
+    pub unsafe fn read_layouts_from(&mut self, address: Option<u64>) {
+        if address.is_none() && self.external.is_some() {
+            self.stale = true;
+        }
+        self.external = address;
     }
 
     fn shape_at<'a>(&'a self, used: &mut LaunchBuffers<'a>, first_sequence: usize) -> ShadowShape {

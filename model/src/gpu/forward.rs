@@ -3,7 +3,7 @@
 //! the logits of each sequence's last token.
 use half::bf16;
 use shadowkv::cache::SequenceId;
-use shadowkv::cudarc::driver::{CudaSlice, CudaViewMut};
+use shadowkv::cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr};
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
 use shadowkv::kernels::layer::{self, TokenPlan};
 use shadowkv::kernels::prefill_attention::{
@@ -52,6 +52,48 @@ pub(super) enum PassCache<'a> {
         attention: Box<AttentionPass>,
         taps: Option<PrefillTaps<'a>>,
     },
+    /// A full-attention decode step whose attention was planned once for the batch shape
+    /// (reading its layouts from device memory, see `DecodeRunner`).
+    FullDecode {
+        cache: &'a mut GpuKvCache,
+        attention: &'a mut DecodeAttention,
+    },
+}
+
+/// The activations of a pass over `tokens` rows, allocated once per pass (or, for a decode
+/// step replayed from a graph, once per batch shape).
+pub(super) struct Activations {
+    pub(super) x: CudaSlice<f32>,
+    pub(super) normed: CudaSlice<bf16>,
+    qkv: CudaSlice<f32>,
+    q: CudaSlice<bf16>,
+    attended: CudaSlice<bf16>,
+    projected: CudaSlice<f32>,
+    gate_up: CudaSlice<f32>,
+    activated: CudaSlice<bf16>,
+    mlp_out: CudaSlice<f32>,
+}
+
+impl Activations {
+    /// Zeroed activations for `rows` tokens of `model`.
+    pub(super) fn new(model: &GpuModel, rows: usize) -> Result<Activations> {
+        const WHAT: &str = "allocating the activations";
+        let (config, stream) = (&model.config, model.stream());
+        let bf16s = |n: usize| stream.alloc_zeros::<bf16>(n).on_gpu(WHAT);
+        let f32s = |n: usize| stream.alloc_zeros::<f32>(n).on_gpu(WHAT);
+        let (hidden, ffn) = (config.hidden, config.ffn);
+        Ok(Activations {
+            x: f32s(rows * hidden)?,
+            normed: bf16s(rows * hidden)?,
+            qkv: f32s(rows * model.qkv_shape().width())?,
+            q: bf16s(rows * config.q_dim())?,
+            attended: bf16s(rows * config.q_dim())?,
+            projected: f32s(rows * hidden)?,
+            gate_up: f32s(rows * 2 * ffn)?,
+            activated: bf16s(rows * ffn)?,
+            mlp_out: f32s(rows * hidden)?,
+        })
+    }
 }
 
 impl GpuModel {
@@ -254,81 +296,14 @@ impl GpuModel {
             ));
         }
         const WHAT: &str = "running the layers";
-        let (gpu, stream) = (&*self.gpu, self.stream());
+        let stream = self.stream();
         let count = tokens.len();
-        let shape = self.qkv_shape();
+        let hidden = config.hidden;
         let alloc_bf16 = |n: usize| stream.alloc_zeros::<bf16>(n).on_gpu(WHAT);
-        let alloc_f32 = |n: usize| stream.alloc_zeros::<f32>(n).on_gpu(WHAT);
-        let (hidden, ffn) = (config.hidden, config.ffn);
         let ids = stream.clone_htod(tokens).on_gpu(WHAT)?;
-        let mut x = alloc_f32(count * hidden)?;
-        let mut normed = alloc_bf16(count * hidden)?;
-        let mut qkv = alloc_f32(count * shape.width())?;
-        let mut q = alloc_bf16(count * config.q_dim())?;
-        let mut attended = alloc_bf16(count * config.q_dim())?;
-        let mut projected = alloc_f32(count * hidden)?;
-        let mut gate_up = alloc_f32(count * 2 * ffn)?;
-        let mut activated = alloc_bf16(count * ffn)?;
-        let mut mlp_out = alloc_f32(count * hidden)?;
-
-        layer::embedding(
-            gpu,
-            stream,
-            &self.weights.embedding,
-            hidden,
-            tokens,
-            &ids,
-            &mut x,
-        )
-        .on_gpu(WHAT)?;
-        for (index, weights) in self.weights.layers.iter().enumerate() {
-            // The previous block's MLP output joins the residual stream here.
-            let delta = (index > 0).then_some(&mlp_out);
-            layer::rms_norm(
-                gpu,
-                stream,
-                &mut x,
-                delta,
-                &weights.attn_norm,
-                config.rms_eps,
-                &mut normed,
-            )
-            .on_gpu(WHAT)?;
-            self.linear
-                .forward(&normed, &weights.qkv, hidden, &mut qkv)
-                .on_gpu(WHAT)?;
-            self.attend(&mut mode, index, plan, &qkv, &mut q, &mut attended)?;
-            self.linear
-                .forward(&attended, &weights.o, config.q_dim(), &mut projected)
-                .on_gpu(WHAT)?;
-            layer::rms_norm(
-                gpu,
-                stream,
-                &mut x,
-                Some(&projected),
-                &weights.ffn_norm,
-                config.rms_eps,
-                &mut normed,
-            )
-            .on_gpu(WHAT)?;
-            self.linear
-                .forward(&normed, &weights.gate_up, hidden, &mut gate_up)
-                .on_gpu(WHAT)?;
-            layer::silu_mul(gpu, stream, &gate_up, &mut activated, ffn).on_gpu(WHAT)?;
-            self.linear
-                .forward(&activated, &weights.down, ffn, &mut mlp_out)
-                .on_gpu(WHAT)?;
-        }
-        layer::rms_norm(
-            gpu,
-            stream,
-            &mut x,
-            Some(&mlp_out),
-            &self.weights.output_norm,
-            config.rms_eps,
-            &mut normed,
-        )
-        .on_gpu(WHAT)?;
+        let mut activations = Activations::new(self, count)?;
+        self.layer_stack(tokens, &ids, plan, &mut mode, &mut activations)?;
+        let normed = &activations.normed;
         // Logits only for each sequence's last token.
         let head = self.weights.head();
         let mut logits = stream
@@ -341,7 +316,7 @@ impl GpuModel {
                 .on_gpu(WHAT)?;
         } else if rows.iter().enumerate().all(|(i, &r)| i == r) && rows.len() == count {
             self.linear
-                .forward(&normed, head, hidden, &mut logits)
+                .forward(normed, head, hidden, &mut logits)
                 .on_gpu(WHAT)?;
         } else {
             // Several sequences' prompts in one pass: gather their last rows on the device.
@@ -359,6 +334,84 @@ impl GpuModel {
                 .on_gpu(WHAT)?;
         }
         Ok(logits)
+    }
+
+    /// Every layer of a pass over `tokens` (their ids also on the device in `ids`, placed by
+    /// `plan`), attending through `mode`, into `activations` (sized for the tokens): the
+    /// final norm's output is left in `activations.normed`. Launches only: no allocation,
+    /// upload or read-back, so a decode step can be captured in a CUDA graph.
+    pub(super) fn layer_stack(
+        &self,
+        tokens: &[u32],
+        ids: &impl DevicePtr<u32>,
+        plan: &TokenPlan,
+        mode: &mut PassCache<'_>,
+        activations: &mut Activations,
+    ) -> Result<()> {
+        const WHAT: &str = "running the layers";
+        let (config, gpu, stream) = (&self.config, &*self.gpu, self.stream());
+        let (hidden, ffn) = (config.hidden, config.ffn);
+        let Activations {
+            x,
+            normed,
+            qkv,
+            q,
+            attended,
+            projected,
+            gate_up,
+            activated,
+            mlp_out,
+        } = activations;
+        layer::embedding(gpu, stream, &self.weights.embedding, hidden, tokens, ids, x)
+            .on_gpu(WHAT)?;
+        for (index, weights) in self.weights.layers.iter().enumerate() {
+            // The previous block's MLP output joins the residual stream here.
+            let delta = (index > 0).then_some(&*mlp_out);
+            layer::rms_norm(
+                gpu,
+                stream,
+                x,
+                delta,
+                &weights.attn_norm,
+                config.rms_eps,
+                normed,
+            )
+            .on_gpu(WHAT)?;
+            self.linear
+                .forward(&*normed, &weights.qkv, hidden, qkv)
+                .on_gpu(WHAT)?;
+            self.attend(mode, index, plan, qkv, q, attended)?;
+            self.linear
+                .forward(&*attended, &weights.o, config.q_dim(), projected)
+                .on_gpu(WHAT)?;
+            layer::rms_norm(
+                gpu,
+                stream,
+                x,
+                Some(&*projected),
+                &weights.ffn_norm,
+                config.rms_eps,
+                normed,
+            )
+            .on_gpu(WHAT)?;
+            self.linear
+                .forward(&*normed, &weights.gate_up, hidden, gate_up)
+                .on_gpu(WHAT)?;
+            layer::silu_mul(gpu, stream, &*gate_up, activated, ffn).on_gpu(WHAT)?;
+            self.linear
+                .forward(&*activated, &weights.down, ffn, mlp_out)
+                .on_gpu(WHAT)?;
+        }
+        layer::rms_norm(
+            gpu,
+            stream,
+            x,
+            Some(&*mlp_out),
+            &self.weights.output_norm,
+            config.rms_eps,
+            normed,
+        )
+        .on_gpu(WHAT)
     }
 
     /// Layer `index`'s attention in a pass: rotates `qkv` into `q` and the keys and values
@@ -434,6 +487,24 @@ impl GpuModel {
                     }
                 }
                 .on_gpu(WHAT)
+            }
+            PassCache::FullDecode { cache, attention } => {
+                let (k_cache, v_cache) = (&mut cache.k[index], &mut cache.v[index]);
+                layer::rope_qkv(
+                    gpu,
+                    stream,
+                    plan,
+                    qkv,
+                    bias,
+                    frequencies,
+                    q,
+                    (&mut *k_cache, &mut *v_cache),
+                    None,
+                )
+                .on_gpu(WHAT)?;
+                attention
+                    .run(gpu, stream, q, k_cache, v_cache, attended)
+                    .on_gpu(WHAT)
             }
             PassCache::Shadow(shadow) => {
                 let staged = plan.tokens() * self.config.kv_dim();

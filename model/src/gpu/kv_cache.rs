@@ -10,6 +10,8 @@ use crate::error::{invalid_input, Error, OnGpu, Result};
 /// The full KV cache of a batch of sequences: per layer one K and one V buffer, each sequence
 /// a `[kv_heads, capacity, head_dim]` block in both.
 pub struct GpuKvCache {
+    /// This cache's number (see `next_cache_id`).
+    pub(super) id: u64,
     pub(super) layouts: Vec<SequenceLayout>,
     /// Tokens cached per sequence.
     pub(super) lens: Vec<u32>,
@@ -129,6 +131,7 @@ impl GpuModel {
                 .collect()
         };
         Ok(GpuKvCache {
+            id: super::next_cache_id(),
             lens: vec![0; capacities.len()],
             k: buffers()?,
             v: buffers()?,

@@ -206,6 +206,7 @@ impl GpuModel {
             len: 1,
         };
         let mut layer_cache = GpuKvCache {
+            id: super::next_cache_id(),
             layouts: vec![layout],
             lens: vec![0],
             k: vec![alloc(kv_len)?],

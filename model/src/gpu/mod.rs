@@ -23,10 +23,13 @@
 //! loaders), `kv_cache` (the full KV cache), `shadow_cache` and `shadow` (ShadowKV's cache,
 //! its prefills and decode steps), `layer_prefill` (the layer-wise prefill), `shadow_subset`
 //! (ShadowKV steps of any subset of the sequences), `backend` ([`GpuBackend`]), `forward` (the
-//! layers of a pass and their attention).
+//! layers of a pass and their attention), `step_inputs` and `decode_runner` (decode steps with
+//! per-step inputs in device memory, captured per batch shape in CUDA graphs and replayed:
+//! [`DecodeRunner`]).
 //!
 //! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
 mod backend;
+mod decode_runner;
 mod forward;
 mod kv_cache;
 mod layer_prefill;
@@ -34,11 +37,20 @@ mod model;
 mod shadow;
 mod shadow_cache;
 mod shadow_subset;
+pub mod step_inputs;
 mod weights;
 
 pub use backend::{GpuBackend, GpuServeCapacity};
+pub use decode_runner::{DecodeRunner, StepMode, StepTiming};
 pub use kv_cache::GpuKvCache;
 pub use layer_prefill::PrefillPeak;
 pub use model::GpuModel;
 pub use shadow::SyntheticLayerSeeds;
 pub use shadow_cache::GpuShadowCache;
+
+/// A number no other cache of this process has: what a captured decode step is keyed by
+/// (its launches hold the addresses of one cache's buffers).
+pub(crate) fn next_cache_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}

@@ -84,6 +84,8 @@ impl GpuModel {
         let staged = capacity.max_sequences * config.kv_dim();
         let stream = self.stream();
         Ok(GpuShadowCache {
+            id: super::next_cache_id(),
+            scripted_hit_rate: None,
             cache,
             lens: Vec::new(),
             staged_keys: stream.alloc_zeros::<bf16>(staged).on_gpu(WHAT)?,
@@ -301,6 +303,10 @@ impl GpuModel {
                 "one token per live sequence, at least one sequence",
             ));
         }
+        // This path uploads the layouts itself (a `DecodeRunner` may have pointed the cache
+        // at its own device copies, which only its steps keep current).
+        // SAFETY: `None` points at nothing.
+        unsafe { shadow.cache.read_step_layouts_from(None) };
         // Each token's RoPE position is its sequence's length; its key and value go to the
         // one row of the sequence's staging block, `[b, kv_heads, head_dim]`.
         let kv_dim = config.kv_dim();

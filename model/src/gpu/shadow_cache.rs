@@ -10,7 +10,11 @@ use crate::error::{OnGpu, Result};
 /// ShadowKV's cache for the GPU model: the shadow of every layer (`ShadowKvCache`), each live
 /// sequence's length, and the one-row blocks that stage a decode step's new keys and values.
 pub struct GpuShadowCache {
+    /// This cache's number (see `next_cache_id`).
+    pub(super) id: u64,
     pub(super) cache: ShadowKvCache,
+    /// The scripted hit rate set last (part of a captured step's key).
+    pub(super) scripted_hit_rate: Option<f64>,
     /// `(sequence, tokens so far)`, in the cache's sequence order.
     pub(super) lens: Vec<(SequenceId, u32)>,
     /// `[max_sequences, kv_heads, head_dim]` each.
@@ -82,7 +86,9 @@ impl GpuShadowCache {
         self.cache
             .decode_step()
             .set_scripted_hit_rate(rate)
-            .on_gpu("setting the scripted hit rate")
+            .on_gpu("setting the scripted hit rate")?;
+        self.scripted_hit_rate = rate;
+        Ok(())
     }
 
     /// The shadow cache itself (its last step's statistics, layouts).
