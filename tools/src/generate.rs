@@ -222,7 +222,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 AttentionMode::Shadowkv | AttentionMode::ShadowkvGpu => {
                     let home = args.attention.value_home().unwrap_or(ValueHome::Host);
                     let capacity = CacheCapacity::uniform(1, tokens.len(), args.max_tokens);
-                    let mut shadow = model.new_shadow_cache(params, home, capacity)?;
+                    let storage = args.shadowkv.storage(home);
+                    let mut shadow = model.new_shadow_cache(params, storage, capacity)?;
                     let mut hit_rates = Vec::new();
                     let generation = shadowkv_model::generate(
                         |ids| {

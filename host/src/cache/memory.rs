@@ -3,7 +3,9 @@
 //! finds how many sequences fit in given GPU and host memory.
 use shadowkv_kernels::shadow_prefill::exact_rows;
 
-use super::params::{CacheCapacity, CacheShape, ShadowKvParams, ValueHome};
+use super::params::{
+    CacheCapacity, CacheShape, ShadowKvParams, ValueFormat, ValueHome, ValueStorage,
+};
 use crate::error::{invalid, Result};
 use crate::kernels::shadow::ShadowConfig;
 
@@ -53,7 +55,8 @@ pub(super) struct Geometry {
     pub(super) kv_capacity: u32,
 }
 
-/// Element counts of one sequence in each per-layer buffer.
+/// Element counts of one sequence in each per-layer buffer (the values: bf16 elements, or
+/// bytes of a compressed format).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Footprint {
     pub(super) landmark_rows: usize,
@@ -142,14 +145,28 @@ pub(super) fn footprint(
     shape: &CacheShape,
     params: &ShadowKvParams,
     geometry: &Geometry,
+    format: ValueFormat,
 ) -> Footprint {
     let (heads, d) = (shape.kv_heads, shape.head_dim);
+    let values = match format {
+        ValueFormat::Bf16 => heads * geometry.prompt_len as usize * d,
+        // Only the chunks a miss may name; a multiple of 16 bytes.
+        _ => format.packed_bytes(heads, geometry.chunks as usize, params.chunk_size, d),
+    };
     Footprint {
         landmark_rows: heads * geometry.landmarks as usize,
         a: geometry.prompt_len as usize * params.rank,
         bm: params.rank * shape.kv_width(),
         kv: heads * geometry.kv_capacity as usize * d,
-        values: heads * geometry.prompt_len as usize * d,
+        values,
+    }
+}
+
+/// Bytes of one element of the value buffer in `format` (compressed buffers count bytes).
+pub(super) fn value_unit_bytes(format: ValueFormat) -> u64 {
+    match format {
+        ValueFormat::Bf16 => 2,
+        _ => 1,
     }
 }
 
@@ -160,6 +177,7 @@ pub(super) fn buffer_sizes(
     shape: &CacheShape,
     params: &ShadowKvParams,
     capacity: &CacheCapacity,
+    format: ValueFormat,
 ) -> Result<Footprint> {
     if capacity.max_sequences == 0 || capacity.max_prompt_len == 0 {
         return Err(invalid(
@@ -171,7 +189,7 @@ pub(super) fn buffer_sizes(
     let longest = geometry(params, capacity.max_prompt_len, capacity.max_generated)?;
     let tokens = capacity.max_prompt_tokens.max(capacity.max_prompt_len);
 
-    let longest_footprint = footprint(shape, params, &longest);
+    let longest_footprint = footprint(shape, params, &longest, format);
     // A K/V block holds the local window (below `n_local + 8` chunks plus the remainder
     // of the last chunk, whatever the prompt's length), the outliers, the slots and the
     // generated tokens.
@@ -188,7 +206,17 @@ pub(super) fn buffer_sizes(
         a: tokens * params.rank,
         bm: sequences * longest_footprint.bm,
         kv: sequences * per_sequence_kv,
-        values: tokens * shape.kv_width(),
+        values: match format {
+            ValueFormat::Bf16 => tokens * shape.kv_width(),
+            // Chunks of all sequences together are at most tokens / c; each sequence's range
+            // is rounded up to 16 bytes.
+            _ => {
+                shape.kv_heads
+                    * (tokens / params.chunk_size)
+                    * format.chunk_bytes(params.chunk_size, shape.head_dim)
+                    + sequences * 16
+            }
+        },
     })
 }
 
@@ -196,18 +224,19 @@ pub(super) fn buffer_sizes(
 pub fn memory_for(
     shape: &CacheShape,
     params: &ShadowKvParams,
-    values_home: ValueHome,
+    values: ValueStorage,
     capacity: &CacheCapacity,
 ) -> Result<MemoryReport> {
     let config = shadow_config(shape, params)?;
-    let sizes = buffer_sizes(shape, params, capacity)?;
+    crate::kernels::fetch::check_packed_shape(values.format, shape.head_dim)?;
+    let sizes = buffer_sizes(shape, params, capacity, values.format)?;
     let layers = shape.layers as u64;
     let d = shape.head_dim as u64;
     let slots = (capacity.max_sequences * shape.kv_heads * config.budget_chunks) as u64;
     let longest_chunks = params.prompt_chunks(capacity.max_prompt_len) as u64;
     let heads = shape.kv_heads as u64;
     let landmark_rows = sizes.landmark_rows as u64;
-    let values = layers * sizes.values as u64 * 2;
+    let value_bytes = layers * sizes.values as u64 * value_unit_bytes(values.format);
     let mut report = MemoryReport {
         gpu: vec![
             ("landmarks", layers * landmark_rows * d * 2),
@@ -228,9 +257,17 @@ pub fn memory_for(
         ],
         host: Vec::new(),
     };
-    match values_home {
-        ValueHome::Host => report.host.push(("values (pinned)", values)),
-        ValueHome::Device => report.gpu.push(("values", values)),
+    let label = match (values.home, values.format) {
+        (ValueHome::Host, ValueFormat::Bf16) => "values (pinned)",
+        (ValueHome::Host, ValueFormat::Fp8) => "values (pinned, fp8)",
+        (ValueHome::Host, ValueFormat::Int4) => "values (pinned, int4)",
+        (ValueHome::Device, ValueFormat::Bf16) => "values",
+        (ValueHome::Device, ValueFormat::Fp8) => "values (fp8)",
+        (ValueHome::Device, ValueFormat::Int4) => "values (int4)",
+    };
+    match values.home {
+        ValueHome::Host => report.host.push((label, value_bytes)),
+        ValueHome::Device => report.gpu.push((label, value_bytes)),
     }
     Ok(report)
 }
@@ -241,7 +278,7 @@ pub fn memory_for(
 pub fn plan(
     shape: &CacheShape,
     params: &ShadowKvParams,
-    values_home: ValueHome,
+    values: ValueStorage,
     prompt_len: usize,
     max_generated: usize,
     gpu_bytes: u64,
@@ -251,7 +288,7 @@ pub fn plan(
         memory_for(
             shape,
             params,
-            values_home,
+            values,
             &CacheCapacity::uniform(n, prompt_len, max_generated),
         )
     };
@@ -288,6 +325,44 @@ pub fn plan(
     })
 }
 
+/// A sentence on what fits in `gpu_bytes` and `host_bytes` at `capacity`'s longest prompt:
+/// how many such sequences each value format allows in `values`' home (for the error of a
+/// cache that does not fit).
+pub(super) fn what_fits(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    values: ValueStorage,
+    capacity: &CacheCapacity,
+    gpu_bytes: u64,
+    host_bytes: u64,
+) -> String {
+    let counts: Vec<String> = ValueFormat::ALL
+        .iter()
+        .filter_map(|&format| {
+            let storage = values.home.with_format(format);
+            let fit = plan(
+                shape,
+                params,
+                storage,
+                capacity.max_prompt_len,
+                capacity.max_generated,
+                gpu_bytes,
+                host_bytes,
+            )
+            .ok()?;
+            Some(format!("{} with {} values", fit.sequences, format.name()))
+        })
+        .collect();
+    format!(
+        "{} sequences of {} tokens (generating {}) were asked for; in this memory {} fit \
+         (ShadowKvCache::plan)",
+        capacity.max_sequences,
+        capacity.max_prompt_len,
+        capacity.max_generated,
+        counts.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,13 +381,13 @@ mod tests {
             let params = ShadowKvParams::default();
             let home = if on_host { ValueHome::Host } else { ValueHome::Device };
             let (gpu_bytes, host_bytes) = (gpu_gib << 30, host_gib << 30);
-            let plan = plan(&shape, &params, home, prompt_len, 256, gpu_bytes, host_bytes)
+            let plan = plan(&shape, &params, home.into(), prompt_len, 256, gpu_bytes, host_bytes)
                 .unwrap();
             let fits = |n: usize| {
                 let report = memory_for(
                     &shape,
                     &params,
-                    home,
+                    home.into(),
                     &CacheCapacity::uniform(n, prompt_len, 256),
                 )
                 .unwrap();
@@ -336,7 +411,7 @@ mod tests {
         let error = plan(
             &CacheShape::LLAMA_3_8B,
             &ShadowKvParams::default(),
-            ValueHome::Host,
+            ValueHome::Host.into(),
             100,
             16,
             1 << 36,

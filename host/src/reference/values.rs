@@ -1,47 +1,26 @@
 //! Reference for compressed values on the host: the formats the offload writes and the fetch
 //! reads back into bf16 slots, so PCIe carries 2x (fp8) or about 3.6x (int4) fewer bytes.
 //!
-//! - **fp8 (e4m3)**: one f32 scale per (chunk, KV head), `amax / 448`; each value divided by
-//!   it (IEEE f32 division) and rounded to the nearest e4m3 value, ties to even, saturating at
-//!   ±448 (PTX `cvt.rn.satfinite.e4m3x2.f32`). A finite input never gives NaN.
+//! - **fp8 (e4m3)**: one f32 scale per (chunk, KV head), `amax / 448` (at least the smallest
+//!   normal f32, so that a tiny `amax` never gives a zero scale and 0/0); each value divided
+//!   by it (IEEE f32 division) and rounded to the nearest e4m3 value, ties to even,
+//!   saturating at ±448 (PTX `cvt.rn.satfinite.e4m3x2.f32`). A finite input never gives NaN.
 //! - **int4**: per token, groups of [`INT4_GROUP`] channels, each with an f16 minimum and an
 //!   f16 step `(max - min) / 15` (asymmetric, as KIVI quantises values); codes
 //!   `round((x - min) / step)` clamped to 0..=15, two per byte, the lower channel in the low
 //!   nibble. The minimum and the step are rounded to f16 before the codes are computed, so
 //!   decoding with the stored pair reproduces exactly what the encoder aimed at.
-use half::f16;
+//!
+//! [`quantise_sequence`] writes a sequence's prompt values into the host layout the kernels
+//! share (`shadowkv_kernels::values`: codes `[Hkv, chunks, code_bytes]`, then scales), and
+//! [`dequantise_chunk`] reads one chunk back, as the fetch does into a slot.
+use half::{bf16, f16};
+pub use shadowkv_kernels::values::{packed_chunk, ValueFormat, FP8_MAX, INT4_GROUP};
 
-/// Largest finite e4m3 value.
-pub const FP8_MAX: f32 = 448.0;
+use crate::kernels::shadow::{ShadowConfig, ShadowSequence};
+
 /// The e4m3 code of NaN with the sign bit clear (`S.1111.111`).
 pub const FP8_NAN: u8 = 0x7f;
-/// Channels per int4 group: 64 codes (32 bytes) share 4 bytes of f16 minimum and step, 3.56x
-/// fewer bytes than bf16.
-pub const INT4_GROUP: usize = 64;
-
-/// A value format on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ValueFormat {
-    /// bf16 as computed (2 bytes a value).
-    Bf16,
-    /// e4m3 with one f32 scale per (chunk, KV head).
-    Fp8,
-    /// 4-bit codes with an f16 minimum and step per token and [`INT4_GROUP`] channels.
-    Int4,
-}
-
-impl ValueFormat {
-    /// Bytes the format takes for one chunk of one KV head: `chunk_size` tokens of `head_dim`
-    /// values, scales included.
-    pub fn chunk_bytes(self, chunk_size: usize, head_dim: usize) -> usize {
-        let values = chunk_size * head_dim;
-        match self {
-            ValueFormat::Bf16 => values * 2,
-            ValueFormat::Fp8 => values + 4,
-            ValueFormat::Int4 => values / 2 + chunk_size * head_dim.div_ceil(INT4_GROUP) * 4,
-        }
-    }
-}
 
 /// `x` rounded half to even to an integer.
 fn round_half_even(x: f64) -> f64 {
@@ -107,7 +86,11 @@ pub fn fp8_quantise(values: &[f32]) -> (Vec<u8>, f32) {
         .iter()
         .filter(|x| x.is_finite())
         .fold(0.0f32, |m, x| m.max(x.abs()));
-    let scale = if amax > 0.0 { amax / FP8_MAX } else { 1.0 };
+    let scale = if amax > 0.0 {
+        (amax / FP8_MAX).max(f32::MIN_POSITIVE)
+    } else {
+        1.0
+    };
     let codes = values.iter().map(|&x| fp8_encode(x / scale)).collect();
     (codes, scale)
 }
@@ -123,9 +106,10 @@ pub fn int4_quantise(values: &[f32]) -> (Vec<u8>, Vec<(f16, f16)>) {
     let mut codes = vec![0u8; values.len().div_ceil(2)];
     let mut groups = Vec::new();
     for (g, group) in values.chunks(INT4_GROUP).enumerate() {
+        // Strict comparisons, first value kept on ties (so -0 and +0 pick as the kernel does).
         let finite = || group.iter().copied().filter(|x| x.is_finite());
-        let min = finite().fold(f32::INFINITY, f32::min);
-        let max = finite().fold(f32::NEG_INFINITY, f32::max);
+        let min = finite().fold(f32::INFINITY, |m, x| if x < m { x } else { m });
+        let max = finite().fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
         let (min, max) = if min.is_finite() {
             (min, max)
         } else {
@@ -162,6 +146,117 @@ pub fn int4_dequantise(codes: &[u8], groups: &[(f16, f16)], len: usize) -> Vec<f
             min.to_f32() + f32::from(code) * step.to_f32()
         })
         .collect()
+}
+
+/// Writes the prompt values of `sequence` (bf16 `[Hkv, capacity, d]` of `source`, from
+/// element `source_offset`) into its compressed range of `target` (bytes, from
+/// `sequence.host_value_offset`): the chunks a miss may name, `sequence.chunks` per head.
+/// (Bf16 here is the same layout with no scales; the cache keeps bf16 values as
+/// `[Hkv, prompt_len, d]` elements instead.)
+pub fn quantise_sequence(
+    format: ValueFormat,
+    config: &ShadowConfig,
+    source: &[bf16],
+    source_offset: usize,
+    capacity: usize,
+    sequence: &ShadowSequence,
+    target: &mut [u8],
+) {
+    let (heads, c, d) = (config.kv_heads, config.chunk_size, config.head_dim);
+    for h in 0..heads {
+        for chunk in 0..sequence.chunks as usize {
+            let first = source_offset + (h * capacity + chunk * c) * d;
+            let values: Vec<f32> = source[first..first + c * d]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            let place = packed_chunk(
+                format,
+                sequence,
+                heads as u32,
+                h as u32,
+                chunk as u32,
+                c as u32,
+                d as u32,
+            );
+            let (codes, scales) = (place.codes as usize, place.scales as usize);
+            match format {
+                ValueFormat::Bf16 => {
+                    for (i, x) in source[first..first + c * d].iter().enumerate() {
+                        target[codes + 2 * i..codes + 2 * i + 2]
+                            .copy_from_slice(&x.to_bits().to_le_bytes());
+                    }
+                }
+                ValueFormat::Fp8 => {
+                    let (chunk_codes, scale) = fp8_quantise(&values);
+                    target[codes..codes + c * d].copy_from_slice(&chunk_codes);
+                    target[scales..scales + 4].copy_from_slice(&scale.to_le_bytes());
+                }
+                ValueFormat::Int4 => {
+                    let groups = d.div_ceil(INT4_GROUP);
+                    for (t, token) in values.chunks(d).enumerate() {
+                        let (token_codes, pairs) = int4_quantise(token);
+                        let at = codes + t * d / 2;
+                        target[at..at + d / 2].copy_from_slice(&token_codes);
+                        for (g, (min, step)) in pairs.iter().enumerate() {
+                            let at = scales + (t * groups + g) * 4;
+                            target[at..at + 2].copy_from_slice(&min.to_bits().to_le_bytes());
+                            target[at + 2..at + 4].copy_from_slice(&step.to_bits().to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `c * d` values of chunk `chunk` of head `h` of `sequence` read back from its
+/// compressed range of `bytes` (as f32, before the slot's bf16 rounding).
+pub fn dequantise_chunk(
+    format: ValueFormat,
+    config: &ShadowConfig,
+    sequence: &ShadowSequence,
+    bytes: &[u8],
+    h: usize,
+    chunk: usize,
+) -> Vec<f32> {
+    let (heads, c, d) = (config.kv_heads, config.chunk_size, config.head_dim);
+    let place = packed_chunk(
+        format,
+        sequence,
+        heads as u32,
+        h as u32,
+        chunk as u32,
+        c as u32,
+        d as u32,
+    );
+    let (codes, scales) = (place.codes as usize, place.scales as usize);
+    match format {
+        ValueFormat::Bf16 => bytes[codes..codes + 2 * c * d]
+            .chunks(2)
+            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        ValueFormat::Fp8 => {
+            let scale = f32::from_le_bytes(bytes[scales..scales + 4].try_into().unwrap());
+            fp8_dequantise(&bytes[codes..codes + c * d], scale)
+        }
+        ValueFormat::Int4 => {
+            let groups = d.div_ceil(INT4_GROUP);
+            let half = |at: usize| f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+            (0..c)
+                .flat_map(|t| {
+                    let pairs: Vec<(f16, f16)> = (0..groups)
+                        .map(|g| {
+                            let at = scales + (t * groups + g) * 4;
+                            (half(at), half(at + 2))
+                        })
+                        .collect();
+                    let at = codes + t * d / 2;
+                    int4_dequantise(&bytes[at..at + d / 2], &pairs, d)
+                })
+                .collect()
+        }
+    }
 }
 
 #[cfg(test)]
