@@ -6,7 +6,7 @@ use shadowkv_kernels::shadow_prefill::exact_rows;
 use super::params::{
     CacheCapacity, CacheShape, ShadowKvParams, ValueFormat, ValueHome, ValueStorage,
 };
-use crate::error::{invalid, Result};
+use crate::error::{exhausted_with, invalid, Result};
 use crate::kernels::shadow::ShadowConfig;
 
 /// Bytes by part, on the GPU and in host memory.
@@ -325,6 +325,41 @@ pub fn plan(
     })
 }
 
+/// What a cache of `capacity` takes, checked against `free_gpu` bytes of GPU memory and (when
+/// known) `available_host` bytes of host memory; the error of a cache that does not fit says
+/// how many sequences of its longest prompt each value format fits there.
+pub(super) fn check_fits(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    values: ValueStorage,
+    capacity: &CacheCapacity,
+    free_gpu: u64,
+    available_host: Option<u64>,
+) -> Result<MemoryReport> {
+    let report = memory_for(shape, params, values, capacity)?;
+    let host = available_host.unwrap_or(u64::MAX);
+    let fits = || what_fits(shape, params, values, capacity, free_gpu, host);
+    if report.gpu_bytes() > free_gpu {
+        return Err(exhausted_with(
+            "free GPU memory for the cache",
+            report.gpu_bytes(),
+            free_gpu,
+            "bytes",
+            fits(),
+        ));
+    }
+    if report.host_bytes() > host {
+        return Err(exhausted_with(
+            "available host memory for the pinned values (or use ValueHome::Device)",
+            report.host_bytes(),
+            host,
+            "bytes",
+            fits(),
+        ));
+    }
+    Ok(report)
+}
+
 /// A sentence on what fits in `gpu_bytes` and `host_bytes` at `capacity`'s longest prompt:
 /// how many such sequences each value format allows in `values`' home (for the error of a
 /// cache that does not fit).
@@ -404,6 +439,150 @@ mod tests {
                 prop_assert!(per_sequence < plan.full_cache_bytes);
             }
         }
+    }
+
+    /// At Llama-3-8B and 122,880 tokens with host memory the limit, int4 values fit at least
+    /// 3x the bf16 batch and fp8 about 2x.
+    #[test]
+    fn compressed_formats_fit_larger_batches_on_the_host() {
+        let shape = CacheShape::LLAMA_3_8B;
+        let params = ShadowKvParams::default();
+        for host_gib in [32u64, 64, 128, 256, 512] {
+            let batch = |format| {
+                plan(
+                    &shape,
+                    &params,
+                    ValueHome::Host.with_format(format),
+                    122_880,
+                    256,
+                    1 << 42,
+                    host_gib << 30,
+                )
+                .unwrap()
+                .sequences
+            };
+            let (bf16, fp8, int4) = (
+                batch(ValueFormat::Bf16),
+                batch(ValueFormat::Fp8),
+                batch(ValueFormat::Int4),
+            );
+            println!("{host_gib} GiB of host memory: bf16 {bf16}, fp8 {fp8}, int4 {int4}");
+            assert!(bf16 >= 1);
+            assert!(int4 >= 3 * bf16, "{host_gib} GiB: int4 {int4}, bf16 {bf16}");
+            assert!(
+                fp8 * 10 >= 19 * bf16,
+                "{host_gib} GiB: fp8 {fp8}, bf16 {bf16}"
+            );
+        }
+    }
+
+    /// The report counts the compressed bytes: per layer, each KV head's chunks (tokens / c)
+    /// at the format's chunk bytes, plus 16 bytes of alignment per sequence; the GPU side is
+    /// the same in every format.
+    #[test]
+    fn reports_count_the_compressed_bytes() {
+        let shape = CacheShape::LLAMA_3_8B;
+        let params = ShadowKvParams::default();
+        let capacity = CacheCapacity::uniform(3, 122_880, 256);
+        let bf16 = memory_for(&shape, &params, ValueHome::Host.into(), &capacity).unwrap();
+        assert_eq!(bf16.host_bytes(), 32 * 3 * 122_880 * 8 * 128 * 2);
+        for (format, label) in [
+            (ValueFormat::Fp8, "values (pinned, fp8)"),
+            (ValueFormat::Int4, "values (pinned, int4)"),
+        ] {
+            let report = memory_for(
+                &shape,
+                &params,
+                ValueHome::Host.with_format(format),
+                &capacity,
+            )
+            .unwrap();
+            let chunks = 3 * 122_880 / 8;
+            let per_layer = 8 * chunks * format.chunk_bytes(8, 128) as u64 + 3 * 16;
+            assert_eq!(report.host, vec![(label, 32 * per_layer)]);
+            assert_eq!(report.gpu, bf16.gpu);
+            let on_gpu = memory_for(
+                &shape,
+                &params,
+                ValueHome::Device.with_format(format),
+                &capacity,
+            )
+            .unwrap();
+            assert_eq!(on_gpu.gpu_bytes(), bf16.gpu_bytes() + 32 * per_layer);
+            assert!(on_gpu.host.is_empty());
+        }
+        // A compressed format needs a head_dim the kernels' 16-channel units divide (every
+        // head_dim the decode kernels take does).
+        let error = crate::kernels::fetch::check_packed_shape(ValueFormat::Int4, 72).unwrap_err();
+        assert!(error.to_string().contains("multiple of 16"), "{error}");
+        assert!(crate::kernels::fetch::check_packed_shape(ValueFormat::Bf16, 72).is_ok());
+    }
+
+    /// A cache that does not fit says how many sequences each format fits instead.
+    #[test]
+    fn a_cache_that_does_not_fit_says_what_fits() {
+        let shape = CacheShape::LLAMA_3_8B;
+        let params = ShadowKvParams::default();
+        let capacity = CacheCapacity::uniform(20, 122_880, 256);
+        let host = Some(128u64 << 30);
+        let error = check_fits(
+            &shape,
+            &params,
+            ValueHome::Host.into(),
+            &capacity,
+            1 << 42,
+            host,
+        )
+        .unwrap_err();
+        let message = error.to_string();
+        println!("{message}");
+        let count = |format| {
+            plan(
+                &shape,
+                &params,
+                ValueHome::Host.with_format(format),
+                122_880,
+                256,
+                1 << 42,
+                128 << 30,
+            )
+            .unwrap()
+            .sequences
+        };
+        assert!(message.contains("host memory"), "{message}");
+        assert!(
+            message.contains("20 sequences of 122880 tokens"),
+            "{message}"
+        );
+        for format in ValueFormat::ALL {
+            let fits = format!("{} with {} values", count(format), format.name());
+            assert!(message.contains(&fits), "{message}");
+        }
+        // int4 fits 20 in the same memory.
+        assert!(check_fits(
+            &shape,
+            &params,
+            ValueHome::Host.with_format(ValueFormat::Int4),
+            &capacity,
+            1 << 42,
+            host
+        )
+        .is_ok());
+        // Too little GPU memory: the same sentence, for the GPU.
+        let error = check_fits(
+            &shape,
+            &params,
+            ValueHome::Host.into(),
+            &capacity,
+            1 << 30,
+            host,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("GPU memory") && error.contains("0 with int4 values"),
+            "{error}"
+        );
     }
 
     #[test]

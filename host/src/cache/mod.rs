@@ -32,7 +32,7 @@ use cudarc::driver::{CudaEvent, CudaStream};
 pub use shadowkv_kernels::cache as kernel_layout;
 
 use crate::decode_step::{DecodeStep, ShadowLayer, StepStats};
-use crate::error::{exhausted, exhausted_with, invalid, Result};
+use crate::error::{exhausted, invalid, Result};
 use crate::gpu::Gpu;
 use crate::kernels::attention::SequenceLayout;
 use crate::kernels::factorise::Factoriser;
@@ -143,40 +143,15 @@ impl ShadowKvCache {
     ) -> Result<Self> {
         let values: ValueStorage = values.into();
         let config = memory::shadow_config(&shape, &params)?;
-        let report = memory::memory_for(&shape, &params, values, &capacity)?;
         let (free, _) = gpu.context().mem_get_info()?;
-        let free = free as u64;
-        let host = host_available_bytes();
-        let what_fits = || {
-            memory::what_fits(
-                &shape,
-                &params,
-                values,
-                &capacity,
-                free,
-                host.unwrap_or(u64::MAX),
-            )
-        };
-        if report.gpu_bytes() > free {
-            return Err(exhausted_with(
-                "free GPU memory for the cache",
-                report.gpu_bytes(),
-                free,
-                "bytes",
-                what_fits(),
-            ));
-        }
-        if let Some(available) = host {
-            if report.host_bytes() > available {
-                return Err(exhausted_with(
-                    "available host memory for the pinned values (or use ValueHome::Device)",
-                    report.host_bytes(),
-                    available,
-                    "bytes",
-                    what_fits(),
-                ));
-            }
-        }
+        memory::check_fits(
+            &shape,
+            &params,
+            values,
+            &capacity,
+            free as u64,
+            host_available_bytes(),
+        )?;
         let sizes = memory::buffer_sizes(&shape, &params, &capacity, values.format)?;
         let stream = gpu.stream().clone();
         let d = shape.head_dim;

@@ -330,6 +330,183 @@ mod tests {
         assert_eq!(ValueFormat::Bf16.chunk_bytes(8, 128), 2048);
         assert_eq!(ValueFormat::Fp8.chunk_bytes(8, 128), 1028);
         assert_eq!(ValueFormat::Int4.chunk_bytes(8, 128), 512 + 64);
+        // A head_dim of 80: one group of 64 and one of 16 per token.
+        assert_eq!(ValueFormat::Int4.chunk_bytes(5, 80), 200 + 5 * 2 * 4);
+        assert_eq!(ValueFormat::Fp8.chunk_bytes(5, 80), 404);
+        // A sequence's range is rounded up to 16 bytes: 3 * 7 * 404 = 8484 -> 8496.
+        assert_eq!(ValueFormat::Fp8.packed_bytes(3, 7, 5, 80), 8496);
+        assert_eq!(ValueFormat::Int4.packed_bytes(8, 10, 8, 128), 8 * 10 * 576);
+    }
+
+    /// The sm_80 kernels' integer conversions give the reference's codes and values: every
+    /// code, every midpoint between neighbouring e4m3 values and one f32 step either side,
+    /// the saturation edge, subnormals, and a sweep over the f32 bit patterns.
+    #[test]
+    fn the_software_fp8_conversion_matches_the_reference() {
+        use shadowkv_kernels::values::{fp8_decode_bits, fp8_encode_bits};
+        for code in 0..=255u8 {
+            let (reference, software) = (fp8_decode(code), fp8_decode_bits(code));
+            assert!(
+                reference.to_bits() == software.to_bits()
+                    || (reference.is_nan() && software.is_nan()),
+                "code {code:#x}: {reference} against {software}"
+            );
+        }
+        let finite: Vec<f32> = (0..=0x7eu8).map(fp8_decode).collect();
+        let step = |x: f32, by: i32| f32::from_bits((x.to_bits() as i32 + by) as u32);
+        let mut probes = vec![
+            0.0,
+            448.0,
+            step(448.0, -1),
+            step(448.0, 1),
+            464.0,
+            480.0,
+            1e30,
+            f32::MAX,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+        ];
+        for pair in finite.windows(2) {
+            let middle = (pair[0] + pair[1]) / 2.0;
+            probes.extend([pair[0], middle, step(middle, -1), step(middle, 1)]);
+        }
+        probes.extend((0..0x7f80_0000u32).step_by(4099).map(f32::from_bits));
+        for x in probes {
+            for signed in [x, -x] {
+                assert_eq!(
+                    fp8_encode_bits(signed),
+                    fp8_encode(signed),
+                    "{signed:e} ({:#x})",
+                    signed.to_bits()
+                );
+            }
+        }
+        assert_eq!(fp8_encode_bits(f32::NAN), FP8_NAN);
+    }
+
+    /// A chunk's largest magnitude saturates to ±448 exactly, and no finite chunk gives NaN:
+    /// not one whose largest magnitude is subnormal (its scale would underflow to 0).
+    #[test]
+    fn fp8_chunks_saturate_at_their_largest_value_and_never_give_nan() {
+        let (codes, scale) = fp8_quantise(&[0.5, -3.0, 1.0, f32::INFINITY, 2.0]);
+        assert_eq!(scale, 3.0 / 448.0);
+        assert_eq!(codes[1], 0xfe);
+        assert_eq!(fp8_decode(codes[3]), 448.0);
+        for tiny in [f32::from_bits(1), 1e-40, 1e-38] {
+            let (codes, scale) = fp8_quantise(&[tiny, -tiny / 2.0, 0.0]);
+            assert!(scale > 0.0, "{tiny:e}");
+            let back = fp8_dequantise(&codes, scale);
+            assert!(back.iter().all(|x| x.is_finite()), "{tiny:e}: {back:?}");
+        }
+    }
+
+    /// A small layer's sequence for the layout tests: 3 KV heads, d 80 (int4 groups of 64
+    /// and 16), chunks of 5 tokens, a source with a spare row and an offset.
+    fn layout_case(seed: u64) -> (ShadowConfig, ShadowSequence, Vec<bf16>, usize, usize) {
+        let config = ShadowConfig {
+            q_heads: 6,
+            kv_heads: 3,
+            head_dim: 80,
+            chunk_size: 5,
+            rank: 16,
+            budget_chunks: 2,
+        };
+        let sequence = ShadowSequence {
+            host_value_offset: 48,
+            chunks: 7,
+            prompt_len: 38,
+            ..ShadowSequence::default()
+        };
+        let (source_offset, capacity) = (16, 39);
+        let len = source_offset + config.kv_heads * capacity * config.head_dim;
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        // Channels of different scales, as real values have.
+        let source = (0..len)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                let scale = if i % config.head_dim % 17 == 3 {
+                    6.0
+                } else {
+                    0.7
+                };
+                bf16::from_f32(unit * scale)
+            })
+            .collect();
+        (config, sequence, source, source_offset, capacity)
+    }
+
+    /// The layer quantisation writes each chunk's codes and scales where the layout says
+    /// (codes `[Hkv, chunks, code_bytes]` then scales), exactly what the per-chunk and
+    /// per-token quantisers give, and nothing outside the sequence's range.
+    #[test]
+    fn quantised_sequences_land_in_their_layout() {
+        for format in [ValueFormat::Fp8, ValueFormat::Int4] {
+            let (config, sequence, source, source_offset, capacity) = layout_case(7);
+            let (heads, c, d) = (config.kv_heads, config.chunk_size, config.head_dim);
+            let start = sequence.host_value_offset as usize;
+            let packed = format.packed_bytes(heads, sequence.chunks as usize, c, d);
+            assert_eq!(packed % 16, 0);
+            let poison = 0xa5u8;
+            let mut target = vec![poison; start + packed + 32];
+            quantise_sequence(
+                format,
+                &config,
+                &source,
+                source_offset,
+                capacity,
+                &sequence,
+                &mut target,
+            );
+            assert!(target[..start].iter().all(|&b| b == poison));
+            assert!(target[start + packed..].iter().all(|&b| b == poison));
+            let code_bytes = format.code_bytes(c, d);
+            let scales_start = start + heads * sequence.chunks as usize * code_bytes;
+            for h in 0..heads {
+                for chunk in 0..sequence.chunks as usize {
+                    let index = h * sequence.chunks as usize + chunk;
+                    let first = source_offset + (h * capacity + chunk * c) * d;
+                    let values: Vec<f32> = source[first..first + c * d]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect();
+                    let codes = &target[start + index * code_bytes..][..code_bytes];
+                    let back = dequantise_chunk(format, &config, &sequence, &target, h, chunk);
+                    match format {
+                        ValueFormat::Fp8 => {
+                            let (expected, scale) = fp8_quantise(&values);
+                            assert_eq!(codes, &expected[..]);
+                            let stored = &target[scales_start + index * 4..][..4];
+                            assert_eq!(stored, &scale.to_le_bytes());
+                            assert_eq!(back, fp8_dequantise(&expected, scale));
+                        }
+                        _ => {
+                            let scale_bytes = format.scale_bytes(c, d);
+                            let scales = &target[scales_start + index * scale_bytes..];
+                            for (t, token) in values.chunks(d).enumerate() {
+                                let (expected, groups) = int4_quantise(token);
+                                assert_eq!(&codes[t * d / 2..(t + 1) * d / 2], &expected[..]);
+                                for (g, (min, step)) in groups.iter().enumerate() {
+                                    let at = (t * 2 + g) * 4;
+                                    assert_eq!(&scales[at..at + 2], &min.to_bits().to_le_bytes());
+                                    assert_eq!(
+                                        &scales[at + 2..at + 4],
+                                        &step.to_bits().to_le_bytes()
+                                    );
+                                }
+                                assert_eq!(
+                                    &back[t * d..(t + 1) * d],
+                                    &int4_dequantise(&expected, &groups, d)[..]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     proptest! {
