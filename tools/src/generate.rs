@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use shadowkv::cache::{CacheCapacity, ValueHome};
+use shadowkv::cache::{CacheCapacity, ValueFormat, ValueHome};
 use shadowkv_model::{
     CacheMode, CpuBackend, CpuCache, CpuModel, Event, FinishReason, GpuModel, ModelSource, Request,
     RequestId, Sampler, Scheduler,
@@ -139,6 +139,16 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
         },
     };
+    let format = args.shadowkv.value_format();
+    if format != ValueFormat::Bf16 && (gpu.is_none() || args.attention == AttentionMode::Full) {
+        return Err(format!(
+            "--value-format {}: compressed values are ShadowKV's on the GPU (--attention \
+             shadowkv or shadowkv-gpu with a GPU); the CPU path and full attention keep bf16 \
+             values",
+            format.name()
+        )
+        .into());
+    }
     if prompts.len() > 1 {
         if let Some(gpu) = gpu {
             return Err(format!(
