@@ -439,6 +439,9 @@ fn device_scores(
     Ok(out)
 }
 
+/// One layer's query, new key and new value of a step.
+type StepInput = (Vec<bf16>, Vec<bf16>, Vec<bf16>);
+
 /// The whole cache with each format (bf16, fp8, int4) and home: prefilled sequences of odd
 /// and even lengths, the offloaded bytes against the reference quantisation, then decode
 /// steps against the reference decode over the dequantised values, and the output against
@@ -474,7 +477,7 @@ fn cache_with_each_format(gpu: &Gpu) -> Result<(), String> {
     let frequencies = inverse_frequencies(&shape.rope, shape.head_dim as u32);
     let stream = gpu.stream().clone();
     // Per step and layer: the query, key and value, the same for every cache.
-    let inputs: Vec<Vec<(Vec<bf16>, Vec<bf16>, Vec<bf16>)>> = (0..steps)
+    let inputs: Vec<Vec<StepInput>> = (0..steps)
         .map(|_| {
             (0..shape.layers)
                 .map(|_| {

@@ -49,8 +49,8 @@ pub fn quantise<T: DevicePtr<bf16>>(
     let layout_in = source.layout;
     if (sequence.chunks as usize) * c > layout_in.len as usize
         || layout_in.len > layout_in.capacity
-        || layout_in.offset % 8 != 0
-        || sequence.host_value_offset % 16 != 0
+        || !layout_in.offset.is_multiple_of(8)
+        || !sequence.host_value_offset.is_multiple_of(16)
     {
         return Err(invalid(
             "source",
