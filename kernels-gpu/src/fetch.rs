@@ -10,6 +10,10 @@
 //! against 469 µs on the H100: more reads in flight only queue.) The host sizes the grid for
 //! just enough reads in flight to fill PCIe: more only queue in the memory system and slow
 //! the kernels that run beside the fetch.
+//!
+//! `value_fetch_fp8` and `value_fetch_int4` read compressed values (laid out as the `values`
+//! module says) and dequantise them straight into the bf16 slot, with the same grid: each
+//! lane loads its share of a chunk's codes and scales before converting and storing any.
 
 use crate::shadow::ShadowShape;
 

@@ -89,16 +89,6 @@ impl ValueFormat {
     ) -> usize {
         (kv_heads * chunks * self.chunk_bytes(chunk_size, head_dim)).next_multiple_of(16)
     }
-
-    /// The format of kernel parameter code `code` (`FetchParams::format`), if any.
-    pub const fn from_code(code: u32) -> Option<ValueFormat> {
-        match code {
-            0 => Some(ValueFormat::Bf16),
-            1 => Some(ValueFormat::Fp8),
-            2 => Some(ValueFormat::Int4),
-            _ => None,
-        }
-    }
 }
 
 /// One f32 to e4m3 in integer code: nearest even, saturating at ±448, NaN to 0x7f; the bits
