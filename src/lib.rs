@@ -8,6 +8,8 @@ use rand::Rng;
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::{Gpu, Result};
 
+pub mod structured;
+
 /// A NaN that marks every element a kernel should have written.
 pub const POISON: bf16 = bf16::from_bits(0x7fc1);
 

@@ -8,7 +8,6 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::cache::{
     CacheCapacity, CacheShape, SequenceId, ShadowKvCache, ShadowKvParams, ValueHome,
 };
-use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::decode_step::inverse_frequencies;
 use shadowkv::kernels::factorise::Factoriser;
 use shadowkv::kernels::shadow_prefill::PrefillSource;
@@ -18,6 +17,7 @@ use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Gpu, LayerValues, RopeConfig,
     SequenceLayout, EMPTY_SLOT,
 };
+use shadowkv_suite::structured::{structured_prompt, Prompt};
 use shadowkv_suite::{poisoned, proptest_runner, random_bf16, run_gpu_tests, to_f64};
 
 fn main() {
@@ -41,123 +41,6 @@ fn at<E: std::fmt::Display>(call: &'static str) -> impl Fn(E) -> String {
 
 fn fail(error: impl std::fmt::Display) -> proptest::test_runner::TestCaseError {
     proptest::test_runner::TestCaseError::fail(error.to_string())
-}
-
-/// One prompt on the host: pre-RoPE keys `[L, Hkv*d]`, post-RoPE keys and values in a source
-/// layout `[Hkv, capacity, d]` from `offset`, the last query `[Hq, d]`.
-struct Prompt {
-    len: usize,
-    pre_rope: Vec<bf16>,
-    keys: Vec<bf16>,
-    values: Vec<bf16>,
-    layout: SequenceLayout,
-    last_query: Vec<bf16>,
-}
-
-/// A [`Prompt`] on the GPU.
-struct Uploaded {
-    pre_rope: CudaSlice<bf16>,
-    keys: CudaSlice<bf16>,
-    values: CudaSlice<bf16>,
-    last_query: CudaSlice<bf16>,
-    layout: SequenceLayout,
-}
-
-impl Uploaded {
-    fn source(&self) -> PrefillSource<'_, CudaSlice<bf16>> {
-        PrefillSource {
-            keys: &self.keys,
-            values: &self.values,
-            layout: self.layout,
-        }
-    }
-}
-
-impl Prompt {
-    fn upload(&self, gpu: &Gpu) -> Result<Uploaded, String> {
-        let stream = gpu.stream();
-        Ok(Uploaded {
-            pre_rope: stream.clone_htod(&self.pre_rope).map_err(s)?,
-            keys: stream.clone_htod(&self.keys).map_err(s)?,
-            values: stream.clone_htod(&self.values).map_err(s)?,
-            last_query: stream.clone_htod(&self.last_query).map_err(s)?,
-            layout: self.layout,
-        })
-    }
-}
-
-/// Keys with the structure of real ones: a rank-`structure` pre-RoPE part plus noise, RoPE
-/// applied; optionally a needle chunk whose keys share one large direction per head.
-fn structured_prompt(
-    rng: &mut StdRng,
-    shape: &CacheShape,
-    len: usize,
-    structure: usize,
-    noise: f32,
-    needle: Option<usize>,
-    chunk_size: usize,
-) -> Prompt {
-    let (heads, d) = (shape.kv_heads, shape.head_dim);
-    let width = heads * d;
-    let basis: Vec<f32> = (0..structure * width)
-        .map(|_| rng.gen_range(-1.0f32..1.0))
-        .collect();
-    let needle_direction: Vec<f32> = (0..width).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
-    let mut pre = vec![0.0f32; len * width];
-    let mut weights = vec![0.0f32; structure];
-    for t in 0..len {
-        let row = &mut pre[t * width..(t + 1) * width];
-        let in_needle = needle.is_some_and(|chunk| t / chunk_size == chunk);
-        if in_needle {
-            for (x, n) in row.iter_mut().zip(&needle_direction) {
-                *x = *n + rng.gen_range(-noise..noise);
-            }
-            continue;
-        }
-        for w in weights.iter_mut() {
-            *w = rng.gen_range(-0.5f32..0.5);
-        }
-        for (i, &w) in weights.iter().enumerate() {
-            for (x, b) in row.iter_mut().zip(&basis[i * width..(i + 1) * width]) {
-                *x += w * b;
-            }
-        }
-        for x in row.iter_mut() {
-            *x += rng.gen_range(-noise..noise);
-        }
-    }
-    let pre_rope: Vec<bf16> = pre.iter().map(|&x| bf16::from_f32(x)).collect();
-    let frequencies = inverse_frequencies(&shape.rope, d as u32);
-    let extra = rng.gen_range(0..3usize);
-    let layout = SequenceLayout {
-        offset: 8 * rng.gen_range(0..4u64),
-        capacity: (len + extra) as u32,
-        len: len as u32,
-    };
-    let total = layout.offset as usize + heads * layout.capacity as usize * d;
-    let mut keys = random_bf16(rng, total, 1.0);
-    let values = random_bf16(rng, total, 1.0);
-    let mut row = vec![0.0f64; d];
-    for h in 0..heads {
-        for t in 0..len {
-            for (x, k) in row.iter_mut().zip(&pre_rope[t * width + h * d..][..d]) {
-                *x = k.to_f64();
-            }
-            reference::rebuild::rope(&mut row, t, &frequencies);
-            let at = layout.offset as usize + (h * layout.capacity as usize + t) * d;
-            for (out, x) in keys[at..at + d].iter_mut().zip(&row) {
-                *out = bf16::from_f64(*x);
-            }
-        }
-    }
-    Prompt {
-        len,
-        pre_rope,
-        keys,
-        values,
-        layout,
-        last_query: random_bf16(rng, shape.q_heads * d, 1.0),
-    }
 }
 
 /// Uploads `prompt` and prefills every layer of `id` with it.
@@ -201,6 +84,9 @@ fn host_layer(gpu: &Gpu, cache: &ShadowKvCache, layer: usize) -> Result<HostLaye
         values: match &l.values {
             LayerValues::Host(buffer) => buffer.as_slice().map_err(s)?.to_vec(),
             LayerValues::Device(slice) => stream.clone_dtoh(slice).map_err(s)?,
+            LayerValues::HostPacked(..) | LayerValues::DevicePacked(..) => {
+                return Err("the cache's values are compressed, not bf16".into())
+            }
         },
         k: stream.clone_dtoh(&l.k).map_err(s)?,
         v: stream.clone_dtoh(&l.v).map_err(s)?,

@@ -3,7 +3,7 @@
 //! Without a GPU every test here is reported as ignored (see `run_gpu_tests`).
 use std::sync::Arc;
 
-use shadowkv::cache::{CacheCapacity, ShadowKvParams, ValueHome};
+use shadowkv::cache::{CacheCapacity, ShadowKvParams, ValueFormat, ValueHome, ValueStorage};
 use shadowkv::reference::relative_error;
 use shadowkv::{Gpu, LayerValues};
 use shadowkv_model::gpu::SyntheticLayerSeeds;
@@ -478,10 +478,12 @@ fn shadow_greedy(
     prompt: &[u32],
     steps: usize,
     params: ShadowKvParams,
-    home: ValueHome,
+    values: impl Into<ValueStorage>,
 ) -> Result<(Vec<u32>, f64), String> {
     let capacity = CacheCapacity::uniform(1, prompt.len(), steps);
-    let mut shadow = model.new_shadow_cache(params, home, capacity).map_err(s)?;
+    let mut shadow = model
+        .new_shadow_cache(params, values, capacity)
+        .map_err(s)?;
     let (_, mut logits) = model
         .prefill_shadow(&mut shadow, prompt, 1000, |_| {})
         .map_err(s)?;
@@ -546,7 +548,8 @@ fn shadowkv_whole_budget(_: &Gpu) -> Result<(), String> {
 }
 
 /// A pass key planted at 2K and 4K tokens: ShadowKV at budgets 256 and 512 gives the answer
-/// full attention gives (which holds the key).
+/// full attention gives (which holds the key), with bf16 values and with fp8 and int4 values
+/// on the host (whose answers are printed beside bf16's: the same greedy tokens or not).
 fn shadowkv_passkey(_: &Gpu) -> Result<(), String> {
     let source = source()?;
     let model = gpu_model(&source)?;
@@ -557,18 +560,42 @@ fn shadowkv_passkey(_: &Gpu) -> Result<(), String> {
             .tokenizer
             .decode(&full_greedy(&model, &prompt, steps)?)
             .map_err(s)?;
-        for (budget, home) in [(256, ValueHome::Host), (512, ValueHome::Device)] {
+        let mut bf16_tokens = Vec::new();
+        for (budget, values) in [
+            (256, ValueHome::Host.with_format(ValueFormat::Bf16)),
+            (512, ValueHome::Device.with_format(ValueFormat::Bf16)),
+            (256, ValueHome::Host.with_format(ValueFormat::Fp8)),
+            (256, ValueHome::Host.with_format(ValueFormat::Int4)),
+        ] {
             let params = ShadowKvParams {
                 sparse_budget: budget,
                 outlier_chunks: (24 * budget / 1024).max(1),
                 ..ShadowKvParams::default()
             };
-            let (tokens, hit_rate) = shadow_greedy(&model, &prompt, steps, params, home)?;
+            let (tokens, hit_rate) = shadow_greedy(&model, &prompt, steps, params, values)?;
             let answer = source.tokenizer.decode(&tokens).map_err(s)?;
+            let same = match values.format {
+                ValueFormat::Bf16 => {
+                    if budget == 256 {
+                        bf16_tokens = tokens.clone();
+                    }
+                    String::new()
+                }
+                format => format!(
+                    "; {} tokens as bf16 values give",
+                    if tokens == bf16_tokens {
+                        format!("the same {}", format.name())
+                    } else {
+                        format!("different {}", format.name())
+                    }
+                ),
+            };
             eprintln!(
-                "{} prompt tokens, key at {:.0}%: full {full:?}; ShadowKV budget {budget} ({home:?}) {answer:?}, hit rate {:.1}%",
+                "{} prompt tokens, key at {:.0}%: full {full:?}; ShadowKV budget {budget} ({:?}, {}) {answer:?}, hit rate {:.1}%{same}",
                 prompt.len(),
                 depth * 100.0,
+                values.home,
+                values.format.name(),
                 100.0 * hit_rate
             );
             if !full.contains(PASS_KEY) {
@@ -762,6 +789,9 @@ fn synthetic_prefill_offload(_: &Gpu) -> Result<(), String> {
                     .stream()
                     .clone_dtoh(&buffer.slice(start..start + width))
                     .map_err(s)?,
+                LayerValues::HostPacked(..) | LayerValues::DevicePacked(..) => {
+                    return Err("this test's cache keeps bf16 values".into())
+                }
             };
             // The source is `[kv_heads, len, head_dim]`, as the cache keeps it.
             let value_seed = |l| SyntheticLayerSeeds::new(seed, l).values;

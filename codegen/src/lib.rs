@@ -26,9 +26,11 @@ pub struct PtxTarget {
 
 /// Every architecture built, oldest first.
 ///
-/// - sm_80 (A100) and sm_89 (L40S, RTX 4090) ask for PTX ISA 7.8, the lowest that names
-///   sm_89, so that any driver from CUDA 11.8 on (12.4 included) can JIT them; the kernels
-///   compile their thread-block-cluster code out for these (`target_feature = "sm_90"`).
+/// - sm_80 (A100) asks for PTX ISA 7.8, so that any driver from CUDA 11.8 on (12.4
+///   included) can JIT it; sm_89 (L40S, RTX 4090) asks for ISA 8.1 (CUDA 12.1 on), the lowest
+///   with the fp8 conversions (`cvt...e4m3x2`) on sm_89. The kernels compile their
+///   thread-block-cluster code out for both (`target_feature = "sm_90"`), and sm_80 converts
+///   fp8 in software.
 /// - sm_90 (H100, H200) asks for ISA 8.6: it names the cluster-scope fences restricted to
 ///   shared memory (`fence.release.sync_restrict::shared::cta.cluster`) that a cheap cluster
 ///   barrier needs; driver 570 and later (CUDA 12.8) load it.
@@ -41,7 +43,7 @@ pub const TARGETS: [PtxTarget; 3] = [
     PtxTarget {
         cpu: "sm_89",
         arch: 89,
-        ptx_feature: "+ptx78",
+        ptx_feature: "+ptx81",
     },
     PtxTarget {
         cpu: "sm_90",

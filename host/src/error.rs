@@ -72,7 +72,7 @@ pub enum Error {
     },
     /// A resource sized in advance is used up: GPU or pinned host memory, a cache's
     /// sequences, its buffers' free ranges, or a sequence's generated tokens.
-    #[error("{what} exhausted: {needed} {unit} needed, {available} {unit} available")]
+    #[error("{what} exhausted: {needed} {unit} needed, {available} {unit} available{what_fits}")]
     CapacityExhausted {
         /// What ran out.
         what: &'static str,
@@ -82,6 +82,8 @@ pub enum Error {
         available: u64,
         /// The unit of `needed` and `available` (bytes, sequences, elements, tokens).
         unit: &'static str,
+        /// What would fit instead (starting with "; "), or empty.
+        what_fits: String,
     },
     /// An iterative computation did not converge.
     #[error("{what} did not converge: {detail}")]
@@ -172,5 +174,23 @@ pub fn exhausted(what: &'static str, needed: u64, available: u64, unit: &'static
         needed,
         available,
         unit,
+        what_fits: String::new(),
+    }
+}
+
+/// An [`Error::CapacityExhausted`] that also says what would fit (`what_fits`, a sentence).
+pub fn exhausted_with(
+    what: &'static str,
+    needed: u64,
+    available: u64,
+    unit: &'static str,
+    what_fits: impl fmt::Display,
+) -> Error {
+    Error::CapacityExhausted {
+        what,
+        needed,
+        available,
+        unit,
+        what_fits: format!("; {what_fits}"),
     }
 }

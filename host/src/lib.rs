@@ -29,7 +29,8 @@ pub mod reference;
 pub mod view;
 
 pub use cache::{
-    CacheCapacity, CacheShape, MemoryReport, SequenceId, ShadowKvCache, ShadowKvParams, ValueHome,
+    CacheCapacity, CacheShape, MemoryReport, SequenceId, ShadowKvCache, ShadowKvParams,
+    ValueFormat, ValueHome, ValueStorage,
 };
 pub use decode_step::{
     DecodeStep, Llama3Scaling, RopeConfig, ShadowLayer, StepStats, StepWorkspace,

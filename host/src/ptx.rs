@@ -42,7 +42,7 @@ fn missing_kernel(name: String) -> Error {
 pub enum PtxTarget {
     /// A100 and the other 8.0-8.7 GPUs: no thread-block clusters; PTX ISA 7.8.
     Sm80,
-    /// L40S, RTX 4090 (8.9): no thread-block clusters; PTX ISA 7.8.
+    /// L40S, RTX 4090 (8.9): no thread-block clusters; fp8 conversions; PTX ISA 8.1.
     Sm89,
     /// H100, H200 (9.x), and newer GPUs through the driver's JIT: clusters; PTX ISA 8.6,
     /// which needs a CUDA 12.8 (570) driver or later.

@@ -414,6 +414,52 @@ pub unsafe fn store_16(pointer: *mut Vec16, value: Vec16) {
     );
 }
 
+/// `ld.global.cs.v2.u32`: an 8-byte load from pinned, device-mapped host memory, read once
+/// over PCIe (cache-streaming, evict first).
+#[inline(always)]
+pub unsafe fn load_host_mapped_8(pointer: *const [u32; 2]) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!(
+        "ld.global.cs.v2.u32 {{{a}, {b}}}, [{p}];",
+        a = out(reg32) a, b = out(reg32) b, p = in(reg64) pointer as u64,
+        options(readonly, nostack),
+    );
+    [a, b]
+}
+
+/// `ld.global.cs.u32`: a 4-byte load from pinned, device-mapped host memory, read once over
+/// PCIe (cache-streaming, evict first).
+#[inline(always)]
+pub unsafe fn load_host_mapped_4(pointer: *const u32) -> u32 {
+    let a: u32;
+    asm!(
+        "ld.global.cs.u32 {a}, [{p}];",
+        a = out(reg32) a, p = in(reg64) pointer as u64,
+        options(readonly, nostack),
+    );
+    a
+}
+
+/// `st.global.v2.u32`: an 8-byte store.
+#[inline(always)]
+pub unsafe fn store_8(pointer: *mut [u32; 2], value: [u32; 2]) {
+    asm!(
+        "st.global.v2.u32 [{p}], {{{a}, {b}}};",
+        p = in(reg64) pointer as u64, a = in(reg32) value[0], b = in(reg32) value[1],
+        options(nostack),
+    );
+}
+
+/// `st.global.u32`: a 4-byte store.
+#[inline(always)]
+pub unsafe fn store_4(pointer: *mut u32, value: u32) {
+    asm!(
+        "st.global.u32 [{p}], {a};",
+        p = in(reg64) pointer as u64, a = in(reg32) value,
+        options(nostack),
+    );
+}
+
 /// `ld.global.cg.f32`: a load cached in L2 only, for data other blocks wrote during this
 /// launch (L1 is not coherent across multiprocessors).
 #[inline(always)]
@@ -609,6 +655,109 @@ pub fn f32_to_bf16(value: f32) -> u16 {
         );
     }
     out
+}
+
+/// `cvt.rn.f16.f32`: one f32 rounded to nearest-even f16 (its bits; out of range gives
+/// infinity).
+#[inline(always)]
+pub fn f32_to_f16(value: f32) -> u16 {
+    let out: u16;
+    // SAFETY: register-only conversion.
+    unsafe {
+        asm!(
+            "cvt.rn.f16.f32 {d}, {v};",
+            d = out(reg16) out, v = in(reg32) value,
+            options(pure, nomem, nostack),
+        );
+    }
+    out
+}
+
+/// `cvt.f32.f16`: one f16 (its bits) as f32 (exact).
+#[inline(always)]
+pub fn f16_to_f32(bits: u16) -> f32 {
+    let out: f32;
+    // SAFETY: register-only conversion.
+    unsafe {
+        asm!(
+            "cvt.f32.f16 {d}, {v};",
+            d = out(reg32) out, v = in(reg16) bits,
+            options(pure, nomem, nostack),
+        );
+    }
+    out
+}
+
+/// `cvt.rni.f32.f32`: the nearest integer (ties to even) as an f32 (NaN stays NaN).
+#[inline(always)]
+pub fn round_f32(x: f32) -> f32 {
+    let out: f32;
+    // SAFETY: register-only conversion.
+    unsafe {
+        asm!("cvt.rni.f32.f32 {d}, {x};", d = out(reg32) out, x = in(reg32) x,
+             options(pure, nomem, nostack));
+    }
+    out
+}
+
+// fp8 (e4m3) conversions. sm_89 and later convert in hardware (PTX ISA 8.1 on sm_89); the
+// sm_80 module converts in software to the same bits (round to nearest even, saturating at ±448, NaN to 0x7f), so
+// that every target writes and reads the same host layout.
+
+/// `cvt.rn.satfinite.e4m3x2.f32 d, hi, lo`: two f32 rounded to nearest-even e4m3, saturating
+/// at ±448 (NaN gives 0x7f), `lo` in the low byte.
+#[cfg(all(target_feature = "sm_89", target_feature = "ptx81"))]
+#[inline(always)]
+pub fn f32x2_to_e4m3x2(lo: f32, hi: f32) -> u16 {
+    let out: u16;
+    // SAFETY: register-only conversion.
+    unsafe {
+        asm!(
+            "cvt.rn.satfinite.e4m3x2.f32 {d}, {hi}, {lo};",
+            d = out(reg16) out, hi = in(reg32) hi, lo = in(reg32) lo,
+            options(pure, nomem, nostack),
+        );
+    }
+    out
+}
+
+/// Two f32 rounded to nearest-even e4m3, saturating at ±448 (NaN gives 0x7f), `lo` in the
+/// low byte: the bits `cvt.rn.satfinite.e4m3x2.f32` gives on sm_89, in integer code (sm_80
+/// has no fp8 conversion).
+#[cfg(not(all(target_feature = "sm_89", target_feature = "ptx81")))]
+#[inline(always)]
+pub fn f32x2_to_e4m3x2(lo: f32, hi: f32) -> u16 {
+    use crate::values::fp8_encode_bits;
+    fp8_encode_bits(lo) as u16 | (fp8_encode_bits(hi) as u16) << 8
+}
+
+/// `cvt.rn.f16x2.e4m3x2 d, a` then `cvt.f32.f16`: two e4m3 values (low byte first) as f32,
+/// exact (every e4m3 value is an f16).
+#[cfg(all(target_feature = "sm_89", target_feature = "ptx81"))]
+#[inline(always)]
+pub fn e4m3x2_to_f32(codes: u16) -> [f32; 2] {
+    let halves: u32;
+    // SAFETY: register-only conversion.
+    unsafe {
+        asm!(
+            "cvt.rn.f16x2.e4m3x2 {d}, {a};",
+            d = out(reg32) halves, a = in(reg16) codes,
+            options(pure, nomem, nostack),
+        );
+    }
+    [f16_to_f32(halves as u16), f16_to_f32((halves >> 16) as u16)]
+}
+
+/// Two e4m3 values (low byte first) as f32, exact: what `cvt.rn.f16x2.e4m3x2` gives on sm_89,
+/// in integer code (sm_80 has no fp8 conversion).
+#[cfg(not(all(target_feature = "sm_89", target_feature = "ptx81")))]
+#[inline(always)]
+pub fn e4m3x2_to_f32(codes: u16) -> [f32; 2] {
+    use crate::values::fp8_decode_bits;
+    [
+        fp8_decode_bits(codes as u8),
+        fp8_decode_bits((codes >> 8) as u8),
+    ]
 }
 
 /// `ex2.approx.ftz.f32`: 2^x (2 ulp; -inf gives +0).

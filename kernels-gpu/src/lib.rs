@@ -37,6 +37,7 @@ pub mod shadow_prefill;
 #[cfg(target_arch = "nvptx64")]
 pub mod tile;
 pub mod topk;
+pub mod values;
 
 /// Launch bounds: the most threads per block of the kernels whose entry names start with
 /// each prefix. The build step writes them into the PTX as `.maxntid` (CUDA's

@@ -25,9 +25,7 @@ pub use cpu::{CpuCache, CpuModel};
 pub use error::{Error, ModelFileError, RequestProblem, Result};
 pub use generate::{generate, Generation};
 pub use gguf::{GgufFile, MetadataValue, TensorInfo};
-pub use gpu::{
-    GpuBackend, GpuKvCache, GpuModel, GpuServeCapacity, GpuShadowCache, PrefillPeak,
-};
+pub use gpu::{GpuBackend, GpuKvCache, GpuModel, GpuServeCapacity, GpuShadowCache, PrefillPeak};
 pub use prefill_memory::PrefillMemory;
 pub use quant::GgmlType;
 pub use roster::{Placement, Roster};

@@ -1,7 +1,7 @@
 //! Command-line arguments shared by `shadowkv generate` and `shadowkv bench`: the attention
-//! mode and ShadowKV's parameters.
+//! mode and ShadowKV's parameters, the host value format among them.
 use clap::{Args, ValueEnum};
-use shadowkv::cache::ValueHome;
+use shadowkv::cache::{ValueFormat, ValueHome, ValueStorage};
 use shadowkv_model::ShadowKvParams;
 
 /// Where attention reads the KV cache from.
@@ -26,6 +26,27 @@ impl AttentionMode {
     }
 }
 
+/// How ShadowKV stores the values (`--value-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ValueFormatArg {
+    /// bf16 as computed (2 bytes a value).
+    Bf16,
+    /// fp8 e4m3 with one scale per chunk and KV head (about 1 byte a value).
+    Fp8,
+    /// int4 with an f16 minimum and step per token and 64 channels (about 0.56 bytes a value).
+    Int4,
+}
+
+impl From<ValueFormatArg> for ValueFormat {
+    fn from(format: ValueFormatArg) -> ValueFormat {
+        match format {
+            ValueFormatArg::Bf16 => ValueFormat::Bf16,
+            ValueFormatArg::Fp8 => ValueFormat::Fp8,
+            ValueFormatArg::Int4 => ValueFormat::Int4,
+        }
+    }
+}
+
 /// ShadowKV's parameters on the command line (defaults: the paper's).
 #[derive(Args, Debug, Clone)]
 pub struct ShadowKvArgs {
@@ -44,6 +65,11 @@ pub struct ShadowKvArgs {
     /// ShadowKV: outlier chunks per KV head kept exact.
     #[arg(long, default_value_t = ShadowKvParams::default().outlier_chunks)]
     outlier_chunks: usize,
+    /// ShadowKV: how the values are stored (quantised when offloaded, dequantised by the
+    /// fetch into bf16 slots, so PCIe and memory carry 2x (fp8) or 3.6x (int4) fewer bytes).
+    /// Default bf16; `plan` without it shows every format.
+    #[arg(long, value_enum)]
+    value_format: Option<ValueFormatArg>,
 }
 
 impl ShadowKvArgs {
@@ -56,5 +82,24 @@ impl ShadowKvArgs {
             local_chunks: self.local_chunks,
             outlier_chunks: self.outlier_chunks,
         }
+    }
+
+    /// The value format asked for (bf16 when none was).
+    pub fn value_format(&self) -> ValueFormat {
+        self.value_format
+            .map_or(ValueFormat::Bf16, ValueFormat::from)
+    }
+
+    /// The formats `plan` shows: the one asked for, or every one.
+    pub fn value_formats(&self) -> Vec<ValueFormat> {
+        match self.value_format {
+            Some(format) => vec![format.into()],
+            None => ValueFormat::ALL.to_vec(),
+        }
+    }
+
+    /// The values at `home` in the format asked for.
+    pub fn storage(&self, home: ValueHome) -> ValueStorage {
+        home.with_format(self.value_format())
     }
 }

@@ -96,6 +96,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             &config,
             &args.shadowkv.params(),
             args.attention,
+            args.shadowkv.value_format(),
             args.context,
             args.steps + 3 + OVERHEAD_TOKENS,
             budget,
@@ -126,7 +127,8 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     if let Some(home) = args.attention.value_home() {
         let params = args.shadowkv.params();
-        let results = run_shadowkv(&run, &model, params, home, &[args.hit_rate])?;
+        let storage = args.shadowkv.storage(home);
+        let results = run_shadowkv(&run, &model, params, storage, &[args.hit_rate])?;
         for (rate, per_step) in results {
             report(args.attention, rate, &run, per_step);
         }
@@ -456,7 +458,7 @@ pub fn run_shadowkv(
     run: &Run,
     model: &GpuModel,
     params: ShadowKvParams,
-    home: shadowkv::cache::ValueHome,
+    values: shadowkv::cache::ValueStorage,
     hit_rates: &[Option<f64>],
 ) -> Result<Vec<RateTime>, Box<dyn std::error::Error>> {
     let config = &model.config;
@@ -464,10 +466,12 @@ pub fn run_shadowkv(
     shadowkv_model::cpu::shadowkv::validate(&params, config)?;
     let generated = hit_rates.len() * (run.steps + 2) + 1 + run.overhead_tokens();
     let capacity = CacheCapacity::uniform(run.batch, run.context, generated);
-    let mut shadow = model.new_shadow_cache(params, home, capacity)?;
+    let mut shadow = model.new_shadow_cache(params, values, capacity)?;
     let memory = shadow.memory_report()?;
     eprintln!(
-        "ShadowKV cache ({params:?}, values {home:?}): {:.2} GB on the GPU, {:.2} GB pinned on the host; the full KV cache would be {:.2} GB",
+        "ShadowKV cache ({params:?}, values {:?} in {}): {:.2} GB on the GPU, {:.2} GB pinned on the host; the full KV cache would be {:.2} GB",
+        values.home,
+        values.format.name(),
         memory.gpu_bytes() as f64 / 1e9,
         memory.host_bytes() as f64 / 1e9,
         kv_cache_bytes(config, run.batch, run.context + generated) as f64 / 1e9

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use shadowkv::cache::{CacheCapacity, ValueHome};
+use shadowkv::cache::{CacheCapacity, ValueFormat, ValueHome};
 use shadowkv_model::{
     Backend, CacheMode, CpuBackend, CpuCache, CpuModel, Event, FinishReason, GpuBackend, GpuModel,
     GpuServeCapacity, ModelSource, Request, RequestId, Sampler, Scheduler,
@@ -140,6 +140,16 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
         },
     };
+    let format = args.shadowkv.value_format();
+    if format != ValueFormat::Bf16 && (gpu.is_none() || args.attention == AttentionMode::Full) {
+        return Err(format!(
+            "--value-format {}: compressed values are ShadowKV's on the GPU (--attention \
+             shadowkv or shadowkv-gpu with a GPU); the CPU path and full attention keep bf16 \
+             values",
+            format.name()
+        )
+        .into());
+    }
     if prompts.len() > 1 {
         return run_many(&args, &path, &source, &prompts, gpu);
     }
@@ -223,7 +233,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 AttentionMode::Shadowkv | AttentionMode::ShadowkvGpu => {
                     let home = args.attention.value_home().unwrap_or(ValueHome::Host);
                     let capacity = CacheCapacity::uniform(1, tokens.len(), args.max_tokens);
-                    let mut shadow = model.new_shadow_cache(params, home, capacity)?;
+                    let storage = args.shadowkv.storage(home);
+                    let mut shadow = model.new_shadow_cache(params, storage, capacity)?;
                     let mut hit_rates = Vec::new();
                     let generation = shadowkv_model::generate(
                         |ids| {

@@ -73,6 +73,9 @@ pub fn run(args: HitRatesArgs) -> Result<(), Box<dyn std::error::Error>> {
     let source = ModelSource::open(&path)?;
     let config = source.config.clone();
     let params = args.shadowkv.params();
+    if args.shadowkv.value_format() != shadowkv::cache::ValueFormat::Bf16 {
+        return Err("--value-format: hit-rates runs the CPU path, which keeps bf16 values".into());
+    }
     let mut tokens = source.tokenizer.encode(&text)?;
     if let (true, Some(bos)) = (source.tokenizer.add_bos(), source.tokenizer.bos_id()) {
         tokens.insert(0, bos);

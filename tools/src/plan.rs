@@ -1,7 +1,7 @@
 //! `shadowkv plan`: the largest batch each attention mode fits for a model and a context
 //! length, from the GPU's free memory and the host's available memory (or sizes given).
 use clap::Args;
-use shadowkv::cache::{CacheShape, ShadowKvCache, ValueHome};
+use shadowkv::cache::{CacheShape, ShadowKvCache, ValueFormat, ValueHome};
 use shadowkv_model::prefill_memory::DEFAULT_PASS_TOKENS;
 use shadowkv_model::{ModelConfig, ModelSource, PrefillMemory, ShadowKvParams, NAMED_SHAPES};
 
@@ -26,7 +26,8 @@ pub struct PlanArgs {
     /// Tokens each sequence may generate after its context.
     #[arg(long, default_value_t = 256)]
     generated: usize,
-    /// Only this mode (default: all three).
+    /// Only this mode (default: all three; the ShadowKV modes in each value format unless
+    /// --value-format names one).
     #[arg(long, value_enum)]
     attention: Option<AttentionMode>,
     /// GPU memory to plan for, in GiB (default: the free memory of GPU 0).
@@ -100,6 +101,8 @@ fn gib(gib: f64) -> u64 {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModeFit {
     pub mode: AttentionMode,
+    /// How ShadowKV stores the values (bf16 for full attention).
+    pub format: ValueFormat,
     /// Sequences that fit (0: not even one).
     pub batch: usize,
     /// What limits the batch ("GPU memory: ...", "host memory: ...").
@@ -136,15 +139,17 @@ pub fn model_config(model: &str) -> Result<ModelConfig, Box<dyn std::error::Erro
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The largest batch of `mode` for `context` tokens per sequence plus `generated`, in
-/// `budget` after the weights and [`GPU_RESERVE_BYTES`]. A ShadowKV prefill (layer-wise, in
-/// passes of [`DEFAULT_PASS_TOKENS`]) also holds one prompt's hidden states, about two
-/// layers' K/V of it and a pass's activations while it builds the shadow:
-/// [`prefill_transient_bytes`].
+/// The largest batch of `mode` (ShadowKV's values in `format`) for `context` tokens per
+/// sequence plus `generated`, in `budget` after the weights and [`GPU_RESERVE_BYTES`]. A
+/// ShadowKV prefill (layer-wise, in passes of [`DEFAULT_PASS_TOKENS`]) also holds one prompt's
+/// hidden states, about two layers' K/V of it and a pass's activations while it builds the
+/// shadow: [`prefill_transient_bytes`].
+#[allow(clippy::too_many_arguments)]
 pub fn fit(
     config: &ModelConfig,
     params: &ShadowKvParams,
     mode: AttentionMode,
+    format: ValueFormat,
     context: usize,
     generated: usize,
     budget: Budget,
@@ -157,6 +162,7 @@ pub fn fit(
         let batch = (room / per_sequence.max(1)) as usize;
         return Ok(ModeFit {
             mode,
+            format: ValueFormat::Bf16,
             batch,
             limit: format!(
                 "GPU memory: {:.2} GiB of KV cache per sequence in {:.2} GiB left after {:.2} GiB of weights",
@@ -175,13 +181,14 @@ pub fn fit(
         ValueHome::Host => budget.host_bytes,
         ValueHome::Device => u64::MAX,
     };
-    let plan = ShadowKvCache::plan(&shape, params, home, context, generated, gpu_room, host)?;
+    let storage = home.with_format(format);
+    let plan = ShadowKvCache::plan(&shape, params, storage, context, generated, gpu_room, host)?;
     let batch = plan.sequences;
     let memory = |n: usize| {
         ShadowKvCache::memory_for(
             &shape,
             params,
-            home,
+            storage,
             &shadowkv::cache::CacheCapacity::uniform(n.max(1), context, generated),
         )
     };
@@ -198,14 +205,16 @@ pub fn fit(
         )
     } else {
         format!(
-            "host memory: {} sequences pin {:.2} GiB of values, {:.2} GiB available",
+            "host memory: {} sequences pin {:.2} GiB of {} values, {:.2} GiB available",
             batch + 1,
             next.host_bytes() as f64 / GIB,
+            format.name(),
             budget.host_bytes as f64 / GIB
         )
     };
     Ok(ModeFit {
         mode,
+        format,
         batch,
         limit,
         cache_gpu_bytes: if batch == 0 { 0 } else { at.gpu_bytes() },
@@ -219,11 +228,13 @@ pub fn prefill_transient_bytes(config: &ModelConfig, context: usize) -> u64 {
     PrefillMemory::layerwise(config, 0, context, DEFAULT_PASS_TOKENS).transient()
 }
 
-/// Every mode (or only `only`), for the `plan` command, `bench`'s default batch and the table.
+/// Every mode (or only `only`), the ShadowKV modes in each of `formats`, for the `plan`
+/// command.
 pub fn fits(
     config: &ModelConfig,
     params: &ShadowKvParams,
     only: Option<AttentionMode>,
+    formats: &[ValueFormat],
     context: usize,
     generated: usize,
     budget: Budget,
@@ -233,11 +244,19 @@ pub fn fits(
         AttentionMode::Shadowkv,
         AttentionMode::ShadowkvGpu,
     ];
-    modes
-        .into_iter()
-        .filter(|m| only.is_none_or(|o| o == *m))
-        .map(|mode| fit(config, params, mode, context, generated, budget))
-        .collect()
+    let mut out = Vec::new();
+    for mode in modes.into_iter().filter(|m| only.is_none_or(|o| o == *m)) {
+        let mode_formats = match mode {
+            AttentionMode::Full => &[ValueFormat::Bf16][..],
+            _ => formats,
+        };
+        for &format in mode_formats {
+            out.push(fit(
+                config, params, mode, format, context, generated, budget,
+            )?);
+        }
+    }
+    Ok(out)
 }
 
 /// A mode's name as the tables print it.
@@ -267,13 +286,18 @@ pub fn run(args: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
         &config,
         &params,
         args.attention,
+        &args.shadowkv.value_formats(),
         args.context,
         args.generated,
         budget,
     )? {
+        let format = match fit.mode {
+            AttentionMode::Full => String::new(),
+            _ => format!(", {}", fit.format.name()),
+        };
         println!(
-            "  {:<26} batch {:>4}  (cache {:.2} GiB GPU, {:.2} GiB host); limit: {}",
-            mode_label(fit.mode),
+            "  {:<32} batch {:>4}  (cache {:.2} GiB GPU, {:.2} GiB host); limit: {}",
+            format!("{}{format}", mode_label(fit.mode)),
             fit.batch,
             fit.cache_gpu_bytes as f64 / GIB,
             fit.cache_host_bytes as f64 / GIB,
@@ -296,6 +320,7 @@ mod tests {
             &config,
             &ShadowKvParams::default(),
             None,
+            &[ValueFormat::Bf16],
             122_880,
             256,
             budget,
@@ -315,6 +340,7 @@ mod tests {
             &config,
             &ShadowKvParams::default(),
             AttentionMode::Shadowkv,
+            ValueFormat::Bf16,
             122_880,
             256,
             small,
@@ -339,7 +365,16 @@ mod tests {
         );
         let budget = Budget::measure(Some(139.0), Some(1000.0)).unwrap();
         for mode in [AttentionMode::Shadowkv, AttentionMode::ShadowkvGpu] {
-            let fit = fit(&config, &params, mode, context, generated, budget).unwrap();
+            let fit = fit(
+                &config,
+                &params,
+                mode,
+                ValueFormat::Bf16,
+                context,
+                generated,
+                budget,
+            )
+            .unwrap();
             let used = weight_bytes(&config) + GPU_RESERVE_BYTES + transient;
             // The batch and its prefill fit; one more sequence would not.
             assert!(fit.cache_gpu_bytes + used <= budget.gpu_bytes, "{fit:?}");

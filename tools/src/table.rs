@@ -6,6 +6,7 @@ use std::sync::{Arc, Once};
 
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
+use shadowkv::cache::ValueFormat;
 use shadowkv_model::ShadowKvParams;
 
 use crate::args::AttentionMode;
@@ -91,6 +92,7 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
                 &config,
                 &options.params,
                 AttentionMode::Full,
+                ValueFormat::Bf16,
                 context,
                 steps + 3,
                 budget,
@@ -120,7 +122,15 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
                     continue;
                 };
                 let generated = TABLE_HIT_RATES.len() * (steps + 2) + 1;
-                let shadow = fit(&config, &options.params, mode, context, generated, budget)?;
+                let shadow = fit(
+                    &config,
+                    &options.params,
+                    mode,
+                    ValueFormat::Bf16,
+                    context,
+                    generated,
+                    budget,
+                )?;
                 let rates: Vec<Option<f64>> = TABLE_HIT_RATES.iter().map(|&r| Some(r)).collect();
                 let measured = if shadow.batch == 0 {
                     Ok(Vec::new())
@@ -130,7 +140,13 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
                         mode_label(mode),
                         shadow.batch
                     );
-                    run_shadowkv(&run_of(shadow.batch), &model, options.params, home, &rates)
+                    run_shadowkv(
+                        &run_of(shadow.batch),
+                        &model,
+                        options.params,
+                        home.into(),
+                        &rates,
+                    )
                 };
                 for rate in TABLE_HIT_RATES {
                     let mut row = TableRow {

@@ -174,3 +174,66 @@ fn bad_input_is_a_clear_error() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// `--value-format` takes bf16, fp8 or int4 (another name is clap's error listing them), and
+/// `plan` shows the batch each format fits: int4 at least 3x bf16's with host memory the
+/// limit (Llama-3-8B, 122K tokens, 128 GiB of host memory).
+#[test]
+fn value_formats_are_named_and_plan_shows_the_batch_of_each() {
+    let (ok, _, stderr) = shadowkv(&[
+        "plan",
+        "--gpu-gib",
+        "139",
+        "--host-gib",
+        "128",
+        "--value-format",
+        "fp4",
+    ]);
+    assert!(!ok);
+    for expected in ["fp4", "bf16", "fp8", "int4"] {
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+    let (ok, stdout, stderr) = shadowkv(&["plan", "--gpu-gib", "400", "--host-gib", "128"]);
+    assert!(ok, "{stderr}");
+    println!("{stdout}");
+    let batch = |label: &str| -> usize {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(label))
+            .unwrap_or_else(|| panic!("no {label:?} line in {stdout}"));
+        let after = &line[line.find("batch").unwrap() + "batch".len()..];
+        after.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let bf16 = batch("values on host, bf16");
+    let fp8 = batch("values on host, fp8");
+    let int4 = batch("values on host, int4");
+    assert!(bf16 > 0 && fp8 > bf16 && int4 >= 3 * bf16, "{stdout}");
+    let (ok, stdout, _) = shadowkv(&[
+        "plan",
+        "--gpu-gib",
+        "400",
+        "--host-gib",
+        "128",
+        "--value-format",
+        "int4",
+        "--attention",
+        "shadowkv",
+    ]);
+    assert!(
+        ok && stdout.contains("values on host, int4") && !stdout.contains("values on host, bf16"),
+        "{stdout}"
+    );
+    // The CPU path keeps bf16 values: a compressed format there is an error.
+    let (ok, _, stderr) = shadowkv(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--prompt",
+        "hi",
+        "--attention",
+        "shadowkv",
+        "--value-format",
+        "fp8",
+    ]);
+    assert!(!ok && stderr.contains("--value-format fp8"), "{stderr}");
+}

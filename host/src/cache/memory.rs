@@ -3,8 +3,10 @@
 //! finds how many sequences fit in given GPU and host memory.
 use shadowkv_kernels::shadow_prefill::exact_rows;
 
-use super::params::{CacheCapacity, CacheShape, ShadowKvParams, ValueHome};
-use crate::error::{invalid, Result};
+use super::params::{
+    CacheCapacity, CacheShape, ShadowKvParams, ValueFormat, ValueHome, ValueStorage,
+};
+use crate::error::{exhausted_with, invalid, Result};
 use crate::kernels::shadow::ShadowConfig;
 
 /// Bytes by part, on the GPU and in host memory.
@@ -53,7 +55,8 @@ pub(super) struct Geometry {
     pub(super) kv_capacity: u32,
 }
 
-/// Element counts of one sequence in each per-layer buffer.
+/// Element counts of one sequence in each per-layer buffer (the values: bf16 elements, or
+/// bytes of a compressed format).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Footprint {
     pub(super) landmark_rows: usize,
@@ -142,14 +145,28 @@ pub(super) fn footprint(
     shape: &CacheShape,
     params: &ShadowKvParams,
     geometry: &Geometry,
+    format: ValueFormat,
 ) -> Footprint {
     let (heads, d) = (shape.kv_heads, shape.head_dim);
+    let values = match format {
+        ValueFormat::Bf16 => heads * geometry.prompt_len as usize * d,
+        // Only the chunks a miss may name; a multiple of 16 bytes.
+        _ => format.packed_bytes(heads, geometry.chunks as usize, params.chunk_size, d),
+    };
     Footprint {
         landmark_rows: heads * geometry.landmarks as usize,
         a: geometry.prompt_len as usize * params.rank,
         bm: params.rank * shape.kv_width(),
         kv: heads * geometry.kv_capacity as usize * d,
-        values: heads * geometry.prompt_len as usize * d,
+        values,
+    }
+}
+
+/// Bytes of one element of the value buffer in `format` (compressed buffers count bytes).
+pub(super) fn value_unit_bytes(format: ValueFormat) -> u64 {
+    match format {
+        ValueFormat::Bf16 => 2,
+        _ => 1,
     }
 }
 
@@ -160,6 +177,7 @@ pub(super) fn buffer_sizes(
     shape: &CacheShape,
     params: &ShadowKvParams,
     capacity: &CacheCapacity,
+    format: ValueFormat,
 ) -> Result<Footprint> {
     if capacity.max_sequences == 0 || capacity.max_prompt_len == 0 {
         return Err(invalid(
@@ -171,7 +189,7 @@ pub(super) fn buffer_sizes(
     let longest = geometry(params, capacity.max_prompt_len, capacity.max_generated)?;
     let tokens = capacity.max_prompt_tokens.max(capacity.max_prompt_len);
 
-    let longest_footprint = footprint(shape, params, &longest);
+    let longest_footprint = footprint(shape, params, &longest, format);
     // A K/V block holds the local window (below `n_local + 8` chunks plus the remainder
     // of the last chunk, whatever the prompt's length), the outliers, the slots and the
     // generated tokens.
@@ -188,7 +206,17 @@ pub(super) fn buffer_sizes(
         a: tokens * params.rank,
         bm: sequences * longest_footprint.bm,
         kv: sequences * per_sequence_kv,
-        values: tokens * shape.kv_width(),
+        values: match format {
+            ValueFormat::Bf16 => tokens * shape.kv_width(),
+            // Chunks of all sequences together are at most tokens / c; each sequence's range
+            // is rounded up to 16 bytes.
+            _ => {
+                shape.kv_heads
+                    * (tokens / params.chunk_size)
+                    * format.chunk_bytes(params.chunk_size, shape.head_dim)
+                    + sequences * 16
+            }
+        },
     })
 }
 
@@ -196,18 +224,19 @@ pub(super) fn buffer_sizes(
 pub fn memory_for(
     shape: &CacheShape,
     params: &ShadowKvParams,
-    values_home: ValueHome,
+    values: ValueStorage,
     capacity: &CacheCapacity,
 ) -> Result<MemoryReport> {
     let config = shadow_config(shape, params)?;
-    let sizes = buffer_sizes(shape, params, capacity)?;
+    crate::kernels::fetch::check_packed_shape(values.format, shape.head_dim)?;
+    let sizes = buffer_sizes(shape, params, capacity, values.format)?;
     let layers = shape.layers as u64;
     let d = shape.head_dim as u64;
     let slots = (capacity.max_sequences * shape.kv_heads * config.budget_chunks) as u64;
     let longest_chunks = params.prompt_chunks(capacity.max_prompt_len) as u64;
     let heads = shape.kv_heads as u64;
     let landmark_rows = sizes.landmark_rows as u64;
-    let values = layers * sizes.values as u64 * 2;
+    let value_bytes = layers * sizes.values as u64 * value_unit_bytes(values.format);
     let mut report = MemoryReport {
         gpu: vec![
             ("landmarks", layers * landmark_rows * d * 2),
@@ -228,9 +257,17 @@ pub fn memory_for(
         ],
         host: Vec::new(),
     };
-    match values_home {
-        ValueHome::Host => report.host.push(("values (pinned)", values)),
-        ValueHome::Device => report.gpu.push(("values", values)),
+    let label = match (values.home, values.format) {
+        (ValueHome::Host, ValueFormat::Bf16) => "values (pinned)",
+        (ValueHome::Host, ValueFormat::Fp8) => "values (pinned, fp8)",
+        (ValueHome::Host, ValueFormat::Int4) => "values (pinned, int4)",
+        (ValueHome::Device, ValueFormat::Bf16) => "values",
+        (ValueHome::Device, ValueFormat::Fp8) => "values (fp8)",
+        (ValueHome::Device, ValueFormat::Int4) => "values (int4)",
+    };
+    match values.home {
+        ValueHome::Host => report.host.push((label, value_bytes)),
+        ValueHome::Device => report.gpu.push((label, value_bytes)),
     }
     Ok(report)
 }
@@ -241,7 +278,7 @@ pub fn memory_for(
 pub fn plan(
     shape: &CacheShape,
     params: &ShadowKvParams,
-    values_home: ValueHome,
+    values: ValueStorage,
     prompt_len: usize,
     max_generated: usize,
     gpu_bytes: u64,
@@ -251,7 +288,7 @@ pub fn plan(
         memory_for(
             shape,
             params,
-            values_home,
+            values,
             &CacheCapacity::uniform(n, prompt_len, max_generated),
         )
     };
@@ -288,6 +325,79 @@ pub fn plan(
     })
 }
 
+/// What a cache of `capacity` takes, checked against `free_gpu` bytes of GPU memory and (when
+/// known) `available_host` bytes of host memory; the error of a cache that does not fit says
+/// how many sequences of its longest prompt each value format fits there.
+pub(super) fn check_fits(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    values: ValueStorage,
+    capacity: &CacheCapacity,
+    free_gpu: u64,
+    available_host: Option<u64>,
+) -> Result<MemoryReport> {
+    let report = memory_for(shape, params, values, capacity)?;
+    let host = available_host.unwrap_or(u64::MAX);
+    let fits = || what_fits(shape, params, values, capacity, free_gpu, host);
+    if report.gpu_bytes() > free_gpu {
+        return Err(exhausted_with(
+            "free GPU memory for the cache",
+            report.gpu_bytes(),
+            free_gpu,
+            "bytes",
+            fits(),
+        ));
+    }
+    if report.host_bytes() > host {
+        return Err(exhausted_with(
+            "available host memory for the pinned values (or use ValueHome::Device)",
+            report.host_bytes(),
+            host,
+            "bytes",
+            fits(),
+        ));
+    }
+    Ok(report)
+}
+
+/// A sentence on what fits in `gpu_bytes` and `host_bytes` at `capacity`'s longest prompt:
+/// how many such sequences each value format allows in `values`' home (for the error of a
+/// cache that does not fit).
+pub(super) fn what_fits(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    values: ValueStorage,
+    capacity: &CacheCapacity,
+    gpu_bytes: u64,
+    host_bytes: u64,
+) -> String {
+    let counts: Vec<String> = ValueFormat::ALL
+        .iter()
+        .filter_map(|&format| {
+            let storage = values.home.with_format(format);
+            let fit = plan(
+                shape,
+                params,
+                storage,
+                capacity.max_prompt_len,
+                capacity.max_generated,
+                gpu_bytes,
+                host_bytes,
+            )
+            .ok()?;
+            Some(format!("{} with {} values", fit.sequences, format.name()))
+        })
+        .collect();
+    format!(
+        "{} sequences of {} tokens (generating {}) were asked for; in this memory {} fit \
+         (ShadowKvCache::plan)",
+        capacity.max_sequences,
+        capacity.max_prompt_len,
+        capacity.max_generated,
+        counts.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,13 +416,13 @@ mod tests {
             let params = ShadowKvParams::default();
             let home = if on_host { ValueHome::Host } else { ValueHome::Device };
             let (gpu_bytes, host_bytes) = (gpu_gib << 30, host_gib << 30);
-            let plan = plan(&shape, &params, home, prompt_len, 256, gpu_bytes, host_bytes)
+            let plan = plan(&shape, &params, home.into(), prompt_len, 256, gpu_bytes, host_bytes)
                 .unwrap();
             let fits = |n: usize| {
                 let report = memory_for(
                     &shape,
                     &params,
-                    home,
+                    home.into(),
                     &CacheCapacity::uniform(n, prompt_len, 256),
                 )
                 .unwrap();
@@ -331,12 +441,156 @@ mod tests {
         }
     }
 
+    /// At Llama-3-8B and 122,880 tokens with host memory the limit, int4 values fit at least
+    /// 3x the bf16 batch and fp8 about 2x.
+    #[test]
+    fn compressed_formats_fit_larger_batches_on_the_host() {
+        let shape = CacheShape::LLAMA_3_8B;
+        let params = ShadowKvParams::default();
+        for host_gib in [32u64, 64, 128, 256, 512] {
+            let batch = |format| {
+                plan(
+                    &shape,
+                    &params,
+                    ValueHome::Host.with_format(format),
+                    122_880,
+                    256,
+                    1 << 42,
+                    host_gib << 30,
+                )
+                .unwrap()
+                .sequences
+            };
+            let (bf16, fp8, int4) = (
+                batch(ValueFormat::Bf16),
+                batch(ValueFormat::Fp8),
+                batch(ValueFormat::Int4),
+            );
+            println!("{host_gib} GiB of host memory: bf16 {bf16}, fp8 {fp8}, int4 {int4}");
+            assert!(bf16 >= 1);
+            assert!(int4 >= 3 * bf16, "{host_gib} GiB: int4 {int4}, bf16 {bf16}");
+            assert!(
+                fp8 * 10 >= 19 * bf16,
+                "{host_gib} GiB: fp8 {fp8}, bf16 {bf16}"
+            );
+        }
+    }
+
+    /// The report counts the compressed bytes: per layer, each KV head's chunks (tokens / c)
+    /// at the format's chunk bytes, plus 16 bytes of alignment per sequence; the GPU side is
+    /// the same in every format.
+    #[test]
+    fn reports_count_the_compressed_bytes() {
+        let shape = CacheShape::LLAMA_3_8B;
+        let params = ShadowKvParams::default();
+        let capacity = CacheCapacity::uniform(3, 122_880, 256);
+        let bf16 = memory_for(&shape, &params, ValueHome::Host.into(), &capacity).unwrap();
+        assert_eq!(bf16.host_bytes(), 32 * 3 * 122_880 * 8 * 128 * 2);
+        for (format, label) in [
+            (ValueFormat::Fp8, "values (pinned, fp8)"),
+            (ValueFormat::Int4, "values (pinned, int4)"),
+        ] {
+            let report = memory_for(
+                &shape,
+                &params,
+                ValueHome::Host.with_format(format),
+                &capacity,
+            )
+            .unwrap();
+            let chunks = 3 * 122_880 / 8;
+            let per_layer = 8 * chunks * format.chunk_bytes(8, 128) as u64 + 3 * 16;
+            assert_eq!(report.host, vec![(label, 32 * per_layer)]);
+            assert_eq!(report.gpu, bf16.gpu);
+            let on_gpu = memory_for(
+                &shape,
+                &params,
+                ValueHome::Device.with_format(format),
+                &capacity,
+            )
+            .unwrap();
+            assert_eq!(on_gpu.gpu_bytes(), bf16.gpu_bytes() + 32 * per_layer);
+            assert!(on_gpu.host.is_empty());
+        }
+        // A compressed format needs a head_dim the kernels' 16-channel units divide (every
+        // head_dim the decode kernels take does).
+        let error = crate::kernels::fetch::check_packed_shape(ValueFormat::Int4, 72).unwrap_err();
+        assert!(error.to_string().contains("multiple of 16"), "{error}");
+        assert!(crate::kernels::fetch::check_packed_shape(ValueFormat::Bf16, 72).is_ok());
+    }
+
+    /// A cache that does not fit says how many sequences each format fits instead.
+    #[test]
+    fn a_cache_that_does_not_fit_says_what_fits() {
+        let shape = CacheShape::LLAMA_3_8B;
+        let params = ShadowKvParams::default();
+        let capacity = CacheCapacity::uniform(20, 122_880, 256);
+        let host = Some(128u64 << 30);
+        let error = check_fits(
+            &shape,
+            &params,
+            ValueHome::Host.into(),
+            &capacity,
+            1 << 42,
+            host,
+        )
+        .unwrap_err();
+        let message = error.to_string();
+        println!("{message}");
+        let count = |format| {
+            plan(
+                &shape,
+                &params,
+                ValueHome::Host.with_format(format),
+                122_880,
+                256,
+                1 << 42,
+                128 << 30,
+            )
+            .unwrap()
+            .sequences
+        };
+        assert!(message.contains("host memory"), "{message}");
+        assert!(
+            message.contains("20 sequences of 122880 tokens"),
+            "{message}"
+        );
+        for format in ValueFormat::ALL {
+            let fits = format!("{} with {} values", count(format), format.name());
+            assert!(message.contains(&fits), "{message}");
+        }
+        // int4 fits 20 in the same memory.
+        assert!(check_fits(
+            &shape,
+            &params,
+            ValueHome::Host.with_format(ValueFormat::Int4),
+            &capacity,
+            1 << 42,
+            host
+        )
+        .is_ok());
+        // Too little GPU memory: the same sentence, for the GPU.
+        let error = check_fits(
+            &shape,
+            &params,
+            ValueHome::Host.into(),
+            &capacity,
+            1 << 30,
+            host,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("GPU memory") && error.contains("0 with int4 values"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn planner_rejects_a_short_prompt() {
         let error = plan(
             &CacheShape::LLAMA_3_8B,
             &ShadowKvParams::default(),
-            ValueHome::Host,
+            ValueHome::Host.into(),
             100,
             16,
             1 << 36,

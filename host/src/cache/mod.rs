@@ -54,7 +54,7 @@ use arena::Arenas;
 use memory::Footprint;
 pub use memory::{host_available_bytes, CachePlan, MemoryReport};
 use offload::offload_values;
-pub use params::{CacheCapacity, CacheShape, ShadowKvParams, ValueHome};
+pub use params::{CacheCapacity, CacheShape, ShadowKvParams, ValueFormat, ValueHome, ValueStorage};
 pub use prefill::PendingPrefill;
 pub use replay::{DeviceStepLayouts, StepLayouts, StepSnapshot};
 use rows::Rows;
@@ -80,7 +80,7 @@ pub struct ShadowKvCache {
     params: ShadowKvParams,
     config: ShadowConfig,
     capacity: CacheCapacity,
-    values_home: ValueHome,
+    values: ValueStorage,
     layers: Vec<ShadowLayer>,
     /// The compute stream the cache was built on (the `Gpu`'s), waited for on drop.
     compute_stream: Arc<CudaStream>,
@@ -111,10 +111,10 @@ impl ShadowKvCache {
     pub fn memory_for(
         shape: &CacheShape,
         params: &ShadowKvParams,
-        values_home: ValueHome,
+        values: impl Into<ValueStorage>,
         capacity: &CacheCapacity,
     ) -> Result<MemoryReport> {
-        memory::memory_for(shape, params, values_home, capacity)
+        memory::memory_for(shape, params, values.into(), capacity)
     }
 
     /// How many sequences of `prompt_len` tokens (each generating up to `max_generated`) fit
@@ -123,7 +123,7 @@ impl ShadowKvCache {
     pub fn plan(
         shape: &CacheShape,
         params: &ShadowKvParams,
-        values_home: ValueHome,
+        values: impl Into<ValueStorage>,
         prompt_len: usize,
         max_generated: usize,
         gpu_bytes: u64,
@@ -132,7 +132,7 @@ impl ShadowKvCache {
         memory::plan(
             shape,
             params,
-            values_home,
+            values.into(),
             prompt_len,
             max_generated,
             gpu_bytes,
@@ -140,38 +140,29 @@ impl ShadowKvCache {
         )
     }
 
-    /// A cache for `shape` and `params`, sized for `capacity`, with the values in
-    /// `values_home`. Checks first that the buffers fit in the GPU's free memory and (for
-    /// [`ValueHome::Host`]) the host's available memory, and says how much was needed.
+    /// A cache for `shape` and `params`, sized for `capacity`, with the values where and as
+    /// `values` says (a [`ValueHome`] alone keeps them in bf16; see [`ValueStorage`]). Checks
+    /// first that the buffers fit in the GPU's free memory and (for [`ValueHome::Host`]) the
+    /// host's available memory, and says how much was needed.
     pub fn new(
         gpu: &Gpu,
         shape: CacheShape,
         params: ShadowKvParams,
-        values_home: ValueHome,
+        values: impl Into<ValueStorage>,
         capacity: CacheCapacity,
     ) -> Result<Self> {
+        let values: ValueStorage = values.into();
         let config = memory::shadow_config(&shape, &params)?;
-        let report = memory::memory_for(&shape, &params, values_home, &capacity)?;
         let (free, _) = gpu.context().mem_get_info()?;
-        if report.gpu_bytes() > free as u64 {
-            return Err(exhausted(
-                "free GPU memory for the cache (ShadowKvCache::plan says what fits)",
-                report.gpu_bytes(),
-                free as u64,
-                "bytes",
-            ));
-        }
-        if let Some(available) = host_available_bytes() {
-            if report.host_bytes() > available {
-                return Err(exhausted(
-                    "available host memory for the pinned values (or use ValueHome::Device)",
-                    report.host_bytes(),
-                    available,
-                    "bytes",
-                ));
-            }
-        }
-        let sizes = memory::buffer_sizes(&shape, &params, &capacity)?;
+        memory::check_fits(
+            &shape,
+            &params,
+            values,
+            &capacity,
+            free as u64,
+            host_available_bytes(),
+        )?;
+        let sizes = memory::buffer_sizes(&shape, &params, &capacity, values.format)?;
         let stream = gpu.stream().clone();
         let d = shape.head_dim;
         // A batch that only sizes the step until the first sequence arrives: one sequence that
@@ -180,9 +171,20 @@ impl ShadowKvCache {
         let mut layers = Vec::with_capacity(shape.layers);
         let slots = capacity.max_sequences * config.kv_heads * config.budget_chunks;
         for _ in 0..shape.layers {
-            let values = match values_home {
-                ValueHome::Host => LayerValues::Host(PinnedBuffer::new(gpu, sizes.values.max(8))?),
-                ValueHome::Device => LayerValues::Device(stream.alloc_zeros(sizes.values.max(8))?),
+            let len = sizes.values.max(16);
+            let layer_values = match (values.home, values.format) {
+                (ValueHome::Host, ValueFormat::Bf16) => {
+                    LayerValues::Host(PinnedBuffer::new(gpu, len)?)
+                }
+                (ValueHome::Device, ValueFormat::Bf16) => {
+                    LayerValues::Device(stream.alloc_zeros(len)?)
+                }
+                (ValueHome::Host, format) => {
+                    LayerValues::HostPacked(format, PinnedBuffer::new(gpu, len)?)
+                }
+                (ValueHome::Device, format) => {
+                    LayerValues::DevicePacked(format, stream.alloc_zeros(len)?)
+                }
             };
             // SAFETY (all but the values): every row is written by a sequence's prefill before
             // a decode step reads it (decode_layer refuses sequences not prefilled).
@@ -195,7 +197,7 @@ impl ShadowKvCache {
                     bm: stream.alloc(sizes.bm.max(8))?,
                     k: stream.alloc(sizes.kv.max(8))?,
                     v: stream.alloc(sizes.kv.max(8))?,
-                    values,
+                    values: layer_values,
                     resident: stream.alloc(slots.max(1))?,
                 });
             }
@@ -217,7 +219,7 @@ impl ShadowKvCache {
             params,
             config,
             capacity,
-            values_home,
+            values,
             layers,
             compute_stream: stream,
             entries: Vec::new(),
@@ -244,7 +246,11 @@ impl ShadowKvCache {
     }
     /// Where the values live.
     pub fn values_home(&self) -> ValueHome {
-        self.values_home
+        self.values.home
+    }
+    /// How the values are stored (bf16, fp8 or int4).
+    pub fn value_format(&self) -> ValueFormat {
+        self.values.format
     }
 
     /// The live sequences in the order they were added: the order of the rows of `q`, `out`
@@ -297,7 +303,7 @@ impl ShadowKvCache {
 
     /// What this cache holds, by part.
     pub fn memory_report(&self) -> Result<MemoryReport> {
-        memory::memory_for(&self.shape, &self.params, self.values_home, &self.capacity)
+        memory::memory_for(&self.shape, &self.params, self.values, &self.capacity)
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -349,7 +355,7 @@ impl ShadowKvCache {
             ));
         }
         let geometry = memory::geometry(&self.params, prompt_len, self.capacity.max_generated)?;
-        let footprint = memory::footprint(&self.shape, &self.params, &geometry);
+        let footprint = memory::footprint(&self.shape, &self.params, &geometry, self.values.format);
         let starts = self.arenas.alloc(&footprint)?;
         let Some(resident_row) = self.rows.alloc() else {
             self.arenas.release(&starts, &footprint);

@@ -1,28 +1,41 @@
 //! The value offload of a prefill: the prompt's values into the cache's value buffer (pinned
-//! host memory or the GPU) on the copy stream, after the compute stream's work on them.
+//! host memory or the GPU) on the copy stream, after the compute stream's work on them:
+//! copied as they are (bf16), or quantised on the way (`kernels::values`).
 use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaStream, DevicePtr};
 use half::bf16;
 
 use crate::error::Result;
-use crate::gpu::LaunchBuffers;
+use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::fetch::LayerValues;
-use crate::kernels::shadow::ShadowSequence;
+use crate::kernels::shadow::{ShadowConfig, ShadowSequence};
 use crate::kernels::shadow_prefill::PrefillSource;
 
 /// Copies the prompt's values (`[Hkv, L, d]` of `source`, checked by the prefill kernels'
 /// launcher) into the sequence's range of the value buffer on `copy_stream`, once `ready`
-/// (recorded on the compute stream) has passed.
+/// (recorded on the compute stream) has passed; a compressed buffer gets them quantised.
 pub(super) fn offload_values<T: DevicePtr<bf16>>(
+    gpu: &Gpu,
+    config: &ShadowConfig,
     ready: &CudaEvent,
     copy_stream: &Arc<CudaStream>,
     source: &PrefillSource<'_, T>,
     sequence: &ShadowSequence,
-    kv_heads: usize,
-    head_dim: usize,
     values: &mut LayerValues,
 ) -> Result<()> {
+    let (kv_heads, head_dim) = (config.kv_heads, config.head_dim);
+    if !matches!(values, LayerValues::Host(_) | LayerValues::Device(_)) {
+        copy_stream.wait(ready)?;
+        return crate::kernels::values::quantise(
+            gpu,
+            copy_stream,
+            config,
+            source,
+            sequence,
+            values,
+        );
+    }
     let layout = source.layout;
     let prompt = sequence.prompt_len as usize;
     // Held until the copies are queued, so each buffer's use is recorded after them.

@@ -1,7 +1,9 @@
 //! The cache's configuration: the model's attention shape ([`CacheShape`]), ShadowKV's
 //! parameters ([`ShadowKvParams`], the paper's defaults), what the cache is sized for
-//! ([`CacheCapacity`]) and where the values live ([`ValueHome`]).
+//! ([`CacheCapacity`]), where the values live ([`ValueHome`]) and in which format
+//! ([`ValueFormat`]; the two together are a [`ValueStorage`]).
 use shadowkv_kernels::shadow::{MAX_CHUNK_SIZE, MAX_RANK, RANK_STEP};
+pub use shadowkv_kernels::values::ValueFormat;
 
 use crate::decode_step::RopeConfig;
 use crate::error::{invalid, Error, Result};
@@ -143,6 +145,39 @@ pub enum ValueHome {
     Host,
     /// GPU memory, when it fits (no PCIe traffic).
     Device,
+}
+
+impl ValueHome {
+    /// The values here, stored in `format` (fp8 and int4 are quantised when offloaded and
+    /// dequantised by the fetch, so PCIe carries 2x or 3.6x fewer bytes).
+    pub fn with_format(self, format: ValueFormat) -> ValueStorage {
+        ValueStorage { home: self, format }
+    }
+}
+
+/// Where the values live and how they are stored. A [`ValueHome`] alone converts to one with
+/// bf16 values, so `ShadowKvCache::new(.., ValueHome::Host, ..)` keeps them as computed and
+/// `ValueHome::Host.with_format(ValueFormat::Fp8)` compresses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValueStorage {
+    /// Host or GPU memory.
+    pub home: ValueHome,
+    /// bf16, fp8 or int4.
+    pub format: ValueFormat,
+}
+
+impl From<ValueHome> for ValueStorage {
+    fn from(home: ValueHome) -> Self {
+        home.with_format(ValueFormat::Bf16)
+    }
+}
+
+impl ValueStorage {
+    /// Bytes of one chunk of one KV head's values (scales included) for `chunk_size` and
+    /// `head_dim`.
+    pub fn chunk_bytes(&self, chunk_size: usize, head_dim: usize) -> usize {
+        self.format.chunk_bytes(chunk_size, head_dim)
+    }
 }
 
 /// What a cache is sized for; everything is allocated once for it.

@@ -177,10 +177,7 @@ impl ShadowKvCache {
     ) -> Result<()> {
         self.check_layer(layer)?;
         let index = self.index_of(id)?;
-        let (q_width, d) = (
-            self.shape.q_heads * self.shape.head_dim,
-            self.shape.head_dim,
-        );
+        let q_width = self.shape.q_heads * self.shape.head_dim;
         check_len(
             "last_query",
             last_query.len(),
@@ -221,12 +218,12 @@ impl ShadowKvCache {
         entry.generated[layer] = 0;
         // 2. The values to the cache's value buffer, on the copy stream.
         offload_values(
+            gpu,
+            &self.config,
             &self.source_ready,
             self.step.copy_stream(),
             source,
             &sequence,
-            self.shape.kv_heads,
-            d,
             &mut shadow.values,
         )?;
         self.offload_done.record(self.step.copy_stream())?;

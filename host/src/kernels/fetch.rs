@@ -1,31 +1,53 @@
 //! Value fetch (see `shadowkv_kernels::fetch`): each miss's values from pinned host memory
-//! (or device memory) into its slot of the GPU value buffer.
+//! (or device memory) into its slot of the GPU value buffer, dequantised on the way when the
+//! values are compressed ([`ValueFormat::Fp8`], [`ValueFormat::Int4`]).
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 pub use shadowkv_kernels::fetch as kernel_layout;
 use shadowkv_kernels::fetch::{self as layout, FetchParams};
+use shadowkv_kernels::values::ValueFormat;
 
-use crate::error::{check_reach, Result};
+use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
 use crate::pinned::PinnedBuffer;
 use crate::ptx;
 
-/// Where a layer keeps its values.
+/// Where a layer keeps its values, and in which format.
 pub enum LayerValues {
-    /// Pinned, device-mapped host memory: ShadowKV's offload (fetched over PCIe).
+    /// bf16 in pinned, device-mapped host memory: ShadowKV's offload (fetched over PCIe).
     Host(PinnedBuffer<bf16>),
-    /// Device memory, when the values fit on the GPU (no PCIe traffic).
+    /// bf16 in device memory, when the values fit on the GPU (no PCIe traffic).
     Device(CudaSlice<bf16>),
+    /// Compressed (fp8 or int4, laid out as `shadowkv_kernels::values` says; offsets in
+    /// bytes) in pinned, device-mapped host memory.
+    HostPacked(ValueFormat, PinnedBuffer<u8>),
+    /// Compressed, in device memory.
+    DevicePacked(ValueFormat, CudaSlice<u8>),
 }
 
 impl LayerValues {
+    /// The format the values are stored in.
+    pub fn format(&self) -> ValueFormat {
+        match self {
+            LayerValues::Host(_) | LayerValues::Device(_) => ValueFormat::Bf16,
+            LayerValues::HostPacked(format, _) | LayerValues::DevicePacked(format, _) => *format,
+        }
+    }
+
+    /// Whether the values live in host memory.
+    pub fn on_host(&self) -> bool {
+        matches!(self, LayerValues::Host(_) | LayerValues::HostPacked(..))
+    }
+
     /// The address kernels read the values at (device memory held in `used`), and their
     /// length in elements.
     pub(crate) fn address<'a>(&'a self, used: &mut LaunchBuffers<'a>) -> (u64, usize) {
         match self {
             LayerValues::Host(buffer) => (buffer.device_address(), buffer.len()),
             LayerValues::Device(slice) => (used.read(slice), slice.len()),
+            LayerValues::HostPacked(_, buffer) => (buffer.device_address(), buffer.len()),
+            LayerValues::DevicePacked(_, slice) => (used.read(slice), slice.len()),
         }
     }
 
@@ -38,8 +60,46 @@ impl LayerValues {
                 let len = slice.len();
                 (used.write(slice), len)
             }
+            LayerValues::HostPacked(_, buffer) => (buffer.device_address(), buffer.len()),
+            LayerValues::DevicePacked(_, slice) => {
+                let len = slice.len();
+                (used.write(slice), len)
+            }
         }
     }
+}
+
+/// Checks that a compressed layout suits `chunk_size` and `head_dim` (the kernels work in
+/// units of 16 channels of one token).
+pub fn check_packed_shape(format: ValueFormat, head_dim: usize) -> Result<()> {
+    let unit = shadowkv_kernels::values::UNIT as usize;
+    if format != ValueFormat::Bf16 && !head_dim.is_multiple_of(unit) {
+        return Err(invalid(
+            "value format",
+            format!("{} values with head_dim {head_dim}", format.name()),
+            format!("a head_dim that is a multiple of {unit} for compressed values, or bf16"),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a value buffer in `format` that the sequences of `batch` reach.
+pub fn packed_extent(batch: &ShadowBatch, format: ValueFormat) -> usize {
+    let config = batch.config();
+    batch
+        .sequences()
+        .iter()
+        .map(|s| {
+            s.host_value_offset as usize
+                + format.packed_bytes(
+                    config.kv_heads,
+                    s.chunks as usize,
+                    config.chunk_size,
+                    config.head_dim,
+                )
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Warps of the grid, 2 KiB in flight each. Measured on the H100 (b16, 122K, 80% hits): the
@@ -48,7 +108,8 @@ impl LayerValues {
 /// slow the kernels running beside the fetch).
 const GRID_WARPS: u32 = 512;
 
-/// Copies the values of the misses of the sequences in `part` into their slots of `v`.
+/// Copies the values of the misses of the sequences in `part` into their slots of `v`,
+/// dequantising compressed values to bf16.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: &Gpu,
@@ -64,7 +125,22 @@ pub fn run(
     batch.check_misses(misses.len(), miss_counts.len())?;
     let mut used = LaunchBuffers::new(stream);
     let (values_address, values_len) = values.address(&mut used);
-    check_reach("values", values_len, batch.extents().values)?;
+    let format = values.format();
+    let kernel = match format {
+        ValueFormat::Bf16 => {
+            check_reach("values", values_len, batch.extents().values)?;
+            ptx::VALUE_FETCH
+        }
+        ValueFormat::Fp8 | ValueFormat::Int4 => {
+            check_packed_shape(format, config.head_dim)?;
+            check_reach("values", values_len, packed_extent(batch, format))?;
+            if format == ValueFormat::Fp8 {
+                ptx::VALUE_FETCH_FP8
+            } else {
+                ptx::VALUE_FETCH_INT4
+            }
+        }
+    };
     check_reach("v", v.len(), batch.extents().kv)?;
     // No more warps than entries in the part's miss lists.
     let entries = (part.count() * config.kv_heads * config.budget_chunks) as u32;
@@ -83,8 +159,8 @@ pub fn run(
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the values and the value buffer reach every chunk and slot the validated
-    // layouts address (checked above); the kernel skips misses naming chunks or slots out of
-    // range.
-    unsafe { gpu.launch(stream, ptx::VALUE_FETCH, launch, params) }
+    // SAFETY: the values (in the kernel's format) and the value buffer reach every chunk and
+    // slot the validated layouts address (checked above); the kernel skips misses naming
+    // chunks or slots out of range.
+    unsafe { gpu.launch(stream, kernel, launch, params) }
 }

@@ -17,3 +17,4 @@ pub mod scripted_selection;
 pub mod shadow;
 pub mod shadow_prefill;
 pub mod topk;
+pub mod values;

@@ -1,47 +1,26 @@
 //! Reference for compressed values on the host: the formats the offload writes and the fetch
 //! reads back into bf16 slots, so PCIe carries 2x (fp8) or about 3.6x (int4) fewer bytes.
 //!
-//! - **fp8 (e4m3)**: one f32 scale per (chunk, KV head), `amax / 448`; each value divided by
-//!   it (IEEE f32 division) and rounded to the nearest e4m3 value, ties to even, saturating at
-//!   ±448 (PTX `cvt.rn.satfinite.e4m3x2.f32`). A finite input never gives NaN.
+//! - **fp8 (e4m3)**: one f32 scale per (chunk, KV head), `amax / 448` (at least the smallest
+//!   normal f32, so that a tiny `amax` never gives a zero scale and 0/0); each value divided
+//!   by it (IEEE f32 division) and rounded to the nearest e4m3 value, ties to even,
+//!   saturating at ±448 (PTX `cvt.rn.satfinite.e4m3x2.f32`). A finite input never gives NaN.
 //! - **int4**: per token, groups of [`INT4_GROUP`] channels, each with an f16 minimum and an
 //!   f16 step `(max - min) / 15` (asymmetric, as KIVI quantises values); codes
 //!   `round((x - min) / step)` clamped to 0..=15, two per byte, the lower channel in the low
 //!   nibble. The minimum and the step are rounded to f16 before the codes are computed, so
 //!   decoding with the stored pair reproduces exactly what the encoder aimed at.
-use half::f16;
+//!
+//! [`quantise_sequence`] writes a sequence's prompt values into the host layout the kernels
+//! share (`shadowkv_kernels::values`: codes `[Hkv, chunks, code_bytes]`, then scales), and
+//! [`dequantise_chunk`] reads one chunk back, as the fetch does into a slot.
+use half::{bf16, f16};
+pub use shadowkv_kernels::values::{packed_chunk, ValueFormat, FP8_MAX, INT4_GROUP};
 
-/// Largest finite e4m3 value.
-pub const FP8_MAX: f32 = 448.0;
+use crate::kernels::shadow::{ShadowConfig, ShadowSequence};
+
 /// The e4m3 code of NaN with the sign bit clear (`S.1111.111`).
 pub const FP8_NAN: u8 = 0x7f;
-/// Channels per int4 group: 64 codes (32 bytes) share 4 bytes of f16 minimum and step, 3.56x
-/// fewer bytes than bf16.
-pub const INT4_GROUP: usize = 64;
-
-/// A value format on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ValueFormat {
-    /// bf16 as computed (2 bytes a value).
-    Bf16,
-    /// e4m3 with one f32 scale per (chunk, KV head).
-    Fp8,
-    /// 4-bit codes with an f16 minimum and step per token and [`INT4_GROUP`] channels.
-    Int4,
-}
-
-impl ValueFormat {
-    /// Bytes the format takes for one chunk of one KV head: `chunk_size` tokens of `head_dim`
-    /// values, scales included.
-    pub fn chunk_bytes(self, chunk_size: usize, head_dim: usize) -> usize {
-        let values = chunk_size * head_dim;
-        match self {
-            ValueFormat::Bf16 => values * 2,
-            ValueFormat::Fp8 => values + 4,
-            ValueFormat::Int4 => values / 2 + chunk_size * head_dim.div_ceil(INT4_GROUP) * 4,
-        }
-    }
-}
 
 /// `x` rounded half to even to an integer.
 fn round_half_even(x: f64) -> f64 {
@@ -107,7 +86,11 @@ pub fn fp8_quantise(values: &[f32]) -> (Vec<u8>, f32) {
         .iter()
         .filter(|x| x.is_finite())
         .fold(0.0f32, |m, x| m.max(x.abs()));
-    let scale = if amax > 0.0 { amax / FP8_MAX } else { 1.0 };
+    let scale = if amax > 0.0 {
+        (amax / FP8_MAX).max(f32::MIN_POSITIVE)
+    } else {
+        1.0
+    };
     let codes = values.iter().map(|&x| fp8_encode(x / scale)).collect();
     (codes, scale)
 }
@@ -123,9 +106,10 @@ pub fn int4_quantise(values: &[f32]) -> (Vec<u8>, Vec<(f16, f16)>) {
     let mut codes = vec![0u8; values.len().div_ceil(2)];
     let mut groups = Vec::new();
     for (g, group) in values.chunks(INT4_GROUP).enumerate() {
+        // Strict comparisons, first value kept on ties (so -0 and +0 pick as the kernel does).
         let finite = || group.iter().copied().filter(|x| x.is_finite());
-        let min = finite().fold(f32::INFINITY, f32::min);
-        let max = finite().fold(f32::NEG_INFINITY, f32::max);
+        let min = finite().fold(f32::INFINITY, |m, x| if x < m { x } else { m });
+        let max = finite().fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
         let (min, max) = if min.is_finite() {
             (min, max)
         } else {
@@ -162,6 +146,117 @@ pub fn int4_dequantise(codes: &[u8], groups: &[(f16, f16)], len: usize) -> Vec<f
             min.to_f32() + f32::from(code) * step.to_f32()
         })
         .collect()
+}
+
+/// Writes the prompt values of `sequence` (bf16 `[Hkv, capacity, d]` of `source`, from
+/// element `source_offset`) into its compressed range of `target` (bytes, from
+/// `sequence.host_value_offset`): the chunks a miss may name, `sequence.chunks` per head.
+/// (Bf16 here is the same layout with no scales; the cache keeps bf16 values as
+/// `[Hkv, prompt_len, d]` elements instead.)
+pub fn quantise_sequence(
+    format: ValueFormat,
+    config: &ShadowConfig,
+    source: &[bf16],
+    source_offset: usize,
+    capacity: usize,
+    sequence: &ShadowSequence,
+    target: &mut [u8],
+) {
+    let (heads, c, d) = (config.kv_heads, config.chunk_size, config.head_dim);
+    for h in 0..heads {
+        for chunk in 0..sequence.chunks as usize {
+            let first = source_offset + (h * capacity + chunk * c) * d;
+            let values: Vec<f32> = source[first..first + c * d]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            let place = packed_chunk(
+                format,
+                sequence,
+                heads as u32,
+                h as u32,
+                chunk as u32,
+                c as u32,
+                d as u32,
+            );
+            let (codes, scales) = (place.codes as usize, place.scales as usize);
+            match format {
+                ValueFormat::Bf16 => {
+                    for (i, x) in source[first..first + c * d].iter().enumerate() {
+                        target[codes + 2 * i..codes + 2 * i + 2]
+                            .copy_from_slice(&x.to_bits().to_le_bytes());
+                    }
+                }
+                ValueFormat::Fp8 => {
+                    let (chunk_codes, scale) = fp8_quantise(&values);
+                    target[codes..codes + c * d].copy_from_slice(&chunk_codes);
+                    target[scales..scales + 4].copy_from_slice(&scale.to_le_bytes());
+                }
+                ValueFormat::Int4 => {
+                    let groups = d.div_ceil(INT4_GROUP);
+                    for (t, token) in values.chunks(d).enumerate() {
+                        let (token_codes, pairs) = int4_quantise(token);
+                        let at = codes + t * d / 2;
+                        target[at..at + d / 2].copy_from_slice(&token_codes);
+                        for (g, (min, step)) in pairs.iter().enumerate() {
+                            let at = scales + (t * groups + g) * 4;
+                            target[at..at + 2].copy_from_slice(&min.to_bits().to_le_bytes());
+                            target[at + 2..at + 4].copy_from_slice(&step.to_bits().to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `c * d` values of chunk `chunk` of head `h` of `sequence` read back from its
+/// compressed range of `bytes` (as f32, before the slot's bf16 rounding).
+pub fn dequantise_chunk(
+    format: ValueFormat,
+    config: &ShadowConfig,
+    sequence: &ShadowSequence,
+    bytes: &[u8],
+    h: usize,
+    chunk: usize,
+) -> Vec<f32> {
+    let (heads, c, d) = (config.kv_heads, config.chunk_size, config.head_dim);
+    let place = packed_chunk(
+        format,
+        sequence,
+        heads as u32,
+        h as u32,
+        chunk as u32,
+        c as u32,
+        d as u32,
+    );
+    let (codes, scales) = (place.codes as usize, place.scales as usize);
+    match format {
+        ValueFormat::Bf16 => bytes[codes..codes + 2 * c * d]
+            .chunks(2)
+            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        ValueFormat::Fp8 => {
+            let scale = f32::from_le_bytes(bytes[scales..scales + 4].try_into().unwrap());
+            fp8_dequantise(&bytes[codes..codes + c * d], scale)
+        }
+        ValueFormat::Int4 => {
+            let groups = d.div_ceil(INT4_GROUP);
+            let half = |at: usize| f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+            (0..c)
+                .flat_map(|t| {
+                    let pairs: Vec<(f16, f16)> = (0..groups)
+                        .map(|g| {
+                            let at = scales + (t * groups + g) * 4;
+                            (half(at), half(at + 2))
+                        })
+                        .collect();
+                    let at = codes + t * d / 2;
+                    int4_dequantise(&bytes[at..at + d / 2], &pairs, d)
+                })
+                .collect()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +330,183 @@ mod tests {
         assert_eq!(ValueFormat::Bf16.chunk_bytes(8, 128), 2048);
         assert_eq!(ValueFormat::Fp8.chunk_bytes(8, 128), 1028);
         assert_eq!(ValueFormat::Int4.chunk_bytes(8, 128), 512 + 64);
+        // A head_dim of 80: one group of 64 and one of 16 per token.
+        assert_eq!(ValueFormat::Int4.chunk_bytes(5, 80), 200 + 5 * 2 * 4);
+        assert_eq!(ValueFormat::Fp8.chunk_bytes(5, 80), 404);
+        // A sequence's range is rounded up to 16 bytes: 3 * 7 * 404 = 8484 -> 8496.
+        assert_eq!(ValueFormat::Fp8.packed_bytes(3, 7, 5, 80), 8496);
+        assert_eq!(ValueFormat::Int4.packed_bytes(8, 10, 8, 128), 8 * 10 * 576);
+    }
+
+    /// The sm_80 kernels' integer conversions give the reference's codes and values: every
+    /// code, every midpoint between neighbouring e4m3 values and one f32 step either side,
+    /// the saturation edge, subnormals, and a sweep over the f32 bit patterns.
+    #[test]
+    fn the_software_fp8_conversion_matches_the_reference() {
+        use shadowkv_kernels::values::{fp8_decode_bits, fp8_encode_bits};
+        for code in 0..=255u8 {
+            let (reference, software) = (fp8_decode(code), fp8_decode_bits(code));
+            assert!(
+                reference.to_bits() == software.to_bits()
+                    || (reference.is_nan() && software.is_nan()),
+                "code {code:#x}: {reference} against {software}"
+            );
+        }
+        let finite: Vec<f32> = (0..=0x7eu8).map(fp8_decode).collect();
+        let step = |x: f32, by: i32| f32::from_bits((x.to_bits() as i32 + by) as u32);
+        let mut probes = vec![
+            0.0,
+            448.0,
+            step(448.0, -1),
+            step(448.0, 1),
+            464.0,
+            480.0,
+            1e30,
+            f32::MAX,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+        ];
+        for pair in finite.windows(2) {
+            let middle = (pair[0] + pair[1]) / 2.0;
+            probes.extend([pair[0], middle, step(middle, -1), step(middle, 1)]);
+        }
+        probes.extend((0..0x7f80_0000u32).step_by(4099).map(f32::from_bits));
+        for x in probes {
+            for signed in [x, -x] {
+                assert_eq!(
+                    fp8_encode_bits(signed),
+                    fp8_encode(signed),
+                    "{signed:e} ({:#x})",
+                    signed.to_bits()
+                );
+            }
+        }
+        assert_eq!(fp8_encode_bits(f32::NAN), FP8_NAN);
+    }
+
+    /// A chunk's largest magnitude saturates to ±448 exactly, and no finite chunk gives NaN:
+    /// not one whose largest magnitude is subnormal (its scale would underflow to 0).
+    #[test]
+    fn fp8_chunks_saturate_at_their_largest_value_and_never_give_nan() {
+        let (codes, scale) = fp8_quantise(&[0.5, -3.0, 1.0, f32::INFINITY, 2.0]);
+        assert_eq!(scale, 3.0 / 448.0);
+        assert_eq!(codes[1], 0xfe);
+        assert_eq!(fp8_decode(codes[3]), 448.0);
+        for tiny in [f32::from_bits(1), 1e-40, 1e-38] {
+            let (codes, scale) = fp8_quantise(&[tiny, -tiny / 2.0, 0.0]);
+            assert!(scale > 0.0, "{tiny:e}");
+            let back = fp8_dequantise(&codes, scale);
+            assert!(back.iter().all(|x| x.is_finite()), "{tiny:e}: {back:?}");
+        }
+    }
+
+    /// A small layer's sequence for the layout tests: 3 KV heads, d 80 (int4 groups of 64
+    /// and 16), chunks of 5 tokens, a source with a spare row and an offset.
+    fn layout_case(seed: u64) -> (ShadowConfig, ShadowSequence, Vec<bf16>, usize, usize) {
+        let config = ShadowConfig {
+            q_heads: 6,
+            kv_heads: 3,
+            head_dim: 80,
+            chunk_size: 5,
+            rank: 16,
+            budget_chunks: 2,
+        };
+        let sequence = ShadowSequence {
+            host_value_offset: 48,
+            chunks: 7,
+            prompt_len: 38,
+            ..ShadowSequence::default()
+        };
+        let (source_offset, capacity) = (16, 39);
+        let len = source_offset + config.kv_heads * capacity * config.head_dim;
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        // Channels of different scales, as real values have.
+        let source = (0..len)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                let scale = if i % config.head_dim % 17 == 3 {
+                    6.0
+                } else {
+                    0.7
+                };
+                bf16::from_f32(unit * scale)
+            })
+            .collect();
+        (config, sequence, source, source_offset, capacity)
+    }
+
+    /// The layer quantisation writes each chunk's codes and scales where the layout says
+    /// (codes `[Hkv, chunks, code_bytes]` then scales), exactly what the per-chunk and
+    /// per-token quantisers give, and nothing outside the sequence's range.
+    #[test]
+    fn quantised_sequences_land_in_their_layout() {
+        for format in [ValueFormat::Fp8, ValueFormat::Int4] {
+            let (config, sequence, source, source_offset, capacity) = layout_case(7);
+            let (heads, c, d) = (config.kv_heads, config.chunk_size, config.head_dim);
+            let start = sequence.host_value_offset as usize;
+            let packed = format.packed_bytes(heads, sequence.chunks as usize, c, d);
+            assert_eq!(packed % 16, 0);
+            let poison = 0xa5u8;
+            let mut target = vec![poison; start + packed + 32];
+            quantise_sequence(
+                format,
+                &config,
+                &source,
+                source_offset,
+                capacity,
+                &sequence,
+                &mut target,
+            );
+            assert!(target[..start].iter().all(|&b| b == poison));
+            assert!(target[start + packed..].iter().all(|&b| b == poison));
+            let code_bytes = format.code_bytes(c, d);
+            let scales_start = start + heads * sequence.chunks as usize * code_bytes;
+            for h in 0..heads {
+                for chunk in 0..sequence.chunks as usize {
+                    let index = h * sequence.chunks as usize + chunk;
+                    let first = source_offset + (h * capacity + chunk * c) * d;
+                    let values: Vec<f32> = source[first..first + c * d]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect();
+                    let codes = &target[start + index * code_bytes..][..code_bytes];
+                    let back = dequantise_chunk(format, &config, &sequence, &target, h, chunk);
+                    match format {
+                        ValueFormat::Fp8 => {
+                            let (expected, scale) = fp8_quantise(&values);
+                            assert_eq!(codes, &expected[..]);
+                            let stored = &target[scales_start + index * 4..][..4];
+                            assert_eq!(stored, &scale.to_le_bytes());
+                            assert_eq!(back, fp8_dequantise(&expected, scale));
+                        }
+                        _ => {
+                            let scale_bytes = format.scale_bytes(c, d);
+                            let scales = &target[scales_start + index * scale_bytes..];
+                            for (t, token) in values.chunks(d).enumerate() {
+                                let (expected, groups) = int4_quantise(token);
+                                assert_eq!(&codes[t * d / 2..(t + 1) * d / 2], &expected[..]);
+                                for (g, (min, step)) in groups.iter().enumerate() {
+                                    let at = (t * 2 + g) * 4;
+                                    assert_eq!(&scales[at..at + 2], &min.to_bits().to_le_bytes());
+                                    assert_eq!(
+                                        &scales[at + 2..at + 4],
+                                        &step.to_bits().to_le_bytes()
+                                    );
+                                }
+                                assert_eq!(
+                                    &back[t * d..(t + 1) * d],
+                                    &int4_dequantise(&expected, &groups, d)[..]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     proptest! {

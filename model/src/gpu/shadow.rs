@@ -10,7 +10,7 @@
 //! copy stream before its buffers drop.
 use half::bf16;
 use shadowkv::cache::{
-    CacheCapacity, CacheShape, SequenceId, ShadowKvCache, ShadowKvParams, ValueHome,
+    CacheCapacity, CacheShape, SequenceId, ShadowKvCache, ShadowKvParams, ValueStorage,
 };
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
@@ -55,12 +55,12 @@ impl SyntheticLayerSeeds {
 
 impl GpuModel {
     /// A ShadowKV cache for this model: `params` (checked against the model's shape), the
-    /// values on the host or the GPU, sized for `capacity` (all allocated now; the error says
-    /// how much was needed and free).
+    /// values on the host or the GPU, in bf16 or compressed (a `ValueHome` alone is bf16),
+    /// sized for `capacity` (all allocated now; the error says how much was needed and free).
     pub fn new_shadow_cache(
         &self,
         params: ShadowKvParams,
-        values_home: ValueHome,
+        values_home: impl Into<ValueStorage>,
         capacity: CacheCapacity,
     ) -> Result<GpuShadowCache> {
         const WHAT: &str = "creating the ShadowKV cache";
