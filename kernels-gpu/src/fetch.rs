@@ -253,12 +253,12 @@ mod kernel {
                             let minimum = f16_to_f32(*scale as u16);
                             let step = f16_to_f32((*scale >> 16) as u16);
                             let mut out = [[0u32; 4]; 2];
-                            for (w, &word) in vector.iter().enumerate() {
-                                for pair in 0..4 {
+                            for (row, &word) in out.iter_mut().zip(vector.iter()) {
+                                for (pair, slot) in row.iter_mut().enumerate() {
                                     let low = (word >> (8 * pair)) & 0xf;
                                     let high = (word >> (8 * pair + 4)) & 0xf;
                                     // A product then a sum, each rounded, as the reference.
-                                    out[w][pair] = f32x2_to_bf16x2(
+                                    *slot = f32x2_to_bf16x2(
                                         minimum + low as f32 * step,
                                         minimum + high as f32 * step,
                                     );
