@@ -31,9 +31,10 @@ use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::attention::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout, SlotMarks, StepPart,
 };
-use crate::kernels::fetch::{self, LayerValues};
+use crate::kernels::fetch::{self, LayerValues, TierUse};
 use crate::kernels::plan::PlanBuffers;
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
+use crate::kernels::tier::{kernel_layout as tier_layout, ValueTier};
 use crate::kernels::{plan, rebuild, scoring, scripted_selection, topk};
 use crate::pinned::PinnedBuffer;
 
@@ -60,11 +61,16 @@ pub struct ShadowLayer {
     /// Every prompt value of the layer (bf16 `[Hkv, prompt_len, d]` per sequence, from its
     /// `host_value_offset`), in pinned host or device memory: what the fetch copies misses from.
     pub values: LayerValues,
+    /// The GPU value tier of the layer (`ValueHome::Tiered`), if any: the fetch looks each
+    /// miss up there first and keeps chunks fetched over PCIe in it.
+    pub tier: Option<ValueTier>,
     /// `[rows, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::kernels::shadow::EMPTY_SLOT) if none), each sequence's at its `resident_row`.
     pub resident: CudaSlice<u32>,
 }
 
-/// What one step did, for all (sequence, KV head) pairs.
+/// What one step did, for all (sequence, KV head) pairs. Every selected chunk is a slot hit
+/// or a miss; every miss is a tier hit or a PCIe fetch: `selected = slot_hits + misses` and
+/// `misses = tier_hits + pcie_fetches`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepStats {
     /// `[batch, Hkv]` chunks fetched and rebuilt.
@@ -73,12 +79,27 @@ pub struct StepStats {
     pub misses: u64,
     /// Chunks selected in all: `batch * Hkv * budget_chunks`.
     pub selected: u64,
+    /// Selected chunks already in their sparse slots: `selected - misses`.
+    pub slot_hits: u64,
+    /// Misses whose values were copied from GPU memory over HBM: found in the value tier, or
+    /// every miss with the values on the GPU (`ValueHome::Device`, the tier that holds
+    /// everything).
+    pub tier_hits: u64,
+    /// Misses whose values came from host memory over PCIe.
+    pub pcie_fetches: u64,
+    /// PCIe fetches the value tier kept (0 without a tier).
+    pub tier_inserts: u64,
 }
 
 impl StepStats {
     /// Share of the selected chunks that were already resident.
     pub fn hit_rate(&self) -> f64 {
         1.0 - self.misses as f64 / self.selected.max(1) as f64
+    }
+
+    /// Share of the misses found in the value tier (or on the GPU).
+    pub fn tier_hit_rate(&self) -> f64 {
+        self.tier_hits as f64 / self.misses.max(1) as f64
     }
 }
 
@@ -106,6 +127,9 @@ pub struct StepWorkspace {
     pub fresh: CudaSlice<u32>,
     /// Mapped host copy of the miss counts (written by the plan).
     pub host_miss_counts: PinnedBuffer<u32>,
+    /// `[batch, Hkv, budget_chunks]` in mapped host memory: what the tiered fetch did with
+    /// each miss (`tier::kernel_layout::OUTCOME_*`; the first `miss_counts` of each head).
+    pub host_tier_outcomes: PinnedBuffer<u32>,
 }
 
 impl StepWorkspace {
@@ -125,6 +149,7 @@ impl StepWorkspace {
                 miss_counts: stream.alloc_zeros(heads)?,
                 fresh: stream.alloc(batch.slot_entries())?,
                 host_miss_counts: PinnedBuffer::new(gpu, heads)?,
+                host_tier_outcomes: PinnedBuffer::new(gpu, batch.slot_entries())?,
             })
         }
     }
@@ -137,6 +162,30 @@ impl StepWorkspace {
             && self.selection.len() >= batch.slot_entries()
             && self.fresh.len() >= batch.slot_entries()
             && self.miss_counts.len() >= batch.heads()
+            && self.host_tier_outcomes.len() >= batch.slot_entries()
+    }
+}
+
+/// Where a selection's misses get their values, for the statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MissSource {
+    /// A prefill's first selection: from the prompt's values on the GPU.
+    Prompt,
+    /// Host memory over PCIe.
+    Host,
+    /// GPU memory (`ValueHome::Device`).
+    Device,
+    /// The value tier, or host memory when not there.
+    Tiered,
+}
+
+impl MissSource {
+    fn of(layer: &ShadowLayer) -> Self {
+        match (&layer.tier, layer.values.on_host()) {
+            (Some(_), _) => MissSource::Tiered,
+            (None, true) => MissSource::Host,
+            (None, false) => MissSource::Device,
+        }
     }
 }
 
@@ -180,6 +229,8 @@ pub struct DecodeStep {
     stats_ready: CudaEvent,
     /// The `(sequence, KV head)` rows whose miss counts the latest selection wrote.
     selected_heads: Option<std::ops::Range<usize>>,
+    /// Where the latest selection's misses came from (a prefill's come from the prompt).
+    latest_source: MissSource,
     /// Set by [`fail_next_step_after_fetch`](Self::fail_next_step_after_fetch).
     fail_after_fetch: bool,
     inverse_frequencies: CudaSlice<f64>,
@@ -253,6 +304,7 @@ impl DecodeStep {
             fetch_done: gpu.new_event(false)?,
             stats_ready: gpu.new_event(false)?,
             selected_heads: None,
+            latest_source: MissSource::Prompt,
             fail_after_fetch: false,
             inverse_frequencies,
             workspace: StepWorkspace::new(gpu, stream, layer_batch)?,
@@ -529,7 +581,11 @@ impl DecodeStep {
             } else {
                 &stream
             };
-            fetch::run(
+            let tier = layer.tier.as_mut().map(|tier| TierUse {
+                tier,
+                outcomes: w.host_tier_outcomes.device_address(),
+            });
+            fetch::run_tiered(
                 gpu,
                 fetch_stream,
                 batch,
@@ -537,6 +593,7 @@ impl DecodeStep {
                 &w.misses,
                 &w.miss_counts,
                 &layer.values,
+                tier,
                 &mut layer.v,
             )?;
             mark(timeline, gpu, "fetch", fetch_stream)?;
@@ -544,6 +601,7 @@ impl DecodeStep {
         let batch = &layer.batch;
         self.stats_ready.record(&stream)?;
         self.selected_heads = Some(0..heads);
+        self.latest_source = MissSource::of(layer);
         if std::mem::take(&mut self.fail_after_fetch) {
             return Err(invalid(
                 "step",
@@ -627,6 +685,7 @@ impl DecodeStep {
         let kv_heads = self.config.kv_heads;
         self.selected_heads =
             Some(part.first() * kv_heads..(part.first() + part.count()) * kv_heads);
+        self.latest_source = MissSource::Prompt;
         Ok(())
     }
 
@@ -682,10 +741,39 @@ impl DecodeStep {
                 "rows of the scratch",
             )
         })?;
+        let misses: u64 = counts.iter().map(|&c| c as u64).sum();
+        let selected = (counts.len() * self.config.budget_chunks) as u64;
+        let (tier_hits, tier_inserts) = match self.latest_source {
+            MissSource::Host | MissSource::Prompt => (0, 0),
+            MissSource::Device => (misses, 0),
+            MissSource::Tiered => {
+                // The fetch writes the outcomes on the copy stream.
+                self.fetch_done.synchronize()?;
+                let outcomes = self.workspace.host_tier_outcomes.as_slice()?;
+                let k = self.config.budget_chunks;
+                let mut hits = 0;
+                let mut inserts = 0;
+                for (row, &count) in heads.clone().zip(counts) {
+                    for &outcome in &outcomes[row * k..row * k + (count as usize).min(k)] {
+                        hits += (outcome == tier_layout::OUTCOME_TIER_HIT) as u64;
+                        inserts += (outcome == tier_layout::OUTCOME_INSERTED) as u64;
+                    }
+                }
+                (hits, inserts)
+            }
+        };
+        let pcie_fetches = match self.latest_source {
+            MissSource::Prompt | MissSource::Device => 0,
+            MissSource::Host | MissSource::Tiered => misses - tier_hits,
+        };
         Ok(StepStats {
             misses_per_head: counts.to_vec(),
-            misses: counts.iter().map(|&c| c as u64).sum(),
-            selected: (counts.len() * self.config.budget_chunks) as u64,
+            misses,
+            selected,
+            slot_hits: selected - misses,
+            tier_hits,
+            pcie_fetches,
+            tier_inserts,
         })
     }
 

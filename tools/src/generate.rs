@@ -233,7 +233,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 AttentionMode::Shadowkv | AttentionMode::ShadowkvGpu => {
                     let home = args.attention.value_home().unwrap_or(ValueHome::Host);
                     let capacity = CacheCapacity::uniform(1, tokens.len(), args.max_tokens);
-                    let storage = args.shadowkv.storage(home);
+                    let shape = crate::plan::cache_shape(&model.config);
+                    let storage = args.shadowkv.storage_for(home, &shape, &capacity)?;
                     let mut shadow = model.new_shadow_cache(params, storage, capacity)?;
                     let mut hit_rates = Vec::new();
                     let generation = shadowkv_model::generate(
