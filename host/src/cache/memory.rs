@@ -411,8 +411,7 @@ pub(super) fn what_fits(
         counts.join(", ")
     );
     if values.home.tier_chunks() > 0 {
-        let storage = ValueHome::Host.with_format(values.format);
-        let tier = tier_chunks_for(shape, params, storage, capacity, gpu_bytes);
+        let tier = tier_chunks_in_free(shape, params, values, capacity, gpu_bytes);
         sentence += &match tier {
             Ok(chunks) => format!(
                 "; beside {} such sequences a value tier of at most {chunks} chunks per KV head \
@@ -700,3 +699,7 @@ mod tests {
         assert!(error.to_string().contains("prompt"), "{error}");
     }
 }
+
+#[cfg(test)]
+#[path = "memory_tier_tests.rs"]
+mod tier_tests;
