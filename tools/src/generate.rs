@@ -355,6 +355,13 @@ fn run_many(
     );
     match gpu {
         Some(gpu) => {
+            if args.shadowkv.value_tier_bytes()?.is_some() {
+                return Err(
+                    "--value-tier-gib applies to one prompt; several prompts are \
+                            served without a value tier"
+                        .into(),
+                );
+            }
             let model = GpuModel::load(std::sync::Arc::new(gpu), config, &source.weights)?;
             // Every prompt is served at once; a block holds its prompt and its tokens.
             let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
