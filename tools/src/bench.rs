@@ -535,9 +535,11 @@ pub fn run_shadowkv(
         let stats = shadow.cache().step_stats()?;
         let label = rate.map_or("real selection".to_owned(), synthetic_selection_label);
         eprintln!(
-            "  ShadowKV ({label}): the last step's hit rate (last layer) {:.1}%, {} chunks fetched and rebuilt",
+            "  ShadowKV ({label}): the last step's hit rate (last layer) {:.1}%, {} chunks fetched and rebuilt ({} from GPU memory, {} over PCIe)",
             100.0 * stats.hit_rate(),
-            stats.misses
+            stats.misses,
+            stats.tier_hits,
+            stats.pcie_fetches
         );
         results.push((rate, per_step));
     }

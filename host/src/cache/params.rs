@@ -149,7 +149,7 @@ pub enum ValueHome {
     /// KV head) and layer: a miss found in the tier is copied over HBM, one not found comes
     /// over PCIe and is kept there as the tier's policy says (`shadowkv_kernels::tier`).
     /// With `chunks_per_head` at the longest prompt's chunks the tier holds every value.
-    /// [`ShadowKvCache::tier_chunks_for`](crate::cache::ShadowKvCache::tier_chunks_for)
+    /// [`tier_chunks_for`](crate::cache::tier_chunks_for)
     /// sizes it from bytes.
     Tiered {
         /// Chunks the tier holds per (sequence, KV head) and layer.

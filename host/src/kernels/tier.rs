@@ -75,10 +75,10 @@ pub fn check_chunks_per_head(chunks_per_head: usize, longest_chunks: usize) -> R
 /// One layer's tier on the GPU.
 pub struct ValueTier {
     /// u32 `[rows, Hkv, chunks_per_head]` chunk id of each entry
-    /// ([`EMPTY_ENTRY`](kernel_layout::EMPTY_ENTRY) if none).
+    /// ([`EMPTY_ENTRY`] if none).
     pub tags: CudaSlice<u32>,
     /// `[rows, Hkv, chunks_per_head]` entries of
-    /// [`entry_bytes`](kernel_layout::entry_bytes) bytes: the chunk in the host format.
+    /// [`entry_bytes`] bytes: the chunk in the host format.
     pub data: CudaSlice<u8>,
     /// Entries per (row, KV head).
     pub chunks_per_head: usize,
