@@ -150,6 +150,14 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
+    let tier = args.shadowkv.value_tier_bytes()?;
+    if tier.is_some() && (gpu.is_none() || args.attention != AttentionMode::Shadowkv) {
+        return Err(
+            "--value-tier-gib: the value tier is ShadowKV's on the GPU with the values \
+                    on the host (--attention shadowkv with a GPU)"
+                .into(),
+        );
+    }
     if prompts.len() > 1 {
         return run_many(&args, &path, &source, &prompts, gpu);
     }
