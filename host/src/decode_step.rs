@@ -34,9 +34,11 @@ use crate::kernels::attention::{
 use crate::kernels::fetch::{self, LayerValues, TierUse};
 use crate::kernels::plan::PlanBuffers;
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
-use crate::kernels::tier::{kernel_layout as tier_layout, ValueTier};
+use crate::kernels::tier::ValueTier;
 use crate::kernels::{plan, rebuild, scoring, scripted_selection, topk};
 use crate::pinned::PinnedBuffer;
+use crate::step_stats::MissSource;
+pub use crate::step_stats::StepStats;
 
 /// The ShadowKV state of one layer for a batch (layouts in `shadowkv_kernels::shadow`).
 pub struct ShadowLayer {
@@ -66,41 +68,6 @@ pub struct ShadowLayer {
     pub tier: Option<ValueTier>,
     /// `[rows, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::kernels::shadow::EMPTY_SLOT) if none), each sequence's at its `resident_row`.
     pub resident: CudaSlice<u32>,
-}
-
-/// What one step did, for all (sequence, KV head) pairs. Every selected chunk is a slot hit
-/// or a miss; every miss is a tier hit or a PCIe fetch: `selected = slot_hits + misses` and
-/// `misses = tier_hits + pcie_fetches`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepStats {
-    /// `[batch, Hkv]` chunks fetched and rebuilt.
-    pub misses_per_head: Vec<u32>,
-    /// Chunks fetched and rebuilt in all: the sum of [`misses_per_head`](Self::misses_per_head).
-    pub misses: u64,
-    /// Chunks selected in all: `batch * Hkv * budget_chunks`.
-    pub selected: u64,
-    /// Selected chunks already in their sparse slots: `selected - misses`.
-    pub slot_hits: u64,
-    /// Misses whose values were copied from GPU memory over HBM: found in the value tier, or
-    /// every miss with the values on the GPU (`ValueHome::Device`, the tier that holds
-    /// everything).
-    pub tier_hits: u64,
-    /// Misses whose values came from host memory over PCIe.
-    pub pcie_fetches: u64,
-    /// PCIe fetches the value tier kept (0 without a tier).
-    pub tier_inserts: u64,
-}
-
-impl StepStats {
-    /// Share of the selected chunks that were already resident.
-    pub fn hit_rate(&self) -> f64 {
-        1.0 - self.misses as f64 / self.selected.max(1) as f64
-    }
-
-    /// Share of the misses found in the value tier (or on the GPU).
-    pub fn tier_hit_rate(&self) -> f64 {
-        self.tier_hits as f64 / self.misses.max(1) as f64
-    }
 }
 
 /// The scratch of a step: what each kernel writes for the next one. [`DecodeStep`] keeps one,
@@ -164,19 +131,6 @@ impl StepWorkspace {
             && self.miss_counts.len() >= batch.heads()
             && self.host_tier_outcomes.len() >= batch.slot_entries()
     }
-}
-
-/// Where a selection's misses get their values, for the statistics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum MissSource {
-    /// A prefill's first selection: from the prompt's values on the GPU.
-    Prompt,
-    /// Host memory over PCIe.
-    Host,
-    /// GPU memory (`ValueHome::Device`).
-    Device,
-    /// The value tier, or host memory when not there.
-    Tiered,
 }
 
 impl MissSource {
@@ -741,40 +695,21 @@ impl DecodeStep {
                 "rows of the scratch",
             )
         })?;
-        let misses: u64 = counts.iter().map(|&c| c as u64).sum();
-        let selected = (counts.len() * self.config.budget_chunks) as u64;
-        let (tier_hits, tier_inserts) = match self.latest_source {
-            MissSource::Host | MissSource::Prompt => (0, 0),
-            MissSource::Device => (misses, 0),
-            MissSource::Tiered => {
-                // The fetch writes the outcomes on the copy stream.
-                self.fetch_done.synchronize()?;
-                let outcomes = self.workspace.host_tier_outcomes.as_slice()?;
-                let k = self.config.budget_chunks;
-                let mut hits = 0;
-                let mut inserts = 0;
-                for (row, &count) in heads.clone().zip(counts) {
-                    for &outcome in &outcomes[row * k..row * k + (count as usize).min(k)] {
-                        hits += (outcome == tier_layout::OUTCOME_TIER_HIT) as u64;
-                        inserts += (outcome == tier_layout::OUTCOME_INSERTED) as u64;
-                    }
-                }
-                (hits, inserts)
-            }
+        let k = self.config.budget_chunks;
+        let outcomes = if self.latest_source == MissSource::Tiered {
+            // The fetch writes the outcomes on the copy stream.
+            self.fetch_done.synchronize()?;
+            let all = self.workspace.host_tier_outcomes.as_slice()?;
+            Some(&all[heads.start * k..heads.end * k])
+        } else {
+            None
         };
-        let pcie_fetches = match self.latest_source {
-            MissSource::Prompt | MissSource::Device => 0,
-            MissSource::Host | MissSource::Tiered => misses - tier_hits,
-        };
-        Ok(StepStats {
-            misses_per_head: counts.to_vec(),
-            misses,
-            selected,
-            slot_hits: selected - misses,
-            tier_hits,
-            pcie_fetches,
-            tier_inserts,
-        })
+        Ok(StepStats::from_counts(
+            counts,
+            k,
+            self.latest_source,
+            outcomes,
+        ))
     }
 
     /// The scratch of the latest step, for tests and diagnostics: scores, selection, miss
