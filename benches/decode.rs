@@ -155,6 +155,7 @@ fn layer(gpu: &Gpu, batch: usize, context: u32, seed: u64) -> shadowkv::Result<S
         k: filled(gpu, kv_elements, seed + 4)?,
         v: filled(gpu, kv_elements, seed + 5)?,
         values: LayerValues::Host(values),
+        tier: None,
         resident: stream.alloc_zeros(batch * kv_heads * k as usize)?,
     })
 }

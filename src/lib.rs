@@ -252,6 +252,7 @@ pub mod layers {
             k: stream.clone_htod(&host.k)?,
             v: stream.clone_htod(&host.v)?,
             values,
+            tier: None,
             resident: stream.clone_htod(&host.resident)?,
         })
     }

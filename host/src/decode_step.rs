@@ -31,11 +31,14 @@ use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::attention::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout, SlotMarks, StepPart,
 };
-use crate::kernels::fetch::{self, LayerValues};
+use crate::kernels::fetch::{self, LayerValues, TierUse};
 use crate::kernels::plan::PlanBuffers;
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch, ShadowConfig};
+use crate::kernels::tier::ValueTier;
 use crate::kernels::{plan, rebuild, scoring, scripted_selection, topk};
 use crate::pinned::PinnedBuffer;
+use crate::step_stats::MissSource;
+pub use crate::step_stats::StepStats;
 
 /// The ShadowKV state of one layer for a batch (layouts in `shadowkv_kernels::shadow`).
 pub struct ShadowLayer {
@@ -60,26 +63,11 @@ pub struct ShadowLayer {
     /// Every prompt value of the layer (bf16 `[Hkv, prompt_len, d]` per sequence, from its
     /// `host_value_offset`), in pinned host or device memory: what the fetch copies misses from.
     pub values: LayerValues,
+    /// The GPU value tier of the layer (`ValueHome::Tiered`), if any: the fetch looks each
+    /// miss up there first and keeps chunks fetched over PCIe in it.
+    pub tier: Option<ValueTier>,
     /// `[rows, Hkv, budget_chunks]` chunk id held by each slot ([`EMPTY_SLOT`](crate::kernels::shadow::EMPTY_SLOT) if none), each sequence's at its `resident_row`.
     pub resident: CudaSlice<u32>,
-}
-
-/// What one step did, for all (sequence, KV head) pairs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepStats {
-    /// `[batch, Hkv]` chunks fetched and rebuilt.
-    pub misses_per_head: Vec<u32>,
-    /// Chunks fetched and rebuilt in all: the sum of [`misses_per_head`](Self::misses_per_head).
-    pub misses: u64,
-    /// Chunks selected in all: `batch * Hkv * budget_chunks`.
-    pub selected: u64,
-}
-
-impl StepStats {
-    /// Share of the selected chunks that were already resident.
-    pub fn hit_rate(&self) -> f64 {
-        1.0 - self.misses as f64 / self.selected.max(1) as f64
-    }
 }
 
 /// The scratch of a step: what each kernel writes for the next one. [`DecodeStep`] keeps one,
@@ -106,6 +94,9 @@ pub struct StepWorkspace {
     pub fresh: CudaSlice<u32>,
     /// Mapped host copy of the miss counts (written by the plan).
     pub host_miss_counts: PinnedBuffer<u32>,
+    /// `[batch, Hkv, budget_chunks]` in mapped host memory: what the tiered fetch did with
+    /// each miss (`tier::kernel_layout::OUTCOME_*`; the first `miss_counts` of each head).
+    pub host_tier_outcomes: PinnedBuffer<u32>,
 }
 
 impl StepWorkspace {
@@ -125,6 +116,7 @@ impl StepWorkspace {
                 miss_counts: stream.alloc_zeros(heads)?,
                 fresh: stream.alloc(batch.slot_entries())?,
                 host_miss_counts: PinnedBuffer::new(gpu, heads)?,
+                host_tier_outcomes: PinnedBuffer::new(gpu, batch.slot_entries())?,
             })
         }
     }
@@ -137,6 +129,17 @@ impl StepWorkspace {
             && self.selection.len() >= batch.slot_entries()
             && self.fresh.len() >= batch.slot_entries()
             && self.miss_counts.len() >= batch.heads()
+            && self.host_tier_outcomes.len() >= batch.slot_entries()
+    }
+}
+
+impl MissSource {
+    fn of(layer: &ShadowLayer) -> Self {
+        match (&layer.tier, layer.values.on_host()) {
+            (Some(_), _) => MissSource::Tiered,
+            (None, true) => MissSource::Host,
+            (None, false) => MissSource::Device,
+        }
     }
 }
 
@@ -180,6 +183,8 @@ pub struct DecodeStep {
     stats_ready: CudaEvent,
     /// The `(sequence, KV head)` rows whose miss counts the latest selection wrote.
     selected_heads: Option<std::ops::Range<usize>>,
+    /// Where the latest selection's misses came from (a prefill's come from the prompt).
+    latest_source: MissSource,
     /// Set by [`fail_next_step_after_fetch`](Self::fail_next_step_after_fetch).
     fail_after_fetch: bool,
     inverse_frequencies: CudaSlice<f64>,
@@ -253,6 +258,7 @@ impl DecodeStep {
             fetch_done: gpu.new_event(false)?,
             stats_ready: gpu.new_event(false)?,
             selected_heads: None,
+            latest_source: MissSource::Prompt,
             fail_after_fetch: false,
             inverse_frequencies,
             workspace: StepWorkspace::new(gpu, stream, layer_batch)?,
@@ -529,7 +535,11 @@ impl DecodeStep {
             } else {
                 &stream
             };
-            fetch::run(
+            let tier = layer.tier.as_mut().map(|tier| TierUse {
+                tier,
+                outcomes: w.host_tier_outcomes.device_address(),
+            });
+            fetch::run_tiered(
                 gpu,
                 fetch_stream,
                 batch,
@@ -537,6 +547,7 @@ impl DecodeStep {
                 &w.misses,
                 &w.miss_counts,
                 &layer.values,
+                tier,
                 &mut layer.v,
             )?;
             mark(timeline, gpu, "fetch", fetch_stream)?;
@@ -544,6 +555,7 @@ impl DecodeStep {
         let batch = &layer.batch;
         self.stats_ready.record(&stream)?;
         self.selected_heads = Some(0..heads);
+        self.latest_source = MissSource::of(layer);
         if std::mem::take(&mut self.fail_after_fetch) {
             return Err(invalid(
                 "step",
@@ -627,6 +639,7 @@ impl DecodeStep {
         let kv_heads = self.config.kv_heads;
         self.selected_heads =
             Some(part.first() * kv_heads..(part.first() + part.count()) * kv_heads);
+        self.latest_source = MissSource::Prompt;
         Ok(())
     }
 
@@ -682,11 +695,21 @@ impl DecodeStep {
                 "rows of the scratch",
             )
         })?;
-        Ok(StepStats {
-            misses_per_head: counts.to_vec(),
-            misses: counts.iter().map(|&c| c as u64).sum(),
-            selected: (counts.len() * self.config.budget_chunks) as u64,
-        })
+        let k = self.config.budget_chunks;
+        let outcomes = if self.latest_source == MissSource::Tiered {
+            // The fetch writes the outcomes on the copy stream.
+            self.fetch_done.synchronize()?;
+            let all = self.workspace.host_tier_outcomes.as_slice()?;
+            Some(&all[heads.start * k..heads.end * k])
+        } else {
+            None
+        };
+        Ok(StepStats::from_counts(
+            counts,
+            k,
+            self.latest_source,
+            outcomes,
+        ))
     }
 
     /// The scratch of the latest step, for tests and diagnostics: scores, selection, miss

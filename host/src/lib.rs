@@ -26,6 +26,7 @@ pub mod linear;
 pub mod pinned;
 pub mod ptx;
 pub mod reference;
+pub mod step_stats;
 pub mod view;
 
 pub use cache::{

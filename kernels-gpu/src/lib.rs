@@ -34,6 +34,7 @@ pub mod scoring;
 pub mod scripted_selection;
 pub mod shadow;
 pub mod shadow_prefill;
+pub mod tier;
 #[cfg(target_arch = "nvptx64")]
 pub mod tile;
 pub mod topk;

@@ -1,7 +1,9 @@
 //! Command-line arguments shared by `shadowkv generate` and `shadowkv bench`: the attention
 //! mode and ShadowKV's parameters, the host value format among them.
 use clap::{Args, ValueEnum};
-use shadowkv::cache::{ValueFormat, ValueHome, ValueStorage};
+use shadowkv::cache::{
+    tier_chunks_for, CacheCapacity, CacheShape, ValueFormat, ValueHome, ValueStorage,
+};
 use shadowkv_model::ShadowKvParams;
 
 /// Where attention reads the KV cache from.
@@ -70,6 +72,11 @@ pub struct ShadowKvArgs {
     /// Default bf16; `plan` without it shows every format.
     #[arg(long, value_enum)]
     value_format: Option<ValueFormatArg>,
+    /// ShadowKV with the values on the host: a GPU value tier of this many GiB (all layers
+    /// and sequences together) holds chunks in the value format, so a miss found there is
+    /// copied over HBM instead of PCIe (the chunks fetched last per entry stay).
+    #[arg(long)]
+    value_tier_gib: Option<f64>,
 }
 
 impl ShadowKvArgs {
@@ -101,5 +108,43 @@ impl ShadowKvArgs {
     /// The values at `home` in the format asked for.
     pub fn storage(&self, home: ValueHome) -> ValueStorage {
         home.with_format(self.value_format())
+    }
+}
+
+impl ShadowKvArgs {
+    /// GPU bytes of the value tier asked for (`--value-tier-gib`), if any: an error for a size
+    /// that is not positive.
+    pub fn value_tier_bytes(&self) -> Result<Option<u64>, String> {
+        match self.value_tier_gib {
+            None => Ok(None),
+            Some(g) if g.is_finite() && g > 0.0 => Ok(Some((g * (1u64 << 30) as f64) as u64)),
+            Some(g) => Err(format!(
+                "--value-tier-gib is {g}: a positive size in GiB (or leave it out for no tier)"
+            )),
+        }
+    }
+
+    /// The values at `home` in the format asked for, with the value tier asked for sized for
+    /// a cache of `shape` and `capacity`: `ValueHome::Tiered` when `home` is the host. An
+    /// error for a tier with the values on the GPU, or one too small for a chunk per head.
+    pub fn storage_for(
+        &self,
+        home: ValueHome,
+        shape: &CacheShape,
+        capacity: &CacheCapacity,
+    ) -> Result<ValueStorage, Box<dyn std::error::Error>> {
+        let storage = self.storage(home);
+        let Some(bytes) = self.value_tier_bytes()? else {
+            return Ok(storage);
+        };
+        if home != ValueHome::Host {
+            return Err(
+                "--value-tier-gib needs the values on the host (--attention shadowkv): \
+                        on the GPU they are all there already"
+                    .into(),
+            );
+        }
+        let chunks_per_head = tier_chunks_for(shape, &self.params(), storage, capacity, bytes)?;
+        Ok(ValueHome::Tiered { chunks_per_head }.with_format(self.value_format()))
     }
 }

@@ -91,7 +91,10 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let gpu = Arc::new(shadowkv::Gpu::new(0)?);
     if args.batch.is_none() {
         let config = crate::plan::model_config(&args.model)?;
-        let budget = crate::plan::Budget::for_gpu(&gpu, None)?;
+        let mut budget = crate::plan::Budget::for_gpu(&gpu, None)?;
+        // The value tier comes out of the GPU memory the batch may take.
+        let tier = args.shadowkv.value_tier_bytes()?.unwrap_or(0);
+        budget.gpu_bytes = budget.gpu_bytes.saturating_sub(tier);
         let fit = crate::plan::fit(
             &config,
             &args.shadowkv.params(),
@@ -127,7 +130,9 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     if let Some(home) = args.attention.value_home() {
         let params = args.shadowkv.params();
-        let storage = args.shadowkv.storage(home);
+        let shape = crate::plan::cache_shape(&model.config);
+        let capacity = CacheCapacity::uniform(batch, args.context, 0);
+        let storage = args.shadowkv.storage_for(home, &shape, &capacity)?;
         let results = run_shadowkv(&run, &model, params, storage, &[args.hit_rate])?;
         for (rate, per_step) in results {
             report(args.attention, rate, &run, per_step);
@@ -530,9 +535,11 @@ pub fn run_shadowkv(
         let stats = shadow.cache().step_stats()?;
         let label = rate.map_or("real selection".to_owned(), synthetic_selection_label);
         eprintln!(
-            "  ShadowKV ({label}): the last step's hit rate (last layer) {:.1}%, {} chunks fetched and rebuilt",
+            "  ShadowKV ({label}): the last step's hit rate (last layer) {:.1}%, {} chunks fetched and rebuilt ({} from GPU memory, {} over PCIe)",
             100.0 * stats.hit_rate(),
-            stats.misses
+            stats.misses,
+            stats.tier_hits,
+            stats.pcie_fetches
         );
         results.push((rate, per_step));
     }

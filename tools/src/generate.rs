@@ -150,6 +150,14 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
+    let tier = args.shadowkv.value_tier_bytes()?;
+    if tier.is_some() && (gpu.is_none() || args.attention != AttentionMode::Shadowkv) {
+        return Err(
+            "--value-tier-gib: the value tier is ShadowKV's on the GPU with the values \
+                    on the host (--attention shadowkv with a GPU)"
+                .into(),
+        );
+    }
     if prompts.len() > 1 {
         return run_many(&args, &path, &source, &prompts, gpu);
     }
@@ -233,7 +241,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 AttentionMode::Shadowkv | AttentionMode::ShadowkvGpu => {
                     let home = args.attention.value_home().unwrap_or(ValueHome::Host);
                     let capacity = CacheCapacity::uniform(1, tokens.len(), args.max_tokens);
-                    let storage = args.shadowkv.storage(home);
+                    let shape = crate::plan::cache_shape(&model.config);
+                    let storage = args.shadowkv.storage_for(home, &shape, &capacity)?;
                     let mut shadow = model.new_shadow_cache(params, storage, capacity)?;
                     let mut hit_rates = Vec::new();
                     let generation = shadowkv_model::generate(
@@ -354,6 +363,13 @@ fn run_many(
     );
     match gpu {
         Some(gpu) => {
+            if args.shadowkv.value_tier_bytes()?.is_some() {
+                return Err(
+                    "--value-tier-gib applies to one prompt; several prompts are \
+                            served without a value tier"
+                        .into(),
+                );
+            }
             let model = GpuModel::load(std::sync::Arc::new(gpu), config, &source.weights)?;
             // Every prompt is served at once; a block holds its prompt and its tokens.
             let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);

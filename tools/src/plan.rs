@@ -177,9 +177,10 @@ pub fn fit(
     let shape = cache_shape(config);
     let transient = prefill_transient_bytes(config, context);
     let gpu_room = room.saturating_sub(transient);
-    let host = match home {
-        ValueHome::Host => budget.host_bytes,
-        ValueHome::Device => u64::MAX,
+    let host = if home.on_host() {
+        budget.host_bytes
+    } else {
+        u64::MAX
     };
     let storage = home.with_format(format);
     let plan = ShadowKvCache::plan(&shape, params, storage, context, generated, gpu_room, host)?;
@@ -219,6 +220,74 @@ pub fn fit(
         limit,
         cache_gpu_bytes: if batch == 0 { 0 } else { at.gpu_bytes() },
         cache_host_bytes: if batch == 0 { 0 } else { at.host_bytes() },
+    })
+}
+
+/// The largest ShadowKV batch (values on the host in one format) beside a GPU value tier, and
+/// the tier's size per (sequence, KV head).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TierFit {
+    /// The batch, sized for the GPU memory less the tier.
+    pub fit: ModeFit,
+    /// Chunks the tier holds per (sequence, KV head) and layer at that batch.
+    pub chunks_per_head: usize,
+    /// Chunks of one prompt per KV head (what a tier holding everything takes).
+    pub prompt_chunks: usize,
+}
+
+/// [`fit`] for ShadowKV with the values on the host in `format` and a GPU value tier of
+/// `tier_bytes` taken from `budget`'s GPU memory first. An error, saying how large a tier
+/// fits beside one sequence, when the tier leaves no room for one.
+#[allow(clippy::too_many_arguments)]
+pub fn tier_fit(
+    config: &ModelConfig,
+    params: &ShadowKvParams,
+    format: ValueFormat,
+    context: usize,
+    generated: usize,
+    budget: Budget,
+    tier_bytes: u64,
+) -> Result<TierFit, Box<dyn std::error::Error>> {
+    let mode = AttentionMode::Shadowkv;
+    let reduced = Budget {
+        gpu_bytes: budget.gpu_bytes.saturating_sub(tier_bytes),
+        ..budget
+    };
+    let fit = fit(config, params, mode, format, context, generated, reduced)?;
+    if fit.batch == 0 {
+        // What one sequence leaves: the budget less the weights, the reserve, the prefill and
+        // one sequence's cache.
+        let shape = cache_shape(config);
+        let one = ShadowKvCache::memory_for(
+            &shape,
+            params,
+            ValueHome::Host.with_format(format),
+            &shadowkv::cache::CacheCapacity::uniform(1, context, generated),
+        )?
+        .gpu_bytes();
+        let used = weight_bytes(config)
+            + GPU_RESERVE_BYTES
+            + prefill_transient_bytes(config, context)
+            + one;
+        let left = budget.gpu_bytes.saturating_sub(used);
+        return Err(format!(
+            "a {:.2} GiB value tier does not fit: beside one sequence of {context} tokens \
+             ({} values) at most {:.2} GiB are left for it",
+            tier_bytes as f64 / GIB,
+            format.name(),
+            left as f64 / GIB
+        )
+        .into());
+    }
+    let shape = cache_shape(config);
+    let capacity = shadowkv::cache::CacheCapacity::uniform(fit.batch, context, generated);
+    let storage = ValueHome::Host.with_format(format);
+    let chunks_per_head =
+        shadowkv::cache::tier_chunks_for(&shape, params, storage, &capacity, tier_bytes)?;
+    Ok(TierFit {
+        fit,
+        chunks_per_head,
+        prompt_chunks: params.prompt_chunks(context),
     })
 }
 
@@ -304,6 +373,38 @@ pub fn run(args: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
             fit.limit
         );
     }
+    if let Some(tier_bytes) = args.shadowkv.value_tier_bytes()? {
+        let modes_on_host = args
+            .attention
+            .is_none_or(|mode| mode == AttentionMode::Shadowkv);
+        if !modes_on_host {
+            return Err(
+                "--value-tier-gib needs the values on the host (--attention shadowkv)".into(),
+            );
+        }
+        for format in args.shadowkv.value_formats() {
+            let tier = tier_fit(
+                &config,
+                &params,
+                format,
+                args.context,
+                args.generated,
+                budget,
+                tier_bytes,
+            )?;
+            println!(
+                "  {:<32} batch {:>4}  (cache {:.2} GiB GPU with a {:.2} GiB value tier of {} chunks per KV head, {:.1}% of a prompt's, {:.2} GiB host); limit: {}",
+                format!("ShadowKV, host + tier, {}", format.name()),
+                tier.fit.batch,
+                (tier.fit.cache_gpu_bytes + tier_bytes) as f64 / GIB,
+                tier_bytes as f64 / GIB,
+                tier.chunks_per_head,
+                100.0 * tier.chunks_per_head as f64 / tier.prompt_chunks.max(1) as f64,
+                tier.fit.cache_host_bytes as f64 / GIB,
+                tier.fit.limit
+            );
+        }
+    }
     Ok(())
 }
 
@@ -348,6 +449,55 @@ mod tests {
         .unwrap();
         assert!(host.limit.starts_with("host memory"), "{host:?}");
         assert!(host.cache_host_bytes <= 40 << 30);
+    }
+
+    /// A value tier comes out of the batch's GPU memory; one that leaves no room for a
+    /// sequence says how large a tier fits.
+    #[test]
+    fn a_value_tier_takes_gpu_memory_from_the_batch() {
+        let config = ModelConfig::named("llama-3-8b").unwrap();
+        let params = ShadowKvParams::default();
+        let budget = Budget::measure(Some(139.0), Some(1000.0)).unwrap();
+        let (context, generated) = (122_880, 256);
+        let plain = fit(
+            &config,
+            &params,
+            AttentionMode::Shadowkv,
+            ValueFormat::Int4,
+            context,
+            generated,
+            budget,
+        )
+        .unwrap();
+        let tier = tier_fit(
+            &config,
+            &params,
+            ValueFormat::Int4,
+            context,
+            generated,
+            budget,
+            20 << 30,
+        )
+        .unwrap();
+        assert!(tier.fit.batch < plain.batch, "{tier:?} {plain:?}");
+        assert!(tier.fit.batch > 0);
+        assert!(tier.chunks_per_head > 0 && tier.chunks_per_head <= tier.prompt_chunks);
+        assert!(tier.fit.cache_gpu_bytes + (20 << 30) <= budget.gpu_bytes);
+        let error = tier_fit(
+            &config,
+            &params,
+            ValueFormat::Int4,
+            context,
+            generated,
+            budget,
+            130 << 30,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("does not fit") && error.contains("are left for it"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::params::{
 };
 use crate::error::{exhausted_with, invalid, Result};
 use crate::kernels::shadow::ShadowConfig;
+use crate::kernels::tier;
 
 /// Bytes by part, on the GPU and in host memory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -257,17 +258,30 @@ pub fn memory_for(
         ],
         host: Vec::new(),
     };
-    let label = match (values.home, values.format) {
-        (ValueHome::Host, ValueFormat::Bf16) => "values (pinned)",
-        (ValueHome::Host, ValueFormat::Fp8) => "values (pinned, fp8)",
-        (ValueHome::Host, ValueFormat::Int4) => "values (pinned, int4)",
-        (ValueHome::Device, ValueFormat::Bf16) => "values",
-        (ValueHome::Device, ValueFormat::Fp8) => "values (fp8)",
-        (ValueHome::Device, ValueFormat::Int4) => "values (int4)",
+    let label = match (values.home.on_host(), values.format) {
+        (true, ValueFormat::Bf16) => "values (pinned)",
+        (true, ValueFormat::Fp8) => "values (pinned, fp8)",
+        (true, ValueFormat::Int4) => "values (pinned, int4)",
+        (false, ValueFormat::Bf16) => "values",
+        (false, ValueFormat::Fp8) => "values (fp8)",
+        (false, ValueFormat::Int4) => "values (int4)",
     };
-    match values.home {
-        ValueHome::Host => report.host.push((label, value_bytes)),
-        ValueHome::Device => report.gpu.push((label, value_bytes)),
+    if values.home.on_host() {
+        report.host.push((label, value_bytes));
+    } else {
+        report.gpu.push((label, value_bytes));
+    }
+    if let ValueHome::Tiered { chunks_per_head } = values.home {
+        tier::check_chunks_per_head(chunks_per_head, longest_chunks as usize)?;
+        let per_layer = tier::layer_bytes(
+            values.format,
+            capacity.max_sequences,
+            shape.kv_heads,
+            chunks_per_head,
+            params.chunk_size,
+            shape.head_dim,
+        );
+        report.gpu.push(("value tier", layers * per_layer));
     }
     Ok(report)
 }
@@ -388,13 +402,98 @@ pub(super) fn what_fits(
             Some(format!("{} with {} values", fit.sequences, format.name()))
         })
         .collect();
-    format!(
+    let mut sentence = format!(
         "{} sequences of {} tokens (generating {}) were asked for; in this memory {} fit \
          (ShadowKvCache::plan)",
         capacity.max_sequences,
         capacity.max_prompt_len,
         capacity.max_generated,
         counts.join(", ")
+    );
+    if values.home.tier_chunks() > 0 {
+        let tier = tier_chunks_in_free(shape, params, values, capacity, gpu_bytes);
+        sentence += &match tier {
+            Ok(chunks) => format!(
+                "; beside {} such sequences a value tier of at most {chunks} chunks per KV head \
+                 fits (ValueHome::Tiered)",
+                capacity.max_sequences
+            ),
+            Err(_) => format!(
+                "; beside {} such sequences no value tier fits",
+                capacity.max_sequences
+            ),
+        };
+    }
+    sentence
+}
+
+/// The GPU value tier's `chunks_per_head` (see [`ValueHome::Tiered`]) that `tier_bytes` of
+/// GPU memory hold for a cache of `capacity` with the values in `values.format`: the most
+/// whose tiers (every layer's) fit, at most the longest prompt's chunks (that many hold every
+/// value). An error if not one chunk per head fits, saying what one takes.
+pub fn tier_chunks_for(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    values: ValueStorage,
+    capacity: &CacheCapacity,
+    tier_bytes: u64,
+) -> Result<usize> {
+    let longest = params.prompt_chunks(capacity.max_prompt_len).max(1);
+    let one = |chunks| {
+        shape.layers as u64
+            * tier::layer_bytes(
+                values.format,
+                capacity.max_sequences,
+                shape.kv_heads,
+                chunks,
+                params.chunk_size,
+                shape.head_dim,
+            )
+    };
+    let chunks = tier::chunks_per_head_for(
+        tier_bytes,
+        values.format,
+        shape.layers,
+        capacity.max_sequences,
+        shape.kv_heads,
+        params.chunk_size,
+        shape.head_dim,
+    );
+    if chunks == 0 {
+        return Err(invalid(
+            "value tier",
+            format!("of {tier_bytes} bytes holds no chunk"),
+            format!(
+                "at least {} bytes (one chunk per KV head and layer for {} sequences); {} bytes \
+                 hold every value of {}-token prompts",
+                one(1),
+                capacity.max_sequences,
+                one(longest),
+                capacity.max_prompt_len
+            ),
+        ));
+    }
+    Ok(chunks.min(longest))
+}
+
+/// The GPU value tier that fits in `free_gpu` bytes beside a cache of `capacity` with the
+/// values in host memory in `values.format` (see [`tier_chunks_for`]); an error if the cache
+/// alone does not leave room for one chunk per head.
+pub fn tier_chunks_in_free(
+    shape: &CacheShape,
+    params: &ShadowKvParams,
+    values: ValueStorage,
+    capacity: &CacheCapacity,
+    free_gpu: u64,
+) -> Result<usize> {
+    let storage = ValueHome::Host.with_format(values.format);
+    let cache = memory_for(shape, params, storage, capacity)?.gpu_bytes();
+    tier_chunks_for(
+        shape,
+        params,
+        storage,
+        capacity,
+        free_gpu.saturating_sub(cache),
     )
 }
 
@@ -600,3 +699,7 @@ mod tests {
         assert!(error.to_string().contains("prompt"), "{error}");
     }
 }
+
+#[cfg(test)]
+#[path = "memory_tier_tests.rs"]
+mod tier_tests;

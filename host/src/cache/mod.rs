@@ -39,6 +39,7 @@ use crate::kernels::factorise::Factoriser;
 use crate::kernels::fetch::LayerValues;
 use crate::kernels::shadow::{ShadowBatch, ShadowConfig, ShadowSequence};
 use crate::kernels::shadow_prefill::PrefillScratch;
+use crate::kernels::tier::ValueTier;
 
 mod arena;
 mod decode;
@@ -52,7 +53,9 @@ mod rows;
 use crate::pinned::PinnedBuffer;
 use arena::Arenas;
 use memory::Footprint;
-pub use memory::{host_available_bytes, CachePlan, MemoryReport};
+pub use memory::{
+    host_available_bytes, tier_chunks_for, tier_chunks_in_free, CachePlan, MemoryReport,
+};
 use offload::offload_values;
 pub use params::{CacheCapacity, CacheShape, ShadowKvParams, ValueFormat, ValueHome, ValueStorage};
 pub use prefill::PendingPrefill;
@@ -172,19 +175,23 @@ impl ShadowKvCache {
         let slots = capacity.max_sequences * config.kv_heads * config.budget_chunks;
         for _ in 0..shape.layers {
             let len = sizes.values.max(16);
-            let layer_values = match (values.home, values.format) {
-                (ValueHome::Host, ValueFormat::Bf16) => {
-                    LayerValues::Host(PinnedBuffer::new(gpu, len)?)
-                }
-                (ValueHome::Device, ValueFormat::Bf16) => {
-                    LayerValues::Device(stream.alloc_zeros(len)?)
-                }
-                (ValueHome::Host, format) => {
-                    LayerValues::HostPacked(format, PinnedBuffer::new(gpu, len)?)
-                }
-                (ValueHome::Device, format) => {
-                    LayerValues::DevicePacked(format, stream.alloc_zeros(len)?)
-                }
+            let layer_values = match (values.home.on_host(), values.format) {
+                (true, ValueFormat::Bf16) => LayerValues::Host(PinnedBuffer::new(gpu, len)?),
+                (false, ValueFormat::Bf16) => LayerValues::Device(stream.alloc_zeros(len)?),
+                (true, format) => LayerValues::HostPacked(format, PinnedBuffer::new(gpu, len)?),
+                (false, format) => LayerValues::DevicePacked(format, stream.alloc_zeros(len)?),
+            };
+            let tier = match values.home {
+                ValueHome::Tiered { chunks_per_head } => Some(ValueTier::new(
+                    &stream,
+                    values.format,
+                    capacity.max_sequences,
+                    shape.kv_heads,
+                    chunks_per_head,
+                    params.chunk_size,
+                    d,
+                )?),
+                _ => None,
             };
             // SAFETY (all but the values): every row is written by a sequence's prefill before
             // a decode step reads it (decode_layer refuses sequences not prefilled).
@@ -198,6 +205,7 @@ impl ShadowKvCache {
                     k: stream.alloc(sizes.kv.max(8))?,
                     v: stream.alloc(sizes.kv.max(8))?,
                     values: layer_values,
+                    tier,
                     resident: stream.alloc(slots.max(1))?,
                 });
             }

@@ -145,9 +145,32 @@ pub enum ValueHome {
     Host,
     /// GPU memory, when it fits (no PCIe traffic).
     Device,
+    /// Pinned host memory, with a GPU value tier of `chunks_per_head` chunks per (sequence,
+    /// KV head) and layer: a miss found in the tier is copied over HBM, one not found comes
+    /// over PCIe and is kept there as the tier's policy says (`shadowkv_kernels::tier`).
+    /// With `chunks_per_head` at the longest prompt's chunks the tier holds every value.
+    /// [`tier_chunks_for`](crate::cache::tier_chunks_for)
+    /// sizes it from bytes.
+    Tiered {
+        /// Chunks the tier holds per (sequence, KV head) and layer.
+        chunks_per_head: usize,
+    },
 }
 
 impl ValueHome {
+    /// Whether the values themselves live in host memory (`Host` and `Tiered`).
+    pub fn on_host(self) -> bool {
+        !matches!(self, ValueHome::Device)
+    }
+
+    /// Chunks of the GPU value tier per (sequence, KV head) and layer: 0 without one.
+    pub fn tier_chunks(self) -> usize {
+        match self {
+            ValueHome::Tiered { chunks_per_head } => chunks_per_head,
+            _ => 0,
+        }
+    }
+
     /// The values here, stored in `format` (fp8 and int4 are quantised when offloaded and
     /// dequantised by the fetch, so PCIe carries 2x or 3.6x fewer bytes).
     pub fn with_format(self, format: ValueFormat) -> ValueStorage {

@@ -226,6 +226,12 @@ impl ShadowKvCache {
             &sequence,
             &mut shadow.values,
         )?;
+        // The sequence's row of the value tier named another sequence's chunks: empty it, on
+        // the copy stream (after the compute stream's work so far, as the offload) before any
+        // fetch of this sequence.
+        if let Some(tier) = &mut shadow.tier {
+            tier.clear_row(self.step.copy_stream(), sequence.resident_row)?;
+        }
         self.offload_done.record(self.step.copy_stream())?;
         // 3. The first selection with the last prompt query, its values from the prompt's
         //    (on the GPU); its keys are rebuilt in `finish`, once the factors exist.

@@ -10,8 +10,10 @@ use shadowkv_kernels::values::ValueFormat;
 use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{Gpu, LaunchBuffers};
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
+use crate::kernels::tier::ValueTier;
 use crate::pinned::PinnedBuffer;
 use crate::ptx;
+use shadowkv_kernels::tier::{entry_bytes, TierParams};
 
 /// Where a layer keeps its values, and in which format.
 pub enum LayerValues {
@@ -121,6 +123,45 @@ pub fn run(
     values: &LayerValues,
     v: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
+    run_tiered(
+        gpu,
+        stream,
+        batch,
+        part,
+        misses,
+        miss_counts,
+        values,
+        None,
+        v,
+    )
+}
+
+/// A fetch through a GPU value tier: what [`run`] does, with each miss looked up in `tier`
+/// first (a hit copies the chunk's bytes over HBM) and the chunks fetched over PCIe kept
+/// there as its policy says (`shadowkv_kernels::tier`). `outcomes`, if not 0, is the device
+/// address of u32 `[batch, Hkv, budget_chunks]` in mapped host memory that receives each
+/// miss's outcome (`tier::kernel_layout::OUTCOME_*`). The tier must be in the values' format
+/// and have a row for every sequence's `resident_row`.
+pub struct TierUse<'a> {
+    /// The layer's tier.
+    pub tier: &'a mut ValueTier,
+    /// Mapped host address for the outcomes, or 0.
+    pub outcomes: u64,
+}
+
+/// [`run`] through a GPU value tier when `tier` is given (see [`TierUse`]).
+#[allow(clippy::too_many_arguments)]
+pub fn run_tiered(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    batch: &ShadowBatch,
+    part: BatchPart,
+    misses: &impl DevicePtr<Miss>,
+    miss_counts: &impl DevicePtr<u32>,
+    values: &LayerValues,
+    tier: Option<TierUse>,
+    v: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
     let config = batch.config();
     batch.check_misses(misses.len(), miss_counts.len())?;
     let mut used = LaunchBuffers::new(stream);
@@ -145,12 +186,26 @@ pub fn run(
     // No more warps than entries in the part's miss lists.
     let entries = (part.count() * config.kv_heads * config.budget_chunks) as u32;
     let blocks = GRID_WARPS.min(entries).div_ceil(layout::WARPS).max(1);
+    let tier = match tier {
+        None => TierParams::default(),
+        Some(TierUse { tier, outcomes }) => {
+            check_tier(batch, format, tier)?;
+            TierParams {
+                tags: used.write(&mut tier.tags),
+                data: used.write(&mut tier.data),
+                outcomes,
+                chunks_per_head: tier.chunks_per_head as u32,
+                _reserved: 0,
+            }
+        }
+    };
     let params = FetchParams {
         shape: batch.shape_of(&mut used, part)?,
         misses: used.read(misses),
         miss_counts: used.read(miss_counts),
         values: values_address,
         v: used.write(v),
+        tier,
         sequences: part.count() as u32,
         _reserved: 0,
     };
@@ -159,8 +214,46 @@ pub fn run(
         block_dim: (layout::THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the values (in the kernel's format) and the value buffer reach every chunk and
-    // slot the validated layouts address (checked above); the kernel skips misses naming
-    // chunks or slots out of range.
+    // SAFETY: the values (in the kernel's format), the value buffer and the tier reach every
+    // chunk, slot and row the validated layouts address (checked above); the kernel skips
+    // misses naming chunks or slots out of range.
     unsafe { gpu.launch(stream, kernel, launch, params) }
+}
+
+/// Checks that `tier` suits a fetch of `batch`'s values in `format`: the same format, a row
+/// for every sequence's `resident_row`, whole entries, and room for `chunks_per_head` below
+/// 2^32.
+fn check_tier(batch: &ShadowBatch, format: ValueFormat, tier: &ValueTier) -> Result<()> {
+    let config = batch.config();
+    if tier.format != format {
+        return Err(invalid(
+            "tier",
+            format!("holds {} values", tier.format.name()),
+            format!("the layer's {} values", format.name()),
+        ));
+    }
+    if tier.kv_heads != config.kv_heads || tier.chunks_per_head == 0 {
+        return Err(invalid(
+            "tier",
+            format!(
+                "has {} KV heads and {} chunks per head",
+                tier.kv_heads, tier.chunks_per_head
+            ),
+            format!("{} KV heads and at least one chunk", config.kv_heads),
+        ));
+    }
+    crate::kernels::tier::check_chunks_per_head(tier.chunks_per_head, u32::MAX as usize)?;
+    let rows = batch
+        .sequences()
+        .iter()
+        .map(|s| s.resident_row as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let entries = rows * config.kv_heads * tier.chunks_per_head;
+    check_reach("tier tags", tier.tags.len(), entries)?;
+    check_reach(
+        "tier data",
+        tier.data.len(),
+        entries * entry_bytes(format, config.chunk_size, config.head_dim),
+    )
 }

@@ -16,5 +16,6 @@ pub mod scoring;
 pub mod scripted_selection;
 pub mod shadow;
 pub mod shadow_prefill;
+pub mod tier;
 pub mod topk;
 pub mod values;

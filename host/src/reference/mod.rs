@@ -13,6 +13,7 @@ pub mod sampling;
 pub mod scoring;
 pub mod scripted_selection;
 pub mod shadow_prefill;
+pub mod tier;
 pub mod topk;
 pub mod values;
 
