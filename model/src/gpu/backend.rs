@@ -30,6 +30,22 @@ pub struct GpuServeCapacity {
     pub max_generated: usize,
 }
 
+impl GpuServeCapacity {
+    /// The shadow cache's capacity for `params`, or `None` when no prompt that fits a block
+    /// is long enough for the sparse budget: every ShadowKV request then keeps exact
+    /// attention, and no shadow cache is made (one sized for such prompts is refused).
+    pub fn shadow_capacity(&self, params: &ShadowKvParams) -> Option<CacheCapacity> {
+        // `check_prompt` passes for every length past the shortest that it passes for.
+        params.check_prompt(self.max_tokens).ok()?;
+        Some(CacheCapacity {
+            max_sequences: self.max_sequences,
+            max_prompt_len: self.max_tokens,
+            max_prompt_tokens: self.max_sequences * self.max_tokens,
+            max_generated: self.max_generated,
+        })
+    }
+}
+
 /// What a ShadowKV prompt keeps beside its full-cache block for its shadow: each layer's
 /// keys before RoPE (`[max_tokens, kv_dim]`) and last query (`[layers, q_dim]`). Kept per
 /// block once made, so that serving allocates nothing new after warm-up.
@@ -115,15 +131,12 @@ impl<'m> GpuBackend<'m> {
         })?;
         let full = model.new_cache(&vec![max_tokens; capacity.max_sequences])?;
         let shadow = match shadowkv {
-            Some((params, home)) => {
-                let shadow_capacity = CacheCapacity {
-                    max_sequences: capacity.max_sequences,
-                    max_prompt_len: capacity.max_tokens,
-                    max_prompt_tokens: capacity.max_sequences * capacity.max_tokens,
-                    max_generated: capacity.max_generated,
-                };
-                Some(model.new_shadow_cache(params, home, shadow_capacity)?)
-            }
+            Some((params, home)) => match capacity.shadow_capacity(&params) {
+                Some(shadow_capacity) => {
+                    Some(model.new_shadow_cache(params, home, shadow_capacity)?)
+                }
+                None => None,
+            },
             None => None,
         };
         Ok(GpuBackend {
@@ -339,5 +352,26 @@ impl Backend for GpuBackend<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_too_short_for_the_budget_make_no_shadow_cache() {
+        let params = ShadowKvParams::default();
+        let capacity = |max_tokens| GpuServeCapacity {
+            max_sequences: 3,
+            max_tokens,
+            max_generated: 24,
+        };
+        // 2,270 tokens leave 224 selectable chunks of 8 against the default budget's 256.
+        assert!(params.check_prompt(2_270).is_err());
+        assert_eq!(capacity(2_270).shadow_capacity(&params), None);
+        let long = capacity(8_192).shadow_capacity(&params).unwrap();
+        assert_eq!(long.max_prompt_len, 8_192);
+        assert_eq!(long.max_prompt_tokens, 3 * 8_192);
     }
 }
