@@ -237,3 +237,27 @@ fn value_formats_are_named_and_plan_shows_the_batch_of_each() {
     ]);
     assert!(!ok && stderr.contains("--value-format fp8"), "{stderr}");
 }
+
+/// `bandwidth --help` defines the metric; a bad axis value is refused before anything runs;
+/// without a GPU the sweep says so and exits non-zero (on a GPU host only the help and the
+/// refusal run here: the sweep itself is `gpu-bundle/run.sh values`).
+#[test]
+fn bandwidth_explains_its_metric_and_needs_a_gpu() {
+    let (ok, stdout, _) = shadowkv(&["bandwidth", "--help"]);
+    assert!(ok, "{stdout}");
+    for expected in [
+        "Equivalent bandwidth",
+        "full attention",
+        "--quick",
+        "--hit-rates",
+    ] {
+        assert!(stdout.contains(expected), "{expected}: {stdout}");
+    }
+    let (ok, _, stderr) = shadowkv(&["bandwidth", "--quick", "--hit-rates", "often"]);
+    assert!(!ok && stderr.contains("selected"), "{stderr}");
+    if !shadowkv::gpu_available() {
+        let (ok, _, stderr) = shadowkv(&["bandwidth", "--quick"]);
+        assert!(!ok, "succeeded without a GPU");
+        assert!(stderr.contains("measures on a GPU"), "{stderr}");
+    }
+}
