@@ -97,10 +97,6 @@ pub mod layers {
     };
 
     use super::random_bf16;
-    pub use shadowkv::measure::{
-        best_ms, copy_bandwidth, copy_bandwidth_at, median, pinned_copy_bandwidth,
-        pinned_copy_bandwidth_at, steady_ms,
-    };
 
     /// One sequence of a random layer.
     #[derive(Clone, Copy, Debug)]
@@ -270,6 +266,10 @@ pub mod bench {
     use shadowkv::Gpu;
 
     use super::random_bf16;
+    pub use shadowkv::measure::{
+        best_ms, copy_bandwidth, copy_bandwidth_at, median, pinned_copy_bandwidth,
+        pinned_copy_bandwidth_at, steady_ms,
+    };
 
     /// Fills a large device buffer with a repeated random block (no zeros, no host RNG over GiBs).
     pub fn filled(gpu: &Gpu, elements: usize, seed: u64) -> shadowkv::Result<CudaSlice<bf16>> {

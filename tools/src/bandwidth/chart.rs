@@ -35,6 +35,18 @@ fn panel_title(row: &Row) -> String {
     )
 }
 
+/// A context in tokens as the axis shows it: `32K`, `1M`, `122880` where not a whole K.
+fn tokens_label(tokens: f64) -> String {
+    let tokens = tokens.round() as u64;
+    if tokens >= 1 << 20 && tokens.is_multiple_of(1 << 20) {
+        format!("{}M", tokens >> 20)
+    } else if tokens.is_multiple_of(1024) {
+        format!("{}K", tokens >> 10)
+    } else {
+        tokens.to_string()
+    }
+}
+
 /// The image size for `panels` panels.
 pub fn chart_size(panels: usize) -> (u32, u32) {
     let columns = panels.clamp(1, PANEL_COLUMNS);
@@ -80,10 +92,13 @@ pub fn render_chart(rows: &[Row], path: &Path) -> Result<(u32, u32), Box<dyn std
     }
     let columns = panels.len().clamp(1, PANEL_COLUMNS);
     let areas = body.split_evenly((panels.len().div_ceil(columns), columns));
+    // Context on a log2 axis: doublings are evenly spaced and labelled in tokens.
     let (low, high) = measured.iter().fold((f64::MAX, 0f64), |(low, high), r| {
         (low.min(r.context as f64), high.max(r.context as f64))
     });
-    let contexts = (low / 1.2)..(high * 1.2);
+    let (low, high) = (low.log2().floor(), high.log2().ceil());
+    let contexts = (low - 0.3)..(high + 0.3);
+    let doublings = (high - low) as usize + 1;
     for (title, area) in panels.iter().zip(areas) {
         let in_panel: Vec<&&Row> = measured
             .iter()
@@ -100,18 +115,14 @@ pub fn render_chart(rows: &[Row], path: &Path) -> Result<(u32, u32), Box<dyn std
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(56)
-            .build_cartesian_2d(contexts.clone().log_scale(), 0f64..top)?;
+            .build_cartesian_2d(contexts.clone(), 0f64..top)?;
         chart
             .configure_mesh()
             .x_desc("context (tokens)")
             .y_desc("equivalent TB/s")
-            .x_label_formatter(&|x| {
-                if *x >= 1e6 {
-                    format!("{:.1}M", x / (1 << 20) as f64)
-                } else {
-                    format!("{:.0}K", x / 1024.0)
-                }
-            })
+            .x_labels(doublings + 1)
+            .x_label_formatter(&|x| tokens_label(x.exp2()))
+            .max_light_lines(1)
             .y_label_formatter(&|y| format!("{y:.1}"))
             .label_style(("sans-serif", 13))
             .axis_desc_style(("sans-serif", 14))
@@ -126,7 +137,7 @@ pub fn render_chart(rows: &[Row], path: &Path) -> Result<(u32, u32), Box<dyn std
                 .filter(|r| r.batch == *batch)
                 .filter_map(|r| {
                     let m = r.outcome.as_ref().ok()?;
-                    Some((r.context as f64, m.equivalent_bandwidth / 1e12))
+                    Some(((r.context as f64).log2(), m.equivalent_bandwidth / 1e12))
                 })
                 .collect();
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -144,7 +155,7 @@ pub fn render_chart(rows: &[Row], path: &Path) -> Result<(u32, u32), Box<dyn std
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 13))
@@ -177,6 +188,10 @@ mod tests {
         if let Ok(keep) = std::env::var("SHADOWKV_KEEP_CHART") {
             std::fs::copy(&path, keep).unwrap();
         }
+        assert_eq!(tokens_label(32_768.0), "32K");
+        assert_eq!(tokens_label(1_048_576.0), "1M");
+        assert_eq!(tokens_label(122_880.0), "120K");
+        assert_eq!(tokens_label(100_000.0), "100000");
         // Nothing measured: a captioned image all the same.
         let skipped: Vec<Row> = rows
             .into_iter()

@@ -202,7 +202,7 @@ mod tests {
             (&["--value-formats", "fp16"][..], "int4"),
             (&["--homes", "disk"][..], "gpu"),
         ] {
-            let error = parse(words).err().expect("an error").to_string();
+            let error = parse(words).expect_err("an error").to_string();
             assert!(error.contains(expected), "{words:?}: {error}");
         }
         let error = parse(&["--steps", "0"]).unwrap().grid().unwrap_err();
@@ -211,10 +211,10 @@ mod tests {
 
     #[test]
     fn help_explains_the_metric() {
-        let help = Cli::try_parse_from(["bandwidth", "--help"])
-            .err()
-            .expect("help")
-            .to_string();
+        let Err(help) = Cli::try_parse_from(["bandwidth", "--help"]) else {
+            panic!("--help parsed as a run");
+        };
+        let help = help.to_string();
         assert!(help.contains("Equivalent bandwidth = the K/V bytes full attention reads"));
         assert!(help.contains("SYNTHETIC SELECTION"));
     }

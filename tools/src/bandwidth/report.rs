@@ -246,7 +246,8 @@ pub(crate) mod tests {
                 for batch in [1usize, 16] {
                     for hit_rate in [HitRate::Scripted(0.6), HitRate::AsSelected] {
                         let full_kv_bytes = full_attention_kv_bytes(&unit_shape(batch), context);
-                        let step_ms = 0.05 * batch as f64 * (1.0 + context_index as f64 * 0.2);
+                        let step_ms =
+                            0.05 * (batch as f64).powf(0.7) * (1.0 + context_index as f64 * 0.2);
                         let outcome = if context == 1 << 20 && batch == 16 {
                             Err("16 sequences do not fit: the model fits 6 (host memory)".into())
                         } else {

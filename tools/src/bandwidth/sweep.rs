@@ -41,6 +41,18 @@ pub struct SweepOptions {
 }
 
 type Failure = Box<dyn std::error::Error>;
+/// A batch and hit rate of a cell, and what it measured or why it did not run.
+type Outcome = (usize, HitRate, Result<Measured, String>);
+
+/// Shows what the sweep is doing: in the bar's message, or as a line on stderr where the bar
+/// is hidden (stderr not a terminal, as in a logged GPU run), so a long sweep always shows
+/// its progress.
+fn note(bar: &ProgressBar, text: String) {
+    if bar.is_hidden() {
+        eprintln!("[{}/{}] {text}", bar.position(), bar.length().unwrap_or(0));
+    }
+    bar.set_message(text);
+}
 
 /// Runs the sweep; rows in grid order (home, format, context, batch, hit rate).
 pub fn run(
@@ -84,7 +96,10 @@ pub fn run(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
 
-    bar.set_message("ceilings: device copy, pinned host-to-device copy");
+    note(
+        &bar,
+        "ceilings: device copy, pinned host-to-device copy".to_owned(),
+    );
     let ceilings = Ceilings {
         device_copy: copy_bandwidth(gpu)?,
         pinned_copy: pinned_copy_bandwidth(gpu)?,
@@ -177,7 +192,7 @@ fn measure_full_attention(
             bar.inc(batches.len() as u64);
             continue;
         };
-        bar.set_message(format!("full attention at {context} tokens"));
+        note(bar, format!("full attention at {context} tokens"));
         let elements = largest * UNIT_KV_HEADS * context * UNIT_HEAD_DIM;
         let k = random_device_buffer(gpu, elements, options.seed + 11)?;
         let v = random_device_buffer(gpu, elements, options.seed + 12)?;
@@ -215,7 +230,7 @@ fn measure_cell(
     options: &SweepOptions,
     full: &HashMap<(usize, usize), f64>,
     bar: &ProgressBar,
-) -> Result<Vec<(usize, HitRate, Result<Measured, String>)>, Failure> {
+) -> Result<Vec<Outcome>, Failure> {
     let largest = runs.iter().copied().max().unwrap_or(1);
     let context = cell.context;
     let name = format!(
@@ -253,7 +268,7 @@ fn measure_cell(
         }
         let full_kv_bytes = full_attention_kv_bytes(&unit_shape(batch), context);
         for &hit_rate in &grid.hit_rates {
-            bar.set_message(format!("{name}: batch {batch}, {hit_rate} hits"));
+            note(bar, format!("{name}: batch {batch}, {hit_rate} hits"));
             cache
                 .decode_step()
                 .set_scripted_hit_rate(hit_rate.scripted())?;
@@ -329,7 +344,9 @@ fn prefill(
     };
     let mut ids = Vec::with_capacity(count);
     for index in 0..count {
-        bar.set_message(format!("{name}: prefill {}/{count}", index + 1));
+        if index == 0 || index + 1 == count || !bar.is_hidden() {
+            note(bar, format!("{name}: prefill {}/{count}", index + 1));
+        }
         let id = cache.add_sequence(gpu, context)?;
         cache.prefill_layer(gpu, 0, id, &pre_rope_keys, &source, &query)?;
         ids.push(id);
