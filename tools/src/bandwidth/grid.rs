@@ -313,9 +313,14 @@ pub struct CellFit {
 }
 
 /// Which batches of `batches` a cell runs (ascending, without repeats) and which it skips,
-/// with the reason: a batch past the largest that fits is skipped; `largest` is the largest
+/// with the reason: a batch past the largest that fits is skipped unless `past_fit` (one
+/// layer is measured, so it usually still fits; the rows mark it); `largest` is the largest
 /// itself (skipped when not even one sequence fits).
-pub fn plan_batches(batches: &[Batch], fit: &CellFit) -> (Vec<usize>, Vec<(Batch, String)>) {
+pub fn plan_batches(
+    batches: &[Batch],
+    fit: &CellFit,
+    past_fit: bool,
+) -> (Vec<usize>, Vec<(Batch, String)>) {
     let mut run = Vec::new();
     let mut skipped = Vec::new();
     for &batch in batches {
@@ -323,7 +328,7 @@ pub fn plan_batches(batches: &[Batch], fit: &CellFit) -> (Vec<usize>, Vec<(Batch
             Batch::Sequences(count) => count,
             Batch::Largest => fit.largest,
         };
-        if count == 0 || count > fit.largest {
+        if count == 0 || (count > fit.largest && !past_fit) {
             let reason = if fit.largest == 0 {
                 format!("not even one sequence fits ({})", fit.limit)
             } else {
@@ -422,7 +427,7 @@ mod tests {
             Batch::Sequences(32),
             Batch::Largest,
         ];
-        let (run, skipped) = plan_batches(&batches, &fit);
+        let (run, skipped) = plan_batches(&batches, &fit, false);
         assert_eq!(run, [1, 16, 17]);
         assert_eq!(skipped.len(), 1);
         assert_eq!(skipped[0].0, Batch::Sequences(32));
@@ -435,10 +440,23 @@ mod tests {
                 largest: 16,
                 ..fit.clone()
             },
+            false,
         );
         assert_eq!(run, [1, 16]);
+        // Past the fit on request: 32 runs too, the largest stays the largest.
+        let (run, skipped) = plan_batches(&batches, &fit, true);
+        assert_eq!(run, [1, 16, 17, 32]);
+        assert!(skipped.is_empty());
+        let nothing = CellFit {
+            largest: 0,
+            ..fit.clone()
+        };
+        let (run, skipped) = plan_batches(&batches, &nothing, true);
+        assert_eq!(run, [1, 16, 32]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].0, Batch::Largest);
         // Nothing fits: everything is skipped, the largest included.
-        let (run, skipped) = plan_batches(&batches, &CellFit { largest: 0, ..fit });
+        let (run, skipped) = plan_batches(&batches, &CellFit { largest: 0, ..fit }, false);
         assert!(run.is_empty());
         assert_eq!(skipped.len(), 4);
         assert!(skipped[3].1.starts_with("not even one"), "{}", skipped[3].1);

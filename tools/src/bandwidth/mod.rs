@@ -85,6 +85,10 @@ pub struct BandwidthArgs {
     /// less 4 GiB).
     #[arg(long)]
     host_gib: Option<f64>,
+    /// Also run the batches past the largest the whole model fits (one layer is measured, so
+    /// they usually still fit; the table marks them `*`).
+    #[arg(long)]
+    past_fit: bool,
     /// Seed of the synthetic context and queries.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -120,6 +124,7 @@ pub fn run(args: BandwidthArgs) -> Result<(), Box<dyn std::error::Error>> {
         steps: args.steps,
         seed: args.seed,
         host_gib: args.host_gib,
+        past_fit: args.past_fit,
     };
     let (rows, ceilings) = sweep::run(&gpu, &grid, &options)?;
     print!("{}", report::table_text(&rows, Some(&ceilings)));

@@ -36,6 +36,9 @@ pub struct Row {
     /// Sequences in the step (0 when skipped before the batch was known).
     pub batch: usize,
     pub hit_rate: HitRate,
+    /// Whether the whole model would not fit this batch (run with `--past-fit`: one layer
+    /// is measured).
+    pub past_model_fit: bool,
     /// The figures, or why the configuration did not run.
     pub outcome: Result<Measured, String>,
 }
@@ -82,6 +85,12 @@ pub fn table_text(rows: &[Row], ceilings: Option<&Ceilings>) -> String {
             ceilings.pinned_copy / 1e9
         );
     }
+    if rows.iter().any(|r| r.past_model_fit) {
+        let _ = writeln!(
+            text,
+            "batch*: past the largest batch the whole model fits (--past-fit; one layer fits)"
+        );
+    }
     let _ = writeln!(
         text,
         "{:<5} {:<5} {:>8} {:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>10} {:>9} {:>9}  stages (µs after the step began when each ended)",
@@ -94,7 +103,7 @@ pub fn table_text(rows: &[Row], ceilings: Option<&Ceilings>) -> String {
             row.format.name(),
             row.context,
             if row.batch > 0 {
-                row.batch.to_string()
+                format!("{}{}", row.batch, if row.past_model_fit { "*" } else { "" })
             } else {
                 batch_label(row.asked)
             },
@@ -131,7 +140,7 @@ pub fn table_text(rows: &[Row], ceilings: Option<&Ceilings>) -> String {
 }
 
 /// The CSV header.
-pub const CSV_HEADER: &str = "home,format,context,batch_asked,batch,hit_rate,actual_hit_rate,step_us,full_attention_us,speedup,equivalent_tb_per_s,full_kv_bytes,hbm_bytes,pcie_bytes,stages,skipped";
+pub const CSV_HEADER: &str = "home,format,context,batch_asked,batch,past_model_fit,hit_rate,actual_hit_rate,step_us,full_attention_us,speedup,equivalent_tb_per_s,full_kv_bytes,hbm_bytes,pcie_bytes,stages,skipped";
 
 /// A CSV field, quoted when it holds a comma, a quote or a line break.
 fn csv_field(text: &str) -> String {
@@ -157,6 +166,7 @@ pub fn to_csv(rows: &[Row]) -> String {
             row.context.to_string(),
             batch_label(row.asked),
             row.batch.to_string(),
+            row.past_model_fit.to_string(),
             hit_rate,
         ];
         match &row.outcome {
@@ -207,6 +217,7 @@ pub fn to_json(rows: &[Row], ceilings: Option<&Ceilings>) -> serde_json::Value {
                 "context": row.context,
                 "batch_asked": batch_label(row.asked),
                 "batch": row.batch,
+                "past_model_fit": row.past_model_fit,
                 "hit_rate": hit_rate,
             });
             match &row.outcome {
@@ -274,6 +285,7 @@ pub(crate) mod tests {
                             asked: Batch::Sequences(batch),
                             batch,
                             hit_rate,
+                            past_model_fit: false,
                             outcome,
                         });
                     }
@@ -297,12 +309,12 @@ pub(crate) mod tests {
             "{}",
             lines[1]
         );
-        assert!(lines[1].starts_with("host,bf16,32768,1,1,0.6,0.6000,50.00,1000.00,20.000,"));
+        assert!(lines[1].starts_with("host,bf16,32768,1,1,false,0.6,0.6000,50.00,1000.00,20.000,"));
         let skipped = lines
             .iter()
             .find(|l| l.contains("do not fit"))
             .expect("a skipped row");
-        // Unquoted fields of a skipped row: the six keys, nine empty, the reason.
+        // Unquoted fields of a skipped row: the seven keys, nine empty, the reason.
         assert_eq!(skipped.split(',').count(), columns);
         assert!(skipped.ends_with("host memory)"), "{skipped}");
         assert!(lines[2].contains(",selected,"), "{}", lines[2]);
@@ -349,5 +361,12 @@ pub(crate) mod tests {
         let shown = format!("{:.2}", measured.equivalent_bandwidth / 1e12);
         assert!(text.contains(&shown), "{shown} in\n{text}");
         assert!(text.contains("skipped: 16 sequences do not fit"));
+        assert!(!text.contains("batch*"));
+        let mut past = rows.clone();
+        past[0].past_model_fit = true;
+        let text = table_text(&past, None);
+        assert!(text.contains("batch*: past the largest batch"), "{text}");
+        assert!(text.contains("     1*"), "{text}");
+        assert!(to_csv(&past).lines().nth(1).unwrap().contains(",1,1,true,"));
     }
 }

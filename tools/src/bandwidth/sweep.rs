@@ -38,6 +38,8 @@ pub struct SweepOptions {
     pub steps: u32,
     pub seed: u64,
     pub host_gib: Option<f64>,
+    /// Run batches past the largest the whole model fits (one layer is measured).
+    pub past_fit: bool,
 }
 
 type Failure = Box<dyn std::error::Error>;
@@ -79,16 +81,19 @@ pub fn run(
             largest: fitted.batch,
             limit: fitted.limit,
         };
-        let (runs, skipped) = plan_batches(&grid.batches, &cell_fit);
-        plans.push((cell, runs, skipped));
+        let (runs, skipped) = plan_batches(&grid.batches, &cell_fit, options.past_fit);
+        plans.push((cell, cell_fit.largest, runs, skipped));
     }
     let mut full_shapes: Vec<(usize, usize)> = plans
         .iter()
-        .flat_map(|(cell, runs, _)| runs.iter().map(|&b| (cell.context, b)))
+        .flat_map(|(cell, _, runs, _)| runs.iter().map(|&b| (cell.context, b)))
         .collect();
     full_shapes.sort_unstable();
     full_shapes.dedup();
-    let steps: usize = plans.iter().map(|(_, runs, _)| runs.len()).sum::<usize>()
+    let steps: usize = plans
+        .iter()
+        .map(|(_, _, runs, _)| runs.len())
+        .sum::<usize>()
         * grid.hit_rates.len()
         + full_shapes.len();
     let bar = ProgressBar::new(steps as u64).with_style(
@@ -111,7 +116,7 @@ pub fn run(
         layers: 1,
         ..cache_shape(&config)
     };
-    for (cell, runs, skipped) in plans {
+    for (cell, largest, runs, skipped) in plans {
         let asked = |batch: usize| {
             if grid.batches.contains(&Batch::Sequences(batch)) {
                 Batch::Sequences(batch)
@@ -142,6 +147,7 @@ pub fn run(
                 asked: asked(batch),
                 batch,
                 hit_rate,
+                past_model_fit: batch > largest,
                 outcome,
             });
         }
@@ -157,6 +163,7 @@ pub fn run(
                         Batch::Largest => 0,
                     },
                     hit_rate,
+                    past_model_fit: false,
                     outcome: Err(reason.clone()),
                 });
             }
