@@ -106,6 +106,50 @@ impl StepTraffic {
     }
 }
 
+/// When each stage of a step ran: its name, start and end (µs after the step began).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageSpan {
+    pub name: String,
+    pub start_us: f64,
+    pub end_us: f64,
+}
+
+/// The spans of a step's stages from when each ended (`DecodeStep::timeline`, issue order),
+/// for a step with the overlap on, as the sweep runs it: a `fetch` runs on the copy stream
+/// once its part's selection (the compute stage before it) and the previous fetch are done;
+/// the step's last attention waits for every fetch; every other stage follows the compute
+/// stage before it.
+pub fn stage_spans(ends: &[(String, f64)]) -> Vec<StageSpan> {
+    let mut compute_end = 0f64;
+    let mut fetch_end: Option<f64> = None;
+    let last_attention = ends
+        .iter()
+        .rposition(|(name, _)| name == "attention" || name == "attention (fresh)");
+    ends.iter()
+        .enumerate()
+        .map(|(index, (name, end))| {
+            let start = if name == "fetch" {
+                let start = compute_end.max(fetch_end.unwrap_or(0.0));
+                fetch_end = Some(*end);
+                start
+            } else {
+                let start = if Some(index) == last_attention {
+                    compute_end.max(fetch_end.unwrap_or(0.0))
+                } else {
+                    compute_end
+                };
+                compute_end = *end;
+                start
+            };
+            StageSpan {
+                name: name.clone(),
+                start_us: start,
+                end_us: *end,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +181,45 @@ mod tests {
         assert!((rate / 1e12 - 10.62).abs() < 0.01, "{rate}");
         assert!(equivalent_bandwidth(bytes, 0.0).is_nan());
         assert!(equivalent_bandwidth(bytes, f64::NAN).is_nan());
+    }
+
+    #[test]
+    fn stages_start_when_what_they_wait_for_ends() {
+        let ends: Vec<(String, f64)> = [
+            ("scoring", 10.0),
+            ("topk + plan", 25.0),
+            ("fetch", 80.0),
+            ("scoring", 35.0),
+            ("topk + plan", 50.0),
+            ("fetch", 140.0),
+            ("attention (resident)", 90.0),
+            ("rebuild", 110.0),
+            ("attention (fresh)", 150.0),
+        ]
+        .iter()
+        .map(|&(name, end)| (name.to_owned(), end))
+        .collect();
+        let spans = stage_spans(&ends);
+        let starts: Vec<f64> = spans.iter().map(|s| s.start_us).collect();
+        // The second fetch waits for the first; the resident attention follows the second
+        // selection; the fresh attention waits for the last fetch.
+        assert_eq!(
+            starts,
+            [0.0, 10.0, 25.0, 25.0, 35.0, 80.0, 50.0, 90.0, 140.0]
+        );
+        assert_eq!(spans[8].end_us, 150.0);
+        // One part, one attention after the fetch.
+        let one: Vec<(String, f64)> = [
+            ("scoring", 5.0),
+            ("fetch", 40.0),
+            ("rebuild", 20.0),
+            ("attention", 60.0),
+        ]
+        .iter()
+        .map(|&(name, end)| (name.to_owned(), end))
+        .collect();
+        let starts: Vec<f64> = stage_spans(&one).iter().map(|s| s.start_us).collect();
+        assert_eq!(starts, [0.0, 5.0, 5.0, 40.0]);
     }
 
     #[test]

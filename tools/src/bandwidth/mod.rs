@@ -36,7 +36,7 @@ home by what the whole model (32 layers, bf16 weights) fits in the GPU's free me
 host's available memory, as `shadowkv plan` finds it; configurations past it are listed as \
 skipped with the reason. The device-to-device copy, the pinned host-to-device copy and full \
 attention are measured in the same run. The table shows where the time went: HBM and PCIe \
-bytes of the step and when each stage ended.";
+bytes of the step and when each stage ran (start-end, µs after the step began).";
 
 /// `--format`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use shadowkv::cache::ValueFormat;
 
 use super::grid::{Batch, HitRate, Home};
-use super::metric::StepTraffic;
+use super::metric::{stage_spans, StepTraffic};
 
 /// What one configuration measured.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,11 +65,11 @@ fn batch_label(batch: Batch) -> String {
     }
 }
 
-/// Stages as `name end_us` pairs joined by `; `.
+/// Stages as `name start-end` (µs) joined by `; `.
 fn stages_text(stages: &[(String, f64)]) -> String {
-    stages
+    stage_spans(stages)
         .iter()
-        .map(|(name, end)| format!("{name} {end:.1}"))
+        .map(|s| format!("{} {:.1}-{:.1}", s.name, s.start_us, s.end_us))
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -93,7 +93,7 @@ pub fn table_text(rows: &[Row], ceilings: Option<&Ceilings>) -> String {
     }
     let _ = writeln!(
         text,
-        "{:<5} {:<5} {:>8} {:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>10} {:>9} {:>9}  stages (µs after the step began when each ended)",
+        "{:<5} {:<5} {:>8} {:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>10} {:>9} {:>9}  stages (µs after the step began: start-end)",
         "home", "vals", "context", "batch", "hits", "actual", "step us", "full us", "speedup", "equiv TB/s", "HBM MB", "PCIe MB"
     );
     for row in rows {
@@ -230,10 +230,15 @@ pub fn to_json(rows: &[Row], ceilings: Option<&Ceilings>) -> serde_json::Value {
                     value["full_kv_bytes"] = serde_json::json!(m.full_kv_bytes);
                     value["hbm_bytes"] = serde_json::json!(m.traffic.hbm_bytes);
                     value["pcie_bytes"] = serde_json::json!(m.traffic.pcie_bytes);
-                    value["stages_end_us"] = m
-                        .stages
+                    value["stages"] = stage_spans(&m.stages)
                         .iter()
-                        .map(|(name, end)| serde_json::json!({ "stage": name, "end_us": end }))
+                        .map(|s| {
+                            serde_json::json!({
+                                "stage": s.name,
+                                "start_us": s.start_us,
+                                "end_us": s.end_us,
+                            })
+                        })
                         .collect();
                 }
                 Err(reason) => value["skipped"] = serde_json::json!(reason),
@@ -305,7 +310,7 @@ pub(crate) mod tests {
         let columns = CSV_HEADER.split(',').count();
         // The stage list holds a comma ("fetch, copy"): one quoted field.
         assert!(
-            lines[1].contains("\"select 20.0; fetch, copy 60.5\""),
+            lines[1].contains("\"select 0.0-20.0; fetch, copy 20.0-60.5\""),
             "{}",
             lines[1]
         );
@@ -337,7 +342,8 @@ pub(crate) mod tests {
         assert_eq!(out.len(), rows.len());
         assert_eq!(out[0]["hit_rate"], 0.6);
         assert_eq!(out[1]["hit_rate"], "selected");
-        assert_eq!(out[0]["stages_end_us"][1]["stage"], "fetch, copy");
+        assert_eq!(out[0]["stages"][1]["stage"], "fetch, copy");
+        assert_eq!(out[0]["stages"][1]["start_us"], 20.0);
         let skipped = out.iter().find(|r| r["skipped"].is_string()).unwrap();
         assert!(skipped["step_us"].is_null());
         let no_full = out
