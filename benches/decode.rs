@@ -21,7 +21,9 @@ use shadowkv::{
     ShadowSequence, StepWorkspace,
 };
 use shadowkv_suite::bench::{
-    best_ms, copy_bandwidth, copy_bandwidth_at, filled, gemm_rate, median, steady_ms,
+    copy_bandwidth, copy_bandwidth_at, filled, gemm_rate, median,
+    pinned_copy_bandwidth as pcie_bandwidth, pinned_copy_bandwidth_at as pcie_bandwidth_at,
+    steady_ms,
 };
 use shadowkv_suite::{random_bf16, shared_gpu};
 
@@ -52,36 +54,6 @@ fn main() {
         eprintln!("decode bench failed: {error}");
         std::process::exit(1);
     }
-}
-
-/// Pinned host-to-device copy rate (bytes/s): the fastest of 10 copies of 512 MiB after a
-/// warm-up copy (the median of the same copies read 35-54 GB/s across fresh machines of one
-/// day, and put the fetch at 138% of it).
-fn pcie_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
-    let elements = 256 << 20;
-    let source = PinnedBuffer::<bf16>::new(gpu, elements)?;
-    // SAFETY: written by the copies before anything reads it.
-    let mut target = unsafe { gpu.stream().alloc::<bf16>(elements)? };
-    let mut copy = || Ok(gpu.stream().memcpy_htod(source.host_slice(), &mut target)?);
-    gpu.time_ms(gpu.stream(), 1, &mut copy)?;
-    let mut best = f32::INFINITY;
-    for _ in 0..10 {
-        best = best.min(gpu.time_ms(gpu.stream(), 1, &mut copy)?);
-    }
-    Ok(2.0 * elements as f64 / (best as f64 * 1e-3))
-}
-
-/// The pinned host-to-device rate of a copy of `bytes`, back to back as the kernels are
-/// timed ([`best_ms`]): the fetch's ceiling at its own size.
-fn pcie_bandwidth_at(gpu: &Gpu, bytes: usize) -> shadowkv::Result<f64> {
-    let elements = (bytes / 2).max(1);
-    let source = PinnedBuffer::<bf16>::new(gpu, elements)?;
-    // SAFETY: written by the copies before anything reads it.
-    let mut target = unsafe { gpu.stream().alloc::<bf16>(elements)? };
-    let ms = best_ms(gpu, gpu.stream(), || {
-        Ok(gpu.stream().memcpy_htod(source.host_slice(), &mut target)?)
-    })?;
-    Ok(2.0 * elements as f64 / (ms * 1e-3))
 }
 
 /// The sequences of a batch at `context` tokens per sequence: 4 local and 48 outlier chunks,

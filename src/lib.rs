@@ -258,7 +258,8 @@ pub mod layers {
     }
 }
 
-/// Benchmark helpers: filled device buffers, the measured ceilings, steady-state timing.
+/// Benchmark helpers: filled device buffers and the GEMM ceiling; the copy ceilings and the
+/// steady-state timing are the library's (`shadowkv::measure`), shared with `shadowkv bandwidth`.
 pub mod bench {
     use half::bf16;
     use rand::{rngs::StdRng, SeedableRng};
@@ -266,6 +267,10 @@ pub mod bench {
     use shadowkv::Gpu;
 
     use super::random_bf16;
+    pub use shadowkv::measure::{
+        best_ms, copy_bandwidth, copy_bandwidth_at, median, pinned_copy_bandwidth,
+        pinned_copy_bandwidth_at, steady_ms,
+    };
 
     /// Fills a large device buffer with a repeated random block (no zeros, no host RNG over GiBs).
     pub fn filled(gpu: &Gpu, elements: usize, seed: u64) -> shadowkv::Result<CudaSlice<bf16>> {
@@ -282,79 +287,6 @@ pub mod bench {
             start += n;
         }
         Ok(buffer)
-    }
-
-    /// Device-to-device copy bandwidth (bytes read + written), median of 20.
-    pub fn copy_bandwidth(gpu: &Gpu) -> shadowkv::Result<f64> {
-        let bytes = 1usize << 30;
-        let source = filled(gpu, bytes / 2, 1)?;
-        // SAFETY: written by the copy before anything reads it.
-        let mut target = unsafe { gpu.stream().alloc::<bf16>(bytes / 2)? };
-        let mut times = Vec::new();
-        for _ in 0..20 {
-            times.push(gpu.time_ms(gpu.stream(), 1, || {
-                Ok(gpu.stream().memcpy_dtod(&source, &mut target)?)
-            })?);
-        }
-        Ok(2.0 * bytes as f64 / (median(&mut times) as f64 * 1e-3))
-    }
-
-    /// The copy ceiling at a kernel's own size: the device-to-device copy that moves `bytes`
-    /// in all (half read, half written), timed as the kernels are (back to back, [`best_ms`]).
-    /// Small copies pay the launch and ramp that small kernels pay, so this is the fair
-    /// ceiling for a kernel that reads a few MB. The sources rotate over 256 MiB, so L2 does
-    /// not hold them between calls.
-    pub fn copy_bandwidth_at(gpu: &Gpu, bytes: usize) -> shadowkv::Result<f64> {
-        let half = (bytes / 4).max(1);
-        let sources = ((256usize << 20) / (2 * half)).clamp(2, 64);
-        let source = filled(gpu, half * sources, 3)?;
-        // SAFETY: written by the copies before anything reads it.
-        let mut target = unsafe { gpu.stream().alloc::<bf16>(half)? };
-        let mut next = 0;
-        let ms = best_ms(gpu, gpu.stream(), || {
-            next = (next + 1) % sources;
-            let from = source.slice(next * half..(next + 1) * half);
-            Ok(gpu.stream().memcpy_dtod(&from, &mut target)?)
-        })?;
-        Ok((4 * half) as f64 / (ms * 1e-3))
-    }
-
-    /// Device time of one call in steady state: the median over 15 samples of 20 back-to-back
-    /// calls each, so the host's enqueue of the next call overlaps the GPU's work on this one
-    /// (as in a decode loop) instead of being counted.
-    pub fn steady_ms(
-        gpu: &Gpu,
-        stream: &shadowkv::cudarc::driver::CudaStream,
-        work: impl FnMut() -> shadowkv::Result<()>,
-    ) -> shadowkv::Result<f64> {
-        Ok(median(&mut samples(gpu, stream, work)?) as f64)
-    }
-
-    /// A ceiling's device time of one call: as [`steady_ms`] after one warm-up sample, but
-    /// the fastest sample instead of the median. A ceiling is the best the hardware does; a
-    /// median let one slow stretch (a fresh machine's first copies) pass for the ceiling and
-    /// put kernels above 100% of it.
-    pub fn best_ms(
-        gpu: &Gpu,
-        stream: &shadowkv::cudarc::driver::CudaStream,
-        mut work: impl FnMut() -> shadowkv::Result<()>,
-    ) -> shadowkv::Result<f64> {
-        gpu.time_ms(stream, 20, &mut work)?;
-        let fastest = samples(gpu, stream, work)?
-            .into_iter()
-            .fold(f32::INFINITY, f32::min);
-        Ok(fastest as f64)
-    }
-
-    /// 15 samples of the device time of one call, each over 20 back-to-back calls.
-    fn samples(
-        gpu: &Gpu,
-        stream: &shadowkv::cudarc::driver::CudaStream,
-        mut work: impl FnMut() -> shadowkv::Result<()>,
-    ) -> shadowkv::Result<Vec<f32>> {
-        (0..15)
-            .map(|_| gpu.time_ms(stream, 20, &mut work))
-            .collect()
     }
 
     /// cuBLAS bf16 GEMM rate (FLOP/s) at 8192^3, f32 accumulate, median of 6: the tensor-core
@@ -391,10 +323,5 @@ pub mod bench {
             })?);
         }
         Ok(2.0 * (n as f64).powi(3) / (median(&mut times) as f64 * 1e-3))
-    }
-
-    pub fn median(times: &mut [f32]) -> f32 {
-        times.sort_by(f32::total_cmp);
-        times[times.len() / 2]
     }
 }

@@ -23,6 +23,7 @@ pub mod error;
 pub mod gpu;
 pub mod kernels;
 pub mod linear;
+pub mod measure;
 pub mod pinned;
 pub mod ptx;
 pub mod reference;

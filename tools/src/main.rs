@@ -1,5 +1,6 @@
 //! `shadowkv`: the command-line driver of the ShadowKV kernels.
 mod args;
+mod bandwidth;
 mod bench;
 mod generate;
 mod hit_rates;
@@ -69,6 +70,11 @@ enum Command {
     /// with --all-layers the route that held every layer's K/V), against the bound weights +
     /// hidden states + 2 x one layer's K/V + workspace.
     PrefillPeak(prefill::PrefillPeakArgs),
+    /// The equivalent bandwidth of one layer's ShadowKV step (full-attention K/V bytes /
+    /// step time), swept over context, batch, hit rate, value format and home beside the
+    /// copy ceilings and full attention; a table, CSV or JSON and a PNG chart. GPU only.
+    #[command(long_about = bandwidth::ABOUT)]
+    Bandwidth(bandwidth::BandwidthArgs),
 }
 
 fn main() {
@@ -97,6 +103,7 @@ fn main() {
         Command::Plan(args) => plan::run(args),
         Command::HitRates(args) => hit_rates::run(args),
         Command::PrefillPeak(args) => prefill::run_peak(args),
+        Command::Bandwidth(args) => bandwidth::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

@@ -259,7 +259,8 @@ pub const CHART_SIZE: (u32, u32) = (1600, 900);
 /// The text font (DejaVu Sans, in the binary: no system fonts needed).
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
-fn register_font() {
+/// Registers the bundled font as `sans-serif` (once), for every chart of the tool.
+pub(crate) fn register_font() {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| {
         // The font is valid TrueType, built in; a failure would only leave the text out.
@@ -386,7 +387,7 @@ pub fn render_chart(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn fake_rows() -> Vec<TableRow> {
@@ -421,7 +422,7 @@ mod tests {
     }
 
     /// Width and height from a PNG's IHDR chunk, if `bytes` starts like a PNG.
-    fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    pub(crate) fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
         const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
         if bytes.len() < 24 || bytes[..8] != SIGNATURE || &bytes[12..16] != b"IHDR" {
             return None;

@@ -239,3 +239,60 @@ fn value_formats_are_named_and_plan_shows_the_batch_of_each() {
     ]);
     assert!(!ok && stderr.contains("--value-format fp8"), "{stderr}");
 }
+
+/// `bandwidth --help` defines the metric; a bad axis value is refused before anything runs;
+/// without a GPU the sweep says so and exits non-zero; on a GPU a one-configuration sweep
+/// writes a measured CSV row and the chart (the quick grid is `gpu-bundle/run.sh values`).
+#[test]
+fn bandwidth_explains_its_metric_and_needs_a_gpu() {
+    let (ok, stdout, _) = shadowkv(&["bandwidth", "--help"]);
+    assert!(ok, "{stdout}");
+    for expected in [
+        "Equivalent bandwidth",
+        "full attention",
+        "--quick",
+        "--hit-rates",
+    ] {
+        assert!(stdout.contains(expected), "{expected}: {stdout}");
+    }
+    let (ok, _, stderr) = shadowkv(&["bandwidth", "--quick", "--hit-rates", "often"]);
+    assert!(!ok && stderr.contains("selected"), "{stderr}");
+    if !shadowkv::gpu_available() {
+        let (ok, _, stderr) = shadowkv(&["bandwidth", "--quick"]);
+        assert!(!ok, "succeeded without a GPU");
+        assert!(stderr.contains("measures on a GPU"), "{stderr}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("shadowkv-bandwidth-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("sweep");
+    let out_arg = out.to_str().unwrap();
+    let (ok, stdout, stderr) = shadowkv(&[
+        "bandwidth",
+        "--contexts",
+        "32K",
+        "--batches",
+        "1",
+        "--hit-rates",
+        "60",
+        "--value-formats",
+        "bf16",
+        "--homes",
+        "host",
+        "--samples",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        out_arg,
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("equiv TB/s"), "{stdout}");
+    let csv = std::fs::read_to_string(out.with_extension("csv")).unwrap();
+    let row = csv.lines().nth(1).expect("a row");
+    assert!(row.starts_with("host,bf16,32768,1,1,false,0.6,"), "{row}");
+    // A measured row leaves the last column (why it was skipped) empty.
+    assert!(row.ends_with(','), "{row}");
+    assert!(std::fs::metadata(out.with_extension("png")).unwrap().len() > 1000);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
