@@ -10,13 +10,14 @@ use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::kernels::plan::PlanBuffers;
 use shadowkv::kernels::shadow::ShadowBatch;
 use shadowkv::kernels::{plan, scoring, topk};
-use shadowkv::reference::decode_step::{decode_step, HostLayer};
+use shadowkv::reference::decode_step::{decode_step, decode_step_rotary, HostLayer};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, DecodeStep, Error, Gpu, Miss,
     RopeConfig, SequenceLayout, ShadowConfig, EMPTY_SLOT,
 };
 use shadowkv_suite::layers::{random_layer, small_layer, upload, SequenceSpec};
+use shadowkv_suite::rope_variants::random_rope;
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64};
 
 const TOLERANCE: f64 = 1e-2;
@@ -661,13 +662,11 @@ fn run_steps(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut host = random_layer(&mut rng, config, specs);
     let mut layer = upload(gpu, config, &host, values_on_gpu).map_err(s)?;
-    let rope = RopeConfig {
-        theta: 10_000.0 + 490_000.0 * rng.gen::<f64>(),
-        scaling: rng
-            .gen_bool(0.5)
-            .then_some(shadowkv::Llama3Scaling::LLAMA_3_1),
-    };
+    // Every RoPE variant the rebuild supports: scaled, rope_freqs factors, partial rotary with
+    // adjacent pairs, LongRoPE with its attention factor.
+    let rope = random_rope(&mut rng, config.head_dim, true);
     let frequencies = shadowkv::decode_step::inverse_frequencies(&rope, config.head_dim as u32);
+    let rotary = rope.layout(config.head_dim as u32);
     let mut step = DecodeStep::new(gpu, rope, &layer.batch).map_err(s)?;
     let stream = gpu.stream();
     let mut q = random_q(&mut rng, config, specs.len(), 2.0);
@@ -692,7 +691,13 @@ fn run_steps(
         let selection = stream.clone_dtoh(&scratch.selection).map_err(s)?;
         let misses = stream.clone_dtoh(&scratch.misses).map_err(s)?;
         let counts = stream.clone_dtoh(&scratch.miss_counts).map_err(s)?;
-        let expected = decode_step(config, &frequencies, &mut host, &q, Some(&device_scores));
+        let expected = decode_step_rotary(
+            config,
+            (&frequencies, &rotary),
+            &mut host,
+            &q,
+            Some(&device_scores),
+        );
         let k = config.budget_chunks;
         for index in 0..specs.len() * config.kv_heads {
             if selection[index * k..(index + 1) * k] != expected.selection[index][..] {
