@@ -212,7 +212,7 @@ impl RopeConfig {
         if !(self.theta.is_finite() && self.theta > 1.0) {
             return Err(format!("has RoPE theta {}; it must exceed 1", self.theta));
         }
-        if rotary_dim % 2 != 0 || rotary_dim > head_dim || pairs > MAX_ROPE_PAIRS {
+        if !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim || pairs > MAX_ROPE_PAIRS {
             return Err(format!(
                 "rotates {rotary_dim} dimensions of {head_dim}; expected an even count up to \
                  the head dimension and {}",

@@ -154,8 +154,8 @@ mod tests {
         for (seed, position) in POSITIONS.into_iter().enumerate() {
             let x = row(seed);
             let mut expected = x.clone();
-            for i in 0..HEAD_DIM / 2 {
-                let frequency = THETA.powf(-2.0 * i as f64 / HEAD_DIM as f64) / values[i] as f64;
+            for (i, factor) in values.iter().enumerate() {
+                let frequency = THETA.powf(-2.0 * i as f64 / HEAD_DIM as f64) / *factor as f64;
                 turn(
                     &mut expected,
                     (i, i + HEAD_DIM / 2),
@@ -253,9 +253,8 @@ mod tests {
             for (seed, position) in POSITIONS.into_iter().enumerate() {
                 let x = row(seed);
                 let mut expected = x.clone();
-                for i in 0..HEAD_DIM / 2 {
-                    let frequency =
-                        THETA.powf(-2.0 * i as f64 / HEAD_DIM as f64) / expected_factors[i] as f64;
+                for (i, factor) in expected_factors.iter().enumerate() {
+                    let frequency = THETA.powf(-2.0 * i as f64 / HEAD_DIM as f64) / *factor as f64;
                     let angle = position as f64 * frequency;
                     turn(
                         &mut expected,
