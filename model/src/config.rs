@@ -86,6 +86,16 @@ impl ModelConfig {
         inverse_frequencies(&self.rope, self.head_dim as u32)
     }
 
+    /// This config for a run sized for `context` tokens: LongRoPE then uses its short factors
+    /// if `context` fits the original context length and its long factors past it (a run's
+    /// keys all use one set, so that ShadowKV's rebuilt keys match the forward pass's).
+    pub fn sized_for_context(mut self, context: usize) -> ModelConfig {
+        if let Some(long_rope) = &mut self.rope.long_rope {
+            long_rope.context_length = context as f64;
+        }
+        self
+    }
+
     /// The rotation's layout for the kernels (rotated part, pairing, attention factor).
     pub fn rotary_layout(&self) -> RotaryLayout {
         self.rope.layout(self.head_dim as u32)

@@ -299,6 +299,10 @@ fn gguf_partial_rotary_and_long_rope_metadata_are_read() {
     assert_eq!(table.len(), pairs);
     let expected = 10_000f64.powf(-2.0 / (HEAD_DIM / 2) as f64) / long[1] as f64;
     assert!((table[1] - expected).abs() <= 1e-12 * expected);
+    // A run sized within the original context uses the short factors.
+    let short_run = config.clone().sized_for_context(4096).inverse_frequencies();
+    let expected = 10_000f64.powf(-2.0 / (HEAD_DIM / 2) as f64) / short[1] as f64;
+    assert!((short_run[1] - expected).abs() <= 1e-12 * expected);
 
     // Only one of the two factor tensors: an error naming the missing one.
     let one = vec![(
