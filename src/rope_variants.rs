@@ -1,8 +1,23 @@
-//! Random RoPE variants for the kernel tests: plain, Llama-3 scaled, per-frequency factors
+//! RoPE variants for the kernel tests: plain, Llama-3 scaled, per-frequency factors
 //! (`rope_freqs`), partial rotary with adjacent or rotate-half pairs, and LongRoPE with an
-//! attention factor, alone or combined.
+//! attention factor, alone and combined. Tests take them in turn ([`next_variant`]) so that a
+//! run of at least [`ROPE_VARIANTS`] cases covers each.
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use rand::Rng;
 use shadowkv::{Llama3Scaling, LongRope, RopeConfig, RopeFactors, RopePairing};
+
+/// How many variants [`rope_variant`] draws from.
+pub const ROPE_VARIANTS: usize = 7;
+
+/// The variant with rotate-half pairs over part of the head, which the key rebuild refuses.
+pub const PARTIAL_HALVES: usize = 4;
+
+/// The next variant in turn (process-wide).
+pub fn next_variant() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed) % ROPE_VARIANTS
+}
 
 /// Random positive factors for `pairs` frequencies, between 1 and 40 (LongRoPE's range).
 fn random_factors(rng: &mut impl Rng, pairs: usize) -> RopeFactors {
@@ -10,32 +25,29 @@ fn random_factors(rng: &mut impl Rng, pairs: usize) -> RopeFactors {
     RopeFactors::new(&values).expect("at most MAX_ROPE_PAIRS factors")
 }
 
-/// A random RoPE of heads of `head_dim`. With `whole_head_halves`, rotate-half pairs always
-/// cover the whole head (the key rebuild's restriction); partial rotary then uses adjacent
-/// pairs.
-pub fn random_rope(rng: &mut impl Rng, head_dim: usize, whole_head_halves: bool) -> RopeConfig {
+/// Variant `variant` (of [`ROPE_VARIANTS`]) of heads of `head_dim`, with a random base and
+/// random factors: 0 plain, 1 Llama-3 scaled, 2 `rope_freqs` factors, 3 partial rotary with
+/// adjacent pairs (GLM-4), 4 partial rotary with rotate-half pairs, 5 LongRoPE (short or long
+/// factors), 6 partial adjacent with factors and LongRoPE together.
+pub fn rope_variant(rng: &mut impl Rng, head_dim: usize, variant: usize) -> RopeConfig {
     let mut rope = RopeConfig::new(rng.gen_range(1e4..1e6));
-    let variant = rng.gen_range(0..6);
     if variant == 1 {
         rope.scaling = Some(Llama3Scaling::LLAMA_3_1);
     }
-    if variant == 3 || variant == 5 {
-        // Partial rotary: a quarter, a half or three quarters of the head (even counts).
-        let rotary_dim = head_dim / 4 * rng.gen_range(1..=3);
-        rope.rotary_dim = (rotary_dim & !1) as u32;
-        rope.pairing = if whole_head_halves || rng.gen_bool(0.5) {
-            RopePairing::Adjacent
-        } else {
+    if matches!(variant, 3 | 4 | 6) {
+        // A quarter, a half or three quarters of the head.
+        rope.rotary_dim = (head_dim / 4 * rng.gen_range(1..=3)) as u32;
+        rope.pairing = if variant == PARTIAL_HALVES {
             RopePairing::Halves
+        } else {
+            RopePairing::Adjacent
         };
-    } else if rng.gen_bool(0.5) {
-        rope.pairing = RopePairing::Adjacent;
     }
     let pairs = rope.rotary_dim(head_dim as u32) as usize / 2;
-    if variant == 2 || variant == 5 {
+    if matches!(variant, 2 | 6) {
         rope.factors = Some(Llama3Scaling::LLAMA_3_1.factors(rope.theta, 2 * pairs as u32));
     }
-    if variant == 4 || variant == 5 {
+    if matches!(variant, 5 | 6) {
         let original = 4096.0;
         let context = if rng.gen_bool(0.5) { 131_072.0 } else { 4096.0 };
         rope.long_rope = Some(LongRope {

@@ -11,7 +11,7 @@ use shadowkv::kernels::layer::{self, QkvShape, TokenPlan};
 use shadowkv::linear::Linear;
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{Error, Gpu, RotaryLayout, SequenceLayout};
-use shadowkv_suite::rope_variants::random_rope;
+use shadowkv_suite::rope_variants::{next_variant, rope_variant};
 use shadowkv_suite::{poisoned, proptest_runner, random_bf16, run_gpu_tests, to_f64, POISON};
 
 /// bf16 outputs of f32 arithmetic.
@@ -186,7 +186,7 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                 let bias = random_f32(&mut rng, shape.width(), 0.5);
                 // Every RoPE variant: scaled, rope_freqs factors, partial rotary with either
                 // pairing, LongRoPE with its attention factor.
-                let rope = random_rope(&mut rng, head_dim, false);
+                let rope = rope_variant(&mut rng, head_dim, next_variant());
                 let frequencies = inverse_frequencies(&rope, head_dim as u32);
                 let rotary = rope.layout(head_dim as u32);
                 let cache = vec![POISON; offset as usize];
