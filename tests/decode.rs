@@ -1086,6 +1086,30 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             }
         }
     }
+    // RoPE the rebuild cannot apply (rotate-half pairs over part of the head) or that does not
+    // fit the head (factors for another head dimension).
+    let partial_halves = RopeConfig {
+        rotary_dim: (config.head_dim / 2) as u32,
+        ..RopeConfig::LLAMA_3
+    };
+    let wrong_factors = RopeConfig {
+        factors: shadowkv::RopeFactors::new(&[1.0; 3]),
+        ..RopeConfig::LLAMA_3
+    };
+    for (rope, argument) in [
+        (partial_halves, "rotary.rotary_dim"),
+        (wrong_factors, "rope"),
+    ] {
+        match DecodeStep::new(gpu, rope, &layer.batch) {
+            Err(Error::InvalidArgument { argument: a, .. }) if a == argument => {}
+            Err(other) => {
+                return Err(format!(
+                    "{rope:?}: expected `{argument}` refused, got {other}"
+                ))
+            }
+            Ok(_) => return Err(format!("{rope:?}: accepted")),
+        }
+    }
     // Top-k clusters of 0 or more than 8 blocks per head.
     let step_scratch = DecodeStep::new(gpu, RopeConfig::LLAMA_3, &layer.batch).map_err(s)?;
     let w = step_scratch.scratch();
