@@ -508,7 +508,10 @@ fn run(gpu: &Gpu) -> shadowkv::Result<()> {
                     &w.miss_counts,
                     &l.a,
                     &l.bm,
-                    &frequencies,
+                    (
+                        &frequencies,
+                        RopeConfig::LLAMA_3.layout(CONFIG.head_dim as u32),
+                    ),
                     &mut l.k,
                 )
             })?;

@@ -8,6 +8,7 @@ use rand::Rng;
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::{Gpu, Result};
 
+pub mod rope_variants;
 pub mod structured;
 
 /// A NaN that marks every element a kernel should have written.

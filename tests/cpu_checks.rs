@@ -526,3 +526,57 @@ fn topk_clusters_only_long_sequences_at_small_batches() {
         "past shared memory: scores stay global"
     );
 }
+
+/// The rebuild's RoPE check (also run by `DecodeStep::new`): partial rotary with adjacent
+/// pairs, whole-head rotate-half; partial rotate-half, odd or oversized rotary parts, a bad
+/// pairing or attention factor and a frequency table of the wrong length are refused.
+#[test]
+fn rebuild_rotary_layouts_are_checked() {
+    use shadowkv::kernels::rebuild::check_rebuild_rotary;
+    use shadowkv::{RopeConfig, RopePairing, RotaryLayout};
+    let glm = RopeConfig {
+        rotary_dim: 64,
+        pairing: RopePairing::Adjacent,
+        ..RopeConfig::new(10_000.0)
+    };
+    assert!(check_rebuild_rotary(&glm.layout(128), 128, 32).is_ok());
+    assert!(check_rebuild_rotary(&RotaryLayout::full(128), 128, 64).is_ok());
+    let partial_halves = RopeConfig {
+        rotary_dim: 64,
+        ..RopeConfig::new(10_000.0)
+    };
+    let bad = [
+        (partial_halves.layout(128), 32, "rotary.rotary_dim"),
+        (RotaryLayout::full(128), 32, "inverse_frequencies"),
+        (
+            RotaryLayout {
+                rotary_dim: 130,
+                ..RotaryLayout::full(128)
+            },
+            65,
+            "rotary.rotary_dim",
+        ),
+        (
+            RotaryLayout {
+                pairing: 2,
+                ..RotaryLayout::full(128)
+            },
+            64,
+            "rotary.pairing",
+        ),
+        (
+            RotaryLayout {
+                attention_factor: f32::NAN,
+                ..RotaryLayout::full(128)
+            },
+            64,
+            "rotary.attention_factor",
+        ),
+    ];
+    for (layout, frequencies, argument) in bad {
+        match check_rebuild_rotary(&layout, 128, frequencies) {
+            Err(Error::InvalidArgument { argument: a, .. }) if a == argument => {}
+            other => panic!("{layout:?}: expected {argument} refused, got {other:?}"),
+        }
+    }
+}

@@ -10,13 +10,14 @@ use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::kernels::plan::PlanBuffers;
 use shadowkv::kernels::shadow::ShadowBatch;
 use shadowkv::kernels::{plan, scoring, topk};
-use shadowkv::reference::decode_step::{decode_step, HostLayer};
+use shadowkv::reference::decode_step::{decode_step_rotary, HostLayer};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, DecodeStep, Error, Gpu, Miss,
     RopeConfig, SequenceLayout, ShadowConfig, EMPTY_SLOT,
 };
 use shadowkv_suite::layers::{random_layer, small_layer, upload, SequenceSpec};
+use shadowkv_suite::rope_variants::{next_variant, rope_variant, PARTIAL_HALVES};
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64};
 
 const TOLERANCE: f64 = 1e-2;
@@ -661,13 +662,15 @@ fn run_steps(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut host = random_layer(&mut rng, config, specs);
     let mut layer = upload(gpu, config, &host, values_on_gpu).map_err(s)?;
-    let rope = RopeConfig {
-        theta: 10_000.0 + 490_000.0 * rng.gen::<f64>(),
-        scaling: rng
-            .gen_bool(0.5)
-            .then_some(shadowkv::Llama3Scaling::LLAMA_3_1),
+    // Every RoPE variant the rebuild supports: scaled, rope_freqs factors, partial rotary with
+    // adjacent pairs, LongRoPE with its attention factor.
+    let variant = match next_variant() {
+        PARTIAL_HALVES => 0,
+        variant => variant,
     };
+    let rope = rope_variant(&mut rng, config.head_dim, variant);
     let frequencies = shadowkv::decode_step::inverse_frequencies(&rope, config.head_dim as u32);
+    let rotary = rope.layout(config.head_dim as u32);
     let mut step = DecodeStep::new(gpu, rope, &layer.batch).map_err(s)?;
     let stream = gpu.stream();
     let mut q = random_q(&mut rng, config, specs.len(), 2.0);
@@ -692,7 +695,13 @@ fn run_steps(
         let selection = stream.clone_dtoh(&scratch.selection).map_err(s)?;
         let misses = stream.clone_dtoh(&scratch.misses).map_err(s)?;
         let counts = stream.clone_dtoh(&scratch.miss_counts).map_err(s)?;
-        let expected = decode_step(config, &frequencies, &mut host, &q, Some(&device_scores));
+        let expected = decode_step_rotary(
+            config,
+            (&frequencies, &rotary),
+            &mut host,
+            &q,
+            Some(&device_scores),
+        );
         let k = config.budget_chunks;
         for index in 0..specs.len() * config.kv_heads {
             if selection[index * k..(index + 1) * k] != expected.selection[index][..] {
@@ -801,11 +810,22 @@ fn step_over_steps(gpu: &Gpu) -> Result<(), String> {
     Ok(())
 }
 
+/// The layer's factors as the reference rebuild reads them.
+fn factors_of(host: &HostLayer) -> reference::rebuild::Factors<'_> {
+    reference::rebuild::Factors {
+        a: &host.a,
+        bm: &host.bm,
+    }
+}
+
 fn full_budget(gpu: &Gpu) -> Result<(), String> {
     // Every landmark selected: ShadowKV's buffer holds every prompt token (local, outliers,
     // all chunks rebuilt) plus the generated ones, so it must equal full attention over the
     // whole context when the prompt's chunk keys are exactly RoPE(A · Bm).
-    for (seed, head_dim, group) in [(1u64, 128usize, 4usize), (2, 64, 3), (3, 128, 1)] {
+    // RoPE variants: plain, rope_freqs factors, then partial adjacent with factors and LongRoPE.
+    for (seed, head_dim, group, variant) in
+        [(1u64, 128usize, 4usize, 0), (2, 64, 3, 2), (3, 128, 1, 6)]
+    {
         let landmarks = 300u32;
         let config = ShadowConfig {
             q_heads: 2 * group,
@@ -828,8 +848,9 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
             .collect();
         let mut rng = StdRng::seed_from_u64(seed);
         let mut host = random_layer(&mut rng, &config, &specs);
-        let rope = RopeConfig::LLAMA_3;
+        let rope = rope_variant(&mut rng, head_dim, variant);
         let frequencies = shadowkv::decode_step::inverse_frequencies(&rope, head_dim as u32);
+        let rotary = rope.layout(head_dim as u32);
         // Outlier rows: the exact keys RoPE(A · Bm) and values of their chunks.
         for sequence in &host.sequences {
             for h in 0..config.kv_heads as u32 {
@@ -840,14 +861,13 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
                 outliers.sort();
                 let local = sequence.prompt_len - sequence.chunks * 8;
                 for (i, &chunk) in outliers.iter().enumerate() {
-                    let keys = reference::rebuild::chunk_keys(
+                    let keys = reference::rebuild::chunk_keys_rotary(
                         &config,
                         sequence,
-                        h as usize,
-                        chunk,
-                        &host.a,
-                        &host.bm,
+                        (h as usize, chunk),
+                        factors_of(&host),
                         &frequencies,
+                        &rotary,
                     );
                     let row = sequence.kv_row(h, local + 8 * i as u32, head_dim as u32) as usize;
                     let source = sequence.host_value_chunk(h, chunk, 8, head_dim as u32) as usize;
@@ -873,14 +893,13 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
             });
             for h in 0..config.kv_heads as u32 {
                 for chunk in 0..sequence.chunks {
-                    let keys = reference::rebuild::chunk_keys(
+                    let keys = reference::rebuild::chunk_keys_rotary(
                         &config,
                         sequence,
-                        h as usize,
-                        chunk,
-                        &host.a,
-                        &host.bm,
+                        (h as usize, chunk),
+                        factors_of(&host),
                         &frequencies,
+                        &rotary,
                     );
                     full_k.extend(keys.iter().map(|&x| bf16::from_f64(x)));
                     let source = sequence.host_value_chunk(h, chunk, 8, head_dim as u32) as usize;
@@ -932,7 +951,13 @@ fn full_budget(gpu: &Gpu) -> Result<(), String> {
             .run(gpu, stream, &dq, &dk, &dv, &mut full_out)
             .map_err(s)?;
         let full = to_f64(&stream.clone_dtoh(&full_out).map_err(s)?);
-        let reference_step = decode_step(&config, &frequencies, &mut host.clone(), &q, None);
+        let reference_step = decode_step_rotary(
+            &config,
+            (&frequencies, &rotary),
+            &mut host.clone(),
+            &q,
+            None,
+        );
         eprintln!(
             "  reference step vs full-attention reference {:.2e}; GPU step vs reference step {:.2e}",
             relative_error(&reference_step.out, &expected),
@@ -1059,6 +1084,30 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
                     "part {range:?} of a batch of one: expected an error naming `sequences`, got {other:?}"
                 ))
             }
+        }
+    }
+    // RoPE the rebuild cannot apply (rotate-half pairs over part of the head) or that does not
+    // fit the head (factors for another head dimension).
+    let partial_halves = RopeConfig {
+        rotary_dim: (config.head_dim / 2) as u32,
+        ..RopeConfig::LLAMA_3
+    };
+    let wrong_factors = RopeConfig {
+        factors: shadowkv::RopeFactors::new(&[1.0; 3]),
+        ..RopeConfig::LLAMA_3
+    };
+    for (rope, argument) in [
+        (partial_halves, "rotary.rotary_dim"),
+        (wrong_factors, "rope"),
+    ] {
+        match DecodeStep::new(gpu, rope, &layer.batch) {
+            Err(Error::InvalidArgument { argument: a, .. }) if a == argument => {}
+            Err(other) => {
+                return Err(format!(
+                    "{rope:?}: expected `{argument}` refused, got {other}"
+                ))
+            }
+            Ok(_) => return Err(format!("{rope:?}: accepted")),
         }
     }
     // Top-k clusters of 0 or more than 8 blocks per head.

@@ -65,7 +65,6 @@ fn small_config() -> ModelConfig {
         vocab: 1000,
         rms_eps: 1e-5,
         rope: RopeConfig::LLAMA_3,
-        rope_factors: None,
         context_length: 8192,
         tied_embeddings: false,
     }

@@ -5,11 +5,13 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use shadowkv::decode_step::inverse_frequencies;
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
 use shadowkv::kernels::layer::{self, QkvShape, TokenPlan};
 use shadowkv::linear::Linear;
 use shadowkv::reference::{self, relative_error};
-use shadowkv::{Error, Gpu, SequenceLayout};
+use shadowkv::{Error, Gpu, RotaryLayout, SequenceLayout};
+use shadowkv_suite::rope_variants::{next_variant, rope_variant};
 use shadowkv_suite::{poisoned, proptest_runner, random_bf16, run_gpu_tests, to_f64, POISON};
 
 /// bf16 outputs of f32 arithmetic.
@@ -182,10 +184,11 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                 let tokens = placements.len();
                 let qkv = random_f32(&mut rng, tokens * shape.width(), 2.0);
                 let bias = random_f32(&mut rng, shape.width(), 0.5);
-                let theta: f64 = rng.gen_range(1e4..1e6);
-                let frequencies: Vec<f64> = (0..head_dim / 2)
-                    .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64))
-                    .collect();
+                // Every RoPE variant: scaled, rope_freqs factors, partial rotary with either
+                // pairing, LongRoPE with its attention factor.
+                let rope = rope_variant(&mut rng, head_dim, next_variant());
+                let frequencies = inverse_frequencies(&rope, head_dim as u32);
+                let rotary = rope.layout(head_dim as u32);
                 let cache = vec![POISON; offset as usize];
                 let plan = TokenPlan::new(stream, shape, &placements, &layouts).map_err(fail)?;
                 let d_qkv = stream.clone_htod(&qkv).map_err(fail)?;
@@ -202,7 +205,7 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                     &plan,
                     &d_qkv,
                     with_bias.then_some(&d_bias),
-                    &d_frequencies,
+                    (&d_frequencies, rotary),
                     &mut d_q,
                     (&mut d_k, &mut d_v),
                     with_pre_rope.then_some(&mut d_pre.slice_mut(..)),
@@ -213,7 +216,7 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                     shape,
                     &qkv,
                     with_bias.then_some(bias.as_slice()),
-                    &frequencies,
+                    (&frequencies, &rotary),
                     &placements,
                     &layouts,
                     &mut k_ref,
@@ -248,7 +251,7 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                 worst.set(worst.get().max(error));
                 prop_assert!(
                     error < TOLERANCE,
-                    "q {q_error:.3e} k {k_error:.3e} v {v_error:.3e} pre-RoPE k {pre_error:.3e} ({shape:?}, {tokens} tokens)"
+                    "q {q_error:.3e} k {k_error:.3e} v {v_error:.3e} pre-RoPE k {pre_error:.3e} ({shape:?}, {tokens} tokens, {rope:?})"
                 );
                 Ok(())
             },
@@ -448,7 +451,7 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             &plan,
             &qkv,
             None,
-            &frequencies,
+            (&frequencies, RotaryLayout::full(8)),
             &mut q,
             (&mut small_cache, &mut cache),
             None,
@@ -464,7 +467,7 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             &plan,
             &qkv,
             None,
-            &frequencies,
+            (&frequencies, RotaryLayout::full(8)),
             &mut q,
             (&mut cache, &mut cache_v),
             Some(&mut short_pre_rope.slice_mut(..)),

@@ -26,6 +26,10 @@ fn main() {
             shadowkv_whole_budget,
         ),
         (
+            "gpu_shadowkv_with_rope_freqs_and_a_whole_budget_matches_full_attention",
+            shadowkv_rope_freqs_whole_budget,
+        ),
+        (
             "gpu_shadowkv_passkey_answers_as_full_attention",
             shadowkv_passkey,
         ),
@@ -509,8 +513,30 @@ fn shadow_greedy(
 fn shadowkv_whole_budget(_: &Gpu) -> Result<(), String> {
     let source = source()?;
     let model = gpu_model(&source)?;
+    whole_budget_matches(&source, &model)
+}
+
+/// [`shadowkv_whole_budget`] with Llama-3.1-style `rope_freqs` factors on SmolLM2's RoPE
+/// (llama3 scaling, factor 8, as a factor table): the key rebuild applies them as the forward
+/// pass does, so ShadowKV with the whole budget still gives full attention's tokens.
+fn shadowkv_rope_freqs_whole_budget(_: &Gpu) -> Result<(), String> {
+    let mut source = source()?;
+    let scaling = shadowkv::Llama3Scaling {
+        original_max_position: 2048.0,
+        ..shadowkv::Llama3Scaling::LLAMA_3_1
+    };
+    let config = &mut source.config;
+    config.rope.factors = Some(scaling.factors(config.rope.theta, config.head_dim as u32));
+    let _ = shared_gpu()?;
+    let gpu = Arc::new(Gpu::new(0).map_err(s)?);
+    let model = GpuModel::load(gpu, &source.config, &source.weights).map_err(s)?;
+    whole_budget_matches(&source, &model)
+}
+
+/// ShadowKV with every chunk selected and full rank against full attention on `model`.
+fn whole_budget_matches(source: &ModelSource, model: &GpuModel) -> Result<(), String> {
     let config = &source.config;
-    let prompt = passkey_prompt(&source, 30, 0.5)?;
+    let prompt = passkey_prompt(source, 30, 0.5)?;
     let chunk_size = 8;
     let (local_chunks, outlier_chunks) = (4, 8);
     let chunks = (prompt.len() / chunk_size - local_chunks) / 8 * 8;
@@ -522,9 +548,9 @@ fn shadowkv_whole_budget(_: &Gpu) -> Result<(), String> {
         outlier_chunks,
     };
     let steps = 32;
-    let full = full_greedy(&model, &prompt, steps)?;
+    let full = full_greedy(model, &prompt, steps)?;
     for home in [ValueHome::Host, ValueHome::Device] {
-        let (shadow, hit_rate) = shadow_greedy(&model, &prompt, steps, params, home)?;
+        let (shadow, hit_rate) = shadow_greedy(model, &prompt, steps, params, home)?;
         let same = full.iter().zip(&shadow).take_while(|(a, b)| a == b).count();
         eprintln!(
             "{} prompt tokens, {params:?}, values {home:?}: {same}/{steps} greedy tokens as full attention, hit rate {:.1}%\n  full:     {:?}\n  ShadowKV: {:?}",

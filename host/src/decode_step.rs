@@ -24,7 +24,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
-pub use shadowkv_kernels::rope::{inverse_frequencies, Llama3Scaling, RopeConfig};
+pub use shadowkv_kernels::rope::{
+    inverse_frequencies, Llama3Scaling, LongRope, RopeConfig, RopeFactors, RopePairing,
+    RotaryLayout,
+};
 
 use crate::error::{check_len, invalid, Result};
 use crate::gpu::{Gpu, LaunchBuffers};
@@ -187,7 +190,9 @@ pub struct DecodeStep {
     latest_source: MissSource,
     /// Set by [`fail_next_step_after_fetch`](Self::fail_next_step_after_fetch).
     fail_after_fetch: bool,
+    /// The model's RoPE frequencies with every adjustment folded in, and its rotation.
     inverse_frequencies: CudaSlice<f64>,
+    rotary: RotaryLayout,
     workspace: StepWorkspace,
     attention: DecodeAttention,
     scale: f32,
@@ -241,16 +246,19 @@ impl DecodeStep {
     /// size re-plans attention). `rope` must be the model's (keys are rebuilt before RoPE).
     pub fn new(gpu: &Gpu, rope: RopeConfig, layer_batch: &ShadowBatch) -> Result<Self> {
         let config = *layer_batch.config();
-        if !(rope.theta.is_finite() && rope.theta > 1.0) {
+        let head_dim = config.head_dim as u32;
+        if let Err(problem) = rope.check(head_dim) {
             return Err(invalid(
-                "rope.theta",
-                format!("is {}", rope.theta),
-                "a finite base above 1",
+                "rope",
+                problem,
+                "a RoPE configuration that fits the head dimension",
             ));
         }
+        let frequencies = inverse_frequencies(&rope, head_dim);
+        let rotary = rope.layout(head_dim);
+        rebuild::check_rebuild_rotary(&rotary, config.head_dim, frequencies.len())?;
         let stream = gpu.stream();
-        let inverse_frequencies =
-            stream.clone_htod(&inverse_frequencies(&rope, config.head_dim as u32))?;
+        let inverse_frequencies = stream.clone_htod(&frequencies)?;
         Ok(DecodeStep {
             config,
             copy_stream: gpu.new_priority_stream()?,
@@ -261,6 +269,7 @@ impl DecodeStep {
             latest_source: MissSource::Prompt,
             fail_after_fetch: false,
             inverse_frequencies,
+            rotary,
             workspace: StepWorkspace::new(gpu, stream, layer_batch)?,
             attention: Self::attention_for(gpu, layer_batch)?,
             scale: 1.0 / (config.head_dim as f32).sqrt(),
@@ -582,7 +591,13 @@ impl DecodeStep {
             mark(timeline, gpu, "attention (resident)", &stream)?;
         }
         let whole = layer.batch.whole();
-        rebuild_misses(gpu, layer, whole, w, &self.inverse_frequencies)?;
+        rebuild_misses(
+            gpu,
+            layer,
+            whole,
+            w,
+            (&self.inverse_frequencies, self.rotary),
+        )?;
         mark(timeline, gpu, "rebuild", &stream)?;
         if self.overlap {
             stream.wait(&self.fetch_done)?;
@@ -661,7 +676,13 @@ impl DecodeStep {
     /// The keys of `part`'s misses of the latest selection, rebuilt into their slots.
     pub fn rebuild_part(&self, gpu: &Gpu, layer: &mut ShadowLayer, part: BatchPart) -> Result<()> {
         self.check_layer(layer)?;
-        rebuild_misses(gpu, layer, part, &self.workspace, &self.inverse_frequencies)
+        rebuild_misses(
+            gpu,
+            layer,
+            part,
+            &self.workspace,
+            (&self.inverse_frequencies, self.rotary),
+        )
     }
 
     fn check_layer(&self, layer: &ShadowLayer) -> Result<()> {
@@ -823,7 +844,7 @@ fn rebuild_misses(
     layer: &mut ShadowLayer,
     part: BatchPart,
     w: &StepWorkspace,
-    inverse_frequencies: &CudaSlice<f64>,
+    rope: (&CudaSlice<f64>, RotaryLayout),
 ) -> Result<()> {
     rebuild::run(
         gpu,
@@ -834,7 +855,7 @@ fn rebuild_misses(
         &w.miss_counts,
         &layer.a,
         &layer.bm,
-        inverse_frequencies,
+        rope,
         &mut layer.k,
     )
 }

@@ -35,7 +35,8 @@ pub use cache::{
     ValueFormat, ValueHome, ValueStorage,
 };
 pub use decode_step::{
-    DecodeStep, Llama3Scaling, RopeConfig, ShadowLayer, StepStats, StepWorkspace,
+    DecodeStep, Llama3Scaling, LongRope, RopeConfig, RopeFactors, RopePairing, RotaryLayout,
+    ShadowLayer, StepStats, StepWorkspace,
 };
 pub use error::{Error, Result};
 pub use gpu::{gpu_available, probe, DeviceInfo, Gpu};

@@ -7,6 +7,8 @@
 //! activations) and the KV cache are rounded to bf16, once each.
 //! One block per token row; these kernels move a few MB per layer against the GEMMs' weights.
 
+pub use crate::rope::RotaryLayout;
+
 /// Threads per block of every kernel here.
 pub const THREADS: u32 = 256;
 
@@ -86,7 +88,7 @@ pub struct RopeQkvParams {
     pub qkv: u64,
     /// f32 `[(heads + 2 kv_heads) * head_dim]` (Qwen2's Q/K/V biases) or 0.
     pub bias: u64,
-    /// f64 `[head_dim / 2]`.
+    /// f64 `[rotary_dim / 2]`.
     pub inverse_frequencies: u64,
     /// `[tokens]` [`TokenPlacement`].
     pub placements: u64,
@@ -103,6 +105,8 @@ pub struct RopeQkvParams {
     pub head_dim: u32,
     pub sequences: u32,
     pub _reserved: u32,
+    /// The rotated part of each head, its pairing and scale.
+    pub rotary: RotaryLayout,
 }
 
 /// `out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i]` (the fused gate/up projection).
@@ -152,7 +156,7 @@ mod kernel {
     use crate::attention::SequenceLayout;
     use crate::block::sum_f32;
     use crate::device::*;
-    use crate::rope::rotate;
+    use crate::rope::{pair_columns, rotate};
     use core::num::NonZeroU32;
 
     /// # Safety
@@ -252,31 +256,44 @@ mod kernel {
         let mut item = thread_idx_x();
         while item < work {
             if item < q_pairs + k_pairs {
-                // A rotated pair (i, i + d/2) of a query head, then of a key head.
+                // A pair of a query head, then of a key head: rotated if it is one of the
+                // first rotary_dim / 2, passed through otherwise.
                 let is_key = item >= q_pairs;
                 let pair = if is_key { item - q_pairs } else { item };
                 let (head, i) = (pair / half, pair % half);
-                let column = if is_key { p.heads * d.get() } else { 0 } + head * d.get() + i;
-                let frequency = *(p.inverse_frequencies as *const f64).add(i as usize);
-                let (before_low, before_high) = (value(column), value(column + half.get()));
+                let (low_column, high_column, rotated) = pair_columns(i, &p.rotary);
+                let head_start = if is_key { p.heads * d.get() } else { 0 } + head * d.get();
+                let (before_low, before_high) = (
+                    value(head_start + low_column),
+                    value(head_start + high_column),
+                );
                 if is_key && p.pre_rope_keys != 0 {
-                    let at = row_start(token, p.kv_heads * d.get()) + (head * d.get() + i) as usize;
+                    let at = row_start(token, p.kv_heads * d.get()) + (head * d.get()) as usize;
                     let pre = p.pre_rope_keys as *mut u16;
-                    *pre.add(at) = f32_to_bf16(before_low);
-                    *pre.add(at + half.get() as usize) = f32_to_bf16(before_high);
+                    *pre.add(at + low_column as usize) = f32_to_bf16(before_low);
+                    *pre.add(at + high_column as usize) = f32_to_bf16(before_high);
                 }
-                let (low, high) = rotate(before_low, before_high, position, frequency);
-                let (target, at) = if is_key {
-                    (p.k_cache as *mut u16, cache_row(head) + i as usize)
-                } else {
-                    (
-                        p.q as *mut u16,
-                        row_start(token, p.heads * d.get()) + (head * d.get() + i) as usize,
+                let (low, high) = if rotated {
+                    let frequency = *(p.inverse_frequencies as *const f64).add(i as usize);
+                    rotate(
+                        before_low,
+                        before_high,
+                        position,
+                        frequency,
+                        p.rotary.attention_factor,
                     )
+                } else {
+                    (before_low, before_high)
                 };
+                let at = if is_key {
+                    cache_row(head)
+                } else {
+                    row_start(token, p.heads * d.get()) + (head * d.get()) as usize
+                };
+                let target = if is_key { p.k_cache } else { p.q } as *mut u16;
                 if !is_key || writes_cache {
-                    *target.add(at) = f32_to_bf16(low);
-                    *target.add(at + half.get() as usize) = f32_to_bf16(high);
+                    *target.add(at + low_column as usize) = f32_to_bf16(low);
+                    *target.add(at + high_column as usize) = f32_to_bf16(high);
                 }
             } else if writes_cache {
                 let element = item - q_pairs - k_pairs;

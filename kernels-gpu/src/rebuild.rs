@@ -8,6 +8,7 @@
 //! `cp.async`, multiplies, rotates in registers (the accumulator layout gives each thread
 //! both halves of every rotate-half pair) and stores.
 
+pub use crate::rope::RotaryLayout;
 use crate::shadow::ShadowShape;
 
 pub const WARPS: u32 = 4;
@@ -30,16 +31,19 @@ pub struct RebuildParams {
     pub a: u64,
     /// bf16 `Bm` factors.
     pub bm: u64,
-    /// f64 `[d / 2]` RoPE inverse frequencies.
+    /// f64 `[rotary_dim / 2]` RoPE inverse frequencies.
     pub inverse_frequencies: u64,
     /// bf16 GPU key buffer (the K/V layout).
     pub k: u64,
     pub splits: u32,
     pub _reserved: u32,
+    /// The rotated part of each head, its pairing and scale: rotate-half pairs only over the
+    /// whole head (`rotary_dim == d`), adjacent pairs over any even part.
+    pub rotary: RotaryLayout,
 }
 
 /// Shared memory: `Bm_h` `[r, d + pad]`, one `A` tile `[16, r + pad]` per warp (bf16), then
-/// the `d / 2` inverse frequencies (f64).
+/// room for `d / 2` inverse frequencies (f64; the first `rotary_dim / 2` are filled).
 pub const fn shared_bytes(rank: u32, head_dim: u32) -> u32 {
     let bm = rank * (head_dim + ROW_PAD) * 2;
     let a = WARPS * TILE_ROWS * (rank + ROW_PAD) * 2;
@@ -56,7 +60,7 @@ pub fn kernel_name(head_dim: u32) -> String {
 mod kernel {
     use super::*;
     use crate::device::*;
-    use crate::rope::rotate;
+    use crate::rope::{rotate, RopePairing};
     use crate::shadow::{slot_base, Miss, ShadowSequence};
     use core::num::NonZeroU32;
 
@@ -117,8 +121,11 @@ mod kernel {
             index += THREADS;
         }
         copy_async_commit();
+        let rotated_pairs = min_u32(p.rotary.rotary_dim / 2, D as u32 / 2) as usize;
+        let adjacent = p.rotary.pairing == RopePairing::Adjacent as u32;
+        let attention_factor = p.rotary.attention_factor;
         let mut i = tid as usize;
-        while i < D / 2 {
+        while i < rotated_pairs {
             *frequencies.add(i) = *(p.inverse_frequencies as *const f64).add(i);
             i += THREADS as usize;
         }
@@ -173,7 +180,8 @@ mod kernel {
             sync_warp();
 
             // RoPE and store: this thread holds rows lane/4 and lane/4 + 8, columns
-            // 8n + 2(lane%4) + {0, 1}; column j pairs with j + d/2 (n-tile n + d/16).
+            // 8n + 2(lane%4) + {0, 1}; adjacent pairs are those two columns, rotate-half pairs
+            // column j with j + d/2 (n-tile n + d/16).
             for half in 0..2 {
                 let row = tile * TILE_ROWS + lane / 4 + 8 * half as u32;
                 if row >= rows {
@@ -190,6 +198,22 @@ mod kernel {
                     sequence.sparse_start + miss.slot * c.get() + token,
                     D as u32,
                 ) as usize);
+                if adjacent {
+                    // Columns (2i, 2i + 1) are this thread's pair of an n-tile: rotated by
+                    // frequency i within the rotary part, passed through past it.
+                    for n in 0..N_TILES {
+                        let column = n * 8 + 2 * (lane % 4) as usize;
+                        let (low, high) = (acc[n][2 * half], acc[n][2 * half + 1]);
+                        let (low, high) = if column / 2 < rotated_pairs {
+                            let frequency = *frequencies.add(column / 2);
+                            rotate(low, high, position, frequency, attention_factor)
+                        } else {
+                            (low, high)
+                        };
+                        *(target.add(column) as *mut u32) = f32x2_to_bf16x2(low, high);
+                    }
+                    continue;
+                }
                 for n in 0..N_TILES / 2 {
                     let column = n * 8 + 2 * (lane % 4) as usize;
                     let mut low = [0.0f32; 2];
@@ -200,6 +224,7 @@ mod kernel {
                             acc[n + N_TILES / 2][2 * half + e],
                             position,
                             *frequencies.add(column + e),
+                            attention_factor,
                         );
                         low[e] = l;
                         high[e] = h;

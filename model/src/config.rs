@@ -3,10 +3,13 @@
 //! rely on `heads = G * kv_heads`, an even `head_dim` and a positive size everywhere.
 use std::path::Path;
 
-use shadowkv_kernels::rope::{inverse_frequencies, Llama3Scaling, RopeConfig};
+use shadowkv_kernels::rope::{
+    inverse_frequencies, Llama3Scaling, RopeConfig, RopePairing, RotaryLayout,
+};
 
 use crate::error::ModelFileError;
 use crate::gguf::GgufFile;
+use crate::rope_metadata::{rope_from_gguf, rope_from_hf};
 
 /// Reading a model file fails only with a problem of the file.
 type Result<T, E = ModelFileError> = std::result::Result<T, E>;
@@ -40,10 +43,10 @@ pub struct ModelConfig {
     pub ffn: usize,
     pub vocab: usize,
     pub rms_eps: f32,
+    /// The RoPE: its base, the rotated part of each head and its pairing, and the frequency
+    /// adjustments (Llama-3 scaling; the per-frequency factors of a Llama-3.1 GGUF file's
+    /// `rope_freqs.weight`, which carries the scaling as a tensor; LongRoPE).
     pub rope: RopeConfig,
-    /// Per-frequency divisors of the RoPE frequencies (`rope_freqs.weight` in Llama-3.1 GGUF
-    /// files, which carry the scaling as a tensor instead of `rope_scaling` parameters).
-    pub rope_factors: Option<Vec<f32>>,
     /// Longest context the model was trained for.
     pub context_length: usize,
     /// The output head is the token embedding (no `output.weight`).
@@ -77,16 +80,25 @@ impl ModelConfig {
         self.kv_heads * self.head_dim
     }
 
-    /// The `head_dim / 2` RoPE inverse frequencies, with Llama-3 scaling or the file's
-    /// per-frequency factors applied.
+    /// The `rotary_dim / 2` RoPE inverse frequencies, with Llama-3 scaling, the file's
+    /// per-frequency factors and LongRoPE's factors applied (the table every path uploads).
     pub fn inverse_frequencies(&self) -> Vec<f64> {
-        let mut frequencies = inverse_frequencies(&self.rope, self.head_dim as u32);
-        if let Some(factors) = &self.rope_factors {
-            for (frequency, factor) in frequencies.iter_mut().zip(factors) {
-                *frequency /= *factor as f64;
-            }
+        inverse_frequencies(&self.rope, self.head_dim as u32)
+    }
+
+    /// This config for a run sized for `context` tokens: LongRoPE then uses its short factors
+    /// if `context` fits the original context length and its long factors past it (a run's
+    /// keys all use one set, so that ShadowKV's rebuilt keys match the forward pass's).
+    pub fn sized_for_context(mut self, context: usize) -> ModelConfig {
+        if let Some(long_rope) = &mut self.rope.long_rope {
+            long_rope.context_length = context as f64;
         }
-        frequencies
+        self
+    }
+
+    /// The rotation's layout for the kernels (rotated part, pairing, attention factor).
+    pub fn rotary_layout(&self) -> RotaryLayout {
+        self.rope.layout(self.head_dim as u32)
     }
 
     /// Parameters of the model (embedding and output head counted once if tied); `usize::MAX`
@@ -128,16 +140,16 @@ impl ModelConfig {
             vocab: 128_256,
             rms_eps: 1e-5,
             rope: RopeConfig::LLAMA_3,
-            rope_factors: None,
             context_length: 8192,
             tied_embeddings: false,
         };
         let config = match name {
             "llama-3-8b" => llama_3,
+            // Llama-3.1's scaling as its GGUF files carry it: a rope_freqs factor table.
             "llama-3.1-8b" => ModelConfig {
                 rope: RopeConfig {
-                    theta: 500_000.0,
-                    scaling: Some(Llama3Scaling::LLAMA_3_1),
+                    factors: Some(Llama3Scaling::LLAMA_3_1.factors(500_000.0, 128)),
+                    ..RopeConfig::LLAMA_3
                 },
                 context_length: 131_072,
                 ..llama_3
@@ -149,10 +161,7 @@ impl ModelConfig {
                 ffn: 11008,
                 vocab: 64_000,
                 rms_eps: 1e-6,
-                rope: RopeConfig {
-                    theta: 10_000_000.0,
-                    scaling: None,
-                },
+                rope: RopeConfig::new(10_000_000.0),
                 context_length: 262_144,
                 ..llama_3
             },
@@ -165,10 +174,7 @@ impl ModelConfig {
                 ffn: 18944,
                 vocab: 152_064,
                 rms_eps: 1e-6,
-                rope: RopeConfig {
-                    theta: 1_000_000.0,
-                    scaling: None,
-                },
+                rope: RopeConfig::new(1_000_000.0),
                 context_length: 32_768,
                 ..llama_3
             },
@@ -180,10 +186,7 @@ impl ModelConfig {
                 head_dim: 64,
                 ffn: 1536,
                 vocab: 49_152,
-                rope: RopeConfig {
-                    theta: 100_000.0,
-                    scaling: None,
-                },
+                rope: RopeConfig::new(100_000.0),
                 tied_embeddings: true,
                 ..llama_3
             },
@@ -243,10 +246,7 @@ impl ModelConfig {
             Some(v) => v.as_u64().unwrap_or(0) as usize,
             None => embedding.dims.get(1).copied().unwrap_or(0) as usize,
         };
-        let rope_factors = match file.tensor("rope_freqs.weight") {
-            None => None,
-            Some(_) => Some(file.dequantize("rope_freqs.weight")?),
-        };
+        let rope = rope_from_gguf(file, architecture_name, head_dim, RopePairing::Halves)?;
         let config = ModelConfig {
             architecture,
             layers: count("block_count")?,
@@ -257,11 +257,7 @@ impl ModelConfig {
             ffn: count("feed_forward_length")?,
             vocab,
             rms_eps: number("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
-            rope: RopeConfig {
-                theta: number("rope.freq_base").unwrap_or(10_000.0),
-                scaling: None,
-            },
-            rope_factors,
+            rope,
             context_length: count("context_length").unwrap_or(4096),
             tied_embeddings: file.tensor("output.weight").is_none(),
         };
@@ -298,46 +294,19 @@ impl ModelConfig {
         };
         let hidden = count("hidden_size")?;
         let heads = count("num_attention_heads")?;
-        let scaling = match json.get("rope_scaling").filter(|v| !v.is_null()) {
-            None => None,
-            Some(scaling) => {
-                let field = |name: &str| scaling.get(name).and_then(|v| v.as_f64());
-                let kind = scaling
-                    .get("rope_type")
-                    .or_else(|| scaling.get("type"))
-                    .and_then(|v| v.as_str());
-                match (kind, field("factor")) {
-                    (Some("llama3"), Some(factor)) => Some(Llama3Scaling {
-                        factor,
-                        low_freq_factor: field("low_freq_factor").unwrap_or(1.0),
-                        high_freq_factor: field("high_freq_factor").unwrap_or(4.0),
-                        original_max_position: field("original_max_position_embeddings")
-                            .unwrap_or(8192.0),
-                    }),
-                    (Some("default"), _) => None,
-                    _ => {
-                        return Err(fail(format!(
-                            "has rope_scaling {scaling}; only rope_type `llama3` is supported"
-                        )))
-                    }
-                }
-            }
-        };
+        let head_dim = count("head_dim").unwrap_or(hidden / heads.max(1));
+        let rope = rope_from_hf(&file, &json, head_dim, RopePairing::Halves)?;
         let config = ModelConfig {
             architecture,
             layers: count("num_hidden_layers")?,
             hidden,
             heads,
             kv_heads: count("num_key_value_heads").unwrap_or(heads),
-            head_dim: count("head_dim").unwrap_or(hidden / heads.max(1)),
+            head_dim,
             ffn: count("intermediate_size")?,
             vocab: count("vocab_size")?,
             rms_eps: number("rms_norm_eps").unwrap_or(1e-5) as f32,
-            rope: RopeConfig {
-                theta: number("rope_theta").unwrap_or(10_000.0),
-                scaling,
-            },
-            rope_factors: None,
+            rope,
             context_length: count("max_position_embeddings").unwrap_or(4096),
             tied_embeddings: json
                 .get("tie_word_embeddings")
@@ -389,21 +358,8 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        if self.rope.theta.is_nan() || self.rope.theta <= 1.0 {
-            return fail(format!(
-                "has RoPE theta {}; it must exceed 1",
-                self.rope.theta
-            ));
-        }
-        if let Some(factors) = &self.rope_factors {
-            if factors.len() != self.head_dim / 2 || factors.iter().any(|f| f.is_nan() || *f <= 0.0)
-            {
-                return fail(format!(
-                    "has {} positive RoPE factors; expected {} (head_dim / 2)",
-                    factors.len(),
-                    self.head_dim / 2
-                ));
-            }
+        if let Err(problem) = self.rope.check(self.head_dim as u32) {
+            return fail(problem);
         }
         if self.rms_eps.is_nan() || self.rms_eps < 0.0 {
             return fail(format!("has RMSNorm epsilon {}", self.rms_eps));

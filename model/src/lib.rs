@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod gpu;
 pub mod prefill_memory;
 pub mod quant;
+pub mod rope_metadata;
 pub mod roster;
 pub mod sampling;
 pub mod serve;

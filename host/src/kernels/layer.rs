@@ -11,11 +11,49 @@ pub use shadowkv_kernels::layer as kernel_layout;
 use shadowkv_kernels::layer::{
     self as layout, EmbeddingParams, RmsNormParams, RopeQkvParams, SiluMulParams, TokenPlacement,
 };
+use shadowkv_kernels::rope::{RopePairing, RotaryLayout};
 
 use crate::error::{check_len, check_reach, invalid, Result};
 use crate::gpu::{grid_for, Gpu, LaunchBuffers};
 use crate::kernels::attention::SequenceLayout;
 use crate::ptx;
+
+/// Checks `rotary` against heads of `head_dim` and the frequency table's length
+/// (`rotary_dim / 2`).
+pub(crate) fn check_rotary(
+    rotary: &RotaryLayout,
+    head_dim: usize,
+    inverse_frequencies: usize,
+) -> Result<()> {
+    let rotary_dim = rotary.rotary_dim as usize;
+    if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+        return Err(invalid(
+            "rotary.rotary_dim",
+            format!("is {rotary_dim}"),
+            format!("an even count of dimensions from 2 to head_dim ({head_dim})"),
+        ));
+    }
+    if rotary.pairing > RopePairing::Adjacent as u32 {
+        return Err(invalid(
+            "rotary.pairing",
+            format!("is {}", rotary.pairing),
+            "0 (rotate-half) or 1 (adjacent pairs)",
+        ));
+    }
+    if !(rotary.attention_factor.is_finite() && rotary.attention_factor > 0.0) {
+        return Err(invalid(
+            "rotary.attention_factor",
+            format!("is {}", rotary.attention_factor),
+            "a positive, finite scale",
+        ));
+    }
+    check_len(
+        "inverse_frequencies",
+        inverse_frequencies,
+        rotary_dim / 2,
+        "rotary_dim / 2",
+    )
+}
 
 fn rows_launch(rows: usize, shared_mem_bytes: u32) -> LaunchConfig {
     LaunchConfig {
@@ -251,8 +289,10 @@ impl TokenPlan {
 
 /// Rotates the queries and keys of the fused projection `qkv` (`[tokens, shape.width()]`),
 /// writes the queries to `q` (`[tokens, heads, head_dim]`) and appends each token's key and
-/// value to its row of `k_cache`/`v_cache`. `bias` (Qwen2) is added first. With
-/// `pre_rope_keys` (`[tokens, kv_heads * head_dim]`), the keys before RoPE are written too.
+/// value to its row of `k_cache`/`v_cache`. `bias` (Qwen2) is added first. The rotation is
+/// `rotary` with the `rotary_dim / 2` `inverse_frequencies` (see `shadowkv_kernels::rope`).
+/// With `pre_rope_keys` (`[tokens, kv_heads * head_dim]`), the keys before RoPE are written
+/// too.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_qkv(
     gpu: &Gpu,
@@ -260,7 +300,7 @@ pub fn rope_qkv(
     plan: &TokenPlan,
     qkv: &impl DevicePtr<f32>,
     bias: Option<&CudaSlice<f32>>,
-    inverse_frequencies: &impl DevicePtr<f64>,
+    (inverse_frequencies, rotary): (&impl DevicePtr<f64>, RotaryLayout),
     q: &mut impl DevicePtrMut<bf16>,
     (k_cache, v_cache): (&mut impl DevicePtrMut<bf16>, &mut impl DevicePtrMut<bf16>),
     pre_rope_keys: Option<&mut CudaViewMut<'_, bf16>>,
@@ -280,12 +320,7 @@ pub fn rope_qkv(
             "(heads + 2 kv_heads) * head_dim",
         )?;
     }
-    check_len(
-        "inverse_frequencies",
-        inverse_frequencies.len(),
-        shape.head_dim / 2,
-        "head_dim / 2",
-    )?;
+    check_rotary(&rotary, shape.head_dim, inverse_frequencies.len())?;
     check_len(
         "q",
         q.len(),
@@ -322,6 +357,7 @@ pub fn rope_qkv(
         head_dim: shape.head_dim as u32,
         sequences: plan.sequences as u32,
         _reserved: 0,
+        rotary,
     };
     // SAFETY: the plan checked every placement against its layout and the caches reach every
     // layout's block; `qkv`, `q`, `pre_rope_keys` and the frequency table match the shape

@@ -3,9 +3,11 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 pub use shadowkv_kernels::rebuild as kernel_layout;
 use shadowkv_kernels::rebuild::{self as layout, RebuildParams};
+use shadowkv_kernels::rope::{RopePairing, RotaryLayout};
 
-use crate::error::{check_len, check_reach, Result};
+use crate::error::{check_reach, invalid, Result};
 use crate::gpu::{Gpu, LaunchBuffers};
+use crate::kernels::layer::check_rotary;
 use crate::kernels::shadow::{BatchPart, Miss, ShadowBatch};
 use crate::ptx;
 
@@ -24,11 +26,33 @@ pub fn splits(gpu: &Gpu, batch: &ShadowBatch) -> u32 {
         .clamp(1, tiles.div_ceil(layout::WARPS).max(1))
 }
 
+/// Checks `rotary` for the rebuild: as for `rope_qkv`, and rotate-half pairs only over whole
+/// heads.
+pub fn check_rebuild_rotary(
+    rotary: &RotaryLayout,
+    head_dim: usize,
+    inverse_frequencies: usize,
+) -> Result<()> {
+    check_rotary(rotary, head_dim, inverse_frequencies)?;
+    if rotary.pairing == RopePairing::Halves as u32 && rotary.rotary_dim as usize != head_dim {
+        return Err(invalid(
+            "rotary.rotary_dim",
+            format!(
+                "is {} of {head_dim} with rotate-half pairs",
+                rotary.rotary_dim
+            ),
+            "the whole head for rotate-half pairs (partial rotary with adjacent pairs)",
+        ));
+    }
+    Ok(())
+}
+
 /// Rebuilds the keys of the misses of the sequences in `part`: for each of the first
 /// `miss_counts` entries of `misses` per (sequence, KV head), the chunk's `c` rows of `a`
-/// times the head's columns of `bm`, rotated by RoPE at the chunk's positions
-/// (`inverse_frequencies`, f64 `[d / 2]`) and written as bf16 into its sparse slot of `k`.
-/// Errors if a buffer is shorter than the batch's layouts need.
+/// times the head's columns of `bm`, rotated by RoPE at the chunk's positions (`rotary` with
+/// the f64 `[rotary_dim / 2]` `inverse_frequencies`) and written as bf16 into its sparse slot
+/// of `k`. Errors if a buffer is shorter than the batch's layouts need, or for rotate-half
+/// pairs over part of a head (the kernel pairs halves of whole heads only).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: &Gpu,
@@ -39,19 +63,14 @@ pub fn run(
     miss_counts: &impl DevicePtr<u32>,
     a: &impl DevicePtr<bf16>,
     bm: &impl DevicePtr<bf16>,
-    inverse_frequencies: &impl DevicePtr<f64>,
+    (inverse_frequencies, rotary): (&impl DevicePtr<f64>, RotaryLayout),
     k: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
     let config = batch.config();
     batch.check_misses(misses.len(), miss_counts.len())?;
     check_reach("a", a.len(), batch.extents().a)?;
     check_reach("bm", bm.len(), batch.extents().bm)?;
-    check_len(
-        "inverse_frequencies",
-        inverse_frequencies.len(),
-        config.head_dim / 2,
-        "head_dim / 2",
-    )?;
+    check_rebuild_rotary(&rotary, config.head_dim, inverse_frequencies.len())?;
     check_reach("k", k.len(), batch.extents().kv)?;
     let splits = splits(gpu, batch);
     let mut used = LaunchBuffers::new(stream);
@@ -65,6 +84,7 @@ pub fn run(
         k: used.write(k),
         splits,
         _reserved: 0,
+        rotary,
     };
     let launch = LaunchConfig {
         grid_dim: (splits, config.kv_heads as u32, part.count() as u32),

@@ -1,6 +1,7 @@
 //! Reference for [`crate::decode_step`]: the whole step on the CPU, built from the
 //! references of its kernels.
 use half::bf16;
+use shadowkv_kernels::rope::RotaryLayout;
 
 use crate::kernels::attention::{DecodeAttentionShape, SequenceLayout};
 use crate::kernels::shadow::{Miss, ShadowConfig, ShadowSequence};
@@ -57,6 +58,25 @@ pub fn decode_step(
     q: &[bf16],
     device_scores: Option<&[Vec<f32>]>,
 ) -> StepOutput {
+    let rotary = RotaryLayout::full(config.head_dim as u32);
+    decode_step_rotary(
+        config,
+        (inverse_frequencies, &rotary),
+        layer,
+        q,
+        device_scores,
+    )
+}
+
+/// [`decode_step`] with the keys rebuilt by the RoPE variant `rotary` (its frequency table
+/// and layout).
+pub fn decode_step_rotary(
+    config: &ShadowConfig,
+    (inverse_frequencies, rotary): (&[f64], &RotaryLayout),
+    layer: &mut HostLayer,
+    q: &[bf16],
+    device_scores: Option<&[Vec<f32>]>,
+) -> StepOutput {
     let scale = 1.0 / (config.head_dim as f64).sqrt();
     let (kv_heads, k, c, d) = (
         config.kv_heads,
@@ -87,14 +107,17 @@ pub fn decode_step(
             let misses = plan::plan(&selection, &mut layer.resident[slots..slots + k]);
             fetch::fetch(config, sequence, h, &misses, &layer.values, &mut layer.v);
             for miss in &misses {
-                let keys = rebuild::chunk_keys(
+                let factors = rebuild::Factors {
+                    a: &layer.a,
+                    bm: &layer.bm,
+                };
+                let keys = rebuild::chunk_keys_rotary(
                     config,
                     sequence,
-                    h,
-                    miss.chunk,
-                    &layer.a,
-                    &layer.bm,
+                    (h, miss.chunk),
+                    factors,
                     inverse_frequencies,
+                    rotary,
                 );
                 let target = sequence.kv_row(
                     h as u32,

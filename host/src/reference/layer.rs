@@ -4,7 +4,8 @@ use half::bf16;
 use crate::kernels::attention::SequenceLayout;
 use crate::kernels::layer::kernel_layout::TokenPlacement;
 use crate::kernels::layer::QkvShape;
-use crate::reference::rebuild::rope;
+use crate::reference::rebuild::rope_rotary;
+use shadowkv_kernels::rope::RotaryLayout;
 
 /// Rows of the `[vocab, hidden]` table for each id.
 pub fn embedding(table: &[bf16], hidden: usize, ids: &[u32]) -> Vec<f64> {
@@ -42,13 +43,14 @@ pub fn rms_norm(
 
 /// The rotated queries `[tokens, heads, head_dim]` and the keys before RoPE
 /// (`[tokens, kv_heads * head_dim]`), and the K/V caches with each token's rotated key and
-/// value written at its placement's cache row (other elements unchanged).
+/// value written at its placement's cache row (other elements unchanged). The rotation is
+/// `rotary` with its `rotary_dim / 2` `inverse_frequencies`.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_qkv(
     shape: QkvShape,
     qkv: &[f32],
     bias: Option<&[f32]>,
-    inverse_frequencies: &[f64],
+    (inverse_frequencies, rotary): (&[f64], &RotaryLayout),
     placements: &[TokenPlacement],
     layouts: &[SequenceLayout],
     k_cache: &mut [f64],
@@ -65,14 +67,14 @@ pub fn rope_qkv(
         let position = placement.position as usize;
         for head in 0..heads {
             let mut query = row[head * d..(head + 1) * d].to_vec();
-            rope(&mut query, position, inverse_frequencies);
+            rope_rotary(&mut query, position, inverse_frequencies, rotary);
             q.extend(query);
         }
         let layout = layouts[placement.sequence as usize];
         for head in 0..kv_heads {
             let mut key = row[(heads + head) * d..(heads + head + 1) * d].to_vec();
             pre_rope_keys.extend_from_slice(&key);
-            rope(&mut key, position, inverse_frequencies);
+            rope_rotary(&mut key, position, inverse_frequencies, rotary);
             let cache_row = placement.cache_row as usize;
             let at = layout.offset as usize + (head * layout.capacity as usize + cache_row) * d;
             k_cache[at..at + d].copy_from_slice(&key);

@@ -32,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(config.heads % config.kv_heads == 0 && config.head_dim % 2 == 0);
         let _ = (config.group(), config.q_dim(), config.kv_dim());
         let _ = config.parameters();
-        assert_eq!(config.inverse_frequencies().len(), config.head_dim / 2);
+        let rotary_dim = config.rotary_layout().rotary_dim as usize;
+        assert!(rotary_dim <= config.head_dim && rotary_dim % 2 == 0);
+        assert_eq!(config.inverse_frequencies().len(), rotary_dim / 2);
     }
 
     if let Ok(tokenizer) = Tokenizer::from_gguf(&file) {

@@ -1,5 +1,9 @@
 //! The CPU path's arithmetic: norms, RoPE, softmax, dot products and the threaded matrix
 //! product, shared by the full-attention model and ShadowKV's reference.
+use shadowkv::RotaryLayout;
+use shadowkv_kernels::rope::pair_columns;
+
+use crate::config::ModelConfig;
 use crate::weights::Matrix;
 
 /// SiLU, `x * sigmoid(x)`.
@@ -19,16 +23,43 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-/// Rotate-half RoPE of every `head_dim`-long head in `row`, at `position`.
-pub fn rope_rows(row: &mut [f32], head_dim: usize, position: u32, inverse_frequencies: &[f64]) {
-    let half = head_dim / 2;
+/// A model's RoPE as the CPU path applies it: the frequency table with every adjustment
+/// folded in (the one the GPU uploads) and the rotation's layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeTable {
+    /// The `rotary_dim / 2` inverse frequencies.
+    pub inverse_frequencies: Vec<f64>,
+    /// The rotated part of each head, its pairing and the attention factor.
+    pub rotary: RotaryLayout,
+}
+
+impl RopeTable {
+    /// The table of `config`'s RoPE.
+    pub fn new(config: &ModelConfig) -> RopeTable {
+        RopeTable {
+            inverse_frequencies: config.inverse_frequencies(),
+            rotary: config.rotary_layout(),
+        }
+    }
+}
+
+/// RoPE of every `head_dim`-long head in `row`, at `position`: each rotated pair (see
+/// `shadowkv_kernels::rope::pair_columns`) turned by `position * frequency` and scaled by the
+/// attention factor, the other dimensions unchanged.
+pub fn rope_rows(row: &mut [f32], head_dim: usize, position: u32, rope: &RopeTable) {
+    let scale = rope.rotary.attention_factor;
     for head in row.chunks_exact_mut(head_dim) {
-        for (i, &frequency) in inverse_frequencies.iter().enumerate().take(half) {
+        for (i, &frequency) in rope.inverse_frequencies.iter().enumerate() {
+            let (low_column, high_column, rotated) = pair_columns(i as u32, &rope.rotary);
+            let (low_column, high_column) = (low_column as usize, high_column as usize);
+            if !rotated || high_column >= head_dim {
+                continue;
+            }
             let (sin, cos) = (position as f64 * frequency).sin_cos();
-            let (sin, cos) = (sin as f32, cos as f32);
-            let (low, high) = (head[i], head[i + half]);
-            head[i] = low * cos - high * sin;
-            head[i + half] = high * cos + low * sin;
+            let (sin, cos) = (sin as f32 * scale, cos as f32 * scale);
+            let (low, high) = (head[low_column], head[high_column]);
+            head[low_column] = low * cos - high * sin;
+            head[high_column] = high * cos + low * sin;
         }
     }
 }

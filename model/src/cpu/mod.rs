@@ -7,7 +7,7 @@
 mod math;
 pub mod shadowkv;
 
-pub use math::{dot, matmul, rms_norm, rope_rows, silu, softmax_in_place};
+pub use math::{dot, matmul, rms_norm, rope_rows, silu, softmax_in_place, RopeTable};
 
 use crate::config::ModelConfig;
 use crate::error::{invalid_input, Error, Result};
@@ -19,7 +19,7 @@ use shadowkv::{ShadowKvParams, ShadowLayer};
 pub struct CpuModel {
     pub config: ModelConfig,
     pub weights: ModelWeights<Matrix>,
-    inverse_frequencies: Vec<f64>,
+    rope: RopeTable,
 }
 
 /// One sequence's KV cache: per layer, post-RoPE keys and values `[kv_heads, len, head_dim]`
@@ -117,11 +117,11 @@ impl CpuCache {
 
 impl CpuModel {
     pub fn new(config: ModelConfig, weights: ModelWeights<Matrix>) -> CpuModel {
-        let inverse_frequencies = config.inverse_frequencies();
+        let rope = RopeTable::new(&config);
         CpuModel {
             config,
             weights,
-            inverse_frequencies,
+            rope,
         }
     }
 
@@ -249,13 +249,13 @@ impl CpuModel {
                     &mut q[t * config.q_dim()..(t + 1) * config.q_dim()],
                     config.head_dim,
                     position,
-                    &self.inverse_frequencies,
+                    &self.rope,
                 );
                 rope_rows(
                     &mut k[t * config.kv_dim()..(t + 1) * config.kv_dim()],
                     config.head_dim,
                     position,
-                    &self.inverse_frequencies,
+                    &self.rope,
                 );
             }
             for head in 0..config.kv_heads {
@@ -290,7 +290,7 @@ impl CpuModel {
                             query,
                             start + t,
                             &exact,
-                            &self.inverse_frequencies,
+                            &self.rope,
                         ));
                     }
                     out

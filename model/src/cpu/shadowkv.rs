@@ -10,7 +10,7 @@
 pub use shadowkv::cache::ShadowKvParams;
 use shadowkv::reference::factorise::factorise;
 
-use super::math::{dot, rope_rows, softmax_in_place};
+use super::math::{dot, rope_rows, softmax_in_place, RopeTable};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
@@ -141,7 +141,7 @@ impl ShadowLayer {
         params: &ShadowKvParams,
         kv_head: usize,
         chunk: usize,
-        inverse_frequencies: &[f64],
+        rope: &RopeTable,
     ) -> Vec<f32> {
         let (head_dim, kv_dim, rank) = (config.head_dim, config.kv_dim(), params.rank);
         let mut keys = vec![0.0f32; params.chunk_size * head_dim];
@@ -152,7 +152,7 @@ impl ShadowLayer {
                 let b_row = &self.bm[component * kv_dim + kv_head * head_dim..][..head_dim];
                 key.iter_mut().zip(b_row).for_each(|(k, b)| *k += a * b);
             }
-            rope_rows(key, head_dim, position as u32, inverse_frequencies);
+            rope_rows(key, head_dim, position as u32, rope);
         }
         keys
     }
@@ -167,7 +167,7 @@ impl ShadowLayer {
         query: &[f32],
         position: usize,
         exact: &dyn Fn(usize) -> (&'k [f32], &'k [f32]),
-        inverse_frequencies: &[f64],
+        rope: &RopeTable,
     ) -> Vec<f32> {
         let (head_dim, group, c) = (config.head_dim, config.group(), params.chunk_size);
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -184,8 +184,7 @@ impl ShadowLayer {
                 tokens.extend((chunk * c..(chunk + 1) * c).map(|p| (p, exact_key(p))));
             }
             for chunk in self.select(config, params, kv_head, group_queries) {
-                let rebuilt =
-                    self.rebuild_chunk(config, params, kv_head, chunk, inverse_frequencies);
+                let rebuilt = self.rebuild_chunk(config, params, kv_head, chunk, rope);
                 tokens.extend(
                     rebuilt
                         .chunks_exact(head_dim)

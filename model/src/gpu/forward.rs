@@ -427,7 +427,10 @@ impl GpuModel {
     ) -> Result<()> {
         let (gpu, stream) = (&*self.gpu, self.stream());
         let bias = self.weights.layers[index].qkv_bias.as_ref();
-        let frequencies = &self.weights.inverse_frequencies;
+        let frequencies = (
+            &self.weights.inverse_frequencies,
+            self.config.rotary_layout(),
+        );
         const WHAT: &str = "attending over the full KV cache";
         const SHADOW: &str = "a ShadowKV decode step";
         // The cache's and the taps' buffers of this layer: a one-layer cache has only slot 0.

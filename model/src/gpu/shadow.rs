@@ -65,13 +65,6 @@ impl GpuModel {
     ) -> Result<GpuShadowCache> {
         const WHAT: &str = "creating the ShadowKV cache";
         let config = &self.config;
-        if config.rope_factors.is_some() {
-            return Err(invalid_input(
-                "model",
-                "scales RoPE by a rope_freqs tensor, which the ShadowKV key rebuild does not apply",
-                "a model without rope_freqs, or full attention (--attention full)",
-            ));
-        }
         let shape = CacheShape {
             layers: config.layers,
             q_heads: config.heads,

@@ -182,7 +182,7 @@ impl GpuWeights {
     }
 }
 
-/// The RoPE inverse frequencies on the GPU.
+/// The RoPE inverse frequencies on the GPU, every adjustment folded in.
 fn upload_f64(stream: &Arc<CudaStream>, config: &ModelConfig) -> Result<CudaSlice<f64>> {
     stream
         .clone_htod(&config.inverse_frequencies())
