@@ -404,7 +404,7 @@ mod kernel {
                                 store_8(kept_codes.add(at as usize), *vector);
                                 // The first unit of a group keeps the group's scale.
                                 let channel = (at % units_per_token) * UNIT;
-                                if channel % INT4_GROUP as u32 == 0 {
+                                if channel.is_multiple_of(INT4_GROUP as u32) {
                                     let token = at / units_per_token;
                                     let group = channel / INT4_GROUP as u32;
                                     store_4(
