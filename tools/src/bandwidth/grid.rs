@@ -16,24 +16,36 @@ pub enum Home {
     Host,
     /// GPU memory: misses are copied over HBM.
     Gpu,
+    /// Pinned host memory behind a GPU value tier holding half of each (sequence, KV head)'s
+    /// prompt chunks ([`TIER_SHARE`]): a miss found in the tier is copied over HBM, the others
+    /// come over PCIe.
+    Tiered,
 }
+
+/// The share of a prompt's chunks the [`Home::Tiered`] tier holds per (sequence, KV head).
+pub const TIER_SHARE: f64 = 0.5;
 
 impl Home {
     /// Every home, in the order the sweep runs them.
-    pub const ALL: [Home; 2] = [Home::Host, Home::Gpu];
+    pub const ALL: [Home; 3] = [Home::Host, Home::Gpu, Home::Tiered];
 
-    /// The cache's value home.
-    pub fn value_home(self) -> ValueHome {
+    /// The cache's value home for prompts of `prompt_chunks` chunks outside the local window
+    /// (`ShadowKvParams::prompt_chunks`; only the tier's size depends on it).
+    pub fn value_home(self, prompt_chunks: usize) -> ValueHome {
         match self {
             Home::Host => ValueHome::Host,
             Home::Gpu => ValueHome::Device,
+            Home::Tiered => ValueHome::Tiered {
+                chunks_per_head: ((prompt_chunks as f64 * TIER_SHARE) as usize).max(1),
+            },
         }
     }
 
-    /// The attention mode whose whole-model fit sizes the batch (`shadowkv plan`).
+    /// The attention mode whose whole-model fit sizes the batch (`shadowkv plan`; the tiered
+    /// home is sized as the host one, so its tier may leave fewer sequences room on the GPU).
     pub fn attention_mode(self) -> AttentionMode {
         match self {
-            Home::Host => AttentionMode::Shadowkv,
+            Home::Host | Home::Tiered => AttentionMode::Shadowkv,
             Home::Gpu => AttentionMode::ShadowkvGpu,
         }
     }
@@ -43,14 +55,7 @@ impl Home {
         match self {
             Home::Host => "host",
             Home::Gpu => "gpu",
-        }
-    }
-
-    /// Whether a miss crosses PCIe (else it is copied over HBM).
-    pub fn misses_cross_pcie(self) -> bool {
-        match self {
-            Home::Host => true,
-            Home::Gpu => false,
+            Home::Tiered => "tiered",
         }
     }
 }
@@ -386,7 +391,7 @@ mod tests {
         assert_eq!(full.hit_rates, HIT_RATES);
         assert_eq!(full.formats, ValueFormat::ALL);
         assert_eq!(full.homes, Home::ALL);
-        assert_eq!(full.cells().len(), 2 * 3 * 6);
+        assert_eq!(full.cells().len(), 3 * 3 * 6);
         let quick = Grid::new(&AxisChoice {
             quick: true,
             formats: Some(vec![ValueFormat::Int4]),
@@ -399,7 +404,7 @@ mod tests {
         assert_eq!(quick.hit_rates, QUICK_HIT_RATES);
         assert_eq!(quick.formats, [ValueFormat::Int4]);
         let cells = quick.cells();
-        assert_eq!(cells.len(), 2 * 2);
+        assert_eq!(cells.len(), 3 * 2);
         assert_eq!(
             cells[0],
             Cell {
@@ -464,9 +469,19 @@ mod tests {
 
     #[test]
     fn homes_map_to_the_cache_and_the_planner() {
-        assert_eq!(Home::Host.value_home(), ValueHome::Host);
-        assert_eq!(Home::Gpu.value_home(), ValueHome::Device);
+        assert_eq!(Home::Host.value_home(15_000), ValueHome::Host);
+        assert_eq!(Home::Gpu.value_home(15_000), ValueHome::Device);
+        assert_eq!(
+            Home::Tiered.value_home(15_000),
+            ValueHome::Tiered {
+                chunks_per_head: 7_500
+            }
+        );
+        assert_eq!(
+            Home::Tiered.value_home(1),
+            ValueHome::Tiered { chunks_per_head: 1 }
+        );
         assert_eq!(Home::Gpu.attention_mode(), AttentionMode::ShadowkvGpu);
-        assert!(Home::Host.misses_cross_pcie() && !Home::Gpu.misses_cross_pcie());
+        assert_eq!(Home::Tiered.attention_mode(), AttentionMode::Shadowkv);
     }
 }

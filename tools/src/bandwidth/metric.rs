@@ -7,8 +7,6 @@
 use shadowkv::cache::ValueFormat;
 use shadowkv::kernels::attention::{DecodeAttentionShape, SequenceLayout};
 
-use super::grid::Home;
-
 /// bf16 bytes of one element.
 const BF16: u64 = 2;
 
@@ -78,6 +76,9 @@ pub struct StepSizes {
     pub kv_tokens: u64,
     /// Chunks fetched and rebuilt in the step (every sequence and KV head).
     pub misses: u64,
+    /// Of those, the chunks whose stored values came over PCIe (the step's statistics); the
+    /// others were copied over HBM (values on the GPU, or found in the value tier).
+    pub pcie_misses: u64,
     pub chunk_size: usize,
     pub rank: usize,
     pub kv_heads: usize,
@@ -85,20 +86,17 @@ pub struct StepSizes {
 }
 
 impl StepTraffic {
-    /// The traffic of a step of `sizes` with the values stored in `format` at `home`.
-    pub fn of(sizes: &StepSizes, format: ValueFormat, home: Home) -> StepTraffic {
+    /// The traffic of a step of `sizes` with the values stored in `format`.
+    pub fn of(sizes: &StepSizes, format: ValueFormat) -> StepTraffic {
         let d = sizes.head_dim as u64;
         let c = sizes.chunk_size as u64;
         let landmarks = sizes.landmark_rows * d * BF16 + sizes.landmark_rows * 4;
         let attention = 2 * sizes.kv_tokens * sizes.kv_heads as u64 * d * BF16;
         let rebuild = sizes.misses * c * (sizes.rank as u64 + d) * BF16;
         let fetch_write = sizes.misses * c * d * BF16;
-        let stored = sizes.misses * format.chunk_bytes(sizes.chunk_size, sizes.head_dim) as u64;
-        let (hbm_reads, pcie_bytes) = if home.misses_cross_pcie() {
-            (0, stored)
-        } else {
-            (stored, 0)
-        };
+        let chunk = format.chunk_bytes(sizes.chunk_size, sizes.head_dim) as u64;
+        let pcie_misses = sizes.pcie_misses.min(sizes.misses);
+        let (hbm_reads, pcie_bytes) = ((sizes.misses - pcie_misses) * chunk, pcie_misses * chunk);
         StepTraffic {
             hbm_bytes: landmarks + attention + rebuild + fetch_write + hbm_reads,
             pcie_bytes,
@@ -223,19 +221,20 @@ mod tests {
     }
 
     #[test]
-    fn misses_cross_pcie_from_the_host_and_hbm_from_the_gpu() {
-        let sizes = StepSizes {
+    fn misses_cross_pcie_from_the_host_and_hbm_from_the_gpu_or_the_tier() {
+        let sizes = |pcie_misses| StepSizes {
             landmark_rows: 1000,
             kv_tokens: 2500,
             misses: 100,
+            pcie_misses,
             chunk_size: 8,
             rank: 160,
             kv_heads: 8,
             head_dim: 128,
         };
-        let host = StepTraffic::of(&sizes, ValueFormat::Bf16, Home::Host);
+        let host = StepTraffic::of(&sizes(100), ValueFormat::Bf16);
         assert_eq!(host.pcie_bytes, 100 * 2048);
-        let gpu = StepTraffic::of(&sizes, ValueFormat::Bf16, Home::Gpu);
+        let gpu = StepTraffic::of(&sizes(0), ValueFormat::Bf16);
         assert_eq!(gpu.pcie_bytes, 0);
         assert_eq!(gpu.hbm_bytes, host.hbm_bytes + 100 * 2048);
         // Landmarks (bf16 rows and u32 ids), attention, rebuild (A rows read, K written),
@@ -243,8 +242,12 @@ mod tests {
         let expected =
             1000 * 256 + 1000 * 4 + 2 * 2500 * 8 * 128 * 2 + 100 * 8 * 288 * 2 + 100 * 8 * 128 * 2;
         assert_eq!(host.hbm_bytes, expected);
+        // A tier that served 30 of the misses: 70 over PCIe, 30 over HBM.
+        let tiered = StepTraffic::of(&sizes(70), ValueFormat::Bf16);
+        assert_eq!(tiered.pcie_bytes, 70 * 2048);
+        assert_eq!(tiered.hbm_bytes, expected + 30 * 2048);
         // int4 moves 576 bytes a chunk.
-        let int4 = StepTraffic::of(&sizes, ValueFormat::Int4, Home::Host);
+        let int4 = StepTraffic::of(&sizes(100), ValueFormat::Int4);
         assert_eq!(int4.pcie_bytes, 100 * 576);
     }
 }

@@ -66,7 +66,9 @@ pub struct BandwidthArgs {
     /// Value formats (default all).
     #[arg(long, value_delimiter = ',', value_enum)]
     value_formats: Option<Vec<ValueFormatArg>>,
-    /// Where the values live (default all).
+    /// Where the values live (default all): pinned host memory, the GPU, or the host behind a
+    /// GPU value tier holding half of each head's prompt chunks (its HBM and PCIe bytes follow
+    /// the step's tier hits).
     #[arg(long, value_delimiter = ',', value_enum)]
     homes: Option<Vec<Home>>,
     /// Samples per configuration (the median is kept).

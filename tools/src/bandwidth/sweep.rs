@@ -245,7 +245,10 @@ fn measure_cell(
         cell.home.name(),
         cell.format.name()
     );
-    let storage = cell.home.value_home().with_format(cell.format);
+    let storage = cell
+        .home
+        .value_home(params.prompt_chunks(context))
+        .with_format(cell.format);
     let capacity = CacheCapacity::uniform(largest, context, GENERATED);
     let mut cache = ShadowKvCache::new(gpu, shape, params, storage, capacity)?;
     let ids = prefill(gpu, &mut cache, largest, options.seed, bar, &name)?;
@@ -263,6 +266,7 @@ fn measure_cell(
             landmark_rows: 0,
             kv_tokens: 0,
             misses: 0,
+            pcie_misses: 0,
             chunk_size: params.chunk_size,
             rank: params.rank,
             kv_heads: shape.kv_heads,
@@ -302,6 +306,7 @@ fn measure_cell(
                 .collect();
             cache.decode_step().set_timeline(gpu, false)?;
             sizes.misses = stats.misses;
+            sizes.pcie_misses = stats.pcie_fetches;
             results.push((
                 batch,
                 hit_rate,
@@ -311,7 +316,7 @@ fn measure_cell(
                     equivalent_bandwidth: equivalent_bandwidth(full_kv_bytes, step_ms),
                     full_kv_bytes,
                     full_ms: full.get(&(context, batch)).copied(),
-                    traffic: StepTraffic::of(&sizes, cell.format, cell.home),
+                    traffic: StepTraffic::of(&sizes, cell.format),
                     stages,
                 }),
             ));
