@@ -77,7 +77,7 @@ fn through_format(
 fn compressed_values_keep_attention_outputs_close() {
     let d = SHAPE.head_dim;
     let group = SHAPE.q_heads / SHAPE.kv_heads;
-    for (len, seed) in [(4096, 1u64), (16384, 2), (32768, 3)] {
+    for (len, seed) in [(4096, 1u64), (16384, 2), (32768, 3), (131_072, 4)] {
         let mut rng = StdRng::seed_from_u64(seed);
         let needle = len / CHUNK / 3;
         let mut prompt = structured_prompt(&mut rng, &SHAPE, len, 16, 0.1, Some(needle), CHUNK);
