@@ -17,6 +17,7 @@ pub mod roster;
 pub mod sampling;
 pub mod serve;
 pub mod source;
+pub mod tensor_names;
 pub mod tokenizer;
 pub mod weights;
 
