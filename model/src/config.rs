@@ -88,7 +88,8 @@ pub const GPU_HEAD_DIMS: [u32; 2] = shadowkv_kernels::attention::HEAD_DIMS;
 pub const GPU_MAX_GROUP: u32 = shadowkv_kernels::attention::MAX_GROUP;
 
 /// The `general.architecture` values [`ModelConfig::from_gguf`] reads.
-pub const GGUF_ARCHITECTURES: &str = "`llama` (Llama, Yi, Mistral), `qwen2`, `chatglm` (GLM-4-9B) and `phi3`";
+pub const GGUF_ARCHITECTURES: &str =
+    "`llama` (Llama, Yi, Mistral), `qwen2`, `chatglm` (GLM-4-9B) and `phi3`";
 
 /// The `model_type` values [`ModelConfig::from_hf_config`] reads.
 pub const HF_MODEL_TYPES: &str = "llama, mistral, qwen2, chatglm (GLM-4-9B) and phi3";
@@ -267,9 +268,10 @@ impl ModelConfig {
                             long_factors: factors(40.0),
                             original_max_position: original,
                             context_length: context,
-                            attention_factor: shadowkv_kernels::rope::LongRope::default_attention_factor(
-                                context, original,
-                            ),
+                            attention_factor:
+                                shadowkv_kernels::rope::LongRope::default_attention_factor(
+                                    context, original,
+                                ),
                         }),
                         ..RopeConfig::new(10_000.0)
                     },
@@ -311,24 +313,23 @@ impl ModelConfig {
             .metadata("general.architecture")
             .and_then(|v| v.as_str())
             .ok_or_else(|| fail("has no general.architecture".into()))?;
-        let architecture = match architecture_name {
-            "llama" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            "chatglm" => Architecture::ChatGlm,
-            "phi3" => Architecture::Phi3,
-            "glm4" => {
-                return Err(fail(
+        let architecture =
+            match architecture_name {
+                "llama" => Architecture::Llama,
+                "qwen2" => Architecture::Qwen2,
+                "chatglm" => Architecture::ChatGlm,
+                "phi3" => Architecture::Phi3,
+                "glm4" => return Err(fail(
                     "has architecture `glm4` (GLM-4-0414, with norms after attention and after \
                      the MLP), which this driver does not run; GLM-4-9B files (`chatglm`) load"
                         .into(),
-                ))
-            }
-            other => {
-                return Err(fail(format!(
-                    "has architecture `{other}`; this driver runs {GGUF_ARCHITECTURES}"
-                )))
-            }
-        };
+                )),
+                other => {
+                    return Err(fail(format!(
+                        "has architecture `{other}`; this driver runs {GGUF_ARCHITECTURES}"
+                    )))
+                }
+            };
         let key = |name: &str| format!("{architecture_name}.{name}");
         let count = |name: &str| -> Result<usize> {
             file.metadata(&key(name))
@@ -356,7 +357,12 @@ impl ModelConfig {
         };
         // Phi-3 files may carry `phi3.attention.sliding_window`; Phi-3-mini-128k's window is
         // its whole context, so every layer attends fully here and the key is not read.
-        let rope = rope_from_gguf(file, architecture_name, head_dim, architecture.rope_pairing())?;
+        let rope = rope_from_gguf(
+            file,
+            architecture_name,
+            head_dim,
+            architecture.rope_pairing(),
+        )?;
         let config = ModelConfig {
             architecture,
             layers: count("block_count")?,
@@ -393,25 +399,24 @@ impl ModelConfig {
                 .ok_or_else(|| fail(format!("has no unsigned integer `{name}`")))
         };
         let number = |name: &str| json.get(name).and_then(|v| v.as_f64());
-        let architecture = match json.get("model_type").and_then(|v| v.as_str()) {
-            Some("llama") | Some("mistral") => Architecture::Llama,
-            Some("qwen2") => Architecture::Qwen2,
-            Some("phi3") => Architecture::Phi3,
-            Some("chatglm") => return chatglm_from_hf(&file, &json),
-            Some("glm4") => {
-                return Err(fail(
+        let architecture =
+            match json.get("model_type").and_then(|v| v.as_str()) {
+                Some("llama") | Some("mistral") => Architecture::Llama,
+                Some("qwen2") => Architecture::Qwen2,
+                Some("phi3") => Architecture::Phi3,
+                Some("chatglm") => return chatglm_from_hf(&file, &json),
+                Some("glm4") => return Err(fail(
                     "has model_type \"glm4\" (GLM-4-0414, with norms after attention and after \
                      the MLP), which this driver does not run; GLM-4-9B checkpoints \
                      (model_type \"chatglm\") load"
                         .into(),
-                ))
-            }
-            other => {
-                return Err(fail(format!(
-                    "has model_type {other:?}; this driver runs {HF_MODEL_TYPES}"
-                )))
-            }
-        };
+                )),
+                other => {
+                    return Err(fail(format!(
+                        "has model_type {other:?}; this driver runs {HF_MODEL_TYPES}"
+                    )))
+                }
+            };
         let hidden = count("hidden_size")?;
         let heads = count("num_attention_heads")?;
         let head_dim = count("head_dim").unwrap_or(hidden / heads.max(1));
@@ -536,11 +541,8 @@ fn chatglm_from_hf(file: &str, json: &serde_json::Value) -> Result<ModelConfig> 
             .map(|v| v as usize)
             .ok_or_else(|| fail(format!("has no unsigned integer `{name}`")))
     };
-    let flag = |name: &str, default: bool| {
-        json.get(name)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(default)
-    };
+    let flag =
+        |name: &str, default: bool| json.get(name).and_then(|v| v.as_bool()).unwrap_or(default);
     for (name, needed, default) in [
         ("add_qkv_bias", true, true),
         ("rmsnorm", true, true),

@@ -90,8 +90,7 @@ impl WeightFile {
     ) -> Result<Matrix> {
         if let Some(fused) = fused_part(config, name) {
             let separate = self.rows_of(config, name) == Some(rows);
-            if !separate && (self.contains(config, &fused.tensor) || !self.contains(config, name))
-            {
+            if !separate && (self.contains(config, &fused.tensor) || !self.contains(config, name)) {
                 let whole = self.read(config, &fused.tensor, fused.rows, cols)?;
                 let data = whole.data[fused.part.start * cols..fused.part.end * cols].to_vec();
                 return Ok(Matrix { rows, cols, data });
@@ -107,12 +106,14 @@ impl WeightFile {
                 1 => Some(1),
                 _ => info.dims.last().map(|&d| d as usize),
             }),
-            WeightFile::Safetensors(files) => files.dims(config.architecture, name).map(|dims| {
-                match dims.len() {
-                    1 => 1,
-                    _ => dims[0],
-                }
-            }),
+            WeightFile::Safetensors(files) => {
+                files
+                    .dims(config.architecture, name)
+                    .map(|dims| match dims.len() {
+                        1 => 1,
+                        _ => dims[0],
+                    })
+            }
         }
     }
 
