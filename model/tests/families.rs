@@ -356,3 +356,51 @@ fn a_fused_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
     assert!(error.reason.contains("[512, 256]"), "{error}");
     assert!(error.reason.contains("[768, 256]"), "{error}");
 }
+
+/// ShadowKV with every chunk selected and full rank gives full attention's tokens in each
+/// family: the key rebuild and landmark scoring apply GLM-4's partial adjacent rotary and
+/// Phi-3's LongRoPE as the forward pass does.
+#[test]
+fn shadowkv_with_a_whole_budget_matches_full_attention_in_each_family() {
+    for family in FAMILIES {
+        let checkpoint = TinyCheckpoint::new(family, 13);
+        let model = CpuModel::new(checkpoint.config.clone(), checkpoint.weights.clone());
+        let prompt: Vec<u32> = (0..200u32)
+            .map(|i| (i * 37 + 11) % model.config.vocab as u32)
+            .collect();
+        let mut params = shadowkv_model::ShadowKvParams {
+            chunk_size: 8,
+            sparse_budget: 8,
+            rank: model.config.kv_dim(),
+            local_chunks: 4,
+            outlier_chunks: 4,
+        };
+        let chunks = params.prompt_chunks(prompt.len());
+        params.sparse_budget = (chunks - params.outlier_chunks) * params.chunk_size;
+        let run = |mut cache: CpuCache| {
+            let mut logits = vec![model.forward(&mut cache, &prompt).unwrap()];
+            for _ in 0..12 {
+                let next = Sampler::greedy().sample(logits.last().unwrap());
+                logits.push(model.forward(&mut cache, &[next]).unwrap());
+            }
+            (logits, cache.uses_shadows())
+        };
+        let (full, _) = run(CpuCache::new(&model.config));
+        let (shadow, used) = run(CpuCache::shadowkv(&model.config, params).unwrap());
+        assert!(used, "{family:?}: the prompt is long enough for ShadowKV");
+        for (step, (a, b)) in full.iter().zip(&shadow).enumerate() {
+            let difference: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+            let norm: f32 = a.iter().map(|x| x * x).sum::<f32>();
+            let relative = (difference / norm).sqrt();
+            assert!(
+                relative < 1e-4,
+                "{family:?}, step {step}: relative difference {relative}"
+            );
+            assert_eq!(
+                Sampler::greedy().sample(a),
+                Sampler::greedy().sample(b),
+                "{family:?}, step {step}"
+            );
+        }
+    }
+}
