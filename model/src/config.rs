@@ -14,19 +14,47 @@ use crate::rope_metadata::{rope_from_gguf, rope_from_hf};
 /// Reading a model file fails only with a problem of the file.
 type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 
-/// The decoder variants this driver runs. They differ only in details of the same block.
+/// The decoder variants this driver runs. They differ only in details of the same block
+/// (RMSNorm, GQA attention, SwiGLU MLP), mostly in how their files store it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
     /// Llama 2/3, SmolLM, Yi, Mistral: no projection biases.
     Llama,
     /// Qwen2: biases on the Q, K and V projections.
     Qwen2,
+    /// GLM-4-9B (llama.cpp's `chatglm`): one fused QKV projection with a bias, RoPE on the
+    /// first part of each head with adjacent pairs, one fused gate/up projection.
+    ChatGlm,
+    /// Phi-3: fused QKV (no bias) and gate/up projections, LongRoPE.
+    Phi3,
 }
 
 impl Architecture {
     /// Whether the Q, K and V projections carry a bias.
     pub fn qkv_bias(self) -> bool {
-        self == Architecture::Qwen2
+        matches!(self, Architecture::Qwen2 | Architecture::ChatGlm)
+    }
+
+    /// Whether the files may store Q, K and V as one `[q_dim + 2 * kv_dim, hidden]` tensor
+    /// (`attn_qkv`), rows in that order; the loader splits it.
+    pub fn fused_qkv(self) -> bool {
+        matches!(self, Architecture::ChatGlm | Architecture::Phi3)
+    }
+
+    /// Whether the files store the gate and up projections as one `[2 * ffn, hidden]` tensor
+    /// (`ffn_up`), gate rows first (both families compute `silu(first half) * second half`).
+    pub fn fused_gate_up(self) -> bool {
+        matches!(self, Architecture::ChatGlm | Architecture::Phi3)
+    }
+
+    /// How the family pairs the rotated dimensions. GLM rotates adjacent pairs in its own
+    /// code and its converters keep that order; the others rotate halves (llama.cpp's
+    /// Llama rows are permuted at load to match).
+    pub fn rope_pairing(self) -> RopePairing {
+        match self {
+            Architecture::ChatGlm => RopePairing::Adjacent,
+            _ => RopePairing::Halves,
+        }
     }
 }
 
@@ -53,16 +81,31 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
 }
 
+/// The head dimensions the GPU attention kernels are built for.
+pub const GPU_HEAD_DIMS: [u32; 2] = shadowkv_kernels::attention::HEAD_DIMS;
+
+/// The most query heads per KV head the GPU attention kernels take.
+pub const GPU_MAX_GROUP: u32 = shadowkv_kernels::attention::MAX_GROUP;
+
+/// The `general.architecture` values [`ModelConfig::from_gguf`] reads.
+pub const GGUF_ARCHITECTURES: &str =
+    "`llama` (Llama, Yi, Mistral), `qwen2`, `chatglm` (GLM-4-9B) and `phi3`";
+
+/// The `model_type` values [`ModelConfig::from_hf_config`] reads.
+pub const HF_MODEL_TYPES: &str = "llama, mistral, qwen2, chatglm (GLM-4-9B) and phi3";
+
 /// Most parameters a valid shape has (2^48, far above any real model), so that sizes derived
 /// from a shape (`parameters() * bytes`, `q_dim() * tokens`) do not overflow.
 pub const MAX_PARAMETERS: usize = 1 << 48;
 
 /// The named shapes a synthetic model can take.
-pub const NAMED_SHAPES: [&str; 5] = [
+pub const NAMED_SHAPES: [&str; 7] = [
     "llama-3-8b",
     "llama-3.1-8b",
     "yi-9b",
     "qwen2-7b",
+    "glm-4-9b",
+    "phi-3-mini",
     "smollm2-135m",
 ];
 
@@ -178,6 +221,64 @@ impl ModelConfig {
                 context_length: 32_768,
                 ..llama_3
             },
+            // GLM-4-9B-Chat-1M: 2 KV heads, RoPE on the first 64 of 128 dimensions in adjacent
+            // pairs, base 10^4 times its rope_ratio of 10^4.
+            "glm-4-9b" => ModelConfig {
+                architecture: Architecture::ChatGlm,
+                layers: 40,
+                kv_heads: 2,
+                ffn: 13696,
+                vocab: 151_552,
+                rms_eps: 1.5625e-7,
+                rope: RopeConfig {
+                    rotary_dim: 64,
+                    pairing: RopePairing::Adjacent,
+                    ..RopeConfig::new(1e8)
+                },
+                context_length: 1_048_576,
+                ..llama_3
+            },
+            // Phi-3-mini-128k: heads of 96, LongRoPE from 4K to 128K. The factors here are a
+            // smooth stand-in for the checkpoint's lists (a synthetic model's timing does not
+            // depend on them).
+            "phi-3-mini" => {
+                let pairs = 48;
+                let ramp = |top: f32| -> Vec<f32> {
+                    (0..pairs)
+                        .map(|i| 1.0 + (top - 1.0) * i as f32 / (pairs - 1) as f32)
+                        .collect()
+                };
+                let factors = |top| {
+                    shadowkv_kernels::rope::RopeFactors::new(&ramp(top))
+                        .expect("48 factors fit the table")
+                };
+                let (original, context) = (4096.0, 131_072.0);
+                ModelConfig {
+                    architecture: Architecture::Phi3,
+                    layers: 32,
+                    hidden: 3072,
+                    heads: 32,
+                    kv_heads: 32,
+                    head_dim: 96,
+                    ffn: 8192,
+                    vocab: 32_064,
+                    rope: RopeConfig {
+                        long_rope: Some(shadowkv_kernels::rope::LongRope {
+                            short_factors: factors(1.1),
+                            long_factors: factors(40.0),
+                            original_max_position: original,
+                            context_length: context,
+                            attention_factor:
+                                shadowkv_kernels::rope::LongRope::default_attention_factor(
+                                    context, original,
+                                ),
+                        }),
+                        ..RopeConfig::new(10_000.0)
+                    },
+                    context_length: 131_072,
+                    ..llama_3
+                }
+            }
             "smollm2-135m" => ModelConfig {
                 layers: 30,
                 hidden: 576,
@@ -212,15 +313,23 @@ impl ModelConfig {
             .metadata("general.architecture")
             .and_then(|v| v.as_str())
             .ok_or_else(|| fail("has no general.architecture".into()))?;
-        let architecture = match architecture_name {
-            "llama" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
-            other => {
-                return Err(fail(format!(
-                    "has architecture `{other}`; this driver runs `llama` and `qwen2`"
-                )))
-            }
-        };
+        let architecture =
+            match architecture_name {
+                "llama" => Architecture::Llama,
+                "qwen2" => Architecture::Qwen2,
+                "chatglm" => Architecture::ChatGlm,
+                "phi3" => Architecture::Phi3,
+                "glm4" => return Err(fail(
+                    "has architecture `glm4` (GLM-4-0414, with norms after attention and after \
+                     the MLP), which this driver does not run; GLM-4-9B files (`chatglm`) load"
+                        .into(),
+                )),
+                other => {
+                    return Err(fail(format!(
+                        "has architecture `{other}`; this driver runs {GGUF_ARCHITECTURES}"
+                    )))
+                }
+            };
         let key = |name: &str| format!("{architecture_name}.{name}");
         let count = |name: &str| -> Result<usize> {
             file.metadata(&key(name))
@@ -246,7 +355,14 @@ impl ModelConfig {
             Some(v) => v.as_u64().unwrap_or(0) as usize,
             None => embedding.dims.get(1).copied().unwrap_or(0) as usize,
         };
-        let rope = rope_from_gguf(file, architecture_name, head_dim, RopePairing::Halves)?;
+        // Phi-3 files may carry `phi3.attention.sliding_window`; Phi-3-mini-128k's window is
+        // its whole context, so every layer attends fully here and the key is not read.
+        let rope = rope_from_gguf(
+            file,
+            architecture_name,
+            head_dim,
+            architecture.rope_pairing(),
+        )?;
         let config = ModelConfig {
             architecture,
             layers: count("block_count")?,
@@ -283,19 +399,29 @@ impl ModelConfig {
                 .ok_or_else(|| fail(format!("has no unsigned integer `{name}`")))
         };
         let number = |name: &str| json.get(name).and_then(|v| v.as_f64());
-        let architecture = match json.get("model_type").and_then(|v| v.as_str()) {
-            Some("llama") | Some("mistral") => Architecture::Llama,
-            Some("qwen2") => Architecture::Qwen2,
-            other => {
-                return Err(fail(format!(
-                    "has model_type {other:?}; this driver runs llama, mistral and qwen2"
-                )))
-            }
-        };
+        let architecture =
+            match json.get("model_type").and_then(|v| v.as_str()) {
+                Some("llama") | Some("mistral") => Architecture::Llama,
+                Some("qwen2") => Architecture::Qwen2,
+                Some("phi3") => Architecture::Phi3,
+                Some("chatglm") => return chatglm_from_hf(&file, &json),
+                Some("glm4") => return Err(fail(
+                    "has model_type \"glm4\" (GLM-4-0414, with norms after attention and after \
+                     the MLP), which this driver does not run; GLM-4-9B checkpoints \
+                     (model_type \"chatglm\") load"
+                        .into(),
+                )),
+                other => {
+                    return Err(fail(format!(
+                        "has model_type {other:?}; this driver runs {HF_MODEL_TYPES}"
+                    )))
+                }
+            };
         let hidden = count("hidden_size")?;
         let heads = count("num_attention_heads")?;
         let head_dim = count("head_dim").unwrap_or(hidden / heads.max(1));
-        let rope = rope_from_hf(&file, &json, head_dim, RopePairing::Halves)?;
+        // Phi-3's `sliding_window` is not read: Phi-3-mini-128k's covers its whole context.
+        let rope = rope_from_hf(&file, &json, head_dim, architecture.rope_pairing())?;
         let config = ModelConfig {
             architecture,
             layers: count("num_hidden_layers")?,
@@ -316,8 +442,38 @@ impl ModelConfig {
         config.validated(&file)
     }
 
+    /// Whether the GPU kernels run this shape (the CPU path runs any valid one): a head
+    /// dimension of [`GPU_HEAD_DIMS`] and at most [`GPU_MAX_GROUP`] query heads per KV head.
+    /// `source` names the file or shape in the error.
+    pub fn check_gpu_kernels(&self, source: &str) -> Result<()> {
+        let fail = |reason: String| {
+            Err(ModelFileError {
+                file: source.to_owned(),
+                tensor: None,
+                reason,
+            })
+        };
+        if !GPU_HEAD_DIMS.contains(&(self.head_dim as u32)) {
+            return fail(format!(
+                "has head dimension {}; the GPU kernels are built for head dimensions \
+                 {GPU_HEAD_DIMS:?} (the CPU path runs it)",
+                self.head_dim
+            ));
+        }
+        if self.group() > GPU_MAX_GROUP as usize {
+            return fail(format!(
+                "has {} query heads per KV head ({} heads, {} KV heads); the GPU kernels take \
+                 at most {GPU_MAX_GROUP} (the CPU path runs it)",
+                self.group(),
+                self.heads,
+                self.kv_heads
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the counts every loader and kernel relies on.
-    fn validated(self, source: &str) -> Result<ModelConfig> {
+    pub(crate) fn validated(self, source: &str) -> Result<ModelConfig> {
         let fail = |reason: String| {
             Err(ModelFileError {
                 file: source.to_owned(),
@@ -366,4 +522,74 @@ impl ModelConfig {
         }
         Ok(self)
     }
+}
+
+/// The shape of a GLM-4-9B `config.json` (`model_type` chatglm, from `file`): its own key
+/// names (`num_layers`, `multi_query_group_num`, `kv_channels`, `ffn_hidden_size`,
+/// `padded_vocab_size`, `seq_length`), RoPE on the first half of each head in adjacent pairs
+/// with base `10000 * rope_ratio`. Variants this driver does not compute (no QKV bias,
+/// LayerNorm, the residual after the norm) are refused by name.
+fn chatglm_from_hf(file: &str, json: &serde_json::Value) -> Result<ModelConfig> {
+    let fail = |reason: String| ModelFileError {
+        file: file.to_owned(),
+        tensor: None,
+        reason,
+    };
+    let count = |name: &str| -> Result<usize> {
+        json.get(name)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| fail(format!("has no unsigned integer `{name}`")))
+    };
+    let flag =
+        |name: &str, default: bool| json.get(name).and_then(|v| v.as_bool()).unwrap_or(default);
+    for (name, needed, default) in [
+        ("add_qkv_bias", true, true),
+        ("rmsnorm", true, true),
+        ("apply_residual_connection_post_layernorm", false, false),
+        ("post_layer_norm", true, true),
+    ] {
+        if flag(name, default) != needed {
+            return Err(fail(format!(
+                "sets `{name}` to {}; this driver runs GLM-4 with it {needed}",
+                !needed
+            )));
+        }
+    }
+    let hidden = count("hidden_size")?;
+    let heads = count("num_attention_heads")?;
+    let head_dim = count("kv_channels").unwrap_or(hidden / heads.max(1));
+    let kv_heads = if flag("multi_query_attention", false) {
+        count("multi_query_group_num")?
+    } else {
+        heads
+    };
+    let rope_ratio = json
+        .get("rope_ratio")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1.0);
+    let rope = RopeConfig {
+        // GLM rotates the first `head_dim / 2` dimensions of each head.
+        rotary_dim: (head_dim / 2) as u32,
+        pairing: RopePairing::Adjacent,
+        ..RopeConfig::new(10_000.0 * rope_ratio)
+    };
+    let config = ModelConfig {
+        architecture: Architecture::ChatGlm,
+        layers: count("num_layers")?,
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+        ffn: count("ffn_hidden_size")?,
+        vocab: count("padded_vocab_size")?,
+        rms_eps: json
+            .get("layernorm_epsilon")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(1e-5) as f32,
+        rope,
+        context_length: count("seq_length").unwrap_or(8192),
+        tied_embeddings: false,
+    };
+    config.validated(file)
 }

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod family_fixtures;
 pub mod generate;
 pub mod gguf;
 pub mod gpu;
@@ -17,6 +18,7 @@ pub mod roster;
 pub mod sampling;
 pub mod serve;
 pub mod source;
+pub mod tensor_names;
 pub mod tokenizer;
 pub mod weights;
 

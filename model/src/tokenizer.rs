@@ -23,7 +23,7 @@ type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 /// `tokenizer.ggml.model` values this module builds.
 const SUPPORTED_MODELS: &str = "gpt2 (byte-level BPE)";
 /// `tokenizer.ggml.pre` values this module builds.
-const SUPPORTED_PRE: &str = "smollm, gpt2, default, llama-bpe, llama3, qwen2";
+const SUPPORTED_PRE: &str = "smollm, gpt2, default, llama-bpe, llama3, qwen2, chatglm-bpe";
 
 /// Llama 3's split pattern (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`, HF tokenizer.json).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -455,6 +455,8 @@ fn pre_tokenizer_for(pre: &str) -> std::result::Result<PreTokenizerWrapper, Stri
         "gpt2" | "default" => Ok(gpt2().into()),
         "llama-bpe" | "llama3" => split_then_bytes(LLAMA3_PATTERN),
         "qwen2" => split_then_bytes(QWEN2_PATTERN),
+        // GLM-4 splits as Llama 3 does (llama.cpp's CHATGLM4 pattern), but keeps its merges.
+        "chatglm-bpe" => split_then_bytes(LLAMA3_PATTERN),
         other => Err(format!(
             "tokenizer.ggml.pre is `{other}`, whose pre-tokenizer this tokenizer does not build; supported: {SUPPORTED_PRE}"
         )),

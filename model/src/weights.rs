@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::ModelFileError;
 use crate::gguf::GgufFile;
+use crate::tensor_names::{fused_part, hf_name};
 
 /// Reading a model file fails only with a problem of the file.
 type Result<T, E = ModelFileError> = std::result::Result<T, E>;
@@ -77,7 +78,9 @@ impl WeightFile {
         }
     }
 
-    /// Tensor `name` (GGUF naming) as f32, checked to be `[rows, cols]`.
+    /// Tensor `name` (GGUF naming) as f32, checked to be `[rows, cols]`. A projection that
+    /// the family stores fused (Phi-3's and GLM-4's `attn_qkv`, their `2 * ffn`-row `ffn_up`)
+    /// is cut out of the fused tensor when the file has no separate one of `rows` rows.
     pub fn matrix(
         &self,
         config: &ModelConfig,
@@ -85,6 +88,37 @@ impl WeightFile {
         rows: usize,
         cols: usize,
     ) -> Result<Matrix> {
+        if let Some(fused) = fused_part(config, name) {
+            let separate = self.rows_of(config, name) == Some(rows);
+            if !separate && (self.contains(config, &fused.tensor) || !self.contains(config, name)) {
+                let whole = self.read(config, &fused.tensor, fused.rows, cols)?;
+                let data = whole.data[fused.part.start * cols..fused.part.end * cols].to_vec();
+                return Ok(Matrix { rows, cols, data });
+            }
+        }
+        self.read(config, name, rows, cols)
+    }
+
+    /// The first dimension (rows, or length of a vector) of tensor `name`, if the file has it.
+    fn rows_of(&self, config: &ModelConfig, name: &str) -> Option<usize> {
+        match self {
+            WeightFile::Gguf(file) => file.tensor(name).and_then(|info| match info.dims.len() {
+                1 => Some(1),
+                _ => info.dims.last().map(|&d| d as usize),
+            }),
+            WeightFile::Safetensors(files) => {
+                files
+                    .dims(config.architecture, name)
+                    .map(|dims| match dims.len() {
+                        1 => 1,
+                        _ => dims[0],
+                    })
+            }
+        }
+    }
+
+    /// Tensor `name` as stored, checked to be `[rows, cols]` (a vector: `rows` 1).
+    fn read(&self, config: &ModelConfig, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let (dims, mut data) = match self {
             WeightFile::Gguf(file) => {
                 let info = file.tensor(name).ok_or_else(|| missing(&file.name, name))?;
@@ -92,7 +126,7 @@ impl WeightFile {
                 let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
                 (dims, file.dequantize(name)?)
             }
-            WeightFile::Safetensors(files) => files.tensor(name)?,
+            WeightFile::Safetensors(files) => files.tensor(config.architecture, name)?,
         };
         let shape_ok = match dims.as_slice() {
             [n] => rows == 1 && *n == cols,
@@ -100,14 +134,21 @@ impl WeightFile {
             _ => false,
         };
         if !shape_ok {
+            let tensor = match self {
+                WeightFile::Gguf(_) => name.to_owned(),
+                WeightFile::Safetensors(_) => {
+                    hf_name(config.architecture, name).unwrap_or_else(|| name.to_owned())
+                }
+            };
             return Err(ModelFileError {
                 file: self.name().to_owned(),
-                tensor: Some(name.to_owned()),
+                tensor: Some(tensor),
                 reason: format!("has shape {dims:?}; the model's config needs [{rows}, {cols}]"),
             });
         }
         // llama.cpp's converter interleaves each head's Q/K rows for its adjacent-pair RoPE;
-        // the kernels rotate halves, so undo it (Qwen2 files are not permuted).
+        // the kernels rotate halves, so undo it (Qwen2 and Phi-3 files are not permuted, and
+        // GLM-4's adjacent pairs are its own, kept as they are).
         if matches!(self, WeightFile::Gguf(_)) && config.architecture == Architecture::Llama {
             let heads = match name.rsplit_once('.').map(|(stem, _)| stem) {
                 Some(stem) if stem.ends_with(".attn_q") => Some(config.heads),
@@ -122,15 +163,22 @@ impl WeightFile {
     }
 
     /// Tensor `name` as a vector of `len` values.
+    /// A bias the family stores fused (GLM-4's `attn_qkv.bias`) is cut out of the fused one.
     pub fn vector(&self, config: &ModelConfig, name: &str, len: usize) -> Result<Vec<f32>> {
-        Ok(self.matrix(config, name, 1, len)?.data)
+        if let Some(fused) = fused_part(config, name) {
+            if !self.contains(config, name) {
+                let whole = self.read(config, &fused.tensor, 1, fused.rows)?;
+                return Ok(whole.data[fused.part].to_vec());
+            }
+        }
+        Ok(self.read(config, name, 1, len)?.data)
     }
 
-    /// Whether the file holds `name`.
-    pub fn contains(&self, name: &str) -> bool {
+    /// Whether the file holds `name` (GGUF naming; mapped to `config`'s family's names).
+    pub fn contains(&self, config: &ModelConfig, name: &str) -> bool {
         match self {
             WeightFile::Gguf(file) => file.tensor(name).is_some(),
-            WeightFile::Safetensors(files) => files.locate(name).is_some(),
+            WeightFile::Safetensors(files) => files.locate(config.architecture, name).is_some(),
         }
     }
 
@@ -209,33 +257,6 @@ fn missing(file: &str, tensor: &str) -> ModelFileError {
     }
 }
 
-/// The Hugging Face name of a GGUF-named tensor.
-fn hf_name(gguf: &str) -> Option<String> {
-    Some(match gguf {
-        "token_embd.weight" => "model.embed_tokens.weight".into(),
-        "output_norm.weight" => "model.norm.weight".into(),
-        "output.weight" => "lm_head.weight".into(),
-        _ => {
-            let rest = gguf.strip_prefix("blk.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let (stem, kind) = part.rsplit_once('.')?;
-            let module = match stem {
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{module}.{kind}")
-        }
-    })
-}
-
 /// A Hugging Face checkpoint's `*.safetensors` files, memory-mapped.
 pub struct SafetensorsFiles {
     pub name: String,
@@ -299,18 +320,29 @@ impl SafetensorsFiles {
         Ok(SafetensorsFiles { name, files, index })
     }
 
-    fn locate(&self, gguf_name: &str) -> Option<(String, usize)> {
-        let name = hf_name(gguf_name)?;
+    fn locate(&self, architecture: Architecture, gguf_name: &str) -> Option<(String, usize)> {
+        let name = hf_name(architecture, gguf_name)?;
         let file = *self.index.get(&name)?;
         Some((name, file))
     }
 
-    /// Tensor `gguf_name` as (dims, f32 values).
-    fn tensor(&self, gguf_name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let (name, file) = self.locate(gguf_name).ok_or_else(|| {
+    /// The shape of tensor `gguf_name`, if the checkpoint has it.
+    fn dims(&self, architecture: Architecture, gguf_name: &str) -> Option<Vec<usize>> {
+        let (name, file) = self.locate(architecture, gguf_name)?;
+        let tensors = safetensors::SafeTensors::deserialize(&self.files[file].1).ok()?;
+        Some(tensors.tensor(&name).ok()?.shape().to_vec())
+    }
+
+    /// Tensor `gguf_name` of an `architecture` checkpoint as (dims, f32 values).
+    fn tensor(
+        &self,
+        architecture: Architecture,
+        gguf_name: &str,
+    ) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (name, file) = self.locate(architecture, gguf_name).ok_or_else(|| {
             missing(
                 &self.name,
-                &hf_name(gguf_name).unwrap_or_else(|| gguf_name.to_owned()),
+                &hf_name(architecture, gguf_name).unwrap_or_else(|| gguf_name.to_owned()),
             )
         })?;
         let (path, map) = &self.files[file];

@@ -254,7 +254,8 @@ fn bad_checkpoints_name_file_tensor_and_reason() {
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("blk.1.ffn_down.weight")
+        // Named as the checkpoint names it.
+        error.contains("model.layers.1.mlp.down_proj.weight")
             && error.contains("[96, 64]")
             && error.contains("[64, 96]"),
         "{error}"

@@ -212,7 +212,7 @@ fn unsupported_tokenizers_are_errors_naming_the_value() {
 fn other_pre_tokenizers_build_and_round_trip() {
     let mut file = builtin_file();
     let text = "It's 2024!  Costs $1234.50\n\n\tnaïve 東京 🦀 <|im_end|>";
-    for pre in ["gpt2", "default", "llama-bpe", "qwen2"] {
+    for pre in ["gpt2", "default", "llama-bpe", "qwen2", "chatglm-bpe"] {
         set_metadata(
             &mut file,
             "tokenizer.ggml.pre",

@@ -16,7 +16,10 @@ use crate::prefill::{prefill, prefill_bar, PREFILL_CHUNK};
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// A named shape with random weights generated on the GPU (llama-3-8b, llama-3.1-8b,
-    /// yi-9b, qwen2-7b, smollm2-135m), or a .gguf file / Hugging Face folder.
+    /// yi-9b, qwen2-7b, glm-4-9b, phi-3-mini, smollm2-135m), or a .gguf file / Hugging Face
+    /// folder (Llama, Yi, Mistral, Qwen2, GLM-4-9B, Phi-3). A shape the GPU kernels are not
+    /// built for is refused, naming why: phi-3-mini's head dimension 96 (kernels take 64 and
+    /// 128), glm-4-9b's 16 query heads per KV head (kernels take up to 8).
     #[arg(long, default_value = "smollm2-135m")]
     model: String,
     /// Sequences decoded together (default: the largest batch the mode fits, as `shadowkv
@@ -165,6 +168,8 @@ pub fn load_model(
 ) -> Result<GpuModel, Box<dyn std::error::Error>> {
     Ok(if NAMED_SHAPES.contains(&name) {
         let config = ModelConfig::named(name)?;
+        // Refuse a shape the kernels are not built for before any weight is generated.
+        config.check_gpu_kernels(&format!("model shape `{name}`"))?;
         eprintln!(
             "model {name} (SYNTHETIC random weights), {:.2}B parameters",
             config.parameters() as f64 / 1e9

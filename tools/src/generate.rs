@@ -27,8 +27,10 @@ pub enum DeviceChoice {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
-    /// Default: the built-in SmolLM2-135M-Instruct that tools/setup.sh fetches.
+    /// A .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json) of
+    /// a Llama (Llama 2/3/3.1, Yi, Mistral, SmolLM), Qwen2, GLM-4-9B (GGUF `chatglm`, HF
+    /// `chatglm`) or Phi-3 model. Default: the built-in SmolLM2-135M-Instruct that
+    /// tools/setup.sh fetches.
     #[arg(long)]
     model: Option<PathBuf>,
     /// The prompt text. Repeat it (or add --prompt-file, --prompts) for several prompts,

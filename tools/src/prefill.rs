@@ -44,7 +44,8 @@ pub fn prefill_bar(tokens: usize) -> ProgressBar {
 #[derive(Args, Debug)]
 pub struct PrefillPeakArgs {
     /// A named shape with random weights generated on the GPU (llama-3-8b, llama-3.1-8b,
-    /// yi-9b, qwen2-7b, smollm2-135m), or a .gguf file / Hugging Face folder.
+    /// yi-9b, qwen2-7b, glm-4-9b, phi-3-mini, smollm2-135m), or a .gguf file / Hugging Face
+    /// folder.
     #[arg(long, default_value = "llama-3-8b")]
     model: String,
     /// Tokens of the (random-token) prompt.

@@ -29,6 +29,7 @@ impl GpuModel {
     /// Reads every weight from `weights`, converts it to bf16 and uploads it (one tensor at a
     /// time, so host memory holds at most one f32 tensor).
     pub fn load(gpu: Arc<Gpu>, config: &ModelConfig, weights: &WeightFile) -> Result<GpuModel> {
+        config.check_gpu_kernels(weights.name())?;
         let weights = GpuWeights::load(gpu.stream(), config, weights)?;
         GpuModel::new(gpu, config, weights)
     }
@@ -37,6 +38,7 @@ impl GpuModel {
     /// throughput work. Matrices are uniform with variance `1 / inputs`, norms are 1, so
     /// activations stay in range; the text it generates is meaningless.
     pub fn synthetic(gpu: Arc<Gpu>, config: &ModelConfig, seed: u64) -> Result<GpuModel> {
+        config.check_gpu_kernels("synthetic model")?;
         let weights = GpuWeights::synthetic(&gpu, gpu.stream(), config, seed)?;
         GpuModel::new(gpu, config, weights)
     }
