@@ -114,6 +114,44 @@ pub mod layers {
         pub spare: u32,
     }
 
+    /// A random fetch case: 8 query heads over 1, 2 or 4 KV heads of dimension 64 or 128,
+    /// chunks of 1 to 16 tokens, rank 16, a budget of 2 up to `max_budget` chunks, and 1 up to
+    /// `max_sequences` sequences, each with up to 2 local and 2 outlier chunks, 0 up to
+    /// `max_extra_chunks` more chunks than the budget needs, a ragged tail, and a few generated
+    /// and spare rows.
+    pub fn random_fetch_case(
+        rng: &mut impl Rng,
+        max_budget: usize,
+        max_sequences: usize,
+        max_extra_chunks: u32,
+    ) -> (ShadowConfig, Vec<SequenceSpec>) {
+        let c = rng.gen_range(1..=16usize);
+        let config = ShadowConfig {
+            q_heads: 8,
+            kv_heads: [1usize, 2, 4][rng.gen_range(0..3)],
+            head_dim: [64usize, 128][rng.gen_range(0..2)],
+            chunk_size: c,
+            rank: 16,
+            budget_chunks: rng.gen_range(2..max_budget),
+        };
+        let k = config.budget_chunks as u32;
+        let specs = (0..rng.gen_range(1..max_sequences))
+            .map(|_| {
+                let outliers = rng.gen_range(0..3u32);
+                let local = rng.gen_range(0..3u32);
+                let chunks = k + outliers + rng.gen_range(0..max_extra_chunks);
+                SequenceSpec {
+                    prompt_len: (chunks + local) * c as u32 + rng.gen_range(0..c as u32),
+                    local_chunks: local,
+                    outlier_chunks: outliers,
+                    generated: rng.gen_range(0..3),
+                    spare: rng.gen_range(0..3),
+                }
+            })
+            .collect();
+        (config, specs)
+    }
+
     /// A small layer of one sequence (budget 16 chunks, rank 32, a 320-token prompt with two
     /// local and three outlier chunks), for the bad-input tests.
     pub fn small_layer(rng: &mut impl Rng) -> (ShadowConfig, HostLayer) {

@@ -15,8 +15,8 @@ use shadowkv::kernels::tier::{kernel_layout::entry_bytes, kernel_layout::EMPTY_E
 use shadowkv::reference;
 use shadowkv::reference::tier::{bf16_bytes, entry_contents, TierModel};
 use shadowkv::reference::values::quantise_sequence;
-use shadowkv::{Gpu, LayerValues, Miss, PinnedBuffer, RopeConfig, ShadowBatch, ShadowConfig};
-use shadowkv_suite::layers::{random_layer, SequenceSpec};
+use shadowkv::{Gpu, LayerValues, Miss, PinnedBuffer, RopeConfig, ShadowBatch};
+use shadowkv_suite::layers::{random_fetch_case, random_layer};
 use shadowkv_suite::structured::{structured_prompt, Prompt};
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests};
 
@@ -88,30 +88,13 @@ fn tiered_fetch_matches_model(gpu: &Gpu) -> Result<(), String> {
     let stream = gpu.stream();
     for case in 0..cases {
         let mut rng = StdRng::seed_from_u64(0x71e4 + case as u64);
-        let c = rng.gen_range(1..=16usize);
-        let config = ShadowConfig {
-            q_heads: 8,
-            kv_heads: [1usize, 2, 4][rng.gen_range(0..3)],
-            head_dim: [64usize, 128][rng.gen_range(0..2)],
-            chunk_size: c,
-            rank: 16,
-            budget_chunks: rng.gen_range(2..24),
-        };
-        let (heads, d, k) = (config.kv_heads, config.head_dim, config.budget_chunks);
-        let specs: Vec<SequenceSpec> = (0..rng.gen_range(1..4))
-            .map(|_| {
-                let outliers = rng.gen_range(0..3u32);
-                let local = rng.gen_range(0..3u32);
-                let chunks = k as u32 + outliers + rng.gen_range(0..40u32);
-                SequenceSpec {
-                    prompt_len: (chunks + local) * c as u32 + rng.gen_range(0..c as u32),
-                    local_chunks: local,
-                    outlier_chunks: outliers,
-                    generated: rng.gen_range(0..3),
-                    spare: rng.gen_range(0..3),
-                }
-            })
-            .collect();
+        let (config, specs) = random_fetch_case(&mut rng, 24, 4, 40);
+        let (c, heads, d, k) = (
+            config.chunk_size,
+            config.kv_heads,
+            config.head_dim,
+            config.budget_chunks,
+        );
         let mut host = random_layer(&mut rng, &config, &specs);
         // Rows of the tier: distinct and not the batch's order.
         let rows = host.sequences.len() + 2;

@@ -18,7 +18,7 @@ use shadowkv::{
     Gpu, LayerValues, Miss, PinnedBuffer, PrefillSource, RopeConfig, SequenceLayout, ShadowBatch,
     ShadowConfig, ShadowSequence,
 };
-use shadowkv_suite::layers::{random_layer, SequenceSpec};
+use shadowkv_suite::layers::{random_fetch_case, random_layer};
 use shadowkv_suite::structured::{structured_prompt, Prompt};
 use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64};
 
@@ -182,30 +182,13 @@ fn fetch_matches_reference(gpu: &Gpu) -> Result<(), String> {
     let stream = gpu.stream();
     for case in 0..cases {
         let mut rng = StdRng::seed_from_u64(0xfe7c + case as u64);
-        let c = rng.gen_range(1..=16usize);
-        let config = ShadowConfig {
-            q_heads: 8,
-            kv_heads: [1usize, 2, 4][rng.gen_range(0..3)],
-            head_dim: [64usize, 128][rng.gen_range(0..2)],
-            chunk_size: c,
-            rank: 16,
-            budget_chunks: rng.gen_range(2..12),
-        };
-        let (heads, d, k) = (config.kv_heads, config.head_dim, config.budget_chunks);
-        let specs: Vec<SequenceSpec> = (0..rng.gen_range(1..5))
-            .map(|_| {
-                let outliers = rng.gen_range(0..3u32);
-                let local = rng.gen_range(0..3u32);
-                let chunks = k as u32 + outliers + rng.gen_range(0..30u32);
-                SequenceSpec {
-                    prompt_len: (chunks + local) * c as u32 + rng.gen_range(0..c as u32),
-                    local_chunks: local,
-                    outlier_chunks: outliers,
-                    generated: rng.gen_range(0..3),
-                    spare: rng.gen_range(0..3),
-                }
-            })
-            .collect();
+        let (config, specs) = random_fetch_case(&mut rng, 12, 5, 30);
+        let (c, heads, d, k) = (
+            config.chunk_size,
+            config.kv_heads,
+            config.head_dim,
+            config.budget_chunks,
+        );
         let mut host = random_layer(&mut rng, &config, &specs);
         // The bf16 values of each sequence are the source of its compressed range.
         let bf16_values = host.values.clone();
