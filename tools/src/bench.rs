@@ -7,7 +7,7 @@ use shadowkv_model::gpu::step_inputs::StepLimits;
 use shadowkv_model::gpu::{DecodeRunner, StepMode};
 use shadowkv_model::{GpuModel, ModelConfig, ModelSource, Sampler, NAMED_SHAPES};
 
-use shadowkv::cache::CacheCapacity;
+use shadowkv::cache::{CacheCapacity, ValueFormat};
 use shadowkv_model::ShadowKvParams;
 
 use crate::args::{AttentionMode, ShadowKvArgs};
@@ -52,8 +52,9 @@ pub struct BenchArgs {
     hit_rate: Option<f64>,
     /// The throughput table: Llama-3-8B, Llama-3.1-8B, Yi-9B and Qwen2-7B shapes (random
     /// weights, SYNTHETIC context) at 60K and 122K tokens; full attention and each ShadowKV
-    /// mode at its largest batch, ShadowKV at 60% and 80% SYNTHETIC SELECTION hits. Writes
-    /// `--out`.json and `--out`.png.
+    /// mode at its largest batch, ShadowKV at 60% and 80% SYNTHETIC SELECTION hits, with bf16
+    /// values and, beside them, the `--value-format` asked for. Writes `--out`.json and
+    /// `--out`.png.
     #[arg(long)]
     table: bool,
     /// The table's output files, without extension.
@@ -156,7 +157,17 @@ impl BenchArgs {
             out: self.out.clone(),
             models: None,
             contexts: None,
+            formats: table_formats(self.shadowkv.value_format()),
         }
+    }
+}
+
+/// The table's ShadowKV value formats: bf16, and beside it the format asked for.
+fn table_formats(asked: ValueFormat) -> Vec<ValueFormat> {
+    if asked == ValueFormat::Bf16 {
+        vec![ValueFormat::Bf16]
+    } else {
+        vec![ValueFormat::Bf16, asked]
     }
 }
 

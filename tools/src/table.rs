@@ -31,6 +31,8 @@ pub struct TableOptions {
     /// Shapes (default [`TABLE_MODELS`]) and contexts (default [`TABLE_CONTEXTS`]).
     pub models: Option<Vec<String>>,
     pub contexts: Option<Vec<usize>>,
+    /// ShadowKV's value formats, each a set of rows (bf16 alone by default).
+    pub formats: Vec<ValueFormat>,
 }
 
 /// One measured configuration.
@@ -41,6 +43,8 @@ pub struct TableRow {
     pub mode: AttentionMode,
     /// ShadowKV's scripted hit rate; `None` for full attention.
     pub hit_rate: Option<f64>,
+    /// ShadowKV's value format (bf16 for full attention).
+    pub format: ValueFormat,
     pub batch: usize,
     /// 0 when the run did not happen (nothing fits) or failed (`error`).
     pub tokens_per_s: f64,
@@ -55,9 +59,13 @@ pub struct TableRow {
 impl TableRow {
     /// The configuration's name in the table and the chart's legend.
     pub fn label(&self) -> String {
+        let mode = match self.format {
+            ValueFormat::Bf16 => mode_label(self.mode).to_owned(),
+            format => format!("{} ({})", mode_label(self.mode), format.name()),
+        };
         match self.hit_rate {
-            None => mode_label(self.mode).to_owned(),
-            Some(rate) => format!("{}, {:.0}% hits", mode_label(self.mode), 100.0 * rate),
+            None => mode,
+            Some(rate) => format!("{mode}, {:.0}% hits", 100.0 * rate),
         }
     }
 }
@@ -102,6 +110,7 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
                 context,
                 mode: AttentionMode::Full,
                 hit_rate: None,
+                format: ValueFormat::Bf16,
                 batch: full.batch,
                 tokens_per_s: 0.0,
                 ratio: f64::NAN,
@@ -117,7 +126,11 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
             }
             let full_rate = row.tokens_per_s;
             rows.push(row);
-            for mode in [AttentionMode::Shadowkv, AttentionMode::ShadowkvGpu] {
+            let modes = [AttentionMode::Shadowkv, AttentionMode::ShadowkvGpu];
+            let configurations = modes
+                .iter()
+                .flat_map(|&mode| options.formats.iter().map(move |&format| (mode, format)));
+            for (mode, format) in configurations {
                 let Some(home) = mode.value_home() else {
                     continue;
                 };
@@ -126,7 +139,7 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
                     &config,
                     &options.params,
                     mode,
-                    ValueFormat::Bf16,
+                    format,
                     context,
                     generated,
                     budget,
@@ -136,15 +149,16 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
                     Ok(Vec::new())
                 } else {
                     eprintln!(
-                        "{name} at {context}: {}, batch {}",
+                        "{name} at {context}: {}, {} values, batch {}",
                         mode_label(mode),
+                        format.name(),
                         shadow.batch
                     );
                     run_shadowkv(
                         &run_of(shadow.batch),
                         &model,
                         options.params,
-                        home.into(),
+                        home.with_format(format),
                         &rates,
                     )
                 };
@@ -154,6 +168,7 @@ pub fn run(options: &TableOptions) -> Result<(), Box<dyn std::error::Error>> {
                         context,
                         mode,
                         hit_rate: Some(rate),
+                        format,
                         batch: shadow.batch,
                         tokens_per_s: 0.0,
                         ratio: f64::NAN,
@@ -244,6 +259,7 @@ pub fn to_json(rows: &[TableRow], steps: usize) -> serde_json::Value {
             "context": r.context,
             "mode": mode_label(r.mode),
             "hit_rate": r.hit_rate,
+            "value_format": r.format.name(),
             "batch": r.batch,
             "tokens_per_s": r.tokens_per_s,
             "ratio_to_full": finite(r.ratio),
@@ -401,6 +417,7 @@ pub(crate) mod tests {
                     context,
                     mode,
                     hit_rate,
+                    format: ValueFormat::Bf16,
                     batch,
                     tokens_per_s,
                     ratio: tokens_per_s / full,
@@ -459,5 +476,17 @@ pub(crate) mod tests {
         assert!(out[1]["ratio_to_full"].is_null());
         assert_eq!(out[0]["mode"], "full attention");
         assert_eq!(out[1]["hit_rate"], 0.6);
+        assert_eq!(out[1]["value_format"], "bf16");
+    }
+
+    #[test]
+    fn rows_of_a_compressed_format_say_so_in_their_label() {
+        let mut rows = fake_rows();
+        let bf16 = rows[1].label();
+        rows[1].format = ValueFormat::Int4;
+        let int4 = rows[1].label();
+        assert_eq!(bf16, "ShadowKV, values on host, 60% hits");
+        assert_eq!(int4, "ShadowKV, values on host (int4), 60% hits");
+        assert_eq!(to_json(&rows, 16)["rows"][1]["value_format"], "int4");
     }
 }
