@@ -257,6 +257,38 @@ mod kernel {
         }
     }
 
+    /// Where a packed miss's codes and scales are read from (the tier's entry on a tier hit,
+    /// else the stored values) and the first 16-byte vector of its bf16 slot.
+    #[inline(always)]
+    unsafe fn packed_source(
+        p: &FetchParams,
+        e: &MissEntry,
+        verdict: &Verdict,
+        format: ValueFormat,
+        code_bytes: u64,
+    ) -> (u64, u64, *mut Vec16) {
+        let shape = &p.shape;
+        let (c, d) = (shape.chunk_size, shape.head_dim);
+        let (sequence, miss) = (&e.sequence, e.miss);
+        let (codes, scales) = if verdict.hit {
+            (verdict.entry, verdict.entry + code_bytes)
+        } else {
+            let place = packed_chunk(
+                format,
+                sequence,
+                shape.kv_heads,
+                e.kv_head,
+                miss.chunk,
+                c,
+                d,
+            );
+            (p.values + place.codes, p.values + place.scales)
+        };
+        let row = sequence.kv_row(e.kv_head, sequence.sparse_start + miss.slot * c, d);
+        let target = (p.v as *mut Vec16).add((row / 8) as usize);
+        (codes, scales, target)
+    }
+
     /// fp8 misses: one warp per miss; each lane loads [`UNITS_IN_FLIGHT`] 16-byte vectors of
     /// codes (16 values each) and the chunk's scale before converting and storing any.
     ///
@@ -277,27 +309,10 @@ mod kernel {
         while entry < entries {
             if let Some(e) = miss_at(&p, entry) {
                 let verdict = tier_verdict(&p, &e, stride);
-                let (sequence, kv_head, miss) = (&e.sequence, e.kv_head, e.miss);
-                let place = packed_chunk(
-                    ValueFormat::Fp8,
-                    sequence,
-                    shape.kv_heads,
-                    kv_head,
-                    miss.chunk,
-                    c,
-                    d,
-                );
-                let (codes, scales) = if verdict.hit {
-                    (verdict.entry, verdict.entry + code_bytes)
-                } else {
-                    (p.values + place.codes, p.values + place.scales)
-                };
+                let (codes, scales, target) =
+                    packed_source(&p, &e, &verdict, ValueFormat::Fp8, code_bytes);
                 let codes = codes as *const Vec16;
                 let kept = verdict.entry as *mut Vec16;
-                let target = (p.v as *mut Vec16).add(
-                    (sequence.kv_row(kv_head, sequence.sparse_start + miss.slot * c, d) / 8)
-                        as usize,
-                );
                 let scale_bits = load_host_mapped_4(scales as *const u32);
                 if verdict.insert & (lane == 0) {
                     store_4((verdict.entry + code_bytes) as *mut u32, scale_bits);
@@ -331,7 +346,7 @@ mod kernel {
                     }
                     first += 32 * UNITS_IN_FLIGHT;
                 }
-                tier_commit(&verdict, miss.chunk);
+                tier_commit(&verdict, e.miss.chunk);
             }
             entry += grid_warps;
         }
@@ -361,29 +376,12 @@ mod kernel {
         while entry < entries {
             if let Some(e) = miss_at(&p, entry) {
                 let verdict = tier_verdict(&p, &e, stride);
-                let (sequence, kv_head, miss) = (&e.sequence, e.kv_head, e.miss);
-                let place = packed_chunk(
-                    ValueFormat::Int4,
-                    sequence,
-                    shape.kv_heads,
-                    kv_head,
-                    miss.chunk,
-                    c,
-                    d,
-                );
-                let (codes, scales) = if verdict.hit {
-                    (verdict.entry, verdict.entry + code_bytes)
-                } else {
-                    (p.values + place.codes, p.values + place.scales)
-                };
+                let (codes, scales, target) =
+                    packed_source(&p, &e, &verdict, ValueFormat::Int4, code_bytes);
                 let codes = codes as *const [u32; 2];
                 let scales = scales as *const u32;
                 let kept_codes = verdict.entry as *mut [u32; 2];
                 let kept_scales = (verdict.entry + code_bytes) as *mut u32;
-                let target = (p.v as *mut Vec16).add(
-                    (sequence.kv_row(kv_head, sequence.sparse_start + miss.slot * c, d) / 8)
-                        as usize,
-                );
                 let mut first = lane;
                 while first < units {
                     let mut held = [([0u32; 2], 0u32); UNITS_IN_FLIGHT as usize];
@@ -433,7 +431,7 @@ mod kernel {
                     }
                     first += 32 * UNITS_IN_FLIGHT;
                 }
-                tier_commit(&verdict, miss.chunk);
+                tier_commit(&verdict, e.miss.chunk);
             }
             entry += grid_warps;
         }
