@@ -4,6 +4,7 @@
 //! the `shadowkv` error as its `source()` ([`Error`]). [`serve`] serves many requests at once
 //! (continuous batching) over a [`Backend`]: the CPU
 //! reference path ([`CpuBackend`]) or the GPU model ([`GpuBackend`]).
+pub mod block;
 pub mod config;
 pub mod cpu;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod tensor_names;
 pub mod tokenizer;
 pub mod weights;
 
+pub use block::{Activation, BlockOptions, SlidingWindow};
 pub use config::{Architecture, ModelConfig, NAMED_SHAPES};
 pub use cpu::shadowkv::ShadowKvParams;
 pub use cpu::{CpuCache, CpuModel};
@@ -39,7 +41,7 @@ pub use serve::{
 };
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, TokenStream, Tokenizer};
-pub use weights::{LayerWeights, Matrix, ModelWeights, WeightFile};
+pub use weights::{ExtraNorms, LayerWeights, Matrix, ModelWeights, WeightFile};
 
 /// File name of the built-in example model (SmolLM2-135M-Instruct, GGUF Q4_1).
 pub const BUILTIN_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
