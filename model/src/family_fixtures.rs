@@ -56,12 +56,12 @@ const GLM_ROPE_RATIO: f64 = 2.0;
 
 /// The tiny Gemma-3: 3 layers (two local with a 5-token window and RoPE base 10^4, then a
 /// global one), hidden 128, 2 query heads of 256 over 1 KV head (Gemma's head dimension, which
-/// the GPU kernels take), queries scaled by `1/sqrt(128)`.
+/// the GPU kernels take; the attention scale `1/sqrt(256)` as GGUF files imply it).
 pub const TINY_GEMMA3_WINDOW: usize = 5;
 const TINY_GEMMA3_LAYERS: usize = 3;
 const TINY_GEMMA3_HIDDEN: usize = 128;
 const TINY_GEMMA3_HEAD_DIM: usize = 256;
-const TINY_GEMMA3_QUERY_PRE_ATTN_SCALAR: f64 = 128.0;
+const TINY_GEMMA3_QUERY_PRE_ATTN_SCALAR: f64 = 256.0;
 
 impl TinyCheckpoint {
     /// A tiny model of `architecture` with weights from `seed`. Values are rounded to bf16, so
