@@ -83,7 +83,7 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
             shadowkv::kernels::layer::kernel_layout::EMBEDDING_KERNEL,
             shadowkv::kernels::layer::kernel_layout::RMS_NORM_KERNEL,
             shadowkv::kernels::layer::kernel_layout::ROPE_QKV_KERNEL,
-            shadowkv::kernels::layer::kernel_layout::SILU_MUL_KERNEL,
+            shadowkv::kernels::layer::kernel_layout::GATED_ACTIVATION_KERNEL,
             shadowkv::kernels::sampling::kernel_layout::ARGMAX_KERNEL,
             shadowkv::kernels::random::kernel_layout::KERNEL_NAME,
             shadowkv::kernels::shadow_prefill::kernel_layout::OUTLIER_SELECT,

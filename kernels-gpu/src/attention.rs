@@ -12,6 +12,9 @@
 //! outputs and log-sum-exps, and the last block of each `(sequence, kv_head)` to finish
 //! (counted with an atomic) merges them, so there is no second launch.
 //!
+//! A sliding window (Gemma's local layers) only moves the start of the tokens walked: the
+//! splits cover the last `window` tokens.
+//!
 //! Scores are kept in the log2 domain: `q` is pre-scaled by `scale * log2(e)` so the softmax
 //! uses `exp2`; partial log-sum-exps are base 2 as well.
 
@@ -102,6 +105,11 @@ pub struct DecodeAttentionParams {
     pub scale_log2: f32,
     /// `kv_heads * group`.
     pub q_heads: u32,
+    /// Sliding window of the plain kernel ([`ALL_TOKENS`]), 0 for none: the query, at
+    /// position `len - 1`, attends only to the last `window` tokens (positions
+    /// `> len - 1 - window`, row = position). The ShadowKV parts ignore it.
+    pub window: u32,
+    pub _reserved: u32,
     pub filter: SlotFilter,
 }
 
@@ -266,6 +274,17 @@ mod kernel {
         } else {
             (layout.len, num_splits(layout.len, split_len))
         };
+        // The plain kernel's window: the region starts `window` tokens before the end.
+        let first = if PART == ALL_TOKENS && p.window != 0 && layout.len > p.window {
+            layout.len - p.window
+        } else {
+            0
+        };
+        let splits = if first > 0 {
+            num_splits(region_len - first, split_len)
+        } else {
+            splits
+        };
         // The host keeps `splits` within `MAX_SPLITS` (the merge's shared weights).
         if split >= splits || splits > MAX_SPLITS {
             return;
@@ -291,7 +310,7 @@ mod kernel {
             }
         };
         let q = scale_query(q_raw, p.scale_log2);
-        let start = split * p.split_len;
+        let start = first + split * p.split_len;
         let end = if start + p.split_len < region_len {
             start + p.split_len
         } else {

@@ -20,6 +20,9 @@
 //! Tiles past a block's last position are never loaded; a warp skips tiles past its own last
 //! position and masks only the tiles that cross its first position (the diagonal).
 //!
+//! With a sliding window, a block starts at the key tile of its first row's lowest key, and
+//! the tiles below a warp's highest lowest key are masked as the diagonal is.
+//!
 //! Blocks come from a host-built tile table ([`PrefillTile`]), heaviest (most key tiles)
 //! first, each tile run for every KV head: block `x` is tile `x / kv_heads`, head
 //! `x % kv_heads`, so the long causal rows start first and the short ones fill the tail.
@@ -118,7 +121,9 @@ pub struct PrefillAttentionParams {
     pub group: u32,
     /// `softmax_scale * log2(e)`.
     pub scale_log2: f32,
-    pub _reserved: u32,
+    /// Sliding window (Gemma's local layers), 0 for none: the query at position `pos` attends
+    /// only to the keys at positions `pos - window < key <= pos`.
+    pub window: u32,
 }
 
 /// Dynamic shared memory: the Q tile `[block_rows, d + pad]`, then [`STAGES`] K tiles and
@@ -241,6 +246,16 @@ mod kernel {
         // Keys the block needs: through its last position (<= len, validated).
         let key_limit = queries.start + (row_end - 1) / group + 1;
         let key_tiles = key_limit.div_ceil(KEY_TILE);
+        // The lowest key the row at packed row `packed` sees: `position + 1 - window`.
+        let window = p.window;
+        let lowest_key = |packed: u32| {
+            if window == 0 {
+                0
+            } else {
+                (queries.start + packed / group + 1).saturating_sub(window)
+            }
+        };
+        let first_tile = lowest_key(row_start) / KEY_TILE;
 
         let stride = D + ROW_PAD as usize;
         let vectors = (D / 8) as u32;
@@ -292,7 +307,7 @@ mod kernel {
             }
             copy_async_commit();
         };
-        load_tile(0, 0);
+        load_tile(first_tile, first_tile & 1);
 
         // This warp's rows: packed rows warp_row.., positions and causal limits.
         let warp_row = row_start + warp * 16;
@@ -307,6 +322,14 @@ mod kernel {
             queries.start + (warp_row + lane / 4 + 8) / group,
         ];
         let key_column = 2 * (lane % 4);
+        // With a window: the lowest key of each of the two rows, and the highest lowest key
+        // of the warp (tiles starting below it need the window's mask).
+        let row_lowest = [
+            lowest_key(warp_row + lane / 4),
+            lowest_key(warp_row + lane / 4 + 8),
+        ];
+        let warp_lowest_last = lowest_key(warp_last);
+        let warp_lowest_first = lowest_key(warp_row);
 
         // Q fragments (A operands, one per 16 dimensions), once the Q copies have landed.
         copy_async_wait::<1>();
@@ -338,7 +361,7 @@ mod kernel {
         let mut running_max = [MASKED; 2];
         let mut running_sum = [0.0f32; 2];
         let mut o = [[0.0f32; 4]; N];
-        let mut key_tile = 0;
+        let mut key_tile = first_tile;
         while key_tile < key_tiles {
             let stage = key_tile & 1;
             if key_tile + 1 < key_tiles {
@@ -349,7 +372,9 @@ mod kernel {
             }
             sync_threads();
             let first_key = key_tile * KEY_TILE;
-            if active && first_key < warp_keys {
+            // Tiles past the warp's last key, or wholly below its first row's window, are
+            // skipped (the window's lowest keys rise with the rows).
+            if active && first_key < warp_keys && first_key + KEY_TILE > warp_lowest_first {
                 let stage_offset = stage * KEY_TILE * row_bytes;
                 // S = Q·Kᵀ: 16 rows x 64 keys.
                 let mut s = [[0.0f32; 4]; KEY_N_TILES];
@@ -367,14 +392,20 @@ mod kernel {
                 // first position. Maxima are taken on the raw scores (the scale is
                 // positive) and kept in the log2 domain: exp2(s * scale - max) is one fma.
                 let masked = first_key + KEY_TILE > open_keys;
+                // Keys below a row's window weigh exactly 0 (-inf, never the running max:
+                // that starts finite), so a tile wholly below one row's window adds nothing.
+                let below_window = first_key < warp_lowest_last;
                 let mut tile_max = [MASKED; 2];
                 for n in 0..KEY_N_TILES {
                     for e in 0..4 {
                         let mut x = s[n][e];
-                        if masked {
+                        if masked || below_window {
                             let key = first_key + (n * 8) as u32 + key_column + (e & 1) as u32;
                             if key > row_limit[e >> 1] {
                                 x = MASKED;
+                            }
+                            if key < row_lowest[e >> 1] {
+                                x = f32::NEG_INFINITY;
                             }
                         }
                         s[n][e] = x;

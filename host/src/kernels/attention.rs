@@ -65,6 +65,10 @@ pub struct DecodeAttentionPlan {
     max_splits: u32,
     kv_elements: usize,
     scale: f32,
+    /// Sliding window of [`DecodeAttention::run`] (0: none) and the splits of the longest
+    /// window (`max_splits` without one).
+    window: u32,
+    window_splits: u32,
     /// The plain kernel, then the two parts of a ShadowKV step (resident, fresh).
     kernel: KernelName,
     part_kernels: [KernelName; 2],
@@ -171,6 +175,8 @@ impl DecodeAttentionPlan {
             max_splits,
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            window: 0,
+            window_splits: max_splits,
             kernel: ptx::decode_attention(group, head_dim)?,
             part_kernels: [
                 ptx::decode_attention_resident(group, head_dim)?,
@@ -190,6 +196,36 @@ impl DecodeAttentionPlan {
         }
         self.scale = scale;
         Ok(self)
+    }
+
+    /// Sets a sliding window (Gemma's local layers; 0 for none): in [`DecodeAttention::run`]
+    /// each sequence's query, the token at position `len - 1`, attends only to the keys at
+    /// positions `> len - 1 - window` (its last `window` rows, the row being the position).
+    /// The grid then covers only the window's splits. A ShadowKV step's parts ignore it.
+    pub fn with_window(mut self, window: u32) -> Self {
+        self.window = window;
+        if let Some(split) = std::num::NonZeroU32::new(self.split_len) {
+            self.window_splits = self
+                .layouts
+                .iter()
+                .map(|l| layout::num_splits(self.windowed_len(l), split))
+                .max()
+                .unwrap_or(1);
+        }
+        self
+    }
+
+    /// The sliding window (0: none).
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Tokens the plain kernel reads of a sequence: its length, or the window if shorter.
+    fn windowed_len(&self, l: &SequenceLayout) -> u32 {
+        match self.window {
+            0 => l.len,
+            window => l.len.min(window),
+        }
     }
 
     /// The shape the plan was validated for.
@@ -220,7 +256,11 @@ impl DecodeAttentionPlan {
     }
     /// Bytes of K and V the kernel reads (the memory-bound floor of the step).
     pub fn kv_bytes_read(&self) -> usize {
-        let tokens: usize = self.layouts.iter().map(|l| l.len as usize).sum();
+        let tokens: usize = self
+            .layouts
+            .iter()
+            .map(|l| self.windowed_len(l) as usize)
+            .sum();
         2 * tokens * self.shape.kv_heads * self.shape.head_dim * std::mem::size_of::<bf16>()
     }
 }
@@ -425,7 +465,8 @@ impl DecodeAttention {
         }
         let plan =
             DecodeAttentionPlan::with_split_len(self.plan.shape, layouts, self.plan.split_len)?
-                .with_scale(self.plan.scale)?;
+                .with_scale(self.plan.scale)?
+                .with_window(self.plan.window);
         if plan.max_splits > 1 && plan.max_splits > self.workspace_splits {
             return Err(invalid(
                 "layouts",
@@ -531,28 +572,31 @@ impl DecodeAttention {
         }
         let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
         // This launch's kernel, split length and grid of splits.
-        let (kernel, split_len, splits) =
-            match filter {
-                None => (plan.kernel, plan.split_len, self.whole_splits()),
-                Some((StepPart::Resident, _)) => {
-                    (plan.part_kernels[0], plan.split_len, self.whole_splits())
-                }
-                Some((StepPart::Fresh, slots)) => {
-                    let step = layout::tokens_per_iteration(group, head_dim);
-                    let slot_tokens = slots.budget_chunks * slots.chunk_size;
-                    // Short splits, but no more than the merge holds.
-                    let split_len = (FRESH_SPLIT_ITERATIONS * step)
-                        .max(layout::shortest_split_len(slot_tokens, group, head_dim));
-                    // Iterations hold at least one token, so the fallback is never taken.
-                    let split =
-                        std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
-                    (
-                        plan.part_kernels[1],
-                        split_len,
-                        layout::num_splits(slot_tokens, split).max(1),
-                    )
-                }
-            };
+        let (kernel, split_len, splits) = match filter {
+            None if self.external.is_none() => (plan.kernel, plan.split_len, plan.window_splits),
+            None => (plan.kernel, plan.split_len, self.whole_splits()),
+            Some((StepPart::Resident, _)) => {
+                (plan.part_kernels[0], plan.split_len, self.whole_splits())
+            }
+            Some((StepPart::Fresh, slots)) => {
+                let step = layout::tokens_per_iteration(group, head_dim);
+                let slot_tokens = slots.budget_chunks * slots.chunk_size;
+                // Short splits, but no more than the merge holds.
+                let split_len = (FRESH_SPLIT_ITERATIONS * step).max(layout::shortest_split_len(
+                    slot_tokens,
+                    group,
+                    head_dim,
+                ));
+                // Iterations hold at least one token, so the fallback is never taken.
+                let split =
+                    std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
+                (
+                    plan.part_kernels[1],
+                    split_len,
+                    layout::num_splits(slot_tokens, split).max(1),
+                )
+            }
+        };
         if splits > 1 && splits > self.workspace_splits {
             (self.partial_out, self.partial_lse) = partials(gpu.stream(), &shape, splits)?;
             self.workspace_splits = splits;
@@ -589,6 +633,8 @@ impl DecodeAttention {
             max_splits: splits,
             scale_log2: plan.scale * std::f32::consts::LOG2_E,
             q_heads: shape.q_heads as u32,
+            window: plan.window,
+            _reserved: 0,
             filter,
         };
         let config = LaunchConfig {

@@ -75,6 +75,8 @@ pub struct PrefillAttentionPlan {
     tiles: Vec<PrefillTile>,
     kv_elements: usize,
     scale: f32,
+    /// Sliding window (0: none), see [`with_window`](Self::with_window).
+    window: u32,
     warps: u32,
     split_p: bool,
     kernel: KernelName,
@@ -103,6 +105,7 @@ impl PrefillAttentionPlan {
             tiles,
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            window: 0,
             warps,
             split_p,
             kernel,
@@ -147,6 +150,18 @@ impl PrefillAttentionPlan {
         }
         self.scale = scale;
         Ok(self)
+    }
+
+    /// Sets a sliding window (Gemma's local layers; 0 for none): the query at position `pos`
+    /// attends only to the keys at positions `pos - window < key <= pos`.
+    pub fn with_window(mut self, window: u32) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// The sliding window (0: none).
+    pub fn window(&self) -> u32 {
+        self.window
     }
 
     /// The shape the plan was validated for.
@@ -484,7 +499,7 @@ impl PrefillAttention {
             q_heads: shape.q_heads as u32,
             group: shape.group() as u32,
             scale_log2: plan.scale * std::f32::consts::LOG2_E,
-            _reserved: 0,
+            window: plan.window,
         };
         let config = LaunchConfig {
             grid_dim: (plan.tiles.len() as u32 * shape.kv_heads as u32, 1, 1),
