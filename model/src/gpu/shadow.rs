@@ -65,6 +65,19 @@ impl GpuModel {
     ) -> Result<GpuShadowCache> {
         const WHAT: &str = "creating the ShadowKV cache";
         let config = &self.config;
+        if config.block.sliding_window.is_some() {
+            return Err(invalid_input(
+                "params",
+                format!(
+                    "asks for a GPU ShadowKV cache for a {:?} model, which has sliding-window \
+                     layers",
+                    config.architecture
+                ),
+                "a model whose layers all attend globally: the GPU ShadowKV cache treats \
+                 every layer as global (run such a model with full attention on the GPU, or \
+                 with ShadowKV on the CPU path, which keeps its local layers exact)",
+            ));
+        }
         let shape = CacheShape {
             layers: config.layers,
             q_heads: config.heads,
