@@ -55,18 +55,28 @@ fn phi3_factors(top: f32) -> Vec<f32> {
 const GLM_ROPE_RATIO: f64 = 2.0;
 
 /// The tiny Gemma-3: 3 layers (two local with a 5-token window and RoPE base 10^4, then a
-/// global one), hidden 128, 2 query heads of 256 over 1 KV head (Gemma's head dimension, which
-/// the GPU kernels take; the attention scale `1/sqrt(256)` as GGUF files imply it).
+/// global one), hidden 128, 2 query heads of 256 over 1 KV head (Gemma's head dimension), the
+/// attention scale `1/sqrt(head_dim)` as GGUF files imply it.
 pub const TINY_GEMMA3_WINDOW: usize = 5;
 const TINY_GEMMA3_LAYERS: usize = 3;
 const TINY_GEMMA3_HIDDEN: usize = 128;
 const TINY_GEMMA3_HEAD_DIM: usize = 256;
-const TINY_GEMMA3_QUERY_PRE_ATTN_SCALAR: f64 = 256.0;
 
 impl TinyCheckpoint {
     /// A tiny model of `architecture` with weights from `seed`. Values are rounded to bf16, so
     /// the GPU's bf16 upload changes nothing and the paths differ only in their arithmetic.
     pub fn new(architecture: Architecture, seed: u64) -> TinyCheckpoint {
+        TinyCheckpoint::build(architecture, seed, TINY_GEMMA3_HEAD_DIM)
+    }
+
+    /// The tiny Gemma-3 with heads of `head_dim` (the GPU test runs it at 64 too, a head
+    /// dimension every kernel has).
+    pub fn gemma3(seed: u64, head_dim: usize) -> TinyCheckpoint {
+        TinyCheckpoint::build(Architecture::Gemma3, seed, head_dim)
+    }
+
+    /// [`TinyCheckpoint::new`], a Gemma-3 with heads of `gemma3_head_dim`.
+    fn build(architecture: Architecture, seed: u64, gemma3_head_dim: usize) -> TinyCheckpoint {
         let mut rope = RopeConfig::new(10_000.0);
         match architecture {
             Architecture::ChatGlm => {
@@ -109,14 +119,14 @@ impl TinyCheckpoint {
                 hidden: TINY_GEMMA3_HIDDEN,
                 heads: 2,
                 kv_heads: 1,
-                head_dim: TINY_GEMMA3_HEAD_DIM,
+                head_dim: gemma3_head_dim,
                 ffn: 192,
                 rms_eps: 1e-6,
                 tied_embeddings: true,
                 block: BlockOptions::gemma3(
                     TINY_GEMMA3_HIDDEN,
-                    TINY_GEMMA3_HEAD_DIM,
-                    TINY_GEMMA3_QUERY_PRE_ATTN_SCALAR,
+                    gemma3_head_dim,
+                    gemma3_head_dim as f64,
                     TINY_GEMMA3_WINDOW,
                     TINY_GEMMA3_LAYERS,
                     10_000.0,
@@ -403,7 +413,7 @@ impl TinyCheckpoint {
                     "intermediate_size": {}, "vocab_size": {}, "rms_norm_eps": {:?},
                     "max_position_embeddings": {}, "rope_theta": {:?},
                     "rope_local_base_freq": {:?}, "sliding_window": {},
-                    "query_pre_attn_scalar": {TINY_GEMMA3_QUERY_PRE_ATTN_SCALAR:?},
+                    "query_pre_attn_scalar": {},
                     "layer_types": {layer_types:?}, "hidden_activation": "gelu_pytorch_tanh",
                     "final_logit_softcapping": null, "attn_logit_softcapping": null,
                     "rope_scaling": null}}"#,
@@ -419,6 +429,7 @@ impl TinyCheckpoint {
                     c.rope.theta,
                     window.local_rope.theta,
                     window.window,
+                    c.head_dim as f64,
                 )
             }
             Architecture::ChatGlm => format!(

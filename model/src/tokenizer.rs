@@ -58,7 +58,7 @@ fn file_error(file: &str, reason: String) -> ModelFileError {
 enum Model {
     /// Byte-level BPE (the `tokenizers` crate), or any Hugging Face `tokenizer.json`.
     Hf(Box<tokenizers::Tokenizer>),
-    SentencePiece(SentencePiece),
+    SentencePiece(Box<SentencePiece>),
 }
 
 /// A tokenizer: encodes text (special tokens written in it included) to ids and back.
@@ -238,7 +238,7 @@ impl Tokenizer {
         })?;
         Ok(Tokenizer {
             vocab_size: vocabulary.vocab_size(),
-            inner: Model::SentencePiece(vocabulary),
+            inner: Model::SentencePiece(Box::new(vocabulary)),
             source: file.name.clone(),
             bos_id,
             add_bos,
