@@ -23,6 +23,10 @@ fn main() {
             gemma3_matches_cpu_path,
         ),
         (
+            "gpu_gemma3_shadowkv_with_a_whole_budget_matches_full_attention",
+            gemma3_shadowkv_whole_budget,
+        ),
+        (
             "gpu_gemma3_270m_shadowkv_passkey_answers_as_full_attention",
             gemma3_270m_passkey,
         ),
@@ -119,6 +123,79 @@ fn gemma3_matches_cpu_path(_: &Gpu) -> Result<(), String> {
         let result = compare(&dir.display().to_string(), &config, &weights);
         let _ = std::fs::remove_dir_all(&dir);
         result?;
+    }
+    Ok(())
+}
+
+/// ShadowKV on the global layer with the whole budget and full rank (the local layers keep
+/// their window exact, in slots of their own) against full attention over a 224-token prompt
+/// and 24 steps: logits within bf16 range, the same greedy tokens up to near-ties.
+fn gemma3_shadowkv_whole_budget(_: &Gpu) -> Result<(), String> {
+    for head_dim in [64, 256] {
+        let checkpoint = TinyCheckpoint::gemma3(53, head_dim);
+        let name = format!("tiny-gemma3-d{head_dim}.gguf");
+        let file = GgufFile::parse(name.clone(), checkpoint.gguf_bytes(&[])).map_err(s)?;
+        let config = ModelConfig::from_gguf(&file).map_err(s)?;
+        let model = gpu_model(&config, &WeightFile::Gguf(file))?;
+        // 28 chunks of 8: 4 local, 8 outliers and a budget of the other 16.
+        let (chunk_size, local_chunks, outlier_chunks) = (8, 4, 8);
+        let prompt: Vec<u32> = (0..224u32)
+            .map(|i| (i * 37 + 11) % config.vocab as u32)
+            .collect();
+        let chunks = (prompt.len() / chunk_size - local_chunks) / 8 * 8;
+        let params = ShadowKvParams {
+            chunk_size,
+            sparse_budget: (chunks - outlier_chunks) * chunk_size,
+            rank: config.kv_dim().min(256) / 16 * 16,
+            local_chunks,
+            outlier_chunks,
+        };
+        let steps = 24;
+        let mut full = model
+            .new_cache(&[(prompt.len() + steps) as u32])
+            .map_err(s)?;
+        let mut full_logits = model
+            .forward(&mut full, &vec![0; prompt.len()], &prompt)
+            .map_err(s)?;
+        let capacity = CacheCapacity::uniform(1, prompt.len(), steps);
+        let mut shadow = model
+            .new_shadow_cache(params, ValueHome::Device, capacity)
+            .map_err(s)?;
+        let (_, mut shadow_logits) = model
+            .prefill_shadow(&mut shadow, &prompt, 100, |_| {})
+            .map_err(s)?;
+        let (mut worst, mut near_ties) = (0.0f64, 0);
+        for step in 0..steps {
+            let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+            let error = relative_error(&widen(&shadow_logits), &widen(&full_logits));
+            worst = worst.max(error);
+            if error > LOGIT_TOLERANCE {
+                return Err(format!(
+                    "{name}, step {step}: ShadowKV's logits {error:.3e} from full attention's"
+                ));
+            }
+            let (full_token, shadow_token) = (
+                Sampler::greedy().sample(&full_logits),
+                Sampler::greedy().sample(&shadow_logits),
+            );
+            if full_token != shadow_token {
+                let margin = full_logits[full_token as usize] - full_logits[shadow_token as usize];
+                if margin > NEAR_TIE {
+                    return Err(format!(
+                        "{name}, step {step}: ShadowKV picked {shadow_token}, full attention {full_token}, {margin:.3} apart"
+                    ));
+                }
+                near_ties += 1;
+            }
+            full_logits = model.forward(&mut full, &[0], &[full_token]).map_err(s)?;
+            shadow_logits = model.decode_shadow(&mut shadow, &[full_token]).map_err(s)?;
+        }
+        eprintln!(
+            "{name}: ShadowKV against full attention over {steps} steps: worst logits relative error {worst:.3e}, {near_ties} near-ties"
+        );
+        if near_ties > 2 {
+            return Err(format!("{name}: {near_ties} near-ties in {steps} steps"));
+        }
     }
     Ok(())
 }

@@ -571,6 +571,7 @@ impl GpuModel {
         tokens: &[u32],
     ) -> Result<Vec<u32>> {
         const WHAT: &str = "a ShadowKV decode step";
+        shadow.check_global_only("a graph-replayed decode step (use decode_shadow)")?;
         let started = Instant::now();
         let batch = shadow.lens.len();
         self.check_step_tokens(runner.limits, tokens, batch)?;

@@ -565,8 +565,45 @@ impl GpuModel {
                     .run(gpu, stream, q, k_cache, v_cache, attended)
                     .on_gpu(WHAT)
             }
+            PassCache::Shadow(shadow) if local => {
+                // A sliding-window layer stays exact: its slot of the local layers' cache.
+                let local_index = self.local_layer(index);
+                let local_layers = shadow.local.as_mut().ok_or_else(|| {
+                    invalid_input(
+                        "shadow",
+                        "has no sliding-window layers",
+                        "a cache of this model",
+                    )
+                })?;
+                let (local_plan, attention) = local_layers.step.as_mut().ok_or_else(|| {
+                    invalid_input(
+                        "shadow",
+                        "has no planned step for its sliding-window layers",
+                        "a step from decode_shadow",
+                    )
+                })?;
+                let (k_cache, v_cache) = (
+                    &mut local_layers.cache.k[local_index],
+                    &mut local_layers.cache.v[local_index],
+                );
+                layer::rope_qkv_normed(
+                    gpu,
+                    stream,
+                    local_plan,
+                    input,
+                    frequencies,
+                    q,
+                    (&mut *k_cache, &mut *v_cache),
+                    None,
+                )
+                .on_gpu(SHADOW)?;
+                attention
+                    .run(gpu, stream, q, k_cache, v_cache, attended)
+                    .on_gpu(SHADOW)
+            }
             PassCache::Shadow(shadow) => {
                 let staged = plan.tokens() * self.config.kv_dim();
+                let shadow_index = self.shadow_layer(index);
                 layer::rope_qkv_normed(
                     gpu,
                     stream,
@@ -582,17 +619,18 @@ impl GpuModel {
                     .cache
                     .append(
                         gpu,
-                        index,
+                        shadow_index,
                         &shadow.staged_keys.slice(..staged),
                         &shadow.staged_values.slice(..staged),
                     )
                     .on_gpu(SHADOW)?;
                 shadow
                     .cache
-                    .decode_layer(gpu, index, q, attended)
+                    .decode_layer(gpu, shadow_index, q, attended)
                     .on_gpu(SHADOW)
             }
             PassCache::ShadowSubset { shadow, ids } => {
+                shadow.check_global_only("a decode step of some of its sequences")?;
                 let staged = plan.tokens() * self.config.kv_dim();
                 layer::rope_qkv_normed(
                     gpu,
