@@ -4,7 +4,9 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::kernels::attention::kernel_layout::{shortest_split_len, tokens_per_iteration};
+use shadowkv::kernels::attention::kernel_layout::{
+    has_kernel, shortest_split_len, tokens_per_iteration,
+};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout,
@@ -29,6 +31,10 @@ fn main() {
         (
             "attention_never_reads_past_a_sequence",
             never_reads_past_len,
+        ),
+        (
+            "attention_matches_reference_at_glm4_and_gemma3_heads",
+            glm4_and_gemma3_heads,
         ),
         (
             "attention_rejects_mismatched_buffers",
@@ -56,10 +62,16 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     (
         1usize..=8,
         1usize..=4,
-        prop::sample::select(vec![1usize, 2, 3, 4, 5, 6, 7, 8]),
-        prop::sample::select(vec![64usize, 128]),
+        prop::sample::select(vec![1usize, 2, 3, 4, 5, 6, 7, 8, 16]),
+        prop::sample::select(vec![64usize, 128, 256]),
     )
         .prop_flat_map(move |(batch, kv_heads, group, head_dim)| {
+            // At head dimension 256 only the groups of `D256_GROUPS` are compiled.
+            let group = if has_kernel(group as u32, head_dim as u32) {
+                group
+            } else {
+                [1, 2, 4][group % 3]
+            };
             (
                 Just(DecodeAttentionShape {
                     batch,
@@ -232,6 +244,43 @@ fn llama3_long_context(gpu: &Gpu) -> Result<(), String> {
     } else {
         Err(format!("relative error {error:.3e}"))
     }
+}
+
+/// GLM-4-9B's heads (32 over 2 KV heads of 128: group 16, run as two virtual heads of 8 per
+/// KV head) and Gemma-3-270M's (4 over 1 of 256), with and without its 512-token window,
+/// planned and with forced short splits.
+fn glm4_and_gemma3_heads(gpu: &Gpu) -> Result<(), String> {
+    for (q_heads, kv_heads, head_dim, window) in [
+        (32usize, 2usize, 128usize, 0u32),
+        (4, 1, 256, 0),
+        (4, 1, 256, 512),
+    ] {
+        for split_multiple in [None, Some(1), Some(3)] {
+            let case = Case {
+                shape: DecodeAttentionShape {
+                    batch: 3,
+                    q_heads,
+                    kv_heads,
+                    head_dim,
+                },
+                lens: vec![20_001, 513, 7],
+                spare: vec![3, 0, 9],
+                split_multiple,
+                query_scale: 4.0,
+                window,
+                seed: q_heads as u64 + u64::from(window),
+            };
+            let error = run_case(gpu, &case)?;
+            eprintln!(
+                "{q_heads}/{kv_heads} heads of {head_dim}, window {window}, splits \
+                 {split_multiple:?}: relative error {error:.3e}"
+            );
+            if error >= TOLERANCE {
+                return Err(format!("relative error {error:.3e} for {case:?}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn never_reads_past_len(gpu: &Gpu) -> Result<(), String> {

@@ -94,8 +94,8 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     (
         1usize..=3,
         1usize..=2,
-        1usize..=8,
-        prop::sample::select(vec![64usize, 128]),
+        prop_oneof![8 => 1usize..=8, 1 => Just(16usize)],
+        prop::sample::select(vec![64usize, 128, 256]),
     )
         .prop_flat_map(move |(batch, kv_heads, group, head_dim)| {
             (
@@ -297,7 +297,8 @@ fn run_case(gpu: &Gpu, case: &Case) -> Result<f64, String> {
     let mut plan = PrefillAttentionPlan::new(problem.shape, &problem.layouts, &problem.queries)
         .map_err(|e| e.to_string())?
         .with_window(case.window);
-    if let Some(warps) = case.warps {
+    // Heads of 256 have one warp count (4).
+    if let Some(warps) = case.warps.filter(|_| case.head_dim <= 128) {
         plan = plan.with_warps(warps).map_err(|e| e.to_string())?;
     }
     let scale = plan.scale();
@@ -362,6 +363,23 @@ fn edge_lengths(gpu: &Gpu) -> Result<(), String> {
         &case(8, 4, 128, vec![sequence(1000, 0), sequence(129, 1000)], 1),
         gpu,
     )?;
+    // GLM-4-9B heads (32/2, d 128: group 16) and Gemma-3-270M heads (4/1, d 256).
+    check(
+        "GLM-4-9B heads, 1000 + 129 (start 1000)",
+        &case(2, 16, 128, vec![sequence(1000, 0), sequence(129, 1000)], 4),
+        gpu,
+    )?;
+    check(
+        "Gemma-3-270M heads, 1000 + 129 (start 1000) + 17",
+        &case(
+            1,
+            4,
+            256,
+            vec![sequence(1000, 0), sequence(129, 1000), sequence(17, 3)],
+            5,
+        ),
+        gpu,
+    )?;
     // SmolLM2 heads (9/3, d 64): lengths around the tile sizes, some chunked.
     check(
         "SmolLM2 heads, 1 / 15 / 17 / 63 / 1025",
@@ -380,10 +398,13 @@ fn edge_lengths(gpu: &Gpu) -> Result<(), String> {
         ),
         gpu,
     )?;
-    // Every group size at both head dims and both warp counts, odd and even lengths.
+    // Every group size at every head dim and warp count, odd and even lengths.
     for group in 1..=8 {
-        for head_dim in [64, 128] {
+        for head_dim in [64, 128, 256] {
             for warps in [4, 8] {
+                if head_dim == 256 && warps == 8 {
+                    continue;
+                }
                 let sequences = vec![sequence(16, 0), sequence(33, 1), sequence(129, 64)];
                 let seed = group as u64 * 7 + head_dim as u64;
                 check(
@@ -415,15 +436,16 @@ fn edge_lengths(gpu: &Gpu) -> Result<(), String> {
     Ok(())
 }
 
-/// Windows of 1 key, below, at and above the key tile, Gemma-3's 512, and longer than the
-/// prompt; one-call prompts and chunks deep in the cache.
+/// Windows of 1 key, below, at and above the key tile, Gemma-3's 512 at its heads (4 / 1 of
+/// 256), and longer than the prompt; one-call prompts and chunks deep in the cache.
 fn sliding_windows(gpu: &Gpu) -> Result<(), String> {
     for (window, kv_heads, group, head_dim) in [
         (1u32, 1usize, 4usize, 64usize),
         (63, 2, 3, 128),
         (64, 1, 8, 64),
         (65, 1, 1, 128),
-        (512, 1, 4, 128),
+        (512, 1, 4, 256),
+        (17, 2, 2, 256),
         (700, 2, 2, 64),
         (5000, 1, 5, 128),
     ] {

@@ -89,7 +89,7 @@ pub struct ModelConfig {
 }
 
 /// The head dimensions the GPU attention kernels are built for.
-pub const GPU_HEAD_DIMS: [u32; 2] = shadowkv_kernels::attention::HEAD_DIMS;
+pub const GPU_HEAD_DIMS: [u32; 3] = shadowkv_kernels::attention::HEAD_DIMS;
 
 /// The most query heads per KV head the GPU attention kernels take.
 pub const GPU_MAX_GROUP: u32 = shadowkv_kernels::attention::MAX_GROUP;
@@ -521,6 +521,14 @@ impl ModelConfig {
                 self.group(),
                 self.heads,
                 self.kv_heads
+            ));
+        }
+        if !shadowkv_kernels::attention::has_kernel(self.group() as u32, self.head_dim as u32) {
+            return fail(format!(
+                "has {} query heads per KV head at head dimension {}; the GPU kernels take                  groups {:?} at that size (the CPU path runs it)",
+                self.group(),
+                self.head_dim,
+                shadowkv_kernels::attention::D256_GROUPS
             ));
         }
         Ok(())

@@ -37,13 +37,20 @@ impl DecodeAttentionShape {
         self.q_heads / self.kv_heads.max(1)
     }
 
+    /// The compiled group that runs this shape and the virtual KV heads per KV head (2 for
+    /// a group past [`kernel_layout::MAX_KERNEL_GROUP`], see [`kernel_layout::kernel_group`]).
+    pub fn kernel_group(&self) -> (u32, u32) {
+        layout::kernel_group(self.group() as u32)
+    }
+
     /// Elements of `q` and of the output: `[batch, q_heads, head_dim]`.
     pub fn q_elements(&self) -> usize {
         self.batch * self.q_heads * self.head_dim
     }
 
     /// Checks the shape: `batch` and `kv_heads` in 1..=65,535, `q_heads` a positive multiple
-    /// of `kv_heads` with a group of at most [`kernel_layout::MAX_GROUP`], and `head_dim` one of
+    /// of `kv_heads` with a group of at most [`kernel_layout::MAX_GROUP`] (one of
+    /// [`kernel_layout::D256_GROUPS`] at head_dim 256), and `head_dim` one of
     /// [`kernel_layout::HEAD_DIMS`]. Errors with
     /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the first that fails.
     pub fn validate(&self) -> Result<()> {
@@ -52,7 +59,28 @@ impl DecodeAttentionShape {
             (self.q_heads, self.kv_heads, self.head_dim),
             layout::MAX_GROUP,
             &layout::HEAD_DIMS,
-        )
+        )?;
+        let group = self.group() as u32;
+        if !layout::has_kernel(group, self.head_dim as u32) {
+            let expected = if self.head_dim == 256 {
+                format!(
+                    "one of {:?} at head_dim 256 (the groups of the models with such heads)",
+                    layout::D256_GROUPS
+                )
+            } else {
+                format!(
+                    "at most {} or {}",
+                    layout::MAX_KERNEL_GROUP,
+                    layout::MAX_GROUP
+                )
+            };
+            return Err(invalid(
+                "group (q_heads / kv_heads)",
+                format!("is {group} at head_dim {}", self.head_dim),
+                expected,
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -87,7 +115,7 @@ impl DecodeAttentionPlan {
         layouts: &[SequenceLayout],
     ) -> Result<Self> {
         shape.validate()?;
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let ((group, _), head_dim) = (shape.kernel_group(), shape.head_dim as u32);
         let resident_blocks = gpu.resident_blocks(
             ptx::decode_attention(group, head_dim)?,
             layout::THREADS,
@@ -109,10 +137,10 @@ impl DecodeAttentionPlan {
     ) -> Result<Self> {
         // The shape first: the split step below depends on a valid group and head_dim.
         shape.validate()?;
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let ((group, kv_head_split), head_dim) = (shape.kernel_group(), shape.head_dim as u32);
         let token_heads: usize = layouts
             .iter()
-            .map(|l| l.len as usize * shape.kv_heads)
+            .map(|l| l.len as usize * shape.kv_heads * kv_head_split as usize)
             .sum();
         let target_blocks = resident_blocks.max(1) as usize;
         let step = layout::tokens_per_iteration(group, head_dim);
@@ -139,7 +167,7 @@ impl DecodeAttentionPlan {
         split_len: u32,
     ) -> Result<Self> {
         shape.validate()?;
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let ((group, _), head_dim) = (shape.kernel_group(), shape.head_dim as u32);
         let kv_elements = validate_layouts(&shape, layouts)?;
         let step = layout::tokens_per_iteration(group, head_dim);
         let Some(split) =
@@ -425,7 +453,8 @@ impl DecodeAttention {
             stream.clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(&plan.layouts))?;
         let (partial_out, partial_lse) = partials(stream, &plan.shape, plan.max_splits)?;
         // Zeroed once; the merging block of each (sequence, kv_head) resets its counter.
-        let counters = stream.alloc_zeros::<u32>(plan.shape.batch * plan.shape.kv_heads)?;
+        let virtual_heads = plan.shape.kv_heads * plan.shape.kernel_group().1 as usize;
+        let counters = stream.alloc_zeros::<u32>(plan.shape.batch * virtual_heads)?;
         let heads = plan.shape.batch * plan.shape.q_heads;
         // SAFETY: the carry is written by the resident part before the fresh part reads it.
         let carry_out = unsafe { stream.alloc::<f32>(heads * plan.shape.head_dim)? };
@@ -570,7 +599,8 @@ impl DecodeAttention {
                 ));
             }
         }
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let ((group, kv_head_split), head_dim) = (shape.kernel_group(), shape.head_dim as u32);
+        let virtual_heads = shape.kv_heads as u32 * kv_head_split;
         // This launch's kernel, split length and grid of splits.
         let (kernel, split_len, splits) = match filter {
             None if self.external.is_none() => (plan.kernel, plan.split_len, plan.window_splits),
@@ -628,17 +658,17 @@ impl DecodeAttention {
             partial_lse: used.write(&mut self.partial_lse),
             counters: used.write(&mut self.counters),
             batch: shape.batch as u32,
-            kv_heads: shape.kv_heads as u32,
+            kv_heads: virtual_heads,
             split_len,
             max_splits: splits,
             scale_log2: plan.scale * std::f32::consts::LOG2_E,
             q_heads: shape.q_heads as u32,
             window: plan.window,
-            _reserved: 0,
+            kv_head_split,
             filter,
         };
         let config = LaunchConfig {
-            grid_dim: (splits, shape.kv_heads as u32, shape.batch as u32),
+            grid_dim: (splits, virtual_heads, shape.batch as u32),
             block_dim: (layout::THREADS, 1, 1),
             shared_mem_bytes: layout::shared_bytes(group, head_dim),
         };

@@ -123,6 +123,14 @@ impl PrefillAttentionPlan {
                 format!("one of {:?}", layout::WARP_COUNTS),
             ));
         }
+        let default_warps = layout::warps(self.shape.head_dim as u32);
+        if self.shape.head_dim > 128 && warps != default_warps {
+            return Err(invalid(
+                "warps",
+                format!("is {warps} at head_dim {}", self.shape.head_dim),
+                format!("{default_warps} (the only count compiled for heads past 128)"),
+            ));
+        }
         (self.tiles, self.kernel) = block_table(&self.shape, &self.queries, warps, self.split_p)?;
         self.warps = warps;
         Ok(self)
@@ -510,7 +518,7 @@ impl PrefillAttention {
         // (checked above and in the plan), all four 16-byte aligned; the uploaded tables are
         // the plan's: every placement's rows lie in q with start + query_len <= len <=
         // capacity, every tile's rows in its sequence's query rows, and the kernel is the one
-        // compiled for this head_dim with group in 1..=8; the grid is tiles x kv_heads.
+        // compiled for this head_dim with group in 1..=MAX_GROUP; the grid is tiles x kv_heads.
         unsafe { gpu.launch(stream, plan.kernel, config, params) }
     }
 }
