@@ -351,3 +351,58 @@ fn gemma3_270m_tokenizer_encodes_known_text() {
     assert!(tokenizer.is_end_of_generation(1));
     assert!(tokenizer.is_end_of_generation(106));
 }
+
+/// Gemma-3-270M with a pass key in about 1,700 tokens (past the local layers' 512-token
+/// window): full attention and ShadowKV at budget 256 (shadows on the global layers, the
+/// local layers exact over their window) both answer with the key.
+#[test]
+#[ignore = "two 1.7K-token prefills of Gemma-3-270M on the f32 CPU path: about two minutes"]
+fn gemma3_270m_shadowkv_finds_the_pass_key_as_full_attention() {
+    let Some(path) = shadowkv_model::gemma3_270m_path() else {
+        eprintln!(
+            "skipped: {} is not in the cache folder; run tools/setup.sh gemma3-270m",
+            shadowkv_model::GEMMA3_270M_FILE
+        );
+        return;
+    };
+    let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    let config = ModelConfig::from_gguf(&file).unwrap_or_else(|e| panic!("{e}"));
+    let tokenizer = shadowkv_model::Tokenizer::from_gguf(&file).unwrap_or_else(|e| panic!("{e}"));
+    let weights = WeightFile::Gguf(file)
+        .load(&config, Ok)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let model = CpuModel::new(config, weights);
+    let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    let text = format!(
+        "There is a pass key hidden in the following text. Find it and remember it.\n{}The pass key is 68231. Remember it. 68231 is the pass key.\n{}\nWhat is the pass key? The pass key is",
+        filler.repeat(23),
+        filler.repeat(47)
+    );
+    let mut prompt = vec![tokenizer.bos_id().unwrap()];
+    prompt.extend(tokenizer.encode(&text).unwrap());
+    let params = shadowkv_model::ShadowKvParams {
+        sparse_budget: 256,
+        ..shadowkv_model::ShadowKvParams::default()
+    };
+    for cache in [
+        CpuCache::new(&model.config),
+        CpuCache::shadowkv(&model.config, params).unwrap(),
+    ] {
+        let mut cache = cache;
+        let mut logits = model.forward(&mut cache, &prompt).unwrap();
+        let mut answer = Vec::new();
+        for _ in 0..7 {
+            let next = shadowkv_model::Sampler::greedy().sample(&logits);
+            answer.push(next);
+            logits = model.forward(&mut cache, &[next]).unwrap();
+        }
+        // Gemma writes each digit as a token of its own.
+        let text = tokenizer.decode(&answer).unwrap();
+        eprintln!(
+            "{} prompt tokens, ShadowKV {}: {text:?}",
+            prompt.len(),
+            cache.uses_shadows()
+        );
+        assert!(text.contains("68231"), "{text:?}");
+    }
+}
