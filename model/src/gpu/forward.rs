@@ -5,7 +5,7 @@ use half::bf16;
 use shadowkv::cache::SequenceId;
 use shadowkv::cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr};
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
-use shadowkv::kernels::layer::{self, GatedActivation, QkNorm, QkvInput, TokenPlan};
+use shadowkv::kernels::layer::{self, QkNorm, QkvInput, TokenPlan};
 use shadowkv::kernels::prefill_attention::{
     kernel_layout::QueryPlacement, PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape,
 };
@@ -15,7 +15,6 @@ use super::kv_cache::GpuKvCache;
 use super::model::GpuModel;
 use super::shadow_cache::GpuShadowCache;
 use super::weights::GpuLayer;
-use crate::block::Activation;
 use crate::error::{invalid_input, OnGpu, Result};
 
 /// The attention kernel of one forward pass.
@@ -421,43 +420,6 @@ impl GpuModel {
         }
         let delta = previous.map(|p| (&*mlp_out, p.post_ffn_norm.as_ref()));
         self.add_and_norm(x, delta, &self.weights.output_norm, normed)
-    }
-
-    /// `x += delta` (RMS-normed by the delta's weight first, where the block has a norm
-    /// after the attention or the MLP), then `out = rmsnorm(x) * weight`, in one launch.
-    fn add_and_norm(
-        &self,
-        x: &mut impl shadowkv::cudarc::driver::DevicePtrMut<f32>,
-        delta: Option<(&CudaSlice<f32>, Option<&CudaSlice<f32>>)>,
-        weight: &CudaSlice<f32>,
-        out: &mut impl shadowkv::cudarc::driver::DevicePtrMut<bf16>,
-    ) -> Result<()> {
-        const WHAT: &str = "adding to the residual stream and norming it";
-        let (gpu, stream, eps) = (&*self.gpu, self.stream(), self.config.rms_eps);
-        match delta {
-            Some((delta, Some(delta_weight))) => {
-                layer::rms_norm_normed_delta(gpu, stream, x, delta, delta_weight, weight, eps, out)
-            }
-            Some((delta, None)) => layer::rms_norm(gpu, stream, x, Some(delta), weight, eps, out),
-            None => layer::rms_norm(gpu, stream, x, None, weight, eps, out),
-        }
-        .on_gpu(WHAT)
-    }
-
-    /// The MLP's gate activation.
-    fn activation(&self) -> GatedActivation {
-        match self.config.block.activation {
-            Activation::Silu => GatedActivation::Silu,
-            Activation::GeluTanh => GatedActivation::GeluTanh,
-        }
-    }
-
-    /// Whether layer `index` attends through the model's sliding window.
-    pub(super) fn is_local_layer(&self, index: usize) -> bool {
-        self.config
-            .block
-            .sliding_window
-            .is_some_and(|window| window.is_local(index))
     }
 
     /// Layer `index`'s attention in a pass: rotates `qkv` into `q` and the keys and values
