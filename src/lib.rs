@@ -126,10 +126,13 @@ pub mod layers {
         max_extra_chunks: u32,
     ) -> (ShadowConfig, Vec<SequenceSpec>) {
         let c = rng.gen_range(1..=16usize);
+        let kv_heads = [1usize, 2, 4][rng.gen_range(0..3)];
+        let head_dim = [64usize, 128, 256][rng.gen_range(0..3)];
         let config = ShadowConfig {
-            q_heads: 8,
-            kv_heads: [1usize, 2, 4][rng.gen_range(0..3)],
-            head_dim: [64usize, 128][rng.gen_range(0..2)],
+            // Group 2 at head dimension 256 (groups 1, 2 and 4 are compiled there).
+            q_heads: if head_dim == 256 { 2 * kv_heads } else { 8 },
+            kv_heads,
+            head_dim,
             chunk_size: c,
             rank: 16,
             budget_chunks: rng.gen_range(2..max_budget),

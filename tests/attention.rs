@@ -4,7 +4,9 @@ use half::bf16;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::kernels::attention::kernel_layout::{shortest_split_len, tokens_per_iteration};
+use shadowkv::kernels::attention::kernel_layout::{
+    has_kernel, shortest_split_len, tokens_per_iteration,
+};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
     DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Error, Gpu, SequenceLayout,
@@ -31,6 +33,10 @@ fn main() {
             never_reads_past_len,
         ),
         (
+            "attention_matches_reference_at_glm4_and_gemma3_heads",
+            glm4_and_gemma3_heads,
+        ),
+        (
             "attention_rejects_mismatched_buffers",
             rejects_mismatched_buffers,
         ),
@@ -46,6 +52,8 @@ struct Case {
     /// `Some(k)`: split length `k * tokens_per_iteration` instead of the planner's choice.
     split_multiple: Option<u32>,
     query_scale: f32,
+    /// Sliding window (0: none); the keys and values below it are NaN, so a read shows.
+    window: u32,
     seed: u64,
 }
 
@@ -54,10 +62,16 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     (
         1usize..=8,
         1usize..=4,
-        prop::sample::select(vec![1usize, 2, 3, 4, 5, 6, 7, 8]),
-        prop::sample::select(vec![64usize, 128]),
+        prop::sample::select(vec![1usize, 2, 3, 4, 5, 6, 7, 8, 16]),
+        prop::sample::select(vec![64usize, 128, 256]),
     )
         .prop_flat_map(move |(batch, kv_heads, group, head_dim)| {
+            // At head dimension 256 only the groups of `D256_GROUPS` are compiled.
+            let group = if has_kernel(group as u32, head_dim as u32) {
+                group
+            } else {
+                [1, 2, 4][group % 3]
+            };
             (
                 Just(DecodeAttentionShape {
                     batch,
@@ -69,16 +83,19 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 prop::collection::vec(0u32..17, batch),
                 prop::option::of(1u32..6),
                 prop::sample::select(vec![0.5f32, 2.0, 8.0]),
+                // No window, windows shorter than most sequences, and longer than any.
+                prop_oneof![2 => Just(0u32), 1 => 1u32..600, 1 => 20_001u32..40_000],
                 any::<u64>(),
             )
         })
         .prop_map(
-            |(shape, lens, spare, split_multiple, query_scale, seed)| Case {
+            |(shape, lens, spare, split_multiple, query_scale, window, seed)| Case {
                 shape,
                 lens,
                 spare,
                 split_multiple,
                 query_scale,
+                window,
                 seed,
             },
         )
@@ -121,7 +138,12 @@ fn run_case(gpu: &Gpu, case: &Case) -> Result<f64, String> {
     for layout in &layouts {
         for head in 0..shape.kv_heads {
             let start = layout.offset as usize + head * layout.capacity as usize * shape.head_dim;
-            for i in start..start + layout.len as usize * shape.head_dim {
+            let below_window = match case.window {
+                0 => 0,
+                window => layout.len.saturating_sub(window) as usize,
+            };
+            let first = start + below_window * shape.head_dim;
+            for i in first..start + layout.len as usize * shape.head_dim {
                 k[i] = bf16::from_f32(rng.gen_range(-1.0..1.0));
                 v[i] = bf16::from_f32(rng.gen_range(-1.0..1.0));
             }
@@ -139,9 +161,16 @@ fn run_case(gpu: &Gpu, case: &Case) -> Result<f64, String> {
         }
         None => DecodeAttentionPlan::for_gpu(gpu, shape, &layouts),
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?
+    .with_window(case.window);
     let scale = plan.scale() as f64;
-    let expected = reference::attention::decode_attention(&shape, &layouts, &q, &k, &v, scale);
+    let expected = reference::attention::decode_attention_windowed(
+        &shape,
+        &layouts,
+        (&q, &k, &v),
+        scale,
+        case.window as usize,
+    );
     let actual = run_gpu(gpu, plan, &q, &k, &v).map_err(|e| e.to_string())?;
     if let Some(index) = actual.iter().position(|x| !x.is_finite()) {
         return Err(format!(
@@ -205,6 +234,7 @@ fn llama3_long_context(gpu: &Gpu) -> Result<(), String> {
         spare: vec![8, 5],
         split_multiple: None,
         query_scale: 4.0,
+        window: 0,
         seed: 7,
     };
     let error = run_case(gpu, &case)?;
@@ -216,10 +246,48 @@ fn llama3_long_context(gpu: &Gpu) -> Result<(), String> {
     }
 }
 
+/// GLM-4-9B's heads (32 over 2 KV heads of 128: group 16, run as two virtual heads of 8 per
+/// KV head) and Gemma-3-270M's (4 over 1 of 256), with and without its 512-token window,
+/// planned and with forced short splits.
+fn glm4_and_gemma3_heads(gpu: &Gpu) -> Result<(), String> {
+    for (q_heads, kv_heads, head_dim, window) in [
+        (32usize, 2usize, 128usize, 0u32),
+        (4, 1, 256, 0),
+        (4, 1, 256, 512),
+    ] {
+        for split_multiple in [None, Some(1), Some(3)] {
+            let case = Case {
+                shape: DecodeAttentionShape {
+                    batch: 3,
+                    q_heads,
+                    kv_heads,
+                    head_dim,
+                },
+                lens: vec![20_001, 513, 7],
+                spare: vec![3, 0, 9],
+                split_multiple,
+                query_scale: 4.0,
+                window,
+                seed: q_heads as u64 + u64::from(window),
+            };
+            let error = run_case(gpu, &case)?;
+            eprintln!(
+                "{q_heads}/{kv_heads} heads of {head_dim}, window {window}, splits \
+                 {split_multiple:?}: relative error {error:.3e}"
+            );
+            if error >= TOLERANCE {
+                return Err(format!("relative error {error:.3e} for {case:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn never_reads_past_len(gpu: &Gpu) -> Result<(), String> {
-    // Lengths one past and one short of every tile boundary; the spare rows hold NaN.
+    // Lengths one past and one short of every tile boundary; the spare rows hold NaN, and
+    // with a window so do the rows below it.
     for len in [1u32, 31, 33, 127, 129, 255, 257, 1023, 1025] {
-        for split_multiple in [None, Some(1)] {
+        for (split_multiple, window) in [(None, 0), (Some(1), 0), (None, 100), (Some(1), 129)] {
             let case = Case {
                 shape: DecodeAttentionShape {
                     batch: 3,
@@ -231,11 +299,14 @@ fn never_reads_past_len(gpu: &Gpu) -> Result<(), String> {
                 spare: vec![16, 9, 1],
                 split_multiple,
                 query_scale: 2.0,
+                window,
                 seed: u64::from(len),
             };
             let error = run_case(gpu, &case)?;
             if error >= TOLERANCE {
-                return Err(format!("len {len}: relative error {error:.3e}"));
+                return Err(format!(
+                    "len {len}, window {window}: relative error {error:.3e}"
+                ));
             }
         }
     }

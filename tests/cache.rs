@@ -114,7 +114,13 @@ fn rebuilt_keys(a: &[bf16], bm: &[bf16], len: usize, rank: usize, width: usize) 
 fn factorisation(gpu: &Gpu) -> Result<(), String> {
     let mut runner = proptest_runner(6);
     let strategy = (
-        prop::sample::select(vec![(1usize, 64usize), (2, 64), (4, 64), (8, 128)]),
+        prop::sample::select(vec![
+            (1usize, 64usize),
+            (2, 64),
+            (4, 64),
+            (8, 128),
+            (1, 256),
+        ]),
         prop::sample::select(vec![16usize, 48, 160]),
         257usize..3001,
         any::<u64>(),
@@ -188,7 +194,7 @@ fn factorisation(gpu: &Gpu) -> Result<(), String> {
 fn small_setup(rng: &mut StdRng) -> (CacheShape, ShadowKvParams) {
     let heads = [1usize, 2, 4][rng.gen_range(0..3)];
     let group = [1usize, 2, 4][rng.gen_range(0..3)];
-    let d = [64usize, 128][rng.gen_range(0..2)];
+    let d = [64usize, 128, 256][rng.gen_range(0..3)];
     let chunk_size = [4usize, 8, 16][rng.gen_range(0..3)];
     let shape = CacheShape {
         layers: 2,

@@ -57,19 +57,20 @@ fn s<E: std::fmt::Display>(error: E) -> String {
     error.to_string()
 }
 
-/// A random config: group 1..=8, d 64/128, c 1..=16, r a multiple of 16 up to 256, budget.
+/// A random config: group 1..=8 (1, 2 or 4 at d 256), d 64/128/256, c 1..=16, r a multiple
+/// of 16 up to 256, budget.
 fn config_strategy() -> impl Strategy<Value = ShadowConfig> {
     (
         1usize..=3,
         1usize..=8,
-        prop::sample::select(vec![64usize, 128]),
+        prop::sample::select(vec![64usize, 128, 256]),
         prop::sample::select(vec![1usize, 4, 5, 8, 16]),
         1usize..=16,
         prop::sample::select(vec![1usize, 7, 32, 64, 100]),
     )
         .prop_map(
             |(kv_heads, group, head_dim, chunk_size, rank_steps, budget_chunks)| ShadowConfig {
-                q_heads: kv_heads * group,
+                q_heads: kv_heads * d256_group(group, head_dim),
                 kv_heads,
                 head_dim,
                 chunk_size,
@@ -93,6 +94,15 @@ fn specs_strategy(config: ShadowConfig) -> impl Strategy<Value = Vec<SequenceSpe
         },
     );
     prop::collection::vec(spec, 1..=4)
+}
+
+/// `group`, or at head dimension 256 one of the groups compiled there.
+fn d256_group(group: usize, head_dim: usize) -> usize {
+    if head_dim == 256 {
+        [1, 2, 4][group % 3]
+    } else {
+        group
+    }
 }
 
 fn case_strategy() -> impl Strategy<Value = (ShadowConfig, Vec<SequenceSpec>, u64)> {

@@ -67,6 +67,7 @@ fn small_config() -> ModelConfig {
         rope: RopeConfig::LLAMA_3,
         context_length: 8192,
         tied_embeddings: false,
+        block: shadowkv_model::BlockOptions::LLAMA,
     }
 }
 

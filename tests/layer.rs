@@ -7,7 +7,7 @@ use proptest::test_runner::{TestCaseError, TestRunner};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shadowkv::decode_step::inverse_frequencies;
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
-use shadowkv::kernels::layer::{self, QkvShape, TokenPlan};
+use shadowkv::kernels::layer::{self, GatedActivation, QkvShape, TokenPlan};
 use shadowkv::linear::Linear;
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{Error, Gpu, RotaryLayout, SequenceLayout};
@@ -24,7 +24,10 @@ fn main() {
             "rope_qkv_matches_reference_on_ragged_batches",
             rope_qkv_cases,
         ),
-        ("silu_mul_and_linear_match_reference", silu_mul_and_linear),
+        (
+            "gated_activations_and_linear_match_reference",
+            gated_activations_and_linear,
+        ),
         ("argmax_matches_reference_with_ties", argmax_cases),
         ("random_fill_matches_reference", random_fill),
         ("layer_kernels_reject_bad_input", rejects_bad_input),
@@ -74,34 +77,73 @@ fn embedding_and_norm(gpu: &Gpu) -> Result<(), String> {
                 let mut d_x = stream
                     .clone_htod(&vec![f32::NAN; tokens * hidden])
                     .map_err(fail)?;
-                layer::embedding(gpu, stream, &d_table, hidden, &ids, &d_ids, &mut d_x)
-                    .map_err(fail)?;
+                // Half the cases scale the rows (Gemma's sqrt(hidden), a power of two or not).
+                let scale = if seed % 2 == 0 {
+                    1.0
+                } else {
+                    (hidden as f32).sqrt()
+                };
+                layer::embedding_scaled(
+                    gpu,
+                    stream,
+                    &d_table,
+                    hidden,
+                    (&ids, &d_ids),
+                    scale,
+                    &mut d_x,
+                )
+                .map_err(fail)?;
                 let x = stream.clone_dtoh(&d_x).map_err(fail)?;
-                let expected = reference::layer::embedding(&table, hidden, &ids);
-                prop_assert_eq!(widen_f32(&x), expected, "embedding rows are copied exactly");
+                let expected = reference::layer::embedding_scaled(&table, hidden, &ids, scale);
+                let embedding_error = relative_error(&widen_f32(&x), &expected);
+                prop_assert!(
+                    embedding_error < 1e-7,
+                    "embedding (scale {scale}) {embedding_error:.3e}"
+                );
 
                 let delta = random_f32(&mut rng, tokens * hidden, 1.0);
                 let weight = random_f32(&mut rng, hidden, 1.5);
                 let d_delta = stream.clone_htod(&delta).map_err(fail)?;
                 let d_weight = stream.clone_htod(&weight).map_err(fail)?;
+                let delta_weight = random_f32(&mut rng, hidden, 1.5);
+                let d_delta_weight = stream.clone_htod(&delta_weight).map_err(fail)?;
                 let mut d_out = poisoned(gpu, tokens * hidden).map_err(fail)?;
                 let eps = 1e-5;
-                layer::rms_norm(
-                    gpu,
-                    stream,
-                    &mut d_x,
-                    with_delta.then_some(&d_delta),
-                    &d_weight,
-                    eps,
-                    &mut d_out,
-                )
+                // With a delta, a third of the cases normalise it first (Gemma's post-norms).
+                let normed_delta = with_delta && seed % 3 == 0;
+                if normed_delta {
+                    layer::rms_norm_normed_delta(
+                        gpu,
+                        stream,
+                        &mut d_x,
+                        &d_delta,
+                        &d_delta_weight,
+                        &d_weight,
+                        eps,
+                        &mut d_out,
+                    )
+                } else {
+                    layer::rms_norm(
+                        gpu,
+                        stream,
+                        &mut d_x,
+                        with_delta.then_some(&d_delta),
+                        &d_weight,
+                        eps,
+                        &mut d_out,
+                    )
+                }
                 .map_err(fail)?;
-                let (residual, normed) = reference::layer::rms_norm(
-                    &x,
-                    with_delta.then_some(delta.as_slice()),
-                    &weight,
-                    eps,
-                );
+                let (residual, normed) = if normed_delta {
+                    reference::layer::rms_norm_normed_delta(&x, &delta, &delta_weight, &weight, eps)
+                } else {
+                    reference::layer::rms_norm(
+                        &x,
+                        with_delta.then_some(delta.as_slice()),
+                        &weight,
+                        eps,
+                    )
+                };
                 let residual_error = relative_error(
                     &widen_f32(&stream.clone_dtoh(&d_x).map_err(fail)?),
                     &residual,
@@ -109,7 +151,10 @@ fn embedding_and_norm(gpu: &Gpu) -> Result<(), String> {
                 let norm_error =
                     relative_error(&to_f64(&stream.clone_dtoh(&d_out).map_err(fail)?), &normed);
                 worst.set(worst.get().max(norm_error));
-                prop_assert!(residual_error < 1e-6, "residual {residual_error:.3e}");
+                prop_assert!(
+                    residual_error < 1e-6,
+                    "residual {residual_error:.3e} (normed delta {normed_delta})"
+                );
                 prop_assert!(
                     norm_error < TOLERANCE,
                     "rms_norm {norm_error:.3e} ({tokens} x {hidden})"
@@ -134,7 +179,7 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
         1usize..5,
         prop::sample::select(vec![1usize, 2, 3, 4, 8]),
         1usize..4,
-        prop::sample::select(vec![64usize, 128, 32, 2]),
+        prop::sample::select(vec![64usize, 128, 256, 32, 2]),
         any::<u64>(),
         any::<bool>(),
     );
@@ -199,12 +244,29 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                 let mut d_v = stream.clone_htod(&cache).map_err(fail)?;
                 let mut d_pre = poisoned(gpu, tokens * kv_heads * head_dim).map_err(fail)?;
                 let with_pre_rope = seed % 3 != 0;
-                layer::rope_qkv(
+                // Half the cases norm the query and key heads first (Gemma-3's QK norm).
+                let with_qk_norm = seed % 4 < 2;
+                let q_weight = random_f32(&mut rng, head_dim, 1.5);
+                let k_weight = random_f32(&mut rng, head_dim, 1.5);
+                let norm_eps = 1e-6;
+                let (d_q_weight, d_k_weight) = (
+                    stream.clone_htod(&q_weight).map_err(fail)?,
+                    stream.clone_htod(&k_weight).map_err(fail)?,
+                );
+                let input = layer::QkvInput {
+                    qkv: &d_qkv,
+                    bias: with_bias.then_some(&d_bias),
+                    qk_norm: with_qk_norm.then_some(layer::QkNorm {
+                        q_weight: &d_q_weight,
+                        k_weight: &d_k_weight,
+                        eps: norm_eps,
+                    }),
+                };
+                layer::rope_qkv_normed(
                     gpu,
                     stream,
                     &plan,
-                    &d_qkv,
-                    with_bias.then_some(&d_bias),
+                    input,
                     (&d_frequencies, rotary),
                     &mut d_q,
                     (&mut d_k, &mut d_v),
@@ -216,6 +278,7 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                     shape,
                     &qkv,
                     with_bias.then_some(bias.as_slice()),
+                    with_qk_norm.then_some((q_weight.as_slice(), k_weight.as_slice(), norm_eps)),
                     (&frequencies, &rotary),
                     &placements,
                     &layouts,
@@ -251,7 +314,7 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
                 worst.set(worst.get().max(error));
                 prop_assert!(
                     error < TOLERANCE,
-                    "q {q_error:.3e} k {k_error:.3e} v {v_error:.3e} pre-RoPE k {pre_error:.3e} ({shape:?}, {tokens} tokens, {rope:?})"
+                    "q {q_error:.3e} k {k_error:.3e} v {v_error:.3e} pre-RoPE k {pre_error:.3e} ({shape:?}, {tokens} tokens, QK norm {with_qk_norm}, {rope:?})"
                 );
                 Ok(())
             },
@@ -261,7 +324,7 @@ fn rope_qkv_cases(gpu: &Gpu) -> Result<(), String> {
     Ok(())
 }
 
-fn silu_mul_and_linear(gpu: &Gpu) -> Result<(), String> {
+fn gated_activations_and_linear(gpu: &Gpu) -> Result<(), String> {
     let stream = gpu.stream();
     let linear = Linear::new(stream.clone()).map_err(s)?;
     let worst = std::cell::Cell::new(0.0f64);
@@ -273,10 +336,16 @@ fn silu_mul_and_linear(gpu: &Gpu) -> Result<(), String> {
                 let gate_up = random_f32(&mut rng, rows * 2 * outputs, 4.0);
                 let d_gate_up = stream.clone_htod(&gate_up).map_err(fail)?;
                 let mut d_out = poisoned(gpu, rows * outputs).map_err(fail)?;
-                layer::silu_mul(gpu, stream, &d_gate_up, &mut d_out, outputs).map_err(fail)?;
+                let activation = if seed % 2 == 0 {
+                    GatedActivation::Silu
+                } else {
+                    GatedActivation::GeluTanh
+                };
+                layer::gated_activation(gpu, stream, &d_gate_up, &mut d_out, outputs, activation)
+                    .map_err(fail)?;
                 let silu_error = relative_error(
                     &to_f64(&stream.clone_dtoh(&d_out).map_err(fail)?),
-                    &reference::layer::silu_mul(&gate_up, outputs),
+                    &reference::layer::gated_activation(&gate_up, outputs, activation),
                 );
 
                 let x = random_bf16(&mut rng, rows * inputs, 1.0);
@@ -304,14 +373,14 @@ fn silu_mul_and_linear(gpu: &Gpu) -> Result<(), String> {
                 worst.set(worst.get().max(silu_error).max(linear_error));
                 prop_assert!(
                     silu_error < TOLERANCE && linear_error < 1e-4,
-                    "silu {silu_error:.3e}, linear (f32 out) {linear_error:.3e}"
+                    "{activation:?} {silu_error:.3e}, linear (f32 out) {linear_error:.3e}"
                 );
                 Ok(())
             },
         )
         .map_err(|f| f.to_string())?;
     eprintln!(
-        "silu_mul and cuBLAS linear worst relative error {:.3e}",
+        "gated activations (SiLU, tanh-GELU) and cuBLAS linear worst relative error {:.3e}",
         worst.get()
     );
     Ok(())
@@ -471,6 +540,29 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
             &mut q,
             (&mut cache, &mut cache_v),
             Some(&mut short_pre_rope.slice_mut(..)),
+        ),
+    )?;
+    let short_norm = stream.clone_htod(&[1.0f32; 7]).map_err(s)?;
+    let input = layer::QkvInput {
+        qkv: &qkv,
+        bias: None,
+        qk_norm: Some(layer::QkNorm {
+            q_weight: &short_norm,
+            k_weight: &short_norm,
+            eps: 1e-6,
+        }),
+    };
+    expect_invalid(
+        "QK norm weights not head_dim long",
+        layer::rope_qkv_normed(
+            gpu,
+            stream,
+            &plan,
+            input,
+            (&frequencies, RotaryLayout::full(8)),
+            &mut q,
+            (&mut cache, &mut cache_v),
+            None,
         ),
     )?;
     let gate_up = stream.clone_htod(&[f32::NAN; 10]).map_err(s)?;

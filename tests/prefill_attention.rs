@@ -34,6 +34,10 @@ fn main() {
             "prefill_attention_chunked_equals_one_call",
             chunked_equals_one_call,
         ),
+        (
+            "prefill_attention_matches_reference_with_sliding_windows",
+            sliding_windows,
+        ),
         ("prefill_attention_rejects_bad_input", rejects_bad_input),
         (
             "prefill_attention_matches_reference_on_attention_sinks_per_row",
@@ -66,6 +70,8 @@ struct Case {
     query_scale: f32,
     /// Warps per block (`with_warps`), else the default for the head dimension.
     warps: Option<u32>,
+    /// Sliding window (`with_window`; 0: none).
+    window: u32,
     seed: u64,
 }
 
@@ -88,8 +94,8 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     (
         1usize..=3,
         1usize..=2,
-        1usize..=8,
-        prop::sample::select(vec![64usize, 128]),
+        prop_oneof![8 => 1usize..=8, 1 => Just(16usize)],
+        prop::sample::select(vec![64usize, 128, 256]),
     )
         .prop_flat_map(move |(batch, kv_heads, group, head_dim)| {
             (
@@ -99,11 +105,22 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 any::<bool>(),
                 prop::sample::select(vec![0.5f32, 2.0, 8.0]),
                 prop::sample::select(vec![None, Some(4u32), Some(8)]),
+                // No window, windows shorter than most prompts, and longer than any.
+                prop_oneof![2 => Just(0u32), 1 => 1u32..300, 1 => 3000u32..5000],
                 any::<u64>(),
             )
         })
         .prop_map(
-            |((kv_heads, group, head_dim), sequences, gap, reverse, query_scale, warps, seed)| {
+            |(
+                (kv_heads, group, head_dim),
+                sequences,
+                gap,
+                reverse,
+                query_scale,
+                warps,
+                window,
+                seed,
+            )| {
                 Case {
                     kv_heads,
                     group,
@@ -113,6 +130,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     reverse,
                     query_scale,
                     warps,
+                    window,
                     seed,
                 }
             },
@@ -128,6 +146,8 @@ struct Problem {
     q: Vec<bf16>,
     k: Vec<bf16>,
     v: Vec<bf16>,
+    /// The case's sliding window (0: none).
+    window: u32,
 }
 
 fn problem(case: &Case) -> Problem {
@@ -197,6 +217,7 @@ fn problem(case: &Case) -> Problem {
         q,
         k,
         v,
+        window: case.window,
     }
 }
 
@@ -220,14 +241,12 @@ fn run_gpu(
 
 /// The reference output of a problem (f64).
 fn expected(problem: &Problem, scale: f32) -> Vec<f64> {
-    reference::prefill_attention::prefill_attention(
+    reference::prefill_attention::prefill_attention_windowed(
         &problem.shape,
-        &problem.layouts,
-        &problem.queries,
-        &problem.q,
-        &problem.k,
-        &problem.v,
+        (&problem.layouts, &problem.queries),
+        (&problem.q, &problem.k, &problem.v),
         scale as f64,
+        problem.window as usize,
     )
 }
 
@@ -276,8 +295,10 @@ fn compare(problem: &Problem, scale: f32, actual: &[bf16]) -> Result<f64, String
 fn run_case(gpu: &Gpu, case: &Case) -> Result<f64, String> {
     let problem = problem(case);
     let mut plan = PrefillAttentionPlan::new(problem.shape, &problem.layouts, &problem.queries)
-        .map_err(|e| e.to_string())?;
-    if let Some(warps) = case.warps {
+        .map_err(|e| e.to_string())?
+        .with_window(case.window);
+    // Heads of 256 have one warp count (4).
+    if let Some(warps) = case.warps.filter(|_| case.head_dim <= 128) {
         plan = plan.with_warps(warps).map_err(|e| e.to_string())?;
     }
     let scale = plan.scale();
@@ -333,12 +354,30 @@ fn edge_lengths(gpu: &Gpu) -> Result<(), String> {
         reverse: false,
         query_scale: 4.0,
         warps: None,
+        window: 0,
         seed,
     };
     // Llama-3-8B heads: a 1000-token prompt and a 129-token chunk after 1000 cached tokens.
     check(
         "Llama-3-8B heads, 1000 + 129 (start 1000)",
         &case(8, 4, 128, vec![sequence(1000, 0), sequence(129, 1000)], 1),
+        gpu,
+    )?;
+    // GLM-4-9B heads (32/2, d 128: group 16) and Gemma-3-270M heads (4/1, d 256).
+    check(
+        "GLM-4-9B heads, 1000 + 129 (start 1000)",
+        &case(2, 16, 128, vec![sequence(1000, 0), sequence(129, 1000)], 4),
+        gpu,
+    )?;
+    check(
+        "Gemma-3-270M heads, 1000 + 129 (start 1000) + 17",
+        &case(
+            1,
+            4,
+            256,
+            vec![sequence(1000, 0), sequence(129, 1000), sequence(17, 3)],
+            5,
+        ),
         gpu,
     )?;
     // SmolLM2 heads (9/3, d 64): lengths around the tile sizes, some chunked.
@@ -359,10 +398,13 @@ fn edge_lengths(gpu: &Gpu) -> Result<(), String> {
         ),
         gpu,
     )?;
-    // Every group size at both head dims and both warp counts, odd and even lengths.
+    // Every group size at every head dim and warp count, odd and even lengths.
     for group in 1..=8 {
-        for head_dim in [64, 128] {
+        for head_dim in [64, 128, 256] {
             for warps in [4, 8] {
+                if head_dim == 256 && warps == 8 {
+                    continue;
+                }
                 let sequences = vec![sequence(16, 0), sequence(33, 1), sequence(129, 64)];
                 let seed = group as u64 * 7 + head_dim as u64;
                 check(
@@ -394,6 +436,44 @@ fn edge_lengths(gpu: &Gpu) -> Result<(), String> {
     Ok(())
 }
 
+/// Windows of 1 key, below, at and above the key tile, Gemma-3's 512 at its heads (4 / 1 of
+/// 256), and longer than the prompt; one-call prompts and chunks deep in the cache.
+fn sliding_windows(gpu: &Gpu) -> Result<(), String> {
+    for (window, kv_heads, group, head_dim) in [
+        (1u32, 1usize, 4usize, 64usize),
+        (63, 2, 3, 128),
+        (64, 1, 8, 64),
+        (65, 1, 1, 128),
+        (512, 1, 4, 256),
+        (17, 2, 2, 256),
+        (700, 2, 2, 64),
+        (5000, 1, 5, 128),
+    ] {
+        for warps in [None, Some(4), Some(8)] {
+            let case = Case {
+                kv_heads,
+                group,
+                head_dim,
+                sequences: vec![sequence(1500, 0), sequence(129, 2000), sequence(1, 3000)],
+                gap: 1,
+                reverse: false,
+                query_scale: 4.0,
+                warps,
+                window,
+                seed: u64::from(window) + kv_heads as u64,
+            };
+            check(
+                &format!(
+                    "window {window}, {kv_heads} x {group} heads, d {head_dim}, {warps:?} warps"
+                ),
+                &case,
+                gpu,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn long_prompt(gpu: &Gpu) -> Result<(), String> {
     // One prompt of 8191 tokens in one call, and the same length reached by a 4191-token
     // chunk after 4000 cached tokens, in one batch.
@@ -408,6 +488,7 @@ fn long_prompt(gpu: &Gpu) -> Result<(), String> {
             reverse: true,
             query_scale: 4.0,
             warps: None,
+            window: 0,
             seed: 8191,
         },
         gpu,
@@ -426,6 +507,7 @@ fn chunked_equals_one_call(gpu: &Gpu) -> Result<(), String> {
         reverse: false,
         query_scale: 4.0,
         warps: None,
+        window: 0,
         seed: 700,
     };
     let problem = problem(&whole);
@@ -514,6 +596,7 @@ fn rejects_bad_input(gpu: &Gpu) -> Result<(), String> {
         reverse: false,
         query_scale: 1.0,
         warps: None,
+        window: 0,
         seed: 5,
     });
     let plan = PrefillAttentionPlan::new(problem.shape, &problem.layouts, &problem.queries)
@@ -799,6 +882,7 @@ fn attention_sinks(gpu: &Gpu) -> Result<(), String> {
         reverse: false,
         query_scale: 1.0,
         warps: None,
+        window: 0,
         seed,
     };
     let cases = [

@@ -42,13 +42,19 @@ fn config_strategy() -> impl Strategy<Value = ShadowConfig> {
     (
         1usize..=3,
         1usize..=8,
-        prop::sample::select(vec![64usize, 128]),
+        prop::sample::select(vec![64usize, 128, 256]),
         prop::sample::select(vec![1usize, 5, 8]),
         prop::sample::select(vec![1usize, 2, 7, 32, 100, 257, 300]),
     )
         .prop_map(
             |(kv_heads, group, head_dim, chunk_size, budget_chunks)| ShadowConfig {
-                q_heads: kv_heads * group,
+                // At head dimension 256 only groups 1, 2 and 4 are compiled.
+                q_heads: kv_heads
+                    * if head_dim == 256 {
+                        [1, 2, 4][group % 3]
+                    } else {
+                        group
+                    },
                 kv_heads,
                 head_dim,
                 chunk_size,

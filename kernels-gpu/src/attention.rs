@@ -12,6 +12,9 @@
 //! outputs and log-sum-exps, and the last block of each `(sequence, kv_head)` to finish
 //! (counted with an atomic) merges them, so there is no second launch.
 //!
+//! A sliding window (Gemma's local layers) only moves the start of the tokens walked: the
+//! splits cover the last `window` tokens.
+//!
 //! Scores are kept in the log2 domain: `q` is pre-scaled by `scale * log2(e)` so the softmax
 //! uses `exp2`; partial log-sum-exps are base 2 as well.
 
@@ -23,9 +26,39 @@ pub const THREADS: u32 = WARPS * 32;
 /// bf16 values per 16-byte vector: the unit every thread loads.
 pub const VECTOR: u32 = 8;
 /// Largest GQA group (query heads per KV head) with a compiled kernel.
-pub const MAX_GROUP: u32 = 8;
+pub const MAX_KERNEL_GROUP: u32 = 8;
+/// Largest GQA group the launchers take: the one group past [`MAX_KERNEL_GROUP`] (GLM-4's 16)
+/// runs the kernel of half the group over two virtual KV heads per KV head
+/// ([`kernel_group`]), each reading the head's keys and values (the second read mostly from
+/// L2): a group-16 kernel would hold 2 x 128 registers of queries and accumulators per lane.
+pub const MAX_GROUP: u32 = 16;
+
+/// The compiled group that runs `group` and the virtual KV heads per KV head: `(group, 1)`
+/// up to [`MAX_KERNEL_GROUP`], `(group / 2, 2)` past it (only [`MAX_GROUP`] is accepted:
+/// GLM-4's, the one model with such a group).
+pub const fn kernel_group(group: u32) -> (u32, u32) {
+    if group > MAX_KERNEL_GROUP {
+        (group / 2, 2)
+    } else {
+        (group, 1)
+    }
+}
 /// Head dimensions with a compiled kernel.
-pub const HEAD_DIMS: [u32; 2] = [64, 128];
+pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
+/// Groups compiled at head dimension 256 (decode attention and scoring): those of the models
+/// with such heads, Gemma-3 270M and 1B (4 query heads per KV head), Gemma-2 and the larger
+/// Gemma-3 (2), and 1 for multi-head attention. The other head dimensions have every group up
+/// to [`MAX_GROUP`]; all groups at 256 would add 20 kernels to every PTX module.
+pub const D256_GROUPS: [u32; 3] = [1, 2, 4];
+
+/// Whether kernels are compiled for `group` query heads per KV head at `head_dim`.
+pub const fn has_kernel(group: u32, head_dim: u32) -> bool {
+    match head_dim {
+        64 | 128 => (group >= 1 && group <= MAX_KERNEL_GROUP) || group == MAX_GROUP,
+        256 => group == 1 || group == 2 || group == 4,
+        _ => false,
+    }
+}
 /// Running max before any token is seen: finite, so `exp2(m_old - m_new)` never forms inf - inf.
 pub const NO_SCORE: f32 = -1.0e30;
 
@@ -100,8 +133,16 @@ pub struct DecodeAttentionParams {
     pub max_splits: u32,
     /// `softmax_scale * log2(e)`.
     pub scale_log2: f32,
-    /// `kv_heads * group`.
+    /// `kv_heads * group` (grid y is `kv_heads`, virtual heads included).
     pub q_heads: u32,
+    /// Sliding window of the plain kernel ([`ALL_TOKENS`]), 0 for none: the query, at
+    /// position `len - 1`, attends only to the last `window` tokens (positions
+    /// `> len - 1 - window`, row = position). The ShadowKV parts ignore it.
+    pub window: u32,
+    /// Virtual KV heads per KV head (1 or 2, see [`kernel_group`]): block `y` reads the keys
+    /// and values, slots and misses of KV head `y / kv_head_split`; `kv_heads` counts the
+    /// virtual heads.
+    pub kv_head_split: u32,
     pub filter: SlotFilter,
 }
 
@@ -209,8 +250,9 @@ mod kernel {
     /// ... from at most this many splits (more would cost the small groups registers, and
     /// with them blocks per SM, in the main loop).
     const MERGE_SPLITS: usize = 8;
-    /// Most output elements one thread merges: `MAX_GROUP * 128 / THREADS`.
-    const MAX_MERGE_ELEMENTS: usize = (MAX_GROUP * 128 / THREADS) as usize;
+    /// Most output elements one thread merges: `G * D / THREADS` of the largest pair
+    /// (group 8 at 128, 4 at 256).
+    const MAX_MERGE_ELEMENTS: usize = (MAX_KERNEL_GROUP * 128 / THREADS) as usize;
 
     /// # Safety
     /// The host launcher validated every pointer and layout against the buffers' lengths,
@@ -227,6 +269,9 @@ mod kernel {
 
         let split = block_idx_x();
         let kv_head = block_idx_y();
+        // The KV head whose keys, values and slots this (maybe virtual) head reads.
+        let split_heads = NonZeroU32::new(p.kv_head_split).unwrap_or(NonZeroU32::MIN);
+        let (kv_source, kv_sources) = (kv_head / split_heads, p.kv_heads / split_heads);
         let sequence = block_idx_z();
         let warp = warp_id();
         let lane = lane_id();
@@ -250,7 +295,7 @@ mod kernel {
             let shadow = &*(filter.sequences as *const ShadowSequence).add(sequence as usize);
             (
                 shadow.sparse_start,
-                slot_base(sequence, kv_head, p.kv_heads, filter.budget_chunks),
+                slot_base(sequence, kv_source, kv_sources, filter.budget_chunks),
             )
         };
         let fresh = (filter.fresh as *const u32).add(slots);
@@ -259,12 +304,23 @@ mod kernel {
         // others the whole valid length. It runs at least one split, so that a head without
         // misses still writes its carry to `out`.
         let (region_len, splits) = if PART == FRESH_TOKENS {
-            let count =
-                *(filter.miss_counts as *const u32).add((sequence * p.kv_heads + kv_head) as usize);
+            let count = *(filter.miss_counts as *const u32)
+                .add((sequence * kv_sources + kv_source) as usize);
             let len = count * filter.chunk_size;
             (len, num_splits(len, split_len).max(1))
         } else {
             (layout.len, num_splits(layout.len, split_len))
+        };
+        // The plain kernel's window: the region starts `window` tokens before the end.
+        let first = if PART == ALL_TOKENS && p.window != 0 && layout.len > p.window {
+            layout.len - p.window
+        } else {
+            0
+        };
+        let splits = if first > 0 {
+            num_splits(region_len - first, split_len)
+        } else {
+            splits
         };
         // The host keeps `splits` within `MAX_SPLITS` (the merge's shared weights).
         if split >= splits || splits > MAX_SPLITS {
@@ -291,14 +347,14 @@ mod kernel {
             }
         };
         let q = scale_query(q_raw, p.scale_log2);
-        let start = split * p.split_len;
+        let start = first + split * p.split_len;
         let end = if start + p.split_len < region_len {
             start + p.split_len
         } else {
             region_len
         };
 
-        let head_base = layout.offset as usize + kv_head as usize * layout.capacity as usize * D;
+        let head_base = layout.offset as usize + kv_source as usize * layout.capacity as usize * D;
         let lane_column = (lane_in_token * VECTOR) as usize;
         let k_head = (p.k as *const u16).add(head_base + lane_column);
         let v_head = (p.v as *const u16).add(head_base + lane_column);
@@ -635,5 +691,18 @@ mod kernel {
         decode_attention_fresh_g6_d128 = <6, 128, FRESH_TOKENS>,
         decode_attention_fresh_g7_d128 = <7, 128, FRESH_TOKENS>,
         decode_attention_fresh_g8_d128 = <8, 128, FRESH_TOKENS>,
+    }
+    // Head dimension 256: one lane per 16-byte vector of a row, so a row takes the whole
+    // warp (one token per warp per step) and the registers per lane are those of d128.
+    entries! {
+        decode_attention_g1_d256 = <1, 256, ALL_TOKENS>,
+        decode_attention_g2_d256 = <2, 256, ALL_TOKENS>,
+        decode_attention_g4_d256 = <4, 256, ALL_TOKENS>,
+        decode_attention_resident_g1_d256 = <1, 256, RESIDENT_TOKENS>,
+        decode_attention_resident_g2_d256 = <2, 256, RESIDENT_TOKENS>,
+        decode_attention_resident_g4_d256 = <4, 256, RESIDENT_TOKENS>,
+        decode_attention_fresh_g1_d256 = <1, 256, FRESH_TOKENS>,
+        decode_attention_fresh_g2_d256 = <2, 256, FRESH_TOKENS>,
+        decode_attention_fresh_g4_d256 = <4, 256, FRESH_TOKENS>,
     }
 }

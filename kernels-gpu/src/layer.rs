@@ -1,6 +1,9 @@
 //! The per-token kernels of a decoder layer, around its cuBLAS GEMMs and its attention:
-//! embedding gather, RMSNorm with the residual add fused in, RoPE on the fused Q/K/V
-//! projection with the keys and values appended to the KV cache, and SiLU(gate) * up.
+//! embedding gather (optionally scaled), RMSNorm with the residual add fused in (optionally
+//! normalising the added delta first: Gemma's post-attention and post-FFN norms), RoPE on the
+//! fused Q/K/V projection (optionally after a per-head RMSNorm of queries and keys) with the
+//! keys and values appended to the KV cache, and the gated activation (SiLU or GELU of the
+//! gate, times up).
 //!
 //! The residual stream is f32 (`[tokens, hidden]`), and so are the GEMM outputs these kernels
 //! read (cuBLAS writes them in f32): only what a GEMM reads (normed rows, attention output,
@@ -12,7 +15,7 @@ pub use crate::rope::RotaryLayout;
 /// Threads per block of every kernel here.
 pub const THREADS: u32 = 256;
 
-/// Token `ids[t]`'s row of the bf16 `[vocab, hidden]` table into f32 `out[t]`.
+/// Token `ids[t]`'s row of the bf16 `[vocab, hidden]` table, times `scale`, into f32 `out[t]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -25,10 +28,14 @@ pub struct EmbeddingParams {
     pub tokens: u32,
     pub hidden: u32,
     pub vocab: u32,
-    pub _reserved: u32,
+    /// Multiplies every gathered element (Gemma's `sqrt(hidden)`; 1.0 for none).
+    pub scale: f32,
 }
 
 /// `residual += delta` (if `delta` is not 0), then `out = residual / rms(residual) * weight`.
+/// With `delta_weight`, the delta is normalised first:
+/// `residual += delta / rms(delta) * delta_weight` (Gemma's post-attention and post-FFN norms),
+/// both norms with the same `eps`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -39,6 +46,8 @@ pub struct RmsNormParams {
     pub delta: u64,
     /// f32 `[hidden]`.
     pub weight: u64,
+    /// f32 `[hidden]` or 0 (the delta is added as it is); only read with a `delta`.
+    pub delta_weight: u64,
     /// bf16 `[rows, hidden]`.
     pub out: u64,
     pub rows: u32,
@@ -81,6 +90,8 @@ impl TokenPlacement {
 /// rotated queries (`q`, `[tokens, heads, head_dim]`) and rotated keys and plain values written
 /// to the KV cache rows of each token's placement; optionally also the keys before RoPE
 /// (`pre_rope_keys`, `[tokens, kv_heads * head_dim]`: what ShadowKV factorises).
+/// With `q_norm`/`k_norm`, every query/key head is RMS-normalised over its `head_dim`
+/// (after the bias, before RoPE; Gemma-3's QK norm), and the pre-RoPE keys are the normed ones.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -99,36 +110,66 @@ pub struct RopeQkvParams {
     pub v_cache: u64,
     /// bf16 `[tokens, kv_heads * head_dim]` or 0.
     pub pre_rope_keys: u64,
+    /// f32 `[head_dim]`, the RMSNorm weight of every query head, or 0 (no norm).
+    pub q_norm: u64,
+    /// f32 `[head_dim]`, the RMSNorm weight of every key head, or 0 (no norm).
+    pub k_norm: u64,
     pub tokens: u32,
     pub heads: u32,
     pub kv_heads: u32,
     pub head_dim: u32,
     pub sequences: u32,
-    pub _reserved: u32,
+    /// Epsilon of the query and key norms.
+    pub norm_eps: f32,
     /// The rotated part of each head, its pairing and scale.
     pub rotary: RotaryLayout,
 }
 
-/// `out[r, i] = silu(gate_up[r, i]) * gate_up[r, width + i]` (the fused gate/up projection).
+/// The activation of the gate in [`GatedActivationParams`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GatedActivation {
+    /// `silu(g) = g / (1 + e^-g)` (SwiGLU: Llama, Qwen2, GLM-4, Phi-3).
+    #[default]
+    Silu = 0,
+    /// GELU with the tanh approximation,
+    /// `0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))` (GeGLU: Gemma).
+    GeluTanh = 1,
+}
+
+/// `out[r, i] = act(gate_up[r, i]) * gate_up[r, width + i]` (the fused gate/up projection).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "host", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct SiluMulParams {
+pub struct GatedActivationParams {
     /// f32 `[rows, 2 * width]`.
     pub gate_up: u64,
     /// bf16 `[rows, width]`.
     pub out: u64,
     pub rows: u32,
     pub width: u32,
+    /// A [`GatedActivation`] as `u32`.
+    pub activation: u32,
+    pub _reserved: u32,
 }
 
 pub const EMBEDDING_KERNEL: &str = "embedding_gather";
 pub const RMS_NORM_KERNEL: &str = "rms_norm";
 pub const ROPE_QKV_KERNEL: &str = "rope_qkv";
-pub const SILU_MUL_KERNEL: &str = "silu_mul";
+pub const GATED_ACTIVATION_KERNEL: &str = "gated_activation";
 
 /// Shared memory of [`RMS_NORM_KERNEL`]: one partial sum per warp.
 pub const RMS_NORM_SHARED_BYTES: u32 = THREADS / 32 * 4;
+
+/// Dynamic shared memory of [`ROPE_QKV_KERNEL`]: one inverse RMS per query and key head when
+/// either norm is given, none otherwise.
+pub const fn rope_qkv_shared_bytes(heads: u32, kv_heads: u32, normed: bool) -> u32 {
+    if normed {
+        (heads + kv_heads) * 4
+    } else {
+        0
+    }
+}
 
 /// Element index of the start of row `row` of a row-major matrix `width` elements wide,
 /// computed in 64 bits: `row * width` passes 2^32 within reach of long prompts (about 4.2M
@@ -154,7 +195,7 @@ pub const fn cache_row_start(
 mod kernel {
     use super::*;
     use crate::attention::SequenceLayout;
-    use crate::block::sum_f32;
+    use crate::block::{sum_f32, warp_sum_f32};
     use crate::device::*;
     use crate::rope::{pair_columns, rotate};
     use core::num::NonZeroU32;
@@ -174,7 +215,7 @@ mod kernel {
         let mut i = thread_idx_x();
         while i < p.hidden {
             *out.add(i as usize) = if id < p.vocab {
-                bf16_to_f32(*row.add(i as usize))
+                bf16_to_f32(*row.add(i as usize)) * p.scale
             } else {
                 f32::NAN
             };
@@ -193,12 +234,31 @@ mod kernel {
         }
         let base = row_start(row, p.hidden);
         let residual = (p.residual as *mut f32).add(base);
+        let delta = (p.delta as *const f32).wrapping_add(base);
+        // The delta's own norm first, when it has a weight (a block-wide sum before the add).
+        let mut delta_inverse = 1.0f32;
+        let normed_delta = p.delta != 0 && p.delta_weight != 0;
+        if normed_delta {
+            let mut squares = 0.0f32;
+            let mut i = thread_idx_x();
+            while i < p.hidden {
+                let x = *delta.add(i as usize);
+                squares += x * x;
+                i += THREADS;
+            }
+            let total = sum_f32(squares, dynamic_shared());
+            delta_inverse = reciprocal(sqrt(total / p.hidden as f32 + p.eps));
+        }
         let mut squares = 0.0f32;
         let mut i = thread_idx_x();
         while i < p.hidden {
             let mut x = *residual.add(i as usize);
             if p.delta != 0 {
-                x += *(p.delta as *const f32).add(base + i as usize);
+                let mut added = *delta.add(i as usize);
+                if normed_delta {
+                    added *= delta_inverse * *(p.delta_weight as *const f32).add(i as usize);
+                }
+                x += added;
                 *residual.add(i as usize) = x;
             }
             squares += x * x;
@@ -251,6 +311,39 @@ mod kernel {
         let cache_row = |kv_head: u32| {
             cache_row_start(layout.offset, kv_head, layout.capacity, cache_row, d.get())
         };
+        // The QK norm: one warp per query or key head sums its squares, and the head's
+        // inverse RMS goes to shared memory for the threads that rotate its pairs.
+        let inverse_rms = dynamic_shared::<f32>();
+        if p.q_norm != 0 || p.k_norm != 0 {
+            let mut head = warp_id();
+            while head < p.heads + p.kv_heads {
+                let mut squares = 0.0f32;
+                let mut i = lane_id();
+                while i < d.get() {
+                    let x = value(head * d.get() + i);
+                    squares += x * x;
+                    i += 32;
+                }
+                let total = warp_sum_f32(squares);
+                if lane_id() == 0 {
+                    *inverse_rms.add(head as usize) =
+                        reciprocal(sqrt(total / d.get() as f32 + p.norm_eps));
+                }
+                head += THREADS / 32;
+            }
+            sync_threads();
+        }
+        // Column `column` of head `row_head` of the row (queries, then keys), normed if its
+        // kind has a norm weight.
+        let input = |row_head: u32, column: u32, weight: u64| {
+            let x = value(row_head * d.get() + column);
+            if weight != 0 {
+                x * *inverse_rms.add(row_head as usize)
+                    * *(weight as *const f32).add(column as usize)
+            } else {
+                x
+            }
+        };
         let (q_pairs, k_pairs) = (p.heads * half.get(), p.kv_heads * half.get());
         let work = q_pairs + k_pairs + p.kv_heads * d.get();
         let mut item = thread_idx_x();
@@ -262,10 +355,14 @@ mod kernel {
                 let pair = if is_key { item - q_pairs } else { item };
                 let (head, i) = (pair / half, pair % half);
                 let (low_column, high_column, rotated) = pair_columns(i, &p.rotary);
-                let head_start = if is_key { p.heads * d.get() } else { 0 } + head * d.get();
+                let (row_head, weight) = if is_key {
+                    (p.heads + head, p.k_norm)
+                } else {
+                    (head, p.q_norm)
+                };
                 let (before_low, before_high) = (
-                    value(head_start + low_column),
-                    value(head_start + high_column),
+                    input(row_head, low_column, weight),
+                    input(row_head, high_column, weight),
                 );
                 if is_key && p.pre_rope_keys != 0 {
                     let at = row_start(token, p.kv_heads * d.get()) + (head * d.get()) as usize;
@@ -310,7 +407,7 @@ mod kernel {
     /// The host checked the buffers against `rows` and `width` and launched a 1-D grid of
     /// [`THREADS`]-thread blocks (any count: the loop strides over the grid).
     #[no_mangle]
-    pub unsafe extern "ptx-kernel" fn silu_mul(p: SiluMulParams) {
+    pub unsafe extern "ptx-kernel" fn gated_activation(p: GatedActivationParams) {
         let Some(width) = core::num::NonZeroU64::new(p.width as u64) else {
             return;
         };
@@ -318,13 +415,22 @@ mod kernel {
         let stride = grid_dim_x() as u64 * THREADS as u64;
         let mut element = block_idx_x() as u64 * THREADS as u64 + thread_idx_x() as u64;
         let gate_up = p.gate_up as *const f32;
+        let gelu = p.activation == GatedActivation::GeluTanh as u32;
         while element < total {
             let (row, i) = (element / width, element % width);
             let gate = *gate_up.add((row * 2 * width.get() + i) as usize);
             let up = *gate_up.add((row * 2 * width.get() + width.get() + i) as usize);
-            // silu(g) = g / (1 + e^-g), with e^x = 2^(x log2 e).
-            let silu = gate * reciprocal(1.0 + exp2(-gate * core::f32::consts::LOG2_E));
-            *(p.out as *mut u16).add(element as usize) = f32_to_bf16(silu * up);
+            // Both are g * sigmoid(z): silu with z = g; tanh-GELU with
+            // z = 2 sqrt(2 / pi) (g + 0.044715 g^3), as 0.5 (1 + tanh(u)) = sigmoid(2u).
+            // sigmoid(z) = 1 / (1 + e^-z), with e^x = 2^(x log2 e).
+            let z = if gelu {
+                const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+                TWO_SQRT_2_OVER_PI * fma(0.044_715 * gate, gate * gate, gate)
+            } else {
+                gate
+            };
+            let activated = gate * reciprocal(1.0 + exp2(-z * core::f32::consts::LOG2_E));
+            *(p.out as *mut u16).add(element as usize) = f32_to_bf16(activated * up);
             element += stride;
         }
     }

@@ -20,6 +20,9 @@
 //! Tiles past a block's last position are never loaded; a warp skips tiles past its own last
 //! position and masks only the tiles that cross its first position (the diagonal).
 //!
+//! With a sliding window, a block starts at the key tile of its first row's lowest key, and
+//! the tiles below a warp's highest lowest key are masked as the diagonal is.
+//!
 //! Blocks come from a host-built tile table ([`PrefillTile`]), heaviest (most key tiles)
 //! first, each tile run for every KV head: block `x` is tile `x / kv_heads`, head
 //! `x % kv_heads`, so the long causal rows start first and the short ones fill the tail.
@@ -27,14 +30,15 @@
 /// Warps per block with a compiled kernel (for every head dimension).
 pub const WARP_COUNTS: [u32; 2] = [4, 8];
 
-/// Default warps per block for a head dimension, each owning 16 query rows. Measured on the
+/// Default warps per block for a head dimension, each owning 16 query rows (d 256: 4, the
+/// only count compiled, see [`key_tile`]). Measured on the
 /// H100 (`benches/prefill_attention.rs`, split P): d 128, 8 warps 212 TFLOP/s against 207 for
 /// 4 at 32K tokens, 210 against 210 at 16K, 197 against 207 at 4K (one 8-warp block per SM
 /// at 219 registers, K/V tiles shared by 128 rows); d 64, 4 warps 154 against 136 for 8 at 4K
 /// (three 4-warp blocks per SM at 133 registers). With P in one bf16: 267 / 255 at 32K, 182 /
 /// 152 at 4K.
 pub const fn warps(head_dim: u32) -> u32 {
-    if head_dim <= 64 {
+    if head_dim <= 64 || head_dim > 128 {
         4
     } else {
         8
@@ -51,18 +55,33 @@ pub const fn block_rows(warps: u32) -> u32 {
     warps * 16
 }
 
-/// Keys per K/V tile.
+/// Keys per K/V tile (head dimensions up to 128).
 pub const KEY_TILE: u32 = 64;
+
+/// Keys per K/V tile for a head dimension. At 256 a warp's 16 x 256 f32 output takes 128
+/// registers, so its Q fragments are read from shared memory at every tile instead of kept
+/// in 64 more registers, and tiles are 16 keys: 32-key tiles (a 16-register S) still spilled
+/// 8-16 bytes on sm_89 and sm_90 with P split. The Q tile of 4 warps and two stages of K and
+/// V then take (64 + 4 x 16) rows of 528 bytes, 66 KB (64-key tiles would be 165 KB, past an
+/// A100's 163 KB).
+pub const fn key_tile(head_dim: u32) -> u32 {
+    if head_dim > 128 {
+        16
+    } else {
+        KEY_TILE
+    }
+}
 /// K/V tiles in flight per block (double buffering).
 pub const STAGES: u32 = 2;
 /// Padding of each shared-memory row, in bf16: 16 bytes, so `ldmatrix` rows hit distinct banks.
 pub const ROW_PAD: u32 = 8;
 /// bf16 values per 16-byte vector: offsets of K/V blocks must be multiples of it.
 pub const VECTOR: u32 = 8;
-/// Largest GQA group (query heads per KV head).
-pub const MAX_GROUP: u32 = 8;
-/// Head dimensions with a compiled kernel.
-pub const HEAD_DIMS: [u32; 2] = [64, 128];
+/// Largest GQA group (query heads per KV head). The group is a launch parameter (rows pack
+/// each position's heads), so GLM-4's 16 needs no kernel of its own.
+pub const MAX_GROUP: u32 = 16;
+/// Head dimensions with a compiled kernel (256 with 4 warps per block only).
+pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
 /// Score of a masked key (finite, so `exp2(m_old - m_new)` never forms inf - inf).
 pub const MASKED: f32 = -1.0e30;
 
@@ -118,13 +137,15 @@ pub struct PrefillAttentionParams {
     pub group: u32,
     /// `softmax_scale * log2(e)`.
     pub scale_log2: f32,
-    pub _reserved: u32,
+    /// Sliding window (Gemma's local layers), 0 for none: the query at position `pos` attends
+    /// only to the keys at positions `pos - window < key <= pos`.
+    pub window: u32,
 }
 
 /// Dynamic shared memory: the Q tile `[block_rows, d + pad]`, then [`STAGES`] K tiles and
-/// [`STAGES`] V tiles `[KEY_TILE, d + pad]`, all bf16.
+/// [`STAGES`] V tiles `[key_tile(d), d + pad]`, all bf16.
 pub const fn shared_bytes(head_dim: u32, warps: u32) -> u32 {
-    (block_rows(warps) + 2 * STAGES * KEY_TILE) * (head_dim + ROW_PAD) * 2
+    (block_rows(warps) + 2 * STAGES * key_tile(head_dim)) * (head_dim + ROW_PAD) * 2
 }
 
 /// Packed rows of a sequence: each position times the group's heads.
@@ -196,17 +217,18 @@ mod kernel {
     use crate::device::*;
     use core::num::NonZeroU32;
 
-    /// Key n-tiles (8 keys each) of a K/V tile.
-    const KEY_N_TILES: usize = (KEY_TILE / 8) as usize;
-
     /// # Safety
     /// The host launcher validated the layouts, query placements and tile table against the
     /// buffers (every tile's rows lie in its sequence's query rows, `start + query_len <= len
     /// <= capacity`, K/V blocks and q/out rows inside their buffers, 16-byte aligned),
-    /// `group` in 1..=8 with `q_heads = group * kv_heads`, `head_dim == D`, `N == D / 8`,
+    /// `group` in 1..=MAX_GROUP with `q_heads = group * kv_heads`, `head_dim == D`, `N == D / 8`,
     /// `KS == D / 16`, a tile table of [`block_rows`]`(W)` rows per tile, and launched
     /// `tile_count * kv_heads` blocks of [`threads`]`(W)` threads with [`shared_bytes`] of
     /// dynamic shared memory.
+    ///
+    /// `KEY_N_TILES` is `key_tile(D) / 8`, the key n-tiles (8 keys each) of a K/V tile;
+    /// `Q_IN_REGISTERS` keeps the warp's Q fragments in registers, else they are read from
+    /// the staged Q tile at every K/V tile.
     #[inline(always)]
     pub unsafe fn prefill_attention<
         const D: usize,
@@ -214,9 +236,13 @@ mod kernel {
         const KS: usize,
         const W: u32,
         const SPLIT_P: bool,
+        const KEY_N_TILES: usize,
+        const Q_IN_REGISTERS: bool,
     >(
         p: &PrefillAttentionParams,
     ) {
+        const { assert!(KEY_N_TILES * 8 == key_tile(D as u32) as usize) };
+        let key_tile_len = (KEY_N_TILES * 8) as u32;
         let (block_rows, threads) = (block_rows(W), threads(W));
         // Non-zero divisors keep the kernel free of panic paths (validated on the host).
         let (Some(kv_heads), Some(group)) = (NonZeroU32::new(p.kv_heads), NonZeroU32::new(p.group))
@@ -240,13 +266,23 @@ mod kernel {
         }
         // Keys the block needs: through its last position (<= len, validated).
         let key_limit = queries.start + (row_end - 1) / group + 1;
-        let key_tiles = key_limit.div_ceil(KEY_TILE);
+        let key_tiles = key_limit.div_ceil(key_tile_len);
+        // The lowest key the row at packed row `packed` sees: `position + 1 - window`.
+        let window = p.window;
+        let lowest_key = |packed: u32| {
+            if window == 0 {
+                0
+            } else {
+                (queries.start + packed / group + 1).saturating_sub(window)
+            }
+        };
+        let first_tile = lowest_key(row_start) / key_tile_len;
 
         let stride = D + ROW_PAD as usize;
         let vectors = (D / 8) as u32;
         let q_shared = dynamic_shared::<u16>();
         let k_shared = q_shared.add(block_rows as usize * stride);
-        let v_shared = k_shared.add((STAGES * KEY_TILE) as usize * stride);
+        let v_shared = k_shared.add((STAGES * key_tile_len) as usize * stride);
         let first_head = (kv_head * group.get()) as usize;
         let q_heads = p.q_heads as usize;
 
@@ -275,10 +311,10 @@ mod kernel {
         let v_head = (p.v as *const u16).add(head_base);
         let load_tile = |key_tile: u32, stage: u32| {
             let mut index = tid;
-            while index < KEY_TILE * vectors {
+            while index < key_tile_len * vectors {
                 let (row, vector) = (index / vectors, (index % vectors) as usize);
-                let key = key_tile * KEY_TILE + row;
-                let offset = (stage * KEY_TILE + row) as usize * stride + vector * 8;
+                let key = key_tile * key_tile_len + row;
+                let offset = (stage * key_tile_len + row) as usize * stride + vector * 8;
                 let (k_target, v_target) = (k_shared.add(offset), v_shared.add(offset));
                 if key < key_limit {
                     let source = key as usize * D + vector * 8;
@@ -292,7 +328,7 @@ mod kernel {
             }
             copy_async_commit();
         };
-        load_tile(0, 0);
+        load_tile(first_tile, first_tile & 1);
 
         // This warp's rows: packed rows warp_row.., positions and causal limits.
         let warp_row = row_start + warp * 16;
@@ -307,6 +343,14 @@ mod kernel {
             queries.start + (warp_row + lane / 4 + 8) / group,
         ];
         let key_column = 2 * (lane % 4);
+        // With a window: the lowest key of each of the two rows, and the highest lowest key
+        // of the warp (tiles starting below it need the window's mask).
+        let row_lowest = [
+            lowest_key(warp_row + lane / 4),
+            lowest_key(warp_row + lane / 4 + 8),
+        ];
+        let warp_lowest_last = lowest_key(warp_last);
+        let warp_lowest_first = lowest_key(warp_row);
 
         // Q fragments (A operands, one per 16 dimensions), once the Q copies have landed.
         copy_async_wait::<1>();
@@ -317,8 +361,10 @@ mod kernel {
                 .add((warp as usize * 16 + (lane % 16) as usize) * stride)
                 .add((lane / 16) as usize * 8),
         );
-        for ks in 0..KS {
-            q_fragments[ks] = load_matrix_x4(q_lane + (ks * 32) as u32);
+        if Q_IN_REGISTERS {
+            for ks in 0..KS {
+                q_fragments[ks] = load_matrix_x4(q_lane + (ks * 32) as u32);
+            }
         }
         // ldmatrix row addresses: K as the (column-major) B operand of Q·Kᵀ, V as the
         // row-major B operand of P·V (transposed load).
@@ -338,7 +384,7 @@ mod kernel {
         let mut running_max = [MASKED; 2];
         let mut running_sum = [0.0f32; 2];
         let mut o = [[0.0f32; 4]; N];
-        let mut key_tile = 0;
+        let mut key_tile = first_tile;
         while key_tile < key_tiles {
             let stage = key_tile & 1;
             if key_tile + 1 < key_tiles {
@@ -348,33 +394,45 @@ mod kernel {
                 copy_async_wait::<0>();
             }
             sync_threads();
-            let first_key = key_tile * KEY_TILE;
-            if active && first_key < warp_keys {
-                let stage_offset = stage * KEY_TILE * row_bytes;
+            let first_key = key_tile * key_tile_len;
+            // Tiles past the warp's last key, or wholly below its first row's window, are
+            // skipped (the window's lowest keys rise with the rows).
+            if active && first_key < warp_keys && first_key + key_tile_len > warp_lowest_first {
+                let stage_offset = stage * key_tile_len * row_bytes;
                 // S = Q·Kᵀ: 16 rows x 64 keys.
                 let mut s = [[0.0f32; 4]; KEY_N_TILES];
                 for ks in 0..KS {
+                    let q_fragment = if Q_IN_REGISTERS {
+                        q_fragments[ks]
+                    } else {
+                        load_matrix_x4(q_lane + (ks * 32) as u32)
+                    };
                     for np in 0..KEY_N_TILES / 2 {
                         let b = load_matrix_x4(
                             k_lane + stage_offset + (np as u32 * 16) * row_bytes + (ks * 32) as u32,
                         );
-                        s[2 * np] = mma_bf16_m16n8k16(q_fragments[ks], [b[0], b[1]], s[2 * np]);
-                        s[2 * np + 1] =
-                            mma_bf16_m16n8k16(q_fragments[ks], [b[2], b[3]], s[2 * np + 1]);
+                        s[2 * np] = mma_bf16_m16n8k16(q_fragment, [b[0], b[1]], s[2 * np]);
+                        s[2 * np + 1] = mma_bf16_m16n8k16(q_fragment, [b[2], b[3]], s[2 * np + 1]);
                     }
                 }
                 // Mask keys past each row's position where the tile crosses the warp's
                 // first position. Maxima are taken on the raw scores (the scale is
                 // positive) and kept in the log2 domain: exp2(s * scale - max) is one fma.
-                let masked = first_key + KEY_TILE > open_keys;
+                let masked = first_key + key_tile_len > open_keys;
+                // Keys below a row's window weigh exactly 0 (-inf, never the running max:
+                // that starts finite), so a tile wholly below one row's window adds nothing.
+                let below_window = first_key < warp_lowest_last;
                 let mut tile_max = [MASKED; 2];
                 for n in 0..KEY_N_TILES {
                     for e in 0..4 {
                         let mut x = s[n][e];
-                        if masked {
+                        if masked || below_window {
                             let key = first_key + (n * 8) as u32 + key_column + (e & 1) as u32;
                             if key > row_limit[e >> 1] {
                                 x = MASKED;
+                            }
+                            if key < row_lowest[e >> 1] {
+                                x = f32::NEG_INFINITY;
                             }
                         }
                         s[n][e] = x;
@@ -475,21 +533,25 @@ mod kernel {
     }
 
     macro_rules! entries {
-        ($($name:ident = <$d:literal, $n:literal, $ks:literal, $w:tt, $split:literal>),* $(,)?) => {$(
+        ($($name:ident = <$d:literal, $n:literal, $ks:literal, $w:tt, $split:literal, $kn:literal, $q_reg:literal>),* $(,)?) => {$(
             #[no_mangle]
             pub unsafe extern "ptx-kernel" fn $name(params: PrefillAttentionParams) {
-                prefill_attention::<$d, $n, $ks, $w, $split>(&params)
+                prefill_attention::<$d, $n, $ks, $w, $split, $kn, $q_reg>(&params)
             }
         )*};
     }
     entries! {
-        prefill_attention_d64 = <64, 8, 4, { warps(64) }, true>,
-        prefill_attention_d128 = <128, 16, 8, { warps(128) }, true>,
-        prefill_attention_w8_d64 = <64, 8, 4, 8, true>,
-        prefill_attention_w4_d128 = <128, 16, 8, 4, true>,
-        prefill_attention_bf16p_d64 = <64, 8, 4, { warps(64) }, false>,
-        prefill_attention_bf16p_d128 = <128, 16, 8, { warps(128) }, false>,
-        prefill_attention_bf16p_w8_d64 = <64, 8, 4, 8, false>,
-        prefill_attention_bf16p_w4_d128 = <128, 16, 8, 4, false>,
+        prefill_attention_d64 = <64, 8, 4, { warps(64) }, true, 8, true>,
+        prefill_attention_d128 = <128, 16, 8, { warps(128) }, true, 8, true>,
+        prefill_attention_w8_d64 = <64, 8, 4, 8, true, 8, true>,
+        prefill_attention_w4_d128 = <128, 16, 8, 4, true, 8, true>,
+        prefill_attention_bf16p_d64 = <64, 8, 4, { warps(64) }, false, 8, true>,
+        prefill_attention_bf16p_d128 = <128, 16, 8, { warps(128) }, false, 8, true>,
+        prefill_attention_bf16p_w8_d64 = <64, 8, 4, 8, false, 8, true>,
+        prefill_attention_bf16p_w4_d128 = <128, 16, 8, 4, false, 8, true>,
+        // d256: 4 warps only (registers: 128 for the output alone), 16-key tiles, Q
+        // fragments from shared memory (see `key_tile`).
+        prefill_attention_d256 = <256, 32, 16, { warps(256) }, true, 2, false>,
+        prefill_attention_bf16p_d256 = <256, 32, 16, { warps(256) }, false, 2, false>,
     }
 }

@@ -69,7 +69,9 @@ mod kernel {
     /// (a multiple of 16, at most `MAX_RANK`) and `head_dim == D`, and launched
     /// `(splits, kv_heads, sequences)` blocks of [`THREADS`] with [`shared_bytes`].
     #[inline(always)]
-    pub unsafe fn key_rebuild<const D: usize, const N_TILES: usize>(p: &RebuildParams) {
+    pub unsafe fn key_rebuild<const D: usize, const N_TILES: usize, const PASS_TILES: usize>(
+        p: &RebuildParams,
+    ) {
         let shape = &p.shape;
         let (split, kv_head) = (block_idx_x(), block_idx_y());
         let sequence_index = shape.first_sequence + block_idx_z();
@@ -162,88 +164,112 @@ mod kernel {
             copy_async_wait::<0>();
             sync_warp();
 
-            // N_TILES == D / 8: the accumulator's 8-column tiles.
-            let mut acc = [[0.0f32; 4]; N_TILES];
-            let a_row = a_shared.add((lane % 16) as usize * a_stride + (lane / 16) as usize * 8);
-            let mut k_step = 0;
-            while k_step < rank / 16 {
-                let a_fragment = load_matrix_x4(shared_address(a_row.add(k_step as usize * 16)));
-                let b_row = bm_shared
-                    .add((k_step * 16 + lane % 16) as usize * bm_stride + (lane / 16) as usize * 8);
-                for n in (0..N_TILES).step_by(2) {
-                    let b = load_matrix_x4_transposed(shared_address(b_row.add(n * 8)));
-                    acc[n] = mma_bf16_m16n8k16(a_fragment, [b[0], b[1]], acc[n]);
-                    acc[n + 1] = mma_bf16_m16n8k16(a_fragment, [b[2], b[3]], acc[n + 1]);
+            // N_TILES == D / 8: the output's 8-column tiles, computed PASS_TILES at a time:
+            // pass `pass` holds tiles `pass * h..(pass + 1) * h` and the same past `N_TILES / 2`
+            // (h = PASS_TILES / 2), so each pass has both halves of its rotate-half pairs.
+            let half_tiles = PASS_TILES / 2;
+            let global = |pass: usize, i: usize| {
+                if i < half_tiles {
+                    pass * half_tiles + i
+                } else {
+                    N_TILES / 2 + pass * half_tiles + (i - half_tiles)
                 }
-                k_step += 1;
+            };
+            let a_row = a_shared.add((lane % 16) as usize * a_stride + (lane / 16) as usize * 8);
+            for pass in 0..N_TILES / PASS_TILES {
+                let mut acc = [[0.0f32; 4]; PASS_TILES];
+                let mut k_step = 0;
+                while k_step < rank / 16 {
+                    let a_fragment =
+                        load_matrix_x4(shared_address(a_row.add(k_step as usize * 16)));
+                    let b_row = bm_shared.add(
+                        (k_step * 16 + lane % 16) as usize * bm_stride + (lane / 16) as usize * 8,
+                    );
+                    for i in (0..PASS_TILES).step_by(2) {
+                        let b = load_matrix_x4_transposed(shared_address(
+                            b_row.add(global(pass, i) * 8),
+                        ));
+                        acc[i] = mma_bf16_m16n8k16(a_fragment, [b[0], b[1]], acc[i]);
+                        acc[i + 1] = mma_bf16_m16n8k16(a_fragment, [b[2], b[3]], acc[i + 1]);
+                    }
+                    k_step += 1;
+                }
+                // RoPE and store: this thread holds rows lane/4 and lane/4 + 8, columns
+                // 8n + 2(lane%4) + {0, 1} of each tile n; adjacent pairs are those two
+                // columns, rotate-half pairs column j with j + d/2 (tile i + half_tiles).
+                for half in 0..2 {
+                    let row = tile * TILE_ROWS + lane / 4 + 8 * half as u32;
+                    if row >= rows {
+                        continue;
+                    }
+                    let miss = *misses.add((row / c) as usize);
+                    if miss.chunk >= sequence.chunks || miss.slot >= k {
+                        continue;
+                    }
+                    let token = row % c;
+                    let position = miss.chunk * c.get() + token;
+                    let target = (p.k as *mut u16).add(sequence.kv_row(
+                        kv_head,
+                        sequence.sparse_start + miss.slot * c.get() + token,
+                        D as u32,
+                    ) as usize);
+                    if adjacent {
+                        // Columns (2i, 2i + 1) are this thread's pair of a tile: rotated by
+                        // frequency i within the rotary part, passed through past it.
+                        for i in 0..PASS_TILES {
+                            let column = global(pass, i) * 8 + 2 * (lane % 4) as usize;
+                            let (low, high) = (acc[i][2 * half], acc[i][2 * half + 1]);
+                            let (low, high) = if column / 2 < rotated_pairs {
+                                let frequency = *frequencies.add(column / 2);
+                                rotate(low, high, position, frequency, attention_factor)
+                            } else {
+                                (low, high)
+                            };
+                            *(target.add(column) as *mut u32) = f32x2_to_bf16x2(low, high);
+                        }
+                        continue;
+                    }
+                    for i in 0..half_tiles {
+                        let column = global(pass, i) * 8 + 2 * (lane % 4) as usize;
+                        let mut low = [0.0f32; 2];
+                        let mut high = [0.0f32; 2];
+                        for e in 0..2 {
+                            let (l, h) = rotate(
+                                acc[i][2 * half + e],
+                                acc[i + half_tiles][2 * half + e],
+                                position,
+                                *frequencies.add(column + e),
+                                attention_factor,
+                            );
+                            low[e] = l;
+                            high[e] = h;
+                        }
+                        *(target.add(column) as *mut u32) = f32x2_to_bf16x2(low[0], low[1]);
+                        *(target.add(column + D / 2) as *mut u32) =
+                            f32x2_to_bf16x2(high[0], high[1]);
+                    }
+                }
             }
             sync_warp();
 
-            // RoPE and store: this thread holds rows lane/4 and lane/4 + 8, columns
-            // 8n + 2(lane%4) + {0, 1}; adjacent pairs are those two columns, rotate-half pairs
-            // column j with j + d/2 (n-tile n + d/16).
-            for half in 0..2 {
-                let row = tile * TILE_ROWS + lane / 4 + 8 * half as u32;
-                if row >= rows {
-                    continue;
-                }
-                let miss = *misses.add((row / c) as usize);
-                if miss.chunk >= sequence.chunks || miss.slot >= k {
-                    continue;
-                }
-                let token = row % c;
-                let position = miss.chunk * c.get() + token;
-                let target = (p.k as *mut u16).add(sequence.kv_row(
-                    kv_head,
-                    sequence.sparse_start + miss.slot * c.get() + token,
-                    D as u32,
-                ) as usize);
-                if adjacent {
-                    // Columns (2i, 2i + 1) are this thread's pair of an n-tile: rotated by
-                    // frequency i within the rotary part, passed through past it.
-                    for n in 0..N_TILES {
-                        let column = n * 8 + 2 * (lane % 4) as usize;
-                        let (low, high) = (acc[n][2 * half], acc[n][2 * half + 1]);
-                        let (low, high) = if column / 2 < rotated_pairs {
-                            let frequency = *frequencies.add(column / 2);
-                            rotate(low, high, position, frequency, attention_factor)
-                        } else {
-                            (low, high)
-                        };
-                        *(target.add(column) as *mut u32) = f32x2_to_bf16x2(low, high);
-                    }
-                    continue;
-                }
-                for n in 0..N_TILES / 2 {
-                    let column = n * 8 + 2 * (lane % 4) as usize;
-                    let mut low = [0.0f32; 2];
-                    let mut high = [0.0f32; 2];
-                    for e in 0..2 {
-                        let (l, h) = rotate(
-                            acc[n][2 * half + e],
-                            acc[n + N_TILES / 2][2 * half + e],
-                            position,
-                            *frequencies.add(column + e),
-                            attention_factor,
-                        );
-                        low[e] = l;
-                        high[e] = h;
-                    }
-                    *(target.add(column) as *mut u32) = f32x2_to_bf16x2(low[0], low[1]);
-                    *(target.add(column + D / 2) as *mut u32) = f32x2_to_bf16x2(high[0], high[1]);
-                }
-            }
             tile += p.splits * WARPS;
         }
     }
 
     macro_rules! entries {
-        ($($name:ident = <$d:literal, $n:literal>),* $(,)?) => {$(
+        ($($name:ident = <$d:literal, $n:literal, $pass:literal>),* $(,)?) => {$(
             #[no_mangle]
             pub unsafe extern "ptx-kernel" fn $name(params: RebuildParams) {
-                key_rebuild::<$d, $n>(&params)
+                key_rebuild::<$d, $n, $pass>(&params)
             }
         )*};
     }
-    entries! { key_rebuild_d64 = <64, 8>, key_rebuild_d128 = <128, 16> }
+    // d256: the 32 output tiles in two passes of 16 (64 accumulator registers each; all 32
+    // at once took 255 registers and a 520-byte stack on sm_80). `Bm_h` at rank 160 takes
+    // 84 KB of shared memory (rank 240 is the most an A100's 163 KB holds).
+    entries! {
+        key_rebuild_d64 = <64, 8, 8>,
+        key_rebuild_d128 = <128, 16, 16>,
+        key_rebuild_d256 = <256, 32, 16>,
+    }
 }

@@ -246,4 +246,9 @@ mod kernel {
         landmark_scoring_g5_d128 = <5, 128>, landmark_scoring_g6_d128 = <6, 128>,
         landmark_scoring_g7_d128 = <7, 128>, landmark_scoring_g8_d128 = <8, 128>,
     }
+    // Head dimension 256: the groups of `attention::D256_GROUPS`.
+    entries! {
+        landmark_scoring_g1_d256 = <1, 256>, landmark_scoring_g2_d256 = <2, 256>,
+        landmark_scoring_g4_d256 = <4, 256>,
+    }
 }

@@ -145,7 +145,7 @@ mod kernel {
         let c = p.chunk_size;
         let keys = (p.keys as *const u16).add(lane_id() as usize * D / 32);
         let row = |t: u32| keys.add(source_row(p, head, chunk * c + t)) as *const u32;
-        let mut mean = [0.0f32; 4];
+        let mut mean = [0.0f32; 8];
         for t in 0..c {
             let r = row(t);
             for w in 0..words {
@@ -373,5 +373,9 @@ mod kernel {
             }
         )*};
     }
-    entries! { chunk_statistics_d64 = 64, chunk_statistics_d128 = 128 }
+    entries! {
+        chunk_statistics_d64 = 64,
+        chunk_statistics_d128 = 128,
+        chunk_statistics_d256 = 256,
+    }
 }

@@ -87,11 +87,12 @@ pub fn row_dots<const G: usize, const U: usize>(
 
 /// Rows of keys in one tensor-core group: the `n` of `mma.m16n8k16`.
 pub const GROUP_ROWS: u32 = 8;
-/// Most 16-byte vectors of a row that one lane holds in the tensor-core layout (head_dim 128:
-/// each of the 4 lanes of a row holds 4 of its 16 vectors).
-pub const MMA_ROW_VECTORS: usize = 4;
+/// Most 16-byte vectors of a row that one lane holds in the tensor-core layout (head_dim 256:
+/// each of the 4 lanes of a row holds 8 of its 32 vectors; smaller heads use the first
+/// `D / 32`, the rest are constant zeros the compiler drops).
+pub const MMA_ROW_VECTORS: usize = 8;
 
-/// This lane's vectors of `row` (`D` bf16, `D` a multiple of 32, at most 128) in the
+/// This lane's vectors of `row` (`D` bf16, `D` a multiple of 32, at most 256) in the
 /// tensor-core layout: lane `t` (`lane % 4`) of the row takes vectors `t`, `t + 4`, ..; the
 /// 4 lanes read each 64 bytes of the row together, so each load asks L2 for the whole
 /// 256-byte block (`load_stream_16_block`; scoring at 16 x 32K went from 90.5% to 94.0% of

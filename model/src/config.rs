@@ -7,6 +7,7 @@ use shadowkv_kernels::rope::{
     inverse_frequencies, Llama3Scaling, RopeConfig, RopePairing, RotaryLayout,
 };
 
+use crate::block::{gemma3_from_gguf, gemma3_from_hf, BlockOptions};
 use crate::error::ModelFileError;
 use crate::gguf::GgufFile;
 use crate::rope_metadata::{rope_from_gguf, rope_from_hf};
@@ -15,7 +16,8 @@ use crate::rope_metadata::{rope_from_gguf, rope_from_hf};
 type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 
 /// The decoder variants this driver runs. They differ only in details of the same block
-/// (RMSNorm, GQA attention, SwiGLU MLP), mostly in how their files store it.
+/// (RMSNorm, GQA attention, gated MLP), mostly in how their files store it; Gemma-3's
+/// additions to the block are in [`ModelConfig::block`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
     /// Llama 2/3, SmolLM, Yi, Mistral: no projection biases.
@@ -27,6 +29,9 @@ pub enum Architecture {
     ChatGlm,
     /// Phi-3: fused QKV (no bias) and gate/up projections, LongRoPE.
     Phi3,
+    /// Gemma-3 (text): query/key RMSNorm, norms after attention and after the MLP, GeGLU,
+    /// scaled embeddings, sliding-window layers with their own RoPE base beside global ones.
+    Gemma3,
 }
 
 impl Architecture {
@@ -79,27 +84,30 @@ pub struct ModelConfig {
     pub context_length: usize,
     /// The output head is the token embedding (no `output.weight`).
     pub tied_embeddings: bool,
+    /// What the block adds to the Llama block (Gemma-3's norms, GeGLU, sliding windows).
+    pub block: BlockOptions,
 }
 
 /// The head dimensions the GPU attention kernels are built for.
-pub const GPU_HEAD_DIMS: [u32; 2] = shadowkv_kernels::attention::HEAD_DIMS;
+pub const GPU_HEAD_DIMS: [u32; 3] = shadowkv_kernels::attention::HEAD_DIMS;
 
 /// The most query heads per KV head the GPU attention kernels take.
 pub const GPU_MAX_GROUP: u32 = shadowkv_kernels::attention::MAX_GROUP;
 
 /// The `general.architecture` values [`ModelConfig::from_gguf`] reads.
 pub const GGUF_ARCHITECTURES: &str =
-    "`llama` (Llama, Yi, Mistral), `qwen2`, `chatglm` (GLM-4-9B) and `phi3`";
+    "`llama` (Llama, Yi, Mistral), `qwen2`, `chatglm` (GLM-4-9B), `phi3` and `gemma3`";
 
 /// The `model_type` values [`ModelConfig::from_hf_config`] reads.
-pub const HF_MODEL_TYPES: &str = "llama, mistral, qwen2, chatglm (GLM-4-9B) and phi3";
+pub const HF_MODEL_TYPES: &str =
+    "llama, mistral, qwen2, chatglm (GLM-4-9B), phi3 and gemma3_text (Gemma-3)";
 
 /// Most parameters a valid shape has (2^48, far above any real model), so that sizes derived
 /// from a shape (`parameters() * bytes`, `q_dim() * tokens`) do not overflow.
 pub const MAX_PARAMETERS: usize = 1 << 48;
 
 /// The named shapes a synthetic model can take.
-pub const NAMED_SHAPES: [&str; 7] = [
+pub const NAMED_SHAPES: [&str; 9] = [
     "llama-3-8b",
     "llama-3.1-8b",
     "yi-9b",
@@ -107,6 +115,8 @@ pub const NAMED_SHAPES: [&str; 7] = [
     "glm-4-9b",
     "phi-3-mini",
     "smollm2-135m",
+    "gemma-3-270m",
+    "gemma-3-1b",
 ];
 
 impl ModelConfig {
@@ -161,7 +171,14 @@ impl ModelConfig {
             mul(q_dim, self.hidden)?,
         )?;
         let mlp = mul(mul(3, self.hidden)?, self.ffn)?;
-        let layer = add(add(attention, mlp)?, mul(2, self.hidden)?)?;
+        let mut norms = mul(2, self.hidden)?;
+        if self.block.qk_norm {
+            norms = add(norms, mul(2, self.head_dim)?)?;
+        }
+        if self.block.post_norms {
+            norms = add(norms, mul(2, self.hidden)?)?;
+        }
+        let layer = add(add(attention, mlp)?, norms)?;
         let embedding = mul(self.vocab, self.hidden)?;
         let head = if self.tied_embeddings { 0 } else { embedding };
         add(
@@ -185,6 +202,31 @@ impl ModelConfig {
             rope: RopeConfig::LLAMA_3,
             context_length: 8192,
             tied_embeddings: false,
+            block: BlockOptions::LLAMA,
+        };
+        // Gemma-3 270M and 1B: one KV head of 256, a 512-token window on five of every six
+        // layers (RoPE base 10^4 there, 10^6 on the global ones), a 262K vocabulary.
+        let gemma_3 = |layers: usize, hidden: usize, heads: usize, ffn: usize| ModelConfig {
+            architecture: Architecture::Gemma3,
+            layers,
+            hidden,
+            heads,
+            kv_heads: 1,
+            head_dim: 256,
+            ffn,
+            vocab: 262_144,
+            rms_eps: 1e-6,
+            rope: RopeConfig::new(1_000_000.0),
+            context_length: 32_768,
+            tied_embeddings: true,
+            block: BlockOptions::gemma3(
+                hidden,
+                256,
+                256.0,
+                512,
+                crate::block::GEMMA3_GLOBAL_EVERY,
+                crate::block::GEMMA3_LOCAL_ROPE_BASE,
+            ),
         };
         let config = match name {
             "llama-3-8b" => llama_3,
@@ -291,6 +333,8 @@ impl ModelConfig {
                 tied_embeddings: true,
                 ..llama_3
             },
+            "gemma-3-270m" => gemma_3(18, 640, 4, 2048),
+            "gemma-3-1b" => gemma_3(26, 1152, 4, 6912),
             _ => {
                 return Err(ModelFileError {
                     file: format!("model shape `{name}`"),
@@ -319,6 +363,7 @@ impl ModelConfig {
                 "qwen2" => Architecture::Qwen2,
                 "chatglm" => Architecture::ChatGlm,
                 "phi3" => Architecture::Phi3,
+                "gemma3" => return gemma3_from_gguf(file),
                 "glm4" => return Err(fail(
                     "has architecture `glm4` (GLM-4-0414, with norms after attention and after \
                      the MLP), which this driver does not run; GLM-4-9B files (`chatglm`) load"
@@ -376,6 +421,7 @@ impl ModelConfig {
             rope,
             context_length: count("context_length").unwrap_or(4096),
             tied_embeddings: file.tensor("output.weight").is_none(),
+            block: BlockOptions::LLAMA,
         };
         config.validated(&file.name)
     }
@@ -405,6 +451,13 @@ impl ModelConfig {
                 Some("qwen2") => Architecture::Qwen2,
                 Some("phi3") => Architecture::Phi3,
                 Some("chatglm") => return chatglm_from_hf(&file, &json),
+                Some("gemma3_text") => return gemma3_from_hf(&file, &json),
+                Some("gemma3") => return Err(fail(
+                    "has model_type \"gemma3\" (the multimodal checkpoint, its text model under \
+                     `text_config`); this driver runs text checkpoints (model_type \
+                     \"gemma3_text\")"
+                        .into(),
+                )),
                 Some("glm4") => return Err(fail(
                     "has model_type \"glm4\" (GLM-4-0414, with norms after attention and after \
                      the MLP), which this driver does not run; GLM-4-9B checkpoints \
@@ -438,6 +491,7 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
+            block: BlockOptions::LLAMA,
         };
         config.validated(&file)
     }
@@ -467,6 +521,14 @@ impl ModelConfig {
                 self.group(),
                 self.heads,
                 self.kv_heads
+            ));
+        }
+        if !shadowkv_kernels::attention::has_kernel(self.group() as u32, self.head_dim as u32) {
+            return fail(format!(
+                "has {} query heads per KV head at head dimension {}; the GPU kernels take                  groups {:?} at that size (the CPU path runs it)",
+                self.group(),
+                self.head_dim,
+                shadowkv_kernels::attention::D256_GROUPS
             ));
         }
         Ok(())
@@ -516,6 +578,26 @@ impl ModelConfig {
         }
         if let Err(problem) = self.rope.check(self.head_dim as u32) {
             return fail(problem);
+        }
+        if let Some(window) = &self.block.sliding_window {
+            if window.window == 0 || window.global_every == 0 {
+                return fail(format!(
+                    "has a sliding window of {} tokens over layers with period {}; both must \
+                     be positive",
+                    window.window, window.global_every
+                ));
+            }
+            if let Err(problem) = window.local_rope.check(self.head_dim as u32) {
+                return fail(format!("local layers' RoPE: {problem}"));
+            }
+        }
+        if !(self.block.embedding_scale.is_finite() && self.block.query_scale.is_finite())
+            || self.block.query_scale <= 0.0
+        {
+            return fail(format!(
+                "has embedding scale {} and query scale {}; expected finite, positive scales",
+                self.block.embedding_scale, self.block.query_scale
+            ));
         }
         if self.rms_eps.is_nan() || self.rms_eps < 0.0 {
             return fail(format!("has RMSNorm epsilon {}", self.rms_eps));
@@ -590,6 +672,7 @@ fn chatglm_from_hf(file: &str, json: &serde_json::Value) -> Result<ModelConfig> 
         rope,
         context_length: count("seq_length").unwrap_or(8192),
         tied_embeddings: false,
+        block: BlockOptions::LLAMA,
     };
     config.validated(file)
 }

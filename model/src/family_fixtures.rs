@@ -9,8 +9,9 @@ use std::path::Path;
 
 use shadowkv_kernels::rope::{LongRope, RopeConfig, RopeFactors, RopePairing};
 
+use crate::block::BlockOptions;
 use crate::config::{Architecture, ModelConfig};
-use crate::weights::{LayerWeights, Matrix, ModelWeights};
+use crate::weights::{ExtraNorms, LayerWeights, Matrix, ModelWeights};
 
 /// A tiny model of one family: its config and its weights, split, in the driver's layout.
 #[derive(Clone, Debug)]
@@ -53,10 +54,29 @@ fn phi3_factors(top: f32) -> Vec<f32> {
 /// GLM-4's `rope_ratio` in the tiny GLM checkpoint (its base is `10000 * rope_ratio`).
 const GLM_ROPE_RATIO: f64 = 2.0;
 
+/// The tiny Gemma-3: 3 layers (two local with a 5-token window and RoPE base 10^4, then a
+/// global one), hidden 128, 2 query heads of 256 over 1 KV head (Gemma's head dimension), the
+/// attention scale `1/sqrt(head_dim)` as GGUF files imply it.
+pub const TINY_GEMMA3_WINDOW: usize = 5;
+const TINY_GEMMA3_LAYERS: usize = 3;
+const TINY_GEMMA3_HIDDEN: usize = 128;
+const TINY_GEMMA3_HEAD_DIM: usize = 256;
+
 impl TinyCheckpoint {
     /// A tiny model of `architecture` with weights from `seed`. Values are rounded to bf16, so
     /// the GPU's bf16 upload changes nothing and the paths differ only in their arithmetic.
     pub fn new(architecture: Architecture, seed: u64) -> TinyCheckpoint {
+        TinyCheckpoint::build(architecture, seed, TINY_GEMMA3_HEAD_DIM)
+    }
+
+    /// The tiny Gemma-3 with heads of `head_dim` (the GPU test runs it at 64 too, a head
+    /// dimension every kernel has).
+    pub fn gemma3(seed: u64, head_dim: usize) -> TinyCheckpoint {
+        TinyCheckpoint::build(Architecture::Gemma3, seed, head_dim)
+    }
+
+    /// [`TinyCheckpoint::new`], a Gemma-3 with heads of `gemma3_head_dim`.
+    fn build(architecture: Architecture, seed: u64, gemma3_head_dim: usize) -> TinyCheckpoint {
         let mut rope = RopeConfig::new(10_000.0);
         match architecture {
             Architecture::ChatGlm => {
@@ -75,6 +95,7 @@ impl TinyCheckpoint {
                     attention_factor: LongRope::default_attention_factor(256.0, 64.0),
                 });
             }
+            Architecture::Gemma3 => rope.theta = 1_000_000.0,
             Architecture::Llama | Architecture::Qwen2 => {}
         }
         let config = ModelConfig {
@@ -90,6 +111,30 @@ impl TinyCheckpoint {
             rope,
             context_length: 256,
             tied_embeddings: false,
+            block: BlockOptions::LLAMA,
+        };
+        let config = if architecture == Architecture::Gemma3 {
+            ModelConfig {
+                layers: TINY_GEMMA3_LAYERS,
+                hidden: TINY_GEMMA3_HIDDEN,
+                heads: 2,
+                kv_heads: 1,
+                head_dim: gemma3_head_dim,
+                ffn: 192,
+                rms_eps: 1e-6,
+                tied_embeddings: true,
+                block: BlockOptions::gemma3(
+                    TINY_GEMMA3_HIDDEN,
+                    gemma3_head_dim,
+                    gemma3_head_dim as f64,
+                    TINY_GEMMA3_WINDOW,
+                    TINY_GEMMA3_LAYERS,
+                    10_000.0,
+                ),
+                ..config
+            }
+        } else {
+            config
         };
         let mut seed = seed.wrapping_mul(1000);
         let mut values = |n: usize, scale: f32| -> Vec<f32> {
@@ -106,14 +151,16 @@ impl TinyCheckpoint {
         };
         let (hidden, q_dim, kv_dim, ffn) =
             (config.hidden, config.q_dim(), config.kv_dim(), config.ffn);
-        let norm = |matrix: &mut dyn FnMut(usize, usize, f32) -> Matrix| {
-            matrix(1, hidden, 0.2)
+        let norm_of = |matrix: &mut dyn FnMut(usize, usize, f32) -> Matrix, width: usize| {
+            matrix(1, width, 0.2)
                 .data
                 .into_iter()
                 .map(|v| half::bf16::from_f32(1.0 + v).to_f32())
                 .collect::<Vec<f32>>()
         };
+        let norm = |matrix: &mut dyn FnMut(usize, usize, f32) -> Matrix| norm_of(matrix, hidden);
         let embedding = matrix(config.vocab, hidden, 1.0);
+        let block = config.block;
         let layers = (0..config.layers)
             .map(|_| {
                 let qkv_bias = architecture.qkv_bias().then(|| {
@@ -123,6 +170,18 @@ impl TinyCheckpoint {
                         matrix(1, kv_dim, 0.2).data,
                     ]
                 });
+                let head_norm = |matrix: &mut dyn FnMut(usize, usize, f32) -> Matrix| {
+                    block.qk_norm.then(|| norm_of(matrix, config.head_dim))
+                };
+                let post_norm = |matrix: &mut dyn FnMut(usize, usize, f32) -> Matrix| {
+                    block.post_norms.then(|| norm(matrix))
+                };
+                let extra_norms = ExtraNorms {
+                    q_norm: head_norm(&mut matrix),
+                    k_norm: head_norm(&mut matrix),
+                    post_attention_norm: post_norm(&mut matrix),
+                    post_ffn_norm: post_norm(&mut matrix),
+                };
                 LayerWeights {
                     attn_norm: norm(&mut matrix),
                     q: matrix(q_dim, hidden, 0.4),
@@ -134,11 +193,12 @@ impl TinyCheckpoint {
                     gate: matrix(ffn, hidden, 0.2),
                     up: matrix(ffn, hidden, 0.2),
                     down: matrix(hidden, ffn, 0.2),
+                    extra_norms,
                 }
             })
             .collect();
         let output_norm = norm(&mut matrix);
-        let output = Some(matrix(config.vocab, hidden, 1.0));
+        let output = (!config.tied_embeddings).then(|| matrix(config.vocab, hidden, 1.0));
         TinyCheckpoint {
             config,
             weights: ModelWeights {
@@ -204,6 +264,17 @@ impl TinyCheckpoint {
                 out.push(whole(name("ffn_up.weight"), &layer.up));
             }
             out.push(whole(name("ffn_down.weight"), &layer.down));
+            let norms = &layer.extra_norms;
+            for (part, norm) in [
+                ("attn_q_norm", &norms.q_norm),
+                ("attn_k_norm", &norms.k_norm),
+                ("post_attention_norm", &norms.post_attention_norm),
+                ("post_ffw_norm", &norms.post_ffn_norm),
+            ] {
+                if let Some(norm) = norm {
+                    out.push(vector(name(&format!("{part}.weight")), norm));
+                }
+            }
         }
         out.push(vector(
             "output_norm.weight".into(),
@@ -232,6 +303,7 @@ impl TinyCheckpoint {
             Architecture::Qwen2 => "qwen2",
             Architecture::ChatGlm => "chatglm",
             Architecture::Phi3 => "phi3",
+            Architecture::Gemma3 => "gemma3",
         }
     }
 
@@ -289,6 +361,27 @@ impl TinyCheckpoint {
                     Metadata::U32(64),
                 ));
             }
+            Architecture::Gemma3 => {
+                let window = config.block.sliding_window.expect("Gemma-3 has a window");
+                metadata.extend([
+                    (
+                        format!("{arch}.attention.key_length"),
+                        Metadata::U32(config.head_dim),
+                    ),
+                    (
+                        format!("{arch}.attention.value_length"),
+                        Metadata::U32(config.head_dim),
+                    ),
+                    (
+                        format!("{arch}.attention.sliding_window"),
+                        Metadata::U32(window.window),
+                    ),
+                    (
+                        format!("{arch}.attention.sliding_window_pattern"),
+                        Metadata::U32(window.global_every),
+                    ),
+                ]);
+            }
             Architecture::Llama | Architecture::Qwen2 => {}
         }
         let tensors: Vec<Tensor> = self
@@ -303,6 +396,42 @@ impl TinyCheckpoint {
     pub fn hf_config_json(&self) -> String {
         let c = &self.config;
         match c.architecture {
+            Architecture::Gemma3 => {
+                let window = c.block.sliding_window.expect("Gemma-3 has a window");
+                let layer_types: Vec<&str> = (0..c.layers)
+                    .map(|l| {
+                        if window.is_local(l) {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                format!(
+                    r#"{{"model_type": "gemma3_text", "num_hidden_layers": {}, "hidden_size": {},
+                    "num_attention_heads": {}, "num_key_value_heads": {}, "head_dim": {},
+                    "intermediate_size": {}, "vocab_size": {}, "rms_norm_eps": {:?},
+                    "max_position_embeddings": {}, "rope_theta": {:?},
+                    "rope_local_base_freq": {:?}, "sliding_window": {},
+                    "query_pre_attn_scalar": {},
+                    "layer_types": {layer_types:?}, "hidden_activation": "gelu_pytorch_tanh",
+                    "final_logit_softcapping": null, "attn_logit_softcapping": null,
+                    "rope_scaling": null}}"#,
+                    c.layers,
+                    c.hidden,
+                    c.heads,
+                    c.kv_heads,
+                    c.head_dim,
+                    c.ffn,
+                    c.vocab,
+                    c.rms_eps as f64,
+                    c.context_length,
+                    c.rope.theta,
+                    window.local_rope.theta,
+                    window.window,
+                    c.head_dim as f64,
+                )
+            }
             Architecture::ChatGlm => format!(
                 r#"{{"model_type": "chatglm", "num_layers": {}, "hidden_size": {},
                 "num_attention_heads": {}, "multi_query_attention": true,
@@ -375,6 +504,10 @@ impl TinyCheckpoint {
                     }
                     (Architecture::Llama, n) if n.ends_with("attn_k.weight") => {
                         self.layer_of(n).k.data.clone()
+                    }
+                    // Gemma checkpoints store each norm weight `w` as `w - 1`.
+                    (Architecture::Gemma3, n) if n.ends_with("norm.weight") => {
+                        data.iter().map(|w| w - 1.0).collect()
                     }
                     _ => data,
                 };

@@ -4,6 +4,7 @@
 //! the `shadowkv` error as its `source()` ([`Error`]). [`serve`] serves many requests at once
 //! (continuous batching) over a [`Backend`]: the CPU
 //! reference path ([`CpuBackend`]) or the GPU model ([`GpuBackend`]).
+pub mod block;
 pub mod config;
 pub mod cpu;
 pub mod error;
@@ -16,12 +17,14 @@ pub mod quant;
 pub mod rope_metadata;
 pub mod roster;
 pub mod sampling;
+pub mod sentencepiece;
 pub mod serve;
 pub mod source;
 pub mod tensor_names;
 pub mod tokenizer;
 pub mod weights;
 
+pub use block::{Activation, BlockOptions, SlidingWindow};
 pub use config::{Architecture, ModelConfig, NAMED_SHAPES};
 pub use cpu::shadowkv::ShadowKvParams;
 pub use cpu::{CpuCache, CpuModel};
@@ -39,10 +42,19 @@ pub use serve::{
 };
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, TokenStream, Tokenizer};
-pub use weights::{LayerWeights, Matrix, ModelWeights, WeightFile};
+pub use weights::{ExtraNorms, LayerWeights, Matrix, ModelWeights, WeightFile};
 
 /// File name of the built-in example model (SmolLM2-135M-Instruct, GGUF Q4_1).
 pub const BUILTIN_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// File name of Gemma-3-270M (the base model, GGUF Q4_K_M), fetched by
+/// `tools/setup.sh gemma3-270m`.
+pub const GEMMA3_270M_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// Gemma-3-270M's path in the cache folder, if `tools/setup.sh gemma3-270m` has fetched it.
+pub fn gemma3_270m_path() -> Option<std::path::PathBuf> {
+    Some(cache_dir().join(GEMMA3_270M_FILE)).filter(|path| path.is_file())
+}
 
 /// The cache folder `tools/setup.sh` fetches into: `$SHADOWKV_CACHE`, else
 /// `$XDG_CACHE_HOME/shadowkv`, else `$HOME/.cache/shadowkv`.

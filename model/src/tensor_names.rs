@@ -52,6 +52,7 @@ pub fn hf_name(architecture: Architecture, gguf: &str) -> Option<String> {
     if architecture == Architecture::ChatGlm {
         return chatglm_name(gguf);
     }
+    let gemma = architecture == Architecture::Gemma3;
     Some(match gguf {
         "token_embd.weight" => "model.embed_tokens.weight".into(),
         "output_norm.weight" => "model.norm.weight".into(),
@@ -60,6 +61,13 @@ pub fn hf_name(architecture: Architecture, gguf: &str) -> Option<String> {
             let (layer, stem, kind) = layer_part(gguf)?;
             let module = match stem {
                 "attn_norm" => "input_layernorm",
+                // Gemma's `post_attention_layernorm` is the norm on the attention output;
+                // its MLP's input norm is `pre_feedforward_layernorm`.
+                "ffn_norm" if gemma => "pre_feedforward_layernorm",
+                "post_attention_norm" if gemma => "post_attention_layernorm",
+                "post_ffw_norm" if gemma => "post_feedforward_layernorm",
+                "attn_q_norm" if gemma => "self_attn.q_norm",
+                "attn_k_norm" if gemma => "self_attn.k_norm",
                 "ffn_norm" => "post_attention_layernorm",
                 "attn_q" => "self_attn.q_proj",
                 "attn_k" => "self_attn.k_proj",

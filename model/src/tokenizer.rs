@@ -1,6 +1,7 @@
 //! Text to token ids and back, and chat prompts: byte-level BPE built from a GGUF file's own
 //! vocabulary and merges (or loaded from a Hugging Face `tokenizer.json`) with the `tokenizers`
-//! crate, and the file's jinja chat template rendered with `minijinja`.
+//! crate, SentencePiece vocabularies (`tokenizer.ggml.model = llama`: Gemma, Phi-3, Llama 2)
+//! with [`crate::sentencepiece`], and the file's jinja chat template rendered with `minijinja`.
 use std::path::Path;
 
 use minijinja::syntax::SyntaxConfig;
@@ -16,12 +17,13 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::ModelFileError;
 use crate::gguf::{GgufFile, MetadataValue};
+use crate::sentencepiece::SentencePiece;
 
 /// Reading a model file fails only with a problem of the file.
 type Result<T, E = ModelFileError> = std::result::Result<T, E>;
 
 /// `tokenizer.ggml.model` values this module builds.
-const SUPPORTED_MODELS: &str = "gpt2 (byte-level BPE)";
+const SUPPORTED_MODELS: &str = "gpt2 (byte-level BPE) and llama (SentencePiece)";
 /// `tokenizer.ggml.pre` values this module builds.
 const SUPPORTED_PRE: &str = "smollm, gpt2, default, llama-bpe, llama3, qwen2, chatglm-bpe";
 
@@ -35,11 +37,13 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Token texts that end a chat turn or a document in the common model families.
-const END_OF_GENERATION_TOKENS: [&str; 4] = [
+const END_OF_GENERATION_TOKENS: [&str; 6] = [
     "<|im_end|>",
     "<|eot_id|>",
     "<|end_of_text|>",
     "<|endoftext|>",
+    "<end_of_turn>",
+    "<|end|>",
 ];
 
 fn file_error(file: &str, reason: String) -> ModelFileError {
@@ -50,9 +54,16 @@ fn file_error(file: &str, reason: String) -> ModelFileError {
     }
 }
 
+/// How a tokenizer splits text.
+enum Model {
+    /// Byte-level BPE (the `tokenizers` crate), or any Hugging Face `tokenizer.json`.
+    Hf(Box<tokenizers::Tokenizer>),
+    SentencePiece(Box<SentencePiece>),
+}
+
 /// A tokenizer: encodes text (special tokens written in it included) to ids and back.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Model,
     /// The model or tokenizer.json file, named in errors.
     source: String,
     vocab_size: usize,
@@ -67,6 +78,9 @@ impl Tokenizer {
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
         let fail = |reason: String| file_error(&file.name, reason);
         let model = metadata_str(file, "tokenizer.ggml.model")?;
+        if model == "llama" {
+            return Tokenizer::sentencepiece_from_gguf(file);
+        }
         if model != "gpt2" {
             return Err(fail(format!(
                 "tokenizer.ggml.model is `{model}`, which this tokenizer does not build; supported: {SUPPORTED_MODELS}"
@@ -147,25 +161,85 @@ impl Tokenizer {
             // llama.cpp's default for Llama 3 vocabularies, which need `<|begin_of_text|>`.
             None => matches!(pre, "llama-bpe" | "llama3"),
         };
-        let mut end_ids: Vec<u32> = [
-            token_id("tokenizer.ggml.eos_token_id")?,
-            token_id("tokenizer.ggml.eot_token_id")?,
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        end_ids.extend(
-            END_OF_GENERATION_TOKENS
-                .iter()
-                .filter_map(|name| inner.token_to_id(name)),
-        );
-        end_ids.sort_unstable();
-        end_ids.dedup();
-
+        let end_ids = end_ids_of(file, tokens.len(), |name| inner.token_to_id(name))?;
         Ok(Tokenizer {
-            inner,
+            inner: Model::Hf(Box::new(inner)),
             source: file.name.clone(),
             vocab_size: tokens.len(),
+            bos_id,
+            add_bos,
+            end_ids,
+        })
+    }
+
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = llama`): tokens, scores, token
+    /// types, `tokenizer.ggml.add_space_prefix` (llama.cpp's default: on) and the BOS and
+    /// unknown ids.
+    fn sentencepiece_from_gguf(file: &GgufFile) -> Result<Tokenizer> {
+        let fail = |reason: String| file_error(&file.name, reason);
+        let tokens: Vec<String> = string_array(file, "tokenizer.ggml.tokens")?
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let scores = match file.metadata("tokenizer.ggml.scores") {
+            Some(MetadataValue::Array(items)) => items
+                .iter()
+                .map(|item| item.as_f64().map(|v| v as f32))
+                .collect::<Option<Vec<f32>>>()
+                .ok_or_else(|| fail("tokenizer.ggml.scores is not an array of numbers".into()))?,
+            Some(_) => return Err(fail("tokenizer.ggml.scores is not an array".into())),
+            None => {
+                return Err(fail(
+                    "has no tokenizer.ggml.scores (SentencePiece needs them)".into(),
+                ))
+            }
+        };
+        let token_types = match file.metadata("tokenizer.ggml.token_type") {
+            None => Vec::new(),
+            Some(value) => integer_array(file, "tokenizer.ggml.token_type", value)?,
+        };
+        if scores.len() != tokens.len()
+            || !(token_types.is_empty() || token_types.len() == tokens.len())
+        {
+            return Err(fail(format!(
+                "has {} tokens, {} scores and {} token types; expected one of each per token",
+                tokens.len(),
+                scores.len(),
+                token_types.len()
+            )));
+        }
+        let flag = |key: &str, default: bool| -> Result<bool> {
+            match file.metadata(key) {
+                None => Ok(default),
+                Some(MetadataValue::Bool(value)) => Ok(*value),
+                Some(other) => Err(fail(format!("{key} is {other:?}, not a bool"))),
+            }
+        };
+        let token_id = |key: &str| -> Result<Option<u32>> {
+            match file.metadata(key) {
+                None => Ok(None),
+                Some(value) => match value.as_u64() {
+                    Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
+                    _ => Err(fail(format!(
+                        "{key} is {value:?}, not a token id below the vocabulary size {}",
+                        tokens.len()
+                    ))),
+                },
+            }
+        };
+        let bos_id = token_id("tokenizer.ggml.bos_token_id")?;
+        let unknown_id = token_id("tokenizer.ggml.unknown_token_id")?;
+        let add_bos = flag("tokenizer.ggml.add_bos_token", true)?;
+        let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", true)?;
+        let vocabulary =
+            SentencePiece::new(tokens, scores, token_types, add_space_prefix, unknown_id);
+        let end_ids = end_ids_of(file, vocabulary.vocab_size(), |name| {
+            vocabulary.token_id(name)
+        })?;
+        Ok(Tokenizer {
+            vocab_size: vocabulary.vocab_size(),
+            inner: Model::SentencePiece(Box::new(vocabulary)),
+            source: file.name.clone(),
             bos_id,
             add_bos,
             end_ids,
@@ -192,7 +266,7 @@ impl Tokenizer {
         end_ids.dedup();
         Ok(Tokenizer {
             vocab_size: inner.get_vocab_size(true),
-            inner,
+            inner: Model::Hf(Box::new(inner)),
             source,
             bos_id,
             add_bos: bos_id.is_some(),
@@ -203,11 +277,15 @@ impl Tokenizer {
     /// The ids of `text`, with special tokens written in it as their single ids. Adds no BOS:
     /// see [`Tokenizer::add_bos`].
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| self.error(format!("cannot encode text: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        match &self.inner {
+            Model::Hf(inner) => {
+                let encoding = inner
+                    .encode(text, false)
+                    .map_err(|e| self.error(format!("cannot encode text: {e}")))?;
+                Ok(encoding.get_ids().to_vec())
+            }
+            Model::SentencePiece(vocabulary) => Ok(vocabulary.encode(text)),
+        }
     }
 
     /// The text of `ids`, special tokens as their text. Incomplete UTF-8 becomes U+FFFD.
@@ -218,9 +296,17 @@ impl Tokenizer {
                 self.vocab_size
             )));
         }
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| self.error(format!("cannot decode token ids: {e}")))
+        match &self.inner {
+            Model::Hf(inner) => inner
+                .decode(ids, false)
+                .map_err(|e| self.error(format!("cannot decode token ids: {e}"))),
+            Model::SentencePiece(vocabulary) => {
+                let bytes = vocabulary
+                    .decode(ids)
+                    .ok_or_else(|| self.error("a token id is outside the vocabulary".into()))?;
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+        }
     }
 
     /// A decoder that turns generated ids into text as they come.
@@ -256,14 +342,21 @@ impl Tokenizer {
         &self.end_ids
     }
 
-    /// The vocabulary entry of `id` as stored (byte-level BPE writes a space as `Ġ`).
+    /// The vocabulary entry of `id` as stored (byte-level BPE writes a space as `Ġ`,
+    /// SentencePiece as `▁`).
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.inner {
+            Model::Hf(inner) => inner.id_to_token(id),
+            Model::SentencePiece(vocabulary) => vocabulary.token_text(id),
+        }
     }
 
     /// The id of the vocabulary entry `token`, such as `<|im_start|>`.
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Model::Hf(inner) => inner.token_to_id(token),
+            Model::SentencePiece(vocabulary) => vocabulary.token_id(token),
+        }
     }
 
     fn error(&self, reason: String) -> ModelFileError {
@@ -428,6 +521,39 @@ impl ChatTemplate {
             })
             .map_err(fail)
     }
+}
+
+/// The ids that end generation: the file's EOS and EOT ids and the vocabulary's entries of
+/// [`END_OF_GENERATION_TOKENS`] (`id_of` looks them up), sorted.
+fn end_ids_of(
+    file: &GgufFile,
+    vocab: usize,
+    id_of: impl Fn(&str) -> Option<u32>,
+) -> Result<Vec<u32>> {
+    let mut end_ids = Vec::new();
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        if let Some(value) = file.metadata(key) {
+            match value.as_u64() {
+                Some(id) if (id as usize) < vocab => end_ids.push(id as u32),
+                _ => {
+                    return Err(file_error(
+                        &file.name,
+                        format!(
+                            "{key} is {value:?}, not a token id below the vocabulary size {vocab}"
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+    end_ids.extend(
+        END_OF_GENERATION_TOKENS
+            .iter()
+            .filter_map(|name| id_of(name)),
+    );
+    end_ids.sort_unstable();
+    end_ids.dedup();
+    Ok(end_ids)
 }
 
 /// The pre-tokenizer llama.cpp names `pre`, as the model's own tokenizer.json has it.

@@ -43,6 +43,22 @@ pub struct LayerWeights<M> {
     pub up: M,
     /// `[hidden, ffn]`.
     pub down: M,
+    /// The norms some families add to the block (see [`crate::block::BlockOptions`]).
+    pub extra_norms: ExtraNorms,
+}
+
+/// Norm weights beyond the Llama block's two, each present when the family has it. They are
+/// the weights the norm multiplies by (Hugging Face Gemma checkpoints store `w - 1`; the loader
+/// adds the 1, as llama.cpp's converter does for GGUF files).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExtraNorms {
+    /// `[head_dim]` each: RMSNorm of every query and key head before RoPE.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    /// `[hidden]` each: RMSNorm of the attention output and of the MLP output before the
+    /// residual adds.
+    pub post_attention_norm: Option<Vec<f32>>,
+    pub post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// All of a model's weights.
@@ -164,6 +180,7 @@ impl WeightFile {
 
     /// Tensor `name` as a vector of `len` values.
     /// A bias the family stores fused (GLM-4's `attn_qkv.bias`) is cut out of the fused one.
+    /// Norm weights of a Hugging Face Gemma checkpoint, stored as `w - 1`, come back as `w`.
     pub fn vector(&self, config: &ModelConfig, name: &str, len: usize) -> Result<Vec<f32>> {
         if let Some(fused) = fused_part(config, name) {
             if !self.contains(config, name) {
@@ -171,7 +188,14 @@ impl WeightFile {
                 return Ok(whole.data[fused.part].to_vec());
             }
         }
-        Ok(self.read(config, name, 1, len)?.data)
+        let mut data = self.read(config, name, 1, len)?.data;
+        if matches!(self, WeightFile::Safetensors(_))
+            && config.architecture == Architecture::Gemma3
+            && name.ends_with("norm.weight")
+        {
+            data.iter_mut().for_each(|w| *w += 1.0);
+        }
+        Ok(data)
     }
 
     /// Whether the file holds `name` (GGUF naming; mapped to `config`'s family's names).
@@ -205,6 +229,22 @@ impl WeightFile {
             } else {
                 None
             };
+            let block = &config.block;
+            let optional = |present: bool, part: &str, len: usize| -> Result<Option<Vec<f32>>> {
+                present
+                    .then(|| self.vector(config, &name(part), len))
+                    .transpose()
+            };
+            let extra_norms = ExtraNorms {
+                q_norm: optional(block.qk_norm, "attn_q_norm.weight", config.head_dim)?,
+                k_norm: optional(block.qk_norm, "attn_k_norm.weight", config.head_dim)?,
+                post_attention_norm: optional(
+                    block.post_norms,
+                    "post_attention_norm.weight",
+                    hidden,
+                )?,
+                post_ffn_norm: optional(block.post_norms, "post_ffw_norm.weight", hidden)?,
+            };
             layers.push(LayerWeights {
                 attn_norm: self.vector(config, &name("attn_norm.weight"), hidden)?,
                 q: matrix(&name("attn_q.weight"), q_dim, hidden)?,
@@ -216,6 +256,7 @@ impl WeightFile {
                 gate: matrix(&name("ffn_gate.weight"), ffn, hidden)?,
                 up: matrix(&name("ffn_up.weight"), ffn, hidden)?,
                 down: matrix(&name("ffn_down.weight"), hidden, ffn)?,
+                extra_norms,
             });
         }
         let output = if config.tied_embeddings {

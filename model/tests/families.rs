@@ -11,11 +11,12 @@ use shadowkv_model::{
     Architecture, CpuCache, CpuModel, GgufFile, ModelConfig, Sampler, WeightFile, NAMED_SHAPES,
 };
 
-const FAMILIES: [Architecture; 4] = [
+const FAMILIES: [Architecture; 5] = [
     Architecture::Llama,
     Architecture::Qwen2,
     Architecture::ChatGlm,
     Architecture::Phi3,
+    Architecture::Gemma3,
 ];
 
 const PROMPT: [u32; 7] = [1, 17, 42, 5, 88, 23, 64];
@@ -254,18 +255,26 @@ fn shapes_the_gpu_kernels_do_not_run_are_refused_by_name() {
         error.contains("phi-3-mini") && error.contains("head dimension 96"),
         "{error}"
     );
-    let glm = ModelConfig::named("glm-4-9b").unwrap();
-    let error = glm.check_gpu_kernels("glm.gguf").unwrap_err().to_string();
+    // A group the kernels do not take (GLM-4's 16 is taken; 12 is not).
+    let mut twelve = ModelConfig::named("glm-4-9b").unwrap();
+    twelve.heads = 24;
+    let error = twelve
+        .check_gpu_kernels("glm.gguf")
+        .unwrap_err()
+        .to_string();
     assert!(
-        error.contains("glm.gguf") && error.contains("16 query heads per KV head"),
+        error.contains("glm.gguf") && error.contains("12 query heads per KV head"),
         "{error}"
     );
     for name in [
+        "glm-4-9b",
         "llama-3-8b",
         "llama-3.1-8b",
         "yi-9b",
         "qwen2-7b",
         "smollm2-135m",
+        "gemma-3-270m",
+        "gemma-3-1b",
     ] {
         ModelConfig::named(name)
             .unwrap()

@@ -99,6 +99,7 @@ fn tiny_model(config: &ModelConfig) -> (Vec<NamedTensor>, ModelWeights<Matrix>) 
             gate: matrix(f, h, make(name("mlp.gate_proj.weight"), vec![f, h], scale)),
             up: matrix(f, h, make(name("mlp.up_proj.weight"), vec![f, h], scale)),
             down: matrix(h, f, make(name("mlp.down_proj.weight"), vec![h, f], scale)),
+            extra_norms: Default::default(),
         });
     }
     let output_norm = make("model.norm.weight".into(), vec![h], 1.0);

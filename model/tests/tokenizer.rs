@@ -173,12 +173,23 @@ fn unsupported_tokenizers_are_errors_naming_the_value() {
     set_metadata(
         &mut file,
         "tokenizer.ggml.model",
+        MetadataValue::String("bert".into()),
+    );
+    let error = Tokenizer::from_gguf(&file).err().expect("an error");
+    assert!(error.reason.contains("`bert`"), "{error}");
+    assert!(
+        error.reason.contains("gpt2") && error.reason.contains("llama"),
+        "{error}"
+    );
+    assert!(error.file.ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    // A SentencePiece vocabulary needs its scores (this BPE file has none).
+    set_metadata(
+        &mut file,
+        "tokenizer.ggml.model",
         MetadataValue::String("llama".into()),
     );
     let error = Tokenizer::from_gguf(&file).err().expect("an error");
-    assert!(error.reason.contains("`llama`"), "{error}");
-    assert!(error.reason.contains("gpt2"), "{error}");
-    assert!(error.file.ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(error.reason.contains("tokenizer.ggml.scores"), "{error}");
 
     set_metadata(
         &mut file,

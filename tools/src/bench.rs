@@ -16,8 +16,8 @@ use crate::prefill::{prefill, prefill_bar, PREFILL_CHUNK};
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// A named shape with random weights generated on the GPU (llama-3-8b, llama-3.1-8b,
-    /// yi-9b, qwen2-7b, glm-4-9b, phi-3-mini, smollm2-135m), or a .gguf file / Hugging Face
-    /// folder (Llama, Yi, Mistral, Qwen2, GLM-4-9B, Phi-3). A shape the GPU kernels are not
+    /// yi-9b, qwen2-7b, glm-4-9b, phi-3-mini, smollm2-135m, gemma-3-270m, gemma-3-1b), or a .gguf file / Hugging Face
+    /// folder (Llama, Yi, Mistral, Qwen2, GLM-4-9B, Phi-3, Gemma-3). A shape the GPU kernels are not
     /// built for is refused, naming why: phi-3-mini's head dimension 96 (kernels take 64 and
     /// 128), glm-4-9b's 16 query heads per KV head (kernels take up to 8).
     #[arg(long, default_value = "smollm2-135m")]

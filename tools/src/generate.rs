@@ -29,7 +29,8 @@ pub enum DeviceChoice {
 pub struct GenerateArgs {
     /// A .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json) of
     /// a Llama (Llama 2/3/3.1, Yi, Mistral, SmolLM), Qwen2, GLM-4-9B (GGUF `chatglm`, HF
-    /// `chatglm`) or Phi-3 model. Default: the built-in SmolLM2-135M-Instruct that
+    /// `chatglm`), Phi-3 or Gemma-3 (GGUF `gemma3`, HF `gemma3_text`; `tools/setup.sh
+    /// gemma3-270m` fetches Gemma-3-270M) model. Default: the built-in SmolLM2-135M-Instruct that
     /// tools/setup.sh fetches.
     #[arg(long)]
     model: Option<PathBuf>,

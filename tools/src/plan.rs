@@ -17,7 +17,7 @@ pub const HOST_RESERVE_BYTES: u64 = 4 << 30;
 #[derive(Args, Debug)]
 pub struct PlanArgs {
     /// A named shape (llama-3-8b, llama-3.1-8b, yi-9b, qwen2-7b, glm-4-9b, phi-3-mini,
-    /// smollm2-135m), or a .gguf
+    /// smollm2-135m, gemma-3-270m, gemma-3-1b), or a .gguf
     /// file / Hugging Face folder (only its config is read).
     #[arg(long, default_value = "llama-3-8b")]
     model: String,

@@ -44,7 +44,7 @@ pub fn prefill_bar(tokens: usize) -> ProgressBar {
 #[derive(Args, Debug)]
 pub struct PrefillPeakArgs {
     /// A named shape with random weights generated on the GPU (llama-3-8b, llama-3.1-8b,
-    /// yi-9b, qwen2-7b, glm-4-9b, phi-3-mini, smollm2-135m), or a .gguf file / Hugging Face
+    /// yi-9b, qwen2-7b, glm-4-9b, phi-3-mini, smollm2-135m, gemma-3-270m, gemma-3-1b), or a .gguf file / Hugging Face
     /// folder.
     #[arg(long, default_value = "llama-3-8b")]
     model: String,

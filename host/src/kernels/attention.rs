@@ -37,13 +37,20 @@ impl DecodeAttentionShape {
         self.q_heads / self.kv_heads.max(1)
     }
 
+    /// The compiled group that runs this shape and the virtual KV heads per KV head (2 for
+    /// a group past [`kernel_layout::MAX_KERNEL_GROUP`], see [`kernel_layout::kernel_group`]).
+    pub fn kernel_group(&self) -> (u32, u32) {
+        layout::kernel_group(self.group() as u32)
+    }
+
     /// Elements of `q` and of the output: `[batch, q_heads, head_dim]`.
     pub fn q_elements(&self) -> usize {
         self.batch * self.q_heads * self.head_dim
     }
 
     /// Checks the shape: `batch` and `kv_heads` in 1..=65,535, `q_heads` a positive multiple
-    /// of `kv_heads` with a group of at most [`kernel_layout::MAX_GROUP`], and `head_dim` one of
+    /// of `kv_heads` with a group of at most [`kernel_layout::MAX_GROUP`] (one of
+    /// [`kernel_layout::D256_GROUPS`] at head_dim 256), and `head_dim` one of
     /// [`kernel_layout::HEAD_DIMS`]. Errors with
     /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the first that fails.
     pub fn validate(&self) -> Result<()> {
@@ -52,7 +59,28 @@ impl DecodeAttentionShape {
             (self.q_heads, self.kv_heads, self.head_dim),
             layout::MAX_GROUP,
             &layout::HEAD_DIMS,
-        )
+        )?;
+        let group = self.group() as u32;
+        if !layout::has_kernel(group, self.head_dim as u32) {
+            let expected = if self.head_dim == 256 {
+                format!(
+                    "one of {:?} at head_dim 256 (the groups of the models with such heads)",
+                    layout::D256_GROUPS
+                )
+            } else {
+                format!(
+                    "at most {} or {}",
+                    layout::MAX_KERNEL_GROUP,
+                    layout::MAX_GROUP
+                )
+            };
+            return Err(invalid(
+                "group (q_heads / kv_heads)",
+                format!("is {group} at head_dim {}", self.head_dim),
+                expected,
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -65,6 +93,10 @@ pub struct DecodeAttentionPlan {
     max_splits: u32,
     kv_elements: usize,
     scale: f32,
+    /// Sliding window of [`DecodeAttention::run`] (0: none) and the splits of the longest
+    /// window (`max_splits` without one).
+    window: u32,
+    window_splits: u32,
     /// The plain kernel, then the two parts of a ShadowKV step (resident, fresh).
     kernel: KernelName,
     part_kernels: [KernelName; 2],
@@ -83,7 +115,7 @@ impl DecodeAttentionPlan {
         layouts: &[SequenceLayout],
     ) -> Result<Self> {
         shape.validate()?;
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let ((group, _), head_dim) = (shape.kernel_group(), shape.head_dim as u32);
         let resident_blocks = gpu.resident_blocks(
             ptx::decode_attention(group, head_dim)?,
             layout::THREADS,
@@ -105,10 +137,10 @@ impl DecodeAttentionPlan {
     ) -> Result<Self> {
         // The shape first: the split step below depends on a valid group and head_dim.
         shape.validate()?;
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let ((group, kv_head_split), head_dim) = (shape.kernel_group(), shape.head_dim as u32);
         let token_heads: usize = layouts
             .iter()
-            .map(|l| l.len as usize * shape.kv_heads)
+            .map(|l| l.len as usize * shape.kv_heads * kv_head_split as usize)
             .sum();
         let target_blocks = resident_blocks.max(1) as usize;
         let step = layout::tokens_per_iteration(group, head_dim);
@@ -135,7 +167,7 @@ impl DecodeAttentionPlan {
         split_len: u32,
     ) -> Result<Self> {
         shape.validate()?;
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let ((group, _), head_dim) = (shape.kernel_group(), shape.head_dim as u32);
         let kv_elements = validate_layouts(&shape, layouts)?;
         let step = layout::tokens_per_iteration(group, head_dim);
         let Some(split) =
@@ -171,6 +203,8 @@ impl DecodeAttentionPlan {
             max_splits,
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            window: 0,
+            window_splits: max_splits,
             kernel: ptx::decode_attention(group, head_dim)?,
             part_kernels: [
                 ptx::decode_attention_resident(group, head_dim)?,
@@ -190,6 +224,36 @@ impl DecodeAttentionPlan {
         }
         self.scale = scale;
         Ok(self)
+    }
+
+    /// Sets a sliding window (Gemma's local layers; 0 for none): in [`DecodeAttention::run`]
+    /// each sequence's query, the token at position `len - 1`, attends only to the keys at
+    /// positions `> len - 1 - window` (its last `window` rows, the row being the position).
+    /// The grid then covers only the window's splits. A ShadowKV step's parts ignore it.
+    pub fn with_window(mut self, window: u32) -> Self {
+        self.window = window;
+        if let Some(split) = std::num::NonZeroU32::new(self.split_len) {
+            self.window_splits = self
+                .layouts
+                .iter()
+                .map(|l| layout::num_splits(self.windowed_len(l), split))
+                .max()
+                .unwrap_or(1);
+        }
+        self
+    }
+
+    /// The sliding window (0: none).
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Tokens the plain kernel reads of a sequence: its length, or the window if shorter.
+    fn windowed_len(&self, l: &SequenceLayout) -> u32 {
+        match self.window {
+            0 => l.len,
+            window => l.len.min(window),
+        }
     }
 
     /// The shape the plan was validated for.
@@ -220,7 +284,11 @@ impl DecodeAttentionPlan {
     }
     /// Bytes of K and V the kernel reads (the memory-bound floor of the step).
     pub fn kv_bytes_read(&self) -> usize {
-        let tokens: usize = self.layouts.iter().map(|l| l.len as usize).sum();
+        let tokens: usize = self
+            .layouts
+            .iter()
+            .map(|l| self.windowed_len(l) as usize)
+            .sum();
         2 * tokens * self.shape.kv_heads * self.shape.head_dim * std::mem::size_of::<bf16>()
     }
 }
@@ -385,7 +453,8 @@ impl DecodeAttention {
             stream.clone_htod(bytemuck::cast_slice::<SequenceLayout, u64>(&plan.layouts))?;
         let (partial_out, partial_lse) = partials(stream, &plan.shape, plan.max_splits)?;
         // Zeroed once; the merging block of each (sequence, kv_head) resets its counter.
-        let counters = stream.alloc_zeros::<u32>(plan.shape.batch * plan.shape.kv_heads)?;
+        let virtual_heads = plan.shape.kv_heads * plan.shape.kernel_group().1 as usize;
+        let counters = stream.alloc_zeros::<u32>(plan.shape.batch * virtual_heads)?;
         let heads = plan.shape.batch * plan.shape.q_heads;
         // SAFETY: the carry is written by the resident part before the fresh part reads it.
         let carry_out = unsafe { stream.alloc::<f32>(heads * plan.shape.head_dim)? };
@@ -425,7 +494,8 @@ impl DecodeAttention {
         }
         let plan =
             DecodeAttentionPlan::with_split_len(self.plan.shape, layouts, self.plan.split_len)?
-                .with_scale(self.plan.scale)?;
+                .with_scale(self.plan.scale)?
+                .with_window(self.plan.window);
         if plan.max_splits > 1 && plan.max_splits > self.workspace_splits {
             return Err(invalid(
                 "layouts",
@@ -529,30 +599,34 @@ impl DecodeAttention {
                 ));
             }
         }
-        let (group, head_dim) = (shape.group() as u32, shape.head_dim as u32);
+        let ((group, kv_head_split), head_dim) = (shape.kernel_group(), shape.head_dim as u32);
+        let virtual_heads = shape.kv_heads as u32 * kv_head_split;
         // This launch's kernel, split length and grid of splits.
-        let (kernel, split_len, splits) =
-            match filter {
-                None => (plan.kernel, plan.split_len, self.whole_splits()),
-                Some((StepPart::Resident, _)) => {
-                    (plan.part_kernels[0], plan.split_len, self.whole_splits())
-                }
-                Some((StepPart::Fresh, slots)) => {
-                    let step = layout::tokens_per_iteration(group, head_dim);
-                    let slot_tokens = slots.budget_chunks * slots.chunk_size;
-                    // Short splits, but no more than the merge holds.
-                    let split_len = (FRESH_SPLIT_ITERATIONS * step)
-                        .max(layout::shortest_split_len(slot_tokens, group, head_dim));
-                    // Iterations hold at least one token, so the fallback is never taken.
-                    let split =
-                        std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
-                    (
-                        plan.part_kernels[1],
-                        split_len,
-                        layout::num_splits(slot_tokens, split).max(1),
-                    )
-                }
-            };
+        let (kernel, split_len, splits) = match filter {
+            None if self.external.is_none() => (plan.kernel, plan.split_len, plan.window_splits),
+            None => (plan.kernel, plan.split_len, self.whole_splits()),
+            Some((StepPart::Resident, _)) => {
+                (plan.part_kernels[0], plan.split_len, self.whole_splits())
+            }
+            Some((StepPart::Fresh, slots)) => {
+                let step = layout::tokens_per_iteration(group, head_dim);
+                let slot_tokens = slots.budget_chunks * slots.chunk_size;
+                // Short splits, but no more than the merge holds.
+                let split_len = (FRESH_SPLIT_ITERATIONS * step).max(layout::shortest_split_len(
+                    slot_tokens,
+                    group,
+                    head_dim,
+                ));
+                // Iterations hold at least one token, so the fallback is never taken.
+                let split =
+                    std::num::NonZeroU32::new(split_len).unwrap_or(std::num::NonZeroU32::MIN);
+                (
+                    plan.part_kernels[1],
+                    split_len,
+                    layout::num_splits(slot_tokens, split).max(1),
+                )
+            }
+        };
         if splits > 1 && splits > self.workspace_splits {
             (self.partial_out, self.partial_lse) = partials(gpu.stream(), &shape, splits)?;
             self.workspace_splits = splits;
@@ -584,15 +658,17 @@ impl DecodeAttention {
             partial_lse: used.write(&mut self.partial_lse),
             counters: used.write(&mut self.counters),
             batch: shape.batch as u32,
-            kv_heads: shape.kv_heads as u32,
+            kv_heads: virtual_heads,
             split_len,
             max_splits: splits,
             scale_log2: plan.scale * std::f32::consts::LOG2_E,
             q_heads: shape.q_heads as u32,
+            window: plan.window,
+            kv_head_split,
             filter,
         };
         let config = LaunchConfig {
-            grid_dim: (splits, shape.kv_heads as u32, shape.batch as u32),
+            grid_dim: (splits, virtual_heads, shape.batch as u32),
             block_dim: (layout::THREADS, 1, 1),
             shared_mem_bytes: layout::shared_bytes(group, head_dim),
         };

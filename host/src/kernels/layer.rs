@@ -1,6 +1,7 @@
 //! Launchers of the per-token decoder-layer kernels (see `shadowkv_kernels::layer`):
-//! embedding gather, RMSNorm with the residual add, RoPE on the fused Q/K/V projection with
-//! the KV-cache append, and SiLU(gate) * up. Each checks its buffers against the sizes it is
+//! embedding gather (optionally scaled), RMSNorm with the residual add (optionally of a normed
+//! delta), RoPE on the fused Q/K/V projection (optionally after the QK norm) with the KV-cache
+//! append, and the gated activation (SiLU or tanh-GELU of the gate, times up). Each checks its buffers against the sizes it is
 //! given before launching; [`TokenPlan`] checks and uploads a launch's token placements once
 //! for every layer.
 use std::sync::Arc;
@@ -8,8 +9,10 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 pub use shadowkv_kernels::layer as kernel_layout;
+pub use shadowkv_kernels::layer::GatedActivation;
 use shadowkv_kernels::layer::{
-    self as layout, EmbeddingParams, RmsNormParams, RopeQkvParams, SiluMulParams, TokenPlacement,
+    self as layout, EmbeddingParams, GatedActivationParams, RmsNormParams, RopeQkvParams,
+    TokenPlacement,
 };
 use shadowkv_kernels::rope::{RopePairing, RotaryLayout};
 
@@ -81,6 +84,22 @@ pub fn embedding(
     ids: &impl DevicePtr<u32>,
     out: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
+    embedding_scaled(gpu, stream, table, hidden, (ids_host, ids), 1.0, out)
+}
+
+/// [`embedding`] times `scale` (Gemma's `sqrt(hidden)`): `out[t] = table[ids[t]] * scale`.
+pub fn embedding_scaled(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    table: &impl DevicePtr<bf16>,
+    hidden: usize,
+    (ids_host, ids): (&[u32], &impl DevicePtr<u32>),
+    scale: f32,
+    out: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    if !scale.is_finite() {
+        return Err(invalid("scale", format!("is {scale}"), "a finite factor"));
+    }
     check_rows(ids_host.len())?;
     if hidden == 0 || table.len() % hidden != 0 {
         return Err(invalid(
@@ -112,7 +131,7 @@ pub fn embedding(
         tokens: ids_host.len() as u32,
         hidden: hidden as u32,
         vocab: vocab as u32,
-        _reserved: 0,
+        scale,
     };
     // SAFETY: the table holds `vocab` rows of `hidden`, `out` one row per id (checked above);
     // the kernel reads a row only for ids below `vocab`.
@@ -137,6 +156,45 @@ pub fn rms_norm(
     eps: f32,
     out: &mut impl DevicePtrMut<bf16>,
 ) -> Result<()> {
+    let delta = delta.map(|delta| (delta, None));
+    rms_norm_launch(gpu, stream, residual, delta, weight, eps, out)
+}
+
+/// `residual += rmsnorm(delta) * delta_weight`, then `out = rmsnorm(residual) * weight`, per
+/// row of `weight.len()` values, in one launch (Gemma's post-attention and post-FFN norms
+/// before the residual add, fused with the next pre-norm); both norms use `eps`.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_normed_delta(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    residual: &mut impl DevicePtrMut<f32>,
+    delta: &CudaSlice<f32>,
+    delta_weight: &CudaSlice<f32>,
+    weight: &impl DevicePtr<f32>,
+    eps: f32,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    check_len(
+        "delta_weight",
+        delta_weight.len(),
+        weight.len(),
+        "hidden (the weight's length)",
+    )?;
+    let delta = Some((delta, Some(delta_weight)));
+    rms_norm_launch(gpu, stream, residual, delta, weight, eps, out)
+}
+
+type NormedDelta<'a> = (&'a CudaSlice<f32>, Option<&'a CudaSlice<f32>>);
+
+fn rms_norm_launch(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    residual: &mut impl DevicePtrMut<f32>,
+    delta: Option<NormedDelta<'_>>,
+    weight: &impl DevicePtr<f32>,
+    eps: f32,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
     let hidden = weight.len();
     if hidden == 0 || residual.len() % hidden != 0 {
         return Err(invalid(
@@ -147,7 +205,7 @@ pub fn rms_norm(
     }
     let rows = residual.len() / hidden;
     check_rows(rows)?;
-    if let Some(delta) = delta {
+    if let Some((delta, _)) = delta {
         check_len("delta", delta.len(), residual.len(), "[rows, hidden]")?;
     }
     check_len("out", out.len(), residual.len(), "[rows, hidden]")?;
@@ -157,15 +215,16 @@ pub fn rms_norm(
     let mut used = LaunchBuffers::new(stream);
     let params = RmsNormParams {
         residual: used.write(residual),
-        delta: delta.map_or(0, |d| used.read(d)),
+        delta: delta.map_or(0, |(d, _)| used.read(d)),
         weight: used.read(weight),
+        delta_weight: delta.and_then(|(_, w)| w).map_or(0, |w| used.read(w)),
         out: used.write(out),
         rows: rows as u32,
         hidden: hidden as u32,
         eps,
         _reserved: 0,
     };
-    // SAFETY: every buffer holds `rows * hidden` elements and the weight `hidden` (checked).
+    // SAFETY: every buffer holds `rows * hidden` elements and the weights `hidden` (checked).
     unsafe {
         gpu.launch(
             stream,
@@ -300,12 +359,78 @@ pub fn rope_qkv(
     plan: &TokenPlan,
     qkv: &impl DevicePtr<f32>,
     bias: Option<&CudaSlice<f32>>,
+    rope: (&impl DevicePtr<f64>, RotaryLayout),
+    q: &mut impl DevicePtrMut<bf16>,
+    kv_cache: (&mut impl DevicePtrMut<bf16>, &mut impl DevicePtrMut<bf16>),
+    pre_rope_keys: Option<&mut CudaViewMut<'_, bf16>>,
+) -> Result<()> {
+    let input = QkvInput {
+        qkv,
+        bias,
+        qk_norm: None,
+    };
+    rope_qkv_normed(gpu, stream, plan, input, rope, q, kv_cache, pre_rope_keys)
+}
+
+/// The per-head RMSNorm of queries and keys before RoPE (Gemma-3): one weight of
+/// `head_dim` for every query head and one for every key head, as the model applies them
+/// (Gemma's GGUF weights already hold its `1 + w`).
+#[derive(Clone, Copy, Debug)]
+pub struct QkNorm<'a> {
+    /// f32 `[head_dim]`, shared by every query head.
+    pub q_weight: &'a CudaSlice<f32>,
+    /// f32 `[head_dim]`, shared by every key head.
+    pub k_weight: &'a CudaSlice<f32>,
+    /// Added to the mean square before the square root.
+    pub eps: f32,
+}
+
+/// What [`rope_qkv_normed`] reads: the fused projection, its bias (Qwen2) and the QK norm.
+#[derive(Clone, Copy)]
+pub struct QkvInput<'a, Q> {
+    /// f32 `[tokens, (heads + 2 kv_heads) * head_dim]`.
+    pub qkv: &'a Q,
+    /// f32 `[(heads + 2 kv_heads) * head_dim]`, added first.
+    pub bias: Option<&'a CudaSlice<f32>>,
+    /// Applied after the bias, before RoPE; the pre-RoPE keys are the normed keys.
+    pub qk_norm: Option<QkNorm<'a>>,
+}
+
+/// [`rope_qkv`] with the optional QK norm of `input` (see [`QkNorm`]).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv_normed<Q: DevicePtr<f32>>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    plan: &TokenPlan,
+    input: QkvInput<'_, Q>,
     (inverse_frequencies, rotary): (&impl DevicePtr<f64>, RotaryLayout),
     q: &mut impl DevicePtrMut<bf16>,
     (k_cache, v_cache): (&mut impl DevicePtrMut<bf16>, &mut impl DevicePtrMut<bf16>),
     pre_rope_keys: Option<&mut CudaViewMut<'_, bf16>>,
 ) -> Result<()> {
+    let QkvInput { qkv, bias, qk_norm } = input;
     let shape = plan.shape;
+    if let Some(norm) = qk_norm {
+        check_len(
+            "qk_norm.q_weight",
+            norm.q_weight.len(),
+            shape.head_dim,
+            "head_dim",
+        )?;
+        check_len(
+            "qk_norm.k_weight",
+            norm.k_weight.len(),
+            shape.head_dim,
+            "head_dim",
+        )?;
+        if !(norm.eps >= 0.0 && norm.eps.is_finite()) {
+            return Err(invalid(
+                "qk_norm.eps",
+                format!("is {}", norm.eps),
+                "a finite value >= 0",
+            ));
+        }
+    }
     check_len(
         "qkv",
         qkv.len(),
@@ -351,18 +476,29 @@ pub fn rope_qkv(
         k_cache: used.write(k_cache),
         v_cache: used.write(v_cache),
         pre_rope_keys: pre_rope_keys.map_or(0, |pre| used.write(pre)),
+        q_norm: qk_norm.map_or(0, |norm| used.read(norm.q_weight)),
+        k_norm: qk_norm.map_or(0, |norm| used.read(norm.k_weight)),
         tokens: plan.tokens as u32,
         heads: shape.heads as u32,
         kv_heads: shape.kv_heads as u32,
         head_dim: shape.head_dim as u32,
         sequences: plan.sequences as u32,
-        _reserved: 0,
+        norm_eps: qk_norm.map_or(0.0, |norm| norm.eps),
         rotary,
     };
+    let shared =
+        layout::rope_qkv_shared_bytes(shape.heads as u32, shape.kv_heads as u32, qk_norm.is_some());
     // SAFETY: the plan checked every placement against its layout and the caches reach every
-    // layout's block; `qkv`, `q`, `pre_rope_keys` and the frequency table match the shape
-    // (checked above).
-    unsafe { gpu.launch(stream, ptx::ROPE_QKV, rows_launch(plan.tokens, 0), params) }
+    // layout's block; `qkv`, `q`, `pre_rope_keys`, the norm weights and the frequency table
+    // match the shape (checked above); the shared memory holds one word per head.
+    unsafe {
+        gpu.launch(
+            stream,
+            ptx::ROPE_QKV,
+            rows_launch(plan.tokens, shared),
+            params,
+        )
+    }
 }
 
 /// `out = silu(gate) * up` for the fused `gate_up` (`[rows, 2 * width]`, gate columns
@@ -373,6 +509,20 @@ pub fn silu_mul(
     gate_up: &impl DevicePtr<f32>,
     out: &mut impl DevicePtrMut<bf16>,
     width: usize,
+) -> Result<()> {
+    gated_activation(gpu, stream, gate_up, out, width, GatedActivation::Silu)
+}
+
+/// `out = act(gate) * up` for the fused `gate_up` (`[rows, 2 * width]`, gate columns first)
+/// with `activation` SiLU (SwiGLU) or tanh-approximated GELU (GeGLU); `out` is
+/// `[rows, width]`.
+pub fn gated_activation(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    gate_up: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<bf16>,
+    width: usize,
+    activation: GatedActivation,
 ) -> Result<()> {
     if width == 0 || out.len() % width != 0 {
         return Err(invalid(
@@ -386,12 +536,14 @@ pub fn silu_mul(
     check_len("gate_up", gate_up.len(), 2 * out.len(), "[rows, 2 * width]")?;
     let launch = grid_for(out.len(), layout::THREADS, 65_535);
     let mut used = LaunchBuffers::new(stream);
-    let params = SiluMulParams {
+    let params = GatedActivationParams {
         gate_up: used.read(gate_up),
         out: used.write(out),
         rows: rows as u32,
         width: width as u32,
+        activation: activation as u32,
+        _reserved: 0,
     };
     // SAFETY: `gate_up` holds `rows * 2 * width` and `out` `rows * width` elements (checked).
-    unsafe { gpu.launch(stream, ptx::SILU_MUL, launch, params) }
+    unsafe { gpu.launch(stream, ptx::GATED_ACTIVATION, launch, params) }
 }

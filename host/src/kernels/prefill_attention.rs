@@ -75,6 +75,8 @@ pub struct PrefillAttentionPlan {
     tiles: Vec<PrefillTile>,
     kv_elements: usize,
     scale: f32,
+    /// Sliding window (0: none), see [`with_window`](Self::with_window).
+    window: u32,
     warps: u32,
     split_p: bool,
     kernel: KernelName,
@@ -103,6 +105,7 @@ impl PrefillAttentionPlan {
             tiles,
             kv_elements,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            window: 0,
             warps,
             split_p,
             kernel,
@@ -118,6 +121,14 @@ impl PrefillAttentionPlan {
                 "warps",
                 format!("is {warps}"),
                 format!("one of {:?}", layout::WARP_COUNTS),
+            ));
+        }
+        let default_warps = layout::warps(self.shape.head_dim as u32);
+        if self.shape.head_dim > 128 && warps != default_warps {
+            return Err(invalid(
+                "warps",
+                format!("is {warps} at head_dim {}", self.shape.head_dim),
+                format!("{default_warps} (the only count compiled for heads past 128)"),
             ));
         }
         (self.tiles, self.kernel) = block_table(&self.shape, &self.queries, warps, self.split_p)?;
@@ -147,6 +158,18 @@ impl PrefillAttentionPlan {
         }
         self.scale = scale;
         Ok(self)
+    }
+
+    /// Sets a sliding window (Gemma's local layers; 0 for none): the query at position `pos`
+    /// attends only to the keys at positions `pos - window < key <= pos`.
+    pub fn with_window(mut self, window: u32) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// The sliding window (0: none).
+    pub fn window(&self) -> u32 {
+        self.window
     }
 
     /// The shape the plan was validated for.
@@ -484,7 +507,7 @@ impl PrefillAttention {
             q_heads: shape.q_heads as u32,
             group: shape.group() as u32,
             scale_log2: plan.scale * std::f32::consts::LOG2_E,
-            _reserved: 0,
+            window: plan.window,
         };
         let config = LaunchConfig {
             grid_dim: (plan.tiles.len() as u32 * shape.kv_heads as u32, 1, 1),
@@ -495,7 +518,7 @@ impl PrefillAttention {
         // (checked above and in the plan), all four 16-byte aligned; the uploaded tables are
         // the plan's: every placement's rows lie in q with start + query_len <= len <=
         // capacity, every tile's rows in its sequence's query rows, and the kernel is the one
-        // compiled for this head_dim with group in 1..=8; the grid is tiles x kv_heads.
+        // compiled for this head_dim with group in 1..=MAX_GROUP; the grid is tiles x kv_heads.
         unsafe { gpu.launch(stream, plan.kernel, config, params) }
     }
 }

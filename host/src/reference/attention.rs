@@ -13,6 +13,18 @@ pub fn decode_attention(
     v: &[bf16],
     scale: f64,
 ) -> Vec<f64> {
+    decode_attention_windowed(shape, layouts, (q, k, v), scale, 0)
+}
+
+/// [`decode_attention`] with a sliding window (0: none): the query at position `len - 1`
+/// attends only to the keys at positions `> len - 1 - window`.
+pub fn decode_attention_windowed(
+    shape: &DecodeAttentionShape,
+    layouts: &[SequenceLayout],
+    (q, k, v): (&[bf16], &[bf16], &[bf16]),
+    scale: f64,
+    window: usize,
+) -> Vec<f64> {
     let d = shape.head_dim;
     let group = shape.group();
     let mut out = vec![0.0f64; shape.q_elements()];
@@ -20,7 +32,13 @@ pub fn decode_attention(
     for (b, l) in layouts.iter().enumerate() {
         for q_head in 0..shape.q_heads {
             let kv_head = q_head / group;
-            let base = l.offset as usize + kv_head * l.capacity as usize * d;
+            let len = l.len as usize;
+            let first = if window > 0 {
+                len.saturating_sub(window)
+            } else {
+                0
+            };
+            let base = l.offset as usize + (kv_head * l.capacity as usize + first) * d;
             let row = (b * shape.q_heads + q_head) * d;
             for (x, value) in query.iter_mut().zip(&q[row..row + d]) {
                 *x = value.to_f64();
@@ -29,7 +47,7 @@ pub fn decode_attention(
                 &query,
                 &k[base..],
                 &v[base..],
-                l.len as usize,
+                len - first,
                 scale,
                 &mut scores,
                 &mut out[row..row + d],

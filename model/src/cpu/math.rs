@@ -1,7 +1,7 @@
 //! The CPU path's arithmetic: norms, RoPE, softmax, dot products and the threaded matrix
 //! product, shared by the full-attention model and ShadowKV's reference.
 use shadowkv::RotaryLayout;
-use shadowkv_kernels::rope::pair_columns;
+use shadowkv_kernels::rope::{inverse_frequencies, pair_columns, RopeConfig};
 
 use crate::config::ModelConfig;
 use crate::weights::Matrix;
@@ -39,6 +39,15 @@ impl RopeTable {
         RopeTable {
             inverse_frequencies: config.inverse_frequencies(),
             rotary: config.rotary_layout(),
+        }
+    }
+
+    /// The table of `rope` on heads of `head_dim` (the local layers' RoPE of a model with
+    /// sliding-window layers).
+    pub fn of(rope: &RopeConfig, head_dim: usize) -> RopeTable {
+        RopeTable {
+            inverse_frequencies: inverse_frequencies(rope, head_dim as u32),
+            rotary: rope.layout(head_dim as u32),
         }
     }
 }

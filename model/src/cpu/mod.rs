@@ -4,6 +4,10 @@
 //! Same arithmetic as the GPU path, in f32: RMSNorm, Q/K/V projections (plus Qwen2 biases),
 //! rotate-half RoPE with the angle reduced in f64, causal GQA attention with an f32 softmax,
 //! SwiGLU, and the (tied or untied) output head. Products are split over the machine's cores.
+//! Gemma-3's additions ([`crate::block::BlockOptions`]): the embedding scale, per-head RMSNorm
+//! of queries and keys before RoPE, the query scale, sliding-window attention with its own
+//! RoPE on the local layers (which keep exact attention in ShadowKV mode: only global layers
+//! get shadows), norms on the attention and MLP outputs, and GeGLU.
 mod math;
 pub mod shadowkv;
 
@@ -20,6 +24,8 @@ pub struct CpuModel {
     pub config: ModelConfig,
     pub weights: ModelWeights<Matrix>,
     rope: RopeTable,
+    /// The sliding-window layers' RoPE, when the model has such layers.
+    local_rope: Option<RopeTable>,
 }
 
 /// One sequence's KV cache: per layer, post-RoPE keys and values `[kv_heads, len, head_dim]`
@@ -35,10 +41,11 @@ pub struct CpuCache {
     values: Vec<Vec<Vec<f32>>>,
     len: usize,
     /// ShadowKV mode: its parameters, and per layer the shadow built from the prompt; later
-    /// tokens attend through it. Empty while the prompt is open, and for good when the prompt
-    /// was too short for the sparse budget (the sequence then keeps exact attention).
+    /// tokens attend through it (`None` for a sliding-window layer, which stays exact). Empty
+    /// while the prompt is open, and for good when the prompt was too short for the sparse
+    /// budget (the sequence then keeps exact attention).
     shadowkv: Option<ShadowKvParams>,
-    shadows: Vec<ShadowLayer>,
+    shadows: Vec<Option<ShadowLayer>>,
     /// ShadowKV mode, when recording: per layer, per KV head, the chunks the latest token
     /// selected (see [`CpuCache::record_selections`]).
     selections: Option<Vec<Vec<Vec<usize>>>>,
@@ -79,7 +86,8 @@ impl CpuCache {
     }
 
     /// Per layer, per KV head, the chunks (ids, ascending) the latest token selected, when
-    /// recording (empty before the first token after the prompt).
+    /// recording (empty before the first token after the prompt, and for sliding-window
+    /// layers, which have no shadow).
     pub fn selections(&self) -> &[Vec<Vec<usize>>] {
         self.selections.as_deref().unwrap_or(&[])
     }
@@ -118,10 +126,32 @@ impl CpuCache {
 impl CpuModel {
     pub fn new(config: ModelConfig, weights: ModelWeights<Matrix>) -> CpuModel {
         let rope = RopeTable::new(&config);
+        let local_rope = config
+            .block
+            .sliding_window
+            .map(|window| RopeTable::of(&window.local_rope, config.head_dim));
         CpuModel {
             config,
             weights,
             rope,
+            local_rope,
+        }
+    }
+
+    /// The attention window of layer `layer` (`None`: it attends to every earlier token).
+    fn window(&self, layer: usize) -> Option<usize> {
+        self.config
+            .block
+            .sliding_window
+            .filter(|window| window.is_local(layer))
+            .map(|window| window.window)
+    }
+
+    /// The RoPE of layer `layer`: the local table on sliding-window layers.
+    fn rope_of(&self, layer: usize) -> &RopeTable {
+        match (&self.local_rope, self.window(layer)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
         }
     }
 
@@ -184,10 +214,14 @@ impl CpuModel {
                 let shadows = pre_rope_keys
                     .iter()
                     .zip(&cache.keys)
-                    .map(|(pre_rope, post_rope)| {
+                    .enumerate()
+                    .map(|(layer, (pre_rope, post_rope))| {
+                        if self.window(layer).is_some() {
+                            return Ok(None);
+                        }
                         let post_rope: Vec<&[f32]> =
                             post_rope.iter().map(|k| k.as_slice()).collect();
-                        ShadowLayer::build(&self.config, &params, pre_rope, &post_rope)
+                        ShadowLayer::build(&self.config, &params, pre_rope, &post_rope).map(Some)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 cache.shadows = shadows;
@@ -221,16 +255,19 @@ impl CpuModel {
         let (count, hidden) = (tokens.len(), config.hidden);
         let start = cache.len;
         let keep_pre_rope = cache.shadowkv.is_some() && !cache.prompt_complete;
+        let block = config.block;
         let mut x: Vec<f32> = tokens
             .iter()
             .flat_map(|&t| {
                 let row = t as usize * hidden;
                 self.weights.embedding.data[row..row + hidden]
                     .iter()
-                    .copied()
+                    .map(move |&v| v * block.embedding_scale)
             })
             .collect();
         for (layer, weights) in self.weights.layers.iter().enumerate() {
+            let (window, rope) = (self.window(layer), self.rope_of(layer));
+            let norms = &weights.extra_norms;
             let normed = rms_norm(&x, &weights.attn_norm, config.rms_eps);
             let mut q = matmul(&normed, &weights.q);
             let mut k = matmul(&normed, &weights.k);
@@ -240,7 +277,11 @@ impl CpuModel {
                 add_rows(&mut k, k_bias);
                 add_rows(&mut v, v_bias);
             }
-            if keep_pre_rope {
+            if let (Some(q_norm), Some(k_norm)) = (&norms.q_norm, &norms.k_norm) {
+                q = rms_norm(&q, q_norm, config.rms_eps);
+                k = rms_norm(&k, k_norm, config.rms_eps);
+            }
+            if keep_pre_rope && window.is_none() {
                 cache.pre_rope_keys[layer].extend_from_slice(&k);
             }
             for t in 0..count {
@@ -249,14 +290,17 @@ impl CpuModel {
                     &mut q[t * config.q_dim()..(t + 1) * config.q_dim()],
                     config.head_dim,
                     position,
-                    &self.rope,
+                    rope,
                 );
                 rope_rows(
                     &mut k[t * config.kv_dim()..(t + 1) * config.kv_dim()],
                     config.head_dim,
                     position,
-                    &self.rope,
+                    rope,
                 );
+            }
+            if block.query_scale != 1.0 {
+                q.iter_mut().for_each(|v| *v *= block.query_scale);
             }
             for head in 0..config.kv_heads {
                 for t in 0..count {
@@ -265,7 +309,15 @@ impl CpuModel {
                     cache.values[layer][head].extend_from_slice(&v[row..row + config.head_dim]);
                 }
             }
-            let attended = match (cache.shadowkv, cache.shadows.get(layer)) {
+            // A sliding-window layer has no shadow: it records no selections.
+            if let (Some(selections), Some(None)) =
+                (cache.selections.as_mut(), cache.shadows.get(layer))
+            {
+                selections.truncate(layer);
+                selections.push(Vec::new());
+            }
+            let shadow = cache.shadows.get(layer).and_then(Option::as_ref);
+            let attended = match (cache.shadowkv, shadow) {
                 (Some(params), Some(shadow)) => {
                     if let Some(selections) = cache.selections.as_mut() {
                         let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
@@ -295,15 +347,25 @@ impl CpuModel {
                     }
                     out
                 }
-                _ => self.attention(cache, layer, &q, start, count),
+                _ => self.attention(cache, layer, &q, start, count, window),
             };
-            let projected = matmul(&attended, &weights.o);
+            let mut projected = matmul(&attended, &weights.o);
+            if let Some(norm) = &norms.post_attention_norm {
+                projected = rms_norm(&projected, norm, config.rms_eps);
+            }
             add_assign(&mut x, &projected);
             let normed = rms_norm(&x, &weights.ffn_norm, config.rms_eps);
             let gate = matmul(&normed, &weights.gate);
             let up = matmul(&normed, &weights.up);
-            let activated: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
-            let down = matmul(&activated, &weights.down);
+            let activated: Vec<f32> = gate
+                .iter()
+                .zip(&up)
+                .map(|(&g, &u)| block.activation.apply(g) * u)
+                .collect();
+            let mut down = matmul(&activated, &weights.down);
+            if let Some(norm) = &norms.post_ffn_norm {
+                down = rms_norm(&down, norm, config.rms_eps);
+            }
             add_assign(&mut x, &down);
         }
         cache.len += count;
@@ -312,7 +374,8 @@ impl CpuModel {
         Ok(matmul(&normed, self.weights.output_head()))
     }
 
-    /// Causal GQA attention of `count` new queries (positions `start..`) over the cache.
+    /// Causal GQA attention of `count` new queries (positions `start..`) over the cache; with
+    /// a `window`, each query sees only the last `window` positions up to its own.
     fn attention(
         &self,
         cache: &CpuCache,
@@ -320,6 +383,7 @@ impl CpuModel {
         q: &[f32],
         start: usize,
         count: usize,
+        window: Option<usize>,
     ) -> Vec<f32> {
         let config = &self.config;
         let (head_dim, q_dim) = (config.head_dim, config.q_dim());
@@ -328,17 +392,18 @@ impl CpuModel {
         let mut scores = Vec::new();
         for t in 0..count {
             let visible = start + t + 1;
+            let first = window.map_or(0, |w| visible.saturating_sub(w));
             for head in 0..config.heads {
                 let kv_head = head / config.group();
                 let (keys, values) = cache.head(layer, kv_head);
                 let query = &q[t * q_dim + head * head_dim..][..head_dim];
                 scores.clear();
                 scores.extend(
-                    (0..visible).map(|p| dot(query, &keys[p * head_dim..][..head_dim]) * scale),
+                    (first..visible).map(|p| dot(query, &keys[p * head_dim..][..head_dim]) * scale),
                 );
                 softmax_in_place(&mut scores);
                 let row = &mut out[t * q_dim + head * head_dim..][..head_dim];
-                for (p, &weight) in scores.iter().enumerate() {
+                for (p, &weight) in (first..).zip(scores.iter()) {
                     for (o, &value) in row.iter_mut().zip(&values[p * head_dim..][..head_dim]) {
                         *o += weight * value;
                     }

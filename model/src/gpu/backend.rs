@@ -187,6 +187,7 @@ impl<'m> GpuBackend<'m> {
         tokens: usize,
     ) -> Result<()> {
         const WHAT: &str = "building a ShadowKV sequence from its prompt's block";
+        shadow.check_global_only("the scheduler's ShadowKV prefill")?;
         let (config, gpu) = (&model.config, model.gpu());
         let layout = SequenceLayout {
             len: tokens as u32,

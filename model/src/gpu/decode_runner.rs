@@ -68,6 +68,8 @@ struct ShapeState {
     buffers: StepBuffers,
     /// Full attention: planned at the sequences' capacities, layouts read from the block.
     attention: Option<DecodeAttention>,
+    /// The same with the model's sliding window, for its local layers (if it has any).
+    local_attention: Option<DecodeAttention>,
     graph: Option<CudaGraph>,
     /// Eager steps run so far (a capture follows the first).
     eager_steps: usize,
@@ -242,24 +244,38 @@ impl GpuModel {
         // these layouts, which do not change for the shape) before its launches run, and the
         // plan lives beside the block.
         unsafe { plan.read_placements_from(Some(address_of(&block, self, &layout.placements))) };
-        let attention = match capacities {
-            None => None,
-            Some(capacities) => {
-                let shape = DecodeAttentionShape {
-                    batch,
-                    q_heads: self.config.heads,
-                    kv_heads: self.config.kv_heads,
-                    head_dim: self.config.head_dim,
-                };
-                let plan = DecodeAttentionPlan::for_gpu(gpu, shape, capacities).on_gpu(WHAT)?;
-                let mut attention = DecodeAttention::new(gpu, plan).on_gpu(WHAT)?;
-                let at = address_of(&block, self, &layout.attention_layouts);
-                // SAFETY: every step writes the block's layouts (the same offsets and
-                // capacities, lengths within them) before its launches run; the attention
-                // lives beside the block.
-                unsafe { attention.read_layouts_from(Some(at)) };
-                Some(attention)
-            }
+        let window = self
+            .config
+            .block
+            .sliding_window
+            .map_or(0, |window| window.window as u32);
+        let plan_attention = |window: u32| -> Result<Option<DecodeAttention>> {
+            Ok(match capacities {
+                None => None,
+                Some(capacities) => {
+                    let shape = DecodeAttentionShape {
+                        batch,
+                        q_heads: self.config.heads,
+                        kv_heads: self.config.kv_heads,
+                        head_dim: self.config.head_dim,
+                    };
+                    let plan = DecodeAttentionPlan::for_gpu(gpu, shape, capacities)
+                        .on_gpu(WHAT)?
+                        .with_window(window);
+                    let mut attention = DecodeAttention::new(gpu, plan).on_gpu(WHAT)?;
+                    let at = address_of(&block, self, &layout.attention_layouts);
+                    // SAFETY: every step writes the block's layouts (the same offsets and
+                    // capacities, lengths within them) before its launches run; the attention
+                    // lives beside the block.
+                    unsafe { attention.read_layouts_from(Some(at)) };
+                    Some(attention)
+                }
+            })
+        };
+        let attention = plan_attention(0)?;
+        let local_attention = match window {
+            0 => None,
+            window => plan_attention(window)?,
         };
         Ok(ShapeState {
             buffers: StepBuffers {
@@ -273,6 +289,7 @@ impl GpuModel {
                 plan,
             },
             attention,
+            local_attention,
             graph: None,
             eager_steps: 0,
             capture_failed: false,
@@ -511,7 +528,10 @@ impl GpuModel {
                     cache,
                     |state, cache| {
                         let ShapeState {
-                            buffers, attention, ..
+                            buffers,
+                            attention,
+                            local_attention,
+                            ..
                         } = state;
                         let attention = attention.as_mut().ok_or_else(|| {
                             invalid_input("state", "has no attention", "a full-attention shape")
@@ -519,6 +539,7 @@ impl GpuModel {
                         let mut pass = PassCache::FullDecode {
                             cache: &mut *cache,
                             attention,
+                            local_attention: local_attention.as_mut(),
                         };
                         self.enqueue_step(buffers, tokens, &mut pass)
                     },
@@ -550,6 +571,7 @@ impl GpuModel {
         tokens: &[u32],
     ) -> Result<Vec<u32>> {
         const WHAT: &str = "a ShadowKV decode step";
+        shadow.check_global_only("a graph-replayed decode step (use decode_shadow)")?;
         let started = Instant::now();
         let batch = shadow.lens.len();
         self.check_step_tokens(runner.limits, tokens, batch)?;

@@ -5,7 +5,7 @@ use half::bf16;
 use shadowkv::cache::SequenceId;
 use shadowkv::cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr};
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
-use shadowkv::kernels::layer::{self, TokenPlan};
+use shadowkv::kernels::layer::{self, QkNorm, QkvInput, TokenPlan};
 use shadowkv::kernels::prefill_attention::{
     kernel_layout::QueryPlacement, PrefillAttention, PrefillAttentionPlan, PrefillAttentionShape,
 };
@@ -14,6 +14,7 @@ use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, Seque
 use super::kv_cache::GpuKvCache;
 use super::model::GpuModel;
 use super::shadow_cache::GpuShadowCache;
+use super::weights::GpuLayer;
 use crate::error::{invalid_input, OnGpu, Result};
 
 /// The attention kernel of one forward pass.
@@ -32,10 +33,12 @@ pub(super) struct PrefillTaps<'a> {
 
 /// Where a pass's keys and values go and how it attends.
 pub(super) enum PassCache<'a> {
-    /// The full cache; with taps during a ShadowKV prefill.
+    /// The full cache; with taps during a ShadowKV prefill. `local_attention` is the same
+    /// attention with the model's sliding window, for its local layers.
     Full {
         cache: &'a mut GpuKvCache,
         attention: Box<AttentionPass>,
+        local_attention: Option<Box<AttentionPass>>,
         taps: Option<PrefillTaps<'a>>,
     },
     /// A ShadowKV decode step: one token per live sequence.
@@ -46,17 +49,19 @@ pub(super) enum PassCache<'a> {
         ids: &'a [SequenceId],
     },
     /// One layer of a layer-wise prefill: `cache` and `taps` hold that layer alone (their
-    /// slot 0), whichever layer runs.
+    /// slot 0), whichever layer runs; `attention` has that layer's window, if any.
     Layer {
         cache: &'a mut GpuKvCache,
         attention: Box<AttentionPass>,
         taps: Option<PrefillTaps<'a>>,
     },
     /// A full-attention decode step whose attention was planned once for the batch shape
-    /// (reading its layouts from device memory, see `DecodeRunner`).
+    /// (reading its layouts from device memory, see `DecodeRunner`); `local_attention` is
+    /// the windowed one of the sliding-window layers.
     FullDecode {
         cache: &'a mut GpuKvCache,
         attention: &'a mut DecodeAttention,
+        local_attention: Option<&'a mut DecodeAttention>,
     },
 }
 
@@ -187,11 +192,21 @@ impl GpuModel {
         }
         let plan = TokenPlan::new(self.stream(), self.qkv_shape(), &placements, &cache.layouts)
             .on_gpu("placing the tokens")?;
-        let attention = Box::new(self.attention_pass(cache, &placements, &next)?);
+        let attention = Box::new(self.attention_pass(cache, &placements, &next, 0)?);
+        let local_attention = match self.config.block.sliding_window {
+            Some(window) => Some(Box::new(self.attention_pass(
+                cache,
+                &placements,
+                &next,
+                window.window as u32,
+            )?)),
+            None => None,
+        };
         let rows: Vec<usize> = last_row.iter().map(|&(_, row)| row).collect();
         let mode = PassCache::Full {
             cache: &mut *cache,
             attention,
+            local_attention,
             taps,
         };
         let logits = self.run_layers(tokens, &plan, mode, &rows)?;
@@ -201,12 +216,14 @@ impl GpuModel {
 
     /// The causal attention of a pass: the decode kernel (split over the context) when every
     /// token is the only one of its sequence, else the tiled prefill kernel, which needs each
-    /// sequence's tokens side by side.
+    /// sequence's tokens side by side. A `window` above 0 limits each query to that many
+    /// latest keys (its own included).
     fn attention_pass(
         &self,
         cache: &GpuKvCache,
         placements: &[TokenPlacement],
         next: &[u32],
+        window: u32,
     ) -> Result<AttentionPass> {
         const WHAT: &str = "planning the attention";
         let (config, gpu) = (&self.config, &*self.gpu);
@@ -230,7 +247,9 @@ impl GpuModel {
                 kv_heads: config.kv_heads,
                 head_dim: config.head_dim,
             };
-            let plan = DecodeAttentionPlan::for_gpu(gpu, shape, &layouts).on_gpu(WHAT)?;
+            let plan = DecodeAttentionPlan::for_gpu(gpu, shape, &layouts)
+                .on_gpu(WHAT)?
+                .with_window(window);
             return Ok(AttentionPass::Decode(
                 DecodeAttention::new(gpu, plan).on_gpu(WHAT)?,
             ));
@@ -272,7 +291,9 @@ impl GpuModel {
             kv_heads: config.kv_heads,
             head_dim: config.head_dim,
         };
-        let plan = PrefillAttentionPlan::new(shape, &layouts, &queries).on_gpu(WHAT)?;
+        let plan = PrefillAttentionPlan::new(shape, &layouts, &queries)
+            .on_gpu(WHAT)?
+            .with_window(window);
         Ok(AttentionPass::Prefill(
             PrefillAttention::new(gpu, plan).on_gpu(WHAT)?,
         ))
@@ -362,21 +383,22 @@ impl GpuModel {
             activated,
             mlp_out,
         } = activations;
-        layer::embedding(gpu, stream, &self.weights.embedding, hidden, tokens, ids, x)
-            .on_gpu(WHAT)?;
+        let scale = config.block.embedding_scale;
+        layer::embedding_scaled(
+            gpu,
+            stream,
+            &self.weights.embedding,
+            hidden,
+            (tokens, ids),
+            scale,
+            x,
+        )
+        .on_gpu(WHAT)?;
+        let mut previous: Option<&GpuLayer> = None;
         for (index, weights) in self.weights.layers.iter().enumerate() {
             // The previous block's MLP output joins the residual stream here.
-            let delta = (index > 0).then_some(&*mlp_out);
-            layer::rms_norm(
-                gpu,
-                stream,
-                x,
-                delta,
-                &weights.attn_norm,
-                config.rms_eps,
-                normed,
-            )
-            .on_gpu(WHAT)?;
+            let delta = previous.map(|p| (&*mlp_out, p.post_ffn_norm.as_ref()));
+            self.add_and_norm(x, delta, &weights.attn_norm, normed)?;
             self.linear
                 .forward(&*normed, &weights.qkv, hidden, qkv)
                 .on_gpu(WHAT)?;
@@ -384,34 +406,20 @@ impl GpuModel {
             self.linear
                 .forward(&*attended, &weights.o, config.q_dim(), projected)
                 .on_gpu(WHAT)?;
-            layer::rms_norm(
-                gpu,
-                stream,
-                x,
-                Some(&*projected),
-                &weights.ffn_norm,
-                config.rms_eps,
-                normed,
-            )
-            .on_gpu(WHAT)?;
+            let delta = (&*projected, weights.post_attention_norm.as_ref());
+            self.add_and_norm(x, Some(delta), &weights.ffn_norm, normed)?;
             self.linear
                 .forward(&*normed, &weights.gate_up, hidden, gate_up)
                 .on_gpu(WHAT)?;
-            layer::silu_mul(gpu, stream, &*gate_up, activated, ffn).on_gpu(WHAT)?;
+            layer::gated_activation(gpu, stream, &*gate_up, activated, ffn, self.activation())
+                .on_gpu(WHAT)?;
             self.linear
                 .forward(&*activated, &weights.down, ffn, mlp_out)
                 .on_gpu(WHAT)?;
+            previous = Some(weights);
         }
-        layer::rms_norm(
-            gpu,
-            stream,
-            x,
-            Some(&*mlp_out),
-            &self.weights.output_norm,
-            config.rms_eps,
-            normed,
-        )
-        .on_gpu(WHAT)
+        let delta = previous.map(|p| (&*mlp_out, p.post_ffn_norm.as_ref()));
+        self.add_and_norm(x, delta, &self.weights.output_norm, normed)
     }
 
     /// Layer `index`'s attention in a pass: rotates `qkv` into `q` and the keys and values
@@ -426,11 +434,29 @@ impl GpuModel {
         attended: &mut CudaSlice<bf16>,
     ) -> Result<()> {
         let (gpu, stream) = (&*self.gpu, self.stream());
-        let bias = self.weights.layers[index].qkv_bias.as_ref();
-        let frequencies = (
-            &self.weights.inverse_frequencies,
-            self.config.rotary_layout(),
-        );
+        let weights = &self.weights.layers[index];
+        let local = self.is_local_layer(index);
+        let frequencies = match (
+            &self.weights.local_inverse_frequencies,
+            &self.config.block.sliding_window,
+        ) {
+            (Some(table), Some(window)) if local => {
+                (table, window.local_rope.layout(self.config.head_dim as u32))
+            }
+            _ => (
+                &self.weights.inverse_frequencies,
+                self.config.rotary_layout(),
+            ),
+        };
+        let input = QkvInput {
+            qkv,
+            bias: weights.qkv_bias.as_ref(),
+            qk_norm: weights.qk_norm.as_ref().map(|(q_weight, k_weight)| QkNorm {
+                q_weight,
+                k_weight,
+                eps: self.config.rms_eps,
+            }),
+        };
         const WHAT: &str = "attending over the full KV cache";
         const SHADOW: &str = "a ShadowKV decode step";
         // The cache's and the taps' buffers of this layer: a one-layer cache has only slot 0.
@@ -441,82 +467,110 @@ impl GpuModel {
         match mode {
             PassCache::Full {
                 cache,
+                local_attention: Some(attention),
+                taps,
+                ..
+            } if local => self.attend_full(
+                slot,
+                plan,
+                input,
+                frequencies,
+                q,
+                cache,
                 attention,
                 taps,
+                attended,
+            ),
+            PassCache::Full {
+                cache,
+                attention,
+                taps,
+                ..
             }
             | PassCache::Layer {
                 cache,
                 attention,
                 taps,
+            } => self.attend_full(
+                slot,
+                plan,
+                input,
+                frequencies,
+                q,
+                cache,
+                attention,
+                taps,
+                attended,
+            ),
+            PassCache::FullDecode {
+                cache,
+                attention,
+                local_attention,
             } => {
-                let (k_cache, v_cache) = (&mut cache.k[slot], &mut cache.v[slot]);
-                let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.q_dim());
-                let tokens = plan.tokens();
-                {
-                    let mut pre_rope = taps.as_mut().map(|taps| {
-                        let rows = taps.rows_before..taps.rows_before + tokens;
-                        taps.pre_rope_keys[slot].slice_mut(rows.start * kv_dim..rows.end * kv_dim)
-                    });
-                    layer::rope_qkv(
-                        gpu,
-                        stream,
-                        plan,
-                        qkv,
-                        bias,
-                        frequencies,
-                        q,
-                        (&mut *k_cache, &mut *v_cache),
-                        pre_rope.as_mut(),
-                    )
-                    .on_gpu(WHAT)?;
-                }
-                if let Some(taps) = taps {
-                    // The pass's last token is the prompt's last so far.
-                    stream
-                        .memcpy_dtod(
-                            &q.slice((tokens - 1) * q_dim..tokens * q_dim),
-                            &mut taps
-                                .last_queries
-                                .slice_mut(slot * q_dim..(slot + 1) * q_dim),
-                        )
-                        .on_gpu(WHAT)?;
-                }
-                match &mut **attention {
-                    AttentionPass::Decode(decode) => {
-                        decode.run(gpu, stream, q, k_cache, v_cache, attended)
-                    }
-                    AttentionPass::Prefill(prefill) => {
-                        prefill.run(gpu, stream, q, k_cache, v_cache, attended)
-                    }
-                }
-                .on_gpu(WHAT)
-            }
-            PassCache::FullDecode { cache, attention } => {
                 let (k_cache, v_cache) = (&mut cache.k[index], &mut cache.v[index]);
-                layer::rope_qkv(
+                layer::rope_qkv_normed(
                     gpu,
                     stream,
                     plan,
-                    qkv,
-                    bias,
+                    input,
                     frequencies,
                     q,
                     (&mut *k_cache, &mut *v_cache),
                     None,
                 )
                 .on_gpu(WHAT)?;
+                let attention = match local_attention {
+                    Some(local_attention) if local => &mut **local_attention,
+                    _ => &mut **attention,
+                };
                 attention
                     .run(gpu, stream, q, k_cache, v_cache, attended)
                     .on_gpu(WHAT)
             }
+            PassCache::Shadow(shadow) if local => {
+                // A sliding-window layer stays exact: its slot of the local layers' cache.
+                let local_index = self.local_layer(index);
+                let local_layers = shadow.local.as_mut().ok_or_else(|| {
+                    invalid_input(
+                        "shadow",
+                        "has no sliding-window layers",
+                        "a cache of this model",
+                    )
+                })?;
+                let (local_plan, attention) = local_layers.step.as_mut().ok_or_else(|| {
+                    invalid_input(
+                        "shadow",
+                        "has no planned step for its sliding-window layers",
+                        "a step from decode_shadow",
+                    )
+                })?;
+                let (k_cache, v_cache) = (
+                    &mut local_layers.cache.k[local_index],
+                    &mut local_layers.cache.v[local_index],
+                );
+                layer::rope_qkv_normed(
+                    gpu,
+                    stream,
+                    local_plan,
+                    input,
+                    frequencies,
+                    q,
+                    (&mut *k_cache, &mut *v_cache),
+                    None,
+                )
+                .on_gpu(SHADOW)?;
+                attention
+                    .run(gpu, stream, q, k_cache, v_cache, attended)
+                    .on_gpu(SHADOW)
+            }
             PassCache::Shadow(shadow) => {
                 let staged = plan.tokens() * self.config.kv_dim();
-                layer::rope_qkv(
+                let shadow_index = self.shadow_layer(index);
+                layer::rope_qkv_normed(
                     gpu,
                     stream,
                     plan,
-                    qkv,
-                    bias,
+                    input,
                     frequencies,
                     q,
                     (&mut shadow.staged_keys, &mut shadow.staged_values),
@@ -527,24 +581,24 @@ impl GpuModel {
                     .cache
                     .append(
                         gpu,
-                        index,
+                        shadow_index,
                         &shadow.staged_keys.slice(..staged),
                         &shadow.staged_values.slice(..staged),
                     )
                     .on_gpu(SHADOW)?;
                 shadow
                     .cache
-                    .decode_layer(gpu, index, q, attended)
+                    .decode_layer(gpu, shadow_index, q, attended)
                     .on_gpu(SHADOW)
             }
             PassCache::ShadowSubset { shadow, ids } => {
+                shadow.check_global_only("a decode step of some of its sequences")?;
                 let staged = plan.tokens() * self.config.kv_dim();
-                layer::rope_qkv(
+                layer::rope_qkv_normed(
                     gpu,
                     stream,
                     plan,
-                    qkv,
-                    bias,
+                    input,
                     frequencies,
                     q,
                     (&mut shadow.staged_keys, &mut shadow.staged_values),
@@ -565,6 +619,62 @@ impl GpuModel {
                     .on_gpu(SHADOW)
             }
         }
+    }
+
+    /// [`attend`](Self::attend) over a full cache (slot `slot` of `cache` and `taps`).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_full(
+        &self,
+        slot: usize,
+        plan: &TokenPlan,
+        input: QkvInput<'_, CudaSlice<f32>>,
+        frequencies: (&CudaSlice<f64>, shadowkv::RotaryLayout),
+        q: &mut CudaSlice<bf16>,
+        cache: &mut GpuKvCache,
+        attention: &mut AttentionPass,
+        taps: &mut Option<PrefillTaps<'_>>,
+        attended: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        const WHAT: &str = "attending over the full KV cache";
+        let (gpu, stream) = (&*self.gpu, self.stream());
+        let (k_cache, v_cache) = (&mut cache.k[slot], &mut cache.v[slot]);
+        let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.q_dim());
+        let tokens = plan.tokens();
+        {
+            let mut pre_rope = taps.as_mut().map(|taps| {
+                let rows = taps.rows_before..taps.rows_before + tokens;
+                taps.pre_rope_keys[slot].slice_mut(rows.start * kv_dim..rows.end * kv_dim)
+            });
+            layer::rope_qkv_normed(
+                gpu,
+                stream,
+                plan,
+                input,
+                frequencies,
+                q,
+                (&mut *k_cache, &mut *v_cache),
+                pre_rope.as_mut(),
+            )
+            .on_gpu(WHAT)?;
+        }
+        if let Some(taps) = taps {
+            // The pass's last token is the prompt's last so far.
+            stream
+                .memcpy_dtod(
+                    &q.slice((tokens - 1) * q_dim..tokens * q_dim),
+                    &mut taps
+                        .last_queries
+                        .slice_mut(slot * q_dim..(slot + 1) * q_dim),
+                )
+                .on_gpu(WHAT)?;
+        }
+        match attention {
+            AttentionPass::Decode(decode) => decode.run(gpu, stream, q, k_cache, v_cache, attended),
+            AttentionPass::Prefill(prefill) => {
+                prefill.run(gpu, stream, q, k_cache, v_cache, attended)
+            }
+        }
+        .on_gpu(WHAT)
     }
 
     /// Layer `index` over one pass of a prompt, for a layer-wise prefill: `x` holds the pass's
@@ -627,7 +737,11 @@ impl GpuModel {
         let next = [before + count as u32];
         let plan = TokenPlan::new(stream, self.qkv_shape(), &placements, &cache.layouts)
             .on_gpu("placing the tokens")?;
-        let attention = Box::new(self.attention_pass(cache, &placements, &next)?);
+        let window = match self.config.block.sliding_window {
+            Some(window) if window.is_local(index) => window.window as u32,
+            _ => 0,
+        };
+        let attention = Box::new(self.attention_pass(cache, &placements, &next, window)?);
         let alloc_bf16 = |n: usize| stream.alloc_zeros::<bf16>(n).on_gpu(WHAT);
         let alloc_f32 = |n: usize| stream.alloc_zeros::<f32>(n).on_gpu(WHAT);
         let mut normed = alloc_bf16(count * hidden)?;
@@ -638,16 +752,7 @@ impl GpuModel {
         let mut gate_up = alloc_f32(count * 2 * ffn)?;
         let mut activated = alloc_bf16(count * ffn)?;
         let mut mlp_out = alloc_f32(count * hidden)?;
-        layer::rms_norm(
-            gpu,
-            stream,
-            x,
-            None,
-            &weights.attn_norm,
-            config.rms_eps,
-            &mut normed,
-        )
-        .on_gpu(WHAT)?;
+        self.add_and_norm(x, None, &weights.attn_norm, &mut normed)?;
         self.linear
             .forward(&normed, &weights.qkv, hidden, &mut qkv)
             .on_gpu(WHAT)?;
@@ -660,20 +765,20 @@ impl GpuModel {
         self.linear
             .forward(&attended, &weights.o, config.q_dim(), &mut projected)
             .on_gpu(WHAT)?;
-        layer::rms_norm(
-            gpu,
-            stream,
-            x,
-            Some(&projected),
-            &weights.ffn_norm,
-            config.rms_eps,
-            &mut normed,
-        )
-        .on_gpu(WHAT)?;
+        let delta = (&projected, weights.post_attention_norm.as_ref());
+        self.add_and_norm(x, Some(delta), &weights.ffn_norm, &mut normed)?;
         self.linear
             .forward(&normed, &weights.gate_up, hidden, &mut gate_up)
             .on_gpu(WHAT)?;
-        layer::silu_mul(gpu, stream, &gate_up, &mut activated, ffn).on_gpu(WHAT)?;
+        layer::gated_activation(
+            gpu,
+            stream,
+            &gate_up,
+            &mut activated,
+            ffn,
+            self.activation(),
+        )
+        .on_gpu(WHAT)?;
         self.linear
             .forward(&activated, &weights.down, ffn, &mut mlp_out)
             .on_gpu(WHAT)?;
@@ -683,16 +788,8 @@ impl GpuModel {
             Some(next) => &next.attn_norm,
             None => &self.weights.output_norm,
         };
-        layer::rms_norm(
-            gpu,
-            stream,
-            x,
-            Some(&mlp_out),
-            next_norm,
-            config.rms_eps,
-            &mut normed,
-        )
-        .on_gpu(WHAT)?;
+        let delta = (&mlp_out, weights.post_ffn_norm.as_ref());
+        self.add_and_norm(x, Some(delta), next_norm, &mut normed)?;
         cache.lens[0] = next[0];
         Ok(normed)
     }

@@ -92,6 +92,15 @@ impl GpuKvCache {
 impl GpuModel {
     /// An empty cache for sequences of at most `capacities[b]` tokens each.
     pub fn new_cache(&self, capacities: &[u32]) -> Result<GpuKvCache> {
+        self.new_cache_of_layers(capacities, self.config.layers)
+    }
+
+    /// [`new_cache`](Self::new_cache) with buffers for `layers` layers.
+    pub(super) fn new_cache_of_layers(
+        &self,
+        capacities: &[u32],
+        layers: usize,
+    ) -> Result<GpuKvCache> {
         const WHAT: &str = "allocating the full KV cache";
         let (kv_heads, head_dim) = (self.config.kv_heads as u64, self.config.head_dim as u64);
         let mut layouts = Vec::with_capacity(capacities.len());
@@ -112,7 +121,7 @@ impl GpuModel {
             // Offsets stay multiples of 8 elements (16-byte rows for the attention kernel).
             offset += (kv_heads * capacity as u64 * head_dim).next_multiple_of(8);
         }
-        let needed = offset as usize * 2 * 2 * self.config.layers;
+        let needed = offset as usize * 2 * 2 * layers;
         let (free, _) = self.gpu.context().mem_get_info().on_gpu(WHAT)?;
         if needed > free {
             return Err(Error::OutOfMemory {
@@ -126,7 +135,7 @@ impl GpuModel {
         }
         let stream = self.stream();
         let buffers = || -> Result<Vec<CudaSlice<bf16>>> {
-            (0..self.config.layers)
+            (0..layers)
                 .map(|_| stream.alloc_zeros::<bf16>(offset as usize).on_gpu(WHAT))
                 .collect()
         };

@@ -218,8 +218,14 @@ impl GpuModel {
         let mut logits = stream.alloc_zeros::<f32>(config.vocab).on_gpu(WHAT)?;
         sampler.sample()?;
         let queued = (|| -> Result<()> {
+            // The pre-RoPE buffer of the global layer whose factorisation is still pending
+            // (a sliding-window layer builds no shadow and leaves it pending).
+            let mut pending: Option<usize> = None;
             for layer in 0..config.layers {
-                let slot = layer % 2;
+                let slot = match pending {
+                    Some(busy) => 1 - busy,
+                    None => 0,
+                };
                 if layer > 0 {
                     // The previous layer's values are still being copied out of the values
                     // buffer on the copy stream: this layer's first write waits for it.
@@ -256,32 +262,49 @@ impl GpuModel {
                         "a prefill left to finish (a test of the cleanup)",
                     ));
                 }
-                if layer > 0 {
-                    // The previous layer's factorisation, beside this layer's passes.
+                let full_layout = SequenceLayout {
+                    len: len as u32,
+                    ..layout
+                };
+                if self.is_local_layer(layer) {
+                    let buffers = (&layer_cache.k[0], &layer_cache.v[0]);
+                    self.keep_local_layer(shadow, layer, id, buffers, full_layout)?;
+                    sampler.sample()?;
+                    continue;
+                }
+                if let Some(busy) = pending {
+                    // The previous global layer's factorisation, beside this layer's passes.
                     shadow
                         .cache
-                        .prefill_layer_finish(gpu, &pre_rope[1 - slot])
+                        .prefill_layer_finish(gpu, &pre_rope[busy])
                         .on_gpu(WHAT)?;
                 }
                 let source = PrefillSource {
                     keys: &layer_cache.k[0],
                     values: &layer_cache.v[0],
-                    layout: SequenceLayout {
-                        len: len as u32,
-                        ..layout
-                    },
+                    layout: full_layout,
                 };
                 shadow
                     .cache
-                    .prefill_layer_start(gpu, layer, id, &pre_rope[slot], &source, &last_query)
+                    .prefill_layer_start(
+                        gpu,
+                        self.shadow_layer(layer),
+                        id,
+                        &pre_rope[slot],
+                        &source,
+                        &last_query,
+                    )
                     .on_gpu(WHAT)?;
+                pending = Some(slot);
                 sampler.sample()?;
             }
-            let last = (config.layers - 1) % 2;
-            shadow
-                .cache
-                .prefill_layer_finish(gpu, &pre_rope[last])
-                .on_gpu(WHAT)
+            match pending {
+                Some(busy) => shadow
+                    .cache
+                    .prefill_layer_finish(gpu, &pre_rope[busy])
+                    .on_gpu(WHAT),
+                None => Ok(()),
+            }
         })();
         // The offload and the factorisation read these buffers on their own streams: wait
         // for both before the buffers drop, whether or not every layer was queued, and check

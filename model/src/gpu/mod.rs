@@ -29,6 +29,7 @@
 //!
 //! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
 mod backend;
+mod block_parts;
 mod decode_runner;
 mod forward;
 mod kv_cache;

@@ -16,12 +16,12 @@ use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
 use shadowkv::kernels::layer::TokenPlan;
 use shadowkv::kernels::shadow_prefill::PrefillSource;
-use shadowkv::SequenceLayout;
+use shadowkv::{DecodeAttention, DecodeAttentionPlan, DecodeAttentionShape, SequenceLayout};
 
 use super::forward::{PassCache, PrefillTaps};
 use super::layer_prefill::{check_prompt, PeakSampler, PrefillPeak};
 use super::model::GpuModel;
-use super::shadow_cache::GpuShadowCache;
+use super::shadow_cache::{GpuShadowCache, LocalLayers};
 use crate::error::{invalid_input, OnGpu, Result};
 use crate::prefill_memory::PrefillMemory;
 
@@ -65,8 +65,11 @@ impl GpuModel {
     ) -> Result<GpuShadowCache> {
         const WHAT: &str = "creating the ShadowKV cache";
         let config = &self.config;
+        let global_layers = (0..config.layers)
+            .filter(|&l| !self.is_local_layer(l))
+            .count();
         let shape = CacheShape {
-            layers: config.layers,
+            layers: global_layers,
             q_heads: config.heads,
             kv_heads: config.kv_heads,
             head_dim: config.head_dim,
@@ -76,6 +79,19 @@ impl GpuModel {
             ShadowKvCache::new(&self.gpu, shape, params, values_home, capacity).on_gpu(WHAT)?;
         let staged = capacity.max_sequences * config.kv_dim();
         let stream = self.stream();
+        // The sliding-window layers stay exact: a full block per sequence slot.
+        let local = match config.layers - global_layers {
+            0 => None,
+            local_layers => {
+                let tokens = (capacity.max_prompt_len + capacity.max_generated) as u32;
+                Some(LocalLayers {
+                    cache: self
+                        .new_cache_of_layers(&vec![tokens; capacity.max_sequences], local_layers)?,
+                    slots: vec![None; capacity.max_sequences],
+                    step: None,
+                })
+            }
+        };
         Ok(GpuShadowCache {
             id: super::next_cache_id(),
             scripted_hit_rate: None,
@@ -83,7 +99,71 @@ impl GpuModel {
             lens: Vec::new(),
             staged_keys: stream.alloc_zeros::<bf16>(staged).on_gpu(WHAT)?,
             staged_values: stream.alloc_zeros::<bf16>(staged).on_gpu(WHAT)?,
+            local,
         })
+    }
+
+    /// Layer `index`'s place in the shadow cache, which holds the global layers only (the
+    /// same index for a model without sliding-window layers).
+    pub(super) fn shadow_layer(&self, index: usize) -> usize {
+        (0..index).filter(|&l| !self.is_local_layer(l)).count()
+    }
+
+    /// Layer `index`'s place among the sliding-window layers.
+    pub(super) fn local_layer(&self, index: usize) -> usize {
+        (0..index).filter(|&l| self.is_local_layer(l)).count()
+    }
+
+    /// Copies a sliding-window layer's prompt keys and values (`len` tokens in `source`'s
+    /// block of `keys` / `values`) into sequence `id`'s slot of `shadow`'s local layers.
+    pub(super) fn keep_local_layer(
+        &self,
+        shadow: &mut GpuShadowCache,
+        index: usize,
+        id: SequenceId,
+        (keys, values): (&CudaSlice<bf16>, &CudaSlice<bf16>),
+        source: SequenceLayout,
+    ) -> Result<()> {
+        const WHAT: &str = "keeping a sliding-window layer's prompt";
+        let local_index = self.local_layer(index);
+        let local = shadow.local.as_mut().ok_or_else(|| {
+            invalid_input(
+                "shadow",
+                "has no sliding-window layers",
+                "a cache of this model",
+            )
+        })?;
+        let slot = local
+            .slot_of(id)
+            .ok_or_else(|| invalid_input("id", "has no slot", "a sequence of the cache"))?;
+        let target = local.cache.layouts[slot];
+        let (head_dim, len) = (self.config.head_dim, source.len as usize);
+        if len > target.capacity as usize {
+            return Err(invalid_input(
+                "prompt",
+                format!("has {len} tokens"),
+                format!("at most the cache's {} per sequence", target.capacity),
+            ));
+        }
+        let stream = self.stream();
+        for head in 0..self.config.kv_heads {
+            let from = source.offset as usize + head * source.capacity as usize * head_dim;
+            let to = target.offset as usize + head * target.capacity as usize * head_dim;
+            let rows = len * head_dim;
+            stream
+                .memcpy_dtod(
+                    &keys.slice(from..from + rows),
+                    &mut local.cache.k[local_index].slice_mut(to..to + rows),
+                )
+                .on_gpu(WHAT)?;
+            stream
+                .memcpy_dtod(
+                    &values.slice(from..from + rows),
+                    &mut local.cache.v[local_index].slice_mut(to..to + rows),
+                )
+                .on_gpu(WHAT)?;
+        }
+        Ok(())
     }
 
     /// Adds `prompt` as a new sequence of `shadow` and returns it with its last token's
@@ -178,6 +258,10 @@ impl GpuModel {
         let queued = (|| -> Result<()> {
             let layers = full.k.iter().zip(&full.v).zip(&pre_rope_keys).enumerate();
             for (layer, ((keys, values), pre_rope)) in layers {
+                if self.is_local_layer(layer) {
+                    self.keep_local_layer(shadow, layer, id, (keys, values), layout)?;
+                    continue;
+                }
                 let source = PrefillSource {
                     keys,
                     values,
@@ -186,7 +270,14 @@ impl GpuModel {
                 let last_query = last_queries.slice(layer * q_dim..(layer + 1) * q_dim);
                 shadow
                     .cache
-                    .prefill_layer(gpu, layer, id, pre_rope, &source, &last_query)
+                    .prefill_layer(
+                        gpu,
+                        self.shadow_layer(layer),
+                        id,
+                        pre_rope,
+                        &source,
+                        &last_query,
+                    )
                     .on_gpu(WHAT)?;
                 sampler.sample()?;
             }
@@ -247,11 +338,15 @@ impl GpuModel {
             };
             let queued = (|| -> Result<()> {
                 for layer in 0..config.layers {
+                    if self.is_local_layer(layer) {
+                        // A sliding-window layer keeps the zeros of its new slot.
+                        continue;
+                    }
                     let seeds = SyntheticLayerSeeds::new(seed, layer);
                     fill(&mut keys, seeds.keys)?;
                     fill(&mut pre_rope, seeds.pre_rope_keys)?;
                     fill(&mut query, seeds.query)?;
-                    if layer > 0 {
+                    if self.shadow_layer(layer) > 0 {
                         // The previous layer's values are still being copied out of `values`
                         // on the copy stream: the refill waits for that copy (the fills above
                         // and the previous layer's factorisation still overlap it).
@@ -265,7 +360,14 @@ impl GpuModel {
                     };
                     shadow
                         .cache
-                        .prefill_layer(gpu, layer, id, &pre_rope, &source, &query)
+                        .prefill_layer(
+                            gpu,
+                            self.shadow_layer(layer),
+                            id,
+                            &pre_rope,
+                            &source,
+                            &query,
+                        )
                         .on_gpu(WHAT)?;
                 }
                 Ok(())
@@ -276,6 +378,57 @@ impl GpuModel {
             queued.and(finished)
         });
         built.map(|(id, ())| id)
+    }
+
+    /// A decode step's placement of each live sequence's token in its slot of the
+    /// sliding-window layers, at its position, and their windowed attention over the slot.
+    fn plan_local_step(&self, shadow: &mut GpuShadowCache) -> Result<()> {
+        const WHAT: &str = "planning the sliding-window layers' step";
+        let Some(window) = self.config.block.sliding_window else {
+            return Ok(());
+        };
+        let Some(local) = &mut shadow.local else {
+            return Ok(());
+        };
+        let (gpu, stream) = (&*self.gpu, self.stream());
+        let mut placements = Vec::with_capacity(shadow.lens.len());
+        let mut attention_layouts = Vec::with_capacity(shadow.lens.len());
+        for &(id, len) in &shadow.lens {
+            let slot = local.slot_of(id).ok_or_else(|| {
+                invalid_input(
+                    "shadow",
+                    "has a sequence without a slot",
+                    "a slot per live sequence",
+                )
+            })?;
+            let layout = local.cache.layouts[slot];
+            if len >= layout.capacity {
+                return Err(invalid_input(
+                    "tokens",
+                    format!("go past sequence {id:?}'s {} tokens", layout.capacity),
+                    "at most the capacity the cache was made for",
+                ));
+            }
+            placements.push(TokenPlacement::new(slot as u32, len));
+            attention_layouts.push(SequenceLayout {
+                len: len + 1,
+                ..layout
+            });
+        }
+        let plan = TokenPlan::new(stream, self.qkv_shape(), &placements, &local.cache.layouts)
+            .on_gpu(WHAT)?;
+        let shape = DecodeAttentionShape {
+            batch: placements.len(),
+            q_heads: self.config.heads,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+        };
+        let attention_plan = DecodeAttentionPlan::for_gpu(gpu, shape, &attention_layouts)
+            .on_gpu(WHAT)?
+            .with_window(window.window as u32);
+        let attention = DecodeAttention::new(gpu, attention_plan).on_gpu(WHAT)?;
+        local.step = Some((plan, attention));
+        Ok(())
     }
 
     /// A decode step's layers through the shadow cache; the logits stay on the GPU.
@@ -318,8 +471,13 @@ impl GpuModel {
             .collect();
         let plan = TokenPlan::new(stream, self.qkv_shape(), &placements, &layouts)
             .on_gpu("placing the tokens")?;
+        self.plan_local_step(shadow)?;
         let rows: Vec<usize> = (0..tokens.len()).collect();
-        let logits = self.run_layers(tokens, &plan, PassCache::Shadow(shadow), &rows)?;
+        let result = self.run_layers(tokens, &plan, PassCache::Shadow(&mut *shadow), &rows);
+        if let Some(local) = &mut shadow.local {
+            local.step = None;
+        }
+        let logits = result?;
         for entry in &mut shadow.lens {
             entry.1 += 1;
         }

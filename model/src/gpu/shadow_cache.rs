@@ -3,9 +3,30 @@
 use half::bf16;
 use shadowkv::cache::{MemoryReport, SequenceId, ShadowKvCache};
 use shadowkv::cudarc::driver::CudaSlice;
-use shadowkv::Gpu;
+use shadowkv::kernels::layer::TokenPlan;
+use shadowkv::{DecodeAttention, Gpu};
 
-use crate::error::{OnGpu, Result};
+use super::kv_cache::GpuKvCache;
+use crate::error::{invalid_input, OnGpu, Result};
+
+/// The sliding-window layers of a ShadowKV cache (Gemma-3's local layers), kept exact: their
+/// full keys and values on the GPU, one block per sequence slot, attended through the window.
+pub(super) struct LocalLayers {
+    /// Slot `i` of every local layer's buffers (in layer order among the local layers).
+    pub(super) cache: GpuKvCache,
+    /// The sequence in each slot.
+    pub(super) slots: Vec<Option<SequenceId>>,
+    /// A decode step's placement of its tokens in the slots and its windowed attention, set
+    /// by the step before its layers run.
+    pub(super) step: Option<(TokenPlan, DecodeAttention)>,
+}
+
+impl LocalLayers {
+    /// The slot of sequence `id`.
+    pub(super) fn slot_of(&self, id: SequenceId) -> Option<usize> {
+        self.slots.iter().position(|&s| s == Some(id))
+    }
+}
 
 /// ShadowKV's cache for the GPU model: the shadow of every layer (`ShadowKvCache`), each live
 /// sequence's length, and the one-row blocks that stage a decode step's new keys and values.
@@ -20,6 +41,9 @@ pub struct GpuShadowCache {
     /// `[max_sequences, kv_heads, head_dim]` each.
     pub(super) staged_keys: CudaSlice<bf16>,
     pub(super) staged_values: CudaSlice<bf16>,
+    /// The model's sliding-window layers, if it has any (`cache` then holds the global
+    /// layers only, in their order).
+    pub(super) local: Option<LocalLayers>,
 }
 
 impl GpuShadowCache {
@@ -48,6 +72,20 @@ impl GpuShadowCache {
             .cache
             .add_sequence(gpu, len)
             .on_gpu("adding a sequence to the ShadowKV cache")?;
+        if let Some(local) = &mut self.local {
+            let free = local.slots.iter().position(Option::is_none);
+            match free {
+                Some(slot) => local.slots[slot] = Some(id),
+                None => {
+                    let _ = self.cache.remove_sequence(gpu, id);
+                    return Err(invalid_input(
+                        "shadow",
+                        format!("holds {} sequences", local.slots.len()),
+                        "a free place for another sequence in the sliding-window layers",
+                    ));
+                }
+            }
+        }
         match build(self, id) {
             Ok(value) => {
                 self.lens.push((id, len as u32));
@@ -57,6 +95,7 @@ impl GpuShadowCache {
                 // The build's error is the one to report; a failed removal leaves nothing
                 // more to undo.
                 let _ = self.cache.remove_sequence(gpu, id);
+                self.free_local_slot(id);
                 Err(error)
             }
         }
@@ -68,7 +107,31 @@ impl GpuShadowCache {
             .remove_sequence(gpu, id)
             .on_gpu("removing a sequence from the ShadowKV cache")?;
         self.lens.retain(|&(live, _)| live != id);
+        self.free_local_slot(id);
         Ok(())
+    }
+
+    /// Frees sequence `id`'s slot in the sliding-window layers, if it has one.
+    fn free_local_slot(&mut self, id: SequenceId) {
+        if let Some(local) = &mut self.local {
+            if let Some(slot) = local.slot_of(id) {
+                local.slots[slot] = None;
+            }
+        }
+    }
+
+    /// Refuses `what` on a cache with sliding-window layers, which only the single-model
+    /// ShadowKV paths (`prefill_shadow`, `decode_shadow`) run.
+    pub(super) fn check_global_only(&self, what: &str) -> Result<()> {
+        match self.local {
+            None => Ok(()),
+            Some(_) => Err(invalid_input(
+                "shadow",
+                format!("is the ShadowKV cache of a model with sliding-window layers, for {what}"),
+                "a model whose layers all attend globally (prefill_shadow and decode_shadow \
+                 run sliding-window models)",
+            )),
+        }
     }
 
     /// GPU and host bytes of the cache, by part.

@@ -21,6 +21,11 @@ pub(super) struct GpuLayer {
     /// `[2 ffn, hidden]`: gate rows, then up rows.
     pub(super) gate_up: CudaSlice<bf16>,
     pub(super) down: CudaSlice<bf16>,
+    /// Gemma-3's extra norms (see [`crate::block::BlockOptions`]): the query norm's weights
+    /// carry the model's query scale (the norm and RoPE are linear in them).
+    pub(super) qk_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+    pub(super) post_attention_norm: Option<CudaSlice<f32>>,
+    pub(super) post_ffn_norm: Option<CudaSlice<f32>>,
 }
 
 /// Every weight of the model on the GPU.
@@ -31,6 +36,8 @@ pub(super) struct GpuWeights {
     /// `None` when the output head is the embedding (tied).
     pub(super) output: Option<CudaSlice<bf16>>,
     pub(super) inverse_frequencies: CudaSlice<f64>,
+    /// The sliding-window layers' RoPE frequencies, when the model has such layers.
+    pub(super) local_inverse_frequencies: Option<CudaSlice<f64>>,
 }
 
 fn bf16_of(values: &[f32]) -> Vec<bf16> {
@@ -70,6 +77,25 @@ impl GpuWeights {
             };
             let mut gate_up = matrix(&name("ffn_gate.weight"), ffn, hidden)?;
             gate_up.extend(matrix(&name("ffn_up.weight"), ffn, hidden)?);
+            let block = &config.block;
+            let qk_norm = if block.qk_norm {
+                let scale = block.query_scale;
+                let q_norm = vector(&name("attn_q_norm.weight"), config.head_dim)?;
+                Some((
+                    upload_f32(q_norm.iter().map(|w| w * scale).collect())?,
+                    upload_f32(vector(&name("attn_k_norm.weight"), config.head_dim)?)?,
+                ))
+            } else {
+                None
+            };
+            let post_norm = |part: &str| -> Result<Option<CudaSlice<f32>>> {
+                block
+                    .post_norms
+                    .then(|| upload_f32(vector(&name(part), hidden)?))
+                    .transpose()
+            };
+            let post_attention_norm = post_norm("post_attention_norm.weight")?;
+            let post_ffn_norm = post_norm("post_ffw_norm.weight")?;
             layers.push(GpuLayer {
                 attn_norm: upload_f32(vector(&name("attn_norm.weight"), hidden)?)?,
                 qkv: upload_bf16(qkv)?,
@@ -78,6 +104,9 @@ impl GpuWeights {
                 ffn_norm: upload_f32(vector(&name("ffn_norm.weight"), hidden)?)?,
                 gate_up: upload_bf16(gate_up)?,
                 down: upload_bf16(matrix(&name("ffn_down.weight"), hidden, ffn)?)?,
+                qk_norm,
+                post_attention_norm,
+                post_ffn_norm,
             });
         }
         let output = if config.tied_embeddings {
@@ -91,6 +120,7 @@ impl GpuWeights {
             output_norm: upload_f32(vector("output_norm.weight", hidden)?)?,
             output,
             inverse_frequencies: upload_f64(stream, config)?,
+            local_inverse_frequencies: upload_local_f64(stream, config)?,
         })
     }
 
@@ -148,6 +178,17 @@ impl GpuWeights {
                 ffn_norm: ones(hidden)?,
                 gate_up: random(2 * ffn, hidden, false)?,
                 down: random(hidden, ffn, false)?,
+                qk_norm: if config.block.qk_norm {
+                    let scaled = vec![config.block.query_scale; config.head_dim];
+                    Some((
+                        stream.clone_htod(&scaled).on_gpu(WHAT)?,
+                        ones(config.head_dim)?,
+                    ))
+                } else {
+                    None
+                },
+                post_attention_norm: config.block.post_norms.then(|| ones(hidden)).transpose()?,
+                post_ffn_norm: config.block.post_norms.then(|| ones(hidden)).transpose()?,
             });
         }
         // Embedding rows uniform in [-1, 1).
@@ -163,6 +204,7 @@ impl GpuWeights {
             output_norm: ones(hidden)?,
             output,
             inverse_frequencies: upload_f64(stream, config)?,
+            local_inverse_frequencies: upload_local_f64(stream, config)?,
         })
     }
 
@@ -187,4 +229,24 @@ fn upload_f64(stream: &Arc<CudaStream>, config: &ModelConfig) -> Result<CudaSlic
     stream
         .clone_htod(&config.inverse_frequencies())
         .on_gpu("uploading the RoPE frequencies")
+}
+
+/// The sliding-window layers' RoPE inverse frequencies on the GPU, if the model has such layers.
+fn upload_local_f64(
+    stream: &Arc<CudaStream>,
+    config: &ModelConfig,
+) -> Result<Option<CudaSlice<f64>>> {
+    config
+        .block
+        .sliding_window
+        .map(|window| {
+            let table = shadowkv_kernels::rope::inverse_frequencies(
+                &window.local_rope,
+                config.head_dim as u32,
+            );
+            stream
+                .clone_htod(&table)
+                .on_gpu("uploading the local layers' RoPE frequencies")
+        })
+        .transpose()
 }
