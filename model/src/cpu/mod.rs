@@ -42,6 +42,9 @@ pub struct CpuCache {
     /// ShadowKV mode, when recording: per layer, per KV head, the chunks the latest token
     /// selected (see [`CpuCache::record_selections`]).
     selections: Option<Vec<Vec<Vec<usize>>>>,
+    /// ShadowKV mode, when recording: per layer, per query head, the latest token's attention
+    /// recall (see [`CpuCache::record_recall`]).
+    recalls: Option<Vec<Vec<f32>>>,
     /// ShadowKV mode, while the prompt is open: per layer, the prompt's pre-RoPE keys so far
     /// (`[len, kv_dim]`), which the factorisation needs and the cache does not otherwise keep.
     pre_rope_keys: Vec<Vec<f32>>,
@@ -82,6 +85,24 @@ impl CpuCache {
     /// recording (empty before the first token after the prompt).
     pub fn selections(&self) -> &[Vec<Vec<usize>>] {
         self.selections.as_deref().unwrap_or(&[])
+    }
+
+    /// ShadowKV mode: with `true`, each later `forward` keeps, per layer and query head, its
+    /// last token's attention recall ([`recalls`](Self::recalls)): the share of full
+    /// attention's probability mass, over the exact keys, on the tokens ShadowKV attends.
+    pub fn record_recall(&mut self, on: bool) {
+        self.recalls = on.then(Vec::new);
+    }
+
+    /// Per layer, per query head, the latest token's attention recall, when recording (empty
+    /// before the first token after the prompt).
+    pub fn recalls(&self) -> &[Vec<f32>] {
+        self.recalls.as_deref().unwrap_or(&[])
+    }
+
+    /// Layer `layer`'s shadow of the prompt, once built.
+    pub fn shadow(&self, layer: usize) -> Option<&ShadowLayer> {
+        self.shadows.get(layer)
     }
 
     /// Tokens cached.
@@ -279,6 +300,16 @@ impl CpuModel {
                                 })
                                 .collect(),
                         );
+                    }
+                    if cache.recalls.is_some() {
+                        let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
+                        let exact = |head: usize| cache.head(layer, head);
+                        let recall =
+                            shadow.recall(config, &params, last, start + count - 1, &exact);
+                        if let Some(recalls) = cache.recalls.as_mut() {
+                            recalls.truncate(layer);
+                            recalls.push(recall);
+                        }
                     }
                     let mut out = Vec::with_capacity(count * config.q_dim());
                     for t in 0..count {
