@@ -349,3 +349,40 @@ fn hit_rates_and_recalls_summarise_per_layer() {
     let summary = eval::Summary::of(&[0.75, 0.5]);
     assert_eq!((summary.mean, summary.min, summary.count), (0.625, 0.5, 2));
 }
+
+#[test]
+fn one_prefill_serves_every_setting() {
+    let checkpoint = TinyCheckpoint::new(Architecture::Llama, 23);
+    let model = CpuModel::new(checkpoint.config.clone(), checkpoint.weights);
+    let config = &model.config;
+    let vocab = config.vocab as u32;
+    let prompt: Vec<u32> = (0..200u32).map(|i| (i * 29 + 3) % vocab).collect();
+    let mut shared = CpuCache::shadowkv(config, PARAMS).unwrap();
+    let logits = model.prefill_piece(&mut shared, &prompt).unwrap();
+    let smaller = ShadowKvParams {
+        sparse_budget: 16,
+        ..PARAMS
+    };
+    for params in [None, Some(PARAMS), Some(smaller)] {
+        let mut fresh = match params {
+            None => CpuCache::new(config),
+            Some(params) => CpuCache::shadowkv(config, params).unwrap(),
+        };
+        assert_eq!(model.forward(&mut fresh, &prompt).unwrap(), logits);
+        let mut cache = shared.clone();
+        cache.set_shadowkv(config, params).unwrap();
+        model.finish_prompt(&mut cache).unwrap();
+        assert_eq!(cache.uses_shadows(), params.is_some());
+        for token in [5, 17] {
+            assert_eq!(
+                model.forward(&mut cache, &[token]).unwrap(),
+                model.forward(&mut fresh, &[token]).unwrap(),
+                "{params:?}"
+            );
+        }
+        assert!(cache.set_shadowkv(config, params).is_err(), "closed prompt");
+    }
+    let bad = ShadowKvParams { rank: 17, ..PARAMS };
+    assert!(shared.set_shadowkv(config, Some(bad)).is_err());
+    assert!(CpuCache::new(config).set_shadowkv(config, None).is_err());
+}

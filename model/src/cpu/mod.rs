@@ -74,6 +74,29 @@ impl CpuCache {
         })
     }
 
+    /// While a ShadowKV cache's prompt is open: the attention its tokens after the prompt
+    /// get, ShadowKV with `params` or full attention (`None`). One prefill then serves several
+    /// settings: run the prompt's pieces ([`CpuModel::prefill_piece`]), clone the cache per
+    /// setting, set each clone's and close its prompt ([`CpuModel::finish_prompt`]).
+    pub fn set_shadowkv(
+        &mut self,
+        config: &ModelConfig,
+        params: Option<ShadowKvParams>,
+    ) -> Result<()> {
+        if self.prompt_complete || self.shadowkv.is_none() {
+            return Err(invalid_input(
+                "cache",
+                "is not a ShadowKV cache with its prompt open",
+                "a cache from CpuCache::shadowkv before finish_prompt",
+            ));
+        }
+        if let Some(params) = &params {
+            shadowkv::validate(params, config)?;
+        }
+        self.shadowkv = params;
+        Ok(())
+    }
+
     /// ShadowKV mode: with `true`, each later `forward` keeps the chunks its last token
     /// selected per layer and KV head ([`selections`](Self::selections)), to measure how many
     /// stay selected from one decode step to the next.
