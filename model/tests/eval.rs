@@ -386,3 +386,86 @@ fn one_prefill_serves_every_setting() {
     assert!(shared.set_shadowkv(config, Some(bad)).is_err());
     assert!(CpuCache::new(config).set_shadowkv(config, None).is_err());
 }
+
+/// A report of full attention and two ShadowKV budgets over two lengths and two depths:
+/// the smaller budget loses one cell, and skips the shorter length.
+fn synthetic_report() -> eval::Report {
+    let mode = |budget| eval::Mode {
+        shadowkv: Some(ShadowKvParams {
+            sparse_budget: budget,
+            ..ShadowKvParams::default()
+        }),
+        value_format: "bf16".into(),
+        values: "host".into(),
+    };
+    let mut report = eval::Report {
+        model: "synthetic".into(),
+        modes: vec![eval::Mode::full(), mode(1024), mode(256)],
+        ..eval::Report::default()
+    };
+    for m in 0..3 {
+        for length in [1000, 4000] {
+            for depth in [0.0, 1.0] {
+                // Full attention misses the 1000-token cells at depth 1: the 256 mode skips
+                // them, so its reference leaves them out.
+                let full_miss = length == 1000 && depth == 1.0;
+                let score = match m {
+                    _ if full_miss => 0.0,
+                    2 if length == 4000 && depth == 0.0 => 0.0,
+                    _ => 1.0,
+                };
+                if m == 2 && length == 1000 {
+                    continue;
+                }
+                report.outcomes.push(eval::Outcome {
+                    task: Task::NiahNumber,
+                    length,
+                    prompt_tokens: length - 10,
+                    depth: Some(depth),
+                    sample: 0,
+                    mode: m,
+                    score,
+                    answer: String::new(),
+                    hit_rates: vec![eval::Summary::of(&[0.5, 1.0]); 2],
+                    recalls: Vec::new(),
+                });
+            }
+        }
+    }
+    report
+}
+
+#[test]
+fn reports_compare_each_mode_with_full_attention_on_the_same_prompts() {
+    let report = synthetic_report();
+    assert_eq!(report.task_score(Task::NiahNumber, 0), Some(75.0));
+    assert_eq!(
+        report.full_score_beside(Some(Task::NiahNumber), 1),
+        Some(75.0)
+    );
+    assert_eq!(
+        report.full_score_beside(Some(Task::NiahNumber), 2),
+        Some(100.0)
+    );
+    assert_eq!(report.task_score(Task::NiahNumber, 2), Some(50.0));
+    assert_eq!(report.falloff(Task::NiahNumber), Some(2));
+    assert_eq!(report.meets_goal(1), Some(true));
+    assert_eq!(report.meets_goal(2), Some(false));
+    assert_eq!(report.worst_cell(2), Some((100.0, 4000, 0.0)));
+    let (hits, _) = report.layer_summaries(1);
+    assert_eq!(hits.len(), 2);
+    assert_eq!((hits[0].mean, hits[0].min, hits[0].count), (0.75, 0.5, 8));
+    let markdown = report.markdown();
+    assert!(
+        markdown.contains("| niah-number | 75.0 | 75.0 (75.0) | 50.0 (100.0) |"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("| niah-number | S256 r160 c8 o48 bf16 host | 50.0 | 100.0 |"),
+        "{markdown}"
+    );
+    let json = report.json();
+    assert_eq!(json["falloff"]["niah-number"], "S256 r160 c8 o48 bf16 host");
+    assert_eq!(json["outcomes"].as_array().unwrap().len(), 10);
+    assert_eq!(json["modes"][2]["meets_goal"], false);
+}

@@ -12,6 +12,9 @@ use crate::ShadowKvParams;
 /// falling off.
 pub const FALL_OFF_POINTS: f64 = 1.0;
 
+/// How far below full attention (in points) one (length, depth) cell may fall.
+pub const CELL_POINTS: f64 = 2.0;
+
 /// One attention mode of the grid: full attention, or a ShadowKV setting.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mode {
@@ -209,6 +212,25 @@ impl Report {
         worst
     }
 
+    /// Whether `mode` is within [`FALL_OFF_POINTS`] of full attention on every task's average
+    /// and within [`CELL_POINTS`] at every (length, depth) cell of the needle tasks.
+    pub fn meets_goal(&self, mode: usize) -> Option<bool> {
+        self.full_mode()?;
+        let tasks_hold = self.tasks().into_iter().all(|task| {
+            match (
+                self.task_score(task, mode),
+                self.full_score_beside(Some(task), mode),
+            ) {
+                (Some(score), Some(full)) => score >= full - FALL_OFF_POINTS,
+                _ => true,
+            }
+        });
+        let cells_hold = self
+            .worst_cell(mode)
+            .is_none_or(|(gap, _, _)| gap <= CELL_POINTS);
+        Some(tasks_hold && cells_hold)
+    }
+
     /// `mode`'s per-layer hit rates and recalls, pooled over its outcomes.
     pub fn layer_summaries(&self, mode: usize) -> (Vec<Summary>, Vec<Summary>) {
         let pool = |pick: fn(&Outcome) -> &Vec<Summary>| -> Vec<Summary> {
@@ -305,8 +327,10 @@ impl Report {
                Gap: points below full attention at the needle tasks' worst cell. Hit rate: share \
                of the selected chunks the step before selected too. Recall: share of full \
                attention's probability mass on the tokens ShadowKV attends.\n\n\
-               | mode | worst cell (gap) | mean hit rate | mean recall | lowest-recall layer |\n\
-               |---|---|---:|---:|---|\n";
+               Goal: every task's average within 1 point of full attention and every cell within \
+               2 points.\n\n\
+               | mode | goal | worst cell (gap) | hit rate | recall | lowest-recall layer |\n\
+               |---|---|---|---:|---:|---|\n";
         for (m, mode) in self.modes.iter().enumerate() {
             if mode.shadowkv.is_none() {
                 continue;
@@ -337,8 +361,13 @@ impl Report {
                         100.0 * s.min
                     )
                 });
+            let goal = match self.meets_goal(m) {
+                Some(true) => "met",
+                Some(false) => "missed",
+                None => "-",
+            };
             md += &format!(
-                "| {} | {worst} | {} | {} | {lowest} |\n",
+                "| {} | {goal} | {worst} | {} | {} | {lowest} |\n",
                 mode.label(),
                 mean(&hits),
                 mean(&recalls)
@@ -369,6 +398,7 @@ impl Report {
                     .into();
                 value["average"] = json!(self.average(|o| o.mode == m));
                 value["full_average_beside"] = json!(self.full_score_beside(None, m));
+                value["meets_goal"] = json!(self.meets_goal(m));
                 value["worst_cell"] = json!(self.worst_cell(m).map(|(gap, length, depth)| {
                     json!({"gap_points": gap, "length": length, "depth": depth})
                 }));
