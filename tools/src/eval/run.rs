@@ -1,5 +1,5 @@
-//! Answering one prompt in one attention mode, greedily, on the CPU reference path or the
-//! GPU, with ShadowKV's diagnostics: on the CPU the per-layer hit rate between decode steps
+//! Answering one prompt in each attention mode of the grid, greedily, on the CPU reference
+//! path or the GPU, with ShadowKV's diagnostics: on the CPU the per-layer hit rate between decode steps
 //! and the attention recall; on the GPU the hit rate of the last layer (what the cache's
 //! `StepStats` exposes).
 use std::sync::Arc;
