@@ -8,6 +8,7 @@ pub mod block;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod eval;
 pub mod family_fixtures;
 pub mod generate;
 pub mod gguf;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
+use shadowkv_model::eval::step_hit_rates;
 use shadowkv_model::{CpuCache, CpuModel, ModelSource};
 
 use crate::args::ShadowKvArgs;
@@ -28,31 +29,6 @@ pub struct HitRatesArgs {
     tokens: usize,
     #[command(flatten)]
     shadowkv: ShadowKvArgs,
-}
-
-/// Per layer, the hit rate of each step after the first: the share of each KV head's
-/// selection that the step before also selected, averaged over the heads.
-pub fn step_hit_rates(steps: &[Vec<Vec<Vec<usize>>>]) -> Vec<Vec<f64>> {
-    let layers = steps.first().map_or(0, |s| s.len());
-    (0..layers)
-        .map(|layer| {
-            steps
-                .windows(2)
-                .map(|pair| {
-                    let (before, now) = (&pair[0][layer], &pair[1][layer]);
-                    let heads = now.len().max(1) as f64;
-                    now.iter()
-                        .zip(before)
-                        .map(|(now, before)| {
-                            let kept = now.iter().filter(|c| before.contains(c)).count();
-                            kept as f64 / now.len().max(1) as f64
-                        })
-                        .sum::<f64>()
-                        / heads
-                })
-                .collect()
-        })
-        .collect()
 }
 
 /// Mean and standard deviation.
@@ -156,30 +132,4 @@ pub fn run(args: HitRatesArgs) -> Result<(), Box<dyn std::error::Error>> {
         100.0 * worst_rate
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hit_rates_are_the_shared_share_of_adjacent_selections() {
-        // Two layers, two heads, three steps of 4 chunks.
-        let steps = vec![
-            vec![
-                vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]],
-                vec![vec![0, 1, 2, 3]; 2],
-            ],
-            vec![
-                vec![vec![0, 1, 2, 9], vec![4, 5, 8, 9]],
-                vec![vec![0, 1, 2, 3]; 2],
-            ],
-            vec![
-                vec![vec![0, 1, 2, 9], vec![4, 5, 8, 9]],
-                vec![vec![4, 5, 6, 7]; 2],
-            ],
-        ];
-        let rates = step_hit_rates(&steps);
-        assert_eq!(rates, vec![vec![0.625, 1.0], vec![1.0, 0.0]]);
-    }
 }

@@ -2,6 +2,7 @@
 mod args;
 mod bandwidth;
 mod bench;
+mod eval;
 mod generate;
 mod hit_rates;
 mod plan;
@@ -75,6 +76,11 @@ enum Command {
     /// copy ceilings and full attention; a table, CSV or JSON and a PNG chart. GPU only.
     #[command(long_about = bandwidth::ABOUT)]
     Bandwidth(bandwidth::BandwidthArgs),
+    /// RULER-style accuracy: needle, multi-key/value/query, variable-tracking and word tasks
+    /// at chosen context lengths and depths, full attention against a grid of ShadowKV
+    /// settings, with per-layer hit rates and attention recall; markdown, JSON, heatmaps.
+    #[command(after_help = eval::AFTER_HELP)]
+    Eval(eval::EvalArgs),
 }
 
 fn main() {
@@ -104,6 +110,7 @@ fn main() {
         Command::HitRates(args) => hit_rates::run(args),
         Command::PrefillPeak(args) => prefill::run_peak(args),
         Command::Bandwidth(args) => bandwidth::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error}");

@@ -49,6 +49,9 @@ pub struct CpuCache {
     /// ShadowKV mode, when recording: per layer, per KV head, the chunks the latest token
     /// selected (see [`CpuCache::record_selections`]).
     selections: Option<Vec<Vec<Vec<usize>>>>,
+    /// ShadowKV mode, when recording: per layer, per query head, the latest token's attention
+    /// recall (see [`CpuCache::record_recall`]).
+    recalls: Option<Vec<Vec<f32>>>,
     /// ShadowKV mode, while the prompt is open: per layer, the prompt's pre-RoPE keys so far
     /// (`[len, kv_dim]`), which the factorisation needs and the cache does not otherwise keep.
     pre_rope_keys: Vec<Vec<f32>>,
@@ -78,6 +81,29 @@ impl CpuCache {
         })
     }
 
+    /// While a ShadowKV cache's prompt is open: the attention its tokens after the prompt
+    /// get, ShadowKV with `params` or full attention (`None`). One prefill then serves several
+    /// settings: run the prompt's pieces ([`CpuModel::prefill_piece`]), clone the cache per
+    /// setting, set each clone's and close its prompt ([`CpuModel::finish_prompt`]).
+    pub fn set_shadowkv(
+        &mut self,
+        config: &ModelConfig,
+        params: Option<ShadowKvParams>,
+    ) -> Result<()> {
+        if self.prompt_complete || self.shadowkv.is_none() {
+            return Err(invalid_input(
+                "cache",
+                "is not a ShadowKV cache with its prompt open",
+                "a cache from CpuCache::shadowkv before finish_prompt",
+            ));
+        }
+        if let Some(params) = &params {
+            shadowkv::validate(params, config)?;
+        }
+        self.shadowkv = params;
+        Ok(())
+    }
+
     /// ShadowKV mode: with `true`, each later `forward` keeps the chunks its last token
     /// selected per layer and KV head ([`selections`](Self::selections)), to measure how many
     /// stay selected from one decode step to the next.
@@ -90,6 +116,24 @@ impl CpuCache {
     /// layers, which have no shadow).
     pub fn selections(&self) -> &[Vec<Vec<usize>>] {
         self.selections.as_deref().unwrap_or(&[])
+    }
+
+    /// ShadowKV mode: with `true`, each later `forward` keeps, per layer and query head, its
+    /// last token's attention recall ([`recalls`](Self::recalls)): the share of full
+    /// attention's probability mass, over the exact keys, on the tokens ShadowKV attends.
+    pub fn record_recall(&mut self, on: bool) {
+        self.recalls = on.then(Vec::new);
+    }
+
+    /// Per layer, per query head, the latest token's attention recall, when recording (empty
+    /// before the first token after the prompt).
+    pub fn recalls(&self) -> &[Vec<f32>] {
+        self.recalls.as_deref().unwrap_or(&[])
+    }
+
+    /// Layer `layer`'s shadow of the prompt, once built.
+    pub fn shadow(&self, layer: usize) -> Option<&ShadowLayer> {
+        self.shadows.get(layer)
     }
 
     /// Tokens cached.
@@ -331,6 +375,16 @@ impl CpuModel {
                                 })
                                 .collect(),
                         );
+                    }
+                    if cache.recalls.is_some() {
+                        let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
+                        let exact = |head: usize| cache.head(layer, head);
+                        let recall =
+                            shadow.recall(config, &params, last, start + count - 1, &exact);
+                        if let Some(recalls) = cache.recalls.as_mut() {
+                            recalls.truncate(layer);
+                            recalls.push(recall);
+                        }
                     }
                     let mut out = Vec::with_capacity(count * config.q_dim());
                     for t in 0..count {

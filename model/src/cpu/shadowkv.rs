@@ -211,4 +211,73 @@ impl ShadowLayer {
     pub fn prompt_len(&self) -> usize {
         self.prompt_len
     }
+
+    /// Chunks of the prompt outside the local window; later positions are attended exactly.
+    pub fn chunks(&self) -> usize {
+        self.chunks
+    }
+
+    /// The outlier chunks of KV head `kv_head` (ids, ascending), always attended exactly.
+    pub fn outliers(&self, kv_head: usize) -> &[usize] {
+        &self.outliers[kv_head]
+    }
+
+    /// Which of positions `0..=position` ShadowKV attends for KV head `kv_head` when its
+    /// group's queries are `group_queries`: outliers, selected chunks, and every position
+    /// past the prompt's chunks (local window and generated tokens).
+    pub fn attended_positions(
+        &self,
+        config: &ModelConfig,
+        params: &ShadowKvParams,
+        kv_head: usize,
+        group_queries: &[f32],
+        position: usize,
+    ) -> Vec<bool> {
+        let c = params.chunk_size;
+        let mut attended = vec![false; position + 1];
+        let selected = self.select(config, params, kv_head, group_queries);
+        for &chunk in self.outliers[kv_head].iter().chain(&selected) {
+            attended[chunk * c..(chunk + 1) * c].fill(true);
+        }
+        attended[(self.chunks * c).min(position + 1)..].fill(true);
+        attended
+    }
+
+    /// Attention recall of one query position: per query head, the share of full attention's
+    /// probability mass (softmax over the exact keys of positions `0..=position`) that falls
+    /// on the positions ShadowKV attends. 1 means the sparse attention lost nothing.
+    pub fn recall<'k>(
+        &self,
+        config: &ModelConfig,
+        params: &ShadowKvParams,
+        query: &[f32],
+        position: usize,
+        exact: &dyn Fn(usize) -> (&'k [f32], &'k [f32]),
+    ) -> Vec<f32> {
+        let (head_dim, group) = (config.head_dim, config.group());
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut recalls = Vec::with_capacity(config.heads);
+        for kv_head in 0..config.kv_heads {
+            let (keys, _) = exact(kv_head);
+            let group_queries =
+                &query[kv_head * group * head_dim..(kv_head + 1) * group * head_dim];
+            let attended =
+                self.attended_positions(config, params, kv_head, group_queries, position);
+            for query in group_queries.chunks_exact(head_dim) {
+                let mut weights: Vec<f32> = keys[..(position + 1) * head_dim]
+                    .chunks_exact(head_dim)
+                    .map(|k| dot(query, k) * scale)
+                    .collect();
+                softmax_in_place(&mut weights);
+                let kept: f64 = weights
+                    .iter()
+                    .zip(&attended)
+                    .filter(|(_, &a)| a)
+                    .map(|(&w, _)| w as f64)
+                    .sum();
+                recalls.push(kept as f32);
+            }
+        }
+        recalls
+    }
 }
