@@ -131,9 +131,10 @@ impl CpuCache {
         self.recalls.as_deref().unwrap_or(&[])
     }
 
-    /// Layer `layer`'s shadow of the prompt, once built.
+    /// Layer `layer`'s shadow of the prompt, once built (none for a sliding-window layer,
+    /// which stays exact).
     pub fn shadow(&self, layer: usize) -> Option<&ShadowLayer> {
-        self.shadows.get(layer)
+        self.shadows.get(layer).and_then(Option::as_ref)
     }
 
     /// Tokens cached.
@@ -353,12 +354,17 @@ impl CpuModel {
                     cache.values[layer][head].extend_from_slice(&v[row..row + config.head_dim]);
                 }
             }
-            // A sliding-window layer has no shadow: it records no selections.
-            if let (Some(selections), Some(None)) =
-                (cache.selections.as_mut(), cache.shadows.get(layer))
-            {
-                selections.truncate(layer);
-                selections.push(Vec::new());
+            // A sliding-window layer has no shadow: it records no selections, and its
+            // attention is exact (recall 1 for every query head).
+            if let Some(None) = cache.shadows.get(layer) {
+                if let Some(selections) = cache.selections.as_mut() {
+                    selections.truncate(layer);
+                    selections.push(Vec::new());
+                }
+                if let Some(recalls) = cache.recalls.as_mut() {
+                    recalls.truncate(layer);
+                    recalls.push(vec![1.0; config.heads]);
+                }
             }
             let shadow = cache.shadows.get(layer).and_then(Option::as_ref);
             let attended = match (cache.shadowkv, shadow) {

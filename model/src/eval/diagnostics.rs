@@ -6,16 +6,19 @@
 
 /// Per layer, the hit rate of each step after the first: the share of each KV head's
 /// selection that the step before also selected, averaged over the heads. `steps` holds, per
-/// step, per layer, per KV head, the selected chunk ids.
+/// step, per layer, per KV head, the selected chunk ids; a layer that selects nothing (kept
+/// exact) gets an empty series.
 pub fn step_hit_rates(steps: &[Vec<Vec<Vec<usize>>>]) -> Vec<Vec<f64>> {
     let layers = steps.first().map_or(0, |s| s.len());
     (0..layers)
         .map(|layer| {
+            // A layer that selects nothing (a sliding-window layer, kept exact) has no series.
             steps
                 .windows(2)
+                .filter(|pair| !pair[1][layer].is_empty())
                 .map(|pair| {
                     let (before, now) = (&pair[0][layer], &pair[1][layer]);
-                    let heads = now.len().max(1) as f64;
+                    let heads = now.len() as f64;
                     now.iter()
                         .zip(before)
                         .map(|(now, before)| {
