@@ -20,6 +20,7 @@ pub mod serve;
 pub mod source;
 pub mod tensor_names;
 pub mod tokenizer;
+pub mod tp;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig, NAMED_SHAPES};
