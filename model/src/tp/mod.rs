@@ -14,9 +14,13 @@
 //! the unsplit model the same grouping), keeps its own landmarks and slots and offloads its
 //! values to host memory through its own copy stream.
 //!
-//! [`plan`] holds the arithmetic, [`cpu`] the in-process CPU reference.
+//! [`plan`] holds the arithmetic, [`cpu`] the in-process CPU reference, [`gpu`] the driver
+//! (one thread per GPU) and [`nccl`] the all-reduce, loaded at run time.
 pub mod cpu;
+pub mod gpu;
+pub mod nccl;
 pub mod plan;
 
 pub use cpu::{TensorParallelCpu, TensorParallelCpuCache};
+pub use gpu::{run_ranks, RankContext, ShardSource};
 pub use plan::{divisors, vocab_rows, RankShard, ShardPlan, TensorParallelError};
