@@ -90,7 +90,7 @@ impl GpuModel {
     }
 
     /// Rows of the output head: the vocabulary, or a tensor-parallel rank's slice of it.
-    pub(super) fn logit_rows(&self) -> usize {
+    pub fn logit_rows(&self) -> usize {
         self.weights.head().len() / self.config.hidden
     }
 
