@@ -152,8 +152,9 @@ impl ShardPlan {
         }
     }
 
-    /// Parameters one rank holds: its share of every layer's matrices, the norms whole, and
-    /// the largest vocabulary slice of the embedding and (untied) output head.
+    /// Parameters one GPU rank holds: its share of every layer's matrices, the norms and the
+    /// embedding whole (its lookup is a gather, kept on every rank), and the largest
+    /// vocabulary slice of the output head (the embedding's, when tied).
     pub fn rank_parameters(&self) -> usize {
         let config = &self.config;
         let rank = self.rank_config();
@@ -161,9 +162,14 @@ impl ShardPlan {
         let attention = config.hidden * (q_dim + 2 * kv_dim) + q_dim * config.hidden;
         let mlp = 3 * config.hidden * rank.ffn;
         let layer = attention + mlp + 2 * config.hidden;
-        let vocab = vocab_rows(config.vocab, self.ranks, 0).len();
-        let tables = if config.tied_embeddings { 1 } else { 2 };
-        config.layers * layer + tables * vocab * config.hidden + config.hidden
+        let head_rows = vocab_rows(config.vocab, self.ranks, 0).len();
+        let embedding = config.vocab * config.hidden;
+        // One rank keeps a tied head as the embedding itself.
+        let head = match (self.ranks, config.tied_embeddings) {
+            (1, true) => 0,
+            _ => head_rows * config.hidden,
+        };
+        config.layers * layer + embedding + head + config.hidden
     }
 }
 
@@ -211,12 +217,18 @@ mod tests {
                 assert!(shard.kv_heads.contains(&(head / plan.config.group())));
             }
         }
-        // About 70.6e9 parameters in all; each rank holds an eighth of every matrix and a
-        // whole copy of the norms.
+        // About 70.6e9 parameters in all; each rank holds an eighth of every layer matrix and
+        // of the output head, and a whole copy of the norms and the embedding.
         let whole = plan.config.parameters();
         assert!((70_000_000_000..71_000_000_000).contains(&whole), "{whole}");
         let norms = 80 * 2 * 8192 + 8192;
-        assert_eq!(plan.rank_parameters() * 8, whole + 7 * norms);
+        let embedding = 128_256 * 8192;
+        assert_eq!(plan.rank_parameters() * 8, whole + 7 * (norms + embedding));
+        for name in ["llama-3-8b", "smollm2-135m"] {
+            let config = named(name);
+            let one = ShardPlan::new(&config, 1).unwrap();
+            assert_eq!(one.rank_parameters(), config.parameters(), "{name}");
+        }
     }
 
     #[test]
