@@ -103,3 +103,27 @@ impl PartialSums for NcclPartialSums {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without libnccl (as on the CPU CI hosts) the check and the id are typed errors that
+    /// say what is missing, never cudarc's panic; with it, an id is made.
+    #[test]
+    fn a_missing_libnccl_is_a_typed_error() {
+        match check_nccl() {
+            Ok(()) => assert!(new_id().is_ok() || shadowkv::probe().is_err()),
+            Err(error) => {
+                assert!(error.to_string().contains("libnccl.so.2"), "{error}");
+                assert_eq!(new_id().err(), Some(error));
+            }
+        }
+    }
+
+    #[test]
+    fn nvlink_multicast_is_turned_off_unless_set() {
+        disable_nvls();
+        assert!(std::env::var_os(NVLS_VARIABLE).is_some());
+    }
+}

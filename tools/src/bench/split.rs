@@ -9,7 +9,9 @@ use shadowkv::cache::CacheCapacity;
 use shadowkv_model::tp::{run_ranks, ShardPlan, ShardSource};
 use shadowkv_model::{ModelConfig, ModelSource, NAMED_SHAPES};
 
-use super::{report, run_full, run_shadowkv, BenchArgs, GraphSwitch, Run, OVERHEAD_TOKENS};
+use super::{
+    report, run_full, run_shadowkv, BenchArgs, GraphSwitch, RateTime, Run, OVERHEAD_TOKENS,
+};
 use crate::plan::{fit_beside, model_config, rank_view, Budget};
 
 pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -112,7 +114,7 @@ fn time_rank(
     run: &Run,
     rank_config: &ModelConfig,
     model: &shadowkv_model::GpuModel,
-) -> Result<Vec<(Option<f64>, f64)>, Box<dyn std::error::Error>> {
+) -> Result<Vec<RateTime>, Box<dyn std::error::Error>> {
     match args.attention.value_home() {
         Some(home) => {
             let shape = crate::plan::cache_shape(rank_config);
