@@ -124,6 +124,8 @@ pub fn run_ranks<R: Send>(
                 scope.spawn(move || -> Result<R> {
                     let model = (|| -> Result<GpuModel> {
                         let gpu = Arc::new(Gpu::new(rank).on_gpu("opening a rank's GPU")?);
+                        // Before any pinned allocation: the values go to this GPU's node.
+                        super::numa::run_near(&gpu);
                         match source {
                             ShardSource::File(file) => GpuModel::load_shard(gpu, plan, rank, file),
                             ShardSource::Synthetic { seed } => {

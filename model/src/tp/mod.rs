@@ -19,6 +19,7 @@
 pub mod cpu;
 pub mod gpu;
 pub mod nccl;
+pub mod numa;
 pub mod plan;
 
 pub use cpu::{TensorParallelCpu, TensorParallelCpuCache};
