@@ -391,6 +391,9 @@ pub fn run(args: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
     let params = args.shadowkv.params();
     // The split is checked before the GPU is measured: it is arithmetic.
     ShardPlan::new(&whole, args.gpus)?;
+    if args.gpus > 1 && args.shadowkv.value_tier_bytes()?.is_some() {
+        return Err("--value-tier-gib is planned for one GPU; leave out --gpus".into());
+    }
     let (config, weights, budget) = rank_view(
         &whole,
         args.gpus,
