@@ -107,8 +107,9 @@ pub const HF_MODEL_TYPES: &str =
 pub const MAX_PARAMETERS: usize = 1 << 48;
 
 /// The named shapes a synthetic model can take.
-pub const NAMED_SHAPES: [&str; 9] = [
+pub const NAMED_SHAPES: [&str; 10] = [
     "llama-3-8b",
+    "llama-3-70b",
     "llama-3.1-8b",
     "yi-9b",
     "qwen2-7b",
@@ -230,6 +231,14 @@ impl ModelConfig {
         };
         let config = match name {
             "llama-3-8b" => llama_3,
+            // The 70B shape, for tensor-parallel runs: it does not fit one GPU in bf16.
+            "llama-3-70b" => ModelConfig {
+                layers: 80,
+                hidden: 8192,
+                heads: 64,
+                ffn: 28672,
+                ..llama_3
+            },
             // Llama-3.1's scaling as its GGUF files carry it: a rope_freqs factor table.
             "llama-3.1-8b" => ModelConfig {
                 rope: RopeConfig {

@@ -72,6 +72,9 @@ pub enum Error {
         /// The largest batch the runner captures.
         max_batch: usize,
     },
+    /// A model that cannot be split over the GPUs asked for, or NCCL that cannot be used.
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(#[from] crate::tp::TensorParallelError),
     /// Not enough free GPU memory for `what`.
     #[error("{what} needs {needed} bytes of GPU memory; {free} bytes are free")]
     OutOfMemory {

@@ -23,6 +23,7 @@ pub mod serve;
 pub mod source;
 pub mod tensor_names;
 pub mod tokenizer;
+pub mod tp;
 pub mod weights;
 
 pub use block::{Activation, BlockOptions, SlidingWindow};

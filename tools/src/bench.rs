@@ -13,11 +13,14 @@ use shadowkv_model::ShadowKvParams;
 use crate::args::{AttentionMode, ShadowKvArgs};
 use crate::prefill::{prefill, prefill_bar, PREFILL_CHUNK};
 
+mod split;
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// A named shape with random weights generated on the GPU (llama-3-8b, llama-3.1-8b,
-    /// yi-9b, qwen2-7b, glm-4-9b, phi-3-mini, smollm2-135m, gemma-3-270m, gemma-3-1b), or a .gguf file / Hugging Face
-    /// folder (Llama, Yi, Mistral, Qwen2, GLM-4-9B, Phi-3, Gemma-3). A shape the GPU kernels are not
+    /// A named shape with random weights generated on the GPU (llama-3-8b, llama-3-70b,
+    /// llama-3.1-8b, yi-9b, qwen2-7b, glm-4-9b, phi-3-mini, smollm2-135m, gemma-3-270m,
+    /// gemma-3-1b), or a .gguf file / Hugging Face folder (Llama, Yi, Mistral, Qwen2, GLM-4-9B,
+    /// Phi-3, Gemma-3). A shape the GPU kernels are not
     /// built for is refused, naming why: phi-3-mini's head dimension 96 (kernels take 64 and
     /// 128), glm-4-9b's 16 query heads per KV head (kernels take up to 8).
     #[arg(long, default_value = "smollm2-135m")]
@@ -68,6 +71,11 @@ pub struct BenchArgs {
     /// measured both ways.
     #[arg(long, value_enum, default_value_t = GraphSwitch::On)]
     graph: GraphSwitch,
+    /// Tensor parallelism over this many GPUs of the host (one thread per GPU, NCCL
+    /// all-reduces; `NCCL_NVLS_ENABLE=0` unless set): it must divide the KV heads. The
+    /// batch default is one rank's plan.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
 }
 
 /// `--graph on|off`.
@@ -91,6 +99,9 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             return Err("--hit-rate scripts ShadowKV's selection: give --attention shadowkv or shadowkv-gpu".into());
         }
         shadowkv::kernels::scripted_selection::check_hit_rate(rate)?;
+    }
+    if args.gpus != 1 {
+        return split::run(args);
     }
     let gpu = Arc::new(shadowkv::Gpu::new(0)?);
     if args.batch.is_none() {
@@ -286,7 +297,7 @@ pub fn run_full(run: &Run, model: &GpuModel) -> Result<f64, Box<dyn std::error::
         rows
     };
     let first: Vec<u32> = last_logits
-        .chunks_exact(config.vocab)
+        .chunks_exact(model.logit_rows())
         .map(|row| Sampler::greedy().sample(row))
         .collect();
     // Greedy decoding with the argmax on the GPU: each step returns one id per sequence.

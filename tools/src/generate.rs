@@ -14,6 +14,8 @@ use shadowkv_model::{
 use crate::args::{AttentionMode, ShadowKvArgs};
 use crate::prefill::{prefill, prefill_bar, PREFILL_CHUNK};
 
+mod split;
+
 /// Which processor runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
@@ -77,6 +79,10 @@ pub struct GenerateArgs {
     device: DeviceChoice,
     #[command(flatten)]
     shadowkv: ShadowKvArgs,
+    /// Tensor parallelism over this many GPUs of the host (one prompt; one thread per GPU,
+    /// NCCL all-reduces, `NCCL_NVLS_ENABLE=0` unless set): it must divide the KV heads.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
 }
 
 /// The prompts of the command line, in order: the `--prompt` ones, the `--prompt-file` ones,
@@ -129,6 +135,9 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let source = ModelSource::open(&path)?;
     let config = source.config.clone();
+    if args.gpus != 1 {
+        return split::run(&args, &path, &source, &prompts);
+    }
     if args.attention != AttentionMode::Full {
         shadowkv_model::cpu::shadowkv::validate(&params, &config)?;
     }

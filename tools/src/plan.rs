@@ -3,6 +3,7 @@
 use clap::Args;
 use shadowkv::cache::{CacheShape, ShadowKvCache, ValueFormat, ValueHome};
 use shadowkv_model::prefill_memory::DEFAULT_PASS_TOKENS;
+use shadowkv_model::tp::ShardPlan;
 use shadowkv_model::{ModelConfig, ModelSource, PrefillMemory, ShadowKvParams, NAMED_SHAPES};
 
 use crate::args::{AttentionMode, ShadowKvArgs};
@@ -16,8 +17,8 @@ pub const HOST_RESERVE_BYTES: u64 = 4 << 30;
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
-    /// A named shape (llama-3-8b, llama-3.1-8b, yi-9b, qwen2-7b, glm-4-9b, phi-3-mini,
-    /// smollm2-135m, gemma-3-270m, gemma-3-1b), or a .gguf
+    /// A named shape (llama-3-8b, llama-3-70b, llama-3.1-8b, yi-9b, qwen2-7b, glm-4-9b,
+    /// phi-3-mini, smollm2-135m, gemma-3-270m, gemma-3-1b), or a .gguf
     /// file / Hugging Face folder (only its config is read).
     #[arg(long, default_value = "llama-3-8b")]
     model: String,
@@ -37,6 +38,11 @@ pub struct PlanArgs {
     /// Pinned host memory to plan for, in GiB (default: the available memory less 4 GiB).
     #[arg(long)]
     host_gib: Option<f64>,
+    /// Tensor parallelism over this many GPUs: the plan of one rank (its share of the
+    /// weights, its KV heads' cache in --gpu-gib, its share of the host memory); the batch is
+    /// the whole model's. Needs no GPU with --gpu-gib.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
     #[command(flatten)]
     shadowkv: ShadowKvArgs,
 }
@@ -156,6 +162,24 @@ pub fn fit(
     budget: Budget,
 ) -> Result<ModeFit, Box<dyn std::error::Error>> {
     let weights = weight_bytes(config);
+    fit_beside(
+        config, weights, params, mode, format, context, generated, budget,
+    )
+}
+
+/// [`fit`] beside `weights` bytes of weights: a tensor-parallel rank's plan has `config` its
+/// rank's shape ([`ShardPlan::rank_config`]) and `weights` its share.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_beside(
+    config: &ModelConfig,
+    weights: u64,
+    params: &ShadowKvParams,
+    mode: AttentionMode,
+    format: ValueFormat,
+    context: usize,
+    generated: usize,
+    budget: Budget,
+) -> Result<ModeFit, Box<dyn std::error::Error>> {
     let room = budget.gpu_bytes.saturating_sub(weights + GPU_RESERVE_BYTES);
     let kv_row = config.kv_dim() as u64 * 2;
     let Some(home) = mode.value_home() else {
@@ -300,8 +324,10 @@ pub fn prefill_transient_bytes(config: &ModelConfig, context: usize) -> u64 {
 
 /// Every mode (or only `only`), the ShadowKV modes in each of `formats`, for the `plan`
 /// command.
+#[allow(clippy::too_many_arguments)]
 pub fn fits(
     config: &ModelConfig,
+    weights: u64,
     params: &ShadowKvParams,
     only: Option<AttentionMode>,
     formats: &[ValueFormat],
@@ -321,12 +347,34 @@ pub fn fits(
             _ => formats,
         };
         for &format in mode_formats {
-            out.push(fit(
-                config, params, mode, format, context, generated, budget,
+            out.push(fit_beside(
+                config, weights, params, mode, format, context, generated, budget,
             )?);
         }
     }
     Ok(out)
+}
+
+/// One rank's view of a model split over `gpus` GPUs: its shape, its weight bytes and its
+/// budget (each GPU's memory whole, the host's memory shared evenly). One GPU: the model.
+pub fn rank_view(
+    config: &ModelConfig,
+    gpus: usize,
+    budget: Budget,
+) -> Result<(ModelConfig, u64, Budget), Box<dyn std::error::Error>> {
+    let plan = ShardPlan::new(config, gpus)?;
+    if gpus == 1 {
+        return Ok((config.clone(), weight_bytes(config), budget));
+    }
+    let rank_budget = Budget {
+        host_bytes: budget.host_bytes / gpus as u64,
+        ..budget
+    };
+    Ok((
+        plan.rank_config(),
+        plan.rank_parameters() as u64 * 2,
+        rank_budget,
+    ))
 }
 
 /// A mode's name as the tables print it.
@@ -339,21 +387,55 @@ pub fn mode_label(mode: AttentionMode) -> &'static str {
 }
 
 pub fn run(args: PlanArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let config = model_config(&args.model)?;
+    let whole = model_config(&args.model)?;
     let params = args.shadowkv.params();
-    let budget = Budget::measure(args.gpu_gib, args.host_gib)?;
+    // The split is checked before the GPU is measured: it is arithmetic.
+    ShardPlan::new(&whole, args.gpus)?;
+    if args.gpus > 1 && args.shadowkv.value_tier_bytes()?.is_some() {
+        return Err("--value-tier-gib is planned for one GPU; leave out --gpus".into());
+    }
+    let (config, weights, budget) = rank_view(
+        &whole,
+        args.gpus,
+        Budget::measure(args.gpu_gib, args.host_gib)?,
+    )?;
+    if args.gpus > 1 && params.rank > config.kv_dim() {
+        return Err(format!(
+            "--rank {} is past a rank's keys: each of the {} GPUs factorises its {} KV heads' \
+             keys, {} wide; give --rank {} or less",
+            params.rank,
+            args.gpus,
+            config.kv_heads,
+            config.kv_dim(),
+            config.kv_dim()
+        )
+        .into());
+    }
+    if args.gpus > 1 {
+        println!(
+            "tensor parallelism over {} GPUs: each rank holds {} of {} heads, {} of {} KV heads, {} of {} MLP columns; per rank:",
+            args.gpus,
+            config.heads,
+            whole.heads,
+            config.kv_heads,
+            whole.kv_heads,
+            config.ffn,
+            whole.ffn
+        );
+    }
     println!(
         "{} at {} tokens of context (+{} generated): {:.2} GiB GPU ({:.2} GiB of bf16 weights, {:.2} GiB kept back), {:.2} GiB pinned host",
         args.model,
         args.context,
         args.generated,
         budget.gpu_bytes as f64 / GIB,
-        weight_bytes(&config) as f64 / GIB,
+        weights as f64 / GIB,
         GPU_RESERVE_BYTES as f64 / GIB,
         budget.host_bytes as f64 / GIB
     );
     for fit in fits(
         &config,
+        weights,
         &params,
         args.attention,
         &args.shadowkv.value_formats(),
@@ -420,6 +502,7 @@ mod tests {
         let budget = Budget::measure(Some(139.0), Some(1000.0)).unwrap();
         let fits = fits(
             &config,
+            weight_bytes(&config),
             &ShadowKvParams::default(),
             None,
             &[ValueFormat::Bf16],
@@ -450,6 +533,53 @@ mod tests {
         .unwrap();
         assert!(host.limit.starts_with("host memory"), "{host:?}");
         assert!(host.cache_host_bytes <= 40 << 30);
+    }
+
+    /// Llama-3-70B does not fit one 80 GiB GPU in bf16; split over 4 each rank holds a
+    /// quarter of the weights and of the KV heads, and the batch grows with the split.
+    #[test]
+    fn plans_llama_3_70b_over_several_gpus_without_a_gpu() {
+        let config = ModelConfig::named("llama-3-70b").unwrap();
+        let params = ShadowKvParams {
+            rank: 128,
+            ..ShadowKvParams::default()
+        };
+        let budget = Budget::measure(Some(80.0), Some(1000.0)).unwrap();
+        let batch = |gpus: usize, mode| {
+            let (rank, weights, rank_budget) = rank_view(&config, gpus, budget).unwrap();
+            fit_beside(
+                &rank,
+                weights,
+                &params,
+                mode,
+                ValueFormat::Bf16,
+                32_768,
+                256,
+                rank_budget,
+            )
+            .unwrap()
+            .batch
+        };
+        assert_eq!(batch(1, AttentionMode::Full), 0);
+        let (rank, weights, _) = rank_view(&config, 4, budget).unwrap();
+        assert_eq!((rank.heads, rank.kv_heads, rank.ffn), (16, 2, 7168));
+        // A quarter of 141 GB of weights, the whole embedding beside them (2.1 GB).
+        assert!(
+            (36_500_000_000..37_000_000_000).contains(&weights),
+            "{weights}"
+        );
+        for mode in [AttentionMode::Full, AttentionMode::Shadowkv] {
+            assert!(batch(4, mode) > 0);
+            assert!(batch(8, mode) > batch(4, mode), "{mode:?}");
+        }
+        assert!(batch(4, AttentionMode::Shadowkv) > batch(4, AttentionMode::Full));
+        let error = rank_view(&ModelConfig::named("smollm2-135m").unwrap(), 2, budget)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("3 KV heads cannot be split evenly over 2 GPUs"),
+            "{error}"
+        );
     }
 
     /// A value tier comes out of the batch's GPU memory; one that leaves no room for a

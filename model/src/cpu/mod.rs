@@ -26,6 +26,9 @@ pub struct CpuModel {
     rope: RopeTable,
     /// The sliding-window layers' RoPE, when the model has such layers.
     local_rope: Option<RopeTable>,
+    /// The rows of the whole vocabulary that `weights.embedding` and the output head hold:
+    /// all of them, or a tensor-parallel rank's slice ([`crate::tp`]).
+    vocab_rows: std::ops::Range<usize>,
 }
 
 /// One sequence's KV cache: per layer, post-RoPE keys and values `[kv_heads, len, head_dim]`
@@ -57,6 +60,9 @@ pub struct CpuCache {
     pre_rope_keys: Vec<Vec<f32>>,
     /// Whether the prompt is closed: no more pieces, shadows built where they fit.
     prompt_complete: bool,
+    /// ShadowKV mode: the KV heads are factorised in this many independent groups (0 or 1:
+    /// one factorisation over all of them); see [`CpuCache::shadowkv_grouped`].
+    factor_groups: usize,
 }
 
 impl CpuCache {
@@ -78,6 +84,22 @@ impl CpuCache {
             shadowkv: Some(params),
             pre_rope_keys: vec![Vec::new(); config.layers],
             ..CpuCache::new(config)
+        })
+    }
+
+    /// [`CpuCache::shadowkv`] with each layer's KV heads factorised in `groups` independent
+    /// groups of consecutive heads, each to `params.rank`: the unsplit model's equivalent of
+    /// ShadowKV under `groups`-way tensor parallelism, where each rank factorises its own KV
+    /// heads' keys.
+    pub fn shadowkv_grouped(
+        config: &ModelConfig,
+        params: ShadowKvParams,
+        groups: usize,
+    ) -> Result<CpuCache> {
+        shadowkv::check_groups(config, &params, groups)?;
+        Ok(CpuCache {
+            factor_groups: groups,
+            ..CpuCache::shadowkv(config, params)?
         })
     }
 
@@ -170,6 +192,18 @@ impl CpuCache {
 
 impl CpuModel {
     pub fn new(config: ModelConfig, weights: ModelWeights<Matrix>) -> CpuModel {
+        let vocab_rows = 0..config.vocab;
+        CpuModel::shard(config, weights, vocab_rows)
+    }
+
+    /// A rank of a tensor-parallel split: `config` is the rank's shape (its heads, KV heads
+    /// and MLP columns; the whole vocabulary), `weights` its slices, whose embedding and
+    /// output head hold rows `vocab_rows` of the vocabulary.
+    pub(crate) fn shard(
+        config: ModelConfig,
+        weights: ModelWeights<Matrix>,
+        vocab_rows: std::ops::Range<usize>,
+    ) -> CpuModel {
         let rope = RopeTable::new(&config);
         let local_rope = config
             .block
@@ -180,6 +214,7 @@ impl CpuModel {
             weights,
             rope,
             local_rope,
+            vocab_rows,
         }
     }
 
@@ -208,22 +243,11 @@ impl CpuModel {
     /// sparse budget is an error that leaves the cache as it was; use
     /// [`CpuModel::finish_prompt`] to keep such a sequence on exact attention instead.
     pub fn forward(&self, cache: &mut CpuCache, tokens: &[u32]) -> Result<Vec<f32>> {
-        match cache.shadowkv {
-            Some(params) if !cache.prompt_complete => {
-                self.check_tokens(tokens)?;
-                params
-                    .check_prompt(cache.len + tokens.len())
-                    .map_err(Error::Parameters)?;
-                let logits = self.run(cache, tokens)?;
-                self.finish_prompt(cache)?;
-                Ok(logits)
-            }
-            _ => {
-                let logits = self.run(cache, tokens)?;
-                cache.prompt_complete = true;
-                Ok(logits)
-            }
-        }
+        forward_shards(
+            std::slice::from_ref(self),
+            std::slice::from_mut(cache),
+            tokens,
+        )
     }
 
     /// Runs one piece of the prompt after what `cache` holds, with full attention, and returns
@@ -231,14 +255,11 @@ impl CpuModel {
     /// shadows that [`CpuModel::finish_prompt`] builds. Splitting a prompt into pieces gives
     /// bit for bit the cache and logits of one call.
     pub fn prefill_piece(&self, cache: &mut CpuCache, tokens: &[u32]) -> Result<Vec<f32>> {
-        if cache.prompt_complete {
-            return Err(invalid_input(
-                "cache",
-                "holds a complete prompt",
-                "a cache whose prompt is still open for another piece",
-            ));
-        }
-        self.run(cache, tokens)
+        prefill_piece_shards(
+            std::slice::from_ref(self),
+            std::slice::from_mut(cache),
+            tokens,
+        )
     }
 
     /// Closes the prompt: no more pieces. In ShadowKV mode each layer's shadow is built from
@@ -266,7 +287,14 @@ impl CpuModel {
                         }
                         let post_rope: Vec<&[f32]> =
                             post_rope.iter().map(|k| k.as_slice()).collect();
-                        ShadowLayer::build(&self.config, &params, pre_rope, &post_rope).map(Some)
+                        ShadowLayer::build_grouped(
+                            &self.config,
+                            &params,
+                            pre_rope,
+                            &post_rope,
+                            cache.factor_groups.max(1),
+                        )
+                        .map(Some)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 cache.shadows = shadows;
@@ -292,146 +320,179 @@ impl CpuModel {
         Ok(())
     }
 
-    /// Runs `tokens` after what `cache` holds: full attention while the prompt is open or
-    /// when the cache has no shadows, ShadowKV attention through the shadows otherwise.
-    fn run(&self, cache: &mut CpuCache, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.check_tokens(tokens)?;
-        let config = &self.config;
-        let (count, hidden) = (tokens.len(), config.hidden);
-        let start = cache.len;
-        let keep_pre_rope = cache.shadowkv.is_some() && !cache.prompt_complete;
-        let block = config.block;
-        let mut x: Vec<f32> = tokens
-            .iter()
-            .flat_map(|&t| {
-                let row = t as usize * hidden;
-                self.weights.embedding.data[row..row + hidden]
-                    .iter()
-                    .map(move |&v| v * block.embedding_scale)
-            })
-            .collect();
-        for (layer, weights) in self.weights.layers.iter().enumerate() {
-            let (window, rope) = (self.window(layer), self.rope_of(layer));
-            let norms = &weights.extra_norms;
-            let normed = rms_norm(&x, &weights.attn_norm, config.rms_eps);
-            let mut q = matmul(&normed, &weights.q);
-            let mut k = matmul(&normed, &weights.k);
-            let mut v = matmul(&normed, &weights.v);
-            if let Some([q_bias, k_bias, v_bias]) = &weights.qkv_bias {
-                add_rows(&mut q, q_bias);
-                add_rows(&mut k, k_bias);
-                add_rows(&mut v, v_bias);
+    /// Adds the embedding rows of `tokens` that this model holds to `x` (`[tokens, hidden]`):
+    /// every row when unsplit; summed over the ranks of a vocabulary split, as the all-reduce
+    /// of the embedding does, each row comes from its one owner.
+    fn embed_into(&self, tokens: &[u32], x: &mut [f32]) {
+        let hidden = self.config.hidden;
+        for (&token, out) in tokens.iter().zip(x.chunks_exact_mut(hidden)) {
+            let token = token as usize;
+            if self.vocab_rows.contains(&token) {
+                let row = (token - self.vocab_rows.start) * hidden;
+                let scale = self.config.block.embedding_scale;
+                out.iter_mut()
+                    .zip(&self.weights.embedding.data[row..row + hidden])
+                    .for_each(|(o, &e)| *o += e * scale);
             }
-            if let (Some(q_norm), Some(k_norm)) = (&norms.q_norm, &norms.k_norm) {
-                q = rms_norm(&q, q_norm, config.rms_eps);
-                k = rms_norm(&k, k_norm, config.rms_eps);
-            }
-            if keep_pre_rope && window.is_none() {
-                cache.pre_rope_keys[layer].extend_from_slice(&k);
-            }
-            for t in 0..count {
-                let position = (start + t) as u32;
-                rope_rows(
-                    &mut q[t * config.q_dim()..(t + 1) * config.q_dim()],
-                    config.head_dim,
-                    position,
-                    rope,
-                );
-                rope_rows(
-                    &mut k[t * config.kv_dim()..(t + 1) * config.kv_dim()],
-                    config.head_dim,
-                    position,
-                    rope,
-                );
-            }
-            if block.query_scale != 1.0 {
-                q.iter_mut().for_each(|v| *v *= block.query_scale);
-            }
-            for head in 0..config.kv_heads {
-                for t in 0..count {
-                    let row = t * config.kv_dim() + head * config.head_dim;
-                    cache.keys[layer][head].extend_from_slice(&k[row..row + config.head_dim]);
-                    cache.values[layer][head].extend_from_slice(&v[row..row + config.head_dim]);
-                }
-            }
-            // A sliding-window layer has no shadow: it records no selections, and its
-            // attention is exact (recall 1 for every query head).
-            if let Some(None) = cache.shadows.get(layer) {
-                if let Some(selections) = cache.selections.as_mut() {
-                    selections.truncate(layer);
-                    selections.push(Vec::new());
-                }
-                if let Some(recalls) = cache.recalls.as_mut() {
-                    recalls.truncate(layer);
-                    recalls.push(vec![1.0; config.heads]);
-                }
-            }
-            let shadow = cache.shadows.get(layer).and_then(Option::as_ref);
-            let attended = match (cache.shadowkv, shadow) {
-                (Some(params), Some(shadow)) => {
-                    if let Some(selections) = cache.selections.as_mut() {
-                        let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
-                        let width = config.group() * config.head_dim;
-                        selections.truncate(layer);
-                        selections.push(
-                            (0..config.kv_heads)
-                                .map(|h| {
-                                    let queries = &last[h * width..(h + 1) * width];
-                                    shadow.select(config, &params, h, queries)
-                                })
-                                .collect(),
-                        );
-                    }
-                    if cache.recalls.is_some() {
-                        let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
-                        let exact = |head: usize| cache.head(layer, head);
-                        let recall =
-                            shadow.recall(config, &params, last, start + count - 1, &exact);
-                        if let Some(recalls) = cache.recalls.as_mut() {
-                            recalls.truncate(layer);
-                            recalls.push(recall);
-                        }
-                    }
-                    let mut out = Vec::with_capacity(count * config.q_dim());
-                    for t in 0..count {
-                        let query = &q[t * config.q_dim()..(t + 1) * config.q_dim()];
-                        let exact = |head: usize| cache.head(layer, head);
-                        out.extend(shadow.attend(
-                            config,
-                            &params,
-                            query,
-                            start + t,
-                            &exact,
-                            &self.rope,
-                        ));
-                    }
-                    out
-                }
-                _ => self.attention(cache, layer, &q, start, count, window),
-            };
-            let mut projected = matmul(&attended, &weights.o);
-            if let Some(norm) = &norms.post_attention_norm {
-                projected = rms_norm(&projected, norm, config.rms_eps);
-            }
-            add_assign(&mut x, &projected);
-            let normed = rms_norm(&x, &weights.ffn_norm, config.rms_eps);
-            let gate = matmul(&normed, &weights.gate);
-            let up = matmul(&normed, &weights.up);
-            let activated: Vec<f32> = gate
-                .iter()
-                .zip(&up)
-                .map(|(&g, &u)| block.activation.apply(g) * u)
-                .collect();
-            let mut down = matmul(&activated, &weights.down);
-            if let Some(norm) = &norms.post_ffn_norm {
-                down = rms_norm(&down, norm, config.rms_eps);
-            }
-            add_assign(&mut x, &down);
         }
-        cache.len += count;
-        let last = &x[(count - 1) * hidden..];
-        let normed = rms_norm(last, &self.weights.output_norm, config.rms_eps);
-        Ok(matmul(&normed, self.weights.output_head()))
+    }
+
+    /// Layer `layer`'s attention block over `x` (`[count, hidden]`, positions `start..`):
+    /// appends the tokens' keys and values to `cache` and returns the O projection's output,
+    /// which the residual stream adds (a rank's partial sum under tensor parallelism, normed
+    /// by [`CpuModel::post_attention`] once summed). Full attention while the prompt is open,
+    /// when the cache has no shadows and on sliding-window layers; ShadowKV attention through
+    /// the shadows otherwise.
+    fn attention_block(
+        &self,
+        cache: &mut CpuCache,
+        layer: usize,
+        x: &[f32],
+        start: usize,
+        count: usize,
+    ) -> Vec<f32> {
+        let config = &self.config;
+        let weights = &self.weights.layers[layer];
+        let keep_pre_rope = cache.shadowkv.is_some() && !cache.prompt_complete;
+        let (window, rope) = (self.window(layer), self.rope_of(layer));
+        let norms = &weights.extra_norms;
+        let normed = rms_norm(x, &weights.attn_norm, config.rms_eps);
+        let mut q = matmul(&normed, &weights.q);
+        let mut k = matmul(&normed, &weights.k);
+        let mut v = matmul(&normed, &weights.v);
+        if let Some([q_bias, k_bias, v_bias]) = &weights.qkv_bias {
+            add_rows(&mut q, q_bias);
+            add_rows(&mut k, k_bias);
+            add_rows(&mut v, v_bias);
+        }
+        if let (Some(q_norm), Some(k_norm)) = (&norms.q_norm, &norms.k_norm) {
+            q = rms_norm(&q, q_norm, config.rms_eps);
+            k = rms_norm(&k, k_norm, config.rms_eps);
+        }
+        if keep_pre_rope && window.is_none() {
+            cache.pre_rope_keys[layer].extend_from_slice(&k);
+        }
+        for t in 0..count {
+            let position = (start + t) as u32;
+            rope_rows(
+                &mut q[t * config.q_dim()..(t + 1) * config.q_dim()],
+                config.head_dim,
+                position,
+                rope,
+            );
+            rope_rows(
+                &mut k[t * config.kv_dim()..(t + 1) * config.kv_dim()],
+                config.head_dim,
+                position,
+                rope,
+            );
+        }
+        if config.block.query_scale != 1.0 {
+            let scale = config.block.query_scale;
+            q.iter_mut().for_each(|v| *v *= scale);
+        }
+        for head in 0..config.kv_heads {
+            for t in 0..count {
+                let row = t * config.kv_dim() + head * config.head_dim;
+                cache.keys[layer][head].extend_from_slice(&k[row..row + config.head_dim]);
+                cache.values[layer][head].extend_from_slice(&v[row..row + config.head_dim]);
+            }
+        }
+        // A sliding-window layer has no shadow: it records no selections, and its attention
+        // is exact (recall 1 for every query head).
+        if let Some(None) = cache.shadows.get(layer) {
+            if let Some(selections) = cache.selections.as_mut() {
+                selections.truncate(layer);
+                selections.push(Vec::new());
+            }
+            if let Some(recalls) = cache.recalls.as_mut() {
+                recalls.truncate(layer);
+                recalls.push(vec![1.0; config.heads]);
+            }
+        }
+        let shadow = cache.shadows.get(layer).and_then(Option::as_ref);
+        let attended = match (cache.shadowkv, shadow) {
+            (Some(params), Some(shadow)) => {
+                if let Some(selections) = cache.selections.as_mut() {
+                    let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
+                    let width = config.group() * config.head_dim;
+                    selections.truncate(layer);
+                    selections.push(
+                        (0..config.kv_heads)
+                            .map(|h| {
+                                let queries = &last[h * width..(h + 1) * width];
+                                shadow.select(config, &params, h, queries)
+                            })
+                            .collect(),
+                    );
+                }
+                if cache.recalls.is_some() {
+                    let last = &q[(count - 1) * config.q_dim()..count * config.q_dim()];
+                    let exact = |head: usize| cache.head(layer, head);
+                    let recall = shadow.recall(config, &params, last, start + count - 1, &exact);
+                    if let Some(recalls) = cache.recalls.as_mut() {
+                        recalls.truncate(layer);
+                        recalls.push(recall);
+                    }
+                }
+                let mut out = Vec::with_capacity(count * config.q_dim());
+                for t in 0..count {
+                    let query = &q[t * config.q_dim()..(t + 1) * config.q_dim()];
+                    let exact = |head: usize| cache.head(layer, head);
+                    out.extend(shadow.attend(
+                        config,
+                        &params,
+                        query,
+                        start + t,
+                        &exact,
+                        &self.rope,
+                    ));
+                }
+                out
+            }
+            _ => self.attention(cache, layer, &q, start, count, window),
+        };
+        matmul(&attended, &weights.o)
+    }
+
+    /// The attention block's summed output as the residual stream takes it: RMS-normed where
+    /// the block norms it (Gemma-3's `post_attention_norm`).
+    fn post_attention(&self, layer: usize, summed: Vec<f32>) -> Vec<f32> {
+        match &self.weights.layers[layer].extra_norms.post_attention_norm {
+            Some(norm) => rms_norm(&summed, norm, self.config.rms_eps),
+            None => summed,
+        }
+    }
+
+    /// The MLP block's summed output as the residual stream takes it: RMS-normed where the
+    /// block norms it (Gemma-3's `post_ffw_norm`).
+    fn post_mlp(&self, layer: usize, summed: Vec<f32>) -> Vec<f32> {
+        match &self.weights.layers[layer].extra_norms.post_ffn_norm {
+            Some(norm) => rms_norm(&summed, norm, self.config.rms_eps),
+            None => summed,
+        }
+    }
+
+    /// Layer `layer`'s MLP block over `x`: the down projection's output, which the residual
+    /// stream adds (a rank's partial sum under tensor parallelism).
+    fn mlp_block(&self, layer: usize, x: &[f32]) -> Vec<f32> {
+        let weights = &self.weights.layers[layer];
+        let normed = rms_norm(x, &weights.ffn_norm, self.config.rms_eps);
+        let gate = matmul(&normed, &weights.gate);
+        let up = matmul(&normed, &weights.up);
+        let activation = self.config.block.activation;
+        let activated: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| activation.apply(g) * u)
+            .collect();
+        matmul(&activated, &weights.down)
+    }
+
+    /// The logits of the rows of the vocabulary this model holds, for the last hidden state.
+    fn head_logits(&self, last: &[f32]) -> Vec<f32> {
+        let normed = rms_norm(last, &self.weights.output_norm, self.config.rms_eps);
+        matmul(&normed, self.weights.output_head())
     }
 
     /// Causal GQA attention of `count` new queries (positions `start..`) over the cache; with
@@ -472,4 +533,91 @@ impl CpuModel {
         }
         out
     }
+}
+
+/// [`CpuModel::forward`] over the ranks of a tensor-parallel split (one model: unsplit), each
+/// with its own cache; the caches move in step.
+pub(crate) fn forward_shards(
+    shards: &[CpuModel],
+    caches: &mut [CpuCache],
+    tokens: &[u32],
+) -> Result<Vec<f32>> {
+    let lead = &caches[0];
+    match lead.shadowkv {
+        Some(params) if !lead.prompt_complete => {
+            shards[0].check_tokens(tokens)?;
+            params
+                .check_prompt(lead.len + tokens.len())
+                .map_err(Error::Parameters)?;
+            let logits = run_shards(shards, caches, tokens)?;
+            finish_prompt_shards(shards, caches)?;
+            Ok(logits)
+        }
+        _ => {
+            let logits = run_shards(shards, caches, tokens)?;
+            caches.iter_mut().for_each(|c| c.prompt_complete = true);
+            Ok(logits)
+        }
+    }
+}
+
+/// [`CpuModel::prefill_piece`] over the ranks of a tensor-parallel split.
+pub(crate) fn prefill_piece_shards(
+    shards: &[CpuModel],
+    caches: &mut [CpuCache],
+    tokens: &[u32],
+) -> Result<Vec<f32>> {
+    if caches[0].prompt_complete {
+        return Err(invalid_input(
+            "cache",
+            "holds a complete prompt",
+            "a cache whose prompt is still open for another piece",
+        ));
+    }
+    run_shards(shards, caches, tokens)
+}
+
+/// [`CpuModel::finish_prompt`] over the ranks of a tensor-parallel split: each rank builds
+/// the shadows of its own KV heads.
+pub(crate) fn finish_prompt_shards(shards: &[CpuModel], caches: &mut [CpuCache]) -> Result<()> {
+    shards
+        .iter()
+        .zip(caches)
+        .try_for_each(|(shard, cache)| shard.finish_prompt(cache))
+}
+
+/// Runs `tokens` through every rank of a split (one model: unsplit) after what the caches
+/// hold, adding the ranks' partial outputs of each block before the residual stream takes
+/// them, as the all-reduce does; returns the last token's logits, the ranks' vocabulary
+/// slices in rank order.
+fn run_shards(shards: &[CpuModel], caches: &mut [CpuCache], tokens: &[u32]) -> Result<Vec<f32>> {
+    let config = &shards[0].config;
+    shards[0].check_tokens(tokens)?;
+    let (count, hidden) = (tokens.len(), config.hidden);
+    let start = caches[0].len;
+    let mut x = vec![0.0f32; count * hidden];
+    for shard in shards {
+        shard.embed_into(tokens, &mut x);
+    }
+    for layer in 0..config.layers {
+        let mut reduced = vec![0.0f32; count * hidden];
+        for (shard, cache) in shards.iter().zip(caches.iter_mut()) {
+            add_assign(
+                &mut reduced,
+                &shard.attention_block(cache, layer, &x, start, count),
+            );
+        }
+        add_assign(&mut x, &shards[0].post_attention(layer, reduced));
+        let mut reduced = vec![0.0f32; count * hidden];
+        for shard in shards {
+            add_assign(&mut reduced, &shard.mlp_block(layer, &x));
+        }
+        add_assign(&mut x, &shards[0].post_mlp(layer, reduced));
+    }
+    caches.iter_mut().for_each(|c| c.len += count);
+    let last = &x[(count - 1) * hidden..];
+    Ok(shards
+        .iter()
+        .flat_map(|shard| shard.head_logits(last))
+        .collect())
 }

@@ -12,7 +12,7 @@ use shadowkv::reference::factorise::factorise;
 
 use super::math::{dot, rope_rows, softmax_in_place, RopeTable};
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{invalid_input, Error, Result};
 
 /// Checks `params` against the kernels' limits and the model's key width.
 pub fn validate(params: &ShadowKvParams, config: &ModelConfig) -> Result<()> {
@@ -21,15 +21,38 @@ pub fn validate(params: &ShadowKvParams, config: &ModelConfig) -> Result<()> {
         .map_err(Error::Parameters)
 }
 
+/// Checks that `groups` factor groups split the KV heads evenly and that each group's keys
+/// (`kv_dim / groups` wide) are at least `params.rank` wide.
+pub fn check_groups(config: &ModelConfig, params: &ShadowKvParams, groups: usize) -> Result<()> {
+    if groups == 0 || !config.kv_heads.is_multiple_of(groups) {
+        return Err(invalid_input(
+            "groups",
+            format!("is {groups} for {} KV heads", config.kv_heads),
+            "a positive divisor of the KV heads",
+        ));
+    }
+    let width = config.kv_dim() / groups;
+    if params.rank > width {
+        return Err(invalid_input(
+            "groups",
+            format!("is {groups}: each group's keys are {width} wide"),
+            format!("groups at least as wide as the rank {}", params.rank),
+        ));
+    }
+    Ok(())
+}
+
 /// One layer's shadow of one sequence's prompt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShadowLayer {
     prompt_len: usize,
     /// Chunks outside the local window (`n_chunks`).
     chunks: usize,
-    /// `[prompt_len, rank]` and `[rank, kv_dim]`: pre-RoPE keys ≈ `a · bm`.
-    a: Vec<f32>,
-    bm: Vec<f32>,
+    /// Per factor group (KV heads `g * width / head_dim..`, see [`ShadowLayer::build_grouped`]):
+    /// `[prompt_len, rank]` and `[rank, width]`, the group's pre-RoPE keys ≈ `a · bm`.
+    factors: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Columns of each factor group (`kv_dim / groups`).
+    group_width: usize,
     /// Per KV head: the outlier chunk ids, then the remaining chunk ids and their landmarks.
     outliers: Vec<Vec<usize>>,
     chunk_ids: Vec<Vec<usize>>,
@@ -45,17 +68,40 @@ impl ShadowLayer {
         pre_rope_keys: &[f32],
         post_rope_keys: &[&[f32]],
     ) -> Result<ShadowLayer> {
+        ShadowLayer::build_grouped(config, params, pre_rope_keys, post_rope_keys, 1)
+    }
+
+    /// [`ShadowLayer::build`] with the KV heads factorised in `groups` independent groups of
+    /// `kv_heads / groups` consecutive heads, each to rank `params.rank`: what `groups` ranks
+    /// of a tensor-parallel split compute, each over its own KV heads' keys.
+    pub fn build_grouped(
+        config: &ModelConfig,
+        params: &ShadowKvParams,
+        pre_rope_keys: &[f32],
+        post_rope_keys: &[&[f32]],
+        groups: usize,
+    ) -> Result<ShadowLayer> {
         let (kv_dim, head_dim, c) = (config.kv_dim(), config.head_dim, params.chunk_size);
+        check_groups(config, params, groups)?;
         let prompt_len = pre_rope_keys.len() / kv_dim;
         params.check_prompt(prompt_len).map_err(Error::Parameters)?;
         let chunks = params.prompt_chunks(prompt_len);
         let outliers_per_head = params.outlier_chunks.min(chunks);
-        let (a, bm) = factorise(pre_rope_keys, kv_dim, params.rank);
+        let group_width = kv_dim / groups;
+        let factors = (0..groups)
+            .map(|g| {
+                let columns: Vec<f32> = pre_rope_keys
+                    .chunks_exact(kv_dim)
+                    .flat_map(|row| row[g * group_width..(g + 1) * group_width].iter().copied())
+                    .collect();
+                factorise(&columns, group_width, params.rank)
+            })
+            .collect();
         let mut layer = ShadowLayer {
             prompt_len,
             chunks,
-            a,
-            bm,
+            factors,
+            group_width,
             outliers: Vec::new(),
             chunk_ids: Vec::new(),
             landmarks: Vec::new(),
@@ -143,13 +189,16 @@ impl ShadowLayer {
         chunk: usize,
         rope: &RopeTable,
     ) -> Vec<f32> {
-        let (head_dim, kv_dim, rank) = (config.head_dim, config.kv_dim(), params.rank);
+        let (head_dim, width, rank) = (config.head_dim, self.group_width, params.rank);
+        let heads_per_group = width / head_dim;
+        let (a, bm) = &self.factors[kv_head / heads_per_group];
+        let column = (kv_head % heads_per_group) * head_dim;
         let mut keys = vec![0.0f32; params.chunk_size * head_dim];
         for (i, key) in keys.chunks_exact_mut(head_dim).enumerate() {
             let position = chunk * params.chunk_size + i;
-            let a_row = &self.a[position * rank..(position + 1) * rank];
+            let a_row = &a[position * rank..(position + 1) * rank];
             for (component, &a) in a_row.iter().enumerate() {
-                let b_row = &self.bm[component * kv_dim + kv_head * head_dim..][..head_dim];
+                let b_row = &bm[component * width + column..][..head_dim];
                 key.iter_mut().zip(b_row).for_each(|(k, b)| *k += a * b);
             }
             rope_rows(key, head_dim, position as u32, rope);

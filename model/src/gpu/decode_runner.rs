@@ -281,7 +281,7 @@ impl GpuModel {
             buffers: StepBuffers {
                 activations: Activations::new(self, batch)?,
                 logits: stream
-                    .alloc_zeros::<f32>(batch * self.config.vocab)
+                    .alloc_zeros::<f32>(batch * self.logit_rows())
                     .on_gpu(WHAT)?,
                 next: stream.alloc_zeros::<u32>(batch).on_gpu(WHAT)?,
                 layout,
@@ -318,7 +318,7 @@ impl GpuModel {
         self.linear
             .forward(&activations.normed, self.weights.head(), hidden, logits)
             .on_gpu(WHAT)?;
-        let vocab = self.config.vocab;
+        let vocab = self.logit_rows();
         shadowkv::kernels::sampling::argmax(&self.gpu, self.stream(), &*logits, vocab, next)
             .on_gpu(WHAT)
     }

@@ -134,9 +134,9 @@ impl GpuModel {
         const WHAT: &str = "picking the most likely tokens";
         let stream = self.stream();
         let mut ids = stream
-            .alloc_zeros::<u32>(logits.len() / self.config.vocab)
+            .alloc_zeros::<u32>(logits.len() / self.logit_rows())
             .on_gpu(WHAT)?;
-        shadowkv::kernels::sampling::argmax(&self.gpu, stream, logits, self.config.vocab, &mut ids)
+        shadowkv::kernels::sampling::argmax(&self.gpu, stream, logits, self.logit_rows(), &mut ids)
             .on_gpu(WHAT)?;
         stream.clone_dtoh(&ids).on_gpu(WHAT)
     }
@@ -328,7 +328,7 @@ impl GpuModel {
         // Logits only for each sequence's last token.
         let head = self.weights.head();
         let mut logits = stream
-            .alloc_zeros::<f32>(rows.len() * config.vocab)
+            .alloc_zeros::<f32>(rows.len() * self.logit_rows())
             .on_gpu(WHAT)?;
         if let [row] = rows[..] {
             let last = normed.slice(row * hidden..(row + 1) * hidden);
@@ -406,6 +406,7 @@ impl GpuModel {
             self.linear
                 .forward(&*attended, &weights.o, config.q_dim(), projected)
                 .on_gpu(WHAT)?;
+            self.reduce_partial_sums(projected)?;
             let delta = (&*projected, weights.post_attention_norm.as_ref());
             self.add_and_norm(x, Some(delta), &weights.ffn_norm, normed)?;
             self.linear
@@ -416,6 +417,7 @@ impl GpuModel {
             self.linear
                 .forward(&*activated, &weights.down, ffn, mlp_out)
                 .on_gpu(WHAT)?;
+            self.reduce_partial_sums(mlp_out)?;
             previous = Some(weights);
         }
         let delta = previous.map(|p| (&*mlp_out, p.post_ffn_norm.as_ref()));
@@ -765,6 +767,7 @@ impl GpuModel {
         self.linear
             .forward(&attended, &weights.o, config.q_dim(), &mut projected)
             .on_gpu(WHAT)?;
+        self.reduce_partial_sums(&mut projected)?;
         let delta = (&projected, weights.post_attention_norm.as_ref());
         self.add_and_norm(x, Some(delta), &weights.ffn_norm, &mut normed)?;
         self.linear
@@ -782,6 +785,7 @@ impl GpuModel {
         self.linear
             .forward(&activated, &weights.down, ffn, &mut mlp_out)
             .on_gpu(WHAT)?;
+        self.reduce_partial_sums(&mut mlp_out)?;
         // The MLP output joins the residual stream now (the all-layers pass adds it at the
         // next layer's input norm, with the same kernel and the same norm weight).
         let next_norm = match self.weights.layers.get(index + 1) {

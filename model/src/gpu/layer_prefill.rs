@@ -215,7 +215,7 @@ impl GpuModel {
         let kv_rows = len * config.kv_dim();
         let mut pre_rope = [alloc(kv_rows)?, alloc(kv_rows)?];
         let mut last_query = alloc(config.q_dim())?;
-        let mut logits = stream.alloc_zeros::<f32>(config.vocab).on_gpu(WHAT)?;
+        let mut logits = stream.alloc_zeros::<f32>(self.logit_rows()).on_gpu(WHAT)?;
         sampler.sample()?;
         let queued = (|| -> Result<()> {
             // The pre-RoPE buffer of the global layer whose factorisation is still pending

@@ -38,6 +38,7 @@ mod model;
 mod shadow;
 mod shadow_cache;
 mod shadow_subset;
+mod shard;
 pub mod step_inputs;
 mod weights;
 
@@ -45,7 +46,7 @@ pub use backend::{GpuBackend, GpuServeCapacity};
 pub use decode_runner::{DecodeRunner, StepMode, StepTiming};
 pub use kv_cache::GpuKvCache;
 pub use layer_prefill::PrefillPeak;
-pub use model::GpuModel;
+pub use model::{GpuModel, PartialSums};
 pub use shadow::SyntheticLayerSeeds;
 pub use shadow_cache::GpuShadowCache;
 

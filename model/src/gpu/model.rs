@@ -2,7 +2,7 @@
 //! run through. The passes over it live in the sibling files (`forward`, `shadow`).
 use std::sync::Arc;
 
-use shadowkv::cudarc::driver::CudaStream;
+use shadowkv::cudarc::driver::{CudaSlice, CudaStream};
 use shadowkv::kernels::layer::QkvShape;
 use shadowkv::linear::Linear;
 use shadowkv::Gpu;
@@ -23,6 +23,16 @@ pub struct GpuModel {
     /// on a split P, so the probabilities keep about 16 bits), or through the decode kernel
     /// with one row per query token.
     pub(super) tiled_prefill: bool,
+    /// Under tensor parallelism: what adds the ranks' partial outputs of each attention and
+    /// MLP block before the residual stream takes them ([`crate::tp`]); `None` on one GPU.
+    pub(super) partial_sums: Option<Arc<dyn PartialSums>>,
+}
+
+/// Adds a block's partial outputs (`[tokens, hidden]` f32, one per rank) in place, on the
+/// model's stream: the all-reduce of a tensor-parallel rank.
+pub trait PartialSums: Send + Sync {
+    /// Replaces `partial` by the sum over the ranks, queued on `stream`.
+    fn all_reduce(&self, stream: &Arc<CudaStream>, partial: &mut CudaSlice<f32>) -> Result<()>;
 }
 
 impl GpuModel {
@@ -43,12 +53,17 @@ impl GpuModel {
         GpuModel::new(gpu, config, weights)
     }
 
-    fn new(gpu: Arc<Gpu>, config: &ModelConfig, weights: GpuWeights) -> Result<GpuModel> {
+    pub(super) fn new(
+        gpu: Arc<Gpu>,
+        config: &ModelConfig,
+        weights: GpuWeights,
+    ) -> Result<GpuModel> {
         Ok(GpuModel {
             config: config.clone(),
             linear: Linear::new(gpu.stream().clone()).on_gpu("creating the cuBLAS handle")?,
             weights,
             tiled_prefill: true,
+            partial_sums: None,
             gpu,
         })
     }
@@ -58,6 +73,25 @@ impl GpuModel {
     /// for long prompts; P·V in f32).
     pub fn set_tiled_prefill(&mut self, tiled: bool) {
         self.tiled_prefill = tiled;
+    }
+
+    /// Makes this model one rank of a tensor-parallel split: `sums` adds the ranks' partial
+    /// block outputs (its weights must be the rank's shard, see `crate::tp`).
+    pub fn set_partial_sums(&mut self, sums: Arc<dyn PartialSums>) {
+        self.partial_sums = Some(sums);
+    }
+
+    /// Adds the ranks' partial sums of `partial` under tensor parallelism; nothing on one GPU.
+    pub(super) fn reduce_partial_sums(&self, partial: &mut CudaSlice<f32>) -> Result<()> {
+        match &self.partial_sums {
+            Some(sums) => sums.all_reduce(self.stream(), partial),
+            None => Ok(()),
+        }
+    }
+
+    /// Rows of the output head: the vocabulary, or a tensor-parallel rank's slice of it.
+    pub fn logit_rows(&self) -> usize {
+        self.weights.head().len() / self.config.hidden
     }
 
     /// The GPU the model lives on.
