@@ -58,6 +58,18 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
                 names.push(shadowkv::kernels::topk::kernel_layout::kernel_name(group));
             }
         }
+        // Group 16: decode attention runs the group-8 kernels; scoring has its own.
+        if kernel_layout::has_kernel(kernel_layout::MAX_GROUP, head_dim) {
+            names.push(shadowkv::kernels::scoring::kernel_layout::kernel_name(
+                kernel_layout::MAX_GROUP,
+                head_dim,
+            ));
+        }
+        if head_dim == kernel_layout::HEAD_DIMS[0] {
+            names.push(shadowkv::kernels::topk::kernel_layout::kernel_name(
+                kernel_layout::MAX_GROUP,
+            ));
+        }
         names.push(shadowkv::kernels::rebuild::kernel_layout::kernel_name(
             head_dim,
         ));
