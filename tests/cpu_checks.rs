@@ -58,6 +58,18 @@ fn every_supported_group_and_head_dim_has_a_compiled_kernel() {
                 names.push(shadowkv::kernels::topk::kernel_layout::kernel_name(group));
             }
         }
+        // Group 16: decode attention runs the group-8 kernels; scoring has its own.
+        if kernel_layout::has_kernel(kernel_layout::MAX_GROUP, head_dim) {
+            names.push(shadowkv::kernels::scoring::kernel_layout::kernel_name(
+                kernel_layout::MAX_GROUP,
+                head_dim,
+            ));
+        }
+        if head_dim == kernel_layout::HEAD_DIMS[0] {
+            names.push(shadowkv::kernels::topk::kernel_layout::kernel_name(
+                kernel_layout::MAX_GROUP,
+            ));
+        }
         names.push(shadowkv::kernels::rebuild::kernel_layout::kernel_name(
             head_dim,
         ));
@@ -463,49 +475,52 @@ fn prefill_plan_counts_tiles_and_causal_flops() {
 
 #[test]
 fn prefill_reference_of_the_last_query_is_decode_attention() {
-    // The last query of a prompt sees every cached token: decode attention over `len`.
-    let (len, head_dim) = (37usize, 64usize);
-    let decode_shape = DecodeAttentionShape {
-        batch: 1,
-        q_heads: 6,
-        kv_heads: 2,
-        head_dim,
-    };
-    let prefill_shape = shadowkv::PrefillAttentionShape {
-        tokens: 3,
-        q_heads: 6,
-        kv_heads: 2,
-        head_dim,
-    };
-    let value = |i: usize| bf16::from_f32(((i * 7919) % 211) as f32 / 105.0 - 1.0);
-    let k: Vec<bf16> = (0..2 * len * head_dim).map(value).collect();
-    let v: Vec<bf16> = (0..2 * len * head_dim).map(|i| value(i + 5)).collect();
-    let q: Vec<bf16> = (0..3 * 6 * head_dim).map(|i| value(i + 11)).collect();
-    let layouts = [layout(0, len as u32, len as u32)];
-    let prefill = reference::prefill_attention::prefill_attention(
-        &prefill_shape,
-        &layouts,
-        &[queries(0, 3, len as u32 - 3)],
-        &q,
-        &k,
-        &v,
-        0.125,
-    );
-    let last = &q[2 * 6 * head_dim..];
-    let decode =
-        reference::attention::decode_attention(&decode_shape, &layouts, last, &k, &v, 0.125);
-    let prefill_last = &prefill[2 * 6 * head_dim..];
-    assert!(relative_error(prefill_last, &decode) < 1e-12);
-    // The first query sees one key fewer than the second.
-    let first_alone = reference::attention::decode_attention(
-        &decode_shape,
-        &[layout(0, len as u32, len as u32 - 2)],
-        &q[..6 * head_dim],
-        &k,
-        &v,
-        0.125,
-    );
-    assert!(relative_error(&prefill[..6 * head_dim], &first_alone) < 1e-12);
+    // The last query of a prompt sees every cached token: decode attention over `len`; at
+    // every head dimension the kernels take.
+    for head_dim in [64usize, 128, 256] {
+        let len = 37usize;
+        let decode_shape = DecodeAttentionShape {
+            batch: 1,
+            q_heads: 6,
+            kv_heads: 2,
+            head_dim,
+        };
+        let prefill_shape = shadowkv::PrefillAttentionShape {
+            tokens: 3,
+            q_heads: 6,
+            kv_heads: 2,
+            head_dim,
+        };
+        let value = |i: usize| bf16::from_f32(((i * 7919) % 211) as f32 / 105.0 - 1.0);
+        let k: Vec<bf16> = (0..2 * len * head_dim).map(value).collect();
+        let v: Vec<bf16> = (0..2 * len * head_dim).map(|i| value(i + 5)).collect();
+        let q: Vec<bf16> = (0..3 * 6 * head_dim).map(|i| value(i + 11)).collect();
+        let layouts = [layout(0, len as u32, len as u32)];
+        let prefill = reference::prefill_attention::prefill_attention(
+            &prefill_shape,
+            &layouts,
+            &[queries(0, 3, len as u32 - 3)],
+            &q,
+            &k,
+            &v,
+            0.125,
+        );
+        let last = &q[2 * 6 * head_dim..];
+        let decode =
+            reference::attention::decode_attention(&decode_shape, &layouts, last, &k, &v, 0.125);
+        let prefill_last = &prefill[2 * 6 * head_dim..];
+        assert!(relative_error(prefill_last, &decode) < 1e-12);
+        // The first query sees one key fewer than the second.
+        let first_alone = reference::attention::decode_attention(
+            &decode_shape,
+            &[layout(0, len as u32, len as u32 - 2)],
+            &q[..6 * head_dim],
+            &k,
+            &v,
+            0.125,
+        );
+        assert!(relative_error(&prefill[..6 * head_dim], &first_alone) < 1e-12);
+    }
 }
 
 #[test]

@@ -57,12 +57,12 @@ fn s<E: std::fmt::Display>(error: E) -> String {
     error.to_string()
 }
 
-/// A random config: group 1..=8 (1, 2 or 4 at d 256), d 64/128/256, c 1..=16, r a multiple
-/// of 16 up to 256, budget.
+/// A random config: group 1..=8 or 16 (1, 2 or 4 at d 256), d 64/128/256, c 1..=16, r a
+/// multiple of 16 up to 256, budget.
 fn config_strategy() -> impl Strategy<Value = ShadowConfig> {
     (
         1usize..=3,
-        1usize..=8,
+        prop_oneof![8 => 1usize..=8, 1 => Just(16usize)],
         prop::sample::select(vec![64usize, 128, 256]),
         prop::sample::select(vec![1usize, 4, 5, 8, 16]),
         1usize..=16,

@@ -48,7 +48,8 @@ pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
 /// Groups compiled at head dimension 256 (decode attention and scoring): those of the models
 /// with such heads, Gemma-3 270M and 1B (4 query heads per KV head), Gemma-2 and the larger
 /// Gemma-3 (2), and 1 for multi-head attention. The other head dimensions have every group up
-/// to [`MAX_GROUP`]; all groups at 256 would add 20 kernels to every PTX module.
+/// to [`MAX_KERNEL_GROUP`] and [`MAX_GROUP`]; all groups at 256 would add 20 kernels to every
+/// PTX module.
 pub const D256_GROUPS: [u32; 3] = [1, 2, 4];
 
 /// Whether kernels are compiled for `group` query heads per KV head at `head_dim`.

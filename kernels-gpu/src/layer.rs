@@ -424,7 +424,7 @@ mod kernel {
             // z = 2 sqrt(2 / pi) (g + 0.044715 g^3), as 0.5 (1 + tanh(u)) = sigmoid(2u).
             // sigmoid(z) = 1 / (1 + e^-z), with e^x = 2^(x log2 e).
             let z = if gelu {
-                const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+                const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
                 TWO_SQRT_2_OVER_PI * fma(0.044_715 * gate, gate * gate, gate)
             } else {
                 gate

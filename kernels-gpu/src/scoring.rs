@@ -108,8 +108,8 @@ mod kernel {
     use crate::device::*;
     use crate::shadow::ShadowSequence;
     use crate::tile::{
-        group_dots, load_group_query, load_mma_row, merge_softmax_stats, warp_merge_softmax_stats,
-        GROUP_ROWS, MMA_ROW_VECTORS,
+        group_dots, group_dots_16, load_group_query, load_mma_row, merge_softmax_stats,
+        warp_merge_softmax_stats, GROUP_ROWS, MMA_ROW_VECTORS,
     };
 
     /// # Safety
@@ -125,10 +125,19 @@ mod kernel {
         // Tensor-core layout (see `tile::group_dots`): this lane loads row `lane / 4` of each
         // group of 8 landmarks, and holds head `lane / 4`'s logits of rows `2 t`, `2 t + 1`.
         let (row_in_group, lane_in_row) = (lane / 4, lane % 4);
-        let head = row_in_group;
+        // Groups past 8 (GLM-4's 16) fill rows 8..16 of A too: this lane also holds head
+        // `lane / 4 + 8` (`heads_per_lane`; the second is compiled out below 9).
+        const { assert!(G <= 16) };
+        let heads_per_lane = if G > 8 { 2 } else { 1 };
+        let lane_heads = [row_in_group, row_in_group + 8];
         let q_heads = shape.kv_heads * G as u32;
 
-        let q = load_group_query::<G, D>(p.q, sequence_index, kv_head, q_heads);
+        let q = load_group_query::<G, D>(p.q, sequence_index, kv_head, q_heads, 0);
+        let q_high = if G > 8 {
+            load_group_query::<G, D>(p.q, sequence_index, kv_head, q_heads, 8)
+        } else {
+            [[0u32; 4]; MMA_ROW_VECTORS]
+        };
         let sequence = *(shape.sequences as *const ShadowSequence).add(sequence_index as usize);
         let count = sequence.landmarks;
         let start = tile * p.tile_len;
@@ -141,15 +150,17 @@ mod kernel {
         let warp_end = min_u32(warp_start + warp_len, count);
         let base = sequence.landmark_base(kv_head);
         let landmarks = (p.landmarks as *const u16).add(base as usize * D);
-        // Head `head`'s logits (lanes of heads past the group write none).
-        let logit_row = (p.logits as *mut f32).add(sequence.logit_base(
-            kv_head,
-            G as u32,
-            min_u32(head, G as u32 - 1),
-        ) as usize);
-        let keeps_head = (head as usize) < G;
+        // Each of this lane's heads' logits (lanes of heads past the group write none).
+        let logit_rows = lane_heads.map(|head| {
+            (p.logits as *mut f32).add(sequence.logit_base(
+                kv_head,
+                G as u32,
+                min_u32(head, G as u32 - 1),
+            ) as usize)
+        });
+        let keeps_head = lane_heads.map(|head| (head as usize) < G);
 
-        let mut running = (NO_SCORE, 0.0f32);
+        let mut running = [(NO_SCORE, 0.0f32); 2];
         let step = GROUP_ROWS * UNROLL;
         let load = |first: u32| {
             let mut rows = [[[0u32; 4]; MMA_ROW_VECTORS]; UNROLL as usize];
@@ -168,42 +179,55 @@ mod kernel {
             if first + step < warp_end {
                 next = load(first + step);
             }
-            let mut step_max = NO_SCORE;
-            let mut mine = [[NO_SCORE; 2]; UNROLL as usize];
+            let mut step_max = [NO_SCORE; 2];
+            let mut mine = [[[NO_SCORE; 2]; UNROLL as usize]; 2];
             for u in 0..UNROLL as usize {
-                let dots = group_dots::<D>(&q, &rows[u]);
-                for half in 0..2 {
-                    let landmark = first + u as u32 * GROUP_ROWS + 2 * lane_in_row + half as u32;
-                    if keeps_head && landmark < warp_end {
-                        let logit = dots[half] * p.scale_log2;
-                        *logit_row.add(landmark as usize) = logit;
-                        mine[u][half] = logit;
-                        step_max = max_f32(step_max, logit);
-                    }
-                }
-            }
-            if step_max > NO_SCORE {
-                let max = max_f32(running.0, step_max);
-                let mut sum = running.1 * exp2(running.0 - max);
-                for pair in mine {
-                    for x in pair {
-                        if x > NO_SCORE {
-                            sum += exp2(x - max);
+                let dots = if G > 8 {
+                    group_dots_16::<D>(&q, &q_high, &rows[u])
+                } else {
+                    let [low, high] = group_dots::<D>(&q, &rows[u]);
+                    [low, high, 0.0, 0.0]
+                };
+                for h in 0..heads_per_lane {
+                    for half in 0..2 {
+                        let landmark =
+                            first + u as u32 * GROUP_ROWS + 2 * lane_in_row + half as u32;
+                        if keeps_head[h] && landmark < warp_end {
+                            let logit = dots[2 * h + half] * p.scale_log2;
+                            *logit_rows[h].add(landmark as usize) = logit;
+                            mine[h][u][half] = logit;
+                            step_max[h] = max_f32(step_max[h], logit);
                         }
                     }
                 }
-                running = (max, sum);
+            }
+            for h in 0..heads_per_lane {
+                if step_max[h] > NO_SCORE {
+                    let max = max_f32(running[h].0, step_max[h]);
+                    let mut sum = running[h].1 * exp2(running[h].0 - max);
+                    for pair in mine[h] {
+                        for x in pair {
+                            if x > NO_SCORE {
+                                sum += exp2(x - max);
+                            }
+                        }
+                    }
+                    running[h] = (max, sum);
+                }
             }
             first += step;
         }
 
-        // Merge the 4 lanes of each head, then the warps: lane 4 g holds head g's statistics
-        // of the warp.
-        running = warp_merge_softmax_stats(running, 1, 4);
+        // Merge the 4 lanes of each head, then the warps: lane 4 g holds head g's (and
+        // g + 8's) statistics of the warp.
         let shared = dynamic_shared::<f32>();
-        if keeps_head && lane_in_row == 0 {
-            *shared.add((warp as usize * G + head as usize) * 2) = running.0;
-            *shared.add((warp as usize * G + head as usize) * 2 + 1) = running.1;
+        for h in 0..heads_per_lane {
+            running[h] = warp_merge_softmax_stats(running[h], 1, 4);
+            let head = lane_heads[h] as usize;
+            if keeps_head[h] && lane_in_row == 0 {
+                *shared.add((warp as usize * G + head) * 2) = running[h].0;
+                *shared.add((warp as usize * G + head) * 2 + 1) = running[h].1;
+            }
         }
         sync_threads();
         let g = thread_idx_x() as usize;
@@ -245,6 +269,10 @@ mod kernel {
         landmark_scoring_g3_d128 = <3, 128>, landmark_scoring_g4_d128 = <4, 128>,
         landmark_scoring_g5_d128 = <5, 128>, landmark_scoring_g6_d128 = <6, 128>,
         landmark_scoring_g7_d128 = <7, 128>, landmark_scoring_g8_d128 = <8, 128>,
+    }
+    // GLM-4's group 16 (rows 8..16 of the tensor cores' A operand; see `tile::group_dots_16`).
+    entries! {
+        landmark_scoring_g16_d64 = <16, 64>, landmark_scoring_g16_d128 = <16, 128>,
     }
     // Head dimension 256: the groups of `attention::D256_GROUPS`.
     entries! {

@@ -112,20 +112,23 @@ pub unsafe fn load_mma_row<const D: usize>(
     vectors
 }
 
-/// The group's query heads as the tensor cores' A operand: lane `4 g + t` holds head `g`'s
-/// vectors in the layout of [`load_mma_row`] (zero for `g >= G`: rows of A past the group).
+/// The group's query heads as the tensor cores' A operand: lane `4 g + t` holds head
+/// `first_head + g`'s vectors in the layout of [`load_mma_row`] (zero past the group: rows of
+/// A past the group). `first_head` is 0 for the rows 0..8 of A, 8 for rows 8..16 (groups past
+/// 8, see [`group_dots_16`]).
 ///
 /// # Safety
-/// As [`load_query`]; `G <= 8`.
+/// As [`load_query`]; `G <= 16`.
 #[inline(always)]
 pub unsafe fn load_group_query<const G: usize, const D: usize>(
     q: u64,
     sequence: u32,
     kv_head: u32,
     q_heads: u32,
+    first_head: u32,
 ) -> [Vec16; MMA_ROW_VECTORS] {
     let lane = lane_id();
-    let head = lane / 4;
+    let head = first_head + lane / 4;
     if head as usize >= G {
         return [[0u32; 4]; MMA_ROW_VECTORS];
     }
@@ -159,6 +162,33 @@ pub fn group_dots<const D: usize>(
         }
     }
     [c[0], c[1]]
+}
+
+/// [`group_dots`] for groups past 8: heads `lane / 4` (`low`) and `8 + lane / 4` (`high`) in
+/// rows 0..8 and 8..16 of A. Returns this lane's four products: the low head against rows
+/// `2 t` and `2 t + 1`, then the high head against the same rows.
+#[inline(always)]
+pub fn group_dots_16<const D: usize>(
+    low: &[Vec16; MMA_ROW_VECTORS],
+    high: &[Vec16; MMA_ROW_VECTORS],
+    rows: &[Vec16; MMA_ROW_VECTORS],
+) -> [f32; 4] {
+    let mut c = [0.0f32; 4];
+    for v in 0..D / 32 {
+        for half in 0..2 {
+            c = mma_bf16_m16n8k16(
+                [
+                    low[v][2 * half],
+                    high[v][2 * half],
+                    low[v][2 * half + 1],
+                    high[v][2 * half + 1],
+                ],
+                [rows[v][2 * half], rows[v][2 * half + 1]],
+                c,
+            );
+        }
+    }
+    c
 }
 
 /// Merges two online-softmax statistics `(max, sum of exp2(x - max))` into one.

@@ -154,7 +154,8 @@ pub const fn landmarks_in_flight(group: u32) -> u32 {
     }
 }
 
-/// Entry-point name for a group size (`1..=MAX_GROUP` of `attention`).
+/// Entry-point name for a group size (`1..=MAX_KERNEL_GROUP` of `attention`, and its
+/// `MAX_GROUP`).
 #[cfg(not(target_arch = "nvptx64"))]
 pub fn kernel_name(group: u32) -> String {
     format!("topk_select_g{group}")
@@ -191,7 +192,7 @@ mod kernel {
         };
         let tile_count = tiles(count, tile_len);
         let stats = p.tile_stats as *const f32;
-        // Warp-uniform: the group has at most `MAX_GROUP` <= `WARPS` heads.
+        // Warp-uniform: the group has at most `attention::MAX_GROUP` <= `WARPS` heads.
         let g = warp;
         if g < shape.group {
             let mut merged = (crate::attention::NO_SCORE, 0.0f32);
@@ -267,6 +268,16 @@ mod kernel {
                 sequence.logit_base(kv_head, G as u32, g as u32) as usize + block_first as usize,
             )
         });
+        // Past 8 heads (GLM-4's 16) a pointer per head would not fit the 64 registers of a
+        // 1024-thread block: head `g`'s row is found from the first (rows are `landmarks`
+        // apart), and its normaliser is read from shared memory where it is used.
+        let row = |g: usize| {
+            if G > 8 {
+                rows[0].add(g * sequence.landmarks as usize)
+            } else {
+                rows[g]
+            }
+        };
         let per = landmarks_in_flight(G as u32) as usize;
         // Every head's logits of this thread's `per` landmarks from `start`, loaded before any
         // is used.
@@ -276,7 +287,7 @@ mod kernel {
                 let j = start + u as u32 * THREADS + tid;
                 if j < count {
                     for g in 0..G {
-                        logit[u][g] = *rows[g].add(j as usize);
+                        logit[u][g] = *row(g).add(j as usize);
                     }
                 }
             }
@@ -292,9 +303,11 @@ mod kernel {
         let first_shift = 31 - DIGIT_BITS[0];
         let mut max = [0.0f32; G];
         let mut inverse_sum = [0.0f32; G];
-        for g in 0..G {
-            max[g] = *normaliser.add(2 * g);
-            inverse_sum[g] = *normaliser.add(2 * g + 1);
+        if G <= 8 {
+            for g in 0..G {
+                max[g] = *normaliser.add(2 * g);
+                inverse_sum[g] = *normaliser.add(2 * g + 1);
+            }
         }
         let mut start = 0;
         while start < count {
@@ -303,7 +316,12 @@ mod kernel {
                 if j < count {
                     let mut value = 0.0f32;
                     for g in 0..G {
-                        value = max_f32(value, exp2(logit[u][g] - max[g]) * inverse_sum[g]);
+                        let (max, inverse_sum) = if G > 8 {
+                            (*normaliser.add(2 * g), *normaliser.add(2 * g + 1))
+                        } else {
+                            (max[g], inverse_sum[g])
+                        };
+                        value = max_f32(value, exp2(logit[u][g] - max) * inverse_sum);
                     }
                     *scores.add(j as usize) = value;
                     if in_shared {
@@ -509,5 +527,6 @@ mod kernel {
     entries! {
         topk_select_g1 = 1, topk_select_g2 = 2, topk_select_g3 = 3, topk_select_g4 = 4,
         topk_select_g5 = 5, topk_select_g6 = 6, topk_select_g7 = 7, topk_select_g8 = 8,
+        topk_select_g16 = 16,
     }
 }

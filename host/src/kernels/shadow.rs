@@ -51,7 +51,7 @@ impl ShadowConfig {
 
     /// Checks the config: the heads as
     /// [`DecodeAttentionShape::validate`](super::attention::DecodeAttentionShape::validate)
-    /// does with a group of at most 8 (the selection kernels'), `chunk_size` in 1..=64, `rank` a multiple of 16 up to `min(256, Hkv*d)` and
+    /// does, `chunk_size` in 1..=64, `rank` a multiple of 16 up to `min(256, Hkv*d)` and
     /// `budget_chunks` in 1..=2^20. Errors with
     /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the first that fails.
     pub fn validate(&self) -> Result<()> {
@@ -63,19 +63,6 @@ impl ShadowConfig {
             head_dim: self.head_dim,
         }
         .validate()?;
-        // Selection (landmark scoring, top-k) is compiled for groups up to 8: GLM-4's 16
-        // runs with full attention only.
-        let max_group = crate::kernels::attention::kernel_layout::MAX_KERNEL_GROUP as usize;
-        if self.group() > max_group {
-            return Err(invalid(
-                "group (q_heads / kv_heads)",
-                format!("is {} in ShadowKV mode", self.group()),
-                format!(
-                    "at most {max_group} (landmark scoring and top-k selection; full                      attention takes up to {})",
-                    crate::kernels::attention::kernel_layout::MAX_GROUP
-                ),
-            ));
-        }
         check_range(
             "chunk_size",
             self.chunk_size,
