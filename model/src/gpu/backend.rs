@@ -174,9 +174,10 @@ impl<'m> GpuBackend<'m> {
         self.full.bytes()
     }
 
-    /// Builds every layer's shadow of the `tokens`-token prompt in block `slot` as shadow
-    /// sequence `id`: the host cache's prefill from the block's keys and values, the taps'
-    /// pre-RoPE keys and last queries.
+    /// Builds every global layer's shadow of the `tokens`-token prompt in block `slot` as
+    /// shadow sequence `id`: the host cache's prefill from the block's keys and values, the
+    /// taps' pre-RoPE keys and last queries; a sliding-window layer's keys and values are
+    /// copied into the sequence's slot of the cache's local layers.
     fn build_from_block(
         model: &GpuModel,
         shadow: &mut GpuShadowCache,
@@ -187,7 +188,6 @@ impl<'m> GpuBackend<'m> {
         tokens: usize,
     ) -> Result<()> {
         const WHAT: &str = "building a ShadowKV sequence from its prompt's block";
-        shadow.check_global_only("the scheduler's ShadowKV prefill")?;
         let (config, gpu) = (&model.config, model.gpu());
         let layout = SequenceLayout {
             len: tokens as u32,
@@ -196,6 +196,12 @@ impl<'m> GpuBackend<'m> {
         let (kv_dim, q_dim) = (config.kv_dim(), config.q_dim());
         let queued = (|| -> Result<()> {
             for layer in 0..config.layers {
+                if model.is_local_layer(layer) {
+                    // A sliding-window layer keeps its keys and values exact, in its slot.
+                    let buffers = (&full.k[layer], &full.v[layer]);
+                    model.keep_local_layer(shadow, layer, id, buffers, layout)?;
+                    continue;
+                }
                 let source = PrefillSource {
                     keys: &full.k[layer],
                     values: &full.v[layer],
@@ -205,7 +211,14 @@ impl<'m> GpuBackend<'m> {
                 let last_query = taps.last_queries.slice(layer * q_dim..(layer + 1) * q_dim);
                 shadow
                     .cache
-                    .prefill_layer(gpu, layer, id, &pre_rope, &source, &last_query)
+                    .prefill_layer(
+                        gpu,
+                        model.shadow_layer(layer),
+                        id,
+                        &pre_rope,
+                        &source,
+                        &last_query,
+                    )
                     .on_gpu(WHAT)?;
             }
             Ok(())

@@ -380,9 +380,14 @@ impl GpuModel {
         built.map(|(id, ())| id)
     }
 
-    /// A decode step's placement of each live sequence's token in its slot of the
-    /// sliding-window layers, at its position, and their windowed attention over the slot.
-    fn plan_local_step(&self, shadow: &mut GpuShadowCache) -> Result<()> {
+    /// A decode step's placement of the token of each of `sequences` (`(sequence, tokens so
+    /// far)`, in the step's order) in its slot of the sliding-window layers, at its position,
+    /// and their windowed attention over the slot.
+    pub(super) fn plan_local_step(
+        &self,
+        shadow: &mut GpuShadowCache,
+        sequences: &[(SequenceId, u32)],
+    ) -> Result<()> {
         const WHAT: &str = "planning the sliding-window layers' step";
         let Some(window) = self.config.block.sliding_window else {
             return Ok(());
@@ -391,9 +396,9 @@ impl GpuModel {
             return Ok(());
         };
         let (gpu, stream) = (&*self.gpu, self.stream());
-        let mut placements = Vec::with_capacity(shadow.lens.len());
-        let mut attention_layouts = Vec::with_capacity(shadow.lens.len());
-        for &(id, len) in &shadow.lens {
+        let mut placements = Vec::with_capacity(sequences.len());
+        let mut attention_layouts = Vec::with_capacity(sequences.len());
+        for &(id, len) in sequences {
             let slot = local.slot_of(id).ok_or_else(|| {
                 invalid_input(
                     "shadow",
@@ -471,7 +476,8 @@ impl GpuModel {
             .collect();
         let plan = TokenPlan::new(stream, self.qkv_shape(), &placements, &layouts)
             .on_gpu("placing the tokens")?;
-        self.plan_local_step(shadow)?;
+        let live = shadow.lens.clone();
+        self.plan_local_step(shadow, &live)?;
         let rows: Vec<usize> = (0..tokens.len()).collect();
         let result = self.run_layers(tokens, &plan, PassCache::Shadow(&mut *shadow), &rows);
         if let Some(local) = &mut shadow.local {

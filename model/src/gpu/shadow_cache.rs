@@ -120,20 +120,6 @@ impl GpuShadowCache {
         }
     }
 
-    /// Refuses `what` on a cache with sliding-window layers, which only the single-model
-    /// ShadowKV paths (`prefill_shadow`, `decode_shadow`) run.
-    pub(super) fn check_global_only(&self, what: &str) -> Result<()> {
-        match self.local {
-            None => Ok(()),
-            Some(_) => Err(invalid_input(
-                "shadow",
-                format!("is the ShadowKV cache of a model with sliding-window layers, for {what}"),
-                "a model whose layers all attend globally (prefill_shadow and decode_shadow \
-                 run sliding-window models)",
-            )),
-        }
-    }
-
     /// GPU and host bytes of the cache, by part.
     pub fn memory_report(&self) -> Result<MemoryReport> {
         self.cache
