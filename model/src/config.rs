@@ -146,6 +146,18 @@ impl ModelConfig {
         self.layers - self.local_layers()
     }
 
+    /// ShadowKV's cache shape for this model: its global layers (the sliding-window layers
+    /// keep their full keys and values beside it, [`local_kv_bytes`](Self::local_kv_bytes)).
+    pub fn shadow_cache_shape(&self) -> shadowkv::cache::CacheShape {
+        shadowkv::cache::CacheShape {
+            layers: self.global_layers(),
+            q_heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            rope: self.rope,
+        }
+    }
+
     /// GPU bytes of the full keys and values the sliding-window layers keep for one sequence
     /// of up to `tokens` tokens in ShadowKV mode (bf16, each block rounded to 8 elements as
     /// the GPU cache lays it out); 0 for a model without such layers.

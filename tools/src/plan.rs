@@ -117,13 +117,7 @@ pub struct ModeFit {
 /// sliding-window layers keep their full keys and values beside the shadow cache, counted by
 /// [`ModelConfig::local_kv_bytes`]).
 pub fn cache_shape(config: &ModelConfig) -> CacheShape {
-    CacheShape {
-        layers: config.global_layers(),
-        q_heads: config.heads,
-        kv_heads: config.kv_heads,
-        head_dim: config.head_dim,
-        rope: config.rope,
-    }
+    config.shadow_cache_shape()
 }
 
 /// bf16 weight bytes of a model on the GPU (every parameter once).

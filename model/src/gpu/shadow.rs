@@ -9,9 +9,7 @@
 //! `offload_done()`, and every path out of a prefill (the error paths too) synchronises the
 //! copy stream before its buffers drop.
 use half::bf16;
-use shadowkv::cache::{
-    CacheCapacity, CacheShape, SequenceId, ShadowKvCache, ShadowKvParams, ValueStorage,
-};
+use shadowkv::cache::{CacheCapacity, SequenceId, ShadowKvCache, ShadowKvParams, ValueStorage};
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
 use shadowkv::kernels::layer::TokenPlan;
@@ -65,16 +63,8 @@ impl GpuModel {
     ) -> Result<GpuShadowCache> {
         const WHAT: &str = "creating the ShadowKV cache";
         let config = &self.config;
-        let global_layers = (0..config.layers)
-            .filter(|&l| !self.is_local_layer(l))
-            .count();
-        let shape = CacheShape {
-            layers: global_layers,
-            q_heads: config.heads,
-            kv_heads: config.kv_heads,
-            head_dim: config.head_dim,
-            rope: config.rope,
-        };
+        let global_layers = config.global_layers();
+        let shape = config.shadow_cache_shape();
         let cache =
             ShadowKvCache::new(&self.gpu, shape, params, values_home, capacity).on_gpu(WHAT)?;
         let staged = capacity.max_sequences * config.kv_dim();

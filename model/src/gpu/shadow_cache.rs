@@ -120,11 +120,18 @@ impl GpuShadowCache {
         }
     }
 
-    /// GPU and host bytes of the cache, by part.
+    /// GPU and host bytes of the cache, by part (the sliding-window layers' slots too).
     pub fn memory_report(&self) -> Result<MemoryReport> {
-        self.cache
+        let mut report = self
+            .cache
             .memory_report()
-            .on_gpu("sizing the ShadowKV cache")
+            .on_gpu("sizing the ShadowKV cache")?;
+        if let Some(local) = &self.local {
+            report
+                .gpu
+                .push(("sliding-window layers' K/V", local.cache.bytes() as u64));
+        }
+        Ok(report)
     }
 
     /// SYNTHETIC SELECTION, for throughput benchmarks on random data: every later decode
