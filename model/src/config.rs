@@ -134,6 +134,39 @@ impl ModelConfig {
         self.kv_heads * self.head_dim
     }
 
+    /// Layers with sliding-window attention (Gemma-3's local layers; 0 for most families).
+    pub fn local_layers(&self) -> usize {
+        match self.block.sliding_window {
+            Some(window) => (0..self.layers).filter(|&l| window.is_local(l)).count(),
+            None => 0,
+        }
+    }
+
+    /// Layers that attend over the whole context: what a ShadowKV cache holds a shadow of.
+    pub fn global_layers(&self) -> usize {
+        self.layers - self.local_layers()
+    }
+
+    /// ShadowKV's cache shape for this model: its global layers (the sliding-window layers
+    /// keep their full keys and values beside it, [`local_kv_bytes`](Self::local_kv_bytes)).
+    pub fn shadow_cache_shape(&self) -> shadowkv::cache::CacheShape {
+        shadowkv::cache::CacheShape {
+            layers: self.global_layers(),
+            q_heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            rope: self.rope,
+        }
+    }
+
+    /// GPU bytes of the full keys and values the sliding-window layers keep for one sequence
+    /// of up to `tokens` tokens in ShadowKV mode (bf16, each block rounded to 8 elements as
+    /// the GPU cache lays it out); 0 for a model without such layers.
+    pub fn local_kv_bytes(&self, tokens: usize) -> u64 {
+        let block = (self.kv_dim() as u64 * tokens as u64).next_multiple_of(8);
+        self.local_layers() as u64 * 2 * block * 2
+    }
+
     /// The `rotary_dim / 2` RoPE inverse frequencies, with Llama-3 scaling, the file's
     /// per-frequency factors and LongRoPE's factors applied (the table every path uploads).
     pub fn inverse_frequencies(&self) -> Vec<f64> {

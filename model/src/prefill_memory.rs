@@ -7,6 +7,9 @@
 //! one layer's post-RoPE keys and values, two layers' pre-RoPE keys (the previous layer's are
 //! still being factorised beside this layer's passes) and one pass's activations. Its peak is
 //! `weights + hidden states + 2 x one layer's K/V + workspace`, whatever the number of layers.
+//! A sliding-window layer (Gemma-3's local layers) runs the same way and then copies its keys
+//! and values into the sequence's slot of the cache, which the cache allocated when it was
+//! made: the bound is the same, and the slots are the cache's (`ModelConfig::local_kv_bytes`).
 //! The all-layers route it replaced held every layer's keys, values and pre-RoPE keys: about
 //! 1.5 times a full KV cache.
 use std::fmt;

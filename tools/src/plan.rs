@@ -119,15 +119,11 @@ pub struct ModeFit {
     pub cache_host_bytes: u64,
 }
 
-/// The cache's view of a model's attention shape.
+/// The cache's view of a model's attention shape: its global layers (a model's
+/// sliding-window layers keep their full keys and values beside the shadow cache, counted by
+/// [`ModelConfig::local_kv_bytes`]).
 pub fn cache_shape(config: &ModelConfig) -> CacheShape {
-    CacheShape {
-        layers: config.layers,
-        q_heads: config.heads,
-        kv_heads: config.kv_heads,
-        head_dim: config.head_dim,
-        rope: config.rope,
-    }
+    config.shadow_cache_shape()
 }
 
 /// bf16 weight bytes of a model on the GPU (every parameter once).
@@ -208,8 +204,9 @@ pub fn fit_beside(
         u64::MAX
     };
     let storage = home.with_format(format);
+    // The sliding-window layers' full keys and values, per sequence, beside the cache.
+    let local = config.local_kv_bytes(context + generated);
     let plan = ShadowKvCache::plan(&shape, params, storage, context, generated, gpu_room, host)?;
-    let batch = plan.sequences;
     let memory = |n: usize| {
         ShadowKvCache::memory_for(
             &shape,
@@ -218,13 +215,35 @@ pub fn fit_beside(
             &shadowkv::cache::CacheCapacity::uniform(n.max(1), context, generated),
         )
     };
+    let gpu_bytes = |n: usize| -> Result<u64, Box<dyn std::error::Error>> {
+        Ok(memory(n)?.gpu_bytes() + n.max(1) as u64 * local)
+    };
+    // The cache alone fits `plan.sequences`; with the local layers, the largest batch at most
+    // that whose GPU bytes fit (they grow with the batch).
+    let (mut low, mut high) = (0usize, plan.sequences + 1);
+    while low + 1 < high {
+        let middle = (low + high) / 2;
+        if gpu_bytes(middle)? <= gpu_room {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    let batch = low;
     let next = memory(batch + 1)?;
     let at = memory(batch)?;
-    let limit = if next.gpu_bytes() > gpu_room {
+    let local_note = match local {
+        0 => String::new(),
+        _ => format!(
+            " (with {:.2} GiB per sequence of the sliding-window layers' keys and values)",
+            local as f64 / GIB
+        ),
+    };
+    let limit = if gpu_bytes(batch + 1)? > gpu_room {
         format!(
-            "GPU memory: {} sequences take {:.2} GiB of the {:.2} GiB left after {:.2} GiB of weights and the prefill's {:.2} GiB",
+            "GPU memory: {} sequences take {:.2} GiB{local_note} of the {:.2} GiB left after {:.2} GiB of weights and the prefill's {:.2} GiB",
             batch + 1,
-            next.gpu_bytes() as f64 / GIB,
+            gpu_bytes(batch + 1)? as f64 / GIB,
             gpu_room as f64 / GIB,
             weights as f64 / GIB,
             transient as f64 / GIB
@@ -243,7 +262,11 @@ pub fn fit_beside(
         format,
         batch,
         limit,
-        cache_gpu_bytes: if batch == 0 { 0 } else { at.gpu_bytes() },
+        cache_gpu_bytes: if batch == 0 {
+            0
+        } else {
+            at.gpu_bytes() + batch as u64 * local
+        },
         cache_host_bytes: if batch == 0 { 0 } else { at.host_bytes() },
     })
 }
@@ -289,7 +312,8 @@ pub fn tier_fit(
             ValueHome::Host.with_format(format),
             &shadowkv::cache::CacheCapacity::uniform(1, context, generated),
         )?
-        .gpu_bytes();
+        .gpu_bytes()
+            + config.local_kv_bytes(context + generated);
         let used = weight_bytes(config)
             + GPU_RESERVE_BYTES
             + prefill_transient_bytes(config, context)
@@ -666,6 +690,72 @@ mod tests {
             assert!(next.gpu_bytes() + used > budget.gpu_bytes, "{fit:?}");
             let prefill = format!("the prefill's {:.2} GiB", transient as f64 / GIB);
             assert!(fit.limit.contains(&prefill), "{}", fit.limit);
+        }
+    }
+
+    /// Gemma-3's sliding-window layers keep full keys and values per sequence beside the
+    /// shadow cache of its global layers: a ShadowKV batch counts both.
+    #[test]
+    fn gemma_batches_count_the_sliding_window_layers() {
+        let config = ModelConfig::named("gemma-3-270m").unwrap();
+        let (local_layers, global_layers) = (config.local_layers(), config.global_layers());
+        assert_eq!((local_layers, global_layers), (15, 3));
+        let params = ShadowKvParams::default();
+        let (context, generated) = (32_768, 259);
+        let shape = cache_shape(&config);
+        assert_eq!(shape.layers, 3);
+        let local = config.local_kv_bytes(context + generated);
+        assert_eq!(
+            local,
+            15 * 2 * (config.kv_dim() * (context + generated)) as u64 * 2
+        );
+        assert_eq!(
+            ModelConfig::named("llama-3-8b")
+                .unwrap()
+                .local_kv_bytes(context),
+            0
+        );
+        let budget = Budget::measure(Some(12.0), Some(1000.0)).unwrap();
+        let used =
+            weight_bytes(&config) + GPU_RESERVE_BYTES + prefill_transient_bytes(&config, context);
+        for mode in [AttentionMode::Shadowkv, AttentionMode::ShadowkvGpu] {
+            let fit = fit(
+                &config,
+                &params,
+                mode,
+                ValueFormat::Bf16,
+                context,
+                generated,
+                budget,
+            )
+            .unwrap();
+            let home = mode.value_home().unwrap();
+            let cache = |n: usize| {
+                let capacity = CacheCapacity::uniform(n, context, generated);
+                ShadowKvCache::memory_for(&shape, &params, home, &capacity)
+                    .unwrap()
+                    .gpu_bytes()
+                    + n as u64 * local
+            };
+            assert!(fit.batch > 1, "{fit:?}");
+            assert_eq!(fit.cache_gpu_bytes, cache(fit.batch), "{fit:?}");
+            // The batch, its local layers and its prefill fit; one more sequence would not.
+            assert!(cache(fit.batch) + used <= budget.gpu_bytes, "{fit:?}");
+            assert!(cache(fit.batch + 1) + used > budget.gpu_bytes, "{fit:?}");
+            assert!(fit.limit.contains("sliding-window"), "{}", fit.limit);
+            // Without the local layers' keys and values the same memory would hold more.
+            let room = budget.gpu_bytes - used;
+            let shadow_only = ShadowKvCache::plan(
+                &shape,
+                &params,
+                home,
+                context,
+                generated,
+                room,
+                budget.host_bytes,
+            )
+            .unwrap();
+            assert!(shadow_only.sequences > fit.batch, "{fit:?}");
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use half::bf16;
-use shadowkv::cache::{CacheCapacity, SequenceId, ValueHome};
+use shadowkv::cache::{CacheCapacity, SequenceId, ShadowKvCache, ValueHome};
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::kernels::shadow_prefill::PrefillSource;
 use shadowkv::SequenceLayout;
@@ -15,7 +15,7 @@ use super::shadow_cache::GpuShadowCache;
 use crate::error::{invalid_input, OnGpu, Result};
 use crate::roster::{Placement, Roster};
 use crate::serve::{Backend, CacheMode, RequestId};
-use crate::ShadowKvParams;
+use crate::{ModelConfig, ShadowKvParams};
 
 /// What a [`GpuBackend`] is sized for; everything is allocated when it is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +43,41 @@ impl GpuServeCapacity {
             max_prompt_tokens: self.max_sequences * self.max_tokens,
             max_generated: self.max_generated,
         })
+    }
+
+    /// GPU bytes of the caches a backend of this capacity allocates for `config` (weights and
+    /// a pass's activations aside): the full cache's blocks and, with `shadowkv`, each block's
+    /// pre-RoPE keys and last queries, the shadow cache of the global layers (when a prompt
+    /// that fits a block can have one) and the sliding-window layers' full keys and values in
+    /// a slot per sequence.
+    pub fn cache_gpu_bytes(
+        &self,
+        config: &ModelConfig,
+        shadowkv: Option<(ShadowKvParams, ValueHome)>,
+    ) -> Result<u64> {
+        let (sequences, layers) = (self.max_sequences as u64, config.layers as u64);
+        let block = (config.kv_dim() as u64 * self.max_tokens as u64).next_multiple_of(8);
+        let full = sequences * layers * 2 * block * 2;
+        let Some((params, home)) = shadowkv else {
+            return Ok(full);
+        };
+        let taps =
+            sequences * layers * (self.max_tokens * config.kv_dim() + config.q_dim()) as u64 * 2;
+        let shadow = match self.shadow_capacity(&params) {
+            None => 0,
+            Some(capacity) => {
+                let report = ShadowKvCache::memory_for(
+                    &config.shadow_cache_shape(),
+                    &params,
+                    home,
+                    &capacity,
+                )
+                .on_gpu("sizing the ShadowKV cache")?;
+                let local = config.local_kv_bytes(capacity.max_prompt_len + capacity.max_generated);
+                report.gpu_bytes() + capacity.max_sequences as u64 * local
+            }
+        };
+        Ok(full + taps + shadow)
     }
 }
 
@@ -174,9 +209,10 @@ impl<'m> GpuBackend<'m> {
         self.full.bytes()
     }
 
-    /// Builds every layer's shadow of the `tokens`-token prompt in block `slot` as shadow
-    /// sequence `id`: the host cache's prefill from the block's keys and values, the taps'
-    /// pre-RoPE keys and last queries.
+    /// Builds every global layer's shadow of the `tokens`-token prompt in block `slot` as
+    /// shadow sequence `id`: the host cache's prefill from the block's keys and values, the
+    /// taps' pre-RoPE keys and last queries; a sliding-window layer's keys and values are
+    /// copied into the sequence's slot of the cache's local layers.
     fn build_from_block(
         model: &GpuModel,
         shadow: &mut GpuShadowCache,
@@ -187,7 +223,6 @@ impl<'m> GpuBackend<'m> {
         tokens: usize,
     ) -> Result<()> {
         const WHAT: &str = "building a ShadowKV sequence from its prompt's block";
-        shadow.check_global_only("the scheduler's ShadowKV prefill")?;
         let (config, gpu) = (&model.config, model.gpu());
         let layout = SequenceLayout {
             len: tokens as u32,
@@ -196,6 +231,12 @@ impl<'m> GpuBackend<'m> {
         let (kv_dim, q_dim) = (config.kv_dim(), config.q_dim());
         let queued = (|| -> Result<()> {
             for layer in 0..config.layers {
+                if model.is_local_layer(layer) {
+                    // A sliding-window layer keeps its keys and values exact, in its slot.
+                    let buffers = (&full.k[layer], &full.v[layer]);
+                    model.keep_local_layer(shadow, layer, id, buffers, layout)?;
+                    continue;
+                }
                 let source = PrefillSource {
                     keys: &full.k[layer],
                     values: &full.v[layer],
@@ -205,7 +246,14 @@ impl<'m> GpuBackend<'m> {
                 let last_query = taps.last_queries.slice(layer * q_dim..(layer + 1) * q_dim);
                 shadow
                     .cache
-                    .prefill_layer(gpu, layer, id, &pre_rope, &source, &last_query)
+                    .prefill_layer(
+                        gpu,
+                        model.shadow_layer(layer),
+                        id,
+                        &pre_rope,
+                        &source,
+                        &last_query,
+                    )
                     .on_gpu(WHAT)?;
             }
             Ok(())
@@ -374,5 +422,47 @@ mod tests {
         let long = capacity(8_192).shadow_capacity(&params).unwrap();
         assert_eq!(long.max_prompt_len, 8_192);
         assert_eq!(long.max_prompt_tokens, 3 * 8_192);
+    }
+
+    /// A Gemma-3 backend's caches: the full blocks of every layer, and in ShadowKV mode the
+    /// taps, the shadow cache of its 3 global layers and the full keys and values of its 15
+    /// sliding-window layers per sequence; a Llama-shaped model keeps no such slots.
+    #[test]
+    fn serving_memory_counts_the_sliding_window_layers() {
+        let params = ShadowKvParams::default();
+        let capacity = GpuServeCapacity {
+            max_sequences: 3,
+            max_tokens: 8_192,
+            max_generated: 24,
+        };
+        let gemma = ModelConfig::named("gemma-3-270m").unwrap();
+        let (kv_dim, q_dim) = (gemma.kv_dim() as u64, gemma.q_dim() as u64);
+        let full = capacity.cache_gpu_bytes(&gemma, None).unwrap();
+        assert_eq!(full, 3 * 18 * 2 * (kv_dim * 8_192) * 2);
+        let home = ValueHome::Host;
+        let served = capacity
+            .cache_gpu_bytes(&gemma, Some((params, home)))
+            .unwrap();
+        let taps = 3 * 18 * (8_192 * kv_dim + q_dim) * 2;
+        let shadow_capacity = capacity.shadow_capacity(&params).unwrap();
+        let shape = gemma.shadow_cache_shape();
+        assert_eq!(shape.layers, 3);
+        let shadow = ShadowKvCache::memory_for(&shape, &params, home, &shadow_capacity)
+            .unwrap()
+            .gpu_bytes();
+        let local = 3 * 15 * 2 * (kv_dim * (8_192 + 24)) * 2;
+        assert_eq!(served, full + taps + shadow + local);
+        let llama = ModelConfig::named("llama-3-8b").unwrap();
+        let served = capacity
+            .cache_gpu_bytes(&llama, Some((params, home)))
+            .unwrap();
+        let (kv_dim, q_dim) = (llama.kv_dim() as u64, llama.q_dim() as u64);
+        let shadow =
+            ShadowKvCache::memory_for(&llama.shadow_cache_shape(), &params, home, &shadow_capacity)
+                .unwrap()
+                .gpu_bytes();
+        let full = 3 * 32 * 2 * (kv_dim * 8_192) * 2;
+        let taps = 3 * 32 * (8_192 * kv_dim + q_dim) * 2;
+        assert_eq!(served, full + taps + shadow);
     }
 }

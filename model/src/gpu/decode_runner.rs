@@ -70,6 +70,10 @@ struct ShapeState {
     attention: Option<DecodeAttention>,
     /// The same with the model's sliding window, for its local layers (if it has any).
     local_attention: Option<DecodeAttention>,
+    /// ShadowKV with sliding-window layers: the placements of the step's tokens in their
+    /// sequences' slots of the local layers and the windowed attention over those slots, both
+    /// reading from the block (lent to the cache's `LocalLayers::step` while the step runs).
+    local_step: Option<(TokenPlan, DecodeAttention)>,
     graph: Option<CudaGraph>,
     /// Eager steps run so far (a capture follows the first).
     eager_steps: usize,
@@ -290,6 +294,7 @@ impl GpuModel {
             },
             attention,
             local_attention,
+            local_step: None,
             graph: None,
             eager_steps: 0,
             capture_failed: false,
@@ -571,7 +576,6 @@ impl GpuModel {
         tokens: &[u32],
     ) -> Result<Vec<u32>> {
         const WHAT: &str = "a ShadowKV decode step";
-        shadow.check_global_only("a graph-replayed decode step (use decode_shadow)")?;
         let started = Instant::now();
         let batch = shadow.lens.len();
         self.check_step_tokens(runner.limits, tokens, batch)?;
@@ -593,6 +597,7 @@ impl GpuModel {
             .collect();
         let attention_layouts: Vec<SequenceLayout> =
             step_layouts.after.iter().map(|s| s.kv).collect();
+        let local = self.local_step_inputs(shadow)?;
         let key = StepKey::Shadow {
             cache: shadow.id,
             sequences: shadow.sequences(),
@@ -603,17 +608,27 @@ impl GpuModel {
         let stream = self.stream();
         let result = runner
             .state(key, || {
-                self.shape_state(
-                    StepInputLayout::new(batch, true),
+                let mut state = self.shape_state(
+                    StepInputLayout::with_local_layers(batch, true, local.is_some()),
                     &placements,
                     &staged,
                     None,
-                )
+                )?;
+                if let Some(local) = &local {
+                    let buffers = &state.buffers;
+                    state.local_step =
+                        Some(self.local_shape_step(&buffers.block, &buffers.layout, local)?);
+                }
+                Ok(state)
             })
             .and_then(|state| {
                 let layout = &state.buffers.layout;
                 let shadow_layouts = Some((&step_layouts.before[..], &step_layouts.after[..]));
-                let block = layout.fill(tokens, &placements, &attention_layouts, shadow_layouts)?;
+                let mut block =
+                    layout.fill(tokens, &placements, &attention_layouts, shadow_layouts)?;
+                if let Some(local) = &local {
+                    layout.fill_local(&mut block, &local.placements, &local.layouts)?;
+                }
                 let block_of = &state.buffers.block;
                 let addresses = DeviceStepLayouts {
                     before: address_of(block_of, self, &layout.shadow_before),
@@ -639,8 +654,18 @@ impl GpuModel {
                     capturable,
                     shadow,
                     |state, shadow| {
+                        // The local layers read their step from the cache while it runs.
+                        if let Some(local) = &mut shadow.local {
+                            local.step = state.local_step.take();
+                        }
                         let mut pass = PassCache::Shadow(&mut *shadow);
-                        self.enqueue_step(&mut state.buffers, tokens, &mut pass)
+                        let queued = self.enqueue_step(&mut state.buffers, tokens, &mut pass);
+                        if let Some(local) = &mut shadow.local {
+                            if let Some(step) = local.step.take() {
+                                state.local_step = Some(step);
+                            }
+                        }
+                        queued
                     },
                     |shadow| shadow.cache.restore_step_snapshot(&snapshot).on_gpu(WHAT),
                 );

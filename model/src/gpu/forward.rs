@@ -529,7 +529,7 @@ impl GpuModel {
                     .run(gpu, stream, q, k_cache, v_cache, attended)
                     .on_gpu(WHAT)
             }
-            PassCache::Shadow(shadow) if local => {
+            PassCache::Shadow(shadow) | PassCache::ShadowSubset { shadow, .. } if local => {
                 // A sliding-window layer stays exact: its slot of the local layers' cache.
                 let local_index = self.local_layer(index);
                 let local_layers = shadow.local.as_mut().ok_or_else(|| {
@@ -543,7 +543,7 @@ impl GpuModel {
                     invalid_input(
                         "shadow",
                         "has no planned step for its sliding-window layers",
-                        "a step from decode_shadow",
+                        "a step from decode_shadow or decode_shadow_for",
                     )
                 })?;
                 let (k_cache, v_cache) = (
@@ -594,7 +594,6 @@ impl GpuModel {
                     .on_gpu(SHADOW)
             }
             PassCache::ShadowSubset { shadow, ids } => {
-                shadow.check_global_only("a decode step of some of its sequences")?;
                 let staged = plan.tokens() * self.config.kv_dim();
                 layer::rope_qkv_normed(
                     gpu,
@@ -611,7 +610,7 @@ impl GpuModel {
                     .cache
                     .attend_for(
                         gpu,
-                        index,
+                        self.shadow_layer(index),
                         ids,
                         &*q,
                         &shadow.staged_keys.slice(..staged),

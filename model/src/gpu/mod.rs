@@ -25,7 +25,7 @@
 //! (ShadowKV steps of any subset of the sequences), `backend` ([`GpuBackend`]), `forward` (the
 //! layers of a pass and their attention), `step_inputs` and `decode_runner` (decode steps with
 //! per-step inputs in device memory, captured per batch shape in CUDA graphs and replayed:
-//! [`DecodeRunner`]).
+//! [`DecodeRunner`]; `local_step` adds the sliding-window layers of a ShadowKV step).
 //!
 //! [`TokenPlacement`]: shadowkv::kernels::layer::kernel_layout::TokenPlacement
 mod backend;
@@ -34,6 +34,7 @@ mod decode_runner;
 mod forward;
 mod kv_cache;
 mod layer_prefill;
+mod local_step;
 mod model;
 mod shadow;
 mod shadow_cache;

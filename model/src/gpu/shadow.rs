@@ -9,9 +9,7 @@
 //! `offload_done()`, and every path out of a prefill (the error paths too) synchronises the
 //! copy stream before its buffers drop.
 use half::bf16;
-use shadowkv::cache::{
-    CacheCapacity, CacheShape, SequenceId, ShadowKvCache, ShadowKvParams, ValueStorage,
-};
+use shadowkv::cache::{CacheCapacity, SequenceId, ShadowKvCache, ShadowKvParams, ValueStorage};
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::kernels::layer::kernel_layout::TokenPlacement;
 use shadowkv::kernels::layer::TokenPlan;
@@ -65,16 +63,8 @@ impl GpuModel {
     ) -> Result<GpuShadowCache> {
         const WHAT: &str = "creating the ShadowKV cache";
         let config = &self.config;
-        let global_layers = (0..config.layers)
-            .filter(|&l| !self.is_local_layer(l))
-            .count();
-        let shape = CacheShape {
-            layers: global_layers,
-            q_heads: config.heads,
-            kv_heads: config.kv_heads,
-            head_dim: config.head_dim,
-            rope: config.rope,
-        };
+        let global_layers = config.global_layers();
+        let shape = config.shadow_cache_shape();
         let cache =
             ShadowKvCache::new(&self.gpu, shape, params, values_home, capacity).on_gpu(WHAT)?;
         let staged = capacity.max_sequences * config.kv_dim();
@@ -380,9 +370,14 @@ impl GpuModel {
         built.map(|(id, ())| id)
     }
 
-    /// A decode step's placement of each live sequence's token in its slot of the
-    /// sliding-window layers, at its position, and their windowed attention over the slot.
-    fn plan_local_step(&self, shadow: &mut GpuShadowCache) -> Result<()> {
+    /// A decode step's placement of the token of each of `sequences` (`(sequence, tokens so
+    /// far)`, in the step's order) in its slot of the sliding-window layers, at its position,
+    /// and their windowed attention over the slot.
+    pub(super) fn plan_local_step(
+        &self,
+        shadow: &mut GpuShadowCache,
+        sequences: &[(SequenceId, u32)],
+    ) -> Result<()> {
         const WHAT: &str = "planning the sliding-window layers' step";
         let Some(window) = self.config.block.sliding_window else {
             return Ok(());
@@ -391,9 +386,9 @@ impl GpuModel {
             return Ok(());
         };
         let (gpu, stream) = (&*self.gpu, self.stream());
-        let mut placements = Vec::with_capacity(shadow.lens.len());
-        let mut attention_layouts = Vec::with_capacity(shadow.lens.len());
-        for &(id, len) in &shadow.lens {
+        let mut placements = Vec::with_capacity(sequences.len());
+        let mut attention_layouts = Vec::with_capacity(sequences.len());
+        for &(id, len) in sequences {
             let slot = local.slot_of(id).ok_or_else(|| {
                 invalid_input(
                     "shadow",
@@ -471,7 +466,8 @@ impl GpuModel {
             .collect();
         let plan = TokenPlan::new(stream, self.qkv_shape(), &placements, &layouts)
             .on_gpu("placing the tokens")?;
-        self.plan_local_step(shadow)?;
+        let live = shadow.lens.clone();
+        self.plan_local_step(shadow, &live)?;
         let rows: Vec<usize> = (0..tokens.len()).collect();
         let result = self.run_layers(tokens, &plan, PassCache::Shadow(&mut *shadow), &rows);
         if let Some(local) = &mut shadow.local {

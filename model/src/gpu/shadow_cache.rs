@@ -120,25 +120,18 @@ impl GpuShadowCache {
         }
     }
 
-    /// Refuses `what` on a cache with sliding-window layers, which only the single-model
-    /// ShadowKV paths (`prefill_shadow`, `decode_shadow`) run.
-    pub(super) fn check_global_only(&self, what: &str) -> Result<()> {
-        match self.local {
-            None => Ok(()),
-            Some(_) => Err(invalid_input(
-                "shadow",
-                format!("is the ShadowKV cache of a model with sliding-window layers, for {what}"),
-                "a model whose layers all attend globally (prefill_shadow and decode_shadow \
-                 run sliding-window models)",
-            )),
-        }
-    }
-
-    /// GPU and host bytes of the cache, by part.
+    /// GPU and host bytes of the cache, by part (the sliding-window layers' slots too).
     pub fn memory_report(&self) -> Result<MemoryReport> {
-        self.cache
+        let mut report = self
+            .cache
             .memory_report()
-            .on_gpu("sizing the ShadowKV cache")
+            .on_gpu("sizing the ShadowKV cache")?;
+        if let Some(local) = &self.local {
+            report
+                .gpu
+                .push(("sliding-window layers' K/V", local.cache.bytes() as u64));
+        }
+        Ok(report)
     }
 
     /// SYNTHETIC SELECTION, for throughput benchmarks on random data: every later decode

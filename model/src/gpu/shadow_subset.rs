@@ -101,12 +101,19 @@ impl GpuModel {
             .collect();
         let plan = TokenPlan::new(self.stream(), self.qkv_shape(), &placements, &layouts)
             .on_gpu("placing the tokens")?;
+        // The sliding-window layers (if any) place the same tokens in the sequences' slots.
+        let sequences: Vec<(SequenceId, u32)> = ids.iter().copied().zip(positions).collect();
+        self.plan_local_step(shadow, &sequences)?;
         let rows: Vec<usize> = (0..batch.len()).collect();
         let mode = PassCache::ShadowSubset {
             shadow: &mut *shadow,
             ids: &ids,
         };
-        let logits = self.run_layers(&tokens, &plan, mode, &rows)?;
+        let result = self.run_layers(&tokens, &plan, mode, &rows);
+        if let Some(local) = &mut shadow.local {
+            local.step = None;
+        }
+        let logits = result?;
         for entry in &mut shadow.lens {
             if ids.contains(&entry.0) {
                 entry.1 += 1;

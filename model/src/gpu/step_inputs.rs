@@ -34,6 +34,12 @@ pub struct StepInputLayout {
     pub shadow_before: Range<usize>,
     /// ShadowKV: `[batch]` [`ShadowSequence`]s after it (empty for full attention).
     pub shadow_after: Range<usize>,
+    /// ShadowKV with sliding-window layers: `[batch]` [`TokenPlacement`]s of each token in its
+    /// sequence's slot of the local layers' cache (empty otherwise).
+    pub local_placements: Range<usize>,
+    /// ShadowKV with sliding-window layers: `[batch]` [`SequenceLayout`]s of each sequence's
+    /// slot with the new token counted, which the windowed attention reads (empty otherwise).
+    pub local_layouts: Range<usize>,
     /// Words of the whole block.
     pub words: usize,
 }
@@ -41,6 +47,12 @@ pub struct StepInputLayout {
 impl StepInputLayout {
     /// The block of a step of `batch` sequences; with `shadow`, the ShadowKV layouts too.
     pub fn new(batch: usize, shadow: bool) -> StepInputLayout {
+        StepInputLayout::with_local_layers(batch, shadow, false)
+    }
+
+    /// [`new`](Self::new); with `local` (a ShadowKV step of a model with sliding-window
+    /// layers), the local layers' placements and layouts too.
+    pub fn with_local_layers(batch: usize, shadow: bool, local: bool) -> StepInputLayout {
         let mut next = 0;
         let mut take = |words: usize| {
             let range = next..next + words;
@@ -57,6 +69,16 @@ impl StepInputLayout {
         };
         let shadow_before = take(shadow_words);
         let shadow_after = take(shadow_words);
+        let (placement_words, layout_words) = if shadow && local {
+            (
+                words_of::<TokenPlacement>(batch),
+                words_of::<SequenceLayout>(batch),
+            )
+        } else {
+            (0, 0)
+        };
+        let local_placements = take(placement_words);
+        let local_layouts = take(layout_words);
         StepInputLayout {
             batch,
             ids,
@@ -64,6 +86,8 @@ impl StepInputLayout {
             attention_layouts,
             shadow_before,
             shadow_after,
+            local_placements,
+            local_layouts,
             words: next,
         }
     }
@@ -141,6 +165,45 @@ impl StepInputLayout {
             }
         }
         Ok(block)
+    }
+
+    /// Writes the sliding-window layers' `placements` and `layouts` (one per sequence) into
+    /// `block` (made by [`fill`](Self::fill)). An error if the block has no such sections or
+    /// an input's length does not match the batch.
+    pub fn fill_local(
+        &self,
+        block: &mut [u64],
+        placements: &[TokenPlacement],
+        layouts: &[SequenceLayout],
+    ) -> Result<()> {
+        let batch = self.batch;
+        if self.local_placements.is_empty() || block.len() != self.words {
+            return Err(crate::error::invalid_input(
+                "block",
+                "has no sections for sliding-window layers",
+                "a block laid out with_local_layers",
+            ));
+        }
+        for (what, count) in [
+            ("local placements", placements.len()),
+            ("local layouts", layouts.len()),
+        ] {
+            if count != batch {
+                return Err(crate::error::invalid_input(
+                    what,
+                    format!("holds {count} entries"),
+                    format!("one per sequence of the step's {batch}"),
+                ));
+            }
+        }
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(block);
+        let mut put = |range: &Range<usize>, data: &[u8]| {
+            let start = range.start * 8;
+            bytes[start..start + data.len()].copy_from_slice(data);
+        };
+        put(&self.local_placements, bytemuck::cast_slice(placements));
+        put(&self.local_layouts, bytemuck::cast_slice(layouts));
+        Ok(())
     }
 }
 
@@ -343,6 +406,83 @@ mod tests {
                 Some((&shadow[..1], &shadow))
             )),
             "before"
+        );
+    }
+
+    #[test]
+    fn local_sections_follow_the_shadow_ones_only_for_shadowkv() {
+        for batch in [1, 3, 8] {
+            let plain = StepInputLayout::new(batch, true);
+            assert!(plain.local_placements.is_empty() && plain.local_layouts.is_empty());
+            assert_eq!(
+                plain,
+                StepInputLayout::with_local_layers(batch, true, false)
+            );
+            let full = StepInputLayout::with_local_layers(batch, false, true);
+            assert_eq!(full, StepInputLayout::new(batch, false));
+            let local = StepInputLayout::with_local_layers(batch, true, true);
+            assert_eq!(local.shadow_after, plain.shadow_after);
+            assert_eq!(local.local_placements.start, plain.words);
+            assert_eq!(local.local_placements.len(), batch * 2);
+            assert_eq!(local.local_placements.end, local.local_layouts.start);
+            assert_eq!(local.local_layouts.len(), batch * 2);
+            assert_eq!(local.local_layouts.end, local.words);
+        }
+    }
+
+    #[test]
+    fn fill_local_puts_the_slots_where_the_local_layers_read_them() {
+        let layout = StepInputLayout::with_local_layers(3, true, true);
+        let tokens = [1u32, 2, 3];
+        let placements: Vec<TokenPlacement> = (0..3)
+            .map(|b| TokenPlacement::new(b, 7 + b).with_cache_row(0))
+            .collect();
+        let staged = [SequenceLayout::default(); 3];
+        let shadow: Vec<ShadowSequence> = (0..3).map(sequence).collect();
+        let mut block = layout
+            .fill(&tokens, &placements, &staged, Some((&shadow, &shadow)))
+            .unwrap();
+        let before = block.clone();
+        // Slots out of step order, as a cache whose first sequence finished would have them.
+        let local_placements: Vec<TokenPlacement> = [2u32, 0, 1]
+            .iter()
+            .zip(7..)
+            .map(|(&slot, len)| TokenPlacement::new(slot, len))
+            .collect();
+        let local_layouts: Vec<SequenceLayout> = [2u64, 0, 1]
+            .iter()
+            .zip(8..)
+            .map(|(&slot, len)| SequenceLayout {
+                offset: slot * 4096,
+                capacity: 512,
+                len,
+            })
+            .collect();
+        layout
+            .fill_local(&mut block, &local_placements, &local_layouts)
+            .unwrap();
+        let bytes: &[u8] = bytemuck::cast_slice(&block);
+        let at = |range: &Range<usize>| &bytes[range.start * 8..range.end * 8];
+        let read: &[TokenPlacement] = bytemuck::cast_slice(at(&layout.local_placements));
+        assert_eq!(read, &local_placements[..]);
+        let read: &[SequenceLayout] = bytemuck::cast_slice(at(&layout.local_layouts));
+        assert_eq!(read, &local_layouts[..]);
+        // Everything before the local sections is as `fill` left it.
+        let start = layout.local_placements.start;
+        assert_eq!(block[..start], before[..start]);
+        let problem = |result: Result<()>| match result {
+            Err(Error::InvalidInput { argument, .. }) => argument,
+            other => panic!("expected an InvalidInput error, got {other:?}"),
+        };
+        assert_eq!(
+            problem(layout.fill_local(&mut block, &local_placements[..2], &local_layouts)),
+            "local placements"
+        );
+        let plain = StepInputLayout::new(3, true);
+        let mut plain_block = vec![0u64; plain.words];
+        assert_eq!(
+            problem(plain.fill_local(&mut plain_block, &local_placements, &local_layouts)),
+            "block"
         );
     }
 
