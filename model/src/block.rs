@@ -5,7 +5,7 @@
 //! Also the Gemma-3 shape from its GGUF metadata and its Hugging Face `config.json`.
 use shadowkv_kernels::rope::{RopeConfig, RopePairing};
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{file_error, json_count, Architecture, ModelConfig};
 use crate::error::ModelFileError;
 use crate::gguf::GgufFile;
 use crate::rope_metadata::{rope_from_gguf, rope_from_hf};
@@ -201,17 +201,8 @@ pub fn gemma3_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
 /// pattern from `layer_types` or `sliding_window_pattern`. Softcapping and RoPE scaling,
 /// which this driver does not compute, are refused by name.
 pub fn gemma3_from_hf(file: &str, json: &serde_json::Value) -> Result<ModelConfig> {
-    let fail = |reason: String| ModelFileError {
-        file: file.to_owned(),
-        tensor: None,
-        reason,
-    };
-    let count = |name: &str| -> Result<usize> {
-        json.get(name)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| fail(format!("has no unsigned integer `{name}`")))
-    };
+    let fail = file_error(file);
+    let count = |name: &str| json_count(file, json, name);
     let number = |name: &str| json.get(name).and_then(|v| v.as_f64());
     for name in ["final_logit_softcapping", "attn_logit_softcapping"] {
         if json.get(name).is_some_and(|v| !v.is_null()) {

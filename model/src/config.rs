@@ -471,21 +471,12 @@ impl ModelConfig {
     /// The shape a Hugging Face `config.json` gives (`model_type` llama, mistral or qwen2).
     pub fn from_hf_config(path: &Path) -> Result<ModelConfig> {
         let file = path.display().to_string();
-        let fail = |reason: String| ModelFileError {
-            file: file.clone(),
-            tensor: None,
-            reason,
-        };
+        let fail = file_error(&file);
         let text =
             std::fs::read_to_string(path).map_err(|e| fail(format!("cannot be read: {e}")))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| fail(format!("is not valid JSON: {e}")))?;
-        let count = |name: &str| -> Result<usize> {
-            json.get(name)
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .ok_or_else(|| fail(format!("has no unsigned integer `{name}`")))
-        };
+        let count = |name: &str| json_count(&file, &json, name);
         let number = |name: &str| json.get(name).and_then(|v| v.as_f64());
         let architecture =
             match json.get("model_type").and_then(|v| v.as_str()) {
@@ -648,23 +639,31 @@ impl ModelConfig {
     }
 }
 
+/// Makes errors about `file` as a whole (no one tensor) from their reasons.
+pub(crate) fn file_error(file: &str) -> impl Fn(String) -> ModelFileError + '_ {
+    move |reason| ModelFileError {
+        file: file.to_owned(),
+        tensor: None,
+        reason,
+    }
+}
+
+/// The unsigned integer `name` of a `config.json`, or an error naming the file and the key.
+pub(crate) fn json_count(file: &str, json: &serde_json::Value, name: &str) -> Result<usize> {
+    json.get(name)
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| file_error(file)(format!("has no unsigned integer `{name}`")))
+}
+
 /// The shape of a GLM-4-9B `config.json` (`model_type` chatglm, from `file`): its own key
 /// names (`num_layers`, `multi_query_group_num`, `kv_channels`, `ffn_hidden_size`,
 /// `padded_vocab_size`, `seq_length`), RoPE on the first half of each head in adjacent pairs
 /// with base `10000 * rope_ratio`. Variants this driver does not compute (no QKV bias,
 /// LayerNorm, the residual after the norm) are refused by name.
 fn chatglm_from_hf(file: &str, json: &serde_json::Value) -> Result<ModelConfig> {
-    let fail = |reason: String| ModelFileError {
-        file: file.to_owned(),
-        tensor: None,
-        reason,
-    };
-    let count = |name: &str| -> Result<usize> {
-        json.get(name)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| fail(format!("has no unsigned integer `{name}`")))
-    };
+    let fail = file_error(file);
+    let count = |name: &str| json_count(file, json, name);
     let flag =
         |name: &str, default: bool| json.get(name).and_then(|v| v.as_bool()).unwrap_or(default);
     for (name, needed, default) in [

@@ -311,73 +311,42 @@ impl TinyCheckpoint {
     pub fn gguf_bytes(&self, skip: &[&str]) -> Vec<u8> {
         let config = &self.config;
         let arch = self.gguf_architecture();
+        // Every key but `general.architecture` sits under the architecture's prefix.
+        let key = |name: &str, value: Metadata| (format!("{arch}.{name}"), value);
         let mut metadata = vec![
             (
                 "general.architecture".to_owned(),
                 Metadata::Text(arch.into()),
             ),
-            (format!("{arch}.block_count"), Metadata::U32(config.layers)),
-            (
-                format!("{arch}.embedding_length"),
-                Metadata::U32(config.hidden),
-            ),
-            (
-                format!("{arch}.attention.head_count"),
-                Metadata::U32(config.heads),
-            ),
-            (
-                format!("{arch}.attention.head_count_kv"),
-                Metadata::U32(config.kv_heads),
-            ),
-            (
-                format!("{arch}.feed_forward_length"),
-                Metadata::U32(config.ffn),
-            ),
-            (
-                format!("{arch}.context_length"),
-                Metadata::U32(config.context_length),
-            ),
-            (
-                format!("{arch}.rope.freq_base"),
-                Metadata::F32(config.rope.theta as f32),
-            ),
-            (
-                format!("{arch}.attention.layer_norm_rms_epsilon"),
+            key("block_count", Metadata::U32(config.layers)),
+            key("embedding_length", Metadata::U32(config.hidden)),
+            key("attention.head_count", Metadata::U32(config.heads)),
+            key("attention.head_count_kv", Metadata::U32(config.kv_heads)),
+            key("feed_forward_length", Metadata::U32(config.ffn)),
+            key("context_length", Metadata::U32(config.context_length)),
+            key("rope.freq_base", Metadata::F32(config.rope.theta as f32)),
+            key(
+                "attention.layer_norm_rms_epsilon",
                 Metadata::F32(config.rms_eps),
             ),
         ];
         match config.architecture {
-            Architecture::ChatGlm => metadata.push((
-                format!("{arch}.rope.dimension_count"),
+            Architecture::ChatGlm => metadata.push(key(
+                "rope.dimension_count",
                 Metadata::U32(config.rope.rotary_dim as usize),
             )),
-            Architecture::Phi3 => {
-                metadata.push((
-                    format!("{arch}.rope.dimension_count"),
-                    Metadata::U32(config.head_dim),
-                ));
-                metadata.push((
-                    format!("{arch}.rope.scaling.original_context_length"),
-                    Metadata::U32(64),
-                ));
-            }
+            Architecture::Phi3 => metadata.extend([
+                key("rope.dimension_count", Metadata::U32(config.head_dim)),
+                key("rope.scaling.original_context_length", Metadata::U32(64)),
+            ]),
             Architecture::Gemma3 => {
                 let window = config.block.sliding_window.expect("Gemma-3 has a window");
                 metadata.extend([
-                    (
-                        format!("{arch}.attention.key_length"),
-                        Metadata::U32(config.head_dim),
-                    ),
-                    (
-                        format!("{arch}.attention.value_length"),
-                        Metadata::U32(config.head_dim),
-                    ),
-                    (
-                        format!("{arch}.attention.sliding_window"),
-                        Metadata::U32(window.window),
-                    ),
-                    (
-                        format!("{arch}.attention.sliding_window_pattern"),
+                    key("attention.key_length", Metadata::U32(config.head_dim)),
+                    key("attention.value_length", Metadata::U32(config.head_dim)),
+                    key("attention.sliding_window", Metadata::U32(window.window)),
+                    key(
+                        "attention.sliding_window_pattern",
                         Metadata::U32(window.global_every),
                     ),
                 ]);

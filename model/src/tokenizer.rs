@@ -138,19 +138,7 @@ impl Tokenizer {
             .collect();
         inner.add_special_tokens(&specials);
 
-        let token_id = |key: &str| -> Result<Option<u32>> {
-            match file.metadata(key) {
-                None => Ok(None),
-                Some(value) => match value.as_u64() {
-                    Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
-                    _ => Err(fail(format!(
-                        "{key} is {value:?}, not a token id below the vocabulary size {}",
-                        tokens.len()
-                    ))),
-                },
-            }
-        };
-        let bos_id = token_id("tokenizer.ggml.bos_token_id")?;
+        let bos_id = token_id(file, "tokenizer.ggml.bos_token_id", tokens.len())?;
         let add_bos = match file.metadata("tokenizer.ggml.add_bos_token") {
             Some(MetadataValue::Bool(add)) => *add,
             Some(other) => {
@@ -215,20 +203,8 @@ impl Tokenizer {
                 Some(other) => Err(fail(format!("{key} is {other:?}, not a bool"))),
             }
         };
-        let token_id = |key: &str| -> Result<Option<u32>> {
-            match file.metadata(key) {
-                None => Ok(None),
-                Some(value) => match value.as_u64() {
-                    Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
-                    _ => Err(fail(format!(
-                        "{key} is {value:?}, not a token id below the vocabulary size {}",
-                        tokens.len()
-                    ))),
-                },
-            }
-        };
-        let bos_id = token_id("tokenizer.ggml.bos_token_id")?;
-        let unknown_id = token_id("tokenizer.ggml.unknown_token_id")?;
+        let bos_id = token_id(file, "tokenizer.ggml.bos_token_id", tokens.len())?;
+        let unknown_id = token_id(file, "tokenizer.ggml.unknown_token_id", tokens.len())?;
         let add_bos = flag("tokenizer.ggml.add_bos_token", true)?;
         let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", true)?;
         let vocabulary =
@@ -595,6 +571,22 @@ fn split_merge(merge: &str) -> Option<(String, String)> {
     let first_len = merge.chars().next()?.len_utf8();
     let at = first_len + merge[first_len..].find(' ')?;
     Some((merge[..at].to_owned(), merge[at + 1..].to_owned()))
+}
+
+/// The token id under `key`, if the file has one: an id below `vocab_size`.
+fn token_id(file: &GgufFile, key: &str, vocab_size: usize) -> Result<Option<u32>> {
+    match file.metadata(key) {
+        None => Ok(None),
+        Some(value) => match value.as_u64() {
+            Some(id) if (id as usize) < vocab_size => Ok(Some(id as u32)),
+            _ => Err(file_error(
+                &file.name,
+                format!(
+                    "{key} is {value:?}, not a token id below the vocabulary size {vocab_size}"
+                ),
+            )),
+        },
+    }
 }
 
 fn metadata_str<'f>(file: &'f GgufFile, key: &str) -> Result<&'f str> {

@@ -271,25 +271,49 @@ fn gemma3_named_shapes_have_their_sizes() {
     );
 }
 
-/// Gemma-3-270M (base model, `tools/setup.sh gemma3-270m`) completes factual sentences
-/// greedily with the right name. Prompts are plain text after `<bos>` (a base model has no
-/// chat template). A few seconds in a debug build; skipped with a message without the file.
-#[test]
-fn gemma3_270m_completes_factual_prompts() {
+/// The Gemma-3-270M file from the cache folder, or `None` with a message saying how to get it.
+fn gemma3_270m_file() -> Option<GgufFile> {
     let Some(path) = shadowkv_model::gemma3_270m_path() else {
         eprintln!(
             "skipped: {} is not in the cache folder; run tools/setup.sh gemma3-270m",
             shadowkv_model::GEMMA3_270M_FILE
         );
-        return;
+        return None;
     };
-    let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    Some(GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// The file's model on the CPU path and its tokenizer.
+fn cpu_model_and_tokenizer(file: GgufFile) -> (CpuModel, shadowkv_model::Tokenizer) {
     let config = ModelConfig::from_gguf(&file).unwrap_or_else(|e| panic!("{e}"));
     let tokenizer = shadowkv_model::Tokenizer::from_gguf(&file).unwrap_or_else(|e| panic!("{e}"));
     let weights = WeightFile::Gguf(file)
         .load(&config, Ok)
         .unwrap_or_else(|e| panic!("{e}"));
-    let model = CpuModel::new(config, weights);
+    (CpuModel::new(config, weights), tokenizer)
+}
+
+/// `count` tokens chosen greedily after `prompt`, each fed back in turn.
+fn greedy_answer(model: &CpuModel, cache: &mut CpuCache, prompt: &[u32], count: usize) -> Vec<u32> {
+    let mut logits = model.forward(cache, prompt).unwrap();
+    let mut answer = Vec::new();
+    for _ in 0..count {
+        let next = shadowkv_model::Sampler::greedy().sample(&logits);
+        answer.push(next);
+        logits = model.forward(cache, &[next]).unwrap();
+    }
+    answer
+}
+
+/// Gemma-3-270M (base model, `tools/setup.sh gemma3-270m`) completes factual sentences
+/// greedily with the right name. Prompts are plain text after `<bos>` (a base model has no
+/// chat template). A few seconds in a debug build; skipped with a message without the file.
+#[test]
+fn gemma3_270m_completes_factual_prompts() {
+    let Some(file) = gemma3_270m_file() else {
+        return;
+    };
+    let (model, tokenizer) = cpu_model_and_tokenizer(file);
     for (text, expected) in [
         ("The capital of Japan is", " Tokyo"),
         ("The Eiffel Tower is in the city of", " Paris"),
@@ -300,14 +324,7 @@ fn gemma3_270m_completes_factual_prompts() {
     ] {
         let mut prompt = vec![tokenizer.bos_id().unwrap()];
         prompt.extend(tokenizer.encode(text).unwrap());
-        let mut cache = CpuCache::new(&model.config);
-        let mut logits = model.forward(&mut cache, &prompt).unwrap();
-        let mut answer = Vec::new();
-        for _ in 0..3 {
-            let next = shadowkv_model::Sampler::greedy().sample(&logits);
-            answer.push(next);
-            logits = model.forward(&mut cache, &[next]).unwrap();
-        }
+        let answer = greedy_answer(&model, &mut CpuCache::new(&model.config), &prompt, 3);
         let completion = tokenizer.decode(&answer).unwrap();
         assert!(
             completion.starts_with(expected),
@@ -321,14 +338,9 @@ fn gemma3_270m_completes_factual_prompts() {
 /// decoding gives the text back. The ids were looked up in the file's token list by hand.
 #[test]
 fn gemma3_270m_tokenizer_encodes_known_text() {
-    let Some(path) = shadowkv_model::gemma3_270m_path() else {
-        eprintln!(
-            "skipped: {} is not in the cache folder; run tools/setup.sh gemma3-270m",
-            shadowkv_model::GEMMA3_270M_FILE
-        );
+    let Some(file) = gemma3_270m_file() else {
         return;
     };
-    let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
     let tokenizer = shadowkv_model::Tokenizer::from_gguf(&file).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(tokenizer.vocab_size(), 262_144);
     assert_eq!((tokenizer.bos_id(), tokenizer.add_bos()), (Some(2), true));
@@ -358,20 +370,10 @@ fn gemma3_270m_tokenizer_encodes_known_text() {
 #[test]
 #[ignore = "two 1.7K-token prefills of Gemma-3-270M on the f32 CPU path: about two minutes"]
 fn gemma3_270m_shadowkv_finds_the_pass_key_as_full_attention() {
-    let Some(path) = shadowkv_model::gemma3_270m_path() else {
-        eprintln!(
-            "skipped: {} is not in the cache folder; run tools/setup.sh gemma3-270m",
-            shadowkv_model::GEMMA3_270M_FILE
-        );
+    let Some(file) = gemma3_270m_file() else {
         return;
     };
-    let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
-    let config = ModelConfig::from_gguf(&file).unwrap_or_else(|e| panic!("{e}"));
-    let tokenizer = shadowkv_model::Tokenizer::from_gguf(&file).unwrap_or_else(|e| panic!("{e}"));
-    let weights = WeightFile::Gguf(file)
-        .load(&config, Ok)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let model = CpuModel::new(config, weights);
+    let (model, tokenizer) = cpu_model_and_tokenizer(file);
     let filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
     let text = format!(
         "There is a pass key hidden in the following text. Find it and remember it.\n{}The pass key is 68231. Remember it. 68231 is the pass key.\n{}\nWhat is the pass key? The pass key is",
@@ -389,13 +391,7 @@ fn gemma3_270m_shadowkv_finds_the_pass_key_as_full_attention() {
         CpuCache::shadowkv(&model.config, params).unwrap(),
     ] {
         let mut cache = cache;
-        let mut logits = model.forward(&mut cache, &prompt).unwrap();
-        let mut answer = Vec::new();
-        for _ in 0..7 {
-            let next = shadowkv_model::Sampler::greedy().sample(&logits);
-            answer.push(next);
-            logits = model.forward(&mut cache, &[next]).unwrap();
-        }
+        let answer = greedy_answer(&model, &mut cache, &prompt, 7);
         // Gemma writes each digit as a token of its own.
         let text = tokenizer.decode(&answer).unwrap();
         eprintln!(

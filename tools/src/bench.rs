@@ -106,10 +106,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let gpu = Arc::new(shadowkv::Gpu::new(0)?);
     if args.batch.is_none() {
         let config = crate::plan::model_config(&args.model)?;
-        let mut budget = crate::plan::Budget::for_gpu(&gpu, None)?;
-        // The value tier comes out of the GPU memory the batch may take.
-        let tier = args.shadowkv.value_tier_bytes()?.unwrap_or(0);
-        budget.gpu_bytes = budget.gpu_bytes.saturating_sub(tier);
+        let budget = args.batch_budget(&gpu)?;
         let fit = crate::plan::fit(
             &config,
             &args.shadowkv.params(),
@@ -134,15 +131,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         gpu.info().name,
         started.elapsed().as_secs_f64()
     );
-    let run = Run {
-        batch,
-        context: args.context,
-        steps: args.steps,
-        synthetic_context: args.synthetic_context,
-        seed: args.seed,
-        graph: args.graph == GraphSwitch::On,
-        overhead: true,
-    };
+    let run = args.run_of(batch);
     if let Some(home) = args.attention.value_home() {
         let params = args.shadowkv.params();
         let shape = crate::plan::cache_shape(&model.config);
@@ -160,6 +149,30 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 impl BenchArgs {
+    /// The timed run these arguments ask for, with `batch` sequences.
+    fn run_of(&self, batch: usize) -> Run {
+        Run {
+            batch,
+            context: self.context,
+            steps: self.steps,
+            synthetic_context: self.synthetic_context,
+            seed: self.seed,
+            graph: self.graph == GraphSwitch::On,
+            overhead: true,
+        }
+    }
+
+    /// The GPU memory a batch may take on `gpu`: its budget less the value tier's bytes.
+    fn batch_budget(
+        &self,
+        gpu: &shadowkv::Gpu,
+    ) -> Result<crate::plan::Budget, Box<dyn std::error::Error>> {
+        let mut budget = crate::plan::Budget::for_gpu(gpu, None)?;
+        let tier = self.shadowkv.value_tier_bytes()?.unwrap_or(0);
+        budget.gpu_bytes = budget.gpu_bytes.saturating_sub(tier);
+        Ok(budget)
+    }
+
     fn table_options(&self) -> crate::table::TableOptions {
         crate::table::TableOptions {
             steps: self.steps,

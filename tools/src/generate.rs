@@ -27,6 +27,24 @@ pub enum DeviceChoice {
     Gpu,
 }
 
+impl DeviceChoice {
+    /// The GPU this choice runs on, or `None` for the CPU reference path (`Auto` falls back to
+    /// it, with a note, when no GPU opens).
+    pub fn open(self) -> Result<Option<shadowkv::Gpu>, shadowkv::Error> {
+        match self {
+            DeviceChoice::Cpu => Ok(None),
+            DeviceChoice::Gpu => shadowkv::Gpu::new(0).map(Some),
+            DeviceChoice::Auto => match shadowkv::Gpu::new(0) {
+                Ok(gpu) => Ok(Some(gpu)),
+                Err(reason) => {
+                    eprintln!("note: no GPU ({reason}): running the CPU reference path");
+                    Ok(None)
+                }
+            },
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// A .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json) of
@@ -141,17 +159,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.attention != AttentionMode::Full {
         shadowkv_model::cpu::shadowkv::validate(&params, &config)?;
     }
-    let gpu = match args.device {
-        DeviceChoice::Cpu => None,
-        DeviceChoice::Gpu => Some(shadowkv::Gpu::new(0)?),
-        DeviceChoice::Auto => match shadowkv::Gpu::new(0) {
-            Ok(gpu) => Some(gpu),
-            Err(reason) => {
-                eprintln!("note: no GPU ({reason}): running the CPU reference path");
-                None
-            }
-        },
-    };
+    let gpu = args.device.open()?;
     let format = args.shadowkv.value_format();
     if format != ValueFormat::Bf16 && (gpu.is_none() || args.attention == AttentionMode::Full) {
         return Err(format!(

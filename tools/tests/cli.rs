@@ -1,19 +1,10 @@
 //! The `shadowkv` command line on the CPU path (the built-in SmolLM2 that tools/setup.sh
 //! fetches): it generates, says which path ran, explains its options, and rejects bad input
 //! with a clear message and a non-zero exit.
-use std::process::Command;
 
-fn shadowkv(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_shadowkv"))
-        .args(args)
-        .output()
-        .expect("the shadowkv binary runs");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+#[path = "support/cli.rs"]
+mod support;
+use support::shadowkv;
 
 #[test]
 fn generate_on_the_cpu_path_answers_and_reports_its_rates() {

@@ -1,19 +1,10 @@
 //! `shadowkv eval` on the CPU path with the built-in SmolLM2 (fetched by tools/setup.sh):
 //! a tiny grid writes its markdown, JSON and heatmaps, and bad input is refused clearly.
 use std::path::PathBuf;
-use std::process::Command;
 
-fn shadowkv(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_shadowkv"))
-        .args(args)
-        .output()
-        .expect("the shadowkv binary runs");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+#[path = "support/cli.rs"]
+mod support;
+use support::shadowkv;
 
 fn out_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("shadowkv-eval-{name}-{}", std::process::id()))

@@ -1,19 +1,10 @@
 //! `--value-tier-gib` on the command line without a GPU: `plan` prints the batch a value tier
 //! leaves and its chunks per KV head; a tier of no size, one that does not fit and one where it
 //! cannot apply are clear errors.
-use std::process::Command;
 
-fn shadowkv(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_shadowkv"))
-        .args(args)
-        .output()
-        .expect("the shadowkv binary runs");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+#[path = "support/cli.rs"]
+mod support;
+use support::shadowkv;
 
 const PLAN: [&str; 7] = [
     "plan",

@@ -435,7 +435,7 @@ impl GpuModel {
         q: &mut CudaSlice<bf16>,
         attended: &mut CudaSlice<bf16>,
     ) -> Result<()> {
-        let (gpu, stream) = (&*self.gpu, self.stream());
+        let gpu = &*self.gpu;
         let weights = &self.weights.layers[index];
         let local = self.is_local_layer(index);
         let frequencies = match (
@@ -509,25 +509,20 @@ impl GpuModel {
                 attention,
                 local_attention,
             } => {
-                let (k_cache, v_cache) = (&mut cache.k[index], &mut cache.v[index]);
-                layer::rope_qkv_normed(
-                    gpu,
-                    stream,
-                    plan,
-                    input,
-                    frequencies,
-                    q,
-                    (&mut *k_cache, &mut *v_cache),
-                    None,
-                )
-                .on_gpu(WHAT)?;
                 let attention = match local_attention {
                     Some(local_attention) if local => &mut **local_attention,
                     _ => &mut **attention,
                 };
-                attention
-                    .run(gpu, stream, q, k_cache, v_cache, attended)
-                    .on_gpu(WHAT)
+                self.rope_then_decode(
+                    plan,
+                    input,
+                    frequencies,
+                    q,
+                    (&mut cache.k[index], &mut cache.v[index]),
+                    attention,
+                    attended,
+                    WHAT,
+                )
             }
             PassCache::Shadow(shadow) | PassCache::ShadowSubset { shadow, .. } if local => {
                 // A sliding-window layer stays exact: its slot of the local layers' cache.
@@ -546,39 +541,23 @@ impl GpuModel {
                         "a step from decode_shadow or decode_shadow_for",
                     )
                 })?;
-                let (k_cache, v_cache) = (
-                    &mut local_layers.cache.k[local_index],
-                    &mut local_layers.cache.v[local_index],
-                );
-                layer::rope_qkv_normed(
-                    gpu,
-                    stream,
+                self.rope_then_decode(
                     local_plan,
                     input,
                     frequencies,
                     q,
-                    (&mut *k_cache, &mut *v_cache),
-                    None,
+                    (
+                        &mut local_layers.cache.k[local_index],
+                        &mut local_layers.cache.v[local_index],
+                    ),
+                    attention,
+                    attended,
+                    SHADOW,
                 )
-                .on_gpu(SHADOW)?;
-                attention
-                    .run(gpu, stream, q, k_cache, v_cache, attended)
-                    .on_gpu(SHADOW)
             }
             PassCache::Shadow(shadow) => {
-                let staged = plan.tokens() * self.config.kv_dim();
                 let shadow_index = self.shadow_layer(index);
-                layer::rope_qkv_normed(
-                    gpu,
-                    stream,
-                    plan,
-                    input,
-                    frequencies,
-                    q,
-                    (&mut shadow.staged_keys, &mut shadow.staged_values),
-                    None,
-                )
-                .on_gpu(SHADOW)?;
+                let staged = self.rope_into_staged(plan, input, frequencies, q, shadow)?;
                 shadow
                     .cache
                     .append(
@@ -594,18 +573,7 @@ impl GpuModel {
                     .on_gpu(SHADOW)
             }
             PassCache::ShadowSubset { shadow, ids } => {
-                let staged = plan.tokens() * self.config.kv_dim();
-                layer::rope_qkv_normed(
-                    gpu,
-                    stream,
-                    plan,
-                    input,
-                    frequencies,
-                    q,
-                    (&mut shadow.staged_keys, &mut shadow.staged_values),
-                    None,
-                )
-                .on_gpu(SHADOW)?;
+                let staged = self.rope_into_staged(plan, input, frequencies, q, shadow)?;
                 shadow
                     .cache
                     .attend_for(
@@ -620,6 +588,61 @@ impl GpuModel {
                     .on_gpu(SHADOW)
             }
         }
+    }
+
+    /// [`attend`](Self::attend) into a decode cache's layer: RoPE writes the pass's keys and
+    /// values into `(k_cache, v_cache)`, then `attention` runs over them.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_then_decode(
+        &self,
+        plan: &TokenPlan,
+        input: QkvInput<'_, CudaSlice<f32>>,
+        frequencies: (&CudaSlice<f64>, shadowkv::RotaryLayout),
+        q: &mut CudaSlice<bf16>,
+        (k_cache, v_cache): (&mut CudaSlice<bf16>, &mut CudaSlice<bf16>),
+        attention: &mut DecodeAttention,
+        attended: &mut CudaSlice<bf16>,
+        what: &'static str,
+    ) -> Result<()> {
+        let (gpu, stream) = (&*self.gpu, self.stream());
+        layer::rope_qkv_normed(
+            gpu,
+            stream,
+            plan,
+            input,
+            frequencies,
+            q,
+            (&mut *k_cache, &mut *v_cache),
+            None,
+        )
+        .on_gpu(what)?;
+        attention
+            .run(gpu, stream, q, k_cache, v_cache, attended)
+            .on_gpu(what)
+    }
+
+    /// RoPE of a ShadowKV pass: the pass's keys and values go to `shadow`'s staging buffers;
+    /// returns how many of their elements the pass filled.
+    fn rope_into_staged(
+        &self,
+        plan: &TokenPlan,
+        input: QkvInput<'_, CudaSlice<f32>>,
+        frequencies: (&CudaSlice<f64>, shadowkv::RotaryLayout),
+        q: &mut CudaSlice<bf16>,
+        shadow: &mut GpuShadowCache,
+    ) -> Result<usize> {
+        layer::rope_qkv_normed(
+            &self.gpu,
+            self.stream(),
+            plan,
+            input,
+            frequencies,
+            q,
+            (&mut shadow.staged_keys, &mut shadow.staged_values),
+            None,
+        )
+        .on_gpu("a ShadowKV decode step")?;
+        Ok(plan.tokens() * self.config.kv_dim())
     }
 
     /// [`attend`](Self::attend) over a full cache (slot `slot` of `cache` and `taps`).

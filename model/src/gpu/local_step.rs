@@ -93,21 +93,7 @@ impl GpuModel {
             slot_layouts: local.cache.layouts.clone(),
         };
         for &(id, len) in &shadow.lens {
-            let slot = local.slot_of(id).ok_or_else(|| {
-                invalid_input(
-                    "shadow",
-                    "has a sequence without a slot in its sliding-window layers",
-                    "a slot per live sequence",
-                )
-            })?;
-            let layout = local.cache.layouts[slot];
-            if len >= layout.capacity {
-                return Err(invalid_input(
-                    "tokens",
-                    format!("go past sequence {id:?}'s {} tokens", layout.capacity),
-                    "at most the capacity the cache was made for",
-                ));
-            }
+            let (slot, layout) = local.slot_for_next_token(id, len)?;
             inputs
                 .placements
                 .push(TokenPlacement::new(slot as u32, len));

@@ -389,21 +389,7 @@ impl GpuModel {
         let mut placements = Vec::with_capacity(sequences.len());
         let mut attention_layouts = Vec::with_capacity(sequences.len());
         for &(id, len) in sequences {
-            let slot = local.slot_of(id).ok_or_else(|| {
-                invalid_input(
-                    "shadow",
-                    "has a sequence without a slot",
-                    "a slot per live sequence",
-                )
-            })?;
-            let layout = local.cache.layouts[slot];
-            if len >= layout.capacity {
-                return Err(invalid_input(
-                    "tokens",
-                    format!("go past sequence {id:?}'s {} tokens", layout.capacity),
-                    "at most the capacity the cache was made for",
-                ));
-            }
+            let (slot, layout) = local.slot_for_next_token(id, len)?;
             placements.push(TokenPlacement::new(slot as u32, len));
             attention_layouts.push(SequenceLayout {
                 len: len + 1,

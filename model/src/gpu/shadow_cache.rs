@@ -4,7 +4,7 @@ use half::bf16;
 use shadowkv::cache::{MemoryReport, SequenceId, ShadowKvCache};
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::kernels::layer::TokenPlan;
-use shadowkv::{DecodeAttention, Gpu};
+use shadowkv::{DecodeAttention, Gpu, SequenceLayout};
 
 use super::kv_cache::GpuKvCache;
 use crate::error::{invalid_input, OnGpu, Result};
@@ -25,6 +25,31 @@ impl LocalLayers {
     /// The slot of sequence `id`.
     pub(super) fn slot_of(&self, id: SequenceId) -> Option<usize> {
         self.slots.iter().position(|&s| s == Some(id))
+    }
+
+    /// The slot of sequence `id`, `len` tokens long, and its layout, when the slot has room
+    /// for one more token.
+    pub(super) fn slot_for_next_token(
+        &self,
+        id: SequenceId,
+        len: u32,
+    ) -> Result<(usize, SequenceLayout)> {
+        let slot = self.slot_of(id).ok_or_else(|| {
+            invalid_input(
+                "shadow",
+                "has a sequence without a slot in its sliding-window layers",
+                "a slot per live sequence",
+            )
+        })?;
+        let layout = self.cache.layouts[slot];
+        if len >= layout.capacity {
+            return Err(invalid_input(
+                "tokens",
+                format!("go past sequence {id:?}'s {} tokens", layout.capacity),
+                "at most the capacity the cache was made for",
+            ));
+        }
+        Ok((slot, layout))
     }
 }
 

@@ -9,10 +9,8 @@ use shadowkv::cache::CacheCapacity;
 use shadowkv_model::tp::{run_ranks, ShardPlan, ShardSource};
 use shadowkv_model::{ModelConfig, ModelSource, NAMED_SHAPES};
 
-use super::{
-    report, run_full, run_shadowkv, BenchArgs, GraphSwitch, RateTime, Run, OVERHEAD_TOKENS,
-};
-use crate::plan::{fit_beside, model_config, rank_view, Budget};
+use super::{report, run_full, run_shadowkv, BenchArgs, RateTime, Run, OVERHEAD_TOKENS};
+use crate::plan::{fit_beside, model_config, rank_view};
 
 pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = model_config(&args.model)?;
@@ -32,11 +30,8 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.batch.is_none() {
         let gpu = shadowkv::Gpu::new(0)?;
-        let mut budget = Budget::for_gpu(&gpu, None)?;
+        let budget = args.batch_budget(&gpu)?;
         drop(gpu);
-        budget.gpu_bytes = budget
-            .gpu_bytes
-            .saturating_sub(args.shadowkv.value_tier_bytes()?.unwrap_or(0));
         let (rank, weights, rank_budget) = rank_view(&config, args.gpus, budget)?;
         let fit = fit_beside(
             &rank,
@@ -57,15 +52,7 @@ pub fn run(mut args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
         args.batch = Some(fit.batch);
     }
-    let run = Run {
-        batch: args.batch.unwrap_or(1),
-        context: args.context,
-        steps: args.steps,
-        synthetic_context: args.synthetic_context,
-        seed: args.seed,
-        graph: args.graph == GraphSwitch::On,
-        overhead: true,
-    };
+    let run = args.run_of(args.batch.unwrap_or(1));
     let opened;
     let source = if NAMED_SHAPES.contains(&args.model.as_str()) {
         eprintln!(

@@ -169,17 +169,7 @@ pub fn run(args: EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = source.config.clone();
     eval::check_grid(&args.lengths, config.context_length, &args.budgets)?;
     let (modes, mode_notes) = modes(&args, &config)?;
-    let gpu = match args.device {
-        DeviceChoice::Cpu => None,
-        DeviceChoice::Gpu => Some(shadowkv::Gpu::new(0)?),
-        DeviceChoice::Auto => match shadowkv::Gpu::new(0) {
-            Ok(gpu) => Some(gpu),
-            Err(reason) => {
-                eprintln!("note: no GPU ({reason}): running the CPU reference path");
-                None
-            }
-        },
-    };
+    let gpu = args.device.open()?;
     if gpu.is_none() {
         let gpu_only = modes
             .iter()
