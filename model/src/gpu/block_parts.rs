@@ -1,8 +1,8 @@
-//! The parts of a block that differ between families on the GPU: the residual add with the
-//! norm some families put on the delta first, the gate activation, and which layers attend
-//! through the sliding window.
+//! The parts of a block that differ between families on the GPU: the scaled embedding, the
+//! residual add with the norm some families put on the delta first, the gate activation, and
+//! which layers attend through the sliding window.
 use half::bf16;
-use shadowkv::cudarc::driver::{CudaSlice, DevicePtrMut};
+use shadowkv::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use shadowkv::kernels::layer::{self, GatedActivation};
 
 use super::model::GpuModel;
@@ -10,6 +10,27 @@ use crate::block::Activation;
 use crate::error::{OnGpu, Result};
 
 impl GpuModel {
+    /// The embedding rows of `tokens` (`ids` is their device copy) into `out`, times the
+    /// block's embedding scale (Gemma's `sqrt(hidden)`; 1 elsewhere): the one embedding of
+    /// every prefill route and decode step.
+    pub(super) fn embed(
+        &self,
+        tokens: &[u32],
+        ids: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        layer::embedding_scaled(
+            &self.gpu,
+            self.stream(),
+            &self.weights.embedding,
+            self.config.hidden,
+            (tokens, ids),
+            self.config.block.embedding_scale,
+            out,
+        )
+        .on_gpu("gathering the token embeddings")
+    }
+
     /// `x += delta` (RMS-normed by the delta's weight first, where the block has a norm
     /// after the attention or the MLP), then `out = rmsnorm(x) * weight`, in one launch.
     pub(super) fn add_and_norm(

@@ -383,17 +383,7 @@ impl GpuModel {
             activated,
             mlp_out,
         } = activations;
-        let scale = config.block.embedding_scale;
-        layer::embedding_scaled(
-            gpu,
-            stream,
-            &self.weights.embedding,
-            hidden,
-            (tokens, ids),
-            scale,
-            x,
-        )
-        .on_gpu(WHAT)?;
+        self.embed(tokens, ids, x)?;
         let mut previous: Option<&GpuLayer> = None;
         for (index, weights) in self.weights.layers.iter().enumerate() {
             // The previous block's MLP output joins the residual stream here.

@@ -187,16 +187,12 @@ impl GpuModel {
             .collect();
         for pass in &passes {
             let ids = stream.clone_htod(&prompt[pass.clone()]).on_gpu(WHAT)?;
-            shadowkv::kernels::layer::embedding(
-                gpu,
-                stream,
-                &self.weights.embedding,
-                hidden,
+            // Scaled as the all-layers route and the decode steps scale it (Gemma-3).
+            self.embed(
                 &prompt[pass.clone()],
                 &ids,
                 &mut states.slice_mut(pass.start * hidden..pass.end * hidden),
-            )
-            .on_gpu(WHAT)?;
+            )?;
         }
         // One layer's keys and values, laid out as the all-layers route's full cache of this
         // one sequence (so the same attention plans and the same prefill source).
