@@ -3,6 +3,7 @@
 //! whole budget and full rank gives full attention's tokens (the key rebuild applies the
 //! factors as the forward pass does). Also the RoPE metadata of GGUF files and `config.json`:
 //! partial rotary and LongRoPE.
+use shadowkv_model::family_fixtures::{write_gguf, Metadata};
 use shadowkv_model::{CpuCache, CpuModel, GgufFile, ModelConfig, ShadowKvParams, WeightFile};
 
 const LAYERS: usize = 2;
@@ -12,57 +13,6 @@ const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 16;
 const FFN: usize = 96;
 const VOCAB: usize = 96;
-
-/// Writes a GGUF v3 file: metadata `(key, type id, value bytes)`, then f32 tensors.
-fn write_gguf(
-    metadata: &[(&str, u32, Vec<u8>)],
-    tensors: &[(String, Vec<u64>, Vec<f32>)],
-) -> Vec<u8> {
-    let string = |s: &str| {
-        [
-            (s.len() as u64).to_le_bytes().to_vec(),
-            s.as_bytes().to_vec(),
-        ]
-        .concat()
-    };
-    let mut out = b"GGUF".to_vec();
-    out.extend(3u32.to_le_bytes());
-    out.extend((tensors.len() as u64).to_le_bytes());
-    out.extend((metadata.len() as u64).to_le_bytes());
-    for (key, value_type, value) in metadata {
-        out.extend(string(key));
-        out.extend(value_type.to_le_bytes());
-        out.extend(value);
-    }
-    let mut offset = 0u64;
-    for (name, dims, values) in tensors {
-        out.extend(string(name));
-        out.extend((dims.len() as u32).to_le_bytes());
-        dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
-        out.extend(0u32.to_le_bytes()); // f32
-        out.extend(offset.to_le_bytes());
-        offset = (offset + 4 * values.len() as u64).next_multiple_of(32);
-    }
-    for (_, _, values) in tensors {
-        out.resize(out.len().next_multiple_of(32), 0);
-        values.iter().for_each(|v| out.extend(v.to_le_bytes()));
-    }
-    out
-}
-
-fn text(s: &str) -> Vec<u8> {
-    [
-        (s.len() as u64).to_le_bytes().to_vec(),
-        s.as_bytes().to_vec(),
-    ]
-    .concat()
-}
-fn u32_value(v: u32) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
-fn f32_value(v: f32) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
 
 /// Deterministic values in `[-scale, scale)` (a small linear congruential generator).
 fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
@@ -78,41 +28,46 @@ fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// The Llama metadata of the tiny shape, with `extra` keys.
-fn metadata(extra: Vec<(&'static str, u32, Vec<u8>)>) -> Vec<(&'static str, u32, Vec<u8>)> {
+fn metadata(extra: Vec<(String, Metadata)>) -> Vec<(String, Metadata)> {
     let mut metadata = vec![
-        ("general.architecture", 8, text("llama")),
-        ("llama.block_count", 4, u32_value(LAYERS as u32)),
-        ("llama.embedding_length", 4, u32_value(HIDDEN as u32)),
-        ("llama.attention.head_count", 4, u32_value(HEADS as u32)),
         (
-            "llama.attention.head_count_kv",
-            4,
-            u32_value(KV_HEADS as u32),
+            "general.architecture".into(),
+            Metadata::Text("llama".into()),
         ),
-        ("llama.attention.key_length", 4, u32_value(HEAD_DIM as u32)),
-        ("llama.feed_forward_length", 4, u32_value(FFN as u32)),
-        ("llama.context_length", 4, u32_value(131_072)),
-        ("llama.rope.freq_base", 6, f32_value(10_000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", 6, f32_value(1e-5)),
+        ("llama.block_count".into(), Metadata::U32(LAYERS)),
+        ("llama.embedding_length".into(), Metadata::U32(HIDDEN)),
+        ("llama.attention.head_count".into(), Metadata::U32(HEADS)),
+        (
+            "llama.attention.head_count_kv".into(),
+            Metadata::U32(KV_HEADS),
+        ),
+        ("llama.attention.key_length".into(), Metadata::U32(HEAD_DIM)),
+        ("llama.feed_forward_length".into(), Metadata::U32(FFN)),
+        ("llama.context_length".into(), Metadata::U32(131_072)),
+        ("llama.rope.freq_base".into(), Metadata::F32(10_000.0)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Metadata::F32(1e-5),
+        ),
     ];
     metadata.extend(extra);
     metadata
 }
 
-/// Every weight of the tiny shape (GGML dims: fastest first), random, plus `extra` tensors.
-fn tensors(extra: Vec<(String, Vec<u64>, Vec<f32>)>) -> Vec<(String, Vec<u64>, Vec<f32>)> {
+/// Every weight of the tiny shape (shapes rows first), random, plus `extra` tensors.
+fn tensors(extra: Vec<(String, Vec<usize>, Vec<f32>)>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let (q_dim, kv_dim) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
     let mut seed = 0;
     let mut matrix = |name: String, rows: usize, cols: usize, scale: f32| {
         seed += 1;
         let dims = if rows == 1 {
-            vec![cols as u64]
+            vec![cols]
         } else {
-            vec![cols as u64, rows as u64]
+            vec![rows, cols]
         };
         (name, dims, random(seed, rows * cols, scale))
     };
-    let ones = |name: String, n: usize| (name, vec![n as u64], vec![1.0f32; n]);
+    let ones = |name: String, n: usize| (name, vec![n], vec![1.0f32; n]);
     let mut out = vec![matrix("token_embd.weight".into(), VOCAB, HIDDEN, 1.0)];
     for layer in 0..LAYERS {
         let name = |part: &str| format!("blk.{layer}.{part}");
@@ -146,7 +101,7 @@ fn parse(name: &str, bytes: Vec<u8>) -> GgufFile {
 fn tiny_llama_3_1() -> CpuModel {
     let extra = vec![(
         "rope_freqs.weight".to_owned(),
-        vec![(HEAD_DIM / 2) as u64],
+        vec![HEAD_DIM / 2],
         rope_freqs(),
     )];
     let file = parse(
@@ -258,26 +213,24 @@ fn gguf_partial_rotary_and_long_rope_metadata_are_read() {
     let long: Vec<f32> = (0..pairs).map(|i| 2.0 + i as f32).collect();
     let extra_metadata = vec![
         (
-            "llama.rope.dimension_count",
-            4,
-            u32_value((HEAD_DIM / 2) as u32),
+            "llama.rope.dimension_count".into(),
+            Metadata::U32(HEAD_DIM / 2),
         ),
         (
-            "llama.rope.scaling.original_context_length",
-            4,
-            u32_value(4096),
+            "llama.rope.scaling.original_context_length".into(),
+            Metadata::U32(4096),
         ),
-        ("llama.rope.scaling.attn_factor", 6, f32_value(1.19)),
+        ("llama.rope.scaling.attn_factor".into(), Metadata::F32(1.19)),
     ];
     let extra = vec![
         (
             "rope_factors_short.weight".to_owned(),
-            vec![pairs as u64],
+            vec![pairs],
             short.clone(),
         ),
         (
             "rope_factors_long.weight".to_owned(),
-            vec![pairs as u64],
+            vec![pairs],
             long.clone(),
         ),
     ];
@@ -305,24 +258,18 @@ fn gguf_partial_rotary_and_long_rope_metadata_are_read() {
     assert!((short_run[1] - expected).abs() <= 1e-12 * expected);
 
     // Only one of the two factor tensors: an error naming the missing one.
-    let one = vec![(
-        "rope_factors_short.weight".to_owned(),
-        vec![pairs as u64],
-        short,
-    )];
+    let one = vec![("rope_factors_short.weight".to_owned(), vec![pairs], short)];
     let file = parse(
         "half-long-rope.gguf",
         write_gguf(
             &metadata(vec![
                 (
-                    "llama.rope.dimension_count",
-                    4,
-                    u32_value((HEAD_DIM / 2) as u32),
+                    "llama.rope.dimension_count".into(),
+                    Metadata::U32(HEAD_DIM / 2),
                 ),
                 (
-                    "llama.rope.scaling.original_context_length",
-                    4,
-                    u32_value(4096),
+                    "llama.rope.scaling.original_context_length".into(),
+                    Metadata::U32(4096),
                 ),
             ]),
             &tensors(one),
