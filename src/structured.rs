@@ -2,13 +2,13 @@
 //! (RoPE applied), optionally a needle chunk, and values with the channel structure of real
 //! ones ([`structured_values`]).
 use half::bf16;
-use rand::{rngs::StdRng, Rng};
-use shadowkv::cache::CacheShape;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use shadowkv::cache::{CacheCapacity, CacheShape, ShadowKvParams};
 use shadowkv::cudarc::driver::CudaSlice;
 use shadowkv::decode_step::inverse_frequencies;
 use shadowkv::kernels::shadow_prefill::PrefillSource;
 use shadowkv::reference;
-use shadowkv::{Gpu, SequenceLayout};
+use shadowkv::{Gpu, RopeConfig, SequenceLayout};
 
 use crate::random_bf16;
 
@@ -168,5 +168,69 @@ pub fn structured_values(
                 *out = bf16::from_f32(x);
             }
         }
+    }
+}
+
+/// A decode scenario of the whole-cache tests: three prompts of odd and even lengths in a
+/// two-layer Llama-3-shaped cache, and per step and layer the batch's query, new keys and new
+/// values (the same for every cache a test compares).
+pub struct DecodeScenario {
+    pub shape: CacheShape,
+    pub params: ShadowKvParams,
+    pub capacity: CacheCapacity,
+    pub prompts: Vec<Prompt>,
+    /// Per step, per layer: `[query, keys, values]` of the batch.
+    pub inputs: Vec<Vec<[Vec<bf16>; 3]>>,
+}
+
+/// The [`DecodeScenario`] drawn from `seed`: prompts of 1531, 2048 and 3077 tokens, 24 steps.
+pub fn three_sequence_decode(seed: u64) -> DecodeScenario {
+    let shape = CacheShape {
+        layers: 2,
+        q_heads: 8,
+        kv_heads: 2,
+        head_dim: 128,
+        rope: RopeConfig::LLAMA_3,
+    };
+    let params = ShadowKvParams {
+        chunk_size: 8,
+        sparse_budget: 256,
+        rank: 64,
+        local_chunks: 4,
+        outlier_chunks: 8,
+    };
+    let steps = 24;
+    let lens = [1531usize, 2048, 3077];
+    let capacity = CacheCapacity {
+        max_sequences: 4,
+        max_prompt_len: 4000,
+        max_prompt_tokens: 12000,
+        max_generated: steps,
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let prompts: Vec<Prompt> = lens
+        .iter()
+        .map(|&len| structured_prompt(&mut rng, &shape, len, 16, 0.3, None, 8))
+        .collect();
+    let batch = lens.len();
+    let inputs = (0..steps)
+        .map(|_| {
+            (0..shape.layers)
+                .map(|_| {
+                    [
+                        random_bf16(&mut rng, batch * shape.q_heads * shape.head_dim, 1.0),
+                        random_bf16(&mut rng, batch * shape.kv_heads * shape.head_dim, 1.0),
+                        random_bf16(&mut rng, batch * shape.kv_heads * shape.head_dim, 1.0),
+                    ]
+                })
+                .collect()
+        })
+        .collect();
+    DecodeScenario {
+        shape,
+        params,
+        capacity,
+        prompts,
+        inputs,
     }
 }

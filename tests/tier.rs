@@ -7,18 +7,16 @@
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::cache::{
-    CacheCapacity, CacheShape, ShadowKvCache, ShadowKvParams, ValueFormat, ValueHome,
-};
+use shadowkv::cache::{ShadowKvCache, ValueFormat, ValueHome};
 use shadowkv::kernels::fetch::{self, TierUse};
 use shadowkv::kernels::tier::{kernel_layout::entry_bytes, kernel_layout::EMPTY_ENTRY, ValueTier};
 use shadowkv::reference;
 use shadowkv::reference::tier::{bf16_bytes, entry_contents, TierModel};
 use shadowkv::reference::values::quantise_sequence;
-use shadowkv::{Gpu, LayerValues, Miss, PinnedBuffer, RopeConfig, ShadowBatch};
+use shadowkv::{Gpu, LayerValues, Miss, PinnedBuffer, ShadowBatch};
 use shadowkv_suite::layers::{random_fetch_case, random_layer};
-use shadowkv_suite::structured::{structured_prompt, Prompt};
-use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests};
+use shadowkv_suite::structured::{three_sequence_decode, DecodeScenario, Prompt};
+use shadowkv_suite::{poisoned, run_gpu_tests};
 
 fn main() {
     run_gpu_tests(&[
@@ -291,48 +289,15 @@ fn prefill(gpu: &Gpu, cache: &mut ShadowKvCache, prompt: &Prompt) -> Result<(), 
 /// miss a tier hit or a PCIe fetch, and with the tier holding everything no PCIe fetch of a
 /// chunk already fetched.
 fn decode_with_tier_equals_without(gpu: &Gpu) -> Result<(), String> {
-    let shape = CacheShape {
-        layers: 2,
-        q_heads: 8,
-        kv_heads: 2,
-        head_dim: 128,
-        rope: RopeConfig::LLAMA_3,
-    };
-    let params = ShadowKvParams {
-        chunk_size: 8,
-        sparse_budget: 256,
-        rank: 64,
-        local_chunks: 4,
-        outlier_chunks: 8,
-    };
-    let steps = 24;
-    let lens = [1531usize, 2048, 3077];
-    let capacity = CacheCapacity {
-        max_sequences: 4,
-        max_prompt_len: 4000,
-        max_prompt_tokens: 12000,
-        max_generated: steps,
-    };
-    let mut rng = StdRng::seed_from_u64(0x7e42);
-    let prompts: Vec<Prompt> = lens
-        .iter()
-        .map(|&len| structured_prompt(&mut rng, &shape, len, 16, 0.3, None, 8))
-        .collect();
+    let DecodeScenario {
+        shape,
+        params,
+        capacity,
+        prompts,
+        inputs,
+    } = three_sequence_decode(0x7e42);
+    let steps = inputs.len();
     let stream = gpu.stream().clone();
-    let batch = lens.len();
-    let inputs: Vec<Vec<[Vec<bf16>; 3]>> = (0..steps)
-        .map(|_| {
-            (0..shape.layers)
-                .map(|_| {
-                    [
-                        random_bf16(&mut rng, batch * shape.q_heads * shape.head_dim, 1.0),
-                        random_bf16(&mut rng, batch * shape.kv_heads * shape.head_dim, 1.0),
-                        random_bf16(&mut rng, batch * shape.kv_heads * shape.head_dim, 1.0),
-                    ]
-                })
-                .collect()
-        })
-        .collect();
     let everything = params.prompt_chunks(capacity.max_prompt_len);
     for format in ValueFormat::ALL {
         // (outputs, value slots) per step and layer of the cache without a tier.

@@ -6,21 +6,19 @@
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shadowkv::cache::{
-    CacheCapacity, CacheShape, SequenceId, ShadowKvCache, ShadowKvParams, ValueFormat, ValueHome,
-};
+use shadowkv::cache::{SequenceId, ShadowKvCache, ValueFormat, ValueHome};
 use shadowkv::decode_step::inverse_frequencies;
 use shadowkv::kernels::{fetch, values};
 use shadowkv::reference::decode_step::{decode_step, HostLayer};
 use shadowkv::reference::values::{dequantise_chunk, quantise_sequence};
 use shadowkv::reference::{self, relative_error};
 use shadowkv::{
-    Gpu, LayerValues, Miss, PinnedBuffer, PrefillSource, RopeConfig, SequenceLayout, ShadowBatch,
-    ShadowConfig, ShadowSequence,
+    Gpu, LayerValues, Miss, PinnedBuffer, PrefillSource, SequenceLayout, ShadowBatch, ShadowConfig,
+    ShadowSequence,
 };
 use shadowkv_suite::layers::{random_fetch_case, random_layer};
-use shadowkv_suite::structured::{structured_prompt, Prompt};
-use shadowkv_suite::{poisoned, random_bf16, run_gpu_tests, to_f64};
+use shadowkv_suite::structured::{three_sequence_decode, DecodeScenario, Prompt};
+use shadowkv_suite::{poisoned, run_gpu_tests, to_f64};
 
 const FORMATS: [ValueFormat; 2] = [ValueFormat::Fp8, ValueFormat::Int4];
 /// The byte every compressed buffer holds before a kernel writes it.
@@ -425,58 +423,22 @@ fn device_scores(
     Ok(out)
 }
 
-/// One layer's query, new key and new value of a step.
-type StepInput = (Vec<bf16>, Vec<bf16>, Vec<bf16>);
-
 /// The whole cache with each format (bf16, fp8, int4) and home: prefilled sequences of odd
 /// and even lengths, the offloaded bytes against the reference quantisation, then decode
 /// steps against the reference decode over the dequantised values, and the output against
 /// the bf16 cache's.
 fn cache_with_each_format(gpu: &Gpu) -> Result<(), String> {
-    let shape = CacheShape {
-        layers: 2,
-        q_heads: 8,
-        kv_heads: 2,
-        head_dim: 128,
-        rope: RopeConfig::LLAMA_3,
-    };
-    let params = ShadowKvParams {
-        chunk_size: 8,
-        sparse_budget: 256,
-        rank: 64,
-        local_chunks: 4,
-        outlier_chunks: 8,
-    };
-    let steps = 24;
-    let lens = [1531usize, 2048, 3077];
-    let capacity = CacheCapacity {
-        max_sequences: 4,
-        max_prompt_len: 4000,
-        max_prompt_tokens: 12000,
-        max_generated: steps,
-    };
-    let mut rng = StdRng::seed_from_u64(0xf0a7);
-    let prompts: Vec<Prompt> = lens
-        .iter()
-        .map(|&len| structured_prompt(&mut rng, &shape, len, 16, 0.3, None, 8))
-        .collect();
+    let DecodeScenario {
+        shape,
+        params,
+        capacity,
+        prompts,
+        inputs,
+    } = three_sequence_decode(0xf0a7);
+    let steps = inputs.len();
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len).collect();
     let frequencies = inverse_frequencies(&shape.rope, shape.head_dim as u32);
     let stream = gpu.stream().clone();
-    // Per step and layer: the query, key and value, the same for every cache.
-    let inputs: Vec<Vec<StepInput>> = (0..steps)
-        .map(|_| {
-            (0..shape.layers)
-                .map(|_| {
-                    let batch = lens.len();
-                    (
-                        random_bf16(&mut rng, batch * shape.q_heads * shape.head_dim, 1.0),
-                        random_bf16(&mut rng, batch * shape.kv_heads * shape.head_dim, 1.0),
-                        random_bf16(&mut rng, batch * shape.kv_heads * shape.head_dim, 1.0),
-                    )
-                })
-                .collect()
-        })
-        .collect();
     let mut bf16_outputs: Vec<Vec<bf16>> = Vec::new();
     for format in [ValueFormat::Bf16, ValueFormat::Fp8, ValueFormat::Int4] {
         for home in [ValueHome::Host, ValueHome::Device] {
@@ -497,7 +459,7 @@ fn cache_with_each_format(gpu: &Gpu) -> Result<(), String> {
             let mut outputs = Vec::new();
             for (step, step_inputs) in inputs.iter().enumerate() {
                 for (layer, host) in hosts.iter_mut().enumerate() {
-                    let (q, keys, values) = &step_inputs[layer];
+                    let [q, keys, values] = &step_inputs[layer];
                     let (q_gpu, k_gpu, v_gpu) = (
                         stream.clone_htod(q).map_err(s)?,
                         stream.clone_htod(keys).map_err(s)?,
