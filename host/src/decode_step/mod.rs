@@ -256,7 +256,7 @@ impl DecodeStep {
     }
 
     /// When each stage of the latest step ended, in milliseconds after the step began, in
-    /// issue order (the fetch's entry is on the copy stream). Waits for the step to finish.
+    /// launch order (the fetch's entry is on the copy stream). Waits for the step to finish.
     pub fn timeline(&self) -> Result<Vec<(&'static str, f32)>> {
         let Some(timeline) = &self.timeline else {
             return Err(invalid(

@@ -112,7 +112,7 @@ pub struct StageSpan {
     pub end_us: f64,
 }
 
-/// The spans of a step's stages from when each ended (`DecodeStep::timeline`, issue order),
+/// The spans of a step's stages from when each ended (`DecodeStep::timeline`, launch order),
 /// for a step with the overlap on, as the sweep runs it: a `fetch` runs on the copy stream
 /// once its part's selection (the compute stage before it) and the previous fetch are done;
 /// the step's last attention waits for every fetch; every other stage follows the compute
